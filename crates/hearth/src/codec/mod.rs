@@ -1,0 +1,276 @@
+//! Codecs: from an MQTT topic and payload to validated events, or to reasoned rejections.
+//!
+//! The topic picks the codec (`hearth/{house}/{sensor}` is the native format, SPEC §3;
+//! `maison/capteurs/{sensor}` the seed's minimal form). Every codec goes through the same
+//! [`reading`] checks, so a value, a `seq` or a `ts` means the same thing whatever the format.
+//! A decode never fails as a whole: each reading of a message is either an event or a rejection,
+//! and a message that cannot be read at all is one rejection.
+
+mod minimal;
+mod native;
+pub mod reading;
+
+use crate::event::{Event, Reason, Rejection};
+
+/// The MQTT subscriptions that feed the codecs below.
+pub const SUBSCRIPTIONS: &[&str] = &["hearth/+/+", "maison/capteurs/+"];
+
+/// Bounds a payload must respect.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub max_future_skew_ms: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: 64 * 1024,
+            max_future_skew_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// What one message became.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub events: Vec<Event>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl Decoded {
+    fn rejected(reason: Reason, detail: impl Into<String>) -> Self {
+        Decoded {
+            events: Vec::new(),
+            rejections: vec![Rejection::new(reason, detail)],
+        }
+    }
+
+    fn push(&mut self, r: Result<Event, Rejection>) {
+        match r {
+            Ok(e) => self.events.push(e),
+            Err(r) => self.rejections.push(r),
+        }
+    }
+}
+
+/// Decode one MQTT message received at `received_us` (epoch microseconds).
+pub fn decode(topic: &str, payload: &[u8], received_us: i64, limits: &Limits) -> Decoded {
+    if payload.len() > limits.max_payload_bytes {
+        return Decoded::rejected(
+            Reason::PayloadTooLarge,
+            format!(
+                "payload is {} bytes, the limit is {}",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        );
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    let json = || -> Result<serde_json::Value, Decoded> {
+        serde_json::from_slice(payload)
+            .map_err(|e| Decoded::rejected(Reason::MalformedJson, e.to_string()))
+    };
+    let ctx = |house: &str, sensor: &str| reading::Context {
+        house_id: house.to_string(),
+        sensor_id: sensor.to_string(),
+        received_us,
+        limits,
+    };
+    match levels.as_slice() {
+        ["hearth", house, sensor] => match check_topic_ids(house, sensor).and_then(|()| json()) {
+            Ok(value) => native::decode(&ctx(house, sensor), value),
+            Err(d) => d,
+        },
+        ["maison", "capteurs", sensor] => {
+            match check_topic_ids("maison", sensor).and_then(|()| json()) {
+                Ok(value) => minimal::decode(&ctx("maison", sensor), value),
+                Err(d) => d,
+            }
+        }
+        _ => Decoded::rejected(
+            Reason::UnknownTopic,
+            format!("no codec for topic {:?}", truncate(topic, 128)),
+        ),
+    }
+}
+
+fn check_topic_ids(house: &str, sensor: &str) -> Result<(), Decoded> {
+    for (what, id) in [("house", house), ("sensor", sensor)] {
+        if !crate::event::is_valid_id(id) {
+            return Err(Decoded::rejected(
+                Reason::BadId,
+                format!(
+                    "{what} id {:?} is not [A-Za-z0-9_.-]{{1,64}}",
+                    truncate(id, 80)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary: for details that quote input.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW_US: i64 = 1_764_139_200_000_000;
+
+    fn dec(topic: &str, payload: &str) -> Decoded {
+        decode(topic, payload.as_bytes(), NOW_US, &Limits::default())
+    }
+
+    fn reason(topic: &str, payload: &str) -> &'static str {
+        let d = dec(topic, payload);
+        assert!(d.events.is_empty(), "{payload} gave {:?}", d.events);
+        assert_eq!(d.rejections.len(), 1, "{payload}");
+        d.rejections[0].reason.as_str()
+    }
+
+    #[test]
+    fn native_single_and_array() {
+        let d = dec(
+            "hearth/h1/s1",
+            r#"{"kind":"temperature","value":22.5,"unit":"°C","seq":42,"ts":1764139200123}"#,
+        );
+        assert!(d.rejections.is_empty(), "{:?}", d.rejections);
+        let e = &d.events[0];
+        assert_eq!(
+            (e.house_id.as_str(), e.sensor_id.as_str(), e.kind.as_str()),
+            ("h1", "s1", "temperature")
+        );
+        assert_eq!(
+            (e.value, e.seq, e.ts_ms),
+            (22.5, Some(42), 1_764_139_200_123)
+        );
+        assert_eq!(e.unit.as_deref(), Some("°C"));
+        assert!(e.ingest_id.is_none());
+
+        let d = dec(
+            "hearth/h1/s1",
+            r#"[{"kind":"motion","value":true},{"kind":"door","value":false,"ts":"2025-11-26T06:40:00.5+01:00"}]"#,
+        );
+        assert_eq!(d.events.len(), 2, "{:?}", d.rejections);
+        assert_eq!(d.events[0].value, 1.0);
+        assert!(d.events[0].ingest_id.is_some());
+        assert_eq!(d.events[0].ts_ms, NOW_US / 1000);
+        assert_eq!(d.events[1].value, 0.0);
+        assert_eq!(d.events[1].ts_ms, 1_764_135_600_500);
+    }
+
+    #[test]
+    fn seed_minimal_form() {
+        let d = dec("maison/capteurs/temperature", r#"{"temp": 22.5}"#);
+        assert_eq!(d.events.len(), 1, "{:?}", d.rejections);
+        let e = &d.events[0];
+        assert_eq!(
+            (
+                e.house_id.as_str(),
+                e.sensor_id.as_str(),
+                e.kind.as_str(),
+                e.value
+            ),
+            ("maison", "temperature", "temperature", 22.5)
+        );
+    }
+
+    #[test]
+    fn rejections_have_reasons() {
+        let t = "hearth/h1/s1";
+        assert_eq!(reason(t, "{not json"), "malformed_json");
+        assert_eq!(
+            reason(t, r#"{"kind":"temperature","value":NaN}"#),
+            "malformed_json"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"temperature","value":1e999}"#),
+            "malformed_json"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"temperature","value":"hot"}"#),
+            "wrong_type"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"temperature","value":1000}"#),
+            "out_of_range"
+        );
+        assert_eq!(reason(t, r#"{"kind":"smoke","value":2}"#), "out_of_range");
+        assert_eq!(reason(t, r#"{"value":1}"#), "missing_field");
+        assert_eq!(reason(t, r#"{"kind":"temperature"}"#), "missing_field");
+        assert_eq!(reason(t, r#"{"kind":"bad kind","value":1}"#), "bad_id");
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"seq":-1}"#),
+            "bad_seq"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"seq":1.5}"#),
+            "bad_seq"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"ts":"yesterday"}"#),
+            "bad_timestamp"
+        );
+        // ten years ahead, and seconds where milliseconds belong
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"ts":2079000000000}"#),
+            "bad_timestamp"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"ts":1764139200}"#),
+            "bad_timestamp"
+        );
+        assert_eq!(
+            reason(t, r#"{"kind":"power","value":1,"house_id":"h2"}"#),
+            "house_mismatch"
+        );
+        assert_eq!(reason(t, "42"), "wrong_type");
+        assert_eq!(reason(t, "[]"), "missing_field");
+        assert_eq!(
+            reason("hearth/h 1/s1", r#"{"kind":"power","value":1}"#),
+            "bad_id"
+        );
+        assert_eq!(
+            reason("hearth/../s1", r#"{"kind":"power","value":1}"#),
+            "bad_id"
+        );
+        assert_eq!(reason("hearth/h1/s1/x", r#"{}"#), "unknown_topic");
+        assert_eq!(
+            reason("maison/capteurs/temperature", r#"{"temp":"x"}"#),
+            "wrong_type"
+        );
+        let big = format!(
+            r#"{{"kind":"power","value":1,"pad":"{}"}}"#,
+            "x".repeat(70_000)
+        );
+        assert_eq!(reason(t, &big), "payload_too_large");
+        let d = decode(t, b"\xff\xfe", NOW_US, &Limits::default());
+        assert_eq!(d.rejections[0].reason.as_str(), "malformed_json");
+    }
+
+    #[test]
+    fn one_bad_reading_does_not_sink_its_neighbours() {
+        let d = dec(
+            "hearth/h1/s1",
+            r#"[{"kind":"humidity","value":40},{"kind":"humidity","value":400},{"kind":"humidity","value":41}]"#,
+        );
+        assert_eq!(d.events.len(), 2);
+        assert_eq!(d.rejections.len(), 1);
+        assert!(
+            d.rejections[0].detail.contains("reading 1"),
+            "{:?}",
+            d.rejections
+        );
+    }
+}

@@ -1,0 +1,36 @@
+//! hearth: the event backbone of a connected home.
+//!
+//! Follow one event through the modules, in the order it travels:
+//!
+//! ```text
+//!  MQTT ─▶ ingest ─▶ codec ─▶ queue (Redis Streams, one lane per shard + critical) ─▶ worker
+//!                      │                                                             │
+//!                      └─▶ dead letters                          store (PostgreSQL) ◀┤
+//!                                                                 cache (Redis)     ◀┘
+//! ```
+//!
+//! - [`ingest`] holds the MQTT session and PUBACKs a message only after the XADD holding it.
+//! - [`codec`] turns a topic and payload into validated [`event::Event`]s or reasoned rejections.
+//! - [`queue`] is the durable buffer: lanes, dead letters, leases, acknowledgement and trimming.
+//! - [`worker`] owns lanes through leases, stores batches, updates the cache, then XACKs.
+//! - [`store`] is PostgreSQL: schema, idempotent batch insert, fencing tokens.
+//! - [`cache`] keeps the latest value of each sensor and kind.
+//! - [`status`] reads it all back for `hearth status`.
+//!
+//! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
+//! after XADD, XACK after COMMIT), so a crash anywhere leaves work to redo, never work lost; and
+//! redoing is harmless because storing is idempotent on the dedup key. Per-sensor order comes
+//! from routing a sensor to one lane and letting one consumer at a time own a lane.
+
+pub mod backoff;
+pub mod cache;
+pub mod codec;
+pub mod config;
+pub mod event;
+pub mod ingest;
+pub mod queue;
+pub mod roles;
+pub mod shutdown;
+pub mod status;
+pub mod store;
+pub mod worker;

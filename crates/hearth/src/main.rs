@@ -1,0 +1,176 @@
+//! The `hearth` command line: parse flags, load the configuration, run one command.
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use hearth::config::{self, Config};
+use hearth::roles::{self, RoleError};
+use hearth::{queue, shutdown, status, store};
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "Event backbone for connected homes")]
+struct Cli {
+    /// Config file [default: ./hearth.toml when it exists].
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Set any config key, e.g. `--set batch_size=500` (repeatable; wins over file and env).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// MQTT broker, mqtt://host:port [env: HEARTH_MQTT_URL].
+    #[arg(long, global = true)]
+    mqtt_url: Option<String>,
+    /// Redis server, redis://host:port [env: HEARTH_REDIS_URL].
+    #[arg(long, global = true)]
+    redis_url: Option<String>,
+    /// PostgreSQL database, postgres://user@host:port/db [env: HEARTH_DATABASE_URL].
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Prefix of hearth's Redis keys [env: HEARTH_REDIS_PREFIX].
+    #[arg(long, global = true)]
+    redis_prefix: Option<String>,
+    /// Routine lanes [env: HEARTH_SHARDS].
+    #[arg(long, global = true)]
+    shards: Option<String>,
+    /// Routine consumers in this process [env: HEARTH_WORKERS].
+    #[arg(long, global = true)]
+    workers: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process: ingest and workers.
+    Up,
+    /// Only the ingest: MQTT to the Redis lanes.
+    Ingest,
+    /// Only workers: Redis lanes to PostgreSQL and the cache.
+    Worker,
+    /// Create or upgrade the database schema.
+    Migrate,
+    /// Queue depth, pending, owners, dead letters and loss accounting.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(&cli) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearth: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RoleError::Config(e)) => {
+            eprintln!("hearth: {e}");
+            ExitCode::from(2)
+        }
+        Err(RoleError::Runtime(e)) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let mut overrides = Vec::new();
+    for kv in &cli.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set expects KEY=VALUE, got {kv:?}"))?;
+        overrides.push((k.trim().to_string(), v.to_string()));
+    }
+    for (key, value) in [
+        ("mqtt_url", &cli.mqtt_url),
+        ("redis_url", &cli.redis_url),
+        ("database_url", &cli.database_url),
+        ("redis_prefix", &cli.redis_prefix),
+        ("shards", &cli.shards),
+        ("workers", &cli.workers),
+    ] {
+        if let Some(v) = value {
+            overrides.push((key.to_string(), v.clone()));
+        }
+    }
+    config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
+}
+
+fn init_logging(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // Validated with the rest of the config.
+    let targets: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_default();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(targets)
+        .init();
+}
+
+async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
+    let (trigger, shutdown) = shutdown::channel();
+    match command {
+        Command::Up => {
+            trigger.on_signals();
+            roles::up(config, shutdown).await
+        }
+        Command::Ingest => {
+            trigger.on_signals();
+            roles::ingest(config, shutdown).await
+        }
+        Command::Worker => {
+            trigger.on_signals();
+            roles::worker(config, shutdown).await
+        }
+        Command::Migrate => {
+            let applied = store::migrate(&config.database_url)
+                .await
+                .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
+            if applied.is_empty() {
+                println!("schema is up to date");
+            } else {
+                println!("applied migrations {applied:?}");
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let queue = queue::Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
+                .map_err(|e| RoleError::Config(e.to_string()))?;
+            let status = status::collect(&queue)
+                .await
+                .map_err(|e| anyhow::anyhow!("status: {e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", status.table());
+            }
+            Ok(())
+        }
+    }
+}

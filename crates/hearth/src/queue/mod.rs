@@ -1,0 +1,663 @@
+//! The durable buffer between ingest and workers: Redis Streams.
+//!
+//! Events are spread over lanes: one critical lane for the kinds of [`crate::event::CRITICAL_KINDS`],
+//! and `shards` routine lanes chosen by a hash of the sensor id, so that all events of a sensor
+//! (in one lane) sit in one stream, in the order the ingest appended them. Each lane is one
+//! stream read by the consumer group `workers`; a worker acknowledges an entry (XACK) only after
+//! its row is committed, and trims a stream only below its oldest unacknowledged entry.
+//!
+//! Rejected input goes to the dead-letter stream with its reason, topic and raw payload. It is
+//! never trimmed by hearth.
+//!
+//! Keys (all under the configured prefix `P`):
+//! `P:stream:{lane}`, `P:dead`, `P:lease:{lane}`, `P:consumers:{pool}`, `P:stats`, `P:meta`,
+//! and the cache's `P:latest:{sensor}`, `P:house:{house}:sensors`.
+
+pub mod lease;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+
+use crate::event::{Event, Rejection};
+
+/// The consumer group every worker reads through.
+pub const GROUP: &str = "workers";
+
+/// Errors of the queue. Every one of them is a server condition, to be retried; content problems
+/// are values ([`StreamEntry::decode`]), not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from redis to {0}")]
+    Reply(&'static str),
+    #[error(
+        "shards changed from {stored} to {configured} while {queued} events are queued; drain the queue first or keep shards = {stored}"
+    )]
+    ShardsChanged {
+        stored: u16,
+        configured: u16,
+        queued: u64,
+    },
+}
+
+impl QueueError {
+    /// The stream or its group vanished (Redis restarted without persistence, or a key was
+    /// deleted): recreate the groups and go on.
+    pub fn is_missing_group(&self) -> bool {
+        matches!(self, QueueError::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+/// A lane: one stream, owned by one worker at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Lane {
+    Critical,
+    Routine(u16),
+}
+
+impl Lane {
+    pub fn for_event(event: &Event, shards: u16) -> Lane {
+        if event.is_critical() {
+            Lane::Critical
+        } else {
+            Lane::Routine((fnv1a(event.sensor_id.as_bytes()) % u64::from(shards)) as u16)
+        }
+    }
+
+    pub fn routine(shards: u16) -> impl Iterator<Item = Lane> {
+        (0..shards).map(Lane::Routine)
+    }
+
+    /// The lane's name in keys, fences and status.
+    pub fn name(&self) -> String {
+        match self {
+            Lane::Critical => "critical".into(),
+            Lane::Routine(n) => format!("routine-{n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// FNV-1a, 64 bits: stable across processes, versions and platforms, which `std`'s hasher is not.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn stream(&self, lane: Lane) -> String {
+        format!("{}:stream:{}", self.prefix, lane.name())
+    }
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.prefix)
+    }
+    pub fn lease(&self, lane: Lane) -> String {
+        format!("{}:lease:{}", self.prefix, lane.name())
+    }
+    pub fn consumers(&self, pool: &str) -> String {
+        format!("{}:consumers:{pool}", self.prefix)
+    }
+    pub fn stats(&self) -> String {
+        format!("{}:stats", self.prefix)
+    }
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.prefix)
+    }
+    pub fn latest(&self, sensor_id: &str) -> String {
+        format!("{}:latest:{sensor_id}", self.prefix)
+    }
+    pub fn house_sensors(&self, house_id: &str) -> String {
+        format!("{}:house:{house_id}:sensors", self.prefix)
+    }
+}
+
+/// Counters kept in `P:stats`, shared by every process: the loss accounting of `hearth status`.
+pub mod stat {
+    /// Events appended to a lane by the ingest (a broker redelivery counts again).
+    pub const RECEIVED: &str = "received";
+    /// Rejections written to the dead-letter stream by the ingest.
+    pub const REJECTED: &str = "rejected";
+    /// Rows inserted into `events`.
+    pub const STORED: &str = "stored";
+    /// Entries whose row already existed (redelivery, duplicate publish).
+    pub const DUPLICATES: &str = "duplicates";
+    /// Entries a worker moved to the dead-letter stream.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+}
+
+/// A dead letter: what was refused, why, and enough to replay it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: &'static str,
+    pub detail: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// `mqtt` for the ingest, `worker` for a stream entry a worker gave up on.
+    pub source: &'static str,
+    pub at_ms: i64,
+}
+
+/// Largest raw payload kept in a dead letter; an oversize payload is cut there (its full size is
+/// in the detail).
+const DEAD_PAYLOAD_MAX: usize = 4096;
+
+impl DeadLetter {
+    pub fn from_rejection(rejection: &Rejection, topic: &str, payload: &[u8], at_ms: i64) -> Self {
+        DeadLetter {
+            reason: rejection.reason.as_str(),
+            detail: rejection.detail.clone(),
+            topic: topic.to_string(),
+            payload: payload[..payload.len().min(DEAD_PAYLOAD_MAX)].to_vec(),
+            source: "mqtt",
+            at_ms,
+        }
+    }
+
+    fn xadd(&self, pipe: &mut redis::Pipeline, key: &str) {
+        pipe.cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("reason")
+            .arg(self.reason)
+            .arg("detail")
+            .arg(&self.detail)
+            .arg("topic")
+            .arg(&self.topic)
+            .arg("payload")
+            .arg(&self.payload)
+            .arg("source")
+            .arg(self.source)
+            .arg("at")
+            .arg(self.at_ms)
+            .ignore();
+    }
+}
+
+/// One entry read back from a lane.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub id: String,
+    /// The `e` field, or `None` when the entry has none (or was deleted while pending).
+    pub body: Option<Vec<u8>>,
+}
+
+impl StreamEntry {
+    pub fn decode(&self) -> Result<Event, String> {
+        let body = self.body.as_deref().ok_or("entry has no `e` field")?;
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    }
+}
+
+/// What one read returned, per lane.
+pub type Batch = Vec<(Lane, Vec<StreamEntry>)>;
+
+/// Connect with timeouts fit for hearth: a reply may take up to `response` (blocking reads ask
+/// for more than the default half second).
+pub async fn connect(url: &str, response: Duration) -> Result<MultiplexedConnection, QueueError> {
+    let client = redis::Client::open(url)?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(response));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// A self-healing connection for everything but blocking reads: after Redis went away, the call
+/// that noticed fails (the caller retries) and the manager reconnects in the background.
+pub fn manager(url: &str) -> Result<ConnectionManager, QueueError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(REPLY_TIMEOUT))
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
+/// Default reply timeout of non-blocking commands. Generous: a timeout makes the caller retry,
+/// and a retried XADD pipeline appends duplicates (harmless, but wasted work).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The queue operations shared by ingest, workers and `hearth status`.
+#[derive(Clone)]
+pub struct Queue {
+    pub conn: ConnectionManager,
+    pub keys: Keys,
+    pub shards: u16,
+}
+
+impl Queue {
+    /// A queue handle; it connects on first use and reconnects by itself.
+    pub fn open(url: &str, prefix: &str, shards: u16) -> Result<Queue, QueueError> {
+        Ok(Queue {
+            conn: manager(url)?,
+            keys: Keys::new(prefix),
+            shards,
+        })
+    }
+
+    /// Every lane of this installation, critical first.
+    pub fn lanes(&self) -> Vec<Lane> {
+        std::iter::once(Lane::Critical)
+            .chain(Lane::routine(self.shards))
+            .collect()
+    }
+
+    /// Create the streams and their consumer group where missing.
+    pub async fn ensure_groups(&self) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        for lane in self.lanes() {
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.stream(lane))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM");
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Value> = pipe.ignore_errors().query_async(&mut conn).await?;
+        for reply in replies {
+            if let Value::ServerError(e) = reply
+                && e.code() != "BUSYGROUP"
+            {
+                return Err(QueueError::Redis(e.into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Record the shard count, refusing a change while events are queued: moving a sensor to
+    /// another lane with events of it still in the old one would break its order.
+    pub async fn check_shards(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<u16> = redis::cmd("HGET")
+            .arg(self.keys.meta())
+            .arg("shards")
+            .query_async(&mut conn)
+            .await?;
+        match stored {
+            Some(s) if s == self.shards => return Ok(()),
+            Some(s) => {
+                let old = Queue {
+                    shards: s,
+                    ..self.clone()
+                };
+                let queued: u64 = old.depths().await?.iter().map(|(_, d)| d).sum();
+                if queued > 0 {
+                    return Err(QueueError::ShardsChanged {
+                        stored: s,
+                        configured: self.shards,
+                        queued,
+                    });
+                }
+            }
+            None => {}
+        }
+        redis::cmd("HSET")
+            .arg(self.keys.meta())
+            .arg("shards")
+            .arg(self.shards)
+            .exec_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Append events to their lanes and rejections to the dead-letter stream, in one pipeline.
+    /// Returns once Redis has answered for all of them: only then may the caller PUBACK.
+    pub async fn append(&self, events: &[Event], dead: &[DeadLetter]) -> Result<(), QueueError> {
+        if events.is_empty() && dead.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for event in events {
+            let body = serde_json::to_vec(event).map_err(|_| QueueError::Reply("encode"))?;
+            pipe.cmd("XADD")
+                .arg(self.keys.stream(Lane::for_event(event, self.shards)))
+                .arg("*")
+                .arg("e")
+                .arg(body)
+                .ignore();
+        }
+        let dead_key = self.keys.dead();
+        for d in dead {
+            d.xadd(&mut pipe, &dead_key);
+        }
+        let stats = self.keys.stats();
+        if !events.is_empty() {
+            pipe.cmd("HINCRBY")
+                .arg(&stats)
+                .arg(stat::RECEIVED)
+                .arg(events.len())
+                .ignore();
+        }
+        if !dead.is_empty() {
+            pipe.cmd("HINCRBY")
+                .arg(&stats)
+                .arg(stat::REJECTED)
+                .arg(dead.len())
+                .ignore();
+            for d in dead {
+                pipe.cmd("HINCRBY")
+                    .arg(&stats)
+                    .arg(format!("rejected:{}", d.reason))
+                    .arg(1)
+                    .ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.exec_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Entries queued per lane (appended and not yet acknowledged and trimmed).
+    pub async fn depths(&self) -> Result<Vec<(Lane, u64)>, QueueError> {
+        let lanes = self.lanes();
+        let mut pipe = redis::pipe();
+        for lane in &lanes {
+            pipe.cmd("XLEN").arg(self.keys.stream(*lane));
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lanes.into_iter().zip(lens).collect())
+    }
+
+    /// Acknowledge stored entries and trim each stream below its oldest unacknowledged entry,
+    /// and count what was stored, in one round trip.
+    pub async fn ack(
+        &self,
+        acks: &[(Lane, Vec<String>)],
+        stored: u64,
+        duplicates: u64,
+    ) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        for (lane, ids) in acks.iter().filter(|(_, ids)| !ids.is_empty()) {
+            let last = ids.iter().max_by(|a, b| cmp_ids(a, b)).cloned();
+            pipe.cmd("EVAL")
+                .arg(ACK_AND_TRIM)
+                .arg(1)
+                .arg(self.keys.stream(*lane))
+                .arg(GROUP)
+                .arg(last)
+                .arg(ids)
+                .ignore();
+        }
+        let stats = self.keys.stats();
+        for (field, n) in [(stat::STORED, stored), (stat::DUPLICATES, duplicates)] {
+            if n > 0 {
+                pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(n).ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.exec_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Move one entry to the dead-letter stream and acknowledge it, atomically.
+    pub async fn dead_letter(
+        &self,
+        lane: Lane,
+        entry: &StreamEntry,
+        reason: &'static str,
+        detail: String,
+    ) -> Result<(), QueueError> {
+        let stream = self.keys.stream(lane);
+        let letter = DeadLetter {
+            reason,
+            detail: format!("{detail} (lane {lane}, entry {})", entry.id),
+            topic: String::new(),
+            payload: entry.body.clone().unwrap_or_default(),
+            source: "worker",
+            at_ms: crate::event::now_us() / 1000,
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        letter.xadd(&mut pipe, &self.keys.dead());
+        pipe.cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(&entry.id)
+            .ignore();
+        pipe.cmd("HINCRBY")
+            .arg(self.keys.stats())
+            .arg(stat::DEAD_LETTERED)
+            .arg(1)
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.exec_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// How many times an entry has been delivered (0 when it is not pending).
+    pub async fn deliveries(&self, lane: Lane, id: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(self.keys.stream(lane))
+            .arg(GROUP)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        match reply {
+            Value::Array(rows) => match rows.first() {
+                Some(Value::Array(row)) => Ok(row.get(3).and_then(as_u64).unwrap_or(0)),
+                _ => Ok(0),
+            },
+            _ => Err(QueueError::Reply("XPENDING")),
+        }
+    }
+
+    /// Read new entries of `lanes` for `consumer`, waiting up to `block` for some. Uses the given
+    /// connection, which a blocking read ties up.
+    pub async fn read_new(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        lanes: &[Lane],
+        count: usize,
+        block: Duration,
+    ) -> Result<Batch, QueueError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS");
+        for lane in lanes {
+            cmd.arg(self.keys.stream(*lane));
+        }
+        for _ in lanes {
+            cmd.arg(">");
+        }
+        let reply: Value = cmd.query_async(conn).await?;
+        let mut batch = Batch::new();
+        let Value::Array(streams) = reply else {
+            return Ok(batch); // nil: the block timed out
+        };
+        for stream in streams {
+            let Value::Array(mut pair) = stream else {
+                return Err(QueueError::Reply("XREADGROUP"));
+            };
+            let (Some(entries), Some(key)) = (pair.pop(), pair.pop()) else {
+                return Err(QueueError::Reply("XREADGROUP"));
+            };
+            let key = as_string(&key).ok_or(QueueError::Reply("XREADGROUP"))?;
+            let lane = lanes
+                .iter()
+                .find(|l| self.keys.stream(**l) == key)
+                .ok_or(QueueError::Reply("XREADGROUP"))?;
+            batch.push((*lane, parse_entries(entries)?));
+        }
+        Ok(batch)
+    }
+
+    /// Take over pending entries of a lane (every one, whoever held it: the caller owns the lane),
+    /// from `cursor` on. Returns the entries, the next cursor (`0-0` when done) and the ids of
+    /// entries deleted while pending, which Redis drops from the pending list by itself.
+    pub async fn claim_pending(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        lane: Lane,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<StreamEntry>), QueueError> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.keys.stream(lane))
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(conn)
+            .await?;
+        let Value::Array(mut parts) = reply else {
+            return Err(QueueError::Reply("XAUTOCLAIM"));
+        };
+        if parts.len() < 2 {
+            return Err(QueueError::Reply("XAUTOCLAIM"));
+        }
+        let entries = parse_entries(parts.swap_remove(1))?;
+        let next = as_string(&parts[0]).ok_or(QueueError::Reply("XAUTOCLAIM"))?;
+        Ok((next, entries))
+    }
+}
+
+/// XACK the ids, then trim the stream below its oldest pending entry, or just past the batch's
+/// last id when nothing is pending. Entries below that are all delivered (delivery follows id
+/// order) and not pending, so acknowledged: trimming never loses an unacknowledged entry.
+const ACK_AND_TRIM: &str = r#"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+local floor = summary[2]
+if not floor then
+  local ms, sq = string.match(ARGV[2], '^(%d+)-(%d+)$')
+  floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
+end
+redis.call('XTRIM', KEYS[1], 'MINID', floor)
+return acked
+"#;
+
+/// Stream ids compare as (milliseconds, sequence).
+pub fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |s: &str| -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    parse(a).cmp(&parse(b))
+}
+
+fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
+    let Value::Array(items) = value else {
+        return Err(QueueError::Reply("stream entries"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut parts) = item else {
+            return Err(QueueError::Reply("stream entry"));
+        };
+        if parts.len() != 2 {
+            return Err(QueueError::Reply("stream entry"));
+        }
+        let fields = parts.pop();
+        let id = parts
+            .pop()
+            .as_ref()
+            .and_then(as_string)
+            .ok_or(QueueError::Reply("stream entry id"))?;
+        let body = match fields {
+            Some(Value::Array(fields)) => {
+                let mut body = None;
+                let mut it = fields.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if let (Value::BulkString(k), Value::BulkString(v)) = (k, v)
+                        && k == b"e"
+                    {
+                        body = Some(v);
+                    }
+                }
+                body
+            }
+            _ => None,
+        };
+        out.push(StreamEntry { id, body });
+    }
+    Ok(out)
+}
+
+pub(crate) fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+pub(crate) fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sensor_always_maps_to_the_same_lane_and_critical_kinds_to_theirs() {
+        let mk = |sensor: &str, kind: &str| Event {
+            house_id: "h".into(),
+            sensor_id: sensor.into(),
+            kind: kind.into(),
+            value: 1.0,
+            unit: None,
+            seq: None,
+            ts_ms: 0,
+            received_us: 0,
+            ingest_id: None,
+        };
+        assert_eq!(Lane::for_event(&mk("s1", "smoke"), 8), Lane::Critical);
+        let a = Lane::for_event(&mk("s1", "temperature"), 8);
+        assert_eq!(a, Lane::for_event(&mk("s1", "humidity"), 8));
+        // The hash is fixed forever: a change would reorder every installation's sensors.
+        assert_eq!(fnv1a(b"s1"), 0x08d8_ff07_b578_d149);
+        let spread: std::collections::HashSet<_> = (0..200)
+            .map(|i| Lane::for_event(&mk(&format!("sensor-{i}"), "power"), 8))
+            .collect();
+        assert_eq!(spread.len(), 8);
+    }
+
+    #[test]
+    fn stream_ids_order_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(cmp_ids("10-0", "9-5"), Greater);
+        assert_eq!(cmp_ids("5-10", "5-9"), Greater);
+        assert_eq!(cmp_ids("5-1", "5-1"), Equal);
+    }
+}

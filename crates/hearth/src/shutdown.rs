@@ -1,0 +1,71 @@
+//! Shutdown: SIGINT or SIGTERM asks every task to stop taking new work, finish what it holds and
+//! return. A task holds a [`Shutdown`] and checks it between units of work.
+
+use tokio::sync::watch;
+
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending side, kept by whoever decides when to stop.
+pub struct Trigger {
+    tx: watch::Sender<bool>,
+}
+
+pub fn channel() -> (Trigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (Trigger { tx }, Shutdown { rx })
+}
+
+impl Trigger {
+    pub fn fire(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Fire on the first SIGINT or SIGTERM.
+    pub fn on_signals(self) {
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            self.fire();
+        });
+    }
+}
+
+impl Shutdown {
+    pub fn is_set(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once shutdown is asked (at once if it already was).
+    pub async fn wait(&mut self) {
+        let _ = self.rx.wait_for(|s| *s).await;
+    }
+
+    /// Sleep, but wake up early on shutdown. Returns false if woken by shutdown.
+    pub async fn sleep(&mut self, d: std::time::Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.wait() => false,
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! `hearth status`: the state of the queue as one snapshot, for people (a table) and scripts
+//! (`--json`): per lane its depth, pending entries, lag, owner and consumers; the dead letters;
+//! the live consumers; and the loss accounting, received = stored + duplicates + dead-lettered
+//! + in flight.
+
+use std::collections::HashMap;
+
+use redis::Value;
+use serde::Serialize;
+
+use crate::queue::{self, GROUP, Queue, QueueError, lease, stat};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub lanes: Vec<LaneStatus>,
+    pub dead_letters: u64,
+    pub consumers_alive: HashMap<String, u64>,
+    pub events: Accounting,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LaneStatus {
+    pub lane: String,
+    /// Entries in the stream: not yet acknowledged (and trimmed).
+    pub depth: u64,
+    /// Delivered to a consumer, not yet acknowledged.
+    pub pending: u64,
+    /// Not yet delivered (`null` when Redis cannot tell).
+    pub lag: Option<u64>,
+    /// The consumer holding the lane's lease.
+    pub owner: Option<String>,
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+/// The loss accounting. `in_flight` is what is neither stored nor dead-lettered yet: after a run
+/// has drained it is 0, and any other value means events are still queued, or lost.
+#[derive(Debug, Serialize)]
+pub struct Accounting {
+    pub received: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub rejected_at_ingest: u64,
+    pub in_flight: i64,
+    pub rejected_by_reason: HashMap<String, u64>,
+}
+
+pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
+    let lanes = queue.lanes();
+    let mut conn = queue.conn.clone();
+    let mut pipe = redis::pipe();
+    for lane in &lanes {
+        let key = queue.keys.stream(*lane);
+        pipe.cmd("XLEN").arg(&key);
+        pipe.cmd("XINFO").arg("GROUPS").arg(&key);
+        pipe.cmd("XINFO").arg("CONSUMERS").arg(&key).arg(GROUP);
+    }
+    pipe.cmd("XLEN").arg(queue.keys.dead());
+    pipe.cmd("HGETALL").arg(queue.keys.stats());
+    let now = crate::event::now_us() / 1000;
+    for pool in ["routine", "critical"] {
+        pipe.cmd("ZCOUNT")
+            .arg(queue.keys.consumers(pool))
+            .arg(now - 60_000)
+            .arg("+inf");
+    }
+    let replies: Vec<Value> = pipe.ignore_errors().query_async(&mut conn).await?;
+    let owners = lease::owners(&mut conn, &queue.keys, &lanes).await?;
+
+    let mut it = replies.into_iter();
+    let mut lane_status = Vec::new();
+    for (lane, owner) in lanes.iter().zip(owners) {
+        let depth = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
+        let groups = it.next().unwrap_or(Value::Nil);
+        let consumers = it.next().unwrap_or(Value::Nil);
+        let group = rows(&groups)
+            .into_iter()
+            .find(|g| g.get("name").and_then(queue::as_string).as_deref() == Some(GROUP));
+        let field = |name: &str| {
+            group
+                .as_ref()
+                .and_then(|g| g.get(name))
+                .and_then(queue::as_u64)
+        };
+        lane_status.push(LaneStatus {
+            lane: lane.name(),
+            depth,
+            pending: field("pending").unwrap_or(0),
+            lag: field("lag"),
+            owner,
+            consumers: rows(&consumers)
+                .into_iter()
+                .map(|c| ConsumerStatus {
+                    name: c.get("name").and_then(queue::as_string).unwrap_or_default(),
+                    pending: c.get("pending").and_then(queue::as_u64).unwrap_or(0),
+                    idle_ms: c.get("idle").and_then(queue::as_u64).unwrap_or(0),
+                })
+                .collect(),
+        });
+    }
+    let dead_letters = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
+    let stats: HashMap<String, u64> = match it.next() {
+        Some(Value::Array(kv)) => kv
+            .chunks(2)
+            .filter_map(|p| Some((queue::as_string(&p[0])?, queue::as_u64(p.get(1)?)?)))
+            .collect(),
+        Some(Value::Map(kv)) => kv
+            .iter()
+            .filter_map(|(k, v)| Some((queue::as_string(k)?, queue::as_u64(v)?)))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    let mut consumers_alive = HashMap::new();
+    for pool in ["routine", "critical"] {
+        let n = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
+        consumers_alive.insert(pool.to_string(), n);
+    }
+    let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+    let (received, stored, duplicates, dead) = (
+        get(stat::RECEIVED),
+        get(stat::STORED),
+        get(stat::DUPLICATES),
+        get(stat::DEAD_LETTERED),
+    );
+    Ok(Status {
+        lanes: lane_status,
+        dead_letters,
+        consumers_alive,
+        events: Accounting {
+            received,
+            stored,
+            duplicates,
+            dead_lettered: dead,
+            rejected_at_ingest: get(stat::REJECTED),
+            in_flight: received as i64 - (stored + duplicates + dead) as i64,
+            rejected_by_reason: stats
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
+                .collect(),
+        },
+    })
+}
+
+/// XINFO replies: a list of flat field/value arrays (RESP2) or maps (RESP3).
+fn rows(v: &Value) -> Vec<HashMap<String, Value>> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Value::Array(kv) => Some(
+                kv.chunks(2)
+                    .filter_map(|p| Some((queue::as_string(&p[0])?, p.get(1)?.clone())))
+                    .collect(),
+            ),
+            Value::Map(kv) => Some(
+                kv.iter()
+                    .filter_map(|(k, v)| Some((queue::as_string(k)?, v.clone())))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Status {
+    /// Everything appended has been stored or dead-lettered, and nothing waits in a lane.
+    pub fn drained(&self) -> bool {
+        self.lanes.iter().all(|l| l.depth == 0 && l.pending == 0) && self.events.in_flight == 0
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9} {:>9} {:>9}  {:<36} CONSUMERS",
+            "LANE", "DEPTH", "PENDING", "LAG", "OWNER"
+        );
+        for l in &self.lanes {
+            let consumers: Vec<String> = l
+                .consumers
+                .iter()
+                .filter(|c| c.pending > 0 || Some(&c.name) == l.owner.as_ref())
+                .map(|c| format!("{}({})", c.name, c.pending))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<12} {:>9} {:>9} {:>9}  {:<36} {}",
+                l.lane,
+                l.depth,
+                l.pending,
+                l.lag.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+                l.owner.as_deref().unwrap_or("-"),
+                consumers.join(" ")
+            );
+        }
+        let total: u64 = self.lanes.iter().map(|l| l.depth).sum();
+        let e = &self.events;
+        let _ = writeln!(out, "{:<12} {:>9}", "total", total);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "dead letters      {}", self.dead_letters);
+        let _ = writeln!(
+            out,
+            "consumers alive   routine {}, critical {}",
+            self.consumers_alive.get("routine").unwrap_or(&0),
+            self.consumers_alive.get("critical").unwrap_or(&0)
+        );
+        let _ = writeln!(
+            out,
+            "events            received {}, stored {}, duplicates {}, dead-lettered by workers {}, in flight {}",
+            e.received, e.stored, e.duplicates, e.dead_lettered, e.in_flight
+        );
+        let mut reasons: Vec<_> = e.rejected_by_reason.iter().collect();
+        reasons.sort();
+        let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            out,
+            "rejected at ingest {}{}",
+            e.rejected_at_ingest,
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", reasons.join(", "))
+            }
+        );
+        out
+    }
+}

@@ -1,0 +1,329 @@
+//! PostgreSQL: where events end.
+//!
+//! A worker writes a whole batch in one transaction: check the fencing tokens of the batch's
+//! lanes (row lock shared, so a takeover waits for the batch in flight), insert the events in one
+//! statement with `ON CONFLICT DO NOTHING` on the dedup keys (redelivery never duplicates), and
+//! record the sensors seen. Only after COMMIT does the worker acknowledge the stream entries.
+//!
+//! Errors are sorted by whose fault they are: [`StoreError::Content`] (the rows themselves),
+//! [`StoreError::Fenced`] (the lane moved to another worker), or [`StoreError::Unavailable`]
+//! (the server: retried, never dead-lettered).
+
+pub mod schema;
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::event::Event;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres unavailable: {}", describe(.0))]
+    Unavailable(tokio_postgres::Error),
+    #[error("postgres refused the rows: {}", describe(.0))]
+    Content(tokio_postgres::Error),
+    #[error("lanes taken over by another worker: {0:?}")]
+    Fenced(Vec<String>),
+    #[error("bad database_url: {0}")]
+    Url(String),
+}
+
+/// tokio-postgres prints only "db error"; the server's message is what an operator needs.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn classify(e: tokio_postgres::Error) -> StoreError {
+    match e.code().map(|c| c.code()) {
+        // data exceptions and integrity violations: the row is at fault
+        Some(code) if code.starts_with("22") || code.starts_with("23") => StoreError::Content(e),
+        _ => StoreError::Unavailable(e),
+    }
+}
+
+/// A sensor seen in a batch, for the `sensors` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorSeen {
+    pub sensor_id: String,
+    pub house_id: String,
+    pub kinds: Vec<String>,
+    pub first_us: i64,
+    pub last_us: i64,
+}
+
+const CHECK_FENCES: &str = "
+SELECT f.lane FROM lane_fences f
+JOIN unnest($1::text[], $2::int8[]) AS c(lane, token) ON f.lane = c.lane AND f.token = c.token
+FOR SHARE OF f";
+
+const TAKE_FENCE: &str = "
+INSERT INTO lane_fences (lane, token, owner) VALUES ($1, 1, $2)
+ON CONFLICT (lane) DO UPDATE
+SET token = lane_fences.token + 1, owner = EXCLUDED.owner, taken_at = now()
+RETURNING token";
+
+const INSERT_EVENTS: &str = "
+INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts, received_at, critical)
+SELECT h, s, k, v, u, q, i,
+       timestamptz 'epoch' + t * interval '1 millisecond',
+       timestamptz 'epoch' + r * interval '1 microsecond',
+       c
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::int8[],
+            $7::uuid[], $8::int8[], $9::int8[], $10::bool[])
+     WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, n)
+ORDER BY n
+ON CONFLICT DO NOTHING";
+
+const UPSERT_SENSORS: &str = "
+INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
+SELECT s, h, string_to_array(k, ','),
+       timestamptz 'epoch' + f * interval '1 microsecond',
+       timestamptz 'epoch' + l * interval '1 microsecond'
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[]) AS x(s, h, k, f, l)
+ORDER BY s
+ON CONFLICT (sensor_id) DO UPDATE SET
+    house_id = EXCLUDED.house_id,
+    kinds = ARRAY(SELECT DISTINCT k FROM unnest(sensors.kinds || EXCLUDED.kinds) AS k ORDER BY k),
+    first_seen = LEAST(sensors.first_seen, EXCLUDED.first_seen),
+    last_seen = GREATEST(sensors.last_seen, EXCLUDED.last_seen)";
+
+pub struct Store {
+    client: Client,
+    check_fences: Statement,
+    take_fence: Statement,
+    insert_events: Statement,
+    upsert_sensors: Statement,
+}
+
+impl Store {
+    /// Connect a worker's session. `idle_in_tx` bounds how long a transaction left open by a
+    /// paused (SIGSTOP) process holds its locks: it must be below the lease TTL, so that the
+    /// lane's next owner is not blocked behind it.
+    pub async fn connect(url: &str, idle_in_tx: Duration) -> Result<Store, StoreError> {
+        let client = connect(url).await?;
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {}; SET lock_timeout = '30s'",
+                idle_in_tx.as_millis().max(1)
+            ))
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let prepare = |sql: &'static str| {
+            let client = &client;
+            async move { client.prepare(sql).await.map_err(StoreError::Unavailable) }
+        };
+        Ok(Store {
+            check_fences: prepare(CHECK_FENCES).await?,
+            take_fence: prepare(TAKE_FENCE).await?,
+            insert_events: prepare(INSERT_EVENTS).await?,
+            upsert_sensors: prepare(UPSERT_SENSORS).await?,
+            client,
+        })
+    }
+
+    /// Take a lane: a new fencing token, greater than any before. Waits for a batch of the
+    /// previous owner that is being written, and makes any later write of it fail.
+    pub async fn take_fence(&self, lane: &str, owner: &str) -> Result<i64, StoreError> {
+        let row = self
+            .client
+            .query_one(&self.take_fence, &[&lane, &owner])
+            .await
+            .map_err(classify)?;
+        Ok(row.get(0))
+    }
+
+    /// Write one batch if every `(lane, token)` still holds. Returns the rows inserted (the rest
+    /// were already there).
+    pub async fn write(
+        &mut self,
+        fences: &[(String, i64)],
+        events: &[&Event],
+        sensors: &[SensorSeen],
+    ) -> Result<u64, StoreError> {
+        let tx = self.client.transaction().await.map_err(classify)?;
+        let lanes: Vec<&str> = fences.iter().map(|(l, _)| l.as_str()).collect();
+        let tokens: Vec<i64> = fences.iter().map(|(_, t)| *t).collect();
+        let valid = tx
+            .query(&self.check_fences, &[&lanes, &tokens])
+            .await
+            .map_err(classify)?;
+        if valid.len() != fences.len() {
+            let valid: Vec<String> = valid.iter().map(|r| r.get(0)).collect();
+            let lost = lanes
+                .iter()
+                .filter(|l| !valid.iter().any(|v| v == *l))
+                .map(|l| l.to_string())
+                .collect();
+            return Err(StoreError::Fenced(lost));
+        }
+
+        let n = events.len();
+        let (mut h, mut s, mut k) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut v, mut u, mut q) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut i, mut t, mut r) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut c = Vec::with_capacity(n);
+        for e in events {
+            h.push(e.house_id.as_str());
+            s.push(e.sensor_id.as_str());
+            k.push(e.kind.as_str());
+            v.push(e.value);
+            u.push(e.unit.as_deref());
+            q.push(e.seq);
+            i.push(e.ingest_id);
+            t.push(e.ts_ms);
+            r.push(e.received_us);
+            c.push(e.is_critical());
+        }
+        let inserted = tx
+            .execute(
+                &self.insert_events,
+                &[&h, &s, &k, &v, &u, &q, &i, &t, &r, &c],
+            )
+            .await
+            .map_err(classify)?;
+
+        if !sensors.is_empty() {
+            let ids: Vec<&str> = sensors.iter().map(|x| x.sensor_id.as_str()).collect();
+            let houses: Vec<&str> = sensors.iter().map(|x| x.house_id.as_str()).collect();
+            let kinds: Vec<String> = sensors.iter().map(|x| x.kinds.join(",")).collect();
+            let first: Vec<i64> = sensors.iter().map(|x| x.first_us).collect();
+            let last: Vec<i64> = sensors.iter().map(|x| x.last_us).collect();
+            tx.execute(
+                &self.upsert_sensors,
+                &[&ids, &houses, &kinds, &first, &last],
+            )
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(inserted)
+    }
+}
+
+/// Open a connection, its I/O driven by a task of its own.
+pub async fn connect(url: &str) -> Result<Client, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    config.connect_timeout(Duration::from_secs(5));
+    config.application_name("hearth");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %describe(&e), "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Create the database if it is missing, then apply pending migrations.
+pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
+    let client = match connect(url).await {
+        Err(StoreError::Unavailable(e)) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            create_database(url).await?;
+            connect(url).await?
+        }
+        other => other?,
+    };
+    let mut client = client;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version int PRIMARY KEY, name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .or_else(|e| {
+            // Two processes racing on a brand-new database: the other one created it.
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(e))
+            }
+        })?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7265727468)", &[])
+        .await
+        .map_err(StoreError::Unavailable)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(StoreError::Unavailable)?
+        .get(0);
+    let mut applied = Vec::new();
+    for (version, name, sql) in schema::MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(StoreError::Unavailable)?;
+        applied.push(*version);
+    }
+    tx.commit().await.map_err(StoreError::Unavailable)?;
+    Ok(applied)
+}
+
+async fn create_database(url: &str) -> Result<(), StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    let name = config
+        .get_dbname()
+        .ok_or_else(|| StoreError::Url("no database name".into()))?
+        .to_string();
+    if !crate::event::is_valid_id(&name) {
+        return Err(StoreError::Url(format!(
+            "database name {name:?} must match [A-Za-z0-9_.-]{{1,64}} to be created by hearth"
+        )));
+    }
+    config.dbname("postgres");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tokio::spawn(connection);
+    match client
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(database = %name, "created database");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(e)),
+    }
+}

@@ -1,0 +1,51 @@
+//! The PostgreSQL schema and its migrations (`hearth migrate`, also run by every role at start).
+//!
+//! Migrations are numbered, applied in order inside one transaction under an advisory lock (so
+//! that several processes starting together apply each once), and recorded in
+//! `schema_migrations`. A migration, once released, is never edited: a change is a new one.
+
+/// (version, name, SQL)
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "events, sensors, lane fences",
+    r#"
+CREATE TABLE events (
+    -- Grows in the order rows are stored: within one sensor, ORDER BY id is processing order.
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    house_id    text NOT NULL,
+    sensor_id   text NOT NULL,
+    kind        text NOT NULL,
+    value       double precision NOT NULL,
+    unit        text,
+    -- The device's counter; with (sensor_id, kind) the dedup key.
+    seq         bigint,
+    -- Assigned at ingest when the device sent no seq; the dedup key then.
+    ingest_id   uuid,
+    ts          timestamptz NOT NULL,
+    received_at timestamptz NOT NULL,
+    stored_at   timestamptz NOT NULL DEFAULT now(),
+    critical    boolean NOT NULL DEFAULT false,
+    CONSTRAINT events_one_dedup_key CHECK ((seq IS NULL) <> (ingest_id IS NULL))
+);
+CREATE UNIQUE INDEX events_dedup_seq ON events (sensor_id, kind, seq) WHERE seq IS NOT NULL;
+CREATE UNIQUE INDEX events_dedup_ingest ON events (ingest_id) WHERE ingest_id IS NOT NULL;
+
+CREATE TABLE sensors (
+    sensor_id   text PRIMARY KEY,
+    house_id    text NOT NULL,
+    kinds       text[] NOT NULL DEFAULT '{}',
+    first_seen  timestamptz NOT NULL,
+    last_seen   timestamptz NOT NULL
+);
+CREATE INDEX sensors_house ON sensors (house_id);
+
+-- One row per lane: the fencing token of its current owner. Taking a lane increments it; every
+-- batch write checks it, so a worker that lost its lane while paused cannot write.
+CREATE TABLE lane_fences (
+    lane        text PRIMARY KEY,
+    token       bigint NOT NULL,
+    owner       text NOT NULL,
+    taken_at    timestamptz NOT NULL DEFAULT now()
+);
+"#,
+)];

@@ -1,0 +1,549 @@
+//! Workers: from the lanes to PostgreSQL and the latest-value cache.
+//!
+//! A worker process runs several consumers. Each consumer owns a fair share of its pool's lanes
+//! through leases ([`crate::queue::lease`]), and only the owner of a lane reads it: that is how
+//! the events of one sensor are processed one after the other, in stream order, by any number of
+//! workers in any number of processes. Taking a lane over (its owner died, or left) starts with
+//! the lane's pending entries (XAUTOCLAIM from the start), oldest first, before any new entry.
+//!
+//! For each batch: decode, store in one transaction that checks the lanes' fencing tokens, update
+//! the cache, then XACK. A server error at any step is retried in place with backoff, the batch
+//! kept in hand; it is never a reason to dead-letter. An entry that fails for its own content
+//! stays pending and is retried until `max_deliveries`, then moved to the dead-letter stream
+//! together with its XACK.
+//!
+//! The critical lane is its own pool, with one consumer per worker process, so that a critical
+//! event never waits behind a routine batch.
+
+mod sensors;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::event::{Event, Reason};
+use crate::queue::lease::Leases;
+use crate::queue::{self, Batch, Lane, Queue, QueueError, StreamEntry};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+use sensors::SensorMemo;
+
+/// A set of lanes shared out among the consumers that serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Routine,
+    Critical,
+}
+
+impl Pool {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Routine => "routine",
+            Pool::Critical => "critical",
+        }
+    }
+
+    fn lanes(self, shards: u16) -> Vec<Lane> {
+        match self {
+            Pool::Critical => vec![Lane::Critical],
+            Pool::Routine => Lane::routine(shards).collect(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Run the consumers of one worker process (`workers` routine ones and one critical one) until
+/// shutdown.
+pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(consume(config.clone(), Pool::Critical, 0, shutdown.clone()));
+    for i in 0..config.workers {
+        tasks.spawn(consume(
+            config.clone(),
+            Pool::Routine,
+            i.into(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// Run one consumer until shutdown.
+pub async fn consume(config: Arc<Config>, pool: Pool, index: usize, shutdown: Shutdown) {
+    let name = consumer_name(pool, index);
+    match Consumer::new(config, pool, name.clone(), shutdown) {
+        Ok(mut c) => c.run().await,
+        Err(e) => tracing::error!(consumer = %name, error = %e, "worker cannot start"),
+    }
+}
+
+/// Unique among live and past consumers: host, pid, pool, index, and a random tag because pids
+/// are reused.
+fn consumer_name(pool: Pool, index: usize) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}-{}-{}{index}-{:04x}",
+        std::process::id(),
+        pool.name(),
+        fastrand::u16(..)
+    )
+}
+
+/// A lane this consumer holds.
+struct Held {
+    token: i64,
+    /// `Some(cursor)` while its pending entries are being taken over, from `cursor` on.
+    recovering: Option<String>,
+}
+
+/// An event read from a lane.
+struct Item {
+    lane: Lane,
+    entry: StreamEntry,
+    event: Event,
+}
+
+struct Consumer {
+    config: Arc<Config>,
+    pool: Pool,
+    name: String,
+    lanes: Vec<Lane>,
+    queue: Queue,
+    leases: Leases,
+    cache: Cache,
+    /// The connection blocking reads tie up; reopened after an error.
+    reader: Option<MultiplexedConnection>,
+    store: Option<Store>,
+    held: BTreeMap<Lane, Held>,
+    /// The lanes the renewal task keeps alive; it drops the ones whose lease was lost.
+    kept: Arc<Mutex<BTreeSet<Lane>>>,
+    sensors: SensorMemo,
+    shutdown: Shutdown,
+    next_rebalance: Instant,
+}
+
+impl Consumer {
+    fn new(
+        config: Arc<Config>,
+        pool: Pool,
+        name: String,
+        shutdown: Shutdown,
+    ) -> Result<Self, QueueError> {
+        let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+        let leases = Leases::new(
+            queue.conn.clone(),
+            queue.keys.clone(),
+            Duration::from_millis(config.lease_ttl_ms),
+            pool.name(),
+            &name,
+        );
+        Ok(Consumer {
+            cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
+            lanes: pool.lanes(config.shards),
+            sensors: SensorMemo::new(config.sensor_touch_interval_ms),
+            config,
+            pool,
+            name,
+            queue,
+            leases,
+            reader: None,
+            store: None,
+            held: BTreeMap::new(),
+            kept: Arc::default(),
+            shutdown,
+            next_rebalance: Instant::now(),
+        })
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.config.lease_ttl_ms)
+    }
+
+    async fn run(&mut self) {
+        info!(consumer = %self.name, pool = self.pool.name(), "worker started");
+        let renewer = self.spawn_renewer();
+        let mut backoff = Backoff::default();
+        while !self.shutdown.is_set() {
+            match self.step().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    warn!(consumer = %self.name, error = %e, "worker step failed, retrying");
+                    self.after_error(&e).await;
+                    let delay = backoff.next_delay();
+                    if !self.shutdown.clone().sleep(delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        // Whatever we read and did not acknowledge stays pending; handing the lanes back lets
+        // the next owner take it over at once instead of after the lease TTL.
+        for lane in self.held.keys().copied().collect::<Vec<_>>() {
+            self.release(lane).await;
+        }
+        let _ = self.leases.leave().await;
+        renewer.abort();
+        info!(consumer = %self.name, "worker stopped");
+    }
+
+    async fn after_error(&mut self, e: &WorkerError) {
+        match e {
+            WorkerError::Queue(q) => {
+                self.reader = None;
+                if q.is_missing_group() {
+                    let _ = self.queue.ensure_groups().await;
+                }
+                // A read whose reply was lost may have delivered entries to us: take them back
+                // through the pending list before reading anything new.
+                for held in self.held.values_mut() {
+                    held.recovering.get_or_insert_with(|| "0-0".into());
+                }
+            }
+            WorkerError::Store(_) => self.store = None,
+        }
+    }
+
+    fn spawn_renewer(&self) -> tokio::task::JoinHandle<()> {
+        let leases = self.leases.clone();
+        let kept = self.kept.clone();
+        let period = self.ttl() / 3;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let lanes: Vec<Lane> = lock(&kept).iter().copied().collect();
+                match leases.renew(&lanes).await {
+                    Ok(lost) if lost.is_empty() => {}
+                    Ok(lost) => {
+                        warn!(consumer = %name, lanes = ?lost, "lease lost");
+                        let mut kept = lock(&kept);
+                        for lane in lost {
+                            kept.remove(&lane);
+                        }
+                    }
+                    Err(e) => warn!(consumer = %name, error = %e, "lease renewal failed"),
+                }
+            }
+        })
+    }
+
+    /// Forget the lanes whose lease the renewal task found lost.
+    fn sync_held(&mut self) {
+        let kept = lock(&self.kept);
+        self.held.retain(|lane, _| {
+            let still = kept.contains(lane);
+            if !still {
+                warn!(consumer = %self.name, %lane, "lane lost; its pending entries go to the next owner");
+            }
+            still
+        });
+    }
+
+    async fn step(&mut self) -> Result<(), WorkerError> {
+        self.sync_held();
+        if Instant::now() >= self.next_rebalance {
+            self.rebalance().await?;
+            self.next_rebalance = Instant::now() + self.ttl() / 3;
+        }
+        if self.held.is_empty() {
+            self.shutdown.clone().sleep(self.ttl() / 3).await;
+            return Ok(());
+        }
+        let batch = self.read().await?;
+        if batch.iter().any(|(_, entries)| !entries.is_empty()) {
+            self.process(batch).await;
+        }
+        Ok(())
+    }
+
+    /// Hold `ceil(lanes / live consumers)` lanes: take free ones up to that, hand back extras.
+    async fn rebalance(&mut self) -> Result<(), WorkerError> {
+        let live = self.leases.live_consumers().await?;
+        let share = self.lanes.len().div_ceil(live);
+        while self.held.len() > share {
+            if let Some(lane) = self.held.keys().next_back().copied() {
+                info!(consumer = %self.name, %lane, share, "handing lane over");
+                self.release(lane).await;
+            }
+        }
+        // Start the search at a place of our own, so consumers do not all race for lane 0.
+        let start = queue_offset(&self.name, self.lanes.len());
+        let order: Vec<Lane> = self.lanes[start..]
+            .iter()
+            .chain(&self.lanes[..start])
+            .copied()
+            .collect();
+        for lane in order {
+            if self.held.len() >= share {
+                break;
+            }
+            if self.held.contains_key(&lane) || !self.leases.acquire(lane).await? {
+                continue;
+            }
+            let owner = self.name.clone();
+            let token = match self.store().await?.take_fence(&lane.name(), &owner).await {
+                Ok(token) => token,
+                Err(e) => {
+                    let _ = self.leases.release(lane).await;
+                    return Err(e.into());
+                }
+            };
+            info!(consumer = %self.name, %lane, token, "took lane");
+            self.held.insert(
+                lane,
+                Held {
+                    token,
+                    recovering: Some("0-0".into()),
+                },
+            );
+            lock(&self.kept).insert(lane);
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self, lane: Lane) {
+        self.held.remove(&lane);
+        lock(&self.kept).remove(&lane);
+        if let Err(e) = self.leases.release(lane).await {
+            debug!(consumer = %self.name, %lane, error = %e, "release failed; the lease will expire");
+        }
+    }
+
+    async fn store(&mut self) -> Result<&mut Store, StoreError> {
+        if self.store.is_none() {
+            // Below the lease TTL: a transaction of ours left open by a pause must not block
+            // the lane's next owner for longer than it takes to notice we are gone.
+            let idle = self.ttl() / 2;
+            self.store = Some(Store::connect(&self.config.database_url, idle).await?);
+        }
+        Ok(self.store.as_mut().expect("just set"))
+    }
+
+    /// The next batch: pending entries of a lane being taken over first, else new entries of
+    /// every held lane.
+    async fn read(&mut self) -> Result<Batch, WorkerError> {
+        let block = self.block();
+        if self.reader.is_none() {
+            self.reader =
+                Some(queue::connect(&self.config.redis_url, block + queue::REPLY_TIMEOUT).await?);
+        }
+        let reader = self.reader.as_mut().expect("just set");
+        let count = self.config.batch_size;
+        if let Some((lane, held)) = self.held.iter_mut().find(|(_, h)| h.recovering.is_some()) {
+            let cursor = held.recovering.clone().unwrap_or_default();
+            let (next, entries) = self
+                .queue
+                .claim_pending(reader, &self.name, *lane, &cursor, count)
+                .await?;
+            if next == "0-0" {
+                held.recovering = None;
+                debug!(consumer = %self.name, lane = %lane, "pending entries taken over");
+            } else {
+                held.recovering = Some(next);
+            }
+            return Ok(vec![(*lane, entries)]);
+        }
+        let lanes: Vec<Lane> = self.held.keys().copied().collect();
+        Ok(self
+            .queue
+            .read_new(reader, &self.name, &lanes, count, block)
+            .await?)
+    }
+
+    /// How long a read waits for new entries: short enough to notice shutdown and rebalance.
+    fn block(&self) -> Duration {
+        (self.ttl() / 3).min(Duration::from_millis(1000))
+    }
+
+    async fn process(&mut self, batch: Batch) {
+        let mut items = Vec::new();
+        for (lane, entries) in batch {
+            for entry in entries {
+                match entry.decode() {
+                    Ok(event) => items.push(Item { lane, entry, event }),
+                    Err(detail) => self.refuse(lane, entry, Reason::BadEntry, detail).await,
+                }
+            }
+        }
+        let Some((inserted, refused)) = self.store_items(&mut items).await else {
+            return; // shutdown: the batch stays pending for the lanes' next owner
+        };
+        let refused_ids: BTreeSet<&str> = refused
+            .iter()
+            .map(|(i, _)| items[*i].entry.id.as_str())
+            .collect();
+        let good: Vec<&Item> = items
+            .iter()
+            .filter(|it| !refused_ids.contains(it.entry.id.as_str()))
+            .collect();
+
+        let events: Vec<&Event> = good.iter().map(|it| &it.event).collect();
+        let mut acks: BTreeMap<Lane, Vec<String>> = BTreeMap::new();
+        for it in &good {
+            acks.entry(it.lane).or_default().push(it.entry.id.clone());
+        }
+        let acks: Vec<(Lane, Vec<String>)> = acks.into_iter().collect();
+        let duplicates = (good.len() as u64).saturating_sub(inserted);
+
+        let mut backoff = Backoff::default();
+        loop {
+            let done = async {
+                self.cache.update(&events).await?;
+                self.queue.ack(&acks, inserted, duplicates).await
+            }
+            .await;
+            match done {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(consumer = %self.name, error = %e, "cache or ack failed after commit, retrying");
+                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        }
+
+        let refused: Vec<(Lane, StreamEntry, String)> = refused
+            .into_iter()
+            .map(|(i, detail)| (items[i].lane, items[i].entry.clone(), detail))
+            .collect();
+        for (lane, entry, detail) in refused {
+            self.refuse(lane, entry, Reason::StoreRejected, detail)
+                .await;
+        }
+    }
+
+    /// Store the items, retrying server errors. Returns the rows inserted and the items the store
+    /// refused for their content (index, why), or `None` on shutdown.
+    async fn store_items(&mut self, items: &mut Vec<Item>) -> Option<(u64, Vec<(usize, String)>)> {
+        let mut backoff = Backoff::default();
+        loop {
+            self.sync_held();
+            items.retain(|it| self.held.contains_key(&it.lane));
+            if items.is_empty() {
+                return Some((0, Vec::new()));
+            }
+            let result = match self.write(items.iter().collect()).await {
+                Err(StoreError::Content(e)) => {
+                    debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
+                    self.isolate(items).await
+                }
+                other => other.map(|n| (n, Vec::new())),
+            };
+            match result {
+                Ok(done) => return Some(done),
+                Err(StoreError::Fenced(lanes)) => {
+                    for name in lanes {
+                        if let Some(lane) = self.lanes.iter().find(|l| l.name() == name).copied() {
+                            warn!(consumer = %self.name, %lane, "fenced out of lane by a newer owner");
+                            self.held.remove(&lane);
+                            lock(&self.kept).remove(&lane);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(consumer = %self.name, error = %e, "store failed, retrying");
+                    self.store = None;
+                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write the items one by one to find which the store refuses.
+    async fn isolate(&mut self, items: &[Item]) -> Result<(u64, Vec<(usize, String)>), StoreError> {
+        let mut inserted = 0;
+        let mut refused = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match self.write(vec![item]).await {
+                Ok(n) => inserted += n,
+                Err(StoreError::Content(e)) => refused.push((i, crate::store::describe(&e))),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((inserted, refused))
+    }
+
+    async fn write(&mut self, items: Vec<&Item>) -> Result<u64, StoreError> {
+        let lanes: BTreeSet<Lane> = items.iter().map(|it| it.lane).collect();
+        let fences: Vec<(String, i64)> = lanes
+            .iter()
+            .filter_map(|l| self.held.get(l).map(|h| (l.name(), h.token)))
+            .collect();
+        let events: Vec<&Event> = items.iter().map(|it| &it.event).collect();
+        let seen = self.sensors.to_record(&events);
+        let n = self.store().await?.write(&fences, &events, &seen).await?;
+        self.sensors.recorded(seen);
+        Ok(n)
+    }
+
+    /// An entry that failed for its own content: retried (left pending) until `max_deliveries`,
+    /// then dead-lettered with its XACK.
+    async fn refuse(&mut self, lane: Lane, entry: StreamEntry, reason: Reason, detail: String) {
+        let mut backoff = Backoff::default();
+        loop {
+            let result = async {
+                let deliveries = self.queue.deliveries(lane, &entry.id).await?;
+                if deliveries >= u64::from(self.config.max_deliveries) {
+                    self.queue
+                        .dead_letter(lane, &entry, reason.as_str(), detail.clone())
+                        .await?;
+                    warn!(consumer = %self.name, %lane, id = %entry.id, reason = reason.as_str(), %detail, deliveries, "dead-lettered");
+                    Ok::<_, QueueError>(true)
+                } else {
+                    Ok(false)
+                }
+            }
+            .await;
+            match result {
+                Ok(true) => return,
+                Ok(false) => {
+                    // Take it again through the pending list, with the lane's other leftovers.
+                    if let Some(held) = self.held.get_mut(&lane) {
+                        held.recovering.get_or_insert_with(|| "0-0".into());
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(consumer = %self.name, error = %e, "dead-lettering failed, retrying");
+                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn queue_offset(name: &str, n: usize) -> usize {
+    let h = name
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    h % n.max(1)
+}

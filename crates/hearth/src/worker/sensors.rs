@@ -1,0 +1,128 @@
+//! Which sensors a batch must record in the `sensors` table.
+//!
+//! Writing every sensor of every batch would double the rows a worker touches. A sensor is
+//! recorded when it is new to this consumer, shows a new kind, or was last recorded more than
+//! `sensor_touch_interval_ms` ago; `last_seen` is therefore at most that stale (the exact latest
+//! reading is in the cache).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::event::Event;
+use crate::store::SensorSeen;
+
+/// Sensors remembered per consumer before the memo starts over (bounded memory).
+const MAX_REMEMBERED: usize = 200_000;
+
+pub struct SensorMemo {
+    interval_us: i64,
+    recorded: HashMap<String, Recorded>,
+}
+
+struct Recorded {
+    kinds: Vec<String>,
+    at_us: i64,
+}
+
+impl SensorMemo {
+    pub fn new(interval_ms: u64) -> Self {
+        SensorMemo {
+            interval_us: interval_ms as i64 * 1000,
+            recorded: HashMap::new(),
+        }
+    }
+
+    /// The sensors of `events` that need recording, one entry per sensor, sorted by id (the order
+    /// rows are locked in, the same in every worker).
+    pub fn to_record(&self, events: &[&Event]) -> Vec<SensorSeen> {
+        let mut seen: BTreeMap<&str, SensorSeen> = BTreeMap::new();
+        for e in events {
+            let s = seen.entry(&e.sensor_id).or_insert_with(|| SensorSeen {
+                sensor_id: e.sensor_id.clone(),
+                house_id: e.house_id.clone(),
+                kinds: Vec::new(),
+                first_us: e.received_us,
+                last_us: e.received_us,
+            });
+            if !s.kinds.contains(&e.kind) {
+                s.kinds.push(e.kind.clone());
+            }
+            s.house_id.clone_from(&e.house_id);
+            s.first_us = s.first_us.min(e.received_us);
+            s.last_us = s.last_us.max(e.received_us);
+        }
+        seen.into_values()
+            .filter(|s| match self.recorded.get(&s.sensor_id) {
+                None => true,
+                Some(r) => {
+                    s.kinds.iter().any(|k| !r.kinds.contains(k))
+                        || s.last_us - r.at_us >= self.interval_us
+                }
+            })
+            .collect()
+    }
+
+    /// Remember what was committed.
+    pub fn recorded(&mut self, seen: Vec<SensorSeen>) {
+        if self.recorded.len() > MAX_REMEMBERED {
+            self.recorded.clear();
+        }
+        for s in seen {
+            let r = self.recorded.entry(s.sensor_id).or_insert(Recorded {
+                kinds: Vec::new(),
+                at_us: s.last_us,
+            });
+            for k in s.kinds {
+                if !r.kinds.contains(&k) {
+                    r.kinds.push(k);
+                }
+            }
+            r.at_us = s.last_us;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(sensor: &str, kind: &str, at_us: i64) -> Event {
+        Event {
+            house_id: "h".into(),
+            sensor_id: sensor.into(),
+            kind: kind.into(),
+            value: 0.0,
+            unit: None,
+            seq: None,
+            ts_ms: 0,
+            received_us: at_us,
+            ingest_id: None,
+        }
+    }
+
+    #[test]
+    fn records_new_sensors_new_kinds_and_stale_ones_only() {
+        let mut memo = SensorMemo::new(10);
+        let a = [
+            ev("s1", "power", 0),
+            ev("s1", "power", 5),
+            ev("s2", "power", 1),
+        ];
+        let seen = memo.to_record(&a.iter().collect::<Vec<_>>());
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].first_us, seen[0].last_us), (0, 5));
+        memo.recorded(seen);
+
+        let b = [ev("s1", "power", 6_000), ev("s2", "energy", 2_000)];
+        let seen = memo.to_record(&b.iter().collect::<Vec<_>>());
+        assert_eq!(seen.len(), 1, "s1 is fresh, s2 has a new kind");
+        assert_eq!(seen[0].sensor_id, "s2");
+        memo.recorded(seen);
+
+        let c = [ev("s1", "power", 20_000)];
+        assert_eq!(
+            memo.to_record(&c.iter().collect::<Vec<_>>()).len(),
+            1,
+            "s1 is stale"
+        );
+    }
+}
