@@ -13,11 +13,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
@@ -31,6 +31,8 @@ use crate::shutdown::Shutdown;
 /// (which would make the broker redeliver it forever). The broker's `max_packet_size` is the
 /// real bound.
 const MAX_INCOMING_PACKET: usize = 256 * 1024 * 1024;
+
+const ACK_CHANNEL: usize = 1 << 20;
 
 /// One MQTT message, decoded, waiting for its XADD and then its PUBACK.
 struct Message {
@@ -87,18 +89,20 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     opts.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024)
-        // PUBACKs travel through this channel: it must hold a whole batch of them, so that the
-        // appender never waits on an MQTT loop that is itself waiting on the appender.
-        .set_request_channel_capacity(config.batch_size * 4 + 64);
-    let (client, eventloop) = AsyncClient::new(opts, config.batch_size * 4 + 64);
+        .set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024);
+    // PUBACKs travel to the MQTT loop through this channel, which the loop drains one per poll
+    // while it reads publishes ten at a time. The appender must never wait on it: the MQTT loop
+    // may itself be waiting for the appender to take decoded messages. Its size is a bound, not
+    // an allocation; the broker's in-flight window keeps the real number of acks far below it.
+    let (client, eventloop) = AsyncClient::new(opts, ACK_CHANNEL);
 
-    let (paused_tx, paused_rx) = watch::channel(false);
-    let watcher = tokio::spawn(watch_depth(
-        queue.clone(),
+    let pressure = Arc::new(Pressure::new(
         config.queue_high_watermark,
         config.queue_low_watermark,
-        paused_tx,
+    ));
+    let watcher = tokio::spawn(watch_depth(
+        queue.clone(),
+        pressure.clone(),
         shutdown.clone(),
     ));
     let (tx, rx) = mpsc::channel::<Message>(config.batch_size * 4);
@@ -108,7 +112,7 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
         client.clone(),
         rx,
         generation.clone(),
-        paused_rx,
+        pressure,
         config.batch_size,
         shutdown.clone(),
     ));
@@ -175,6 +179,8 @@ async fn mqtt_loop(
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
                     warn!(codes = ?ack.return_codes, "broker refused a subscription (ACL?)");
+                } else {
+                    info!(topics = ?codec::SUBSCRIPTIONS, "subscribed");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -225,7 +231,7 @@ async fn append(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Message>,
     generation: Arc<AtomicU64>,
-    mut paused: watch::Receiver<bool>,
+    pressure: Arc<Pressure>,
     batch_size: usize,
     shutdown: Shutdown,
 ) {
@@ -237,7 +243,7 @@ async fn append(
                 Some(m) => batch.push(m),
                 None => return,
             },
-            _ = paused.changed(), if !held.is_empty() => {}
+            _ = pressure.changed.notified(), if !held.is_empty() => {}
         }
         while batch.len() < batch_size {
             match rx.try_recv() {
@@ -245,13 +251,13 @@ async fn append(
                 Err(_) => break,
             }
         }
-        let is_paused = *paused.borrow();
+        let paused = pressure.is_paused();
         let mut ready: Vec<Message> = Vec::new();
-        if !is_paused {
+        if !paused {
             ready.extend(held.drain(..));
         }
         for m in batch {
-            if is_paused && !m.critical_only() {
+            if paused && !m.critical_only() {
                 held.push_back(m);
             } else {
                 ready.push(m);
@@ -261,6 +267,12 @@ async fn append(
             if !append_chunk(&queue, chunk, &shutdown).await {
                 return;
             }
+            let routine = chunk
+                .iter()
+                .flat_map(|m| &m.events)
+                .filter(|e| !e.is_critical())
+                .count();
+            pressure.appended(routine as u64);
             let current = generation.load(Ordering::SeqCst);
             for m in chunk.iter().filter(|m| m.generation == current) {
                 let mut p = rumqttc::Publish::new("", m.ack.qos, Vec::new());
@@ -296,36 +308,77 @@ async fn append_chunk(queue: &Queue, chunk: &[Message], shutdown: &Shutdown) -> 
     }
 }
 
-/// Watch the routine depth and flip the pause with hysteresis.
-async fn watch_depth(
-    queue: Queue,
+/// The routine queue depth as the ingest sees it, and whether it holds routine messages back.
+/// Measured every 200 ms, and counted up by the appender in between, so that a fast burst cannot
+/// run more than one batch past the high watermark before the next measurement.
+struct Pressure {
+    depth: AtomicU64,
+    paused: AtomicBool,
     high: u64,
     low: u64,
-    paused: watch::Sender<bool>,
-    mut shutdown: Shutdown,
-) {
+    changed: Notify,
+}
+
+impl Pressure {
+    fn new(high: u64, low: u64) -> Self {
+        Pressure {
+            depth: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            high,
+            low,
+            changed: Notify::new(),
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    fn appended(&self, n: u64) {
+        self.depth.fetch_add(n, Ordering::SeqCst);
+        self.evaluate();
+    }
+
+    fn measured(&self, depth: u64) {
+        self.depth.store(depth, Ordering::SeqCst);
+        self.evaluate();
+        self.changed.notify_waiters();
+    }
+
+    /// Hysteresis: pause at `high`, resume at `low`.
+    fn evaluate(&self) {
+        let depth = self.depth.load(Ordering::SeqCst);
+        if !self.is_paused() && depth >= self.high {
+            warn!(
+                depth,
+                high = self.high,
+                "queue deep: holding routine messages at the broker"
+            );
+            self.paused.store(true, Ordering::SeqCst);
+        } else if self.is_paused() && depth <= self.low {
+            info!(
+                depth,
+                low = self.low,
+                "queue drained: taking routine messages again"
+            );
+            self.paused.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Measure the routine depth every 200 ms.
+async fn watch_depth(queue: Queue, pressure: Arc<Pressure>, mut shutdown: Shutdown) {
     loop {
         if !shutdown.sleep(Duration::from_millis(200)).await {
             return;
         }
-        let depth: u64 = match queue.depths().await {
-            Ok(d) => d
+        if let Ok(depths) = queue.depths().await {
+            let routine = depths
                 .iter()
                 .filter(|(l, _)| *l != Lane::Critical)
                 .map(|(_, n)| n)
-                .sum(),
-            Err(_) => continue,
-        };
-        let now = *paused.borrow();
-        if !now && depth >= high {
-            warn!(
-                depth,
-                high, "queue deep: holding routine messages at the broker"
-            );
-            let _ = paused.send(true);
-        } else if now && depth <= low {
-            info!(depth, low, "queue drained: taking routine messages again");
-            let _ = paused.send(false);
+                .sum();
+            pressure.measured(routine);
         }
     }
 }

@@ -391,21 +391,16 @@ impl Queue {
     ) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
         for (lane, ids) in acks.iter().filter(|(_, ids)| !ids.is_empty()) {
-            let last = ids.iter().max_by(|a, b| cmp_ids(a, b)).cloned();
-            pipe.cmd("EVAL")
-                .arg(ACK_AND_TRIM)
-                .arg(1)
-                .arg(self.keys.stream(*lane))
-                .arg(GROUP)
-                .arg(last)
-                .arg(ids)
-                .ignore();
+            ack_and_trim(&mut pipe, &self.keys.stream(*lane), ids);
         }
         let stats = self.keys.stats();
         for (field, n) in [(stat::STORED, stored), (stat::DUPLICATES, duplicates)] {
             if n > 0 {
                 pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(n).ignore();
             }
+        }
+        if pipe.cmd_iter().next().is_none() {
+            return Ok(());
         }
         let mut conn = self.conn.clone();
         pipe.exec_async(&mut conn).await?;
@@ -432,11 +427,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         pipe.atomic();
         letter.xadd(&mut pipe, &self.keys.dead());
-        pipe.cmd("XACK")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg(&entry.id)
-            .ignore();
+        ack_and_trim(&mut pipe, &stream, std::slice::from_ref(&entry.id));
         pipe.cmd("HINCRBY")
             .arg(self.keys.stats())
             .arg(stat::DEAD_LETTERED)
@@ -547,28 +538,42 @@ impl Queue {
     }
 }
 
-/// XACK the ids, then trim the stream below its oldest pending entry, or just past the batch's
-/// last id when nothing is pending. Entries below that are all delivered (delivery follows id
-/// order) and not pending, so acknowledged: trimming never loses an unacknowledged entry.
+/// XACK the ids (if any), then trim the stream below its oldest pending entry, or just past the
+/// group's last delivered id when nothing is pending. Entries below that floor were all delivered
+/// (delivery follows id order) and are not pending, so acknowledged: trimming never loses an
+/// unacknowledged entry, and entries not yet delivered are above it.
 const ACK_AND_TRIM: &str = r#"
-local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
-local floor = summary[2]
-if not floor then
-  local ms, sq = string.match(ARGV[2], '^(%d+)-(%d+)$')
-  floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
+local acked = 0
+if #ARGV > 1 then
+  acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 end
-redis.call('XTRIM', KEYS[1], 'MINID', floor)
+local floor = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+if not floor then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    if name == ARGV[1] then
+      local ms, sq = string.match(last, '^(%d+)-(%d+)$')
+      floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
+    end
+  end
+end
+if floor then
+  redis.call('XTRIM', KEYS[1], 'MINID', floor)
+end
 return acked
 "#;
 
-/// Stream ids compare as (milliseconds, sequence).
-pub fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    let parse = |s: &str| -> (u64, u64) {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-    };
-    parse(a).cmp(&parse(b))
+fn ack_and_trim(pipe: &mut redis::Pipeline, stream: &str, ids: &[String]) {
+    pipe.cmd("EVAL")
+        .arg(ACK_AND_TRIM)
+        .arg(1)
+        .arg(stream)
+        .arg(GROUP)
+        .arg(ids)
+        .ignore();
 }
 
 fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
@@ -651,13 +656,5 @@ mod tests {
             .map(|i| Lane::for_event(&mk(&format!("sensor-{i}"), "power"), 8))
             .collect();
         assert_eq!(spread.len(), 8);
-    }
-
-    #[test]
-    fn stream_ids_order_numerically() {
-        use std::cmp::Ordering::*;
-        assert_eq!(cmp_ids("10-0", "9-5"), Greater);
-        assert_eq!(cmp_ids("5-10", "5-9"), Greater);
-        assert_eq!(cmp_ids("5-1", "5-1"), Equal);
     }
 }

@@ -1,0 +1,548 @@
+//! Test support: real servers, isolated per test.
+//!
+//! Each test gets its own PostgreSQL database and Redis key prefix on the shared servers, and,
+//! where it publishes in bulk or breaks the broker, a private Mosquitto started from
+//! `deploy/mosquitto.conf` on a free port (the shared broker keeps Debian's limits, which drop
+//! under bursts). hearth runs as real processes of the built binary, killed when the test ends.
+#![allow(dead_code)]
+
+use std::io::{BufRead, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde_json::Value;
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A scratch directory removed at drop (kept when the test failed, for its logs).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("hearth-test-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A private Mosquitto configured by `deploy/mosquitto.conf`.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        Broker::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> Broker {
+        let conf = std::fs::read_to_string(repo_root().join("deploy/mosquitto.conf"))
+            .expect("deploy/mosquitto.conf");
+        let data = dir.join("mosquitto");
+        std::fs::create_dir_all(&data).expect("broker dir");
+        let conf: String = conf
+            .lines()
+            .map(|l| {
+                if l.starts_with("listener ") {
+                    format!("listener {port} 127.0.0.1")
+                } else if l.starts_with("persistence_location ") {
+                    format!("persistence_location {}/", data.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = data.join("mosquitto.conf");
+        std::fs::write(&path, conf).expect("write broker conf");
+        let log = std::fs::File::create(data.join("mosquitto.log")).expect("broker log");
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        wait_port(port);
+        Broker {
+            port,
+            child,
+            dir: data,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto_bin() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
+}
+
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One test's isolated slice of the shared Redis and PostgreSQL.
+pub struct Env {
+    pub name: String,
+    pub database_url: String,
+    pub redis_prefix: String,
+    pub scratch: Scratch,
+    /// Extra `HEARTH_*` settings for every process of this test.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new(test: &str) -> Env {
+        let name = format!(
+            "{}_{}_{}",
+            test,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        Env {
+            database_url: format!("postgres://postgres@127.0.0.1:5432/hearth_t_{name}"),
+            redis_prefix: format!("t-{name}"),
+            scratch: Scratch::new(&name),
+            settings: Vec::new(),
+            name,
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: impl ToString) -> &mut Self {
+        self.settings.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Start `hearth <args>` with this test's settings.
+    pub fn hearth(&self, label: &str, args: &[&str]) -> Hearth {
+        Hearth::spawn(self, label, args)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
+            cmd.env_remove(k);
+        }
+        cmd.current_dir(&self.scratch.0)
+            .env("HEARTH_DATABASE_URL", &self.database_url)
+            .env("HEARTH_REDIS_URL", REDIS)
+            .env("HEARTH_REDIS_PREFIX", &self.redis_prefix)
+            .env("HEARTH_MQTT_CLIENT_ID", format!("ingest-{}", self.name))
+            .env("HEARTH_LEASE_TTL_MS", "2000")
+            .env("HEARTH_LOG", "info");
+        for (k, v) in &self.settings {
+            cmd.env(format!("HEARTH_{}", k.to_ascii_uppercase()), v);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// `hearth status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self
+            .command(&["status", "--json"])
+            .output()
+            .expect("run hearth status");
+        assert!(
+            out.status.success(),
+            "hearth status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The dead-letter stream, oldest first, each entry's fields as text.
+    pub async fn dead_letters(&self) -> Vec<std::collections::HashMap<String, String>> {
+        type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let mut redis = self.redis().await;
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(format!("{}:dead", self.redis_prefix))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .expect("dead letters");
+        entries
+            .into_iter()
+            .map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        connect_pg(&self.database_url).await
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(REDIS)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test data kept: {}", self.scratch.0.display());
+            return;
+        }
+        let db = format!("hearth_t_{}", self.name);
+        let prefix = self.redis_prefix.clone();
+        let cleanup = async move {
+            let admin = connect_pg(PG_ADMIN).await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await;
+            if let Ok(client) = redis::Client::open(REDIS)
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{prefix}:*"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                for chunk in keys.chunks(500) {
+                    let _: Result<(), _> =
+                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                }
+            }
+        };
+        // Drop may run inside or outside a runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(cleanup);
+            }
+        })
+        .join();
+    }
+}
+
+pub async fn connect_pg(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("postgres");
+    tokio::spawn(conn);
+    client
+}
+
+/// A running hearth process; killed at drop, its log printed if the test failed.
+pub struct Hearth {
+    pub label: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    args: Vec<String>,
+    command: Option<Command>,
+}
+
+impl Hearth {
+    fn spawn(env: &Env, label: &str, args: &[&str]) -> Hearth {
+        let log = env.scratch.0.join(format!("{label}.log"));
+        let mut h = Hearth {
+            label: label.to_string(),
+            child: None,
+            log,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            command: Some(env.command(args)),
+        };
+        h.start();
+        h
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let cmd = self.command.as_mut().expect("command");
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn hearth"));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Still running (never restarted, never crashed)?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again with the same arguments, appending to the same log.
+    pub fn restart(&mut self) {
+        self.kill9();
+        writeln!(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log)
+                .expect("log"),
+            "----- restarted -----"
+        )
+        .ok();
+        self.start();
+    }
+
+    /// Wait for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log holds `needle` (how tests know a role is ready).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{}: no {needle:?} in its log after {timeout:?}", self.label);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Hearth {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("---- log of {} ({:?}) ----", self.label, self.args);
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Poll `check` until it returns `Some`, at most `timeout` (a bound, not an assertion on speed).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn count_events(pg: &tokio_postgres::Client) -> i64 {
+    pg.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1)
+}
+
+/// The three assertions of a no-loss run: `expected` rows, each (sensor, kind, seq) once, and
+/// within each sensor `seq` increasing with `events.id`.
+pub async fn assert_exactly_once_in_order(pg: &tokio_postgres::Client, expected: i64) {
+    let rows = count_events(pg).await;
+    let distinct: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events) d",
+            &[],
+        )
+        .await
+        .expect("distinct")
+        .get(0);
+    let out_of_order: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM (
+                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
+             ) x WHERE prev IS NOT NULL AND seq <= prev",
+            &[],
+        )
+        .await
+        .expect("order")
+        .get(0);
+    assert_eq!(rows, expected, "rows stored");
+    assert_eq!(distinct, expected, "distinct (sensor, kind, seq)");
+    assert_eq!(out_of_order, 0, "per-sensor order violations");
+}
+
+/// Publish `payloads` at QoS 1 as fast as the broker takes them; returns once every one was
+/// PUBACKed by the broker.
+pub async fn publish_all(port: u16, client_id: &str, payloads: Vec<(String, Vec<u8>)>) {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(500)
+        .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let total = payloads.len();
+    let sender = tokio::spawn(async move {
+        for (topic, payload) in payloads {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while acked < total {
+        assert!(
+            Instant::now() < deadline,
+            "publisher: {acked}/{total} acked"
+        );
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publisher connection failed: {e}"),
+        }
+    }
+    let client = sender.await.expect("sender");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// `n` events per sensor from `sensors` sensors, interleaved (seq 1 of every sensor, then 2...),
+/// as (topic, payload) in the native format.
+pub fn interleaved(house: &str, sensors: usize, per_sensor: u64) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::with_capacity(sensors * per_sensor as usize);
+    for seq in 1..=per_sensor {
+        for s in 0..sensors {
+            let kind = if s % 2 == 0 {
+                "temperature"
+            } else {
+                "humidity"
+            };
+            let payload =
+                serde_json::json!({"kind": kind, "value": 20.0 + (seq % 10) as f64, "seq": seq});
+            out.push((
+                format!("hearth/{house}/sensor-{s}"),
+                payload.to_string().into_bytes(),
+            ));
+        }
+    }
+    out
+}
+
+/// Wait until the ingest has appended at least `received` events and `hearth status` shows
+/// nothing queued and nothing in flight. (Publishers get their PUBACK from the broker before
+/// hearth has the message: an empty queue alone does not mean the run is over.)
+pub async fn wait_drained(env: &Env, received: u64, timeout: Duration) -> Value {
+    eventually("the queue to drain", timeout, || async {
+        let s = env.status();
+        let depth: u64 = s["lanes"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|x| x["depth"].as_u64().unwrap_or(0) + x["pending"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(u64::MAX);
+        let seen = s["events"]["received"].as_u64().unwrap_or(0);
+        (seen >= received && depth == 0 && s["events"]["in_flight"].as_i64() == Some(0))
+            .then_some(s)
+    })
+    .await
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::File::open(path)
+        .map(|f| {
+            std::io::BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .collect()
+        })
+        .unwrap_or_default()
+}
