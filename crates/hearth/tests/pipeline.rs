@@ -42,6 +42,15 @@ async fn burst_of_20k_is_stored_exactly_once_in_order() {
     assert_exactly_once_in_order(&pg, 20_000).await;
     assert_eq!(status["events"]["stored"], 20_000);
     assert_eq!(status["dead_letters"], 0);
+    let table = env.command(&["status"]).output().expect("hearth status");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let total: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(total, ["total", "0"], "{table}");
+    assert!(table.contains("in flight 0"), "{table}");
     assert!(
         w1.alive() && w2.alive() && ingest.alive(),
         "no process restarted"
