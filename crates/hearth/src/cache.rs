@@ -1,45 +1,56 @@
 //! The latest value of each sensor and kind, in Redis, for apps that want "now" without a query.
 //!
 //! `P:latest:{sensor}` is a hash from kind to a JSON object (`value`, `unit`, `ts`, `seq`,
-//! `received_us`, `house_id`); `P:house:{house}:sensors` is the set of a house's sensors.
+//! `received_us`, `house_id`) behind a fixed-width order key ([`cached_json`] strips it);
+//! `P:house:{house}:sensors` is the set of a house's sensors.
 //! A reading replaces the cached one only if it is newer by (ts, seq, received time), checked and
 //! written in one Lua script, so a redelivered or stale event never moves the cache backwards,
 //! whichever worker writes it and in whatever order.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use redis::aio::ConnectionManager;
 
 use crate::event::Event;
 use crate::queue::{Keys, QueueError};
 
-/// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 7: kind, ts, seq (or ""),
-/// received_us, the house's sensor-set key, sensor id, JSON.
+/// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 5: kind, order key, the
+/// house's sensor-set key, sensor id, value. A stored value starts with its order key, so the
+/// comparison is one string compare, no JSON decoding.
 const UPDATE_LATEST: &str = r#"
-local function newer(ts, seq, rcv, cur)
-  local c = cjson.decode(cur)
-  if ts ~= c.ts then return ts > c.ts end
-  local cs = ''
-  if type(c.seq) == 'number' then cs = string.format('%d', c.seq) end
-  if seq ~= cs then
-    if #seq ~= #cs then return #seq > #cs end
-    return seq > cs
-  end
-  return rcv > c.received_us
-end
 local updated = 0
 for i = 1, #KEYS do
-  local b = (i - 1) * 7
-  local kind, ts, seq, rcv = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3], tonumber(ARGV[b + 4])
+  local b = (i - 1) * 5
+  local kind, order = ARGV[b + 1], ARGV[b + 2]
   local cur = redis.call('HGET', KEYS[i], kind)
-  if (not cur) or newer(ts, seq, rcv, cur) then
-    redis.call('HSET', KEYS[i], kind, ARGV[b + 7])
+  if (not cur) or string.sub(cur, 1, #order) < order then
+    redis.call('HSET', KEYS[i], kind, ARGV[b + 5])
     updated = updated + 1
   end
-  redis.call('SADD', ARGV[b + 5], ARGV[b + 6])
+  redis.call('SADD', ARGV[b + 3], ARGV[b + 4])
 end
 return updated
 "#;
+
+/// Width of the order key that prefixes every cached value.
+const ORDER_KEY_LEN: usize = 15 + 21 + 17;
+
+/// (ts, seq, received), fixed width so that string order is numeric order: ts in 15 digits,
+/// then `0` and 20 zeros without seq or `1` and the seq in 20 digits, then the receive time in
+/// 17 digits.
+fn order_key(e: &Event) -> String {
+    let seq = match e.seq {
+        Some(s) => format!("1{:020}", s),
+        None => format!("0{:020}", 0),
+    };
+    format!("{:015}{seq}{:017}", e.ts_ms.max(0), e.received_us.max(0))
+}
+
+/// The JSON of a cached value (after its order key).
+pub fn cached_json(raw: &str) -> Option<&str> {
+    raw.get(ORDER_KEY_LEN..)
+}
 
 #[derive(Clone)]
 pub struct Cache {
@@ -54,11 +65,17 @@ impl Cache {
 
     /// Offer these events as latest values; only the newest of each (sensor, kind) is sent.
     pub async fn update(&self, events: &[&Event]) -> Result<(), QueueError> {
-        let mut newest: HashMap<(&str, &str), &Event> = HashMap::new();
+        let mut newest: HashMap<(&str, &str), (&Event, String)> = HashMap::new();
         for e in events {
-            let slot = newest.entry((&e.sensor_id, &e.kind)).or_insert(e);
-            if order_key(e) > order_key(slot) {
-                *slot = e;
+            let key = order_key(e);
+            match newest.entry((&e.sensor_id, &e.kind)) {
+                Entry::Vacant(v) => {
+                    v.insert((e, key));
+                }
+                Entry::Occupied(mut o) if o.get().1 < key => {
+                    o.insert((e, key));
+                }
+                Entry::Occupied(_) => {}
             }
         }
         if newest.is_empty() {
@@ -66,10 +83,10 @@ impl Cache {
         }
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(UPDATE_LATEST).arg(newest.len());
-        for e in newest.values() {
+        for (e, _) in newest.values() {
             cmd.arg(self.keys.latest(&e.sensor_id));
         }
-        for e in newest.values() {
+        for (e, order) in newest.values() {
             let json = serde_json::json!({
                 "value": e.value,
                 "unit": e.unit,
@@ -79,12 +96,10 @@ impl Cache {
                 "house_id": e.house_id,
             });
             cmd.arg(&e.kind)
-                .arg(e.ts_ms)
-                .arg(e.seq.map(|s| s.to_string()).unwrap_or_default())
-                .arg(e.received_us)
+                .arg(order)
                 .arg(self.keys.house_sensors(&e.house_id))
                 .arg(&e.sensor_id)
-                .arg(json.to_string());
+                .arg(format!("{order}{json}"));
         }
         let mut conn = self.conn.clone();
         cmd.exec_async(&mut conn).await?;
@@ -94,13 +109,46 @@ impl Cache {
     /// The cached latest values of a sensor, kind → JSON.
     pub async fn latest(&self, sensor_id: &str) -> Result<HashMap<String, String>, QueueError> {
         let mut conn = self.conn.clone();
-        Ok(redis::cmd("HGETALL")
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.latest(sensor_id))
             .query_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, cached_json(&v)?.to_string())))
+            .collect())
     }
 }
 
-fn order_key(e: &Event) -> (i64, i64, i64) {
-    (e.ts_ms, e.seq.unwrap_or(-1), e.received_us)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: i64, seq: Option<i64>, rcv: i64) -> Event {
+        Event {
+            house_id: "h".into(),
+            sensor_id: "s".into(),
+            kind: "power".into(),
+            value: 1.0,
+            unit: None,
+            seq,
+            ts_ms: ts,
+            received_us: rcv,
+            ingest_id: None,
+        }
+    }
+
+    #[test]
+    fn order_keys_sort_like_ts_then_seq_then_receive_time() {
+        let keys = [
+            order_key(&ev(1_000, None, 5)),
+            order_key(&ev(1_000, Some(0), 1)),
+            order_key(&ev(1_000, Some(9), 1)),
+            order_key(&ev(1_000, Some(10), 0)),
+            order_key(&ev(1_000, Some(10), 7)),
+            order_key(&ev(1_764_139_200_123, Some(1), 0)),
+        ];
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:#?}");
+        assert!(keys.iter().all(|k| k.len() == ORDER_KEY_LEN));
+    }
 }

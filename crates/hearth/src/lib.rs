@@ -9,13 +9,15 @@
 //!                                                                 cache (Redis)     ◀┘
 //! ```
 //!
-//! - [`ingest`] holds the MQTT session and PUBACKs a message only after the XADD holding it.
+//! - [`ingest`] holds the MQTT session and PUBACKs a message only after the XADD holding it;
+//!   [`mqtt`] is its connection, on rumqttc's codec, writing PUBACKs a batch at a time.
 //! - [`codec`] turns a topic and payload into validated [`event::Event`]s or reasoned rejections.
 //! - [`queue`] is the durable buffer: lanes, dead letters, leases, acknowledgement and trimming.
 //! - [`worker`] owns lanes through leases, stores batches, updates the cache, then XACKs.
 //! - [`store`] is PostgreSQL: schema, idempotent batch insert, fencing tokens.
 //! - [`cache`] keeps the latest value of each sensor and kind.
 //! - [`status`] reads it all back for `hearth status`.
+//! - [`bench`] measures it all end to end (`hearth bench`), against baselines.
 //!
 //! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
 //! after XADD, XACK after COMMIT), so a crash anywhere leaves work to redo, never work lost; and
@@ -23,11 +25,13 @@
 //! from routing a sensor to one lane and letting one consumer at a time own a lane.
 
 pub mod backoff;
+pub mod bench;
 pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod event;
 pub mod ingest;
+pub mod mqtt;
 pub mod queue;
 pub mod roles;
 pub mod shutdown;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
-use hearth::{queue, shutdown, status, store};
+use hearth::{bench, queue, shutdown, status, store};
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
@@ -57,6 +57,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// End-to-end benchmark: publish, wait until stored, check, compare with baselines.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Events to publish.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Distinct sensors (each with its own seq).
+    #[arg(long, default_value_t = 1_000)]
+    sensors: u64,
+    /// Target events per second; 0 publishes as fast as the broker takes them.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// hearth worker processes to start.
+    #[arg(long, default_value_t = 3)]
+    worker_processes: usize,
+    /// Routine consumers in each worker process.
+    #[arg(long, default_value_t = 1)]
+    consumers: u16,
+    /// MQTT connections publishing the load.
+    #[arg(long, default_value_t = 2)]
+    publishers: usize,
+    /// QoS of the published events (0 or 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Use this broker instead of a private one started from deploy/mosquitto.conf.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Measure hearth processes already running (configured URLs and prefix) instead of
+    /// starting them.
+    #[arg(long)]
+    external: bool,
+    /// Skip the raw and sync baselines.
+    #[arg(long)]
+    no_baselines: bool,
+    /// Events for the sync baseline (it is slow by design).
+    #[arg(long, default_value_t = 30_000)]
+    sync_events: u64,
+    /// Keep the bench's database, Redis keys and logs.
+    #[arg(long)]
+    keep: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -153,6 +199,48 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 println!("schema is up to date");
             } else {
                 println!("applied migrations {applied:?}");
+            }
+            Ok(())
+        }
+        Command::Bench(args) => {
+            if args.events == 0
+                || args.sensors == 0
+                || args.publishers == 0
+                || args.worker_processes == 0
+            {
+                return Err(RoleError::Config(
+                    "bench: --events, --sensors, --publishers and --worker-processes must be > 0"
+                        .into(),
+                ));
+            }
+            let opts = bench::Options {
+                events: args.events,
+                sensors: args.sensors,
+                rate: args.rate,
+                worker_processes: args.worker_processes,
+                consumers: args.consumers,
+                publishers: args.publishers,
+                qos: args.qos,
+                broker: args.broker,
+                external: args.external,
+                baselines: !args.no_baselines,
+                sync_events: args.sync_events,
+                keep: args.keep,
+            };
+            let report = bench::run(config, opts).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.clean() {
+                return Err(anyhow::anyhow!(
+                    "events were lost, duplicated or reordered (see the report)"
+                )
+                .into());
             }
             Ok(())
         }

@@ -57,10 +57,10 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
     let mut conn = queue.conn.clone();
     let mut pipe = redis::pipe();
     for lane in &lanes {
-        let key = queue.keys.stream(*lane);
-        pipe.cmd("XLEN").arg(&key);
-        pipe.cmd("XINFO").arg("GROUPS").arg(&key);
-        pipe.cmd("XINFO").arg("CONSUMERS").arg(&key).arg(GROUP);
+        let key = queue.stream(*lane);
+        pipe.cmd("XLEN").arg(key);
+        pipe.cmd("XINFO").arg("GROUPS").arg(key);
+        pipe.cmd("XINFO").arg("CONSUMERS").arg(key).arg(GROUP);
     }
     pipe.cmd("XLEN").arg(queue.keys.dead());
     pipe.cmd("HGETALL").arg(queue.keys.stats());

@@ -244,16 +244,35 @@ pub struct Queue {
     pub conn: ConnectionManager,
     pub keys: Keys,
     pub shards: u16,
+    /// Stream keys of every lane, critical first: built once, used for every event.
+    streams: std::sync::Arc<Vec<String>>,
 }
 
 impl Queue {
     /// A queue handle; it connects on first use and reconnects by itself.
     pub fn open(url: &str, prefix: &str, shards: u16) -> Result<Queue, QueueError> {
-        Ok(Queue {
-            conn: manager(url)?,
-            keys: Keys::new(prefix),
+        Ok(Queue::open_with(manager(url)?, &Keys::new(prefix), shards))
+    }
+
+    fn open_with(conn: ConnectionManager, keys: &Keys, shards: u16) -> Queue {
+        let streams = std::iter::once(Lane::Critical)
+            .chain(Lane::routine(shards))
+            .map(|l| keys.stream(l))
+            .collect();
+        Queue {
+            conn,
+            keys: keys.clone(),
             shards,
-        })
+            streams: std::sync::Arc::new(streams),
+        }
+    }
+
+    /// The stream key of a lane of this installation.
+    pub fn stream(&self, lane: Lane) -> &str {
+        match lane {
+            Lane::Critical => &self.streams[0],
+            Lane::Routine(n) => &self.streams[n as usize + 1],
+        }
     }
 
     /// Every lane of this installation, critical first.
@@ -269,7 +288,7 @@ impl Queue {
         for lane in self.lanes() {
             pipe.cmd("XGROUP")
                 .arg("CREATE")
-                .arg(self.keys.stream(lane))
+                .arg(self.stream(lane))
                 .arg(GROUP)
                 .arg("0")
                 .arg("MKSTREAM");
@@ -298,10 +317,7 @@ impl Queue {
         match stored {
             Some(s) if s == self.shards => return Ok(()),
             Some(s) => {
-                let old = Queue {
-                    shards: s,
-                    ..self.clone()
-                };
+                let old = Queue::open_with(self.conn.clone(), &self.keys, s);
                 let queued: u64 = old.depths().await?.iter().map(|(_, d)| d).sum();
                 if queued > 0 {
                     return Err(QueueError::ShardsChanged {
@@ -324,7 +340,7 @@ impl Queue {
 
     /// Append events to their lanes and rejections to the dead-letter stream, in one pipeline.
     /// Returns once Redis has answered for all of them: only then may the caller PUBACK.
-    pub async fn append(&self, events: &[Event], dead: &[DeadLetter]) -> Result<(), QueueError> {
+    pub async fn append(&self, events: &[&Event], dead: &[&DeadLetter]) -> Result<(), QueueError> {
         if events.is_empty() && dead.is_empty() {
             return Ok(());
         }
@@ -332,7 +348,7 @@ impl Queue {
         for event in events {
             let body = serde_json::to_vec(event).map_err(|_| QueueError::Reply("encode"))?;
             pipe.cmd("XADD")
-                .arg(self.keys.stream(Lane::for_event(event, self.shards)))
+                .arg(self.stream(Lane::for_event(event, self.shards)))
                 .arg("*")
                 .arg("e")
                 .arg(body)
@@ -374,7 +390,7 @@ impl Queue {
         let lanes = self.lanes();
         let mut pipe = redis::pipe();
         for lane in &lanes {
-            pipe.cmd("XLEN").arg(self.keys.stream(*lane));
+            pipe.cmd("XLEN").arg(self.stream(*lane));
         }
         let mut conn = self.conn.clone();
         let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
@@ -391,7 +407,7 @@ impl Queue {
     ) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
         for (lane, ids) in acks.iter().filter(|(_, ids)| !ids.is_empty()) {
-            ack_and_trim(&mut pipe, &self.keys.stream(*lane), ids);
+            ack_and_trim(&mut pipe, self.stream(*lane), ids);
         }
         let stats = self.keys.stats();
         for (field, n) in [(stat::STORED, stored), (stat::DUPLICATES, duplicates)] {
@@ -415,7 +431,7 @@ impl Queue {
         reason: &'static str,
         detail: String,
     ) -> Result<(), QueueError> {
-        let stream = self.keys.stream(lane);
+        let stream = self.stream(lane);
         let letter = DeadLetter {
             reason,
             detail: format!("{detail} (lane {lane}, entry {})", entry.id),
@@ -427,7 +443,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         pipe.atomic();
         letter.xadd(&mut pipe, &self.keys.dead());
-        ack_and_trim(&mut pipe, &stream, std::slice::from_ref(&entry.id));
+        ack_and_trim(&mut pipe, stream, std::slice::from_ref(&entry.id));
         pipe.cmd("HINCRBY")
             .arg(self.keys.stats())
             .arg(stat::DEAD_LETTERED)
@@ -442,7 +458,7 @@ impl Queue {
     pub async fn deliveries(&self, lane: Lane, id: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let reply: Value = redis::cmd("XPENDING")
-            .arg(self.keys.stream(lane))
+            .arg(self.stream(lane))
             .arg(GROUP)
             .arg(id)
             .arg(id)
@@ -478,7 +494,7 @@ impl Queue {
             .arg(block.as_millis() as u64)
             .arg("STREAMS");
         for lane in lanes {
-            cmd.arg(self.keys.stream(*lane));
+            cmd.arg(self.stream(*lane));
         }
         for _ in lanes {
             cmd.arg(">");
@@ -498,7 +514,7 @@ impl Queue {
             let key = as_string(&key).ok_or(QueueError::Reply("XREADGROUP"))?;
             let lane = lanes
                 .iter()
-                .find(|l| self.keys.stream(**l) == key)
+                .find(|l| self.stream(**l) == key)
                 .ok_or(QueueError::Reply("XREADGROUP"))?;
             batch.push((*lane, parse_entries(entries)?));
         }
@@ -517,7 +533,7 @@ impl Queue {
         count: usize,
     ) -> Result<(String, Vec<StreamEntry>), QueueError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(self.keys.stream(lane))
+            .arg(self.stream(lane))
             .arg(GROUP)
             .arg(consumer)
             .arg(0)

@@ -23,7 +23,8 @@ CREATE TABLE events (
     ingest_id   uuid,
     ts          timestamptz NOT NULL,
     received_at timestamptz NOT NULL,
-    stored_at   timestamptz NOT NULL DEFAULT now(),
+    -- When the row was written (per row, not per transaction): receive → stored latency.
+    stored_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     critical    boolean NOT NULL DEFAULT false,
     CONSTRAINT events_one_dedup_key CHECK ((seq IS NULL) <> (ingest_id IS NULL))
 );

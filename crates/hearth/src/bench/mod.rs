@@ -1,0 +1,768 @@
+//! `hearth bench`: hearth measured end to end, honestly, against two baselines run on the same
+//! machine in the same invocation.
+//!
+//! It starts a private Mosquitto from `deploy/mosquitto.conf` (so the shared broker's default
+//! limits cannot lose events), runs the `raw` and `sync` baselines ([`baseline`]), starts hearth's
+//! own role processes (one ingest, N worker processes) on a fresh database and Redis prefix,
+//! publishes the load ([`publish`]), waits until every event is stored, and then checks in
+//! PostgreSQL that none is lost, none duplicated and none out of order per sensor. It reports
+//! throughput, receive → stored latency percentiles (exact, from every row), CPU per event and
+//! peak memory of hearth's processes, and hearth's ratio to each baseline.
+
+pub mod baseline;
+pub mod mosquitto;
+pub mod publish;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde::Serialize;
+
+use crate::config::Config;
+use mosquitto::Mosquitto;
+use publish::Load;
+
+/// What `hearth bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub events: u64,
+    pub sensors: u64,
+    pub rate: u64,
+    pub worker_processes: usize,
+    pub consumers: u16,
+    pub publishers: usize,
+    pub qos: u8,
+    pub broker: Option<String>,
+    pub external: bool,
+    pub baselines: bool,
+    pub sync_events: u64,
+    pub keep: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub machine: Machine,
+    pub events: u64,
+    pub sensors: u64,
+    pub target_rate: u64,
+    pub qos: u8,
+    pub worker_processes: usize,
+    pub consumers_per_process: u16,
+    pub hearth: HearthRun,
+    pub baselines: Baselines,
+    pub ratios: Ratios,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HearthRun {
+    pub stored: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    pub publish_seconds: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub receive_to_stored_ms: Percentiles,
+    pub publish_to_stored_ms: Percentiles,
+    /// CPU time of hearth's processes during the run, per stored event (µs).
+    pub cpu_us_per_event: Option<f64>,
+    pub processes: Vec<ProcessStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessStats {
+    pub role: String,
+    pub cpu_seconds: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Baselines {
+    pub raw_events_per_s: Option<f64>,
+    pub sync_events_per_s: Option<f64>,
+    pub sync_events: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Ratios {
+    pub vs_raw: Option<f64>,
+    pub vs_sync: Option<f64>,
+}
+
+impl Report {
+    /// Everything published was stored exactly once, in order.
+    pub fn clean(&self) -> bool {
+        self.hearth.lost == 0 && self.hearth.duplicated == 0 && self.hearth.out_of_order == 0
+    }
+}
+
+pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
+    let run_id = format!("b{}x{:04x}", std::process::id(), fastrand::u16(..));
+    let dir = std::env::temp_dir().join(format!("hearth-bench-{run_id}"));
+    std::fs::create_dir_all(&dir)?;
+    let qos = if opts.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+
+    // The broker: a given one, or a private one with hearth's configuration.
+    let private = if opts.broker.is_none() || opts.baselines {
+        Some(Mosquitto::start(&dir.join("mosquitto"), 0).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start a private mosquitto ({}): {e}",
+                mosquitto::binary()
+            )
+        })?)
+    } else {
+        None
+    };
+    let broker_url = match (&opts.broker, opts.external, &private) {
+        (Some(url), _, _) => url.clone(),
+        (None, true, _) => config.mqtt_url.clone(),
+        (None, false, Some(m)) => m.url(),
+        (None, false, None) => unreachable!("a private broker is started when none is given"),
+    };
+    let endpoint = crate::mqtt::Endpoint::parse(&broker_url, "bench")?;
+    let (host, port) = (endpoint.host, endpoint.port);
+
+    let mut baselines = Baselines::default();
+    if opts.baselines {
+        let broker = private.as_ref().expect("started for the baselines");
+        let base = |root: &str, events: u64| Load {
+            events,
+            sensors: opts.sensors,
+            rate: 0,
+            connections: opts.publishers,
+            qos: QoS::AtLeastOnce,
+            sensor_prefix: format!("s{run_id}"),
+            topic_root: root.into(),
+        };
+        eprintln!("bench: raw baseline, {} events", opts.events);
+        baselines.raw_events_per_s =
+            Some(baseline::raw(broker.port, &base("rawbench", opts.events), &run_id).await?);
+        let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
+        crate::store::migrate(&db).await?;
+        baselines.sync_events = opts.sync_events.min(opts.events);
+        eprintln!("bench: sync baseline, {} events", baselines.sync_events);
+        baselines.sync_events_per_s = Some(
+            baseline::sync(
+                broker.port,
+                &base("syncbench", baselines.sync_events),
+                &run_id,
+                &db,
+            )
+            .await?,
+        );
+    }
+
+    // hearth's own processes, on a fresh database and Redis prefix.
+    let (database_url, prefix) = if opts.external {
+        (config.database_url.clone(), config.redis_prefix.clone())
+    } else {
+        (
+            with_database(&config.database_url, &format!("hearth_bench_{run_id}")),
+            format!("bench-{run_id}"),
+        )
+    };
+    let mut roles = Vec::new();
+    if !opts.external {
+        crate::store::migrate(&database_url).await?;
+        let mut child_config = (*config).clone();
+        child_config.mqtt_url = broker_url.clone();
+        child_config.database_url = database_url.clone();
+        child_config.redis_prefix = prefix.clone();
+        child_config.mqtt_client_id = format!("bench-ingest-{run_id}");
+        child_config.workers = opts.consumers;
+        child_config.log = "warn,hearth=info".into();
+        for i in 0..opts.worker_processes {
+            roles.push(Role::spawn(
+                &format!("worker-{}", i + 1),
+                &["worker"],
+                &child_config,
+                &dir,
+            )?);
+        }
+        roles.push(Role::spawn("ingest", &["ingest"], &child_config, &dir)?);
+        for role in &roles {
+            let needle = if role.name == "ingest" {
+                "subscribed"
+            } else {
+                "worker started"
+            };
+            role.wait_log(needle, Duration::from_secs(60))?;
+        }
+        // Give the consumers a moment to share the lanes out before the burst.
+        tokio::time::sleep(Duration::from_millis(u64::min(config.lease_ttl_ms, 3000))).await;
+    }
+    let cpu_before: Vec<f64> = roles
+        .iter()
+        .map(|r| cpu_seconds(r.pid()).unwrap_or(0.0))
+        .collect();
+
+    let load = Load {
+        events: opts.events,
+        sensors: opts.sensors,
+        rate: opts.rate,
+        connections: opts.publishers,
+        qos,
+        sensor_prefix: format!("s{run_id}"),
+        topic_root: "hearth".into(),
+    };
+    let pattern = format!("s{run_id}-%");
+    let db = crate::store::connect(&database_url).await?;
+    let stats = Stats::open(&config.redis_url, &prefix).await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let started_wall = crate::event::now_us();
+    let publisher = {
+        let (load, sent, host, id) = (
+            load.clone(),
+            sent.clone(),
+            host.clone(),
+            format!("bench-pub-{run_id}"),
+        );
+        tokio::spawn(async move { publish::publish(&host, port, &id, &load, sent).await })
+    };
+    let stored = wait_stored(&db, &stats, &pattern, opts.events, &publisher, &sent).await?;
+    let publish_seconds = publisher.await??.as_secs_f64();
+
+    let processes: Vec<ProcessStats> = roles
+        .iter()
+        .zip(&cpu_before)
+        .map(|(r, before)| ProcessStats {
+            role: r.name.clone(),
+            cpu_seconds: cpu_seconds(r.pid()).unwrap_or(0.0) - before,
+            peak_rss_mb: peak_rss_kb(r.pid()).unwrap_or(0) as f64 / 1024.0,
+        })
+        .collect();
+    let hearth = measure(
+        &db,
+        &pattern,
+        opts.events,
+        stored,
+        started_wall,
+        publish_seconds,
+        processes,
+    )
+    .await?;
+
+    let ratios = Ratios {
+        vs_raw: baselines.raw_events_per_s.map(|r| hearth.events_per_s / r),
+        vs_sync: baselines.sync_events_per_s.map(|s| hearth.events_per_s / s),
+    };
+    for role in &mut roles {
+        role.stop();
+    }
+    if !opts.keep {
+        cleanup(&config, &run_id, &prefix, opts.external).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!(
+            "bench: kept {} (database hearth_bench_{run_id}, prefix {prefix})",
+            dir.display()
+        );
+    }
+    Ok(Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: machine(),
+        events: opts.events,
+        sensors: opts.sensors,
+        target_rate: opts.rate,
+        qos: opts.qos,
+        worker_processes: opts.worker_processes,
+        consumers_per_process: opts.consumers,
+        hearth,
+        baselines,
+        ratios,
+    })
+}
+
+/// Wait until `expected` rows are stored, or nothing has moved for 30 s after the publisher
+/// finished (then the rest is lost). Progress is read from hearth's `stored` counter in Redis
+/// (cheap, unlike counting rows while they are written); the final word is PostgreSQL's.
+async fn wait_stored(
+    db: &tokio_postgres::Client,
+    stats: &Stats,
+    pattern: &str,
+    expected: u64,
+    publisher: &tokio::task::JoinHandle<anyhow::Result<Duration>>,
+    sent: &AtomicU64,
+) -> anyhow::Result<u64> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let count = || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM events WHERE sensor_id LIKE $1",
+                &[&pattern],
+            )
+            .await?
+            .get(0);
+        Ok::<u64, anyhow::Error>(n as u64)
+    };
+    let mut last = (0, Instant::now());
+    loop {
+        let progress = stats.stored_since_start().await;
+        if tty {
+            eprint!(
+                "\rbench: published {:>9} / {expected}  stored {:>9} / {expected}   ",
+                sent.load(Ordering::Relaxed),
+                progress
+            );
+        }
+        if progress >= expected {
+            let stored = count().await?;
+            if stored >= expected {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(stored);
+            }
+        }
+        if progress != last.0 {
+            last = (progress, Instant::now());
+        } else if publisher.is_finished() && last.1.elapsed() > Duration::from_secs(30) {
+            if tty {
+                eprintln!();
+            }
+            eprintln!("bench: nothing stored for 30 s; counting the rest as lost");
+            return count().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// hearth's `stored` counter, relative to its value when the run started.
+struct Stats {
+    conn: redis::aio::MultiplexedConnection,
+    key: String,
+    start: u64,
+}
+
+impl Stats {
+    async fn open(redis_url: &str, prefix: &str) -> anyhow::Result<Stats> {
+        let mut conn = crate::queue::connect(redis_url, crate::queue::REPLY_TIMEOUT).await?;
+        let key = crate::queue::Keys::new(prefix).stats();
+        let start: Option<u64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(crate::queue::stat::STORED)
+            .query_async(&mut conn)
+            .await?;
+        Ok(Stats {
+            conn,
+            key,
+            start: start.unwrap_or(0),
+        })
+    }
+
+    async fn stored_since_start(&self) -> u64 {
+        let mut conn = self.conn.clone();
+        let now: Option<u64> = redis::cmd("HGET")
+            .arg(&self.key)
+            .arg(crate::queue::stat::STORED)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        now.unwrap_or(0).saturating_sub(self.start)
+    }
+}
+
+async fn measure(
+    db: &tokio_postgres::Client,
+    pattern: &str,
+    expected: u64,
+    stored: u64,
+    started_wall_us: i64,
+    publish_seconds: f64,
+    processes: Vec<ProcessStats>,
+) -> anyhow::Result<HearthRun> {
+    let row = db
+        .query_one(
+            "SELECT count(*), count(DISTINCT (sensor_id, kind, seq)),
+                    (extract(epoch FROM max(stored_at)) * 1e6)::bigint
+             FROM events WHERE sensor_id LIKE $1",
+            &[&pattern],
+        )
+        .await?;
+    let (rows, distinct, last_us): (i64, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    let out_of_order: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (
+                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev
+                FROM events WHERE sensor_id LIKE $1
+             ) x WHERE prev IS NOT NULL AND seq <= prev",
+            &[&pattern],
+        )
+        .await?
+        .get(0);
+    let rows_lat = db
+        .query(
+            "SELECT (extract(epoch FROM stored_at - received_at) * 1e6)::bigint,
+                    (extract(epoch FROM stored_at - ts) * 1e6)::bigint
+             FROM events WHERE sensor_id LIKE $1",
+            &[&pattern],
+        )
+        .await?;
+    let mut receive: Vec<i64> = rows_lat.iter().map(|r| r.get(0)).collect();
+    let mut publish: Vec<i64> = rows_lat.iter().map(|r| r.get(1)).collect();
+    let seconds = last_us
+        .map(|l| (l - started_wall_us) as f64 / 1e6)
+        .unwrap_or(0.0)
+        .max(1e-6);
+    let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
+    Ok(HearthRun {
+        stored,
+        seconds,
+        events_per_s: distinct as f64 / seconds,
+        publish_seconds,
+        lost: expected.saturating_sub(distinct as u64),
+        duplicated: (rows - distinct) as u64,
+        out_of_order: out_of_order as u64,
+        receive_to_stored_ms: percentiles(&mut receive),
+        publish_to_stored_ms: percentiles(&mut publish),
+        cpu_us_per_event: (!processes.is_empty() && distinct > 0)
+            .then(|| cpu * 1e6 / distinct as f64),
+        processes,
+    })
+}
+
+/// Exact percentiles (in ms) of microsecond samples.
+fn percentiles(us: &mut [i64]) -> Percentiles {
+    if us.is_empty() {
+        return Percentiles::default();
+    }
+    us.sort_unstable();
+    let at = |q: f64| {
+        let i = ((q * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1;
+        us[i] as f64 / 1000.0
+    };
+    Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: us[us.len() - 1] as f64 / 1000.0,
+    }
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
+    if let Ok(admin) = crate::store::connect(&with_database(&config.database_url, "postgres")).await
+    {
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"hearth_bench_{run_id}\" WITH (FORCE)"
+            ))
+            .await;
+    }
+    if external {
+        return;
+    }
+    if let Ok(mut conn) =
+        crate::queue::connect(&config.redis_url, crate::queue::REPLY_TIMEOUT).await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+        }
+    }
+}
+
+/// One of hearth's role processes, started from this same binary.
+struct Role {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Role {
+    fn spawn(name: &str, args: &[&str], config: &Config, dir: &Path) -> anyhow::Result<Role> {
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(std::env::current_exe()?);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
+            cmd.env_remove(k);
+        }
+        if let toml::Value::Table(table) = toml::Value::try_from(config)? {
+            for (key, value) in table {
+                let value = match value {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                cmd.env(format!("HEARTH_{}", key.to_ascii_uppercase()), value);
+            }
+        }
+        let child = cmd
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Role {
+            name: name.into(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains(needle)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} did not log {needle:?} within {timeout:?}; see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// User + system CPU seconds of a process, from /proc (Linux reports them in 1/100 s).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of a process in KiB (VmHWM).
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    Machine {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        cpu,
+        memory_gib: (memory_kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+    }
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let h = &self.hearth;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "hearth bench: {} events from {} sensors, QoS {}, {}, {} worker process(es) x {} consumer(s)",
+            self.events,
+            self.sensors,
+            self.qos,
+            if self.target_rate == 0 {
+                "as fast as possible".to_string()
+            } else {
+                format!("{} events/s", self.target_rate)
+            },
+            self.worker_processes,
+            self.consumers_per_process
+        );
+        let _ = writeln!(
+            out,
+            "machine: {} cores, {}, {} GiB\n",
+            self.machine.cores, self.machine.cpu, self.machine.memory_gib
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {:>12} {:>9} {:>9}",
+            "", "events/s", "vs raw", "vs sync"
+        );
+        if let Some(r) = self.baselines.raw_events_per_s {
+            let _ = writeln!(out, "{:<34} {:>12.0}", "raw (broker → QoS 1 subscriber)", r);
+        }
+        if let Some(s) = self.baselines.sync_events_per_s {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>12.0}",
+                format!(
+                    "sync (INSERT per message, {} ev)",
+                    self.baselines.sync_events
+                ),
+                s
+            );
+        }
+        let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<34} {:>12.0} {:>9} {:>9}\n",
+            "hearth (MQTT in → rows stored)",
+            h.events_per_s,
+            ratio(self.ratios.vs_raw),
+            ratio(self.ratios.vs_sync)
+        );
+        let _ = writeln!(
+            out,
+            "stored {} in {:.2} s (published in {:.2} s): lost {}, duplicated {}, out of order {}",
+            h.stored, h.seconds, h.publish_seconds, h.lost, h.duplicated, h.out_of_order
+        );
+        for (name, p) in [
+            ("receive → stored", &h.receive_to_stored_ms),
+            ("publish → stored", &h.publish_to_stored_ms),
+        ] {
+            let _ = writeln!(
+                out,
+                "latency {name:<17} p50 {:>8.1} ms  p90 {:>8.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  max {:>8.1} ms",
+                p.p50, p.p90, p.p99, p.p999, p.max
+            );
+        }
+        if let Some(cpu) = h.cpu_us_per_event {
+            let _ = writeln!(
+                out,
+                "cpu     {cpu:.1} µs per event across hearth's processes"
+            );
+        }
+        for p in &h.processes {
+            let _ = writeln!(
+                out,
+                "        {:<10} cpu {:>7.2} s   peak rss {:>7.1} MB",
+                p.role, p.cpu_seconds, p.peak_rss_mb
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/hearth", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/hearth?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+
+    #[test]
+    fn percentiles_are_exact() {
+        let mut v: Vec<i64> = (1..=1000).map(|i| i * 1000).collect();
+        let p = percentiles(&mut v);
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
+    }
+}
