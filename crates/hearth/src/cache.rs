@@ -28,7 +28,9 @@ for i = 1, #KEYS do
     redis.call('HSET', KEYS[i], kind, ARGV[b + 5])
     updated = updated + 1
   end
-  redis.call('SADD', ARGV[b + 3], ARGV[b + 4])
+  if not cur then
+    redis.call('SADD', ARGV[b + 3], ARGV[b + 4])
+  end
 end
 return updated
 "#;
@@ -63,8 +65,9 @@ impl Cache {
         Cache { conn, keys }
     }
 
-    /// Offer these events as latest values; only the newest of each (sensor, kind) is sent.
-    pub async fn update(&self, events: &[&Event]) -> Result<(), QueueError> {
+    /// Add to `pipe` the offer of these events as latest values (only the newest of each
+    /// (sensor, kind) is sent).
+    pub fn add_update(&self, pipe: &mut redis::Pipeline, events: &[&Event]) {
         let mut newest: HashMap<(&str, &str), (&Event, String)> = HashMap::new();
         for e in events {
             let key = order_key(e);
@@ -79,12 +82,11 @@ impl Cache {
             }
         }
         if newest.is_empty() {
-            return Ok(());
+            return;
         }
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(UPDATE_LATEST).arg(newest.len());
+        pipe.cmd("EVAL").arg(UPDATE_LATEST).arg(newest.len());
         for (e, _) in newest.values() {
-            cmd.arg(self.keys.latest(&e.sensor_id));
+            pipe.arg(self.keys.latest(&e.sensor_id));
         }
         for (e, order) in newest.values() {
             let json = serde_json::json!({
@@ -95,15 +97,13 @@ impl Cache {
                 "received_us": e.received_us,
                 "house_id": e.house_id,
             });
-            cmd.arg(&e.kind)
+            pipe.arg(&e.kind)
                 .arg(order)
                 .arg(self.keys.house_sensors(&e.house_id))
                 .arg(&e.sensor_id)
                 .arg(format!("{order}{json}"));
         }
-        let mut conn = self.conn.clone();
-        cmd.exec_async(&mut conn).await?;
-        Ok(())
+        pipe.ignore();
     }
 
     /// The cached latest values of a sensor, kind → JSON.

@@ -115,10 +115,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The ingest is one session and one appender, waiting on sockets: on a single thread it
+    // spends nothing on waking tasks across threads. Everything else gets the multi-threaded
+    // runtime.
+    let runtime = if matches!(cli.command, Command::Ingest | Command::Worker) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hearth: cannot start the runtime: {e}");

@@ -1,7 +1,6 @@
 //! `hearth status`: the state of the queue as one snapshot, for people (a table) and scripts
-//! (`--json`): per lane its depth, pending entries, lag, owner and consumers; the dead letters;
-//! the live consumers; and the loss accounting, received = stored + duplicates + dead-lettered
-//! + in flight.
+//! (`--json`): per lane its depth in events, its entries, pending and lag (in entries), owner and
+//! consumers; the dead letters; the live consumers; and the loss accounting.
 
 use std::collections::HashMap;
 
@@ -21,11 +20,13 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct LaneStatus {
     pub lane: String,
-    /// Entries in the stream: not yet acknowledged (and trimmed).
+    /// Events appended and not yet acknowledged (stored or dead-lettered).
     pub depth: u64,
-    /// Delivered to a consumer, not yet acknowledged.
+    /// Entries (record batches) in the stream.
+    pub entries: u64,
+    /// Entries delivered to a consumer, not yet acknowledged.
     pub pending: u64,
-    /// Not yet delivered (`null` when Redis cannot tell).
+    /// Entries not yet delivered (`null` when Redis cannot tell).
     pub lag: Option<u64>,
     /// The consumer holding the lane's lease.
     pub owner: Option<String>,
@@ -39,16 +40,19 @@ pub struct ConsumerStatus {
     pub idle_ms: u64,
 }
 
-/// The loss accounting. `in_flight` is what is neither stored nor dead-lettered yet: after a run
-/// has drained it is 0, and any other value means events are still queued, or lost.
+/// The loss accounting: every event appended is either finished (stored, found already stored,
+/// or dead-lettered) or in flight. After a run has drained, `in_flight` is 0 and `stored` is the
+/// rows in `events`.
 #[derive(Debug, Serialize)]
 pub struct Accounting {
+    /// Events appended to the lanes by the ingest.
     pub received: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub dead_lettered: u64,
     pub rejected_at_ingest: u64,
-    pub in_flight: i64,
+    /// Events of entries not yet acknowledged: the sum of the lanes' depths.
+    pub in_flight: u64,
     pub rejected_by_reason: HashMap<String, u64>,
 }
 
@@ -75,35 +79,12 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
     let owners = lease::owners(&mut conn, &queue.keys, &lanes).await?;
 
     let mut it = replies.into_iter();
-    let mut lane_status = Vec::new();
+    let mut raw_lanes = Vec::new();
     for (lane, owner) in lanes.iter().zip(owners) {
-        let depth = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
+        let entries = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
         let groups = it.next().unwrap_or(Value::Nil);
         let consumers = it.next().unwrap_or(Value::Nil);
-        let group = rows(&groups)
-            .into_iter()
-            .find(|g| g.get("name").and_then(queue::as_string).as_deref() == Some(GROUP));
-        let field = |name: &str| {
-            group
-                .as_ref()
-                .and_then(|g| g.get(name))
-                .and_then(queue::as_u64)
-        };
-        lane_status.push(LaneStatus {
-            lane: lane.name(),
-            depth,
-            pending: field("pending").unwrap_or(0),
-            lag: field("lag"),
-            owner,
-            consumers: rows(&consumers)
-                .into_iter()
-                .map(|c| ConsumerStatus {
-                    name: c.get("name").and_then(queue::as_string).unwrap_or_default(),
-                    pending: c.get("pending").and_then(queue::as_u64).unwrap_or(0),
-                    idle_ms: c.get("idle").and_then(queue::as_u64).unwrap_or(0),
-                })
-                .collect(),
-        });
+        raw_lanes.push((*lane, owner, entries, groups, consumers));
     }
     let dead_letters = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
     let stats: HashMap<String, u64> = match it.next() {
@@ -123,28 +104,54 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         consumers_alive.insert(pool.to_string(), n);
     }
     let get = |k: &str| stats.get(k).copied().unwrap_or(0);
-    let (received, stored, duplicates, dead) = (
-        get(stat::RECEIVED),
-        get(stat::STORED),
-        get(stat::DUPLICATES),
-        get(stat::DEAD_LETTERED),
-    );
+
+    let mut received = 0;
+    let mut lane_status = Vec::new();
+    for (lane, owner, entries, groups, consumers) in raw_lanes {
+        let appended = get(&stat::appended(lane));
+        received += appended;
+        let group = rows(&groups)
+            .into_iter()
+            .find(|g| g.get("name").and_then(queue::as_string).as_deref() == Some(GROUP));
+        let field = |name: &str| {
+            group
+                .as_ref()
+                .and_then(|g| g.get(name))
+                .and_then(queue::as_u64)
+        };
+        lane_status.push(LaneStatus {
+            lane: lane.name(),
+            depth: appended.saturating_sub(get(&stat::finished(lane))),
+            entries,
+            pending: field("pending").unwrap_or(0),
+            lag: field("lag"),
+            owner,
+            consumers: rows(&consumers)
+                .into_iter()
+                .map(|c| ConsumerStatus {
+                    name: c.get("name").and_then(queue::as_string).unwrap_or_default(),
+                    pending: c.get("pending").and_then(queue::as_u64).unwrap_or(0),
+                    idle_ms: c.get("idle").and_then(queue::as_u64).unwrap_or(0),
+                })
+                .collect(),
+        });
+    }
     Ok(Status {
-        lanes: lane_status,
-        dead_letters,
-        consumers_alive,
         events: Accounting {
             received,
-            stored,
-            duplicates,
-            dead_lettered: dead,
+            stored: get(stat::STORED),
+            duplicates: get(stat::DUPLICATES),
+            dead_lettered: get(stat::DEAD_LETTERED),
             rejected_at_ingest: get(stat::REJECTED),
-            in_flight: received as i64 - (stored + duplicates + dead) as i64,
+            in_flight: lane_status.iter().map(|l| l.depth).sum(),
             rejected_by_reason: stats
                 .iter()
                 .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
                 .collect(),
         },
+        lanes: lane_status,
+        dead_letters,
+        consumers_alive,
     })
 }
 
@@ -174,7 +181,9 @@ fn rows(v: &Value) -> Vec<HashMap<String, Value>> {
 impl Status {
     /// Everything appended has been stored or dead-lettered, and nothing waits in a lane.
     pub fn drained(&self) -> bool {
-        self.lanes.iter().all(|l| l.depth == 0 && l.pending == 0) && self.events.in_flight == 0
+        self.lanes
+            .iter()
+            .all(|l| l.depth == 0 && l.entries == 0 && l.pending == 0)
     }
 
     pub fn table(&self) -> String {
@@ -182,8 +191,8 @@ impl Status {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<12} {:>9} {:>9} {:>9}  {:<36} CONSUMERS",
-            "LANE", "DEPTH", "PENDING", "LAG", "OWNER"
+            "{:<12} {:>9} {:>8} {:>8} {:>8}  {:<36} CONSUMERS",
+            "LANE", "DEPTH", "ENTRIES", "PENDING", "LAG", "OWNER"
         );
         for l in &self.lanes {
             let consumers: Vec<String> = l
@@ -194,9 +203,10 @@ impl Status {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<12} {:>9} {:>9} {:>9}  {:<36} {}",
+                "{:<12} {:>9} {:>8} {:>8} {:>8}  {:<36} {}",
                 l.lane,
                 l.depth,
+                l.entries,
                 l.pending,
                 l.lag.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
                 l.owner.as_deref().unwrap_or("-"),

@@ -14,6 +14,10 @@ use tokio::sync::Semaphore;
 
 use crate::mqtt::{self, Endpoint};
 
+/// Unacknowledged publishes at most, and the slice of them taken at once.
+const INFLIGHT: usize = 1000;
+const CREDIT_SLICE: u32 = 100;
+
 fn endpoint(host: &str, port: u16, client_id: &str) -> Endpoint {
     Endpoint {
         host: host.to_string(),
@@ -44,7 +48,7 @@ where
     F: Fn(u64) -> (String, Vec<u8>),
 {
     let (mut reader, mut writer, _) = mqtt::connect(&endpoint(host, port, client_id)).await?;
-    let inflight = Arc::new(Semaphore::new(1000));
+    let inflight = Arc::new(Semaphore::new(INFLIGHT));
     let acker = {
         let inflight = inflight.clone();
         let done = done.clone();
@@ -64,6 +68,9 @@ where
     };
     let start = Instant::now();
     let mut pkid: u16 = 0;
+    // Permits are taken in slices: waiting for single acks would turn the stream into one
+    // small write per acknowledgement.
+    let mut credit = 0u32;
     for n in 0..count {
         if rate > 0.0 {
             let due = start + Duration::from_secs_f64(n as f64 / rate);
@@ -75,15 +82,20 @@ where
         let (topic, payload) = make(n);
         let mut publish = Publish::new(topic, qos, payload);
         if qos != QoS::AtMostOnce {
-            let permit = match inflight.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    // Send what is queued before waiting, or the broker never sees it to ack it.
-                    writer.flush().await?;
-                    inflight.clone().acquire_owned().await?
-                }
-            };
-            permit.forget();
+            if credit == 0 {
+                let permits = match inflight.clone().try_acquire_many_owned(CREDIT_SLICE) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // Send what is queued before waiting, or the broker never sees it.
+                        writer.flush().await?;
+                        inflight.clone().acquire_many_owned(CREDIT_SLICE).await?
+                    }
+                };
+                credit = permits.num_permits() as u32;
+                // They come back one by one, from the acker, as PUBACKs arrive.
+                permits.forget();
+            }
+            credit -= 1;
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
             publish.pkid = pkid;
         } else {

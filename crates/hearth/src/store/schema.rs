@@ -12,9 +12,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
 CREATE TABLE events (
     -- Grows in the order rows are stored: within one sensor, ORDER BY id is processing order.
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    house_id    text NOT NULL,
-    sensor_id   text NOT NULL,
-    kind        text NOT NULL,
+    -- Ids are ASCII ([A-Za-z0-9_.-]): byte order ("C") sorts them like any collation would,
+    -- and compares them several times faster in the dedup index.
+    house_id    text COLLATE "C" NOT NULL,
+    sensor_id   text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL,
     value       double precision NOT NULL,
     unit        text,
     -- The device's counter; with (sensor_id, kind) the dedup key.
@@ -32,8 +34,8 @@ CREATE UNIQUE INDEX events_dedup_seq ON events (sensor_id, kind, seq) WHERE seq 
 CREATE UNIQUE INDEX events_dedup_ingest ON events (ingest_id) WHERE ingest_id IS NOT NULL;
 
 CREATE TABLE sensors (
-    sensor_id   text PRIMARY KEY,
-    house_id    text NOT NULL,
+    sensor_id   text COLLATE "C" PRIMARY KEY,
+    house_id    text COLLATE "C" NOT NULL,
     kinds       text[] NOT NULL DEFAULT '{}',
     first_seen  timestamptz NOT NULL,
     last_seen   timestamptz NOT NULL

@@ -29,7 +29,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::event::{Event, Reason};
 use crate::queue::lease::Leases;
-use crate::queue::{self, Batch, Lane, Queue, QueueError, StreamEntry};
+use crate::queue::{self, Batch, DeadLetter, Done, Lane, Queue, QueueError, StreamEntry};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use sensors::SensorMemo;
@@ -114,12 +114,15 @@ struct Held {
     recovering: Option<String>,
 }
 
-/// An event read from a lane.
-struct Item {
+/// An entry read from a lane, with its events.
+struct Entry {
     lane: Lane,
-    entry: StreamEntry,
-    event: Event,
+    raw: StreamEntry,
+    events: Vec<Event>,
 }
+
+/// Why the store refused an event: (entry index, event index, detail).
+type Refused = Vec<(usize, usize, String)>;
 
 struct Consumer {
     config: Arc<Config>,
@@ -138,6 +141,8 @@ struct Consumer {
     sensors: SensorMemo,
     shutdown: Shutdown,
     next_rebalance: Instant,
+    /// Recent average of events per entry, to size reads in events.
+    entry_size: f64,
 }
 
 impl Consumer {
@@ -170,6 +175,7 @@ impl Consumer {
             kept: Arc::default(),
             shutdown,
             next_rebalance: Instant::now(),
+            entry_size: 1.0,
         })
     }
 
@@ -348,7 +354,9 @@ impl Consumer {
                 Some(queue::connect(&self.config.redis_url, block + queue::REPLY_TIMEOUT).await?);
         }
         let reader = self.reader.as_mut().expect("just set");
-        let count = self.config.batch_size;
+        // Entries are batches of events: ask for about `batch_size` events' worth of them.
+        let count = ((self.config.batch_size as f64 / self.entry_size).ceil() as usize)
+            .clamp(1, self.config.batch_size);
         if let Some((lane, held)) = self.held.iter_mut().find(|(_, h)| h.recovering.is_some()) {
             let cursor = held.recovering.clone().unwrap_or_default();
             let (next, entries) = self
@@ -364,10 +372,19 @@ impl Consumer {
             return Ok(vec![(*lane, entries)]);
         }
         let lanes: Vec<Lane> = self.held.keys().copied().collect();
-        Ok(self
+        let batch = self
             .queue
             .read_new(reader, &self.name, &lanes, count, block)
-            .await?)
+            .await?;
+        let (entries, events) = batch
+            .iter()
+            .flat_map(|(_, e)| e)
+            .fold((0, 0), |(n, ev), e| (n + 1, ev + e.count.unwrap_or(1)));
+        if entries > 0 {
+            self.entry_size =
+                0.8 * self.entry_size + 0.2 * (events as f64 / entries as f64).max(1.0);
+        }
+        Ok(batch)
     }
 
     /// How long a read waits for new entries: short enough to notice shutdown and rebalance.
@@ -376,42 +393,65 @@ impl Consumer {
     }
 
     async fn process(&mut self, batch: Batch) {
-        let mut items = Vec::new();
-        for (lane, entries) in batch {
-            for entry in entries {
-                match entry.decode() {
-                    Ok(event) => items.push(Item { lane, entry, event }),
-                    Err(detail) => self.refuse(lane, entry, Reason::BadEntry, detail).await,
+        let mut entries = Vec::new();
+        for (lane, raws) in batch {
+            for raw in raws {
+                match raw.decode() {
+                    Ok(events) => entries.push(Entry { lane, raw, events }),
+                    Err(detail) => {
+                        let letter = DeadLetter {
+                            reason: Reason::BadEntry.as_str(),
+                            detail: format!("{detail} (lane {lane}, entry {})", raw.id),
+                            topic: String::new(),
+                            payload: raw.body.clone().unwrap_or_default(),
+                            source: "worker",
+                            at_ms: crate::event::now_us() / 1000,
+                        };
+                        let events = raw.count.unwrap_or(0);
+                        self.refuse(lane, &raw, events, vec![letter]).await;
+                    }
                 }
             }
         }
-        let Some((inserted, refused)) = self.store_items(&mut items).await else {
+        let started = Instant::now();
+        let oldest_us = entries
+            .iter()
+            .flat_map(|e| &e.events)
+            .map(|e| e.received_us)
+            .min()
+            .unwrap_or(0);
+        let event_count: usize = entries.iter().map(|e| e.events.len()).sum();
+        let Some((inserted, refused)) = self.store_entries(&mut entries).await else {
             return; // shutdown: the batch stays pending for the lanes' next owner
         };
-        let refused_ids: BTreeSet<&str> = refused
-            .iter()
-            .map(|(i, _)| items[*i].entry.id.as_str())
-            .collect();
-        let good: Vec<&Item> = items
-            .iter()
-            .filter(|it| !refused_ids.contains(it.entry.id.as_str()))
-            .collect();
 
-        let events: Vec<&Event> = good.iter().map(|it| &it.event).collect();
-        let mut acks: BTreeMap<Lane, Vec<String>> = BTreeMap::new();
-        for it in &good {
-            acks.entry(it.lane).or_default().push(it.entry.id.clone());
+        let is_refused = |e: usize| refused.iter().any(|(r, _, _)| *r == e);
+        let mut acks: BTreeMap<Lane, Vec<Done>> = BTreeMap::new();
+        let mut finished = 0u64;
+        for (_, entry) in entries.iter().enumerate().filter(|(i, _)| !is_refused(*i)) {
+            finished += entry.events.len() as u64;
+            acks.entry(entry.lane).or_default().push(Done {
+                id: entry.raw.id.clone(),
+                events: entry.events.len() as u64,
+            });
         }
-        let acks: Vec<(Lane, Vec<String>)> = acks.into_iter().collect();
-        let duplicates = (good.len() as u64).saturating_sub(inserted);
+        let acks: Vec<(Lane, Vec<Done>)> = acks.into_iter().collect();
+        let events: Vec<&Event> = entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_refused(*i))
+            .flat_map(|(_, e)| &e.events)
+            .collect();
+        let duplicates = finished.saturating_sub(inserted);
 
         let mut backoff = Backoff::default();
         loop {
-            let done = async {
-                self.cache.update(&events).await?;
-                self.queue.ack(&acks, inserted, duplicates).await
-            }
-            .await;
+            // One round trip: the cache, then the acknowledgements (a crash in between leaves
+            // the entries pending, and a newer value is never replaced by an older one).
+            let mut pipe = redis::pipe();
+            self.cache.add_update(&mut pipe, &events);
+            self.queue.add_ack(&mut pipe, &acks, inserted, duplicates);
+            let done = self.queue.exec(&pipe).await;
             match done {
                 Ok(()) => break,
                 Err(e) => {
@@ -423,30 +463,56 @@ impl Consumer {
             }
         }
 
-        let refused: Vec<(Lane, StreamEntry, String)> = refused
-            .into_iter()
-            .map(|(i, detail)| (items[i].lane, items[i].entry.clone(), detail))
-            .collect();
-        for (lane, entry, detail) in refused {
-            self.refuse(lane, entry, Reason::StoreRejected, detail)
+        debug!(
+            consumer = %self.name,
+            entries = entries.len(),
+            events = event_count,
+            oldest_ms = (crate::event::now_us() - oldest_us) / 1000,
+            took_ms = started.elapsed().as_millis() as u64,
+            "batch done"
+        );
+        // Entries with refused events: the refused ones are retried with the entry, then
+        // dead-lettered one by one.
+        let mut by_entry: BTreeMap<usize, Vec<DeadLetter>> = BTreeMap::new();
+        for (e, i, detail) in refused {
+            let event = &entries[e].events[i];
+            by_entry.entry(e).or_default().push(DeadLetter {
+                reason: Reason::StoreRejected.as_str(),
+                detail: format!(
+                    "{detail} (lane {}, entry {})",
+                    entries[e].lane, entries[e].raw.id
+                ),
+                topic: format!("hearth/{}/{}", event.house_id, event.sensor_id),
+                payload: serde_json::to_vec(event).unwrap_or_default(),
+                source: "worker",
+                at_ms: crate::event::now_us() / 1000,
+            });
+        }
+        for (e, letters) in by_entry {
+            let entry = &entries[e];
+            self.refuse(entry.lane, &entry.raw, entry.events.len() as u64, letters)
                 .await;
         }
     }
 
-    /// Store the items, retrying server errors. Returns the rows inserted and the items the store
-    /// refused for their content (index, why), or `None` on shutdown.
-    async fn store_items(&mut self, items: &mut Vec<Item>) -> Option<(u64, Vec<(usize, String)>)> {
+    /// Store the entries' events, retrying server errors. Returns the rows inserted and the
+    /// events the store refused for their content, or `None` on shutdown.
+    async fn store_entries(&mut self, entries: &mut Vec<Entry>) -> Option<(u64, Refused)> {
         let mut backoff = Backoff::default();
         loop {
             self.sync_held();
-            items.retain(|it| self.held.contains_key(&it.lane));
-            if items.is_empty() {
+            entries.retain(|e| self.held.contains_key(&e.lane));
+            if entries.is_empty() {
                 return Some((0, Vec::new()));
             }
-            let result = match self.write(items.iter().collect()).await {
+            let all: Vec<(Lane, &Event)> = entries
+                .iter()
+                .flat_map(|e| e.events.iter().map(move |ev| (e.lane, ev)))
+                .collect();
+            let result = match self.write(&all).await {
                 Err(StoreError::Content(e)) => {
                     debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
-                    self.isolate(items).await
+                    self.isolate(entries).await
                 }
                 other => other.map(|n| (n, Vec::new())),
             };
@@ -472,49 +538,63 @@ impl Consumer {
         }
     }
 
-    /// Write the items one by one to find which the store refuses.
-    async fn isolate(&mut self, items: &[Item]) -> Result<(u64, Vec<(usize, String)>), StoreError> {
+    /// Write the events one by one to find which the store refuses.
+    async fn isolate(&mut self, entries: &[Entry]) -> Result<(u64, Refused), StoreError> {
         let mut inserted = 0;
         let mut refused = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            match self.write(vec![item]).await {
-                Ok(n) => inserted += n,
-                Err(StoreError::Content(e)) => refused.push((i, crate::store::describe(&e))),
-                Err(e) => return Err(e),
+        for (e, entry) in entries.iter().enumerate() {
+            for (i, event) in entry.events.iter().enumerate() {
+                match self.write(&[(entry.lane, event)]).await {
+                    Ok(n) => inserted += n,
+                    Err(StoreError::Content(err)) => {
+                        refused.push((e, i, crate::store::describe(&err)))
+                    }
+                    Err(err) => return Err(err),
+                }
             }
         }
         Ok((inserted, refused))
     }
 
-    async fn write(&mut self, items: Vec<&Item>) -> Result<u64, StoreError> {
-        let lanes: BTreeSet<Lane> = items.iter().map(|it| it.lane).collect();
+    async fn write(&mut self, items: &[(Lane, &Event)]) -> Result<u64, StoreError> {
+        let lanes: BTreeSet<Lane> = items.iter().map(|(l, _)| *l).collect();
         let fences: Vec<(String, i64)> = lanes
             .iter()
             .filter_map(|l| self.held.get(l).map(|h| (l.name(), h.token)))
             .collect();
-        let events: Vec<&Event> = items.iter().map(|it| &it.event).collect();
+        let events: Vec<&Event> = items.iter().map(|(_, e)| *e).collect();
         let seen = self.sensors.to_record(&events);
         let n = self.store().await?.write(&fences, &events, &seen).await?;
         self.sensors.recorded(seen);
         Ok(n)
     }
 
-    /// An entry that failed for its own content: retried (left pending) until `max_deliveries`,
-    /// then dead-lettered with its XACK.
-    async fn refuse(&mut self, lane: Lane, entry: StreamEntry, reason: Reason, detail: String) {
+    /// An entry that failed for its own content (unreadable, or events the store refused):
+    /// left pending and retried until `max_deliveries`, then its `letters` are dead-lettered
+    /// together with its XACK.
+    async fn refuse(
+        &mut self,
+        lane: Lane,
+        raw: &StreamEntry,
+        events: u64,
+        letters: Vec<DeadLetter>,
+    ) {
         let mut backoff = Backoff::default();
         loop {
             let result = async {
-                let deliveries = self.queue.deliveries(lane, &entry.id).await?;
-                if deliveries >= u64::from(self.config.max_deliveries) {
-                    self.queue
-                        .dead_letter(lane, &entry, reason.as_str(), detail.clone())
-                        .await?;
-                    warn!(consumer = %self.name, %lane, id = %entry.id, reason = reason.as_str(), %detail, deliveries, "dead-lettered");
-                    Ok::<_, QueueError>(true)
-                } else {
-                    Ok(false)
+                let deliveries = self.queue.deliveries(lane, &raw.id).await?;
+                if deliveries < u64::from(self.config.max_deliveries) {
+                    return Ok::<_, QueueError>(false);
                 }
+                let done = Done {
+                    id: raw.id.clone(),
+                    events,
+                };
+                self.queue.dead_letter(lane, &done, &letters).await?;
+                for l in &letters {
+                    warn!(consumer = %self.name, %lane, id = %raw.id, reason = l.reason, detail = %l.detail, deliveries, "dead-lettered");
+                }
+                Ok(true)
             }
             .await;
             match result {

@@ -516,22 +516,26 @@ pub fn interleaved(house: &str, sensors: usize, per_sensor: u64) -> Vec<(String,
 }
 
 /// Wait until the ingest has appended at least `received` events and `hearth status` shows
-/// nothing queued and nothing in flight. (Publishers get their PUBACK from the broker before
+/// nothing queued, pending or in flight. (Publishers get their PUBACK from the broker before
 /// hearth has the message: an empty queue alone does not mean the run is over.)
 pub async fn wait_drained(env: &Env, received: u64, timeout: Duration) -> Value {
     eventually("the queue to drain", timeout, || async {
         let s = env.status();
-        let depth: u64 = s["lanes"]
+        let busy: u64 = s["lanes"]
             .as_array()
             .map(|l| {
                 l.iter()
-                    .map(|x| x["depth"].as_u64().unwrap_or(0) + x["pending"].as_u64().unwrap_or(0))
+                    .map(|x| {
+                        ["depth", "entries", "pending"]
+                            .iter()
+                            .map(|f| x[*f].as_u64().unwrap_or(0))
+                            .sum::<u64>()
+                    })
                     .sum()
             })
             .unwrap_or(u64::MAX);
         let seen = s["events"]["received"].as_u64().unwrap_or(0);
-        (seen >= received && depth == 0 && s["events"]["in_flight"].as_i64() == Some(0))
-            .then_some(s)
+        (seen >= received && busy == 0 && s["events"]["in_flight"] == 0).then_some(s)
     })
     .await
 }
