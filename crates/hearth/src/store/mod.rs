@@ -71,32 +71,17 @@ RETURNING token";
 /// 1. lock the batch's lanes' fence rows (shared) and check they still hold our tokens; a
 ///    takeover (which increments a token) waits for this statement, and any later write of the
 ///    former owner finds its token stale;
-/// 2. insert the events in array order, skipping those whose dedup key is stored: a plain
-///    insert plus one index probe per row, where `ON CONFLICT` (speculative insertion) costs
-///    half as much again. It is exact because a lane has one writer at a time and a
-///    sensor's events of one kind share a lane; the batch is deduplicated before. Should a
-///    duplicate still slip in (a unique violation), the batch is retried with the `safe`
-///    variant, `ON CONFLICT DO NOTHING`;
+/// 2. insert the events in array order. The plain variant is a bare INSERT: duplicates are rare
+///    (a broker redelivery, a device publishing twice), and when one is there the unique index
+///    refuses the whole statement, which is then run again as the `safe` variant, `ON CONFLICT
+///    DO NOTHING`. Speculative insertion costs half as much again as a plain insert, and a
+///    probe before each insert a sixth: both are paid only when needed. Entries delivered again
+///    (after a crash, a retry) go straight to the safe variant;
 /// 3. record the sensors seen.
 ///
 /// Returns whether the fences held, the rows inserted, and the lanes whose fence held.
 fn write_statement(safe: bool) -> String {
-    // The probes are LATERAL with LIMIT so that they can only be one index lookup per row: as
-    // NOT EXISTS, the planner may hash the whole table at every batch instead.
-    let (probe, filter, conflict) = if safe {
-        ("", "", "ON CONFLICT DO NOTHING")
-    } else {
-        (
-            "LEFT JOIN LATERAL (SELECT true AS stored FROM events e
-                 WHERE e.sensor_id = x.s AND e.kind = x.k AND e.seq = x.q LIMIT 1) by_seq
-               ON x.q IS NOT NULL
-             LEFT JOIN LATERAL (SELECT true AS stored FROM events e
-                 WHERE e.ingest_id = x.i LIMIT 1) by_id
-               ON x.i IS NOT NULL",
-            "AND by_seq.stored IS NULL AND by_id.stored IS NULL",
-            "",
-        )
-    };
+    let conflict = if safe { "ON CONFLICT DO NOTHING" } else { "" };
     format!(
         "
 WITH held AS (
@@ -115,8 +100,7 @@ WITH held AS (
                 $7::uuid[], $8::int8[], $9::int8[], $10::bool[])
          WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, n)
          CROSS JOIN fence
-         {probe}
-    WHERE fence.ok {filter}
+    WHERE fence.ok
     ORDER BY n
     {conflict}
     RETURNING 1
@@ -188,12 +172,14 @@ impl Store {
     }
 
     /// Write one batch if every `(lane, token)` still holds. Returns the rows inserted (the rest
-    /// were already there, or repeated within the batch).
+    /// were already there, or repeated within the batch). `redelivered` says some of it may have
+    /// been written before.
     pub async fn write(
         &mut self,
         fences: &[(String, i64)],
         events: &[&Event],
         sensors: &[SensorSeen],
+        redelivered: bool,
     ) -> Result<u64, StoreError> {
         // A key twice in one batch (a broker redelivery next to its original) is written once.
         let mut seen = std::collections::HashSet::with_capacity(events.len());
@@ -202,9 +188,9 @@ impl Store {
             .copied()
             .filter(|e| seen.insert(dedup_key(e)))
             .collect();
-        match self.write_with(false, fences, &events, sensors).await {
+        match self.write_with(redelivered, fences, &events, sensors).await {
             Err(StoreError::Content(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                tracing::debug!("concurrent duplicate; retrying the batch with ON CONFLICT");
+                tracing::debug!("duplicate in the batch; writing it again with ON CONFLICT");
                 self.write_with(true, fences, &events, sensors).await
             }
             other => other,

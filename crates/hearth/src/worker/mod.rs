@@ -119,6 +119,8 @@ struct Entry {
     lane: Lane,
     raw: StreamEntry,
     events: Vec<Event>,
+    /// Taken over from the pending list: some of its events may be stored already.
+    redelivered: bool,
 }
 
 /// Why the store refused an event: (entry index, event index, detail).
@@ -275,9 +277,9 @@ impl Consumer {
             self.shutdown.clone().sleep(self.ttl() / 3).await;
             return Ok(());
         }
-        let batch = self.read().await?;
+        let (batch, redelivered) = self.read().await?;
         if batch.iter().any(|(_, entries)| !entries.is_empty()) {
-            self.process(batch).await;
+            self.process(batch, redelivered).await;
         }
         Ok(())
     }
@@ -345,9 +347,9 @@ impl Consumer {
         Ok(self.store.as_mut().expect("just set"))
     }
 
-    /// The next batch: pending entries of a lane being taken over first, else new entries of
-    /// every held lane.
-    async fn read(&mut self) -> Result<Batch, WorkerError> {
+    /// The next batch: pending entries of a lane being taken over first (then `true`: they may
+    /// have been stored already), else new entries of every held lane.
+    async fn read(&mut self) -> Result<(Batch, bool), WorkerError> {
         let block = self.block();
         if self.reader.is_none() {
             self.reader =
@@ -369,7 +371,7 @@ impl Consumer {
             } else {
                 held.recovering = Some(next);
             }
-            return Ok(vec![(*lane, entries)]);
+            return Ok((vec![(*lane, entries)], true));
         }
         let lanes: Vec<Lane> = self.held.keys().copied().collect();
         let batch = self
@@ -384,7 +386,7 @@ impl Consumer {
             self.entry_size =
                 0.8 * self.entry_size + 0.2 * (events as f64 / entries as f64).max(1.0);
         }
-        Ok(batch)
+        Ok((batch, false))
     }
 
     /// How long a read waits for new entries: short enough to notice shutdown and rebalance.
@@ -392,12 +394,17 @@ impl Consumer {
         (self.ttl() / 3).min(Duration::from_millis(1000))
     }
 
-    async fn process(&mut self, batch: Batch) {
+    async fn process(&mut self, batch: Batch, redelivered: bool) {
         let mut entries = Vec::new();
         for (lane, raws) in batch {
             for raw in raws {
                 match raw.decode() {
-                    Ok(events) => entries.push(Entry { lane, raw, events }),
+                    Ok(events) => entries.push(Entry {
+                        lane,
+                        raw,
+                        events,
+                        redelivered,
+                    }),
                     Err(detail) => {
                         let letter = DeadLetter {
                             reason: Reason::BadEntry.as_str(),
@@ -509,7 +516,8 @@ impl Consumer {
                 .iter()
                 .flat_map(|e| e.events.iter().map(move |ev| (e.lane, ev)))
                 .collect();
-            let result = match self.write(&all).await {
+            let redelivered = entries.iter().any(|e| e.redelivered);
+            let result = match self.write(&all, redelivered).await {
                 Err(StoreError::Content(e)) => {
                     debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
                     self.isolate(entries).await
@@ -544,7 +552,7 @@ impl Consumer {
         let mut refused = Vec::new();
         for (e, entry) in entries.iter().enumerate() {
             for (i, event) in entry.events.iter().enumerate() {
-                match self.write(&[(entry.lane, event)]).await {
+                match self.write(&[(entry.lane, event)], true).await {
                     Ok(n) => inserted += n,
                     Err(StoreError::Content(err)) => {
                         refused.push((e, i, crate::store::describe(&err)))
@@ -556,7 +564,11 @@ impl Consumer {
         Ok((inserted, refused))
     }
 
-    async fn write(&mut self, items: &[(Lane, &Event)]) -> Result<u64, StoreError> {
+    async fn write(
+        &mut self,
+        items: &[(Lane, &Event)],
+        redelivered: bool,
+    ) -> Result<u64, StoreError> {
         let lanes: BTreeSet<Lane> = items.iter().map(|(l, _)| *l).collect();
         let fences: Vec<(String, i64)> = lanes
             .iter()
@@ -564,7 +576,11 @@ impl Consumer {
             .collect();
         let events: Vec<&Event> = items.iter().map(|(_, e)| *e).collect();
         let seen = self.sensors.to_record(&events);
-        let n = self.store().await?.write(&fences, &events, &seen).await?;
+        let n = self
+            .store()
+            .await?
+            .write(&fences, &events, &seen, redelivered)
+            .await?;
         self.sensors.recorded(seen);
         Ok(n)
     }
