@@ -34,7 +34,8 @@ pub struct Config {
     pub shards: u16,
     /// Routine consumers started by `hearth worker` and `hearth up` in this process.
     pub workers: u16,
-    /// Most events taken per lane in one read by a worker, and per XADD pipeline by the ingest.
+    /// Most MQTT messages the ingest appends in one Redis transaction, and about how many events
+    /// a worker reads at once.
     pub batch_size: usize,
     /// Lifetime of a worker's lease on a lane, in milliseconds. A crashed worker's lanes are taken
     /// over after at most this long; it is renewed every third of it.
