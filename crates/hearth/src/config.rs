@@ -55,6 +55,10 @@ pub struct Config {
     /// Minimum interval between two writes of a sensor's `last_seen` in PostgreSQL, in
     /// milliseconds (the exact latest reading is always in the Redis cache).
     pub sensor_touch_interval_ms: u64,
+    /// Address of `hearth up`'s HTTP server (metrics now; the API and dashboard later).
+    pub api_listen: String,
+    /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
+    pub metrics_listen: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
 }
@@ -77,6 +81,8 @@ impl Default for Config {
             max_payload_bytes: 64 * 1024,
             max_future_skew_secs: 24 * 3600,
             sensor_touch_interval_ms: 10_000,
+            api_listen: "127.0.0.1:8080".into(),
+            metrics_listen: String::new(),
             log: "info".into(),
         }
     }
@@ -202,6 +208,18 @@ impl Config {
                 return bad(format!(
                     "{key} must start with {}://, got {url:?}",
                     schemes[0]
+                ));
+            }
+        }
+        for (key, addr) in [
+            ("api_listen", &self.api_listen),
+            ("metrics_listen", &self.metrics_listen),
+        ] {
+            if !(addr.is_empty() && key == "metrics_listen")
+                && addr.parse::<std::net::SocketAddr>().is_err()
+            {
+                return bad(format!(
+                    "{key} must be host:port with an IP address, got {addr:?}"
                 ));
             }
         }

@@ -17,13 +17,16 @@
 //! - [`store`] is PostgreSQL: schema, idempotent batch insert, fencing tokens.
 //! - [`cache`] keeps the latest value of each sensor and kind.
 //! - [`status`] reads it all back for `hearth status`.
-//! - [`bench`] measures it all end to end (`hearth bench`), against baselines.
+//! - [`metrics`] names every metric once; [`api`] serves them (and, later, the REST API).
+//! - [`bench`] measures it all end to end (`hearth bench`), against baselines; [`sim`]
+//!   plays houses full of sensors (`hearth sim`).
 //!
 //! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
 //! after XADD, XACK after COMMIT), so a crash anywhere leaves work to redo, never work lost; and
 //! redoing is harmless because storing is idempotent on the dedup key. Per-sensor order comes
 //! from routing a sensor to one lane and letting one consumer at a time own a lane.
 
+pub mod api;
 pub mod backoff;
 pub mod bench;
 pub mod cache;
@@ -31,10 +34,12 @@ pub mod codec;
 pub mod config;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod mqtt;
 pub mod queue;
 pub mod roles;
 pub mod shutdown;
+pub mod sim;
 pub mod status;
 pub mod store;
 pub mod worker;

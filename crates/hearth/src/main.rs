@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
-use hearth::{bench, queue, shutdown, status, store};
+use hearth::{bench, queue, shutdown, sim, status, store};
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
@@ -37,6 +37,12 @@ struct Cli {
     /// Routine consumers in this process [env: HEARTH_WORKERS].
     #[arg(long, global = true)]
     workers: Option<String>,
+    /// HTTP address of `hearth up` [env: HEARTH_API_LISTEN].
+    #[arg(long, global = true)]
+    api_listen: Option<String>,
+    /// Where `hearth ingest` / `hearth worker` serve /metrics [env: HEARTH_METRICS_LISTEN].
+    #[arg(long, global = true)]
+    metrics_listen: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,6 +65,48 @@ enum Command {
     },
     /// End-to-end benchmark: publish, wait until stored, check, compare with baselines.
     Bench(BenchArgs),
+    /// Simulated houses and sensors publishing over MQTT.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Houses to simulate.
+    #[arg(long, default_value_t = 10)]
+    houses: usize,
+    /// Sensors per house (temperature, humidity, motion, door, light, power, window, co2,
+    /// battery, smoke, then again).
+    #[arg(long, default_value_t = 10)]
+    sensors_per_house: usize,
+    /// Events per second over all sensors (the peak rate for ramp and burst).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// How long to run: 500ms, 30s, 5m, 1h.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// steady, ramp (0 → rate → 0), burst (rate/10 with 2 s bursts at rate every 10 s).
+    #[arg(long, default_value = "steady", value_parser = ["steady", "ramp", "burst"])]
+    profile: String,
+    /// Explicit stages instead of a profile: `10s:100,30s:1000,10s:0` ramps to each rate in
+    /// turn; `30s:=500` holds 500.
+    #[arg(long)]
+    stages: Option<String>,
+    /// QoS of the readings (0 or 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// MQTT connections the sensors are spread over.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Seed of the sensors' randomness (the same seed plays the same readings).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    hearth::sim::schedule::parse_duration(s)
 }
 
 #[derive(clap::Args)]
@@ -162,6 +210,8 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
         ("redis_prefix", &cli.redis_prefix),
         ("shards", &cli.shards),
         ("workers", &cli.workers),
+        ("api_listen", &cli.api_listen),
+        ("metrics_listen", &cli.metrics_listen),
     ] {
         if let Some(v) = value {
             overrides.push((key.to_string(), v.clone()));
@@ -250,6 +300,46 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                     "events were lost, duplicated or reordered (see the report)"
                 )
                 .into());
+            }
+            Ok(())
+        }
+        Command::Sim(args) => {
+            let profile = match (&args.stages, args.profile.as_str()) {
+                (Some(spec), _) => sim::Profile::Stages(
+                    sim::schedule::Schedule::parse(spec)
+                        .map_err(|e| RoleError::Config(format!("--stages: {e}")))?,
+                ),
+                (None, "ramp") => sim::Profile::Ramp,
+                (None, "burst") => sim::Profile::Burst,
+                (None, _) => sim::Profile::Steady,
+            };
+            if args.houses == 0
+                || args.sensors_per_house == 0
+                || args.rate.is_nan()
+                || args.rate <= 0.0
+            {
+                return Err(RoleError::Config(
+                    "sim: --houses, --sensors-per-house and --rate must be > 0".into(),
+                ));
+            }
+            let opts = sim::Options {
+                houses: args.houses,
+                sensors_per_house: args.sensors_per_house,
+                rate: args.rate,
+                duration: args.duration,
+                profile,
+                qos: args.qos,
+                connections: args.connections.max(1),
+                seed: args.seed,
+            };
+            let summary = sim::run(&config.mqtt_url, &opts).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", summary.table());
             }
             Ok(())
         }

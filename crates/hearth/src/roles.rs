@@ -12,7 +12,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::queue::{Queue, QueueError};
 use crate::shutdown::Shutdown;
-use crate::{ingest, store, worker};
+use crate::{api, ingest, store, worker};
 
 /// Why a role could not run: a bad configuration (exit code 2) or anything else (1).
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +79,34 @@ async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, Rol
     }
 }
 
+/// Start the HTTP server of a role on `addr` (nothing when `addr` is empty). Binding happens
+/// now, so a taken port is an error at start, not later.
+async fn http(
+    config: &Config,
+    addr: &str,
+    role: &'static str,
+    shutdown: &Shutdown,
+) -> Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>, RoleError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = api::bind(addr).await?;
+    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
+        .map_err(|e| RoleError::Config(e.to_string()))?;
+    let router = api::router(std::sync::Arc::new(api::AppState {
+        role,
+        queue: Some(queue),
+    }));
+    Ok(Some(tokio::spawn(api::serve(
+        listener,
+        router,
+        shutdown.clone(),
+    ))))
+}
+
 /// Ingest and workers in one process.
 pub async fn up(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let server = http(&config, &config.api_listen, "up", &shutdown).await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
@@ -89,19 +115,32 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError
     let (i, w) = tokio::join!(ingest, workers);
     i.map_err(anyhow::Error::from)??;
     w.map_err(anyhow::Error::from)??;
-    Ok(())
+    finish(server).await
 }
 
 pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let server = http(&config, &config.metrics_listen, "ingest", &shutdown).await?;
     if !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    Ok(ingest::run(config, shutdown).await?)
+    ingest::run(config, shutdown).await?;
+    finish(server).await
 }
 
 pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let server = http(&config, &config.metrics_listen, "worker", &shutdown).await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    Ok(worker::run(config, shutdown).await?)
+    worker::run(config, shutdown).await?;
+    finish(server).await
+}
+
+async fn finish(
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> Result<(), RoleError> {
+    if let Some(server) = server {
+        server.await.map_err(anyhow::Error::from)??;
+    }
+    Ok(())
 }

@@ -69,18 +69,10 @@ pub async fn publish(
                 .filter(|i| (i % load.sensors) as usize % load.connections == c)
                 .collect();
             let rate = load.rate as f64 / load.connections as f64;
+            let due = |n: u64| (rate > 0.0).then(|| Duration::from_secs_f64(n as f64 / rate));
             let make = |n: u64| load.event(mine[n as usize], crate::event::now_us() / 1000);
-            wire::publish(
-                &host,
-                port,
-                &id,
-                mine.len() as u64,
-                load.qos,
-                rate,
-                make,
-                sent,
-            )
-            .await
+            let count = mine.len() as u64;
+            wire::publish(&host, port, &id, count, load.qos, due, make, sent).await
         });
     }
     while let Some(done) = tasks.join_next().await {

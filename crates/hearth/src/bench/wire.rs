@@ -30,22 +30,23 @@ fn endpoint(host: &str, port: u16, client_id: &str) -> Endpoint {
     }
 }
 
-/// Publish `count` messages made by `make(n)`, `n` in 0..count, at QoS 1 (or 0), at most
-/// `rate` per second (0: as fast as the broker takes them). `done` counts acknowledged (QoS 1)
-/// or written (QoS 0) messages.
+/// Publish `count` messages made by `make(n)`, `n` in 0..count, at QoS 1 (or 0), message `n`
+/// not before `due(n)` after the start (`None`: at once, as fast as the broker takes them).
+/// `done` counts acknowledged (QoS 1) or written (QoS 0) messages.
 #[allow(clippy::too_many_arguments)]
-pub async fn publish<F>(
+pub async fn publish<F, D>(
     host: &str,
     port: u16,
     client_id: &str,
     count: u64,
     qos: QoS,
-    rate: f64,
-    make: F,
+    due: D,
+    mut make: F,
     done: Arc<AtomicU64>,
 ) -> anyhow::Result<()>
 where
-    F: Fn(u64) -> (String, Vec<u8>),
+    F: FnMut(u64) -> (String, Vec<u8>),
+    D: Fn(u64) -> Option<Duration>,
 {
     let (mut reader, mut writer, _) = mqtt::connect(&endpoint(host, port, client_id)).await?;
     let inflight = Arc::new(Semaphore::new(INFLIGHT));
@@ -72,12 +73,11 @@ where
     // small write per acknowledgement.
     let mut credit = 0u32;
     for n in 0..count {
-        if rate > 0.0 {
-            let due = start + Duration::from_secs_f64(n as f64 / rate);
-            if due > Instant::now() {
-                writer.flush().await?;
-                tokio::time::sleep_until(due.into()).await;
-            }
+        if let Some(at) = due(n).map(|d| start + d)
+            && at > Instant::now()
+        {
+            writer.flush().await?;
+            tokio::time::sleep_until(at.into()).await;
         }
         let (topic, payload) = make(n);
         let mut publish = Publish::new(topic, qos, payload);

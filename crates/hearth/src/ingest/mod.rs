@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
 use crate::config::Config;
+use crate::metrics::{self, METRICS};
 use crate::mqtt::{self, Endpoint};
 use crate::queue::{DeadLetter, Lane, Queue};
 use crate::shutdown::Shutdown;
@@ -109,6 +110,7 @@ async fn session(
         let (mut reader, mut writer, present) = match mqtt::connect(endpoint).await {
             Ok(c) => c,
             Err(e) => {
+                metrics::dependency_error("mqtt");
                 if backoff.attempts() <= 1 || backoff.attempts() % 20 == 0 {
                     warn!(error = %e, "broker connection failed, reconnecting");
                 }
@@ -125,6 +127,13 @@ async fn session(
             rumqttc::mqttbytes::v4::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce)
         }));
         subscribe.pkid = 1;
+        // The broker's own drop counter, where it has one: upstream loss hearth can see.
+        subscribe
+            .filters
+            .push(rumqttc::mqttbytes::v4::SubscribeFilter::new(
+                BROKER_DROPPED.to_string(),
+                QoS::AtMostOnce,
+            ));
         let mut ping = tokio::time::interval(endpoint.keep_alive / 2);
         ping.tick().await;
         let mut last_heard = Instant::now();
@@ -156,6 +165,7 @@ async fn session(
                         let mut messages = Vec::new();
                         for packet in packets? {
                             match packet {
+                                Packet::Publish(p) if p.topic.starts_with("$SYS/") => broker_stat(&p),
                                 Packet::Publish(p) => messages.push(decode(&p, generation, limits)),
                                 Packet::SubAck(ack) => subscribed(&ack.return_codes),
                                 _ => {}
@@ -187,6 +197,7 @@ async fn session(
         match result {
             Ok(()) => return,
             Err(e) => {
+                metrics::dependency_error("mqtt");
                 warn!(error = %e, generation, "broker connection lost, reconnecting");
                 if tx.is_none() {
                     // Shutting down: what was not acknowledged is redelivered next session.
@@ -197,8 +208,28 @@ async fn session(
     }
 }
 
+/// Mosquitto's count of messages dropped for queue or in-flight limits, since it started.
+const BROKER_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
+
+fn broker_stat(p: &rumqttc::mqttbytes::v4::Publish) {
+    let Some(n) = std::str::from_utf8(&p.payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+    else {
+        return;
+    };
+    if p.topic == BROKER_DROPPED {
+        if n > METRICS.broker_dropped.get() {
+            warn!(dropped = n, "the broker reports dropped messages");
+        }
+        METRICS.broker_dropped.set(n);
+    }
+}
+
 fn subscribed(codes: &[SubscribeReasonCode]) {
-    if codes
+    // The event filters come first; the broker's $SYS counter, which a broker may refuse, last.
+    let events = &codes[..codes.len().min(codec::SUBSCRIPTIONS.len())];
+    if events
         .iter()
         .any(|c| matches!(c, SubscribeReasonCode::Failure))
     {
@@ -270,6 +301,11 @@ async fn append(
             if !append_chunk(&queue, chunk, &shutdown).await {
                 return;
             }
+            let received: usize = chunk.iter().map(|m| m.events.len()).sum();
+            METRICS.received.with("mqtt").add(received as u64);
+            for d in chunk.iter().flat_map(|m| &m.dead) {
+                METRICS.rejected.with(d.reason).add(1);
+            }
             let routine = chunk
                 .iter()
                 .flat_map(|m| &m.events)
@@ -297,6 +333,7 @@ async fn append_chunk(queue: &Queue, chunk: &[Message], shutdown: &Shutdown) -> 
         match queue.append(&events, &dead).await {
             Ok(()) => return true,
             Err(e) => {
+                metrics::dependency_error("redis");
                 if backoff.attempts() % 20 == 0 {
                     warn!(error = %e, events = events.len(), "append to redis failed, retrying (nothing acknowledged)");
                 }
@@ -355,6 +392,7 @@ impl Pressure {
                 "queue deep: holding routine messages at the broker"
             );
             self.paused.store(true, Ordering::SeqCst);
+            METRICS.ingest_paused.set(1.0);
         } else if self.is_paused() && depth <= self.low {
             info!(
                 depth,
@@ -362,6 +400,7 @@ impl Pressure {
                 "queue drained: taking routine messages again"
             );
             self.paused.store(false, Ordering::SeqCst);
+            METRICS.ingest_paused.set(0.0);
         }
     }
 }

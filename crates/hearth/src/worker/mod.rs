@@ -16,6 +16,7 @@
 //! event never waits behind a routine batch.
 
 mod sensors;
+mod sequence;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,9 @@ use crate::queue::{self, Batch, DeadLetter, Done, Lane, Queue, QueueError, Strea
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use sensors::SensorMemo;
+use sequence::SequenceTracker;
+
+use crate::metrics::{self, METRICS};
 
 /// A set of lanes shared out among the consumers that serve it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,7 @@ struct Consumer {
     next_rebalance: Instant,
     /// Recent average of events per entry, to size reads in events.
     entry_size: f64,
+    sequences: SequenceTracker,
 }
 
 impl Consumer {
@@ -178,6 +183,7 @@ impl Consumer {
             shutdown,
             next_rebalance: Instant::now(),
             entry_size: 1.0,
+            sequences: SequenceTracker::default(),
         })
     }
 
@@ -193,6 +199,10 @@ impl Consumer {
             match self.step().await {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
+                    metrics::dependency_error(match e {
+                        WorkerError::Queue(_) => "redis",
+                        WorkerError::Store(_) => "postgres",
+                    });
                     warn!(consumer = %self.name, error = %e, "worker step failed, retrying");
                     self.after_error(&e).await;
                     let delay = backoff.next_delay();
@@ -317,6 +327,8 @@ impl Consumer {
                 }
             };
             info!(consumer = %self.name, %lane, token, "took lane");
+            // Another consumer stored this lane's readings in between: start gap tracking over.
+            self.sequences.clear();
             self.held.insert(
                 lane,
                 Held {
@@ -450,6 +462,7 @@ impl Consumer {
             .flat_map(|(_, e)| &e.events)
             .collect();
         let duplicates = finished.saturating_sub(inserted);
+        self.observe_stored(&entries, &events, inserted, duplicates, started);
 
         let mut backoff = Backoff::default();
         loop {
@@ -462,6 +475,7 @@ impl Consumer {
             match done {
                 Ok(()) => break,
                 Err(e) => {
+                    metrics::dependency_error("redis");
                     warn!(consumer = %self.name, error = %e, "cache or ack failed after commit, retrying");
                     if !self.shutdown.clone().sleep(backoff.next_delay()).await {
                         return;
@@ -502,6 +516,42 @@ impl Consumer {
         }
     }
 
+    /// Metrics of a committed batch: counts, latency per event, gaps in sensors' seq.
+    fn observe_stored(
+        &mut self,
+        entries: &[Entry],
+        events: &[&Event],
+        inserted: u64,
+        duplicates: u64,
+        started: Instant,
+    ) {
+        let now = crate::event::now_us();
+        METRICS.stored.add(inserted);
+        METRICS.duplicates.add(duplicates);
+        METRICS.batch_events.observe(events.len() as f64);
+        METRICS
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        for (pool, critical) in [("critical", true), ("routine", false)] {
+            let mut lane_events = entries
+                .iter()
+                .filter(|e| (e.lane == Lane::Critical) == critical)
+                .flat_map(|e| &e.events)
+                .peekable();
+            if lane_events.peek().is_some() {
+                let latency = METRICS.latency.with(pool);
+                for e in lane_events {
+                    latency.observe((now - e.received_us).max(0) as f64 / 1e6);
+                }
+            }
+        }
+        let gaps = self.sequences.observe(events.iter().copied());
+        if gaps > 0 {
+            METRICS.sequence_gaps.add(gaps);
+            debug!(consumer = %self.name, gaps, "readings missing from sensors' seq");
+        }
+    }
+
     /// Store the entries' events, retrying server errors. Returns the rows inserted and the
     /// events the store refused for their content, or `None` on shutdown.
     async fn store_entries(&mut self, entries: &mut Vec<Entry>) -> Option<(u64, Refused)> {
@@ -536,6 +586,7 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
+                    metrics::dependency_error("postgres");
                     warn!(consumer = %self.name, error = %e, "store failed, retrying");
                     self.store = None;
                     if !self.shutdown.clone().sleep(backoff.next_delay()).await {
@@ -608,6 +659,7 @@ impl Consumer {
                 };
                 self.queue.dead_letter(lane, &done, &letters).await?;
                 for l in &letters {
+                    METRICS.rejected.with(l.reason).add(1);
                     warn!(consumer = %self.name, %lane, id = %raw.id, reason = l.reason, detail = %l.detail, deliveries, "dead-lettered");
                 }
                 Ok(true)

@@ -371,6 +371,22 @@ impl Hearth {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address its HTTP server listens on (from its log; start it with port 0).
+    pub async fn http_addr(&self) -> String {
+        self.wait_log("http listening", Duration::from_secs(60))
+            .await;
+        let text = self.log_text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("http listening"))
+            .expect("listening line");
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("addr=")
+            .to_string()
+    }
+
     /// Wait until the log holds `needle` (how tests know a role is ready).
     pub async fn wait_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -549,4 +565,26 @@ pub fn read_lines(path: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// GET `http://{addr}{path}`, the body as text (a bare HTTP/1.1 client: enough for /metrics).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of a metric line `name{labels} value` (labels as written, or none).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(series))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
