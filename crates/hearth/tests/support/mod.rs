@@ -176,6 +176,8 @@ impl Env {
             .env("HEARTH_REDIS_PREFIX", &self.redis_prefix)
             .env("HEARTH_MQTT_CLIENT_ID", format!("ingest-{}", self.name))
             .env("HEARTH_LEASE_TTL_MS", "2000")
+            // Tests run in parallel: never the default port.
+            .env("HEARTH_API_LISTEN", "127.0.0.1:0")
             .env("HEARTH_LOG", "info");
         for (k, v) in &self.settings {
             cmd.env(format!("HEARTH_{}", k.to_ascii_uppercase()), v);
@@ -333,6 +335,17 @@ impl Hearth {
         assert!(status.success());
     }
 
+    /// Has the process ended (a zombie not yet reaped counts)?
+    fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                .unwrap_or(false),
+            Err(_) => true,
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -393,6 +406,9 @@ impl Hearth {
         loop {
             if self.log_text().contains(needle) {
                 return;
+            }
+            if self.exited() {
+                panic!("{} exited before logging {needle:?}", self.label);
             }
             if Instant::now() > deadline {
                 panic!("{}: no {needle:?} in its log after {timeout:?}", self.label);
