@@ -41,7 +41,7 @@ const ORDER_KEY_LEN: usize = 15 + 21 + 17;
 /// (ts, seq, received), fixed width so that string order is numeric order: ts in 15 digits,
 /// then `0` and 20 zeros without seq or `1` and the seq in 20 digits, then the receive time in
 /// 17 digits.
-fn order_key(e: &Event) -> String {
+pub(crate) fn order_key(e: &Event) -> String {
     let seq = match e.seq {
         Some(s) => format!("1{:020}", s),
         None => format!("0{:020}", 0),

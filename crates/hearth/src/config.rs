@@ -55,10 +55,18 @@ pub struct Config {
     /// Minimum interval between two writes of a sensor's `last_seen` in PostgreSQL, in
     /// milliseconds (the exact latest reading is always in the Redis cache).
     pub sensor_touch_interval_ms: u64,
+    /// Alert rules and webhooks (see deploy/rules.toml); empty for the built-in defaults.
+    pub rules_file: String,
     /// Address of `hearth up`'s HTTP server (metrics now; the API and dashboard later).
     pub api_listen: String,
     /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
     pub metrics_listen: String,
+    /// Messages a WebSocket client may have waiting; one that lets more pile up (it does not
+    /// read) is disconnected.
+    pub ws_client_buffer: usize,
+    /// The admin bearer token (sees every house). When empty, `hearth up` and `hearth api`
+    /// make one at start and log it.
+    pub admin_token: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
 }
@@ -81,8 +89,11 @@ impl Default for Config {
             max_payload_bytes: 64 * 1024,
             max_future_skew_secs: 24 * 3600,
             sensor_touch_interval_ms: 10_000,
+            rules_file: String::new(),
             api_listen: "127.0.0.1:8080".into(),
             metrics_listen: String::new(),
+            ws_client_buffer: 256,
+            admin_token: String::new(),
             log: "info".into(),
         }
     }
@@ -178,6 +189,9 @@ impl Config {
                 "lease_ttl_ms must be >= 300, got {}",
                 self.lease_ttl_ms
             ));
+        }
+        if self.ws_client_buffer == 0 {
+            return bad("ws_client_buffer must be >= 1".into());
         }
         if self.max_deliveries == 0 {
             return bad("max_deliveries must be >= 1".into());

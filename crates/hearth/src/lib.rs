@@ -16,6 +16,7 @@
 //! - [`worker`] owns lanes through leases, stores batches, updates the cache, then XACKs.
 //! - [`store`] is PostgreSQL: schema, idempotent batch insert, fencing tokens.
 //! - [`cache`] keeps the latest value of each sensor and kind.
+//! - [`alerts`] evaluates rules on stored readings and pushes alert transitions.
 //! - [`status`] reads it all back for `hearth status`.
 //! - [`metrics`] names every metric once; [`api`] serves them (and, later, the REST API).
 //! - [`bench`] measures it all end to end (`hearth bench`), against baselines; [`sim`]
@@ -26,6 +27,7 @@
 //! redoing is harmless because storing is idempotent on the dedup key. Per-sensor order comes
 //! from routing a sensor to one lane and letting one consumer at a time own a lane.
 
+pub mod alerts;
 pub mod api;
 pub mod backoff;
 pub mod bench;

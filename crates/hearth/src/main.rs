@@ -55,6 +55,13 @@ enum Command {
     Ingest,
     /// Only workers: Redis lanes to PostgreSQL and the cache.
     Worker,
+    /// Only the HTTP API and WebSocket push.
+    Api,
+    /// House tokens for the API.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Create or upgrade the database schema.
     Migrate,
     /// Queue depth, pending, owners, dead letters and loss accounting.
@@ -107,6 +114,17 @@ struct SimArgs {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     hearth::sim::schedule::parse_duration(s)
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a token for one house; prints the token alone on stdout (it is stored hashed and
+    /// cannot be shown again).
+    Create {
+        /// The house the token may see.
+        #[arg(long)]
+        house: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -249,6 +267,35 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
         Command::Worker => {
             trigger.on_signals();
             roles::worker(config, shutdown).await
+        }
+        Command::Api => {
+            trigger.on_signals();
+            roles::api(config, shutdown).await
+        }
+        Command::Token {
+            action: TokenAction::Create { house },
+        } => {
+            if !hearth::event::is_valid_id(&house) {
+                return Err(RoleError::Config(format!(
+                    "--house must match [A-Za-z0-9_.-]{{1,64}}, got {house:?}"
+                )));
+            }
+            store::migrate(&config.database_url)
+                .await
+                .map_err(|e| anyhow::anyhow!("token: {e}"))?;
+            let (token, hash) = hearth::api::auth::new_token();
+            let client = store::connect(&config.database_url)
+                .await
+                .map_err(|e| anyhow::anyhow!("token: {e}"))?;
+            client
+                .execute(
+                    "INSERT INTO tokens (hash, house_id) VALUES ($1, $2)",
+                    &[&hash, &house],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("token: {}", store::describe(&e)))?;
+            println!("{token}");
+            Ok(())
         }
         Command::Migrate => {
             let applied = store::migrate(&config.database_url)

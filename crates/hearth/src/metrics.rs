@@ -176,6 +176,16 @@ pub fn dependency_error(dependency: &str) {
     METRICS.dependency_errors.with(dependency).add(1);
 }
 
+/// Dependency → whether its circuit is open, in this process.
+pub fn circuits() -> BTreeMap<String, bool> {
+    METRICS
+        .circuit_open
+        .snapshot()
+        .into_iter()
+        .map(|(d, g)| (d, g.get() > 0.0))
+        .collect()
+}
+
 /// Every metric name hearth exports, for the dashboard and alert files' consistency test.
 pub const NAMES: &[&str] = &[
     "hearth_events_received_total",

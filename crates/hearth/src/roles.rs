@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::queue::{Queue, QueueError};
@@ -79,24 +80,44 @@ async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, Rol
     }
 }
 
+/// What a role's HTTP server serves.
+#[derive(Clone, Copy, PartialEq)]
+enum Http {
+    /// The whole API (`up`, `api`).
+    Api,
+    /// `/metrics` and `/healthz` (`ingest`, `worker`).
+    Metrics,
+}
+
 /// Start the HTTP server of a role on `addr` (nothing when `addr` is empty). Binding happens
 /// now, so a taken port is an error at start, not later.
 async fn http(
-    config: &Config,
+    config: &Arc<Config>,
     addr: &str,
     role: &'static str,
+    kind: Http,
     shutdown: &Shutdown,
 ) -> Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>, RoleError> {
     if addr.is_empty() {
         return Ok(None);
     }
     let listener = api::bind(addr).await?;
-    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
+    let admin_token = if config.admin_token.is_empty() && kind == Http::Api {
+        let (token, _) = api::auth::new_token();
+        warn!(
+            token = %token,
+            "no admin_token configured: this run's admin token is the one shown; set HEARTH_ADMIN_TOKEN to choose it"
+        );
+        token
+    } else {
+        config.admin_token.clone()
+    };
+    let state = api::AppState::new(role, config.clone(), admin_token)
         .map_err(|e| RoleError::Config(e.to_string()))?;
-    let router = api::router(std::sync::Arc::new(api::AppState {
-        role,
-        queue: Some(queue),
-    }));
+    let router = match kind {
+        Http::Api => api::router(state),
+        Http::Metrics => api::metrics_router(state),
+    };
     Ok(Some(tokio::spawn(api::serve(
         listener,
         router,
@@ -104,14 +125,20 @@ async fn http(
     ))))
 }
 
-/// Ingest and workers in one process.
+fn rules(config: &Config) -> Result<Arc<RuleSet>, RoleError> {
+    RuleSet::load(&config.rules_file)
+        .map(Arc::new)
+        .map_err(RoleError::Config)
+}
+
 pub async fn up(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
-    let server = http(&config, &config.api_listen, "up", &shutdown).await?;
+    let rules = rules(&config)?;
+    let server = http(&config, &config.api_listen, "up", Http::Api, &shutdown).await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
     let ingest = tokio::spawn(ingest::run(config.clone(), shutdown.clone()));
-    let workers = tokio::spawn(worker::run(config.clone(), shutdown.clone()));
+    let workers = tokio::spawn(worker::run(config.clone(), rules, shutdown.clone()));
     let (i, w) = tokio::join!(ingest, workers);
     i.map_err(anyhow::Error::from)??;
     w.map_err(anyhow::Error::from)??;
@@ -119,7 +146,14 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError
 }
 
 pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
-    let server = http(&config, &config.metrics_listen, "ingest", &shutdown).await?;
+    let server = http(
+        &config,
+        &config.metrics_listen,
+        "ingest",
+        Http::Metrics,
+        &shutdown,
+    )
+    .await?;
     if !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
@@ -128,11 +162,28 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
 }
 
 pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
-    let server = http(&config, &config.metrics_listen, "worker", &shutdown).await?;
+    let rules = rules(&config)?;
+    let server = http(
+        &config,
+        &config.metrics_listen,
+        "worker",
+        Http::Metrics,
+        &shutdown,
+    )
+    .await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    worker::run(config, shutdown).await?;
+    worker::run(config, rules, shutdown).await?;
+    finish(server).await
+}
+
+/// The API alone: REST, WebSocket, metrics.
+pub async fn api(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let server = http(&config, &config.api_listen, "api", Http::Api, &shutdown).await?;
+    if !prepare_store(&config, &shutdown).await {
+        return Ok(());
+    }
     finish(server).await
 }
 

@@ -1,41 +1,109 @@
-//! The HTTP side of hearth. For now: `/metrics` (Prometheus) and `/healthz`, served by every
-//! role process that is given an address (`api_listen` for `hearth up`, `metrics_listen` for
-//! `hearth ingest` and `hearth worker`).
+//! The HTTP side of hearth (SPEC §5): the REST API under `/api/v1`, the WebSocket push,
+//! `/metrics`, `/healthz`, `/readyz` and `/openapi.json`.
 //!
 //! `router(state)` is separate from serving, so tests can call it directly; `serve` runs until
-//! shutdown.
+//! shutdown. `hearth up` and `hearth api` serve the whole API on `api_listen`; `hearth ingest`
+//! and `hearth worker` serve only their metrics ([`metrics_router`]) on `metrics_listen`.
+//! Every `/api/v1` route and the WebSocket need a bearer token ([`auth`]); errors are JSON
+//! ([`error`]).
+
+pub mod auth;
+pub mod error;
+pub mod openapi;
+pub mod routes;
+pub mod ws;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use crate::cache::Cache;
+use crate::config::Config;
 use crate::queue::Queue;
 use crate::shutdown::Shutdown;
+use crate::store::Db;
 
-/// What the handlers need.
-#[derive(Clone)]
+/// What the handlers share.
 pub struct AppState {
     /// The role of this process, for `hearth_process_role`.
     pub role: &'static str,
-    /// The queue, to export its depth and accounting.
-    pub queue: Option<Queue>,
+    pub config: Arc<Config>,
+    pub queue: Queue,
+    pub cache: Cache,
+    pub db: Db,
+    pub admin_token: String,
+    pub tokens: auth::TokenCache,
+    pub hub: Arc<ws::Hub>,
+    /// The last (time, received, stored) read for `/pipeline`'s rates.
+    pub last_counts: Mutex<Option<(Instant, u64, u64)>>,
+    /// The routine depth last read, and when: HTTP ingestion's backpressure.
+    pub depth: Mutex<(Instant, u64)>,
 }
 
+impl AppState {
+    pub fn new(
+        role: &'static str,
+        config: Arc<Config>,
+        admin_token: String,
+    ) -> Result<Arc<AppState>, crate::queue::QueueError> {
+        let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+        Ok(Arc::new(AppState {
+            role,
+            cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
+            db: Db::new(&config.database_url),
+            hub: Arc::new(ws::Hub::new(
+                queue.clone(),
+                &config.redis_url,
+                config.ws_client_buffer,
+            )),
+            queue,
+            config,
+            admin_token,
+            tokens: auth::TokenCache::default(),
+            last_counts: Mutex::new(None),
+            depth: Mutex::new((Instant::now(), 0)),
+        }))
+    }
+}
+
+/// The whole API.
 pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/events", post(routes::post_events))
+        .route("/houses/{house}/sensors", get(routes::house_sensors))
+        .route("/sensors/{sensor}/latest", get(routes::sensor_latest))
+        .route("/sensors/{sensor}/events", get(routes::sensor_events))
+        .route("/alerts", get(routes::list_alerts))
+        .route("/alerts/{id}/ack", post(routes::ack_alert))
+        .route("/pipeline", get(routes::pipeline))
+        .route("/ws", get(ws::upgrade));
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(routes::not_found)
+        .with_state(state)
+}
+
+/// Only `/metrics` and `/healthz`, for processes without the API.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(routes::healthz))
         .with_state(state)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let body = crate::metrics::render(state.role, state.queue.as_ref()).await;
+    let body = crate::metrics::render(state.role, Some(&state.queue)).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -6,6 +6,7 @@
 //! A decode never fails as a whole: each reading of a message is either an event or a rejection,
 //! and a message that cannot be read at all is one rejection.
 
+pub mod http;
 mod minimal;
 mod native;
 pub mod reading;

@@ -37,7 +37,7 @@ pub fn decode(ctx: &Context<'_>, payload: Value) -> Decoded {
     out
 }
 
-fn one(ctx: &Context<'_>, obj: &Map<String, Value>) -> Result<Event, Rejection> {
+pub fn one(ctx: &Context<'_>, obj: &Map<String, Value>) -> Result<Event, Rejection> {
     for (field, expected, reason) in [
         ("house_id", &ctx.house_id, Reason::HouseMismatch),
         ("sensor_id", &ctx.sensor_id, Reason::BadId),

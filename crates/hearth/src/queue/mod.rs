@@ -69,10 +69,15 @@ pub enum Lane {
 
 impl Lane {
     pub fn for_event(event: &Event, shards: u16) -> Lane {
-        if event.is_critical() {
+        Lane::of(&event.sensor_id, &event.kind, shards)
+    }
+
+    /// The lane of a sensor's readings of a kind.
+    pub fn of(sensor_id: &str, kind: &str, shards: u16) -> Lane {
+        if crate::event::is_critical_kind(kind) {
             Lane::Critical
         } else {
-            Lane::Routine((fnv1a(event.sensor_id.as_bytes()) % u64::from(shards)) as u16)
+            Lane::Routine((fnv1a(sensor_id.as_bytes()) % u64::from(shards)) as u16)
         }
     }
 
@@ -132,6 +137,22 @@ impl Keys {
     pub fn meta(&self) -> String {
         format!("{}:meta", self.prefix)
     }
+    /// Pub/sub channel of WebSocket pushes.
+    pub fn push(&self) -> String {
+        format!("{}:push", self.prefix)
+    }
+    /// Stream of alert transitions waiting for their webhooks.
+    pub fn notify(&self) -> String {
+        format!("{}:notify", self.prefix)
+    }
+    /// Houses watched by WebSocket clients (sorted set, score: until when, epoch ms).
+    pub fn watched(&self) -> String {
+        format!("{}:watched", self.prefix)
+    }
+    /// House tokens, cached (hash → house id).
+    pub fn tokens(&self) -> String {
+        format!("{}:tokens", self.prefix)
+    }
     pub fn latest(&self, sensor_id: &str) -> String {
         format!("{}:latest:{sensor_id}", self.prefix)
     }
@@ -170,7 +191,8 @@ pub struct DeadLetter {
     pub detail: String,
     pub topic: String,
     pub payload: Vec<u8>,
-    /// `mqtt` for the ingest, `worker` for a stream entry a worker gave up on.
+    /// `mqtt` or `http` for the ingest, `worker` for a stream entry a worker gave up on,
+    /// `notifier` for a webhook that kept failing.
     pub source: &'static str,
     pub at_ms: i64,
 }
@@ -191,7 +213,7 @@ impl DeadLetter {
         }
     }
 
-    fn xadd(&self, pipe: &mut redis::Pipeline, key: &str) {
+    pub fn xadd(&self, pipe: &mut redis::Pipeline, key: &str) {
         pipe.cmd("XADD")
             .arg(key)
             .arg("*")
@@ -592,8 +614,8 @@ impl Queue {
     }
 
     /// Take over pending entries of a lane (every one, whoever held it: the caller owns the lane),
-    /// from `cursor` on. Returns the entries, the next cursor (`0-0` when done) and the ids of
-    /// entries deleted while pending, which Redis drops from the pending list by itself.
+    /// from `cursor` on. Returns the next cursor (`0-0` when done) and the entries. Entries
+    /// deleted while pending are dropped from the pending list by Redis itself.
     pub async fn claim_pending(
         &self,
         conn: &mut MultiplexedConnection,
@@ -602,25 +624,8 @@ impl Queue {
         cursor: &str,
         count: usize,
     ) -> Result<(String, Vec<StreamEntry>), QueueError> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(self.stream(lane))
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(0)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(count)
-            .query_async(conn)
-            .await?;
-        let Value::Array(mut parts) = reply else {
-            return Err(QueueError::Reply("XAUTOCLAIM"));
-        };
-        if parts.len() < 2 {
-            return Err(QueueError::Reply("XAUTOCLAIM"));
-        }
-        let entries = parse_entries(parts.swap_remove(1))?;
-        let next = as_string(&parts[0]).ok_or(QueueError::Reply("XAUTOCLAIM"))?;
-        Ok((next, entries))
+        let (next, raw) = claim(conn, self.stream(lane), GROUP, consumer, 0, cursor, count).await?;
+        Ok((next, raw.into_iter().map(StreamEntry::from).collect()))
     }
 }
 
@@ -661,7 +666,44 @@ end
 return acked
 "#;
 
+/// An entry as Redis returns it: id and fields.
+pub struct RawEntry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl From<RawEntry> for StreamEntry {
+    fn from(raw: RawEntry) -> Self {
+        let count = raw
+            .field("n")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse().ok());
+        let body = raw.field("e").map(<[u8]>::to_vec);
+        StreamEntry {
+            id: raw.id,
+            body,
+            count,
+        }
+    }
+}
+
 fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
+    Ok(parse_raw(value)?
+        .into_iter()
+        .map(StreamEntry::from)
+        .collect())
+}
+
+fn parse_raw(value: Value) -> Result<Vec<RawEntry>, QueueError> {
     let Value::Array(items) = value else {
         return Err(QueueError::Reply("stream entries"));
     };
@@ -679,22 +721,82 @@ fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
             .as_ref()
             .and_then(as_string)
             .ok_or(QueueError::Reply("stream entry id"))?;
-        let (mut body, mut count) = (None, None);
+        let mut pairs = Vec::new();
         if let Some(Value::Array(fields)) = fields {
             let mut it = fields.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let (Value::BulkString(k), Value::BulkString(v)) = (k, v) {
-                    match k.as_slice() {
-                        b"e" => body = Some(v),
-                        b"n" => count = std::str::from_utf8(&v).ok().and_then(|n| n.parse().ok()),
-                        _ => {}
-                    }
-                }
+            while let (Some(Value::BulkString(k)), Some(Value::BulkString(v))) =
+                (it.next(), it.next())
+            {
+                pairs.push((k, v));
             }
         }
-        out.push(StreamEntry { id, body, count });
+        out.push(RawEntry { id, fields: pairs });
     }
     Ok(out)
+}
+
+/// XREADGROUP of one stream (new entries), for side streams such as the notifications.
+pub async fn read_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<RawEntry>, QueueError> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut streams) = reply else {
+        return Ok(Vec::new());
+    };
+    match streams.pop() {
+        Some(Value::Array(mut pair)) if pair.len() == 2 => {
+            parse_raw(pair.pop().unwrap_or(Value::Nil))
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// XAUTOCLAIM entries idle for `min_idle_ms` to `consumer`; returns the next cursor and them.
+pub async fn claim(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    min_idle_ms: u64,
+    cursor: &str,
+    count: usize,
+) -> Result<(String, Vec<RawEntry>), QueueError> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle_ms)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut parts) = reply else {
+        return Err(QueueError::Reply("XAUTOCLAIM"));
+    };
+    if parts.len() < 2 {
+        return Err(QueueError::Reply("XAUTOCLAIM"));
+    }
+    let entries = parse_raw(parts.swap_remove(1))?;
+    let next = as_string(&parts[0]).ok_or(QueueError::Reply("XAUTOCLAIM"))?;
+    Ok((next, entries))
 }
 
 pub(crate) fn as_string(v: &Value) -> Option<String> {

@@ -10,6 +10,7 @@
 //! [`StoreError::Fenced`] (the lane moved to another worker), or [`StoreError::Unavailable`]
 //! (the server: retried, never dead-lettered).
 
+pub mod alerts;
 pub mod schema;
 
 use std::time::Duration;
@@ -58,6 +59,8 @@ pub struct SensorSeen {
     pub kinds: Vec<String>,
     pub first_us: i64,
     pub last_us: i64,
+    /// The usual interval between its readings, when known.
+    pub interval_ms: Option<f64>,
 }
 
 const TAKE_FENCE: &str = "
@@ -105,11 +108,13 @@ WITH held AS (
     {conflict}
     RETURNING 1
 ), seen AS (
-    INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
+    INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
     SELECT s, h, string_to_array(k, ','),
            timestamptz 'epoch' + f * interval '1 microsecond',
-           timestamptz 'epoch' + l * interval '1 microsecond'
-    FROM unnest($13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[]) AS y(s, h, k, f, l),
+           timestamptz 'epoch' + l * interval '1 microsecond',
+           g
+    FROM unnest($13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[], $18::float8[])
+         AS y(s, h, k, f, l, g),
          fence
     WHERE fence.ok
     ORDER BY s
@@ -117,7 +122,8 @@ WITH held AS (
         house_id = EXCLUDED.house_id,
         kinds = ARRAY(SELECT DISTINCT k FROM unnest(sensors.kinds || EXCLUDED.kinds) AS k ORDER BY k),
         first_seen = LEAST(sensors.first_seen, EXCLUDED.first_seen),
-        last_seen = GREATEST(sensors.last_seen, EXCLUDED.last_seen)
+        last_seen = GREATEST(sensors.last_seen, EXCLUDED.last_seen),
+        interval_ms = coalesce(EXCLUDED.interval_ms, sensors.interval_ms)
     RETURNING 1
 )
 SELECT (SELECT ok FROM fence), (SELECT count(*) FROM inserted), ARRAY(SELECT lane FROM held)"
@@ -240,6 +246,7 @@ impl Store {
         let kinds: Vec<String> = sensors.iter().map(|x| x.kinds.join(",")).collect();
         let first: Vec<i64> = sensors.iter().map(|x| x.first_us).collect();
         let last: Vec<i64> = sensors.iter().map(|x| x.last_us).collect();
+        let intervals: Vec<Option<f64>> = sensors.iter().map(|x| x.interval_ms).collect();
         let statement = if safe { &self.write_safe } else { &self.write };
         let row = self
             .client
@@ -263,6 +270,7 @@ impl Store {
                     &kinds,
                     &first,
                     &last,
+                    &intervals,
                 ],
             )
             .await
@@ -295,6 +303,32 @@ fn dedup_key(e: &Event) -> DedupKey<'_> {
         (None, Some(id)) => DedupKey::Ingest(id),
         // Not built by the codecs; keep it apart from everything.
         (None, None) => DedupKey::Ingest(uuid::Uuid::new_v4()),
+    }
+}
+
+/// A shared connection for request handlers (the API): queries from concurrent requests are
+/// pipelined on it. Reopened when it breaks.
+pub struct Db {
+    url: String,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl Db {
+    pub fn new(url: &str) -> Db {
+        Db {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(connect(&self.url).await?);
+        *slot = Some(c.clone());
+        Ok(c)
     }
 }
 

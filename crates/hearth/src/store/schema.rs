@@ -5,10 +5,11 @@
 //! `schema_migrations`. A migration, once released, is never edited: a change is a new one.
 
 /// (version, name, SQL)
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "events, sensors, lane fences",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "events, sensors, lane fences",
+        r#"
 CREATE TABLE events (
     -- Grows in the order rows are stored: within one sensor, ORDER BY id is processing order.
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -51,4 +52,61 @@ CREATE TABLE lane_fences (
     taken_at    timestamptz NOT NULL DEFAULT now()
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "alerts, rule state, tokens, history index",
+        r#"
+-- The usual interval between a sensor's readings (EWMA, ms), for the offline rule.
+ALTER TABLE sensors ADD COLUMN interval_ms double precision;
+
+-- History of a sensor, newest first (GET /sensors/{sensor}/events), paged by (ts, id).
+CREATE INDEX events_history ON events (sensor_id, ts DESC, id DESC);
+
+CREATE TABLE alerts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    house_id        text COLLATE "C" NOT NULL,
+    sensor_id       text COLLATE "C" NOT NULL,
+    -- The lane of the sensor: its owner pushes what was not pushed yet.
+    lane            text NOT NULL,
+    rule            text NOT NULL,
+    kind            text NOT NULL,
+    severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
+    state           text NOT NULL CHECK (state IN ('active', 'acknowledged', 'cleared')),
+    message         text NOT NULL,
+    value           double precision,
+    raised_at       timestamptz NOT NULL,
+    -- The dedup key of the event that raised it.
+    raised_by       text NOT NULL,
+    acknowledged_at timestamptz,
+    acknowledged_by text,
+    cleared_at      timestamptz,
+    cleared_by      text,
+    -- The last state pushed to WebSocket clients and webhooks.
+    notified_state  text,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+-- One open alert per (sensor, rule).
+CREATE UNIQUE INDEX alerts_one_open ON alerts (sensor_id, rule) WHERE state <> 'cleared';
+CREATE INDEX alerts_house ON alerts (house_id, id DESC);
+CREATE INDEX alerts_unpushed ON alerts (lane) WHERE notified_state IS DISTINCT FROM state;
+
+-- Rule evaluation state that must survive a restart: debounce start, last transition.
+CREATE TABLE rule_state (
+    sensor_id       text COLLATE "C" NOT NULL,
+    rule            text NOT NULL,
+    pending_since   timestamptz,
+    transition_key  text,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sensor_id, rule)
+);
+
+-- House tokens, stored as SHA-256 of the token.
+CREATE TABLE tokens (
+    hash        bytea PRIMARY KEY,
+    house_id    text COLLATE "C" NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    ),
+];

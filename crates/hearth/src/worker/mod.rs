@@ -15,6 +15,7 @@
 //! The critical lane is its own pool, with one consumer per worker process, so that a critical
 //! event never waits behind a routine batch.
 
+mod alerting;
 mod sensors;
 mod sequence;
 
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use tracing::{debug, info, warn};
 
+use crate::alerts::engine::Engine;
+use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::config::Config;
@@ -69,16 +72,34 @@ enum WorkerError {
     Store(#[from] StoreError),
 }
 
-/// Run the consumers of one worker process (`workers` routine ones and one critical one) until
-/// shutdown.
-pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Run the consumers of one worker process (`workers` routine ones and one critical one) and its
+/// webhook notifier until shutdown.
+pub async fn run(
+    config: Arc<Config>,
+    rules: Arc<RuleSet>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(consume(config.clone(), Pool::Critical, 0, shutdown.clone()));
+    tasks.spawn(consume(
+        config.clone(),
+        rules.clone(),
+        Pool::Critical,
+        0,
+        shutdown.clone(),
+    ));
     for i in 0..config.workers {
         tasks.spawn(consume(
             config.clone(),
+            rules.clone(),
             Pool::Routine,
             i.into(),
+            shutdown.clone(),
+        ));
+    }
+    if !rules.webhooks.is_empty() {
+        tasks.spawn(crate::alerts::notify::run(
+            config.clone(),
+            rules.clone(),
             shutdown.clone(),
         ));
     }
@@ -89,9 +110,15 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
 }
 
 /// Run one consumer until shutdown.
-pub async fn consume(config: Arc<Config>, pool: Pool, index: usize, shutdown: Shutdown) {
+pub async fn consume(
+    config: Arc<Config>,
+    rules: Arc<RuleSet>,
+    pool: Pool,
+    index: usize,
+    shutdown: Shutdown,
+) {
     let name = consumer_name(pool, index);
-    match Consumer::new(config, pool, name.clone(), shutdown) {
+    match Consumer::new(config, rules, pool, name.clone(), shutdown) {
         Ok(mut c) => c.run().await,
         Err(e) => tracing::error!(consumer = %name, error = %e, "worker cannot start"),
     }
@@ -150,11 +177,18 @@ struct Consumer {
     /// Recent average of events per entry, to size reads in events.
     entry_size: f64,
     sequences: SequenceTracker,
+    engine: Engine,
+    /// Lanes taken over whose alerts' last transitions may not have been pushed.
+    repush: BTreeSet<Lane>,
+    /// Houses with WebSocket clients watching their events (`*`: all), and when it was read.
+    watched: (Instant, std::collections::HashSet<String>),
+    next_sweep: Instant,
 }
 
 impl Consumer {
     fn new(
         config: Arc<Config>,
+        rules: Arc<RuleSet>,
         pool: Pool,
         name: String,
         shutdown: Shutdown,
@@ -184,6 +218,16 @@ impl Consumer {
             next_rebalance: Instant::now(),
             entry_size: 1.0,
             sequences: SequenceTracker::default(),
+            engine: Engine::new(rules),
+            repush: BTreeSet::new(),
+            // Read at the first batch.
+            watched: (
+                Instant::now()
+                    .checked_sub(Duration::from_secs(60))
+                    .unwrap_or_else(Instant::now),
+                Default::default(),
+            ),
+            next_sweep: Instant::now(),
         })
     }
 
@@ -283,6 +327,7 @@ impl Consumer {
             self.rebalance().await?;
             self.next_rebalance = Instant::now() + self.ttl() / 3;
         }
+        self.housekeeping().await?;
         if self.held.is_empty() {
             self.shutdown.clone().sleep(self.ttl() / 3).await;
             return Ok(());
@@ -327,8 +372,11 @@ impl Consumer {
                 }
             };
             info!(consumer = %self.name, %lane, token, "took lane");
-            // Another consumer stored this lane's readings in between: start gap tracking over.
+            // Another consumer stored this lane's readings in between: start gap tracking and
+            // rule state over, and push what it may have left unpushed.
             self.sequences.clear();
+            self.engine.forget();
+            self.repush.insert(lane);
             self.held.insert(
                 lane,
                 Held {
@@ -462,14 +510,27 @@ impl Consumer {
             .flat_map(|(_, e)| &e.events)
             .collect();
         let duplicates = finished.saturating_sub(inserted);
+        let lanes: BTreeSet<Lane> = entries.iter().map(|e| e.lane).collect();
+        let Some(alerts) = self.evaluate_rules(&events, &lanes).await else {
+            // Shutdown, or a lane lost on the way: nothing is acknowledged, and what is still
+            // ours is taken again from the pending list.
+            for lane in &lanes {
+                if let Some(held) = self.held.get_mut(lane) {
+                    held.recovering.get_or_insert_with(|| "0-0".into());
+                }
+            }
+            return;
+        };
         self.observe_stored(&entries, &events, inserted, duplicates, started);
 
         let mut backoff = Backoff::default();
         loop {
-            // One round trip: the cache, then the acknowledgements (a crash in between leaves
-            // the entries pending, and a newer value is never replaced by an older one).
+            // One round trip: the cache, the pushes, then the acknowledgements (a crash in
+            // between leaves the entries pending; a newer value is never replaced by an older
+            // one, and an alert pushed twice is the same alert).
             let mut pipe = redis::pipe();
             self.cache.add_update(&mut pipe, &events);
+            self.add_pushes(&mut pipe, &alerts, &events);
             self.queue.add_ack(&mut pipe, &acks, inserted, duplicates);
             let done = self.queue.exec(&pipe).await;
             match done {
@@ -484,6 +545,7 @@ impl Consumer {
             }
         }
 
+        self.pushed(&alerts).await;
         debug!(
             consumer = %self.name,
             entries = entries.len(),
@@ -545,6 +607,7 @@ impl Consumer {
                 }
             }
         }
+        self.sensors.observe(events);
         let gaps = self.sequences.observe(events.iter().copied());
         if gaps > 0 {
             METRICS.sequence_gaps.add(gaps);

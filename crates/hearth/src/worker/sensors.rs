@@ -16,6 +16,8 @@ const MAX_REMEMBERED: usize = 200_000;
 pub struct SensorMemo {
     interval_us: i64,
     recorded: HashMap<String, Recorded>,
+    /// Per sensor: last receive time (µs) and the usual interval between readings (EWMA, ms).
+    cadence: HashMap<String, (i64, Option<f64>)>,
 }
 
 struct Recorded {
@@ -28,6 +30,7 @@ impl SensorMemo {
         SensorMemo {
             interval_us: interval_ms as i64 * 1000,
             recorded: HashMap::new(),
+            cadence: HashMap::new(),
         }
     }
 
@@ -42,6 +45,7 @@ impl SensorMemo {
                 kinds: Vec::new(),
                 first_us: e.received_us,
                 last_us: e.received_us,
+                interval_ms: self.cadence.get(&e.sensor_id).and_then(|c| c.1),
             });
             if !s.kinds.contains(&e.kind) {
                 s.kinds.push(e.kind.clone());
@@ -59,6 +63,31 @@ impl SensorMemo {
                 }
             })
             .collect()
+    }
+
+    /// Learn each sensor's usual interval from stored readings (in order).
+    pub fn observe(&mut self, events: &[&Event]) {
+        if self.cadence.len() > MAX_REMEMBERED {
+            self.cadence.clear();
+        }
+        for e in events {
+            match self.cadence.get_mut(&e.sensor_id) {
+                Some((last, ewma)) => {
+                    if e.received_us > *last {
+                        let gap_ms = (e.received_us - *last) as f64 / 1000.0;
+                        *ewma = Some(match *ewma {
+                            Some(v) => 0.9 * v + 0.1 * gap_ms,
+                            None => gap_ms,
+                        });
+                        *last = e.received_us;
+                    }
+                }
+                None => {
+                    self.cadence
+                        .insert(e.sensor_id.clone(), (e.received_us, None));
+                }
+            }
+        }
     }
 
     /// Remember what was committed.

@@ -1,0 +1,204 @@
+//! Webhook notifications: alert transitions queued in the `P:notify` stream (by the worker that
+//! made them, after they were written) and delivered by a notifier in each worker process: a
+//! JSON POST to every webhook configured for the alert's severity, retried with backoff; one that
+//! still fails goes to the dead letters with its reason. The entry is acknowledged only then, so
+//! a notifier that dies leaves it to another (claimed after a minute of silence).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use super::Alert;
+use super::rules::RuleSet;
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::metrics::METRICS;
+use crate::queue::{self, DeadLetter, Queue};
+use crate::shutdown::Shutdown;
+
+const GROUP: &str = "notifier";
+/// Attempts per webhook before a notification is dead-lettered.
+const ATTEMPTS: u32 = 4;
+/// A notifier silent this long has its pending notifications taken by another.
+const CLAIM_IDLE_MS: u64 = 60_000;
+
+pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdown) {
+    let queue = match Queue::open(&config.redis_url, &config.redis_prefix, config.shards) {
+        Ok(q) => q,
+        Err(e) => {
+            warn!(error = %e, "notifier cannot start");
+            return;
+        }
+    };
+    let name = format!("notifier-{}-{:04x}", std::process::id(), fastrand::u16(..));
+    let stream = queue.keys.notify();
+    let mut backoff = Backoff::default();
+    while !shutdown.is_set() {
+        let step = async {
+            let mut conn = queue::connect(&config.redis_url, Duration::from_secs(15)).await?;
+            let _: Result<Value, _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            loop {
+                // Another notifier's leftovers first, then new transitions.
+                let (_, mut entries) =
+                    queue::claim(&mut conn, &stream, GROUP, &name, CLAIM_IDLE_MS, "0-0", 50)
+                        .await?;
+                if entries.is_empty() {
+                    entries = queue::read_group(
+                        &mut conn,
+                        &stream,
+                        GROUP,
+                        &name,
+                        50,
+                        Duration::from_secs(1),
+                    )
+                    .await?;
+                }
+                for entry in entries {
+                    let id = entry.id.clone();
+                    deliver(&queue, &rules, entry.field("a").unwrap_or_default()).await;
+                    let mut c = queue.conn.clone();
+                    redis::pipe()
+                        .cmd("XACK")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg(&id)
+                        .ignore()
+                        .cmd("XDEL")
+                        .arg(&stream)
+                        .arg(&id)
+                        .ignore()
+                        .exec_async(&mut c)
+                        .await?;
+                }
+                if shutdown.is_set() {
+                    return Ok::<(), queue::QueueError>(());
+                }
+            }
+        }
+        .await;
+        match step {
+            Ok(()) => return,
+            Err(e) => {
+                crate::metrics::dependency_error("redis");
+                warn!(error = %e, "notifier failed, retrying");
+                if !shutdown.sleep(backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// POST one transition to every webhook of its severity; dead-letter what keeps failing.
+async fn deliver(queue: &Queue, rules: &RuleSet, body: &[u8]) {
+    let Ok(alert) = serde_json::from_slice::<Alert>(body) else {
+        warn!("unreadable notification dropped into the dead letters");
+        dead_letter(queue, "", body, "unreadable notification".into()).await;
+        return;
+    };
+    let payload = serde_json::json!({"type": "alert", "alert": alert}).to_string();
+    for hook in rules
+        .webhooks
+        .iter()
+        .filter(|w| w.severities.contains(&alert.severity))
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut last_error = String::new();
+        let mut delivered = false;
+        for _ in 0..ATTEMPTS {
+            match post(&hook.url, &payload).await {
+                Ok(()) => {
+                    delivered = true;
+                    break;
+                }
+                Err(e) => {
+                    last_error = e;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        if delivered {
+            info!(url = %hook.url, alert = alert.id, state = alert.state.as_str(), "webhook delivered");
+        } else {
+            warn!(url = %hook.url, alert = alert.id, error = %last_error, "webhook failed, dead-lettered");
+            let detail = format!("{}: {last_error} (after {ATTEMPTS} attempts)", hook.url);
+            dead_letter(queue, &hook.url, payload.as_bytes(), detail).await;
+        }
+    }
+}
+
+async fn dead_letter(queue: &Queue, url: &str, payload: &[u8], detail: String) {
+    METRICS.rejected.with("webhook_failed").add(1);
+    let letter = DeadLetter {
+        reason: "webhook_failed",
+        detail,
+        topic: url.to_string(),
+        payload: payload.to_vec(),
+        source: "notifier",
+        at_ms: crate::event::now_us() / 1000,
+    };
+    let mut pipe = redis::pipe();
+    letter.xadd(&mut pipe, &queue.keys.dead());
+    let mut conn = queue.conn.clone();
+    if let Err(e) = pipe.exec_async(&mut conn).await {
+        warn!(error = %e, "could not dead-letter a failed webhook");
+    }
+}
+
+/// A JSON POST over plain HTTP/1.1; any 2xx is success.
+pub async fn post(url: &str, body: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// is supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: hearth\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut head = vec![0u8; 64];
+        let n = stream
+            .read(&mut head)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let status_line = String::from_utf8_lossy(&head[..n]).to_string();
+        let status = status_line.split_whitespace().nth(1).unwrap_or("");
+        if status.starts_with('2') {
+            Ok(())
+        } else {
+            Err(format!(
+                "HTTP {}",
+                if status.is_empty() { "?" } else { status }
+            ))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "timed out after 10 s".to_string())?
+}

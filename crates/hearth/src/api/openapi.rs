@@ -1,0 +1,64 @@
+//! `/openapi.json`, generated from the handlers' and types' annotations, so that it cannot
+//! drift from the code.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{error, routes, ws};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hearth",
+        description = "The event backbone of a connected home: ingestion, sensors, history, alerts, pipeline state, and a WebSocket push. Every /api/v1 route needs a bearer token: the admin token, or a house token from `hearth token create --house H`."
+    ),
+    paths(
+        routes::post_events,
+        routes::house_sensors,
+        routes::sensor_latest,
+        routes::sensor_events,
+        routes::list_alerts,
+        routes::ack_alert,
+        routes::pipeline,
+        ws::upgrade,
+        routes::healthz,
+        routes::readyz,
+    ),
+    components(schemas(
+        error::ErrorBody,
+        routes::Accepted,
+        routes::RejectedReading,
+        routes::SensorView,
+        routes::LatestView,
+        routes::History,
+        routes::HistoryEvent,
+        routes::Pipeline,
+        routes::Readiness,
+        crate::alerts::Alert,
+        crate::alerts::Severity,
+        crate::alerts::AlertState,
+        crate::alerts::Push,
+        crate::alerts::PushedEvent,
+    )),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    Json(doc)
+}

@@ -1,0 +1,694 @@
+//! The REST handlers of SPEC §5. Every parameter is checked here and a bad one is a 400 with the
+//! JSON error; ids are validated before they reach a Redis key or a SQL statement (which are all
+//! parameterised anyway).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::Principal;
+use super::error::ApiError;
+use crate::alerts::{Alert, AlertState, Push};
+use crate::codec::{self, Limits};
+use crate::event::is_valid_id;
+use crate::metrics::METRICS;
+use crate::queue::{DeadLetter, Lane};
+
+/// The query string as pairs, percent-decoded; a malformed one is a 400.
+pub fn query_pairs(raw: Option<String>) -> Result<HashMap<String, String>, ApiError> {
+    let mut out = HashMap::new();
+    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        if out.insert(k.clone(), v).is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "parameter {k:?} is given twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("malformed percent-encoding in the query".into())
+                    })?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::BadRequest("the query is not UTF-8".into()))
+}
+
+fn valid_id(what: &str, id: &str) -> Result<(), ApiError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{what} must match [A-Za-z0-9_.-]{{1,64}}"
+        )))
+    }
+}
+
+/// Refuse parameters a route does not know (a typo would otherwise be silently ignored).
+fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match params
+        .keys()
+        .find(|k| !known.contains(&k.as_str()) && *k != "token")
+    {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "unknown parameter {k:?}; this route takes {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Epoch milliseconds or RFC 3339.
+fn instant(name: &str, raw: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = raw.parse::<i64>() {
+        return Ok(ms);
+    }
+    time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| ApiError::BadRequest(format!("{name} must be epoch milliseconds or RFC 3339")))
+}
+
+// ---- ingestion -------------------------------------------------------------------------------
+
+/// What `POST /events` did with each reading.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// Readings durably queued.
+    pub accepted: usize,
+    /// Readings refused, each with its reason (they are in the dead-letter stream too).
+    pub rejected: Vec<RejectedReading>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RejectedReading {
+    pub index: usize,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// Ingest readings over HTTP: one object or an array, each with `house_id` and `sensor_id`
+/// beside the fields of the MQTT payload. Answered 202 once durably queued.
+#[utoipa::path(post, path = "/api/v1/events", tag = "events",
+    request_body(content = Value, description = "A reading `{house_id, sensor_id, kind, value, unit?, seq?, ts?}` or an array of them", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued (and the refused ones dead-lettered)", body = Accepted),
+        (status = 400, description = "Not a reading or an array of readings", body = super::error::ErrorBody),
+        (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+        (status = 403, description = "A reading names a house this token is not for", body = super::error::ErrorBody),
+        (status = 503, description = "The queue is full or Redis is down: retry", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let limits = Limits {
+        max_payload_bytes: state.config.max_payload_bytes,
+        max_future_skew_ms: (state.config.max_future_skew_secs * 1000) as i64,
+    };
+    if body.len() > limits.max_payload_bytes.max(1024 * 1024) {
+        return Err(ApiError::BadRequest(format!(
+            "the body is {} bytes, too large",
+            body.len()
+        )));
+    }
+    let items = codec::http::readings(&body).map_err(|r| ApiError::BadRequest(r.to_string()))?;
+    for item in &items {
+        if let Some(house) = codec::http::house_of(item) {
+            who.check(house)?;
+        }
+    }
+    let received_us = crate::event::now_us();
+    let mut events = Vec::new();
+    let mut dead = Vec::new();
+    let mut rejected = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match codec::http::event(item, received_us, &limits) {
+            Ok(e) => events.push(e),
+            Err(r) => {
+                let raw = serde_json::to_vec(item).unwrap_or_default();
+                dead.push(DeadLetter::from_rejection(
+                    &r,
+                    "http",
+                    &raw,
+                    received_us / 1000,
+                ));
+                rejected.push(RejectedReading {
+                    index,
+                    reason: r.reason.as_str().into(),
+                    detail: r.detail,
+                });
+            }
+        }
+    }
+    if events.iter().any(|e| !e.is_critical())
+        && routine_depth(&state).await? >= state.config.queue_high_watermark
+    {
+        return Err(ApiError::Unavailable(
+            "the queue is above its high watermark; retry shortly".into(),
+        ));
+    }
+    let event_refs: Vec<&crate::event::Event> = events.iter().collect();
+    let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
+    state.queue.append(&event_refs, &dead_refs).await?;
+    METRICS.received.with("http").add(events.len() as u64);
+    for d in &dead {
+        METRICS.rejected.with(d.reason).add(1);
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            accepted: events.len(),
+            rejected,
+        }),
+    ))
+}
+
+/// The routine depth, read at most every 200 ms.
+async fn routine_depth(state: &AppState) -> Result<u64, ApiError> {
+    let cached = state.depth.lock().ok().map(|d| *d);
+    if let Some((at, depth)) = cached
+        && at.elapsed() < Duration::from_millis(200)
+    {
+        return Ok(depth);
+    }
+    let depth = state
+        .queue
+        .depths()
+        .await?
+        .iter()
+        .filter(|(l, _)| *l != Lane::Critical)
+        .map(|(_, d)| d)
+        .sum();
+    if let Ok(mut d) = state.depth.lock() {
+        *d = (Instant::now(), depth);
+    }
+    Ok(depth)
+}
+
+// ---- sensors ---------------------------------------------------------------------------------
+
+/// A sensor with its latest value of each kind.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SensorView {
+    pub sensor_id: String,
+    pub house_id: String,
+    pub kinds: Vec<String>,
+    /// Epoch milliseconds.
+    pub first_seen: i64,
+    /// Epoch milliseconds (written at most every `sensor_touch_interval_ms`).
+    pub last_seen: i64,
+    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
+    #[schema(value_type = Object)]
+    pub latest: BTreeMap<String, Value>,
+}
+
+async fn latest(state: &AppState, sensor: &str) -> Result<BTreeMap<String, Value>, ApiError> {
+    Ok(state
+        .cache
+        .latest(sensor)
+        .await?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+        .collect())
+}
+
+/// The sensors of a house, with their latest values.
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors", tag = "sensors",
+    params(("house" = String, Path, description = "House id")),
+    responses(
+        (status = 200, body = Vec<SensorView>),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn house_sensors(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path(house): Path<String>,
+) -> Result<Json<Vec<SensorView>>, ApiError> {
+    valid_id("house", &house)?;
+    who.check(&house)?;
+    let client = state.db.client().await?;
+    let rows = client
+        .query(
+            "SELECT sensor_id, house_id, kinds, (extract(epoch FROM first_seen) * 1000)::int8,
+                    (extract(epoch FROM last_seen) * 1000)::int8
+             FROM sensors WHERE house_id = $1 ORDER BY sensor_id LIMIT 10000",
+            &[&house],
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let sensor_id: String = r.get(0);
+        out.push(SensorView {
+            latest: latest(&state, &sensor_id).await?,
+            sensor_id,
+            house_id: r.get(1),
+            kinds: r.get(2),
+            first_seen: r.get(3),
+            last_seen: r.get(4),
+        });
+    }
+    Ok(Json(out))
+}
+
+/// The house of a sensor, checked against the token (404 either way, so that a token does not
+/// tell which sensors exist in other houses).
+async fn sensor_house(state: &AppState, who: &Principal, sensor: &str) -> Result<String, ApiError> {
+    valid_id("sensor", sensor)?;
+    let client = state.db.client().await?;
+    let house: Option<String> = client
+        .query_opt(
+            "SELECT house_id FROM sensors WHERE sensor_id = $1",
+            &[&sensor],
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?
+        .map(|r| r.get(0));
+    match house {
+        Some(h) if who.allows(&h) => Ok(h),
+        _ => Err(ApiError::NotFound(format!("no sensor {sensor:?}"))),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatestView {
+    pub sensor_id: String,
+    pub house_id: String,
+    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
+    #[schema(value_type = Object)]
+    pub latest: BTreeMap<String, Value>,
+}
+
+/// The latest value of each kind of a sensor (from the cache).
+#[utoipa::path(get, path = "/api/v1/sensors/{sensor}/latest", tag = "sensors",
+    params(("sensor" = String, Path, description = "Sensor id")),
+    responses(
+        (status = 200, body = LatestView),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn sensor_latest(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path(sensor): Path<String>,
+) -> Result<Json<LatestView>, ApiError> {
+    let house_id = sensor_house(&state, &who, &sensor).await?;
+    Ok(Json(LatestView {
+        latest: latest(&state, &sensor).await?,
+        sensor_id: sensor,
+        house_id,
+    }))
+}
+
+/// A stored reading.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryEvent {
+    /// Storage order (`events.id`).
+    pub id: i64,
+    pub kind: String,
+    pub value: f64,
+    pub unit: Option<String>,
+    pub seq: Option<i64>,
+    /// Reading time, epoch milliseconds.
+    pub ts: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct History {
+    /// Newest first.
+    pub events: Vec<HistoryEvent>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A sensor's history, newest first, paged.
+#[utoipa::path(get, path = "/api/v1/sensors/{sensor}/events", tag = "sensors",
+    params(
+        ("sensor" = String, Path, description = "Sensor id"),
+        ("kind" = Option<String>, Query, description = "Only this kind"),
+        ("from" = Option<String>, Query, description = "Readings at or after (epoch ms or RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Readings before (epoch ms or RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1..=1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = History),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn sensor_events(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path(sensor): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<History>, ApiError> {
+    let params = query_pairs(raw)?;
+    only(&params, &["kind", "from", "to", "limit", "cursor"])?;
+    let kind = params.get("kind").cloned();
+    if let Some(k) = &kind {
+        valid_id("kind", k)?;
+    }
+    let from = params.get("from").map(|v| instant("from", v)).transpose()?;
+    let to = params.get("to").map(|v| instant("to", v)).transpose()?;
+    let limit: i64 = match params.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=1000".into()))?,
+    };
+    let cursor: Option<(i64, i64)> = params
+        .get("cursor")
+        .map(|c| {
+            c.split_once('.')
+                .and_then(|(ts, id)| Some((ts.parse().ok()?, id.parse().ok()?)))
+                .ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))
+        })
+        .transpose()?;
+    let house = sensor_house(&state, &who, &sensor).await?;
+    debug_assert!(who.allows(&house));
+    let client = state.db.client().await?;
+    let rows = client
+        .query(
+            "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms
+             FROM events
+             WHERE sensor_id = $1
+               AND ($2::text IS NULL OR kind = $2)
+               AND ($3::int8 IS NULL OR ts >= timestamptz 'epoch' + $3 * interval '1 millisecond')
+               AND ($4::int8 IS NULL OR ts < timestamptz 'epoch' + $4 * interval '1 millisecond')
+               AND ($5::int8 IS NULL OR (ts, id) < (timestamptz 'epoch' + $5 * interval '1 millisecond', $6))
+             ORDER BY ts DESC, id DESC
+             LIMIT $7",
+            &[
+                &sensor,
+                &kind,
+                &from,
+                &to,
+                &cursor.map(|c| c.0),
+                &cursor.map(|c| c.1).unwrap_or(0),
+                &(limit + 1),
+            ],
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
+    let mut events: Vec<HistoryEvent> = rows
+        .iter()
+        .map(|r| HistoryEvent {
+            id: r.get(0),
+            kind: r.get(1),
+            value: r.get(2),
+            unit: r.get(3),
+            seq: r.get(4),
+            ts: r.get(5),
+        })
+        .collect();
+    let next_cursor = if events.len() as i64 > limit {
+        events.truncate(limit as usize);
+        events.last().map(|e| format!("{}.{}", e.ts, e.id))
+    } else {
+        None
+    };
+    Ok(Json(History {
+        events,
+        next_cursor,
+    }))
+}
+
+// ---- alerts ----------------------------------------------------------------------------------
+
+/// Alerts, newest first.
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts",
+    params(
+        ("house" = Option<String>, Query, description = "Only this house (a house token sees only its own)"),
+        ("state" = Option<String>, Query, description = "active, acknowledged or cleared"),
+        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+    ),
+    responses(
+        (status = 200, body = Vec<Alert>),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list_alerts(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Vec<Alert>>, ApiError> {
+    let params = query_pairs(raw)?;
+    only(&params, &["house", "state", "limit"])?;
+    let mut house = params.get("house").cloned();
+    if let Some(h) = &house {
+        valid_id("house", h)?;
+        who.check(h)?;
+    }
+    if let Principal::House(own) = &who {
+        house = Some(own.clone());
+    }
+    let alert_state = params
+        .get("state")
+        .map(|s| {
+            AlertState::parse(s).ok_or_else(|| {
+                ApiError::BadRequest("state must be active, acknowledged or cleared".into())
+            })
+        })
+        .transpose()?;
+    let limit: i64 = match params.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=1000".into()))?,
+    };
+    let client = state.db.client().await?;
+    Ok(Json(
+        crate::store::alerts::list(&*client, house.as_deref(), alert_state, limit).await?,
+    ))
+}
+
+/// Acknowledge an alert; the change is pushed to WebSocket clients and webhooks.
+#[utoipa::path(post, path = "/api/v1/alerts/{id}/ack", tag = "alerts",
+    params(("id" = i64, Path, description = "Alert id")),
+    responses(
+        (status = 200, description = "Acknowledged (or already)", body = Alert),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+        (status = 409, description = "The alert is already cleared", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn ack_alert(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Alert>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| ApiError::BadRequest("alert id must be a positive integer".into()))?;
+    let client = state.db.client().await?;
+    let existing = crate::store::alerts::get(&*client, id).await?;
+    match &existing {
+        Some(a) if who.allows(&a.house_id) => {}
+        _ => return Err(ApiError::NotFound(format!("no alert {id}"))),
+    }
+    let Some((alert, changed)) =
+        crate::store::alerts::acknowledge(&*client, id, &who.name()).await?
+    else {
+        return Err(ApiError::NotFound(format!("no alert {id}")));
+    };
+    if alert.state == AlertState::Cleared {
+        return Err(ApiError::Conflict(format!("alert {id} is already cleared")));
+    }
+    if changed {
+        push_alert(&state, &alert).await?;
+        crate::store::alerts::mark_pushed(&*client, std::slice::from_ref(&alert)).await?;
+    }
+    Ok(Json(alert))
+}
+
+/// Push an alert change made by the API, as the workers push theirs.
+async fn push_alert(state: &AppState, alert: &Alert) -> Result<(), ApiError> {
+    let message = Push::Alert {
+        house_id: alert.house_id.clone(),
+        alert: Box::new(alert.clone()),
+    };
+    let mut pipe = redis::pipe();
+    if let Ok(json) = serde_json::to_string(&message) {
+        pipe.cmd("PUBLISH")
+            .arg(state.queue.keys.push())
+            .arg(json)
+            .ignore();
+    }
+    let rules = crate::alerts::rules::RuleSet::load(&state.config.rules_file).unwrap_or_default();
+    if rules
+        .webhooks
+        .iter()
+        .any(|w| w.severities.contains(&alert.severity))
+        && let Ok(json) = serde_json::to_string(alert)
+    {
+        pipe.cmd("XADD")
+            .arg(state.queue.keys.notify())
+            .arg("*")
+            .arg("a")
+            .arg(json)
+            .ignore();
+    }
+    state.queue.exec(&pipe).await?;
+    Ok(())
+}
+
+// ---- pipeline and health ---------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pipeline {
+    /// Per lane: depth (events), entries, pending, lag, owner, consumers.
+    #[schema(value_type = Object)]
+    pub queue: Value,
+    /// Events per second since the previous call (over all processes).
+    pub received_per_s: f64,
+    pub stored_per_s: f64,
+    /// Dependency → whether its circuit is open (in this process).
+    pub circuits: BTreeMap<String, bool>,
+}
+
+/// Queue depth, lag, pending, dead letters, throughput, circuit states.
+#[utoipa::path(get, path = "/api/v1/pipeline", tag = "pipeline",
+    responses((status = 200, body = Pipeline), (status = 401, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn pipeline(
+    State(state): State<Arc<AppState>>,
+    _who: Principal,
+) -> Result<Json<Pipeline>, ApiError> {
+    let status = crate::status::collect(&state.queue).await?;
+    let (received, stored) = (status.events.received, status.events.stored);
+    let now = Instant::now();
+    let (mut received_per_s, mut stored_per_s) = (0.0, 0.0);
+    if let Ok(mut last) = state.last_counts.lock() {
+        if let Some((at, r, s)) = *last {
+            let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+            received_per_s = received.saturating_sub(r) as f64 / dt;
+            stored_per_s = stored.saturating_sub(s) as f64 / dt;
+        }
+        *last = Some((now, received, stored));
+    }
+    let circuits = crate::metrics::circuits();
+    Ok(Json(Pipeline {
+        queue: serde_json::to_value(&status).unwrap_or(Value::Null),
+        received_per_s,
+        stored_per_s,
+        circuits,
+    }))
+}
+
+/// Alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "ok")))]
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub redis: bool,
+    pub postgres: bool,
+    pub broker: bool,
+}
+
+/// Ready only when Redis, PostgreSQL and the broker answer.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let timeout = Duration::from_secs(2);
+    let redis = async {
+        let mut conn = state.queue.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+    };
+    let postgres = async {
+        match state.db.client().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    };
+    let broker = async {
+        match crate::mqtt::Endpoint::parse(&state.config.mqtt_url, "readyz") {
+            Ok(ep) => tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    };
+    let (redis, postgres, broker) = tokio::join!(
+        async { tokio::time::timeout(timeout, redis).await.unwrap_or(false) },
+        async {
+            tokio::time::timeout(timeout, postgres)
+                .await
+                .unwrap_or(false)
+        },
+        async { tokio::time::timeout(timeout, broker).await.unwrap_or(false) },
+    );
+    let ready = redis && postgres && broker;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(Readiness {
+            ready,
+            redis,
+            postgres,
+            broker,
+        }),
+    )
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route; see /openapi.json".into())
+}

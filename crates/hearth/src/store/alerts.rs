@@ -1,0 +1,371 @@
+//! Alerts and rule state in PostgreSQL: what the rule engine loads and writes, what the API
+//! lists and acknowledges, and the offline sweep.
+
+use std::collections::HashMap;
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+
+use super::{Store, StoreError, classify};
+use crate::alerts::engine::{Outcome, State, Transition};
+use crate::alerts::rules::{Condition, RuleSet};
+use crate::alerts::{Alert, AlertState, Severity};
+use crate::queue::Lane;
+
+/// The columns of an alert, in the order [`alert`] reads them.
+pub const ALERT_COLUMNS: &str =
+    "id, house_id, sensor_id, rule, kind, severity, state, message, value,
+    (extract(epoch FROM raised_at) * 1000)::int8, raised_by,
+    (extract(epoch FROM acknowledged_at) * 1000)::int8, acknowledged_by,
+    (extract(epoch FROM cleared_at) * 1000)::int8, cleared_by";
+
+pub fn alert(row: &tokio_postgres::Row) -> Alert {
+    Alert {
+        id: row.get(0),
+        house_id: row.get(1),
+        sensor_id: row.get(2),
+        rule: row.get(3),
+        kind: row.get(4),
+        severity: Severity::parse(row.get(5)).unwrap_or(Severity::Warning),
+        state: AlertState::parse(row.get(6)).unwrap_or(AlertState::Active),
+        message: row.get(7),
+        value: row.get(8),
+        raised_at: row.get(9),
+        raised_by: row.get(10),
+        acknowledged_at: row.get(11),
+        acknowledged_by: row.get(12),
+        cleared_at: row.get(13),
+        cleared_by: row.get(14),
+    }
+}
+
+/// The stored rule state of `sensors`: (sensor, rule, state), open alerts included.
+pub async fn load_states(
+    client: &impl GenericClient,
+    sensors: &[String],
+) -> Result<Vec<(String, String, State)>, StoreError> {
+    let mut states: HashMap<(String, String), State> = HashMap::new();
+    let rows = client
+        .query(
+            "SELECT sensor_id, rule, (extract(epoch FROM pending_since) * 1000)::int8, transition_key
+             FROM rule_state WHERE sensor_id = ANY($1)",
+            &[&sensors],
+        )
+        .await
+        .map_err(classify)?;
+    for r in rows {
+        states.insert(
+            (r.get(0), r.get(1)),
+            State {
+                pending_since: r.get(2),
+                transition_key: r.get(3),
+                open: None,
+            },
+        );
+    }
+    let rows = client
+        .query(
+            "SELECT sensor_id, rule, state FROM alerts WHERE sensor_id = ANY($1) AND state <> 'cleared'",
+            &[&sensors],
+        )
+        .await
+        .map_err(classify)?;
+    for r in rows {
+        let st = states.entry((r.get(0), r.get(1))).or_default();
+        st.open = AlertState::parse(r.get(2));
+    }
+    Ok(states.into_iter().map(|((s, r), st)| (s, r, st)).collect())
+}
+
+/// Lanes whose fence rows still hold the tokens (locked shared until the transaction ends).
+const CHECK_FENCES: &str = "
+SELECT f.lane FROM lane_fences f
+JOIN unnest($1::text[], $2::int8[]) AS c(lane, token) ON f.lane = c.lane AND f.token = c.token
+FOR SHARE OF f";
+
+impl Store {
+    pub async fn load_states(
+        &self,
+        sensors: &[String],
+    ) -> Result<Vec<(String, String, State)>, StoreError> {
+        load_states(&self.client, sensors).await
+    }
+
+    /// Write an evaluation's transitions and changed states, in one transaction fenced like the
+    /// batch it came from. Returns the alerts as they are after each transition that took effect.
+    pub async fn write_outcome(
+        &mut self,
+        fences: &[(String, i64)],
+        outcome: &Outcome,
+        rules: &RuleSet,
+        shards: u16,
+    ) -> Result<Vec<Alert>, StoreError> {
+        let tx = self.client.transaction().await.map_err(classify)?;
+        let lanes: Vec<&str> = fences.iter().map(|(l, _)| l.as_str()).collect();
+        let tokens: Vec<i64> = fences.iter().map(|(_, t)| *t).collect();
+        let held = tx
+            .query(CHECK_FENCES, &[&lanes, &tokens])
+            .await
+            .map_err(classify)?;
+        if held.len() != fences.len() {
+            let held: Vec<String> = held.iter().map(|r| r.get(0)).collect();
+            return Err(StoreError::Fenced(
+                lanes
+                    .iter()
+                    .filter(|l| !held.iter().any(|h| h == *l))
+                    .map(|l| l.to_string())
+                    .collect(),
+            ));
+        }
+        let mut changed = Vec::new();
+        for t in &outcome.transitions {
+            let row = match t {
+                Transition::Raise {
+                    rule,
+                    house_id,
+                    sensor_id,
+                    kind,
+                    value,
+                    ts_ms,
+                    event_key,
+                } => {
+                    let r = &rules.rules[*rule];
+                    let lane = Lane::of(sensor_id, kind, shards).name();
+                    let sql = format!(
+                        "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state,
+                                             message, value, raised_at, raised_by)
+                         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8,
+                                 timestamptz 'epoch' + $9::int8 * interval '1 millisecond', $10)
+                         ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                         RETURNING {ALERT_COLUMNS}"
+                    );
+                    let params: [&(dyn ToSql + Sync); 10] = [
+                        house_id,
+                        sensor_id,
+                        &lane,
+                        &r.name,
+                        kind,
+                        &r.severity.as_str(),
+                        &r.message,
+                        value,
+                        ts_ms,
+                        event_key,
+                    ];
+                    tx.query_opt(&sql, &params).await.map_err(classify)?
+                }
+                Transition::Clear {
+                    rule,
+                    sensor_id,
+                    ts_ms,
+                    event_key,
+                } => {
+                    let sql = format!(
+                        "UPDATE alerts SET state = 'cleared', updated_at = now(),
+                                cleared_at = timestamptz 'epoch' + $3::int8 * interval '1 millisecond',
+                                cleared_by = $4
+                         WHERE sensor_id = $1 AND rule = $2 AND state <> 'cleared'
+                         RETURNING {ALERT_COLUMNS}"
+                    );
+                    let name = &rules.rules[*rule].name;
+                    tx.query_opt(&sql, &[sensor_id, name, ts_ms, event_key])
+                        .await
+                        .map_err(classify)?
+                }
+            };
+            changed.extend(row.as_ref().map(alert));
+        }
+        if !outcome.states.is_empty() {
+            let sensors: Vec<&str> = outcome.states.iter().map(|(s, _, _)| s.as_str()).collect();
+            let names: Vec<&str> = outcome
+                .states
+                .iter()
+                .map(|(_, r, _)| rules.rules[*r].name.as_str())
+                .collect();
+            let pending: Vec<Option<i64>> = outcome
+                .states
+                .iter()
+                .map(|(_, _, st)| st.pending_since)
+                .collect();
+            let keys: Vec<Option<&str>> = outcome
+                .states
+                .iter()
+                .map(|(_, _, st)| st.transition_key.as_deref())
+                .collect();
+            tx.execute(
+                "INSERT INTO rule_state (sensor_id, rule, pending_since, transition_key)
+                 SELECT s, r, timestamptz 'epoch' + p * interval '1 millisecond', k
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS x(s, r, p, k)
+                 ORDER BY s, r
+                 ON CONFLICT (sensor_id, rule) DO UPDATE SET pending_since = EXCLUDED.pending_since,
+                     transition_key = EXCLUDED.transition_key, updated_at = now()",
+                &[&sensors, &names, &pending, &keys],
+            )
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(changed)
+    }
+
+    /// Alerts of a lane whose last transition was not pushed yet.
+    pub async fn unpushed(&self, lane: &str) -> Result<Vec<Alert>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {ALERT_COLUMNS} FROM alerts
+                     WHERE lane = $1 AND notified_state IS DISTINCT FROM state ORDER BY id"
+                ),
+                &[&lane],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(rows.iter().map(alert).collect())
+    }
+
+    pub async fn mark_pushed(&self, alerts: &[Alert]) -> Result<(), StoreError> {
+        mark_pushed(&self.client, alerts).await
+    }
+
+    /// Declare offline the sensors silent for longer than the offline rule allows, and return
+    /// the alerts raised.
+    pub async fn sweep_offline(
+        &self,
+        rules: &RuleSet,
+        shards: u16,
+    ) -> Result<Vec<Alert>, StoreError> {
+        let Some(rule) = rules.offline() else {
+            return Ok(Vec::new());
+        };
+        let Condition::Offline {
+            multiple,
+            min_silence,
+        } = rule.condition
+        else {
+            return Ok(Vec::new());
+        };
+        let silent = self
+            .client
+            .query(
+                "SELECT s.sensor_id, s.house_id, (extract(epoch FROM s.last_seen) * 1000)::int8
+                 FROM sensors s
+                 WHERE s.interval_ms IS NOT NULL
+                   AND s.last_seen < now() - greatest(s.interval_ms * $1, $2::float8) * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM alerts a
+                                   WHERE a.sensor_id = s.sensor_id AND a.rule = $3 AND a.state <> 'cleared')
+                 LIMIT 1000",
+                &[&multiple, &(min_silence.as_millis() as f64), &rule.name],
+            )
+            .await
+            .map_err(classify)?;
+        let mut raised = Vec::new();
+        for row in silent {
+            let (sensor, house, last_ms): (String, String, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            let lane = Lane::of(&sensor, "online", shards).name();
+            let sql = format!(
+                "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
+                                     raised_at, raised_by)
+                 VALUES ($1, $2, $3, $4, 'online', $5, 'active', $6, now(), $7)
+                 ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                 RETURNING {ALERT_COLUMNS}"
+            );
+            let by = format!("silence since {last_ms}");
+            if let Some(row) = self
+                .client
+                .query_opt(
+                    &sql,
+                    &[
+                        &house,
+                        &sensor,
+                        &lane,
+                        &rule.name,
+                        &rule.severity.as_str(),
+                        &rule.message,
+                        &by,
+                    ],
+                )
+                .await
+                .map_err(classify)?
+            {
+                raised.push(alert(&row));
+            }
+        }
+        Ok(raised)
+    }
+}
+
+pub async fn mark_pushed(client: &impl GenericClient, alerts: &[Alert]) -> Result<(), StoreError> {
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = alerts.iter().map(|a| a.id).collect();
+    let states: Vec<&str> = alerts.iter().map(|a| a.state.as_str()).collect();
+    client
+        .execute(
+            "UPDATE alerts a SET notified_state = x.s
+             FROM unnest($1::int8[], $2::text[]) AS x(i, s)
+             WHERE a.id = x.i AND a.state = x.s",
+            &[&ids, &states],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+/// Alerts, newest first.
+pub async fn list(
+    client: &impl GenericClient,
+    house: Option<&str>,
+    state: Option<AlertState>,
+    limit: i64,
+) -> Result<Vec<Alert>, StoreError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts
+                 WHERE ($1::text IS NULL OR house_id = $1) AND ($2::text IS NULL OR state = $2)
+                 ORDER BY id DESC LIMIT $3"
+            ),
+            &[&house, &state.map(AlertState::as_str), &limit],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(rows.iter().map(alert).collect())
+}
+
+pub async fn get(client: &impl GenericClient, id: i64) -> Result<Option<Alert>, StoreError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(row.as_ref().map(alert))
+}
+
+/// Acknowledge an active alert. Returns the alert as it is after (unchanged if it was not
+/// active), or `None` when there is no such alert.
+pub async fn acknowledge(
+    client: &impl GenericClient,
+    id: i64,
+    by: &str,
+) -> Result<Option<(Alert, bool)>, StoreError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE alerts SET state = 'acknowledged', acknowledged_at = now(),
+                        acknowledged_by = $2, updated_at = now()
+                 WHERE id = $1 AND state = 'active'
+                 RETURNING {ALERT_COLUMNS}"
+            ),
+            &[&id, &by],
+        )
+        .await
+        .map_err(classify)?;
+    match row {
+        Some(row) => Ok(Some((alert(&row), true))),
+        None => Ok(get(client, id).await?.map(|a| (a, false))),
+    }
+}

@@ -1,0 +1,221 @@
+//! The consumer's part in alerting: evaluate the rules on each committed batch and write the
+//! transitions (fenced like the batch), push them (WebSocket fan-out through Redis pub/sub,
+//! webhooks through the `P:notify` stream), and mark them pushed; push again what a lane's former
+//! owner left unpushed; and, for the owner of the critical lane, sweep for silent sensors.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::{Consumer, WorkerError, lock};
+use crate::alerts::rules::Condition;
+use crate::alerts::{Alert, Push, PushedEvent};
+use crate::backoff::Backoff;
+use crate::event::Event;
+use crate::metrics::{self, METRICS};
+use crate::queue::Lane;
+use crate::store::StoreError;
+
+/// How often the set of watched houses is read again.
+const WATCHED_REFRESH: Duration = Duration::from_secs(2);
+
+impl Consumer {
+    /// Evaluate the rules on stored `events` and write what changed. `None` on shutdown or when
+    /// a lane was lost meanwhile (the lane's next owner evaluates the batch again).
+    pub(super) async fn evaluate_rules(
+        &mut self,
+        events: &[&Event],
+        lanes: &BTreeSet<Lane>,
+    ) -> Option<Vec<Alert>> {
+        let mut backoff = Backoff::default();
+        loop {
+            let result: Result<Vec<Alert>, StoreError> = async {
+                let to_load = self.engine.to_load(events);
+                if !to_load.is_empty() {
+                    let states = self.store().await?.load_states(&to_load).await?;
+                    self.engine.load(&to_load, states);
+                }
+                let outcome = self.engine.evaluate(events);
+                let alerts = if outcome.is_empty() {
+                    Vec::new()
+                } else {
+                    let fences: Vec<(String, i64)> = lanes
+                        .iter()
+                        .filter_map(|l| self.held.get(l).map(|h| (l.name(), h.token)))
+                        .collect();
+                    if fences.len() != lanes.len() {
+                        return Err(StoreError::Fenced(Vec::new()));
+                    }
+                    let rules = self.engine.rules.clone();
+                    let shards = self.config.shards;
+                    self.store()
+                        .await?
+                        .write_outcome(&fences, &outcome, &rules, shards)
+                        .await?
+                };
+                self.engine.commit(outcome, events);
+                Ok(alerts)
+            }
+            .await;
+            match result {
+                Ok(alerts) => {
+                    for a in &alerts {
+                        if a.state == crate::alerts::AlertState::Active {
+                            METRICS.alerts.with(a.severity.as_str()).add(1);
+                        }
+                        info!(alert = a.id, rule = %a.rule, sensor = %a.sensor_id, state = a.state.as_str(), "alert");
+                    }
+                    return Some(alerts);
+                }
+                Err(StoreError::Fenced(lost)) => {
+                    warn!(consumer = %self.name, lanes = ?lost, "fenced out while writing alerts");
+                    for name in lost {
+                        if let Some(lane) = self.lanes.iter().find(|l| l.name() == name).copied() {
+                            self.held.remove(&lane);
+                            lock(&self.kept).remove(&lane);
+                        }
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    metrics::dependency_error("postgres");
+                    warn!(consumer = %self.name, error = %e, "writing alerts failed, retrying");
+                    self.store = None;
+                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Add to `pipe` the pushes of `alerts`, the webhook notifications, and the events of
+    /// watched houses.
+    pub(super) fn add_pushes(
+        &self,
+        pipe: &mut redis::Pipeline,
+        alerts: &[Alert],
+        events: &[&Event],
+    ) {
+        let push = self.queue.keys.push();
+        for alert in alerts {
+            let message = Push::Alert {
+                house_id: alert.house_id.clone(),
+                alert: Box::new(alert.clone()),
+            };
+            if let Ok(json) = serde_json::to_string(&message) {
+                pipe.cmd("PUBLISH").arg(&push).arg(json).ignore();
+            }
+            let rules = &self.engine.rules;
+            if rules
+                .webhooks
+                .iter()
+                .any(|w| w.severities.contains(&alert.severity))
+                && let Ok(json) = serde_json::to_string(alert)
+            {
+                pipe.cmd("XADD")
+                    .arg(self.queue.keys.notify())
+                    .arg("*")
+                    .arg("a")
+                    .arg(json)
+                    .ignore();
+            }
+        }
+        let watched = &self.watched.1;
+        if watched.is_empty() || events.is_empty() {
+            return;
+        }
+        let mut by_house: std::collections::BTreeMap<&str, Vec<PushedEvent>> = Default::default();
+        for e in events {
+            if watched.contains("*") || watched.contains(&e.house_id) {
+                by_house
+                    .entry(&e.house_id)
+                    .or_default()
+                    .push(PushedEvent::from(*e));
+            }
+        }
+        for (house, events) in by_house {
+            let message = Push::Events {
+                house_id: house.to_string(),
+                events,
+            };
+            if let Ok(json) = serde_json::to_string(&message) {
+                pipe.cmd("PUBLISH").arg(&push).arg(json).ignore();
+            }
+        }
+    }
+
+    /// Note that `alerts` were pushed (best effort: if this fails, the lane's next owner pushes
+    /// them again, and a client sees the same alert twice).
+    pub(super) async fn pushed(&mut self, alerts: &[Alert]) {
+        if alerts.is_empty() {
+            return;
+        }
+        let result = async { self.store().await?.mark_pushed(alerts).await }.await;
+        if let Err(e) = result {
+            warn!(consumer = %self.name, error = %e, "could not mark alerts pushed");
+            self.store = None;
+        }
+    }
+
+    /// Between batches: refresh the watched houses, push what lanes taken over left unpushed,
+    /// and (the critical lane's owner) sweep for silent sensors.
+    pub(super) async fn housekeeping(&mut self) -> Result<(), WorkerError> {
+        if self.watched.0.elapsed() >= WATCHED_REFRESH {
+            let now = crate::event::now_us() / 1000;
+            let mut conn = self.queue.conn.clone();
+            let houses: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.queue.keys.watched())
+                .arg(now)
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await
+                .map_err(crate::queue::QueueError::from)?;
+            self.watched = (Instant::now(), houses.into_iter().collect());
+        }
+        while let Some(lane) = self.repush.first().copied() {
+            if !self.held.contains_key(&lane) {
+                self.repush.remove(&lane);
+                continue;
+            }
+            let alerts = self.store().await?.unpushed(&lane.name()).await?;
+            self.publish(&alerts).await?;
+            self.repush.remove(&lane);
+        }
+        if self.held.contains_key(&Lane::Critical) && Instant::now() >= self.next_sweep {
+            self.next_sweep = Instant::now() + self.sweep_period();
+            let rules = self.engine.rules.clone();
+            let shards = self.config.shards;
+            let alerts = self.store().await?.sweep_offline(&rules, shards).await?;
+            for a in &alerts {
+                METRICS.alerts.with(a.severity.as_str()).add(1);
+                info!(alert = a.id, sensor = %a.sensor_id, "sensor offline");
+            }
+            self.publish(&alerts).await?;
+        }
+        Ok(())
+    }
+
+    /// Push alerts outside a batch (takeover, sweep), then mark them pushed.
+    async fn publish(&mut self, alerts: &[Alert]) -> Result<(), WorkerError> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        self.add_pushes(&mut pipe, alerts, &[]);
+        self.queue.exec(&pipe).await?;
+        self.store().await?.mark_pushed(alerts).await?;
+        Ok(())
+    }
+
+    /// A quarter of the shortest silence the offline rule waits for, within [200 ms, 30 s].
+    fn sweep_period(&self) -> Duration {
+        let min_silence = self.engine.rules.offline().and_then(|r| match r.condition {
+            Condition::Offline { min_silence, .. } => Some(min_silence),
+            _ => None,
+        });
+        (min_silence.unwrap_or(Duration::from_secs(600)) / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(30))
+    }
+}
