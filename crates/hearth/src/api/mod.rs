@@ -120,14 +120,25 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
+/// Kernel send buffer of each HTTP connection. Fixed rather than auto-tuned (up to 4 MiB on
+/// Linux), so that what a WebSocket client that stops reading can hold is bounded, and is
+/// noticed: its messages then pile up in hearth's own bounded queue, and it is dropped.
+const SEND_BUFFER: usize = 256 * 1024;
+
 /// Serve until shutdown.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "http listening");
+    let listener = listener.tap_io(|tcp| {
+        let sock = socket2::SockRef::from(&*tcp);
+        let _ = sock.set_tcp_nodelay(true);
+        let _ = sock.set_send_buffer_size(SEND_BUFFER);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;

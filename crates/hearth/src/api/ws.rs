@@ -279,8 +279,9 @@ async fn serve(hub: Arc<Hub>, socket: WebSocket, sub: Subscription) {
         tokio::select! {
             message = rx.recv() => match message {
                 Some(text) => {
-                    let sent = tokio::time::timeout(SEND_WITHIN, sender.send(Message::Text(text.as_ref().into()))).await;
-                    if !matches!(sent, Ok(Ok(()))) {
+                    let send = sender.send(Message::Text(text.as_ref().into()));
+                    if !matches!(tokio::time::timeout(SEND_WITHIN, send).await, Ok(Ok(()))) {
+                        info!(client = id, "websocket client too slow (send stalled), disconnecting");
                         break;
                     }
                 }

@@ -510,7 +510,11 @@ pub async fn publish_all(port: u16, client_id: &str, payloads: Vec<(String, Vec<
             Instant::now() < deadline,
             "publisher: {acked}/{total} acked"
         );
-        match eventloop.poll().await {
+        let Ok(polled) = tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await
+        else {
+            panic!("publisher: {acked}/{total} acked, then silence");
+        };
+        match polled {
             Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -603,4 +607,154 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.split_whitespace().next() == Some(series))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP request with an optional bearer token; (status, body).
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // Bodies of `Connection: close` responses from axum are not chunked unless streamed.
+    (status, body.to_string())
+}
+
+/// `hearth token create --house H`.
+pub fn token_for(env: &Env, house: &str) -> String {
+    let out = env
+        .command(&["token", "create", "--house", house])
+        .output()
+        .expect("hearth token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!token.is_empty() && !token.contains(char::is_whitespace));
+    token
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Open the WebSocket; `Err(status)` when the server refused the upgrade.
+pub async fn ws_connect(addr: &str, query: &str, token: Option<&str>) -> Result<Ws, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/api/v1/ws?{query}")
+        .into_client_request()
+        .expect("request");
+    if let Some(t) = token {
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("websocket: {e}"),
+    }
+}
+
+/// The next JSON text message, skipping pings; `None` after `wait`.
+pub async fn ws_next(ws: &mut Ws, wait: Duration) -> Option<Value> {
+    use futures_util::StreamExt;
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                return serde_json::from_str(&t).ok();
+            }
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// A local HTTP server that records the bodies POSTed to it (a webhook receiver).
+pub struct Hook {
+    pub url: String,
+    pub bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Hook {
+    pub async fn start() -> Hook {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = bodies.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let len = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().to_string())
+                                })
+                                .and_then(|v| v.parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if body.len() >= len {
+                                if let Ok(v) = serde_json::from_str(&body[..len]) {
+                                    store.lock().unwrap().push(v);
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        Hook { url, bodies }
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
 }
