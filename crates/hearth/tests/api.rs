@@ -479,3 +479,52 @@ async fn offline_state(pg: &tokio_postgres::Client) -> Option<String> {
     .flatten()
     .map(|r| r.get::<_, String>(0))
 }
+
+/// A webhook that keeps failing is retried, then its notification goes to the dead letters with
+/// its reason; the alert itself is stored and pushed regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_is_dead_lettered() {
+    let mut env = Env::new("hookfail");
+    let broker = Broker::start(&env.scratch.0);
+    // Nothing listens on this port.
+    let url = format!("http://127.0.0.1:{}/nowhere", free_port());
+    let rules = rules_with_webhook(&env, &url);
+    env.set("mqtt_url", broker.url())
+        .set("admin_token", ADMIN)
+        .set("rules_file", rules);
+    let up = env.hearth("up", &["up"]);
+    up.wait_log("subscribed", READY).await;
+    publish_all(
+        broker.port,
+        &format!("pub-{}", env.name),
+        vec![(
+            "hearth/h1/hall-smoke".into(),
+            br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec(),
+        )],
+    )
+    .await;
+    let letter = eventually("the failed webhook's dead letter", WAIT, || async {
+        env.dead_letters()
+            .await
+            .into_iter()
+            .find(|d| d["reason"] == "webhook_failed")
+    })
+    .await;
+    assert_eq!(letter["topic"], url);
+    assert!(letter["detail"].contains("after 4 attempts"), "{letter:?}");
+    assert!(
+        letter["payload"].contains("hall-smoke"),
+        "the notification is kept to replay"
+    );
+    let pg = env.pg().await;
+    assert_eq!(
+        pg.query_one(
+            "SELECT count(*) FROM alerts WHERE sensor_id = 'hall-smoke'",
+            &[]
+        )
+        .await
+        .expect("alerts")
+        .get::<_, i64>(0),
+        1
+    );
+}

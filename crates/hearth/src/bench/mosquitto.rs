@@ -20,10 +20,24 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Start on `port` (0 picks a free one), with its state in `dir`.
     pub fn start(dir: &Path, port: u16) -> std::io::Result<Mosquitto> {
+        Mosquitto::start_with(dir, port, &[])
+    }
+
+    /// Start with `extra` configuration lines; each replaces the line of `deploy/mosquitto.conf`
+    /// that starts with the same word (to add authentication, say).
+    pub fn start_with(dir: &Path, port: u16, extra: &[String]) -> std::io::Result<Mosquitto> {
         let port = if port == 0 { free_port()? } else { port };
         std::fs::create_dir_all(dir)?;
+        let replaced = |l: &str| {
+            let word = l.split_whitespace().next().unwrap_or("");
+            extra
+                .iter()
+                .any(|e| e.split_whitespace().next() == Some(word))
+        };
         let conf: String = CONF
             .lines()
+            .filter(|l| l.starts_with('#') || !replaced(l))
+            .chain(extra.iter().map(String::as_str))
             .map(|l| {
                 if l.starts_with("listener ") {
                     format!("listener {port} 127.0.0.1")

@@ -52,71 +52,36 @@ impl Drop for Scratch {
     }
 }
 
-/// A private Mosquitto configured by `deploy/mosquitto.conf`.
+/// A private Mosquitto configured by `deploy/mosquitto.conf` (hearth's own harness).
 pub struct Broker {
     pub port: u16,
-    child: Child,
-    dir: PathBuf,
+    inner: hearth::bench::mosquitto::Mosquitto,
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
-        Broker::start_on(dir, free_port())
+        Broker::start_with(dir, 0, &[])
     }
 
-    pub fn start_on(dir: &Path, port: u16) -> Broker {
-        let conf = std::fs::read_to_string(repo_root().join("deploy/mosquitto.conf"))
-            .expect("deploy/mosquitto.conf");
-        let data = dir.join("mosquitto");
-        std::fs::create_dir_all(&data).expect("broker dir");
-        let conf: String = conf
-            .lines()
-            .map(|l| {
-                if l.starts_with("listener ") {
-                    format!("listener {port} 127.0.0.1")
-                } else if l.starts_with("persistence_location ") {
-                    format!("persistence_location {}/", data.display())
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let path = data.join("mosquitto.conf");
-        std::fs::write(&path, conf).expect("write broker conf");
-        let log = std::fs::File::create(data.join("mosquitto.log")).expect("broker log");
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mosquitto");
-        wait_port(port);
+    /// Start with `extra` lines; each replaces the base line with the same first word.
+    pub fn start_with(dir: &Path, port: u16, extra: &[String]) -> Broker {
+        let inner =
+            hearth::bench::mosquitto::Mosquitto::start_with(&dir.join("mosquitto"), port, extra)
+                .expect("start mosquitto");
         Broker {
-            port,
-            child,
-            dir: data,
+            port: inner.port,
+            inner,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        self.inner.url()
     }
-}
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn mosquitto_bin() -> &'static str {
-    if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
+    /// Stop with a signal (`TERM`, `KILL`) and start again on the same port and state.
+    pub fn restart(&mut self, signal: &str) {
+        self.inner.stop(signal);
+        self.inner.restart().expect("restart mosquitto");
     }
 }
 
@@ -488,7 +453,20 @@ pub async fn assert_exactly_once_in_order(pg: &tokio_postgres::Client, expected:
 /// Publish `payloads` at QoS 1 as fast as the broker takes them; returns once every one was
 /// PUBACKed by the broker.
 pub async fn publish_all(port: u16, client_id: &str, payloads: Vec<(String, Vec<u8>)>) {
+    publish_all_as(port, client_id, None, payloads).await
+}
+
+/// [`publish_all`], logged in as `(user, password)`.
+pub async fn publish_all_as(
+    port: u16,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+    payloads: Vec<(String, Vec<u8>)>,
+) {
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        opts.set_credentials(user, password);
+    }
     opts.set_keep_alive(Duration::from_secs(30))
         .set_inflight(500)
         .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
