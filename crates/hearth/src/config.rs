@@ -57,7 +57,7 @@ pub struct Config {
     pub sensor_touch_interval_ms: u64,
     /// Alert rules and webhooks (see deploy/rules.toml); empty for the built-in defaults.
     pub rules_file: String,
-    /// Address of `hearth up`'s HTTP server (metrics now; the API and dashboard later).
+    /// Address of the HTTP server of `hearth up` and `hearth api`: REST API, WebSocket, metrics.
     pub api_listen: String,
     /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
     pub metrics_listen: String,
@@ -67,6 +67,9 @@ pub struct Config {
     /// The admin bearer token (sees every house). When empty, `hearth up` and `hearth api`
     /// make one at start and log it.
     pub admin_token: String,
+    /// After SIGTERM/SIGINT, how long a process may take to finish the batch in hand and hand
+    /// its lanes back before it exits anyway (what it had not acknowledged stays pending).
+    pub shutdown_timeout_ms: u64,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
 }
@@ -94,6 +97,7 @@ impl Default for Config {
             metrics_listen: String::new(),
             ws_client_buffer: 256,
             admin_token: String::new(),
+            shutdown_timeout_ms: 10_000,
             log: "info".into(),
         }
     }
@@ -189,6 +193,9 @@ impl Config {
                 "lease_ttl_ms must be >= 300, got {}",
                 self.lease_ttl_ms
             ));
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return bad("shutdown_timeout_ms must be >= 1".into());
         }
         if self.ws_client_buffer == 0 {
             return bad("ws_client_buffer must be >= 1".into());

@@ -34,6 +34,7 @@ pub mod bench;
 pub mod cache;
 pub mod codec;
 pub mod config;
+pub mod dlq;
 pub mod event;
 pub mod ingest;
 pub mod metrics;

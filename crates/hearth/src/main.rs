@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Dead letters: list, replay through the normal path, or purge.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Create or upgrade the database schema.
     Migrate,
     /// Queue depth, pending, owners, dead letters and loss accounting.
@@ -112,8 +117,77 @@ struct SimArgs {
     json: bool,
 }
 
+/// A report as pretty JSON, or as its table.
+fn print_report<R: serde::Serialize>(
+    json: bool,
+    report: &R,
+    table: impl FnOnce() -> String,
+) -> Result<(), RoleError> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(anyhow::Error::from)?;
+        println!("{text}");
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     hearth::sim::schedule::parse_duration(s)
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the selected dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the selected dead letters through the normal path again, and remove them.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Remove the selected dead letters.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+/// Which dead letters (every condition must hold).
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only this reason (e.g. malformed_json, out_of_range, webhook_failed).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only letters about this sensor.
+    #[arg(long)]
+    sensor: Option<String>,
+    /// Only letters at least this old: 30s, 10m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<std::time::Duration>,
+    /// Only letters younger than this.
+    #[arg(long, value_parser = parse_duration)]
+    newer_than: Option<std::time::Duration>,
+    /// At most this many, oldest first.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl From<DlqFilter> for hearth::dlq::Filter {
+    fn from(f: DlqFilter) -> Self {
+        hearth::dlq::Filter {
+            reason: f.reason,
+            sensor: f.sensor,
+            older_than: f.older_than,
+            newer_than: f.newer_than,
+            limit: f.limit,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -169,6 +243,23 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Measure alert latency instead (smoke publish → WebSocket alert) while telemetry flows
+    /// and a backlog is queued; uses --backlog, --telemetry-rate, --smoke, --smoke-interval-ms,
+    /// --sensors, --worker-processes, --consumers.
+    #[arg(long)]
+    alert_latency: bool,
+    /// Alert latency: routine events queued before the workers start.
+    #[arg(long, default_value_t = 200_000)]
+    backlog: u64,
+    /// Alert latency: routine telemetry per second while smoke events are published.
+    #[arg(long, default_value_t = 10_000)]
+    telemetry_rate: u64,
+    /// Alert latency: smoke events to publish, each on a sensor of its own.
+    #[arg(long, default_value_t = 100)]
+    smoke: u64,
+    /// Alert latency: milliseconds between smoke events.
+    #[arg(long, default_value_t = 100)]
+    smoke_interval_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -255,21 +346,22 @@ fn init_logging(filter: &str) {
 
 async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
     let (trigger, shutdown) = shutdown::channel();
+    let grace = std::time::Duration::from_millis(config.shutdown_timeout_ms);
     match command {
         Command::Up => {
-            trigger.on_signals();
+            trigger.on_signals(grace);
             roles::up(config, shutdown).await
         }
         Command::Ingest => {
-            trigger.on_signals();
+            trigger.on_signals(grace);
             roles::ingest(config, shutdown).await
         }
         Command::Worker => {
-            trigger.on_signals();
+            trigger.on_signals(grace);
             roles::worker(config, shutdown).await
         }
         Command::Api => {
-            trigger.on_signals();
+            trigger.on_signals(grace);
             roles::api(config, shutdown).await
         }
         Command::Token {
@@ -297,6 +389,54 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             println!("{token}");
             Ok(())
         }
+        Command::Dlq { action } => {
+            let queue = queue::Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
+                .map_err(anyhow::Error::from)?;
+            let fail = |e: queue::QueueError| anyhow::anyhow!("dlq: {e}");
+            match action {
+                DlqAction::List { filter, json } => {
+                    let letters = hearth::dlq::list(&queue, &filter.into())
+                        .await
+                        .map_err(fail)?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&letters).map_err(anyhow::Error::from)?
+                        );
+                    } else {
+                        for l in &letters {
+                            println!(
+                                "{}  {:<16} {:<8} {:<28} {}  {}",
+                                l.id,
+                                l.reason,
+                                l.source,
+                                l.topic,
+                                l.detail,
+                                l.payload.chars().take(120).collect::<String>()
+                            );
+                        }
+                        eprintln!("{} dead letter(s)", letters.len());
+                    }
+                }
+                DlqAction::Replay { filter } => {
+                    let limits = hearth::codec::Limits::from_config(&config);
+                    let r = hearth::dlq::replay(&queue, &limits, &filter.into())
+                        .await
+                        .map_err(fail)?;
+                    println!(
+                        "replayed {} letter(s): {} event(s) queued, {} rejected again, {} skipped (nothing replayable)",
+                        r.letters, r.events, r.rejected_again, r.skipped
+                    );
+                }
+                DlqAction::Purge { filter } => {
+                    let n = hearth::dlq::purge(&queue, &filter.into())
+                        .await
+                        .map_err(fail)?;
+                    println!("purged {n} dead letter(s)");
+                }
+            }
+            Ok(())
+        }
         Command::Migrate => {
             let applied = store::migrate(&config.database_url)
                 .await
@@ -305,6 +445,32 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 println!("schema is up to date");
             } else {
                 println!("applied migrations {applied:?}");
+            }
+            Ok(())
+        }
+        Command::Bench(args) if args.alert_latency => {
+            if args.smoke == 0 || args.sensors == 0 || args.worker_processes == 0 {
+                return Err(RoleError::Config(
+                    "bench: --smoke, --sensors and --worker-processes must be > 0".into(),
+                ));
+            }
+            let opts = bench::alerts::Options {
+                backlog: args.backlog,
+                telemetry_rate: args.telemetry_rate,
+                smoke: args.smoke,
+                smoke_interval: std::time::Duration::from_millis(args.smoke_interval_ms),
+                sensors: args.sensors,
+                worker_processes: args.worker_processes,
+                consumers: args.consumers,
+                keep: args.keep,
+            };
+            let report = bench::alerts::run(config, opts).await?;
+            print_report(args.json, &report, || report.table())?;
+            if !report.clean() {
+                return Err(anyhow::anyhow!(
+                    "alerts were missed, or events lost, duplicated or reordered (see the report)"
+                )
+                .into());
             }
             Ok(())
         }
@@ -334,14 +500,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 keep: args.keep,
             };
             let report = bench::run(config, opts).await?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
-                );
-            } else {
-                print!("{}", report.table());
-            }
+            print_report(args.json, &report, || report.table())?;
             if !report.clean() {
                 return Err(anyhow::anyhow!(
                     "events were lost, duplicated or reordered (see the report)"
@@ -380,15 +539,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 seed: args.seed,
             };
             let summary = sim::run(&config.mqtt_url, &opts).await?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&summary).map_err(anyhow::Error::from)?
-                );
-            } else {
-                print!("{}", summary.table());
-            }
-            Ok(())
+            print_report(args.json, &summary, || summary.table())
         }
         Command::Status { json } => {
             let queue = queue::Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
@@ -396,15 +547,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             let status = status::collect(&queue)
                 .await
                 .map_err(|e| anyhow::anyhow!("status: {e}"))?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
-                );
-            } else {
-                print!("{}", status.table());
-            }
-            Ok(())
+            print_report(json, &status, || status.table())
         }
     }
 }

@@ -23,12 +23,19 @@ impl Trigger {
         let _ = self.tx.send(true);
     }
 
-    /// Fire on the first SIGINT or SIGTERM.
-    pub fn on_signals(self) {
+    /// Fire on the first SIGINT or SIGTERM; if the process is still running `grace` later, it
+    /// exits with code 1 (what it had not acknowledged stays pending for another consumer).
+    pub fn on_signals(self, grace: std::time::Duration) {
         tokio::spawn(async move {
             wait_for_signal().await;
-            tracing::info!("shutting down");
+            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
             self.fire();
+            // A thread, not a task: it must fire even if the executor is stuck.
+            std::thread::spawn(move || {
+                std::thread::sleep(grace);
+                tracing::error!("shutdown took longer than shutdown_timeout_ms, exiting now");
+                std::process::exit(1);
+            });
         });
     }
 }

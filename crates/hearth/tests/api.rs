@@ -370,13 +370,37 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
     let mut reader = ws_connect(&addr, "house=h1&alerts=false", Some(ADMIN))
         .await
         .expect("reader");
+    // Workers push a house's events once they see it watched (they re-read the watched set
+    // every few seconds): probe until a reading comes through, then flood.
+    let hello = ws_next(&mut reader, WAIT).await.expect("hello");
+    assert_eq!(hello["type"], "hello");
+    let mut probe = 0u64;
+    'probing: loop {
+        probe += 1;
+        assert!(probe <= 30, "no probe reading reached the reading client");
+        let p = serde_json::json!({"kind": "power", "value": 1, "seq": probe});
+        publish_all(
+            broker.port,
+            &format!("probe-{}-{probe}", env.name),
+            vec![("hearth/h1/probe".to_string(), p.to_string().into_bytes())],
+        )
+        .await;
+        while let Some(m) = ws_next(&mut reader, Duration::from_secs(1)).await {
+            if m["type"] == "events" {
+                break 'probing;
+            }
+        }
+    }
     let counter = tokio::spawn(async move {
         let mut events = 0;
+        let deadline = tokio::time::Instant::now() + 4 * WAIT;
         while events < 20_000 {
-            match tokio::time::timeout(WAIT, reader.next()).await {
+            match tokio::time::timeout_at(deadline, reader.next()).await {
                 Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
                     let m: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
-                    events += m["events"].as_array().map(|e| e.len()).unwrap_or(0);
+                    if let Some(batch) = m["events"].as_array() {
+                        events += batch.iter().filter(|e| e["sensor_id"] == "meter").count();
+                    }
                 }
                 Ok(Some(Ok(_))) => {}
                 _ => break,
@@ -384,8 +408,6 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
         }
         events
     });
-    // Let the hub advertise the house before the flood.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // About 2 MB of pushes, in tens of messages: more than the sockets hold.
     for round in 0..20u64 {
         let batch = (1..=1000u64)

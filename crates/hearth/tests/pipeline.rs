@@ -34,10 +34,7 @@ async fn burst_of_20k_is_stored_exactly_once_in_order() {
     .await;
 
     let pg = env.pg().await;
-    eventually("20,000 rows", DRAIN, || async {
-        (count_events(&pg).await >= 20_000).then_some(())
-    })
-    .await;
+    wait_rows(&pg, 20_000, DRAIN).await;
     let status = wait_drained(&env, 20_000, DRAIN).await;
     assert_exactly_once_in_order(&pg, 20_000).await;
     assert_eq!(status["events"]["stored"], 20_000);
@@ -73,17 +70,10 @@ async fn worker_sigkill_mid_run_loses_nothing() {
     let ingest = env.hearth("ingest", &["ingest"]);
     ingest.wait_log("subscribed", READY).await;
 
-    let port = broker.port;
-    let publisher = tokio::spawn({
-        let id = format!("pub-{}", env.name);
-        async move { publish_all(port, &id, interleaved("h1", 200, 100)).await }
-    });
+    let publisher = publish_in_background(&env, broker.port, interleaved("h1", 200, 100));
     let pg = env.pg().await;
     // Kill when a part is stored and the rest is still coming or queued.
-    eventually("the first rows", DRAIN, || async {
-        (count_events(&pg).await >= 3_000).then_some(())
-    })
-    .await;
+    wait_rows(&pg, 3_000, DRAIN).await;
     let before = count_events(&pg).await;
     w2.kill9();
     eprintln!("killed worker-b with {before} rows stored");
@@ -91,10 +81,7 @@ async fn worker_sigkill_mid_run_loses_nothing() {
     w2.restart();
     publisher.await.expect("publisher");
 
-    eventually("20,000 rows", DRAIN, || async {
-        (count_events(&pg).await >= 20_000).then_some(())
-    })
-    .await;
+    wait_rows(&pg, 20_000, DRAIN).await;
     wait_drained(&env, 20_000, DRAIN).await;
     assert!(before < 20_000, "the kill happened mid-run");
     assert_exactly_once_in_order(&pg, 20_000).await;
@@ -356,10 +343,7 @@ async fn backpressure_holds_messages_at_the_broker_and_drops_nothing() {
     let worker = env.hearth("worker", &["worker"]);
     worker.wait_log("took lane", READY).await;
     let pg = env.pg().await;
-    eventually("5,000 rows", DRAIN, || async {
-        (count_events(&pg).await >= 5_000).then_some(())
-    })
-    .await;
+    wait_rows(&pg, 5_000, DRAIN).await;
     wait_drained(&env, 5_000, DRAIN).await;
     assert_exactly_once_in_order(&pg, 5_000).await;
 }

@@ -8,6 +8,7 @@
 //! ([`error`]).
 
 pub mod auth;
+pub mod dlq;
 pub mod error;
 pub mod openapi;
 pub mod routes;
@@ -83,6 +84,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/alerts", get(routes::list_alerts))
         .route("/alerts/{id}/ack", post(routes::ack_alert))
         .route("/pipeline", get(routes::pipeline))
+        .route("/dlq", get(dlq::list))
+        .route("/dlq/replay", post(dlq::replay))
+        .route("/dlq/purge", post(dlq::purge))
         .route("/ws", get(ws::upgrade));
     Router::new()
         .nest("/api/v1", v1)

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, routes, ws};
+use super::{dlq, error, routes, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,6 +21,9 @@ use super::{error, routes, ws};
         routes::list_alerts,
         routes::ack_alert,
         routes::pipeline,
+        dlq::list,
+        dlq::replay,
+        dlq::purge,
         ws::upgrade,
         routes::healthz,
         routes::readyz,
@@ -35,6 +38,9 @@ use super::{error, routes, ws};
         routes::HistoryEvent,
         routes::Pipeline,
         routes::Readiness,
+        crate::dlq::Letter,
+        crate::dlq::Replayed,
+        dlq::Purged,
         crate::alerts::Alert,
         crate::alerts::Severity,
         crate::alerts::AlertState,

@@ -64,7 +64,7 @@ fn decode(s: &str) -> Result<String, ApiError> {
     String::from_utf8(out).map_err(|_| ApiError::BadRequest("the query is not UTF-8".into()))
 }
 
-fn valid_id(what: &str, id: &str) -> Result<(), ApiError> {
+pub(super) fn valid_id(what: &str, id: &str) -> Result<(), ApiError> {
     if is_valid_id(id) {
         Ok(())
     } else {
@@ -75,7 +75,7 @@ fn valid_id(what: &str, id: &str) -> Result<(), ApiError> {
 }
 
 /// Refuse parameters a route does not know (a typo would otherwise be silently ignored).
-fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+pub(super) fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
     match params
         .keys()
         .find(|k| !known.contains(&k.as_str()) && *k != "token")
@@ -133,10 +133,7 @@ pub async fn post_events(
     who: Principal,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let limits = Limits {
-        max_payload_bytes: state.config.max_payload_bytes,
-        max_future_skew_ms: (state.config.max_future_skew_secs * 1000) as i64,
-    };
+    let limits = Limits::from_config(&state.config);
     if body.len() > limits.max_payload_bytes.max(1024 * 1024) {
         return Err(ApiError::BadRequest(format!(
             "the body is {} bytes, too large",
@@ -158,12 +155,9 @@ pub async fn post_events(
             Ok(e) => events.push(e),
             Err(r) => {
                 let raw = serde_json::to_vec(item).unwrap_or_default();
-                dead.push(DeadLetter::from_rejection(
-                    &r,
-                    "http",
-                    &raw,
-                    received_us / 1000,
-                ));
+                let mut letter = DeadLetter::from_rejection(&r, "http", &raw, received_us / 1000);
+                letter.source = "http";
+                dead.push(letter);
                 rejected.push(RejectedReading {
                     index,
                     reason: r.reason.as_str().into(),

@@ -9,6 +9,7 @@
 //! throughput, receive → stored latency percentiles (exact, from every row), CPU per event and
 //! peak memory of hearth's processes, and hearth's ratio to each baseline.
 
+pub mod alerts;
 pub mod baseline;
 pub mod mosquitto;
 pub mod publish;

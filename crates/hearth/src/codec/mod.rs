@@ -6,6 +6,8 @@
 //! A decode never fails as a whole: each reading of a message is either an event or a rejection,
 //! and a message that cannot be read at all is one rejection.
 
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 mod minimal;
 mod native;
@@ -21,6 +23,15 @@ pub const SUBSCRIPTIONS: &[&str] = &["hearth/+/+", "maison/capteurs/+"];
 pub struct Limits {
     pub max_payload_bytes: usize,
     pub max_future_skew_ms: i64,
+}
+
+impl Limits {
+    pub fn from_config(config: &crate::config::Config) -> Limits {
+        Limits {
+            max_payload_bytes: config.max_payload_bytes,
+            max_future_skew_ms: (config.max_future_skew_secs * 1000) as i64,
+        }
+    }
 }
 
 impl Default for Limits {

@@ -55,10 +55,7 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
     endpoint.clean_session = false;
-    let limits = Limits {
-        max_payload_bytes: config.max_payload_bytes,
-        max_future_skew_ms: (config.max_future_skew_secs * 1000) as i64,
-    };
+    let limits = Limits::from_config(&config);
     let pressure = Arc::new(Pressure::new(
         config.queue_high_watermark,
         config.queue_low_watermark,

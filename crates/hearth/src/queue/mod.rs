@@ -406,6 +406,22 @@ impl Queue {
         if events.is_empty() && dead.is_empty() {
             return Ok(());
         }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.add_append(&mut pipe, events, dead)?;
+        let mut conn = self.conn.clone();
+        pipe.exec_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Add to `pipe` what [`Queue::append`] sends: the lanes' entries, their counters, the dead
+    /// letters and theirs.
+    pub fn add_append(
+        &self,
+        pipe: &mut redis::Pipeline,
+        events: &[&Event],
+        dead: &[&DeadLetter],
+    ) -> Result<(), QueueError> {
         let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
         for event in events {
             let lane = Lane::for_event(event, self.shards);
@@ -415,8 +431,6 @@ impl Queue {
             }
         }
         let stats = self.keys.stats();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         for (lane, list) in &by_lane {
             let body = serde_json::to_vec(list).map_err(|_| QueueError::Reply("encode"))?;
             pipe.cmd("XADD")
@@ -435,7 +449,7 @@ impl Queue {
         }
         let dead_key = self.keys.dead();
         for d in dead {
-            d.xadd(&mut pipe, &dead_key);
+            d.xadd(pipe, &dead_key);
         }
         if !dead.is_empty() {
             pipe.cmd("HINCRBY")
@@ -451,8 +465,6 @@ impl Queue {
                     .ignore();
             }
         }
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await?;
         Ok(())
     }
 
@@ -703,7 +715,7 @@ fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
         .collect())
 }
 
-fn parse_raw(value: Value) -> Result<Vec<RawEntry>, QueueError> {
+pub fn parse_raw(value: Value) -> Result<Vec<RawEntry>, QueueError> {
     let Value::Array(items) = value else {
         return Err(QueueError::Reply("stream entries"));
     };

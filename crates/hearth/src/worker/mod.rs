@@ -13,7 +13,9 @@
 //! together with its XACK.
 //!
 //! The critical lane is its own pool, with one consumer per worker process, so that a critical
-//! event never waits behind a routine batch.
+//! event never waits behind a routine batch. That consumer runs on a thread (and runtime) of its
+//! own: a routine batch busy decoding or building its statement on the process's executor never
+//! delays it; the operating system shares the cores between them.
 
 mod alerting;
 mod sensors;
@@ -80,13 +82,26 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(consume(
-        config.clone(),
-        rules.clone(),
-        Pool::Critical,
-        0,
-        shutdown.clone(),
-    ));
+    let critical = {
+        let (config, rules, shutdown) = (config.clone(), rules.clone(), shutdown.clone());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("hearth-critical".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(consume(config, rules, Pool::Critical, 0, shutdown)),
+                    Err(e) => tracing::error!(error = %e, "cannot start the critical consumer"),
+                }
+                let _ = done.send(());
+            })?;
+        finished
+    };
+    tasks.spawn(async move {
+        let _ = critical.await;
+    });
     for i in 0..config.workers {
         tasks.spawn(consume(
             config.clone(),

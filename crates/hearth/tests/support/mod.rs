@@ -736,3 +736,21 @@ impl Hook {
         self.bodies.lock().unwrap().clone()
     }
 }
+
+/// Publish `payloads` from a task of its own, so the test can act while they flow.
+pub fn publish_in_background(
+    env: &Env,
+    port: u16,
+    payloads: Vec<(String, Vec<u8>)>,
+) -> tokio::task::JoinHandle<()> {
+    let id = format!("pub-{}", env.name);
+    tokio::spawn(async move { publish_all(port, &id, payloads).await })
+}
+
+/// Wait until at least `rows` events are stored.
+pub async fn wait_rows(pg: &tokio_postgres::Client, rows: i64, timeout: Duration) {
+    eventually(&format!("{rows} rows"), timeout, || async {
+        (count_events(pg).await >= rows).then_some(())
+    })
+    .await
+}

@@ -1,0 +1,142 @@
+//! `/api/v1/dlq`: the dead letters, for the admin token only (they hold every house's raw
+//! payloads). The same filters as `hearth dlq`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+
+use super::AppState;
+use super::auth::Principal;
+use super::error::ApiError;
+use super::routes::{only, query_pairs, valid_id};
+use crate::codec::Limits;
+use crate::dlq::{Filter, Letter, Replayed};
+
+const FILTER: &[&str] = &["reason", "sensor", "older_than", "newer_than", "limit"];
+
+/// The filter every dead-letter route takes (documentation only: parsed by [`filter`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct DlqQuery {
+    /// Only this reason.
+    reason: Option<String>,
+    /// Only letters about this sensor.
+    sensor: Option<String>,
+    /// At least this old: 30s, 10m, 1h.
+    older_than: Option<String>,
+    /// Younger than this.
+    newer_than: Option<String>,
+    /// 1..=10000 (listing: default 100; replay and purge: default all).
+    limit: Option<u32>,
+}
+
+fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
+    if !matches!(who, Principal::Admin) {
+        return Err(ApiError::Forbidden(
+            "dead letters need the admin token".into(),
+        ));
+    }
+    let params = query_pairs(raw)?;
+    only(&params, FILTER)?;
+    let duration = |name: &str| {
+        params
+            .get(name)
+            .map(|v| {
+                crate::sim::schedule::parse_duration(v)
+                    .map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
+            })
+            .transpose()
+    };
+    let reason = params.get("reason").cloned();
+    if let Some(r) = &reason {
+        valid_id("reason", r)?;
+    }
+    let sensor = params.get("sensor").cloned();
+    if let Some(s) = &sensor {
+        valid_id("sensor", s)?;
+    }
+    let limit = params
+        .get("limit")
+        .map(|v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|l| (1..=10_000).contains(l))
+                .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=10000".into()))
+        })
+        .transpose()?;
+    Ok(Filter {
+        reason,
+        sensor,
+        older_than: duration("older_than")?,
+        newer_than: duration("newer_than")?,
+        limit,
+    })
+}
+
+/// Dead letters, oldest first.
+#[utoipa::path(get, path = "/api/v1/dlq", tag = "dead letters",
+    params(DlqQuery),
+    responses(
+        (status = 200, body = Vec<Letter>),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Vec<Letter>>, ApiError> {
+    let mut f = filter(&who, raw)?;
+    f.limit.get_or_insert(100);
+    Ok(Json(crate::dlq::list(&state.queue, &f).await?))
+}
+
+/// Replay the selected dead letters through the normal path, and remove them.
+#[utoipa::path(post, path = "/api/v1/dlq/replay", tag = "dead letters",
+    params(DlqQuery),
+    responses(
+        (status = 200, body = Replayed),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn replay(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Replayed>, ApiError> {
+    let f = filter(&who, raw)?;
+    let limits = Limits::from_config(&state.config);
+    Ok(Json(crate::dlq::replay(&state.queue, &limits, &f).await?))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Purged {
+    pub purged: u64,
+}
+
+/// Remove the selected dead letters.
+#[utoipa::path(post, path = "/api/v1/dlq/purge", tag = "dead letters",
+    params(DlqQuery),
+    responses(
+        (status = 200, body = Purged),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn purge(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Purged>, ApiError> {
+    let f = filter(&who, raw)?;
+    Ok(Json(Purged {
+        purged: crate::dlq::purge(&state.queue, &f).await?,
+    }))
+}

@@ -1,0 +1,329 @@
+//! Dead letters you can work with: list, replay and purge the entries of `P:dead`, selected by
+//! reason, sensor and age (`hearth dlq ...` and `/api/v1/dlq`).
+//!
+//! A replayed letter goes through the normal path again: an ingest letter (`mqtt`, `http`) is
+//! decoded again from its topic and raw payload, exactly as the ingest would (so a letter whose
+//! cause was fixed, a rule or a limit, now passes, and one that still fails is dead-lettered
+//! again with its reason); a worker's letter is appended back to its lane; a failed webhook is
+//! queued for the notifier again. Each letter's events and its removal from the dead-letter
+//! stream are one transaction, so a replay that dies halfway never replays a letter twice.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::codec::{self, Limits};
+use crate::event::Event;
+use crate::queue::{DeadLetter, Queue, QueueError, RawEntry};
+
+/// Which dead letters an operation applies to. Every condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub reason: Option<String>,
+    /// The sensor named by the letter's topic (`.../{sensor}`) or payload (`"sensor_id"`).
+    pub sensor: Option<String>,
+    pub older_than: Option<Duration>,
+    pub newer_than: Option<Duration>,
+    /// At most this many letters (oldest first); `None`: all.
+    pub limit: Option<usize>,
+}
+
+/// A dead letter as listed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Letter {
+    /// Its id in the dead-letter stream.
+    pub id: String,
+    pub reason: String,
+    pub detail: String,
+    pub topic: String,
+    /// `mqtt`, `http`, `worker` or `notifier`.
+    pub source: String,
+    /// Epoch milliseconds.
+    pub at: i64,
+    /// The raw payload (UTF-8, invalid bytes replaced).
+    pub payload: String,
+    #[serde(skip)]
+    raw: Vec<u8>,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Serialize, ToSchema)]
+pub struct Replayed {
+    /// Letters taken out of the dead-letter stream.
+    pub letters: u64,
+    /// Events appended to the lanes.
+    pub events: u64,
+    /// Letters that failed again and were dead-lettered anew (with their reason).
+    pub rejected_again: u64,
+    /// Letters left in place because nothing in them can be replayed.
+    pub skipped: u64,
+}
+
+impl Letter {
+    fn from_raw(raw: RawEntry) -> Letter {
+        let text = |name: &str| {
+            raw.field(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let payload = raw.field("payload").map(<[u8]>::to_vec).unwrap_or_default();
+        Letter {
+            reason: text("reason"),
+            detail: text("detail"),
+            topic: text("topic"),
+            source: text("source"),
+            at: text("at").parse().unwrap_or(0),
+            payload: String::from_utf8_lossy(&payload).into_owned(),
+            raw: payload,
+            id: raw.id,
+        }
+    }
+
+    fn sensor_matches(&self, sensor: &str) -> bool {
+        if self.topic.rsplit('/').next() == Some(sensor) && self.topic.contains('/') {
+            return true;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&self.raw) else {
+            return false;
+        };
+        let items = match &value {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        items
+            .iter()
+            .any(|i| i["sensor_id"] == sensor || i["s"] == sensor)
+    }
+
+    fn matches(&self, filter: &Filter, now_ms: i64) -> bool {
+        let age = Duration::from_millis((now_ms - self.at).max(0) as u64);
+        filter.reason.as_deref().is_none_or(|r| self.reason == r)
+            && filter.older_than.is_none_or(|d| age >= d)
+            && filter.newer_than.is_none_or(|d| age < d)
+            && filter
+                .sensor
+                .as_deref()
+                .is_none_or(|s| self.sensor_matches(s))
+    }
+}
+
+/// The letters `filter` selects, oldest first.
+pub async fn list(queue: &Queue, filter: &Filter) -> Result<Vec<Letter>, QueueError> {
+    let key = queue.keys.dead();
+    let now_ms = crate::event::now_us() / 1000;
+    let limit = filter.limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let mut conn = queue.conn.clone();
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await?;
+        let page = crate::queue::parse_raw(reply)?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        start = format!("({}", last.id);
+        for raw in page {
+            let letter = Letter::from_raw(raw);
+            if letter.matches(filter, now_ms) {
+                out.push(letter);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}
+
+/// Remove the letters `filter` selects; returns how many.
+pub async fn purge(queue: &Queue, filter: &Filter) -> Result<u64, QueueError> {
+    let letters = list(queue, filter).await?;
+    let mut removed = 0;
+    for chunk in letters.chunks(500) {
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(queue.keys.dead());
+        for l in chunk {
+            cmd.arg(&l.id);
+        }
+        let mut conn = queue.conn.clone();
+        let n: u64 = cmd.query_async(&mut conn).await?;
+        removed += n;
+    }
+    Ok(removed)
+}
+
+/// Replay the letters `filter` selects through the normal path.
+pub async fn replay(
+    queue: &Queue,
+    limits: &Limits,
+    filter: &Filter,
+) -> Result<Replayed, QueueError> {
+    let mut report = Replayed::default();
+    for letter in list(queue, filter).await? {
+        let received_us = crate::event::now_us();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match letter.source.as_str() {
+            "notifier" => {
+                let Some(alert) = serde_json::from_slice::<serde_json::Value>(&letter.raw)
+                    .ok()
+                    .map(|v| v["alert"].clone())
+                    .filter(|a| a.is_object())
+                else {
+                    report.skipped += 1;
+                    continue;
+                };
+                pipe.cmd("XADD")
+                    .arg(queue.keys.notify())
+                    .arg("*")
+                    .arg("a")
+                    .arg(alert.to_string())
+                    .ignore();
+            }
+            source => {
+                let (events, dead) = decode_again(&letter, source, received_us, limits);
+                if events.is_empty() && dead.is_empty() {
+                    report.skipped += 1;
+                    continue;
+                }
+                let event_refs: Vec<&Event> = events.iter().collect();
+                let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
+                queue.add_append(&mut pipe, &event_refs, &dead_refs)?;
+                report.events += events.len() as u64;
+                report.rejected_again += u64::from(!dead.is_empty());
+            }
+        }
+        pipe.cmd("XDEL")
+            .arg(queue.keys.dead())
+            .arg(&letter.id)
+            .ignore();
+        queue.exec(&pipe).await?;
+        report.letters += 1;
+    }
+    Ok(report)
+}
+
+/// A letter's events (or its new rejections), decoded the way its source would.
+fn decode_again(
+    letter: &Letter,
+    source: &str,
+    received_us: i64,
+    limits: &Limits,
+) -> (Vec<Event>, Vec<DeadLetter>) {
+    let at_ms = received_us / 1000;
+    let mut events = Vec::new();
+    let mut dead = Vec::new();
+    match source {
+        "worker" => {
+            // A stored event's JSON (refused by the store) or a whole lane entry (unreadable).
+            let value: Option<serde_json::Value> = serde_json::from_slice(&letter.raw).ok();
+            let items = match value {
+                Some(serde_json::Value::Array(items)) => items,
+                Some(item) => vec![item],
+                None => Vec::new(),
+            };
+            for item in items {
+                if let Ok(e) = serde_json::from_value::<Event>(item) {
+                    events.push(e);
+                }
+            }
+        }
+        "http" => match codec::http::readings(&letter.raw) {
+            Ok(items) => {
+                for item in items {
+                    match codec::http::event(&item, received_us, limits) {
+                        Ok(e) => events.push(e),
+                        Err(r) => {
+                            let raw = serde_json::to_vec(&item).unwrap_or_default();
+                            let mut d = DeadLetter::from_rejection(&r, "http", &raw, at_ms);
+                            d.source = "http";
+                            dead.push(d);
+                        }
+                    }
+                }
+            }
+            Err(r) => {
+                let mut d = DeadLetter::from_rejection(&r, "http", &letter.raw, at_ms);
+                d.source = "http";
+                dead.push(d);
+            }
+        },
+        _ => {
+            let decoded = codec::decode(&letter.topic, &letter.raw, received_us, limits);
+            events = decoded.events;
+            dead = decoded
+                .rejections
+                .iter()
+                .map(|r| DeadLetter::from_rejection(r, &letter.topic, &letter.raw, at_ms))
+                .collect();
+        }
+    }
+    (events, dead)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(topic: &str, payload: &str, reason: &str, at: i64) -> Letter {
+        Letter {
+            id: "1-0".into(),
+            reason: reason.into(),
+            detail: String::new(),
+            topic: topic.into(),
+            source: "mqtt".into(),
+            at,
+            payload: payload.into(),
+            raw: payload.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn filters_by_reason_sensor_and_age() {
+        let now = 10_000_000;
+        let l = letter("hearth/h1/s1", "{}", "malformed_json", now - 60_000);
+        let f =
+            |reason: Option<&str>, sensor: Option<&str>, older: Option<u64>, newer: Option<u64>| {
+                Filter {
+                    reason: reason.map(Into::into),
+                    sensor: sensor.map(Into::into),
+                    older_than: older.map(Duration::from_secs),
+                    newer_than: newer.map(Duration::from_secs),
+                    limit: None,
+                }
+            };
+        assert!(l.matches(&f(None, None, None, None), now));
+        assert!(l.matches(
+            &f(Some("malformed_json"), Some("s1"), Some(30), Some(90)),
+            now
+        ));
+        assert!(!l.matches(&f(Some("out_of_range"), None, None, None), now));
+        assert!(!l.matches(&f(None, Some("s2"), None, None), now));
+        assert!(!l.matches(&f(None, None, Some(90), None), now));
+        assert!(!l.matches(&f(None, None, None, Some(30)), now));
+        let http = letter("http", r#"{"sensor_id":"s9","kind":"x"}"#, "bad", now);
+        assert!(http.matches(&f(None, Some("s9"), None, None), now));
+    }
+
+    #[test]
+    fn an_ingest_letter_is_decoded_again() {
+        let l = letter(
+            "hearth/h1/s1",
+            r#"{"kind":"temperature","value":21.5,"seq":3}"#,
+            "x",
+            0,
+        );
+        let (events, dead) = decode_again(&l, "mqtt", 1_000_000, &Limits::default());
+        assert_eq!((events.len(), dead.len()), (1, 0));
+        let bad = letter("hearth/h1/s1", "{nope", "malformed_json", 0);
+        let (events, dead) = decode_again(&bad, "mqtt", 1_000_000, &Limits::default());
+        assert_eq!((events.len(), dead[0].reason), (0, "malformed_json"));
+    }
+}
