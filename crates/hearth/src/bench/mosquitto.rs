@@ -51,6 +51,15 @@ impl Mosquitto {
             .join("\n");
         let path = dir.join("mosquitto.conf");
         std::fs::write(&path, conf)?;
+        // Started as root, Mosquitto drops to its own user, which must be able to write its
+        // persistence file here, or a restart silently forgets every session.
+        if running_as_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "mosquitto:"])
+                .arg(dir)
+                .stderr(Stdio::null())
+                .status();
+        }
         let mut m = Mosquitto {
             port,
             dir: dir.to_path_buf(),
@@ -85,12 +94,8 @@ impl Mosquitto {
 
     /// Stop with a signal (`TERM` saves its state, `KILL` does not) and reap it.
     pub fn stop(&mut self, signal: &str) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(child.id().to_string())
-                .status();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_child(child, signal);
         }
     }
 
@@ -137,4 +142,25 @@ pub fn wait_port(port: u16, timeout: Duration) -> std::io::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Is this process running as root (effective uid 0)?
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Send `signal` (`TERM`, `KILL`...) to a child process and reap it.
+pub fn stop_child(mut child: Child, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
 }

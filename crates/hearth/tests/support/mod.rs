@@ -754,3 +754,28 @@ pub async fn wait_rows(pg: &tokio_postgres::Client, rows: i64, timeout: Duration
     })
     .await
 }
+
+/// [`publish_in_background`] at about `per_second`, in tenth-of-a-second slices (each slice on a
+/// connection of its own, one after the other, so each sensor's readings stay in order).
+pub fn publish_paced(
+    env: &Env,
+    port: u16,
+    payloads: Vec<(String, Vec<u8>)>,
+    per_second: usize,
+) -> tokio::task::JoinHandle<()> {
+    let id = format!("pub-{}", env.name);
+    let slice = (per_second / 10).max(1);
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut rest = payloads;
+        let mut n = 0u32;
+        while !rest.is_empty() {
+            let tail = rest.split_off(slice.min(rest.len()));
+            publish_all(port, &format!("{id}-{n}"), rest).await;
+            rest = tail;
+            n += 1;
+            let due = start + Duration::from_millis(100) * n;
+            tokio::time::sleep_until(due.into()).await;
+        }
+    })
+}
