@@ -31,6 +31,7 @@ pub mod alerts;
 pub mod api;
 pub mod backoff;
 pub mod bench;
+pub mod breaker;
 pub mod cache;
 pub mod codec;
 pub mod config;

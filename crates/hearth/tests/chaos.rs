@@ -379,12 +379,24 @@ async fn outage(name: &str, scenario: &str, fsync: &'static str, what: Outage, l
         let pg = world.env.pg().await;
         wait_rows(&pg, 1_000, DRAIN).await;
     }
+    // Scenario 11 rides on the PostgreSQL outage: an API process and a WebSocket client
+    // subscribed to alerts, before the store goes away.
+    let mut watch = match what {
+        Outage::Postgres => Some(Watch::start(&world.env).await),
+        Outage::Redis(_) => None,
+    };
     eprintln!("chaos {scenario}: down for {length:?}");
     match what {
         Outage::Redis(signal) => world.redis.down(signal),
         Outage::Postgres => world.pg.down(),
     }
-    tokio::time::sleep(length).await;
+    let mut expected = expected;
+    if let Some(w) = &mut watch {
+        expected += 1;
+        w.smoke_during_outage(&world).await;
+    }
+    let outage_left = length.saturating_sub(Instant::now().duration_since(world_down_at(&watch)));
+    tokio::time::sleep(outage_left).await;
     match what {
         Outage::Redis(_) => world.redis.up(),
         Outage::Postgres => world.pg.up(),
@@ -392,6 +404,14 @@ async fn outage(name: &str, scenario: &str, fsync: &'static str, what: Outage, l
     let healed = Instant::now();
     publisher.await.expect("publisher");
     world.check(scenario, expected, healed).await;
+    if let Some(mut w) = watch {
+        w.stored_alert_follows().await;
+        let logs: String = workers.iter().map(Hearth::log_text).collect();
+        assert!(
+            logs.contains("circuit open") && logs.contains("circuit closed"),
+            "the PostgreSQL circuit opened during the outage and closed after"
+        );
+    }
     for w in &mut workers {
         assert!(w.alive(), "{scenario}: a worker exited during the outage");
     }
@@ -399,6 +419,104 @@ async fn outage(name: &str, scenario: &str, fsync: &'static str, what: Outage, l
         ingest.alive(),
         "{scenario}: the ingest exited during the outage"
     );
+}
+
+/// Scenario 11's observer: a `hearth api` process and a WebSocket client watching alerts.
+struct Watch {
+    api: Hearth,
+    addr: String,
+    ws: Ws,
+    down_at: Instant,
+    provisional: Option<serde_json::Value>,
+}
+
+const ADMIN: &str = "chaos-admin";
+
+fn world_down_at(watch: &Option<Watch>) -> Instant {
+    watch
+        .as_ref()
+        .map(|w| w.down_at)
+        .unwrap_or_else(Instant::now)
+}
+
+impl Watch {
+    async fn start(env: &Env) -> Watch {
+        let api = env.hearth("api", &["api", "--set", &format!("admin_token={ADMIN}")]);
+        let addr = api.http_addr().await;
+        let mut ws = ws_connect(&addr, "events=false", Some(ADMIN))
+            .await
+            .expect("websocket");
+        let hello = ws_next(&mut ws, Duration::from_secs(10))
+            .await
+            .expect("hello");
+        assert_eq!(hello["type"], "hello");
+        Watch {
+            api,
+            addr,
+            ws,
+            down_at: Instant::now(),
+            provisional: None,
+        }
+    }
+
+    /// With the store down: not ready, and a smoke alarm still reaches the socket.
+    async fn smoke_during_outage(&mut self, world: &World) {
+        let (code, body) = http(&self.addr, "GET", "/readyz", None, None).await;
+        assert_eq!(code, 503, "not ready while PostgreSQL is down: {body}");
+        let smoke = serde_json::json!({"kind": "smoke", "value": true, "seq": 1});
+        publish_all(
+            world.broker.port,
+            &format!("smoke-{}", world.env.name),
+            vec![("hearth/h9/smoke-1".into(), smoke.to_string().into_bytes())],
+        )
+        .await;
+        let sent = Instant::now();
+        let deadline = sent + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let Some(m) = ws_next(&mut self.ws, Duration::from_millis(500)).await else {
+                continue;
+            };
+            if m["type"] == "alert" && m["alert"]["sensor_id"] == "smoke-1" {
+                assert_eq!(m["alert"]["id"], 0, "pushed before it is stored: {m}");
+                eprintln!(
+                    "chaos 11: smoke alert on the socket {:?} after its publish, PostgreSQL down",
+                    sent.elapsed()
+                );
+                self.provisional = Some(m);
+                return;
+            }
+        }
+        panic!("the smoke alert did not reach the socket while PostgreSQL was down");
+    }
+
+    /// The provisional alert arrived during the outage; the stored one (with its id) after it.
+    async fn stored_alert_follows(&mut self) {
+        let provisional = self.provisional.take().expect("provisional alert");
+        let mut stored = None;
+        let deadline = Instant::now() + DRAIN;
+        while stored.is_none() && Instant::now() < deadline {
+            let Some(m) = ws_next(&mut self.ws, Duration::from_secs(5)).await else {
+                continue;
+            };
+            if m["type"] != "alert" || m["alert"]["sensor_id"] != "smoke-1" {
+                continue;
+            }
+            if m["alert"]["id"] != 0 {
+                stored = Some(m);
+            }
+        }
+        let stored = stored.expect("the stored alert was pushed after the outage");
+        assert_eq!(
+            provisional["alert"]["raised_by"],
+            stored["alert"]["raised_by"]
+        );
+        assert_eq!(stored["alert"]["state"], "active");
+        assert!(self.api.alive());
+        eprintln!(
+            "chaos 11: smoke alert pushed during the outage (provisional), stored alert {} after",
+            stored["alert"]["id"]
+        );
+    }
 }
 
 /// Scenario 6: Redis down (SIGTERM, AOF on), then back: the ingest sent no PUBACK for anything
@@ -431,10 +549,12 @@ async fn chaos_7_redis_sigkilled_with_fsync_always() {
 }
 
 /// Scenario 9: PostgreSQL stopped, then started: every acknowledged event stored, none
-/// dead-lettered, and the workers never exited.
+/// dead-lettered, and the workers never exited. With scenario 11: a smoke alarm published
+/// during the outage reaches a WebSocket client at once (`/readyz` says not ready meanwhile),
+/// and its stored alert follows once PostgreSQL is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_9_postgres_stopped_then_started() {
-    let length = pick(Duration::from_secs(5), Duration::from_secs(30));
+    let length = pick(Duration::from_secs(8), Duration::from_secs(30));
     outage(
         "chaos9",
         "9 (PostgreSQL stopped, then started)",

@@ -30,6 +30,9 @@ pub enum StoreError {
     Fenced(Vec<String>),
     #[error("bad database_url: {0}")]
     Url(String),
+    /// PostgreSQL failed repeatedly: calls are not attempted until the breaker's next probe.
+    #[error("postgres circuit open")]
+    CircuitOpen,
 }
 
 /// tokio-postgres prints only "db error"; the server's message is what an operator needs.

@@ -21,6 +21,68 @@ use crate::store::StoreError;
 const WATCHED_REFRESH: Duration = Duration::from_secs(2);
 
 impl Consumer {
+    /// While the store is unreachable the critical lane still warns: the alerts that critical
+    /// boolean rules (smoke, CO, gas, water leak, alarms) raise on these entries' events are
+    /// pushed at once, with id 0 ("not stored yet"), and their latest values cached. The entries
+    /// stay pending; once stored, the rules run as usual and the stored alert is pushed again
+    /// with its id (the same `raised_by`, so a client can tell it is the same alert). Each entry
+    /// is pushed provisionally once.
+    pub(super) async fn push_provisional(&mut self, entries: &[super::Entry]) {
+        let fresh: Vec<&super::Entry> = entries
+            .iter()
+            .filter(|e| e.lane == Lane::Critical && !self.provisional.contains(&e.raw.id))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let events: Vec<&Event> = fresh.iter().flat_map(|e| &e.events).collect();
+        let alerts: Vec<Alert> = events
+            .iter()
+            .filter(|e| e.value == 1.0)
+            .flat_map(|e| {
+                self.engine
+                    .rules
+                    .rules
+                    .iter()
+                    .filter(|r| {
+                        r.condition == Condition::Boolean
+                            && r.severity == crate::alerts::Severity::Critical
+                            && r.kinds.contains(&e.kind)
+                    })
+                    .map(move |r| Alert {
+                        id: 0,
+                        house_id: e.house_id.clone(),
+                        sensor_id: e.sensor_id.clone(),
+                        rule: r.name.clone(),
+                        kind: e.kind.clone(),
+                        severity: r.severity,
+                        state: crate::alerts::AlertState::Active,
+                        message: r.message.clone(),
+                        value: Some(e.value),
+                        raised_at: e.ts_ms,
+                        raised_by: crate::alerts::event_key(e),
+                        acknowledged_at: None,
+                        acknowledged_by: None,
+                        cleared_at: None,
+                        cleared_by: None,
+                    })
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        self.cache.add_update(&mut pipe, &events);
+        self.add_pushes(&mut pipe, &alerts, &[]);
+        match self.queue.exec(&pipe).await {
+            Ok(()) => {
+                self.provisional
+                    .extend(fresh.iter().map(|e| e.raw.id.clone()));
+                if !alerts.is_empty() {
+                    warn!(consumer = %self.name, alerts = alerts.len(), "store unreachable: critical alerts pushed before they are stored");
+                }
+            }
+            Err(e) => warn!(consumer = %self.name, error = %e, "could not push provisional alerts"),
+        }
+    }
+
     /// Evaluate the rules on stored `events` and write what changed. `None` on shutdown or when
     /// a lane was lost meanwhile (the lane's next owner evaluates the batch again).
     pub(super) async fn evaluate_rules(
@@ -173,6 +235,11 @@ impl Consumer {
                 .await
                 .map_err(crate::queue::QueueError::from)?;
             self.watched = (Instant::now(), houses.into_iter().collect());
+        }
+        // Both below need the store: while its circuit is open they wait, and reading goes on
+        // (the critical lane still pushes its alerts, see `push_provisional`).
+        if crate::breaker::POSTGRES.is_open() {
+            return Ok(());
         }
         while let Some(lane) = self.repush.first().copied() {
             if !self.held.contains_key(&lane) {

@@ -195,6 +195,8 @@ struct Consumer {
     engine: Engine,
     /// Lanes taken over whose alerts' last transitions may not have been pushed.
     repush: BTreeSet<Lane>,
+    /// Critical entries whose alerts were pushed while the store was unreachable.
+    provisional: std::collections::HashSet<String>,
     /// Houses with WebSocket clients watching their events (`*`: all), and when it was read.
     watched: (Instant, std::collections::HashSet<String>),
     next_sweep: Instant,
@@ -235,6 +237,7 @@ impl Consumer {
             sequences: SequenceTracker::default(),
             engine: Engine::new(rules),
             repush: BTreeSet::new(),
+            provisional: Default::default(),
             // Read at the first batch.
             watched: (
                 Instant::now()
@@ -645,15 +648,28 @@ impl Consumer {
                 .flat_map(|e| e.events.iter().map(move |ev| (e.lane, ev)))
                 .collect();
             let redelivered = entries.iter().any(|e| e.redelivered);
-            let result = match self.write(&all, redelivered).await {
-                Err(StoreError::Content(e)) => {
-                    debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
-                    self.isolate(entries).await
+            let breaker = &crate::breaker::POSTGRES;
+            let result = if !breaker.allow() {
+                Err(StoreError::CircuitOpen)
+            } else {
+                match self.write(&all, redelivered).await {
+                    Err(StoreError::Content(e)) => {
+                        debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
+                        self.isolate(entries).await
+                    }
+                    other => other.map(|n| (n, Vec::new())),
                 }
-                other => other.map(|n| (n, Vec::new())),
             };
+            match &result {
+                Err(StoreError::Unavailable(_)) => breaker.failure(),
+                Err(StoreError::CircuitOpen) => {}
+                _ => breaker.success(),
+            }
             match result {
-                Ok(done) => return Some(done),
+                Ok(done) => {
+                    self.provisional.clear();
+                    return Some(done);
+                }
                 Err(StoreError::Fenced(lanes)) => {
                     for name in lanes {
                         if let Some(lane) = self.lanes.iter().find(|l| l.name() == name).copied() {
@@ -664,9 +680,14 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
-                    metrics::dependency_error("postgres");
-                    warn!(consumer = %self.name, error = %e, "store failed, retrying");
-                    self.store = None;
+                    if !matches!(e, StoreError::CircuitOpen) {
+                        metrics::dependency_error("postgres");
+                        warn!(consumer = %self.name, error = %e, "store failed, retrying");
+                        self.store = None;
+                    }
+                    if self.pool == Pool::Critical {
+                        self.push_provisional(entries).await;
+                    }
                     if !self.shutdown.clone().sleep(backoff.next_delay()).await {
                         return None;
                     }
