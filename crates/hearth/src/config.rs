@@ -67,6 +67,9 @@ pub struct Config {
     /// The admin bearer token (sees every house). When empty, `hearth up` and `hearth api`
     /// make one at start and log it.
     pub admin_token: String,
+    /// A store call slower than this (milliseconds) counts as a failure for PostgreSQL's circuit
+    /// breaker (5 in a row open it for 2 s).
+    pub store_slow_ms: u64,
     /// After SIGTERM/SIGINT, how long a process may take to finish the batch in hand and hand
     /// its lanes back before it exits anyway (what it had not acknowledged stays pending).
     pub shutdown_timeout_ms: u64,
@@ -97,6 +100,7 @@ impl Default for Config {
             metrics_listen: String::new(),
             ws_client_buffer: 256,
             admin_token: String::new(),
+            store_slow_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             log: "info".into(),
         }
@@ -193,6 +197,9 @@ impl Config {
                 "lease_ttl_ms must be >= 300, got {}",
                 self.lease_ttl_ms
             ));
+        }
+        if self.store_slow_ms == 0 {
+            return bad("store_slow_ms must be >= 1".into());
         }
         if self.shutdown_timeout_ms == 0 {
             return bad("shutdown_timeout_ms must be >= 1".into());

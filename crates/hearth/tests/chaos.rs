@@ -5,12 +5,15 @@
 //! lost, duplicated and out-of-order events and the drain time; every scenario must show 0/0/0.
 //!
 //! `cargo test --test chaos` runs the short versions (what CI runs). The full durations of
-//! issue 5 run with `HEARTH_CHAOS_FULL=1 cargo test --release --test chaos -- --test-threads 1`.
+//! issue 5 run with `HEARTH_CHAOS_FULL=1 cargo test --test chaos -- --test-threads 1 --nocapture`
+//! (about 6 minutes; `scripts/chaos.sh` does it).
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hearth::bench::mosquitto::{running_as_root, stop_child};
@@ -198,6 +201,77 @@ impl Drop for Postgres {
     }
 }
 
+/// A TCP proxy that delays every reply by a settable time: a slow server without netem.
+struct Proxy {
+    port: u16,
+    delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(relay(cr, sw, None));
+                    relay(sr, cw, Some(delay)).await;
+                });
+            }
+        });
+        Proxy {
+            port,
+            delay_ms,
+            task,
+        }
+    }
+
+    fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Option<Arc<AtomicU64>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay.as_ref().map_or(0, |d| d.load(Ordering::Relaxed));
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 // ---- the harness -------------------------------------------------------------------------------
 
 /// One scenario's world: private broker, Redis and PostgreSQL, and an Env pointing at them.
@@ -226,6 +300,29 @@ impl World {
             redis,
             pg,
         }
+    }
+
+    /// Put a delaying proxy between hearth's processes and PostgreSQL (the checker still reads
+    /// PostgreSQL directly).
+    async fn slow_postgres(&mut self) -> Proxy {
+        let proxy = Proxy::start(self.pg.port).await;
+        let url = format!("postgres://postgres@127.0.0.1:{}/hearth", proxy.port);
+        self.env.set("database_url", url);
+        proxy
+    }
+
+    /// 10,000 events (100 sensors) at about 1,000/s, in the background; returns once the first
+    /// 1,000 are stored, so that a fault injected next lands mid-run.
+    async fn publish_10k_and_wait_for_the_first_rows(&self) -> tokio::task::JoinHandle<()> {
+        let publisher = publish_paced(
+            &self.env,
+            self.broker.port,
+            interleaved("h1", 100, 100),
+            1_000,
+        );
+        let pg = self.env.pg().await;
+        wait_rows(&pg, 1_000, DRAIN).await;
+        publisher
     }
 
     /// `workers` worker processes (2 consumers each) and one ingest.
@@ -369,16 +466,7 @@ async fn outage(name: &str, scenario: &str, fsync: &'static str, what: Outage, l
     let mut world = World::new(name, fsync);
     let (mut workers, mut ingest) = world.start(2).await;
     let expected = 10_000;
-    let publisher = publish_paced(
-        &world.env,
-        world.broker.port,
-        interleaved("h1", 100, 100),
-        1_000,
-    );
-    {
-        let pg = world.env.pg().await;
-        wait_rows(&pg, 1_000, DRAIN).await;
-    }
+    let publisher = world.publish_10k_and_wait_for_the_first_rows().await;
     // Scenario 11 rides on the PostgreSQL outage: an API process and a WebSocket client
     // subscribed to alerts, before the store goes away.
     let mut watch = match what {
@@ -595,4 +683,104 @@ async fn chaos_5_broker_restarted() {
     wait_rows(&pg, 10_000, DRAIN).await;
     world.check("5 (broker restarted)", 10_000, healed).await;
     assert!(ingest.alive(), "the ingest reconnected instead of exiting");
+}
+
+/// Scenario 1: a burst against 3 worker processes (10,000 events/s for 30 s with
+/// HEARTH_CHAOS_FULL=1; 30,000 events as fast as the test publisher goes in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_1_burst() {
+    let world = World::new("chaos1", "everysec");
+    let (_workers, _ingest) = world.start(3).await;
+    let (per_sensor, rate) = pick((300u64, 0), (3_000, 10_000));
+    let expected = 100 * per_sensor as i64;
+    let payloads = interleaved("h1", 100, per_sensor);
+    let started = Instant::now();
+    let publisher = if rate > 0 {
+        publish_paced(&world.env, world.broker.port, payloads, rate)
+    } else {
+        publish_in_background(&world.env, world.broker.port, payloads)
+    };
+    publisher.await.expect("publisher");
+    eprintln!(
+        "chaos 1: {expected} events published in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    world.check("1 (burst)", expected, Instant::now()).await;
+}
+
+/// Scenario 8: PostgreSQL 500 ms slower (a delaying proxy in front of it): the breaker opens on
+/// slow calls, routine entries wait in Redis, and the backlog drains once it is fast again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_8_postgres_slow() {
+    let mut world = World::new("chaos8", "everysec");
+    let proxy = world.slow_postgres().await;
+    world.env.set("store_slow_ms", 300);
+    let (workers, _ingest) = world.start(2).await;
+    let publisher = world.publish_10k_and_wait_for_the_first_rows().await;
+    proxy.set_delay(500);
+    let length = pick(Duration::from_secs(8), Duration::from_secs(30));
+    eprintln!("chaos 8: PostgreSQL 500 ms slower for {length:?}");
+    tokio::time::sleep(length).await;
+    proxy.set_delay(0);
+    let healed = Instant::now();
+    publisher.await.expect("publisher");
+    world
+        .check("8 (PostgreSQL 500 ms slower)", 10_000, healed)
+        .await;
+    let logs: String = workers.iter().map(Hearth::log_text).collect();
+    assert!(
+        logs.contains("circuit open"),
+        "the breaker opened on slow calls"
+    );
+}
+
+/// Scenario 10: saturation with slow workers (PostgreSQL 50 ms slower per round trip) and a low
+/// high watermark: the queue depth stays bounded (the ingest holds messages at the broker),
+/// every process's memory stays bounded, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_10_saturation_is_bounded() {
+    let mut world = World::new("chaos10", "everysec");
+    let proxy = world.slow_postgres().await;
+    world
+        .env
+        .set("queue_high_watermark", 3_000)
+        .set("queue_low_watermark", 1_500);
+    proxy.set_delay(50);
+    let (mut workers, ingest) = world.start(2).await;
+    let (per_sensor, rate) = pick((300u64, 0), (12_000, 20_000));
+    let expected = 100 * per_sensor as i64;
+    let payloads = interleaved("h1", 100, per_sensor);
+    let publisher = if rate > 0 {
+        publish_paced(&world.env, world.broker.port, payloads, rate)
+    } else {
+        publish_in_background(&world.env, world.broker.port, payloads)
+    };
+    let (mut max_depth, mut max_rss_kb) = (0u64, 0u64);
+    while !publisher.is_finished() {
+        let status = world.env.status();
+        let depth: u64 = status["lanes"]
+            .as_array()
+            .map(|l| l.iter().map(|x| x["depth"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        max_depth = max_depth.max(depth);
+        for p in workers.iter().chain(std::iter::once(&ingest)) {
+            max_rss_kb = max_rss_kb.max(hearth::bench::rss_kb(p.pid()).unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publisher.await.expect("publisher");
+    proxy.set_delay(0);
+    eprintln!(
+        "chaos 10: max queue depth {max_depth} (high watermark 3000), max RSS {} MB",
+        max_rss_kb / 1024
+    );
+    world
+        .check("10 (saturation)", expected, Instant::now())
+        .await;
+    // The high watermark plus what was in flight when it was crossed (one ingest batch).
+    assert!(max_depth <= 3_000 + 2_000, "depth bounded: {max_depth}");
+    assert!(max_rss_kb < 150 * 1024, "memory bounded: {max_rss_kb} kB");
+    for w in &mut workers {
+        assert!(w.alive());
+    }
 }

@@ -649,6 +649,7 @@ impl Consumer {
                 .collect();
             let redelivered = entries.iter().any(|e| e.redelivered);
             let breaker = &crate::breaker::POSTGRES;
+            let attempt = Instant::now();
             let result = if !breaker.allow() {
                 Err(StoreError::CircuitOpen)
             } else {
@@ -660,9 +661,13 @@ impl Consumer {
                     other => other.map(|n| (n, Vec::new())),
                 }
             };
+            // A call slower than `store_slow_ms` counts against the store like a failure: a
+            // drowning database gets room (routine entries wait in Redis) instead of more load.
+            let slow = attempt.elapsed() > Duration::from_millis(self.config.store_slow_ms);
             match &result {
                 Err(StoreError::Unavailable(_)) => breaker.failure(),
                 Err(StoreError::CircuitOpen) => {}
+                _ if slow => breaker.failure(),
                 _ => breaker.success(),
             }
             match result {
