@@ -20,6 +20,9 @@ command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v psql >/dev/null || missing+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)   # promtool, for the metrics and rules tests
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)   # schemathesis (scripts/apifuzz.sh)
+command -v curl >/dev/null || missing+=(curl)
+command -v runuser >/dev/null || missing+=(util-linux)   # the chaos tests run PostgreSQL as its user
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# hearth's test command: start (or install) the servers the tests use, then run every test.
-# Extra arguments go to `cargo test`, e.g. `scripts/test.sh --test pipeline`.
+# hearth's test command: start (or install) the servers the tests use, then run every test, then
+# fuzz the HTTP API with schemathesis (0 server errors allowed).
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh --test pipeline` (which skips the
+# API fuzzing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 cargo test --workspace --locked "$@"
+if [ $# -eq 0 ]; then
+  scripts/apifuzz.sh
+fi
