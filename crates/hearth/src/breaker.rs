@@ -1,4 +1,4 @@
-//! Circuit breakers around dependencies (PostgreSQL, webhooks): after `threshold` failures in a
+//! Circuit breakers around dependencies (PostgreSQL, each webhook URL): after `threshold` failures in a
 //! row the circuit opens and calls fail at once instead of waiting on a dead or drowning server;
 //! after `cooldown` one call goes through as a probe (half-open): success closes the circuit,
 //! failure opens it for another cooldown. `hearth_circuit_open{dependency}` is 1 while open.
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::METRICS;
 
 pub struct Breaker {
-    dependency: &'static str,
+    dependency: std::borrow::Cow<'static, str>,
     threshold: u32,
     cooldown: Duration,
     state: Mutex<State>,
@@ -35,7 +35,7 @@ pub static POSTGRES: Breaker = Breaker::new("postgres", 5, Duration::from_secs(2
 impl Breaker {
     pub const fn new(dependency: &'static str, threshold: u32, cooldown: Duration) -> Breaker {
         Breaker {
-            dependency,
+            dependency: std::borrow::Cow::Borrowed(dependency),
             threshold,
             cooldown,
             state: Mutex::new(State {
@@ -43,6 +43,16 @@ impl Breaker {
                 opened: None,
                 probing: false,
             }),
+        }
+    }
+
+    /// A breaker for a dependency known at run time (a webhook URL, say).
+    pub fn named(dependency: String, threshold: u32, cooldown: Duration) -> Breaker {
+        Breaker {
+            dependency: std::borrow::Cow::Owned(dependency),
+            threshold,
+            cooldown,
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -72,10 +82,10 @@ impl Breaker {
     pub fn success(&self) {
         let mut s = self.lock();
         if s.opened.is_some() {
-            tracing::info!(dependency = self.dependency, "circuit closed");
+            tracing::info!(dependency = %self.dependency, "circuit closed");
         }
         *s = State::default();
-        METRICS.circuit_open.with(self.dependency).set(0.0);
+        METRICS.circuit_open.with(&self.dependency).set(0.0);
     }
 
     /// The dependency failed (unreachable, or an error of its own, not of the request's content).
@@ -87,13 +97,13 @@ impl Breaker {
         if reopen {
             if s.opened.is_none() {
                 tracing::warn!(
-                    dependency = self.dependency,
+                    dependency = %self.dependency,
                     failures = s.failures,
                     "circuit open"
                 );
             }
             s.opened = Some(Instant::now());
-            METRICS.circuit_open.with(self.dependency).set(1.0);
+            METRICS.circuit_open.with(&self.dependency).set(1.0);
         }
     }
 }

@@ -503,7 +503,8 @@ async fn offline_state(pg: &tokio_postgres::Client) -> Option<String> {
 }
 
 /// A webhook that keeps failing is retried, then its notification goes to the dead letters with
-/// its reason; the alert itself is stored and pushed regardless.
+/// its reason, and its circuit opens: the next notification is dead-lettered without waiting
+/// out the retries. The alerts themselves are stored and pushed regardless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_webhook_is_dead_lettered() {
     let mut env = Env::new("hookfail");
@@ -533,7 +534,24 @@ async fn a_failing_webhook_is_dead_lettered() {
     })
     .await;
     assert_eq!(letter["topic"], url);
-    assert!(letter["detail"].contains("after 4 attempts"), "{letter:?}");
+    assert!(letter["detail"].contains("circuit open"), "{letter:?}");
+    publish_all(
+        broker.port,
+        &format!("pub2-{}", env.name),
+        vec![(
+            "hearth/h1/attic-smoke".into(),
+            br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec(),
+        )],
+    )
+    .await;
+    let second = eventually("the second dead letter", WAIT, || async {
+        env.dead_letters()
+            .await
+            .into_iter()
+            .find(|d| d["reason"] == "webhook_failed" && d["payload"].contains("attic-smoke"))
+    })
+    .await;
+    assert!(second["detail"].contains("circuit open"), "{second:?}");
     assert!(
         letter["payload"].contains("hall-smoke"),
         "the notification is kept to replay"

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::Alert;
 use super::rules::RuleSet;
 use crate::backoff::Backoff;
+use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::queue::{self, DeadLetter, Queue};
@@ -34,6 +35,17 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
         }
     };
     let name = format!("notifier-{}-{:04x}", std::process::id(), fastrand::u16(..));
+    // One breaker per webhook: a receiver that keeps failing is not retried for every alert
+    // (each would wait out all its attempts); its notifications are dead-lettered at once
+    // (replayable with `hearth dlq replay --reason webhook_failed`) until a probe succeeds.
+    let breakers: std::collections::HashMap<String, Breaker> = rules
+        .webhooks
+        .iter()
+        .map(|w| {
+            let b = Breaker::named(format!("webhook:{}", w.url), 3, Duration::from_secs(30));
+            (w.url.clone(), b)
+        })
+        .collect();
     let stream = queue.keys.notify();
     let mut backoff = Backoff::default();
     while !shutdown.is_set() {
@@ -65,7 +77,13 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
                 }
                 for entry in entries {
                     let id = entry.id.clone();
-                    deliver(&queue, &rules, entry.field("a").unwrap_or_default()).await;
+                    deliver(
+                        &queue,
+                        &rules,
+                        &breakers,
+                        entry.field("a").unwrap_or_default(),
+                    )
+                    .await;
                     let mut c = queue.conn.clone();
                     redis::pipe()
                         .cmd("XACK")
@@ -100,7 +118,12 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
 }
 
 /// POST one transition to every webhook of its severity; dead-letter what keeps failing.
-async fn deliver(queue: &Queue, rules: &RuleSet, body: &[u8]) {
+async fn deliver(
+    queue: &Queue,
+    rules: &RuleSet,
+    breakers: &std::collections::HashMap<String, Breaker>,
+    body: &[u8],
+) {
     let Ok(alert) = serde_json::from_slice::<Alert>(body) else {
         warn!("unreadable notification dropped into the dead letters");
         dead_letter(queue, "", body, "unreadable notification".into()).await;
@@ -115,13 +138,24 @@ async fn deliver(queue: &Queue, rules: &RuleSet, body: &[u8]) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut last_error = String::new();
         let mut delivered = false;
+        let breaker = breakers.get(&hook.url);
         for _ in 0..ATTEMPTS {
+            if breaker.is_some_and(|b| !b.allow()) {
+                last_error = "circuit open: the webhook kept failing".into();
+                break;
+            }
             match post(&hook.url, &payload).await {
                 Ok(()) => {
+                    if let Some(b) = breaker {
+                        b.success();
+                    }
                     delivered = true;
                     break;
                 }
                 Err(e) => {
+                    if let Some(b) = breaker {
+                        b.failure();
+                    }
                     last_error = e;
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
@@ -131,7 +165,7 @@ async fn deliver(queue: &Queue, rules: &RuleSet, body: &[u8]) {
             info!(url = %hook.url, alert = alert.id, state = alert.state.as_str(), "webhook delivered");
         } else {
             warn!(url = %hook.url, alert = alert.id, error = %last_error, "webhook failed, dead-lettered");
-            let detail = format!("{}: {last_error} (after {ATTEMPTS} attempts)", hook.url);
+            let detail = format!("{}: {last_error}", hook.url);
             dead_letter(queue, &hook.url, payload.as_bytes(), detail).await;
         }
     }
