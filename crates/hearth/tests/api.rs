@@ -517,40 +517,31 @@ async fn a_failing_webhook_is_dead_lettered() {
         .set("rules_file", rules);
     let up = env.hearth("up", &["up"]);
     up.wait_log("subscribed", READY).await;
-    publish_all(
-        broker.port,
-        &format!("pub-{}", env.name),
-        vec![(
-            "hearth/h1/hall-smoke".into(),
-            br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec(),
-        )],
-    )
-    .await;
-    let letter = eventually("the failed webhook's dead letter", WAIT, || async {
-        env.dead_letters()
+    // A smoke alarm on `sensor`, and the dead letter of its webhook notification.
+    let smoke_letter = |sensor: &'static str| {
+        let (env, port) = (&env, broker.port);
+        async move {
+            let smoke = br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec();
+            let topic = format!("hearth/h1/{sensor}");
+            publish_all(
+                port,
+                &format!("pub-{sensor}-{}", env.name),
+                vec![(topic, smoke)],
+            )
+            .await;
+            eventually("the failed webhook's dead letter", WAIT, || async {
+                env.dead_letters()
+                    .await
+                    .into_iter()
+                    .find(|d| d["reason"] == "webhook_failed" && d["payload"].contains(sensor))
+            })
             .await
-            .into_iter()
-            .find(|d| d["reason"] == "webhook_failed")
-    })
-    .await;
+        }
+    };
+    let letter = smoke_letter("hall-smoke").await;
     assert_eq!(letter["topic"], url);
     assert!(letter["detail"].contains("circuit open"), "{letter:?}");
-    publish_all(
-        broker.port,
-        &format!("pub2-{}", env.name),
-        vec![(
-            "hearth/h1/attic-smoke".into(),
-            br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec(),
-        )],
-    )
-    .await;
-    let second = eventually("the second dead letter", WAIT, || async {
-        env.dead_letters()
-            .await
-            .into_iter()
-            .find(|d| d["reason"] == "webhook_failed" && d["payload"].contains("attic-smoke"))
-    })
-    .await;
+    let second = smoke_letter("attic-smoke").await;
     assert!(second["detail"].contains("circuit open"), "{second:?}");
     assert!(
         letter["payload"].contains("hall-smoke"),
