@@ -189,6 +189,8 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
         ("POST", "/api/v1/alerts/1/ack"),
         ("GET", "/api/v1/pipeline"),
         ("POST", "/api/v1/events"),
+        ("GET", "/api/v1/houses"),
+        ("GET", "/api/v1/dlq"),
     ];
     for (method, path) in routes {
         for token in [None, Some("not-a-token")] {
@@ -213,6 +215,28 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     let other = r#"{"house_id":"h2","sensor_id":"s2","kind":"power","value":1}"#;
     let (status, _) = http(&addr, "POST", "/api/v1/events", Some(&t1), Some(other)).await;
     assert_eq!(status, 403);
+    // The houses a token sees.
+    let houses = |token: String| {
+        let addr = addr.clone();
+        async move {
+            let (status, body) = http(&addr, "GET", "/api/v1/houses", Some(&token), None).await;
+            assert_eq!(status, 200, "{body}");
+            let list: serde_json::Value = serde_json::from_str(&body).expect("json");
+            list.as_array()
+                .expect("array")
+                .iter()
+                .map(|h| h["house_id"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(houses(ADMIN.to_string()).await, ["h1", "h2"]);
+    assert_eq!(houses(t1.clone()).await, ["h1"]);
+    // The dashboard itself needs no token (it asks for one), and needs nothing from outside.
+    let page = http_get(&addr, "/").await;
+    assert!(page.contains("hearth dashboard") && page.contains("/api/v1/ws"));
+    for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!page.contains(external), "no CDN: {external}");
+    }
     // Its own house works.
     let (status, body) = http(&addr, "GET", "/api/v1/houses/h1/sensors", Some(&t1), None).await;
     assert_eq!(status, 200, "{body}");

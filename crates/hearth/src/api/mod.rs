@@ -78,6 +78,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/events", post(routes::post_events))
+        .route("/houses", get(routes::houses))
         .route("/houses/{house}/sensors", get(routes::house_sensors))
         .route("/sensors/{sensor}/latest", get(routes::sensor_latest))
         .route("/sensors/{sensor}/events", get(routes::sensor_events))
@@ -94,11 +95,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/openapi.json", get(openapi::document))
+        .route("/", get(dashboard))
         .fallback(routes::not_found)
         .with_state(state)
 }
 
 /// Only `/metrics` and `/healthz`, for processes without the API.
+/// The dashboard: one page, its script and style inline (no CDN: it works offline). It asks for
+/// a token and then uses the REST API and the WebSocket like any client.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+}
+
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))

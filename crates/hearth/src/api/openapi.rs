@@ -15,6 +15,7 @@ use super::{dlq, error, routes, ws};
     ),
     paths(
         routes::post_events,
+        routes::houses,
         routes::house_sensors,
         routes::sensor_latest,
         routes::sensor_events,
@@ -33,6 +34,7 @@ use super::{dlq, error, routes, ws};
         routes::Accepted,
         routes::RejectedReading,
         routes::SensorView,
+        routes::HouseView,
         routes::LatestView,
         routes::History,
         routes::HistoryEvent,

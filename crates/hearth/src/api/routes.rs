@@ -238,6 +238,54 @@ async fn latest(state: &AppState, sensor: &str) -> Result<BTreeMap<String, Value
         .collect())
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HouseView {
+    pub house_id: String,
+    /// Sensors seen in this house.
+    pub sensors: i64,
+}
+
+/// The houses this token may see (the admin token: every house with a sensor), by id.
+#[utoipa::path(get, path = "/api/v1/houses", tag = "sensors",
+    responses(
+        (status = 200, body = Vec<HouseView>),
+        (status = 401, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn houses(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+) -> Result<Json<Vec<HouseView>>, ApiError> {
+    let only: Option<String> = match &who {
+        Principal::Admin => None,
+        Principal::House(h) => Some(h.clone()),
+    };
+    let client = state.db.client().await?;
+    let rows = client
+        .query(
+            "SELECT house_id, count(*) FROM sensors
+             WHERE $1::text IS NULL OR house_id = $1
+             GROUP BY house_id ORDER BY house_id",
+            &[&only],
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
+    let mut out: Vec<HouseView> = rows
+        .iter()
+        .map(|r| HouseView {
+            house_id: r.get(0),
+            sensors: r.get(1),
+        })
+        .collect();
+    if let (Some(h), true) = (only, out.is_empty()) {
+        out.push(HouseView {
+            house_id: h,
+            sensors: 0,
+        });
+    }
+    Ok(Json(out))
+}
+
 /// The sensors of a house, with their latest values.
 #[utoipa::path(get, path = "/api/v1/houses/{house}/sensors", tag = "sensors",
     params(("house" = String, Path, description = "House id")),
