@@ -22,6 +22,9 @@ ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)   # promtool, for the metrics and rules tests
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)   # schemathesis (scripts/apifuzz.sh)
 command -v curl >/dev/null || missing+=(curl)
+command -v chromium >/dev/null || missing+=(chromium)   # the dashboard's browser test
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 command -v runuser >/dev/null || missing+=(util-linux)   # the chaos tests run PostgreSQL as its user
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"

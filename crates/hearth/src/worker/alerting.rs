@@ -17,8 +17,9 @@ use crate::metrics::{self, METRICS};
 use crate::queue::Lane;
 use crate::store::StoreError;
 
-/// How often the set of watched houses is read again.
-const WATCHED_REFRESH: Duration = Duration::from_secs(2);
+/// How often the set of watched houses is read again (one ZRANGEBYSCORE): a new WebSocket
+/// subscription gets events within about this long.
+const WATCHED_REFRESH: Duration = Duration::from_millis(500);
 
 impl Consumer {
     /// While the store is unreachable the critical lane still warns: the alerts that critical

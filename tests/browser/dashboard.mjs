@@ -1,0 +1,57 @@
+// The dashboard in a real browser (Debian's Chromium, headless, driven by playwright-core):
+// sign in with a token, see a sensor's value change after an MQTT publish, publish smoke and see
+// the alert appear, acknowledge it and see its state change; save a screenshot.
+// Environment: HEARTH_URL, HEARTH_TOKEN, MQTT_PORT, HOUSE, SCREENSHOT, CHROMIUM (optional).
+import { execFileSync } from "node:child_process";
+import { chromium } from "playwright-core";
+
+const url = process.env.HEARTH_URL;
+const token = process.env.HEARTH_TOKEN;
+const port = process.env.MQTT_PORT;
+const house = process.env.HOUSE;
+const step = (what) => console.log("browser: " + what);
+const publish = (sensor, payload) =>
+  execFileSync("mosquitto_pub", ["-h", "127.0.0.1", "-p", port, "-q", "1",
+    "-t", `hearth/${house}/${sensor}`, "-m", JSON.stringify(payload)]);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-background-networking", "--disable-dev-shm-usage"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.setDefaultTimeout(20000);
+  page.on("console", (m) => console.log("console: " + m.text()));
+  page.on("pageerror", (e) => console.log("page error: " + e.message));
+  page.on("response", (r) => { if (r.status() >= 400) console.log("http " + r.status() + " " + r.url()); });
+  await page.goto(url);
+  await page.fill("#token", token);
+  await page.click("#login-form button");
+  await page.waitForSelector('tr[data-key="living-temp/temperature"]');
+  step("signed in, sensor listed");
+  await page.waitForSelector("#live:not(.off)");
+  // Workers learn that a house is watched within half a second.
+  await page.waitForTimeout(1000);
+
+  publish("living-temp", { kind: "temperature", value: 23.75, seq: 2 });
+  await page.waitForFunction(() =>
+    document.querySelector('tr[data-key="living-temp/temperature"] .value')?.textContent.startsWith("23.75"));
+  step("value changed after an MQTT publish");
+
+  publish("hall-smoke", { kind: "smoke", value: true, seq: 1 });
+  await page.waitForSelector('.alert.critical.active[data-sensor="hall-smoke"]');
+  await page.waitForSelector("#banner.on");
+  step("smoke alert shown");
+
+  await page.click('.alert.critical.active[data-sensor="hall-smoke"] button');
+  await page.waitForSelector('.alert.critical.acknowledged[data-sensor="hall-smoke"]');
+  step("alert acknowledged");
+
+  // The pipeline panel fills in (every 2 s).
+  await page.waitForFunction(() => document.querySelectorAll("#lanes tr").length > 0);
+  await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
+  step("screenshot saved");
+} finally {
+  await browser.close();
+}
