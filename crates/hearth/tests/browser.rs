@@ -1,6 +1,6 @@
 //! The dashboard end to end in Debian's Chromium, driven by Playwright (`tests/browser/`):
 //! a value changes after an MQTT publish, a smoke alarm appears, Acknowledge changes its state.
-//! The screenshot goes to `docs/dashboard.png`.
+//! The screenshot goes to `target/dashboard.png` (`docs/dashboard.png` is a copy of one).
 
 mod support;
 
@@ -40,7 +40,7 @@ async fn dashboard_shows_live_values_and_alerts_in_a_browser() {
     .await;
     wait_drained(&env, 1, Duration::from_secs(60)).await;
 
-    let screenshot = repo_root().join("docs/dashboard.png");
+    let screenshot = repo_root().join("target/dashboard.png");
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg("dashboard.mjs")
