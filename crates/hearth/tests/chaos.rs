@@ -571,10 +571,29 @@ impl Watch {
                     sent.elapsed()
                 );
                 self.provisional = Some(m);
+                self.circuit_shows_open().await;
                 return;
             }
         }
         panic!("the smoke alert did not reach the socket while PostgreSQL was down");
+    }
+
+    /// The workers' PostgreSQL circuit, open, shows in the API process's pipeline view (the
+    /// states are shared through Redis).
+    async fn circuit_shows_open(&self) {
+        let deadline = Instant::now() + Duration::from_secs(6);
+        loop {
+            let (code, body) = http(&self.addr, "GET", "/api/v1/pipeline", Some(ADMIN), None).await;
+            let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if code == 200 && view["circuits"]["postgres"] == true {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no open circuit in the pipeline view: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The provisional alert arrived during the outage; the stored one (with its id) after it.

@@ -632,7 +632,7 @@ pub struct Pipeline {
     /// Events per second since the previous call (over all processes).
     pub received_per_s: f64,
     pub stored_per_s: f64,
-    /// Dependency → whether its circuit is open (in this process).
+    /// Dependency → whether its circuit is open in any process (reported within 10 s).
     pub circuits: BTreeMap<String, bool>,
 }
 
@@ -656,7 +656,11 @@ pub async fn pipeline(
         }
         *last = Some((now, received, stored));
     }
-    let circuits = crate::metrics::circuits();
+    // Every process's circuits (shared through Redis), and this process's own.
+    let mut circuits = crate::breaker::shared(&state.queue).await?;
+    for (dependency, open) in crate::metrics::circuits() {
+        *circuits.entry(dependency).or_insert(false) |= open;
+    }
     Ok(Json(Pipeline {
         queue: serde_json::to_value(&status).unwrap_or(Value::Null),
         received_per_s,

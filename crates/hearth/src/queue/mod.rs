@@ -149,6 +149,10 @@ impl Keys {
     pub fn watched(&self) -> String {
         format!("{}:watched", self.prefix)
     }
+    /// Circuit states of every process (hash: `{dependency}|{process}` → `{0|1}:{epoch ms}`).
+    pub fn circuits(&self) -> String {
+        format!("{}:circuits", self.prefix)
+    }
     /// House tokens, cached (hash → house id).
     pub fn tokens(&self) -> String {
         format!("{}:tokens", self.prefix)

@@ -111,6 +111,9 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    if let Ok(queue) = Queue::open(&config.redis_url, &config.redis_prefix, config.shards) {
+        tasks.spawn(crate::breaker::share(queue, shutdown.clone()));
+    }
     if !rules.webhooks.is_empty() {
         tasks.spawn(crate::alerts::notify::run(
             config.clone(),
