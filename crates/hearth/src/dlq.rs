@@ -242,18 +242,18 @@ fn decode_again(
                         Ok(e) => events.push(e),
                         Err(r) => {
                             let raw = serde_json::to_vec(&item).unwrap_or_default();
-                            let mut d = DeadLetter::from_rejection(&r, "http", &raw, at_ms);
-                            d.source = "http";
-                            dead.push(d);
+                            dead.push(DeadLetter::from_rejection(&r, "http", "http", &raw, at_ms));
                         }
                     }
                 }
             }
-            Err(r) => {
-                let mut d = DeadLetter::from_rejection(&r, "http", &letter.raw, at_ms);
-                d.source = "http";
-                dead.push(d);
-            }
+            Err(r) => dead.push(DeadLetter::from_rejection(
+                &r,
+                "http",
+                "http",
+                &letter.raw,
+                at_ms,
+            )),
         },
         _ => {
             let decoded = codec::decode(&letter.topic, &letter.raw, received_us, limits);
@@ -261,7 +261,7 @@ fn decode_again(
             dead = decoded
                 .rejections
                 .iter()
-                .map(|r| DeadLetter::from_rejection(r, &letter.topic, &letter.raw, at_ms))
+                .map(|r| DeadLetter::from_rejection(r, "mqtt", &letter.topic, &letter.raw, at_ms))
                 .collect();
         }
     }

@@ -160,8 +160,7 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     let mut env = Env::new("auth");
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url()).set("admin_token", ADMIN);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
     let t1 = token_for(&env, "h1");
 
@@ -368,8 +367,7 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
     env.set("mqtt_url", broker.url())
         .set("admin_token", ADMIN)
         .set("ws_client_buffer", 8);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
 
     // The sleeper: a raw socket with a tiny receive buffer, upgraded, then never read.
@@ -482,8 +480,7 @@ async fn a_silent_sensor_goes_offline_and_comes_back() {
         .set("admin_token", ADMIN)
         .set("rules_file", rules.display().to_string())
         .set("sensor_touch_interval_ms", 50);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let _up = env.up().await;
     let reading = |seq: u64| {
         let p = serde_json::json!({"kind": "co2", "value": 600, "seq": seq});
         vec![("hearth/h1/co2-1".to_string(), p.to_string().into_bytes())]
@@ -539,8 +536,7 @@ async fn a_failing_webhook_is_dead_lettered() {
     env.set("mqtt_url", broker.url())
         .set("admin_token", ADMIN)
         .set("rules_file", rules);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let _up = env.up().await;
     // A smoke alarm on `sensor`, and the dead letter of its webhook notification.
     let smoke_letter = |sensor: &'static str| {
         let (env, port) = (&env, broker.port);

@@ -25,8 +25,7 @@ async fn dashboard_shows_live_values_and_alerts_in_a_browser() {
     let mut env = Env::new("browser");
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url()).set("admin_token", ADMIN);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", Duration::from_secs(60)).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
     let house = format!("house-{}", std::process::id());
     publish_all(

@@ -18,8 +18,7 @@ async fn metrics_agree_with_the_rows_stored_and_pass_promtool() {
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url())
         .set("api_listen", "127.0.0.1:0");
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
 
     let mut payloads = interleaved("h1", 40, 50);
@@ -176,8 +175,7 @@ async fn sim_readings_are_all_stored_without_gaps() {
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url())
         .set("api_listen", "127.0.0.1:0");
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
 
     let out = env

@@ -93,8 +93,7 @@ async fn duplicate_publish_is_stored_once() {
     let mut env = Env::new("dup");
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url());
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let _up = env.up().await;
 
     let msg = br#"{"kind":"temperature","value":21.5,"seq":7}"#.to_vec();
     let marker = br#"{"kind":"temperature","value":22,"seq":8}"#.to_vec();
@@ -125,8 +124,7 @@ async fn duplicate_publish_is_stored_once() {
 async fn seed_mosquitto_pub_command_is_stored() {
     let mut env = Env::new("seed");
     env.set("mqtt_url", "mqtt://127.0.0.1:1883");
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
 
     let status = std::process::Command::new("mosquitto_pub")
         .args([
@@ -191,8 +189,7 @@ async fn bad_input_is_dead_lettered_and_the_rest_flows() {
     let mut env = Env::new("bad");
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url());
-    let mut up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let mut up = env.up().await;
 
     let bad: Vec<(&str, String, &str)> = vec![
         (
@@ -276,8 +273,7 @@ async fn unreadable_entry_is_dead_lettered_after_max_deliveries() {
     env.set("mqtt_url", broker.url())
         .set("max_deliveries", 3)
         .set("shards", 1);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let _up = env.up().await;
 
     let mut redis = env.redis().await;
     let stream = format!("{}:stream:routine-0", env.redis_prefix);

@@ -28,8 +28,7 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     env.set("mqtt_url", broker.url())
         .set("admin_token", ADMIN)
         .set("max_payload_bytes", 100);
-    let up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let up = env.up().await;
     let addr = up.http_addr().await;
 
     let big: Vec<String> = (1..=4)
@@ -157,8 +156,7 @@ async fn hostile_corpus_is_rejected_with_reasons_and_valid_traffic_flows() {
     let mut env = Env::new("corpus");
     let broker = Broker::start(&env.scratch.0);
     env.set("mqtt_url", broker.url()).set("admin_token", ADMIN);
-    let mut up = env.hearth("up", &["up"]);
-    up.wait_log("subscribed", READY).await;
+    let mut up = env.up().await;
     let addr = up.http_addr().await;
 
     let ten_years_ms = (std::time::SystemTime::now()

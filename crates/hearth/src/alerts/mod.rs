@@ -106,6 +106,37 @@ pub fn event_key(e: &crate::event::Event) -> String {
     }
 }
 
+/// Add to `pipe` the push of an alert transition: to WebSocket clients (`P:push`) and, when a
+/// webhook takes its severity, to the notifier (`P:notify`). Workers and the API both push
+/// through here.
+pub fn add_push(
+    pipe: &mut redis::Pipeline,
+    keys: &crate::queue::Keys,
+    rules: &rules::RuleSet,
+    alert: &Alert,
+) {
+    let message = Push::Alert {
+        house_id: alert.house_id.clone(),
+        alert: Box::new(alert.clone()),
+    };
+    if let Ok(json) = serde_json::to_string(&message) {
+        pipe.cmd("PUBLISH").arg(keys.push()).arg(json).ignore();
+    }
+    if rules
+        .webhooks
+        .iter()
+        .any(|w| w.severities.contains(&alert.severity))
+        && let Ok(json) = serde_json::to_string(alert)
+    {
+        pipe.cmd("XADD")
+            .arg(keys.notify())
+            .arg("*")
+            .arg("a")
+            .arg(json)
+            .ignore();
+    }
+}
+
 /// A message to WebSocket clients, sent through Redis pub/sub (`P:push`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]

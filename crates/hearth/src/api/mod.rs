@@ -39,6 +39,9 @@ pub struct AppState {
     pub queue: Queue,
     pub cache: Cache,
     pub db: Db,
+    /// The alert rules and webhooks, read once at start (an acknowledgement is pushed to the
+    /// webhooks of its severity).
+    pub rules: crate::alerts::rules::RuleSet,
     pub admin_token: String,
     pub tokens: auth::TokenCache,
     pub hub: Arc<ws::Hub>,
@@ -59,6 +62,7 @@ impl AppState {
             role,
             cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
             db: Db::new(&config.database_url),
+            rules: crate::alerts::rules::RuleSet::load(&config.rules_file).unwrap_or_default(),
             hub: Arc::new(ws::Hub::new(
                 queue.clone(),
                 &config.redis_url,

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
-use crate::alerts::{Alert, AlertState, Push};
+use crate::alerts::{Alert, AlertState};
 use crate::codec::{self, Limits};
 use crate::event::is_valid_id;
 use crate::metrics::METRICS;
@@ -155,9 +155,13 @@ pub async fn post_events(
             Ok(e) => events.push(e),
             Err(r) => {
                 let raw = serde_json::to_vec(item).unwrap_or_default();
-                let mut letter = DeadLetter::from_rejection(&r, "http", &raw, received_us / 1000);
-                letter.source = "http";
-                dead.push(letter);
+                dead.push(DeadLetter::from_rejection(
+                    &r,
+                    "http",
+                    "http",
+                    &raw,
+                    received_us / 1000,
+                ));
                 rejected.push(RejectedReading {
                     index,
                     reason: r.reason.as_str().into(),
@@ -593,31 +597,8 @@ pub async fn ack_alert(
 
 /// Push an alert change made by the API, as the workers push theirs.
 async fn push_alert(state: &AppState, alert: &Alert) -> Result<(), ApiError> {
-    let message = Push::Alert {
-        house_id: alert.house_id.clone(),
-        alert: Box::new(alert.clone()),
-    };
     let mut pipe = redis::pipe();
-    if let Ok(json) = serde_json::to_string(&message) {
-        pipe.cmd("PUBLISH")
-            .arg(state.queue.keys.push())
-            .arg(json)
-            .ignore();
-    }
-    let rules = crate::alerts::rules::RuleSet::load(&state.config.rules_file).unwrap_or_default();
-    if rules
-        .webhooks
-        .iter()
-        .any(|w| w.severities.contains(&alert.severity))
-        && let Ok(json) = serde_json::to_string(alert)
-    {
-        pipe.cmd("XADD")
-            .arg(state.queue.keys.notify())
-            .arg("*")
-            .arg("a")
-            .arg(json)
-            .ignore();
-    }
+    crate::alerts::add_push(&mut pipe, &state.queue.keys, &state.rules, alert);
     state.queue.exec(&pipe).await?;
     Ok(())
 }

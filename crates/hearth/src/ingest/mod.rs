@@ -262,7 +262,9 @@ fn decode(p: &rumqttc::mqttbytes::v4::Publish, generation: u64, limits: &Limits)
         dead: decoded
             .rejections
             .iter()
-            .map(|r| DeadLetter::from_rejection(r, &p.topic, &p.payload, received_us / 1000))
+            .map(|r| {
+                DeadLetter::from_rejection(r, "mqtt", &p.topic, &p.payload, received_us / 1000)
+            })
             .collect(),
         events: decoded.events,
     }

@@ -206,13 +206,20 @@ pub struct DeadLetter {
 const DEAD_PAYLOAD_MAX: usize = 4096;
 
 impl DeadLetter {
-    pub fn from_rejection(rejection: &Rejection, topic: &str, payload: &[u8], at_ms: i64) -> Self {
+    /// A refused message or reading; `source` is `mqtt` or `http` (whose topic is `http`).
+    pub fn from_rejection(
+        rejection: &Rejection,
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        at_ms: i64,
+    ) -> Self {
         DeadLetter {
             reason: rejection.reason.as_str(),
             detail: rejection.detail.clone(),
             topic: topic.to_string(),
             payload: payload[..payload.len().min(DEAD_PAYLOAD_MAX)].to_vec(),
-            source: "mqtt",
+            source,
             at_ms,
         }
     }

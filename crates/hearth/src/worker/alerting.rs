@@ -161,29 +161,8 @@ impl Consumer {
         alerts: &[Alert],
         events: &[&Event],
     ) {
-        let push = self.queue.keys.push();
         for alert in alerts {
-            let message = Push::Alert {
-                house_id: alert.house_id.clone(),
-                alert: Box::new(alert.clone()),
-            };
-            if let Ok(json) = serde_json::to_string(&message) {
-                pipe.cmd("PUBLISH").arg(&push).arg(json).ignore();
-            }
-            let rules = &self.engine.rules;
-            if rules
-                .webhooks
-                .iter()
-                .any(|w| w.severities.contains(&alert.severity))
-                && let Ok(json) = serde_json::to_string(alert)
-            {
-                pipe.cmd("XADD")
-                    .arg(self.queue.keys.notify())
-                    .arg("*")
-                    .arg("a")
-                    .arg(json)
-                    .ignore();
-            }
+            crate::alerts::add_push(pipe, &self.queue.keys, &self.engine.rules, alert);
         }
         let watched = &self.watched.1;
         if watched.is_empty() || events.is_empty() {
@@ -204,7 +183,10 @@ impl Consumer {
                 events,
             };
             if let Ok(json) = serde_json::to_string(&message) {
-                pipe.cmd("PUBLISH").arg(&push).arg(json).ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(self.queue.keys.push())
+                    .arg(json)
+                    .ignore();
             }
         }
     }

@@ -651,28 +651,13 @@ impl Consumer {
                 .flat_map(|e| e.events.iter().map(move |ev| (e.lane, ev)))
                 .collect();
             let redelivered = entries.iter().any(|e| e.redelivered);
-            let breaker = &crate::breaker::POSTGRES;
-            let attempt = Instant::now();
-            let result = if !breaker.allow() {
-                Err(StoreError::CircuitOpen)
-            } else {
-                match self.write(&all, redelivered).await {
-                    Err(StoreError::Content(e)) => {
-                        debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
-                        self.isolate(entries).await
-                    }
-                    other => other.map(|n| (n, Vec::new())),
+            let result = match self.write(&all, redelivered).await {
+                Err(StoreError::Content(e)) => {
+                    debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
+                    self.isolate(entries).await
                 }
+                other => other.map(|n| (n, Vec::new())),
             };
-            // A call slower than `store_slow_ms` counts against the store like a failure: a
-            // drowning database gets room (routine entries wait in Redis) instead of more load.
-            let slow = attempt.elapsed() > Duration::from_millis(self.config.store_slow_ms);
-            match &result {
-                Err(StoreError::Unavailable(_)) => breaker.failure(),
-                Err(StoreError::CircuitOpen) => {}
-                _ if slow => breaker.failure(),
-                _ => breaker.success(),
-            }
             match result {
                 Ok(done) => {
                     self.provisional.clear();
@@ -722,7 +707,30 @@ impl Consumer {
         Ok((inserted, refused))
     }
 
+    /// Write events through PostgreSQL's circuit breaker: refused at once while it is open; an
+    /// unreachable store, or a call slower than `store_slow_ms`, counts against it (a drowning
+    /// database gets room, routine entries waiting in Redis, instead of more load).
     async fn write(
+        &mut self,
+        items: &[(Lane, &Event)],
+        redelivered: bool,
+    ) -> Result<u64, StoreError> {
+        let breaker = &crate::breaker::POSTGRES;
+        if !breaker.allow() {
+            return Err(StoreError::CircuitOpen);
+        }
+        let started = Instant::now();
+        let result = self.write_rows(items, redelivered).await;
+        let slow = started.elapsed() > Duration::from_millis(self.config.store_slow_ms);
+        match &result {
+            Err(StoreError::Unavailable(_)) => breaker.failure(),
+            _ if slow => breaker.failure(),
+            _ => breaker.success(),
+        }
+        result
+    }
+
+    async fn write_rows(
         &mut self,
         items: &[(Lane, &Event)],
         redelivered: bool,

@@ -130,6 +130,13 @@ impl Env {
         Hearth::spawn(self, label, args)
     }
 
+    /// `hearth up` with this test's settings, once it has subscribed to the broker.
+    pub async fn up(&self) -> Hearth {
+        let up = self.hearth("up", &["up"]);
+        up.wait_log("subscribed", Duration::from_secs(60)).await;
+        up
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
