@@ -26,7 +26,10 @@ async fn a_house_publishes_only_under_its_own_prefix() {
             .expect("mosquitto_passwd");
         assert!(status.success());
     }
-    let acl = repo_root().join("deploy/mosquitto-acl.example");
+    // A copy beside the password file: Mosquitto reads it after dropping to its own user, which
+    // may not reach into the checkout (a `mktemp -d` clone is private to its owner).
+    let acl = env.scratch.0.join("acl");
+    std::fs::copy(repo_root().join("deploy/mosquitto-acl.example"), &acl).expect("acl example");
     let broker = Broker::start_with(
         &env.scratch.0,
         0,
