@@ -41,7 +41,7 @@ const ORDER_KEY_LEN: usize = 15 + 21 + 17;
 /// (ts, seq, received), fixed width so that string order is numeric order: ts in 15 digits,
 /// then `0` and 20 zeros without seq or `1` and the seq in 20 digits, then the receive time in
 /// 17 digits.
-pub(crate) fn order_key(e: &Event) -> String {
+pub fn order_key(e: &Event) -> String {
     let seq = match e.seq {
         Some(s) => format!("1{:020}", s),
         None => format!("0{:020}", 0),
@@ -89,14 +89,7 @@ impl Cache {
             pipe.arg(self.keys.latest(&e.sensor_id));
         }
         for (e, order) in newest.values() {
-            let json = serde_json::json!({
-                "value": e.value,
-                "unit": e.unit,
-                "ts": e.ts_ms,
-                "seq": e.seq,
-                "received_us": e.received_us,
-                "house_id": e.house_id,
-            });
+            let json = crate::seam::latest_json(e);
             pipe.arg(&e.kind)
                 .arg(order)
                 .arg(self.keys.house_sensors(&e.house_id))

@@ -73,8 +73,17 @@ pub struct Config {
     /// After SIGTERM/SIGINT, how long a process may take to finish the batch in hand and hand
     /// its lanes back before it exits anyway (what it had not acknowledged stays pending).
     pub shutdown_timeout_ms: u64,
+    /// Address of the embedded MQTT broker (`hearth up` with no server URL configured).
+    pub mqtt_listen: String,
+    /// Folder of the embedded store (`hearth up` with no server URL configured): one SQLite
+    /// database holding the queue, events, sensors, alerts and dead letters.
+    pub data_dir: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
+    /// Whether no server URL (`mqtt_url`, `redis_url`, `database_url`) was given in any layer:
+    /// then `hearth up` runs the embedded broker and store. Not a key: it is worked out.
+    #[serde(skip)]
+    pub embedded: bool,
 }
 
 impl Default for Config {
@@ -102,7 +111,10 @@ impl Default for Config {
             admin_token: String::new(),
             store_slow_ms: 5_000,
             shutdown_timeout_ms: 10_000,
+            mqtt_listen: "127.0.0.1:1883".into(),
+            data_dir: "./hearth-data".into(),
             log: "info".into(),
+            embedded: false,
         }
     }
 }
@@ -165,15 +177,20 @@ pub fn load(
     })?;
     table.extend(flag_layer);
 
-    let config: Config = toml::Value::Table(table)
+    let embedded = !SERVER_URLS.iter().any(|k| table.contains_key(*k));
+    let mut config: Config = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid {
             origin: "config".into(),
             message: one_line(&e.to_string()),
         })?;
+    config.embedded = embedded;
     config.validate()?;
     Ok(config)
 }
+
+/// The keys that name a server; with none of them set, `hearth up` runs embedded.
+pub const SERVER_URLS: &[&str] = &["mqtt_url", "redis_url", "database_url"];
 
 impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
@@ -200,6 +217,9 @@ impl Config {
         }
         if self.store_slow_ms == 0 {
             return bad("store_slow_ms must be >= 1".into());
+        }
+        if self.data_dir.is_empty() {
+            return bad("data_dir must not be empty".into());
         }
         if self.shutdown_timeout_ms == 0 {
             return bad("shutdown_timeout_ms must be >= 1".into());
@@ -242,6 +262,7 @@ impl Config {
         for (key, addr) in [
             ("api_listen", &self.api_listen),
             ("metrics_listen", &self.metrics_listen),
+            ("mqtt_listen", &self.mqtt_listen),
         ] {
             if !(addr.is_empty() && key == "metrics_listen")
                 && addr.parse::<std::net::SocketAddr>().is_err()
@@ -337,6 +358,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!((cfg.shards, cfg.workers, cfg.batch_size), (4, 5, 30));
+    }
+
+    #[test]
+    fn embedded_only_when_no_server_url_is_set() {
+        assert!(load(None, env(&[]), &[]).unwrap().embedded);
+        let cfg = load(None, env(&[("HEARTH_REDIS_URL", "redis://r:6379")]), &[]).unwrap();
+        assert!(!cfg.embedded);
+        assert_eq!(cfg.database_url, Config::default().database_url);
+        let flags = [("database-url".to_string(), "postgres://x/y".to_string())];
+        assert!(!load(None, env(&[]), &flags).unwrap().embedded);
     }
 
     #[test]

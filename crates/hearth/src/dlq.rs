@@ -61,6 +61,33 @@ pub struct Replayed {
 }
 
 impl Letter {
+    /// A letter read from any dead-letter store.
+    pub fn new(
+        id: String,
+        reason: String,
+        detail: String,
+        topic: String,
+        source: String,
+        at: i64,
+        raw: Vec<u8>,
+    ) -> Letter {
+        Letter {
+            id,
+            reason,
+            detail,
+            topic,
+            source,
+            at,
+            payload: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
+        }
+    }
+
+    /// The raw payload.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
     fn from_raw(raw: RawEntry) -> Letter {
         let text = |name: &str| {
             raw.field(name)
@@ -96,7 +123,7 @@ impl Letter {
             .any(|i| i["sensor_id"] == sensor || i["s"] == sensor)
     }
 
-    fn matches(&self, filter: &Filter, now_ms: i64) -> bool {
+    pub fn matches(&self, filter: &Filter, now_ms: i64) -> bool {
         let age = Duration::from_millis((now_ms - self.at).max(0) as u64);
         filter.reason.as_deref().is_none_or(|r| self.reason == r)
             && filter.older_than.is_none_or(|d| age >= d)
@@ -211,7 +238,7 @@ pub async fn replay(
 }
 
 /// A letter's events (or its new rejections), decoded the way its source would.
-fn decode_again(
+pub fn decode_again(
     letter: &Letter,
     source: &str,
     received_us: i64,

@@ -49,8 +49,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Everything in one process: ingest and workers.
-    Up,
+    /// Everything in one process: ingest, workers and the API (with no server URL configured:
+    /// an embedded broker and store too).
+    Up {
+        /// Also run the simulator (10 houses, 20 events/s), so that data and alerts flow at once.
+        #[arg(long)]
+        demo: bool,
+    },
     /// Only the ingest: MQTT to the Redis lanes.
     Ingest,
     /// Only workers: Redis lanes to PostgreSQL and the cache.
@@ -348,9 +353,9 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
     let (trigger, shutdown) = shutdown::channel();
     let grace = std::time::Duration::from_millis(config.shutdown_timeout_ms);
     match command {
-        Command::Up => {
+        Command::Up { demo } => {
             trigger.on_signals(grace);
-            roles::up(config, shutdown).await
+            roles::up(config, shutdown, demo).await
         }
         Command::Ingest => {
             trigger.on_signals(grace);

@@ -216,7 +216,7 @@ pub const NAMES: &[&str] = &[
 
 /// The process's own metrics, then the queue's (when `queue` is given and answers), in the
 /// Prometheus text format.
-pub async fn render(role: &str, queue: Option<&crate::queue::Queue>) -> String {
+pub async fn render(role: &str, queue: Option<&dyn crate::seam::EventQueue>) -> String {
     let m = metrics();
     let mut out = String::with_capacity(8 * 1024);
     family_counter(
@@ -320,7 +320,7 @@ pub async fn render(role: &str, queue: Option<&crate::queue::Queue>) -> String {
     let _ = writeln!(out, "hearth_process_role{{role=\"{role}\"}} 1");
     process(&mut out);
     if let Some(queue) = queue {
-        match crate::status::collect(queue).await {
+        match queue.status().await {
             Ok(status) => queue_metrics(&mut out, &status),
             Err(e) => tracing::debug!(error = %e, "queue metrics unavailable"),
         }

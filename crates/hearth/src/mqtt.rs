@@ -136,8 +136,30 @@ encode_via_write!(
     rumqttc::mqttbytes::v4::PubAck,
     rumqttc::mqttbytes::v4::Subscribe,
     rumqttc::mqttbytes::v4::PingReq,
-    rumqttc::mqttbytes::v4::Disconnect
+    rumqttc::mqttbytes::v4::Disconnect,
+    rumqttc::mqttbytes::v4::ConnAck,
+    rumqttc::mqttbytes::v4::SubAck,
+    rumqttc::mqttbytes::v4::UnsubAck,
+    rumqttc::mqttbytes::v4::PubRec,
+    rumqttc::mqttbytes::v4::PubComp,
+    rumqttc::mqttbytes::v4::PingResp
 );
+
+/// The halves of an accepted connection (the embedded broker's side).
+pub fn split(stream: TcpStream, max_packet: usize) -> (Reader, Writer) {
+    let (read, write) = stream.into_split();
+    (
+        Reader {
+            half: read,
+            buf: BytesMut::with_capacity(16 * 1024),
+            max_packet,
+        },
+        Writer {
+            half: write,
+            buf: BytesMut::with_capacity(16 * 1024),
+        },
+    )
+}
 
 impl Writer {
     pub fn queue(&mut self, packet: &impl Encode) -> Result<(), MqttError> {

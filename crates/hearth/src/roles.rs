@@ -97,6 +97,7 @@ async fn http(
     role: &'static str,
     kind: Http,
     shutdown: &Shutdown,
+    seams: Option<crate::seam::Seams>,
 ) -> Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>, RoleError> {
     if addr.is_empty() {
         return Ok(None);
@@ -112,8 +113,11 @@ async fn http(
     } else {
         config.admin_token.clone()
     };
-    let state = api::AppState::new(role, config.clone(), admin_token)
-        .map_err(|e| RoleError::Config(e.to_string()))?;
+    let state = match seams {
+        Some(seams) => api::AppState::with_seams(role, config.clone(), admin_token, seams),
+        None => api::AppState::new(role, config.clone(), admin_token)
+            .map_err(|e| RoleError::Config(e.to_string()))?,
+    };
     let router = match kind {
         Http::Api => api::router(state),
         Http::Metrics => api::metrics_router(state),
@@ -131,9 +135,15 @@ fn rules(config: &Config) -> Result<Arc<RuleSet>, RoleError> {
         .map_err(RoleError::Config)
 }
 
-pub async fn up(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(), RoleError> {
+    if config.embedded {
+        return up_embedded(config, shutdown, demo).await;
+    }
     let rules = rules(&config)?;
-    let server = http(&config, &config.api_listen, "up", Http::Api, &shutdown).await?;
+    let server = http(&config, &config.api_listen, "up", Http::Api, &shutdown, None).await?;
+    if demo {
+        tokio::spawn(demo_sim(config.mqtt_url.clone(), shutdown.clone()));
+    }
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
@@ -152,6 +162,7 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
         "ingest",
         Http::Metrics,
         &shutdown,
+        None,
     )
     .await?;
     if !prepare_queue(&config, &shutdown).await? {
@@ -169,6 +180,7 @@ pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
         "worker",
         Http::Metrics,
         &shutdown,
+        None,
     )
     .await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
@@ -180,11 +192,78 @@ pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
 
 /// The API alone: REST, WebSocket, metrics.
 pub async fn api(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
-    let server = http(&config, &config.api_listen, "api", Http::Api, &shutdown).await?;
+    let server = http(&config, &config.api_listen, "api", Http::Api, &shutdown, None).await?;
     if !prepare_store(&config, &shutdown).await {
         return Ok(());
     }
     finish(server).await
+}
+
+/// `hearth up` with no server configured: the embedded broker, store, workers and the API, on
+/// one data folder.
+async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(), RoleError> {
+    let rules = rules(&config)?;
+    let broker = crate::embedded::broker::bind(&config.mqtt_listen)
+        .await
+        .map_err(|e| RoleError::Config(e.to_string()))?;
+    let data_dir = std::path::Path::new(&config.data_dir);
+    let embedded = crate::embedded::Embedded::open(data_dir, config.shards)
+        .await
+        .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
+    let server = http(
+        &config,
+        &config.api_listen,
+        "up",
+        Http::Api,
+        &shutdown,
+        Some(embedded.seams.clone()),
+    )
+    .await?;
+    let workers = embedded.workers(rules, config.batch_size, &shutdown);
+    let limits = crate::codec::Limits::from_config(&config);
+    let broker = tokio::spawn(crate::embedded::broker::serve(
+        broker,
+        embedded.seams.queue.clone(),
+        limits,
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        mqtt = %config.mqtt_listen,
+        api = %config.api_listen,
+        data_dir = %data_dir.display(),
+        "embedded: broker, store and workers in this process; subscribed"
+    );
+    if demo {
+        let url = format!("mqtt://{}", config.mqtt_listen);
+        tokio::spawn(demo_sim(url, shutdown.clone()));
+    }
+    let _ = broker.await;
+    for w in workers {
+        let _ = w.await;
+    }
+    finish(server).await
+}
+
+/// `hearth up --demo`: the simulator alongside, so that data and alerts flow at once (10 houses
+/// of 10 sensors, 20 events/s, for at most an hour).
+async fn demo_sim(url: String, mut shutdown: Shutdown) {
+    let opts = crate::sim::Options {
+        houses: 10,
+        sensors_per_house: 10,
+        rate: 20.0,
+        duration: std::time::Duration::from_secs(3600),
+        profile: crate::sim::Profile::Steady,
+        qos: 1,
+        connections: 1,
+        seed: crate::event::now_us() as u64,
+    };
+    tokio::select! {
+        r = crate::sim::run(&url, &opts) => match r {
+            Ok(s) => tracing::info!(published = s.published, "demo simulator finished"),
+            Err(e) => warn!(error = %e, "demo simulator stopped"),
+        },
+        _ = shutdown.wait() => {}
+    }
 }
 
 async fn finish(

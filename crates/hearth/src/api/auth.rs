@@ -110,14 +110,7 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     let house = match state.tokens.get(&hash) {
         Some(house) => house,
         None => {
-            let client = state.db.client().await?;
-            let row = client
-                .query_opt("SELECT house_id FROM tokens WHERE hash = $1", &[&hash])
-                .await
-                .map_err(|e| {
-                    ApiError::Unavailable(format!("database: {}", crate::store::describe(&e)))
-                })?;
-            let house: Option<String> = row.map(|r| r.get(0));
+            let house = state.seams.store.token_house(&hash).await?;
             state.tokens.put(hash, house.clone());
             house
         }

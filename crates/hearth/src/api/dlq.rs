@@ -92,7 +92,7 @@ pub async fn list(
 ) -> Result<Json<Vec<Letter>>, ApiError> {
     let mut f = filter(&who, raw)?;
     f.limit.get_or_insert(100);
-    Ok(Json(crate::dlq::list(&state.queue, &f).await?))
+    Ok(Json(state.seams.queue.dead_letters(&f).await?))
 }
 
 /// Replay the selected dead letters through the normal path, and remove them.
@@ -112,7 +112,7 @@ pub async fn replay(
 ) -> Result<Json<Replayed>, ApiError> {
     let f = filter(&who, raw)?;
     let limits = Limits::from_config(&state.config);
-    Ok(Json(crate::dlq::replay(&state.queue, &limits, &f).await?))
+    Ok(Json(state.seams.queue.replay(&limits, &f).await?))
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -137,6 +137,6 @@ pub async fn purge(
 ) -> Result<Json<Purged>, ApiError> {
     let f = filter(&who, raw)?;
     Ok(Json(Purged {
-        purged: crate::dlq::purge(&state.queue, &f).await?,
+        purged: state.seams.queue.purge(&f).await?,
     }))
 }

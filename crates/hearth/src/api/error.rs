@@ -84,3 +84,10 @@ impl From<crate::queue::QueueError> for ApiError {
         ApiError::Unavailable(format!("redis: {e}"))
     }
 }
+
+impl From<crate::seam::Unavailable> for ApiError {
+    fn from(e: crate::seam::Unavailable) -> Self {
+        tracing::warn!(error = %e, "dependency error in the API");
+        ApiError::Unavailable(e.0)
+    }
+}

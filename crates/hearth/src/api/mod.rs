@@ -25,20 +25,17 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-use crate::cache::Cache;
 use crate::config::Config;
-use crate::queue::Queue;
+use crate::seam::Seams;
 use crate::shutdown::Shutdown;
-use crate::store::Db;
 
 /// What the handlers share.
 pub struct AppState {
     /// The role of this process, for `hearth_process_role`.
     pub role: &'static str,
     pub config: Arc<Config>,
-    pub queue: Queue,
-    pub cache: Cache,
-    pub db: Db,
+    /// The queue, store, cache and fan-out: the servers', or the embedded ones.
+    pub seams: Seams,
     /// The alert rules and webhooks, read once at start (an acknowledgement is pushed to the
     /// webhooks of its severity).
     pub rules: crate::alerts::rules::RuleSet,
@@ -52,33 +49,37 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The API on the configured servers.
     pub fn new(
         role: &'static str,
         config: Arc<Config>,
         admin_token: String,
     ) -> Result<Arc<AppState>, crate::queue::QueueError> {
-        let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
-        Ok(Arc::new(AppState {
+        let seams = crate::seam::servers::open(&config)?;
+        Ok(AppState::with_seams(role, config, admin_token, seams))
+    }
+
+    /// The API on any backend.
+    pub fn with_seams(
+        role: &'static str,
+        config: Arc<Config>,
+        admin_token: String,
+        seams: Seams,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
             role,
-            cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
-            db: Db::new(&config.database_url),
             rules: crate::alerts::rules::RuleSet::load(&config.rules_file).unwrap_or_default(),
-            hub: Arc::new(ws::Hub::new(
-                queue.clone(),
-                &config.redis_url,
-                config.ws_client_buffer,
-            )),
-            queue,
+            hub: Arc::new(ws::Hub::new(seams.fanout.clone(), config.ws_client_buffer)),
+            seams,
             config,
             admin_token,
             tokens: auth::TokenCache::default(),
             last_counts: Mutex::new(None),
             depth: Mutex::new((Instant::now(), 0)),
-        }))
+        })
     }
 }
 
-/// The whole API.
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/events", post(routes::post_events))
@@ -125,7 +126,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let body = crate::metrics::render(state.role, Some(&state.queue)).await;
+    let body = crate::metrics::render(state.role, Some(&*state.seams.queue)).await;
     (
         [(
             header::CONTENT_TYPE,

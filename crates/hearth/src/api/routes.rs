@@ -23,6 +23,7 @@ use crate::codec::{self, Limits};
 use crate::event::is_valid_id;
 use crate::metrics::METRICS;
 use crate::queue::{DeadLetter, Lane};
+use crate::seam::HistoryQuery;
 
 /// The query string as pairs, percent-decoded; a malformed one is a 400.
 pub fn query_pairs(raw: Option<String>) -> Result<HashMap<String, String>, ApiError> {
@@ -179,7 +180,7 @@ pub async fn post_events(
     }
     let event_refs: Vec<&crate::event::Event> = events.iter().collect();
     let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
-    state.queue.append(&event_refs, &dead_refs).await?;
+    state.seams.queue.append(&event_refs, &dead_refs).await?;
     METRICS.received.with("http").add(events.len() as u64);
     for d in &dead {
         METRICS.rejected.with(d.reason).add(1);
@@ -202,6 +203,7 @@ async fn routine_depth(state: &AppState) -> Result<u64, ApiError> {
         return Ok(depth);
     }
     let depth = state
+        .seams
         .queue
         .depths()
         .await?
@@ -234,6 +236,7 @@ pub struct SensorView {
 
 async fn latest(state: &AppState, sensor: &str) -> Result<BTreeMap<String, Value>, ApiError> {
     Ok(state
+        .seams
         .cache
         .latest(sensor)
         .await?
@@ -264,23 +267,7 @@ pub async fn houses(
         Principal::Admin => None,
         Principal::House(h) => Some(h.clone()),
     };
-    let client = state.db.client().await?;
-    let rows = client
-        .query(
-            "SELECT house_id, count(*) FROM sensors
-             WHERE $1::text IS NULL OR house_id = $1
-             GROUP BY house_id ORDER BY house_id",
-            &[&only],
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
-    let mut out: Vec<HouseView> = rows
-        .iter()
-        .map(|r| HouseView {
-            house_id: r.get(0),
-            sensors: r.get(1),
-        })
-        .collect();
+    let mut out = state.seams.store.houses(only.as_deref()).await?;
     if let (Some(h), true) = (only, out.is_empty()) {
         out.push(HouseView {
             house_id: h,
@@ -307,26 +294,16 @@ pub async fn house_sensors(
 ) -> Result<Json<Vec<SensorView>>, ApiError> {
     valid_id("house", &house)?;
     who.check(&house)?;
-    let client = state.db.client().await?;
-    let rows = client
-        .query(
-            "SELECT sensor_id, house_id, kinds, (extract(epoch FROM first_seen) * 1000)::int8,
-                    (extract(epoch FROM last_seen) * 1000)::int8
-             FROM sensors WHERE house_id = $1 ORDER BY sensor_id LIMIT 10000",
-            &[&house],
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
+    let rows = state.seams.store.sensors(&house).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let sensor_id: String = r.get(0);
         out.push(SensorView {
-            latest: latest(&state, &sensor_id).await?,
-            sensor_id,
-            house_id: r.get(1),
-            kinds: r.get(2),
-            first_seen: r.get(3),
-            last_seen: r.get(4),
+            latest: latest(&state, &r.sensor_id).await?,
+            sensor_id: r.sensor_id,
+            house_id: r.house_id,
+            kinds: r.kinds,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
         });
     }
     Ok(Json(out))
@@ -336,15 +313,7 @@ pub async fn house_sensors(
 /// tell which sensors exist in other houses).
 async fn sensor_house(state: &AppState, who: &Principal, sensor: &str) -> Result<String, ApiError> {
     valid_id("sensor", sensor)?;
-    let client = state.db.client().await?;
-    let house: Option<String> = client
-        .query_opt(
-            "SELECT house_id FROM sensors WHERE sensor_id = $1",
-            &[&sensor],
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?
-        .map(|r| r.get(0));
+    let house = state.seams.store.sensor_house(sensor).await?;
     match house {
         Some(h) if who.allows(&h) => Ok(h),
         _ => Err(ApiError::NotFound(format!("no sensor {sensor:?}"))),
@@ -453,41 +422,18 @@ pub async fn sensor_events(
         .transpose()?;
     let house = sensor_house(&state, &who, &sensor).await?;
     debug_assert!(who.allows(&house));
-    let client = state.db.client().await?;
-    let rows = client
-        .query(
-            "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms
-             FROM events
-             WHERE sensor_id = $1
-               AND ($2::text IS NULL OR kind = $2)
-               AND ($3::int8 IS NULL OR ts >= timestamptz 'epoch' + $3 * interval '1 millisecond')
-               AND ($4::int8 IS NULL OR ts < timestamptz 'epoch' + $4 * interval '1 millisecond')
-               AND ($5::int8 IS NULL OR (ts, id) < (timestamptz 'epoch' + $5 * interval '1 millisecond', $6))
-             ORDER BY ts DESC, id DESC
-             LIMIT $7",
-            &[
-                &sensor,
-                &kind,
-                &from,
-                &to,
-                &cursor.map(|c| c.0),
-                &cursor.map(|c| c.1).unwrap_or(0),
-                &(limit + 1),
-            ],
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(crate::store::describe(&e)))?;
-    let mut events: Vec<HistoryEvent> = rows
-        .iter()
-        .map(|r| HistoryEvent {
-            id: r.get(0),
-            kind: r.get(1),
-            value: r.get(2),
-            unit: r.get(3),
-            seq: r.get(4),
-            ts: r.get(5),
+    let mut events = state
+        .seams
+        .store
+        .history(&HistoryQuery {
+            sensor,
+            kind,
+            from,
+            to,
+            cursor,
+            limit: limit + 1,
         })
-        .collect();
+        .await?;
     let next_cursor = if events.len() as i64 > limit {
         events.truncate(limit as usize);
         events.last().map(|e| format!("{}.{}", e.ts, e.id))
@@ -547,9 +493,12 @@ pub async fn list_alerts(
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=1000".into()))?,
     };
-    let client = state.db.client().await?;
     Ok(Json(
-        crate::store::alerts::list(&*client, house.as_deref(), alert_state, limit).await?,
+        state
+            .seams
+            .store
+            .alerts(house.as_deref(), alert_state, limit)
+            .await?,
     ))
 }
 
@@ -574,33 +523,27 @@ pub async fn ack_alert(
         .ok()
         .filter(|i| *i > 0)
         .ok_or_else(|| ApiError::BadRequest("alert id must be a positive integer".into()))?;
-    let client = state.db.client().await?;
-    let existing = crate::store::alerts::get(&*client, id).await?;
+    let store = &state.seams.store;
+    let existing = store.alert(id).await?;
     match &existing {
         Some(a) if who.allows(&a.house_id) => {}
         _ => return Err(ApiError::NotFound(format!("no alert {id}"))),
     }
-    let Some((alert, changed)) =
-        crate::store::alerts::acknowledge(&*client, id, &who.name()).await?
-    else {
+    let Some((alert, changed)) = store.acknowledge(id, &who.name()).await? else {
         return Err(ApiError::NotFound(format!("no alert {id}")));
     };
     if alert.state == AlertState::Cleared {
         return Err(ApiError::Conflict(format!("alert {id} is already cleared")));
     }
     if changed {
-        push_alert(&state, &alert).await?;
-        crate::store::alerts::mark_pushed(&*client, std::slice::from_ref(&alert)).await?;
+        state
+            .seams
+            .fanout
+            .push_alert(&state.rules, &alert)
+            .await?;
+        store.mark_pushed(std::slice::from_ref(&alert)).await?;
     }
     Ok(Json(alert))
-}
-
-/// Push an alert change made by the API, as the workers push theirs.
-async fn push_alert(state: &AppState, alert: &Alert) -> Result<(), ApiError> {
-    let mut pipe = redis::pipe();
-    crate::alerts::add_push(&mut pipe, &state.queue.keys, &state.rules, alert);
-    state.queue.exec(&pipe).await?;
-    Ok(())
 }
 
 // ---- pipeline and health ---------------------------------------------------------------------
@@ -625,7 +568,7 @@ pub async fn pipeline(
     State(state): State<Arc<AppState>>,
     _who: Principal,
 ) -> Result<Json<Pipeline>, ApiError> {
-    let status = crate::status::collect(&state.queue).await?;
+    let status = state.seams.queue.status().await?;
     let (received, stored) = (status.events.received, status.events.stored);
     let now = Instant::now();
     let (mut received_per_s, mut stored_per_s) = (0.0, 0.0);
@@ -638,7 +581,7 @@ pub async fn pipeline(
         *last = Some((now, received, stored));
     }
     // Every process's circuits (shared through Redis), and this process's own.
-    let mut circuits = crate::breaker::shared(&state.queue).await?;
+    let mut circuits = state.seams.queue.circuits().await?;
     for (dependency, open) in crate::metrics::circuits() {
         *circuits.entry(dependency).or_insert(false) |= open;
     }
@@ -659,42 +602,48 @@ pub async fn healthz() -> &'static str {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,
+    /// `servers` (Redis, PostgreSQL, an MQTT broker) or `embedded` (one data folder).
+    pub backend: String,
+    /// The queue answers (Redis, or the embedded store).
     pub redis: bool,
+    /// The store answers (PostgreSQL, or the embedded store).
     pub postgres: bool,
+    /// The broker accepts connections.
     pub broker: bool,
 }
 
-/// Ready only when Redis, PostgreSQL and the broker answer.
+/// Ready only when the queue, the store and the broker answer.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let timeout = Duration::from_secs(2);
-    let redis = async {
-        let mut conn = state.queue.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
-    };
-    let postgres = async {
-        match state.db.client().await {
-            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
-            Err(_) => false,
-        }
+    let answers = |ready: Result<(&'static str, bool), crate::seam::Unavailable>| {
+        ready.map(|(_, ok)| ok).unwrap_or(false)
     };
     let broker = async {
-        match crate::mqtt::Endpoint::parse(&state.config.mqtt_url, "readyz") {
-            Ok(ep) => tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
-                .await
-                .is_ok(),
-            Err(_) => false,
+        let address = if state.config.embedded {
+            Some(state.config.mqtt_listen.clone())
+        } else {
+            crate::mqtt::Endpoint::parse(&state.config.mqtt_url, "readyz")
+                .ok()
+                .map(|ep| format!("{}:{}", ep.host, ep.port))
+        };
+        match address {
+            Some(a) => tokio::net::TcpStream::connect(a).await.is_ok(),
+            None => false,
         }
     };
     let (redis, postgres, broker) = tokio::join!(
-        async { tokio::time::timeout(timeout, redis).await.unwrap_or(false) },
         async {
-            tokio::time::timeout(timeout, postgres)
+            tokio::time::timeout(timeout, state.seams.queue.ready())
                 .await
+                .map(answers)
+                .unwrap_or(false)
+        },
+        async {
+            tokio::time::timeout(timeout, state.seams.store.ready())
+                .await
+                .map(answers)
                 .unwrap_or(false)
         },
         async { tokio::time::timeout(timeout, broker).await.unwrap_or(false) },
@@ -709,6 +658,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         code,
         Json(Readiness {
             ready,
+            backend: if state.config.embedded {
+                "embedded"
+            } else {
+                "servers"
+            }
+            .into(),
             redis,
             postgres,
             broker,

@@ -25,11 +25,13 @@ use super::auth::Principal;
 use super::error::ApiError;
 use super::routes::query_pairs;
 use crate::backoff::Backoff;
-use crate::queue::Queue;
+use crate::seam::FanOut;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
 const PONG_WITHIN: Duration = Duration::from_secs(60);
 const SEND_WITHIN: Duration = Duration::from_secs(10);
+/// How long a watched house stays watched without being advertised again.
+const WATCH_TTL_MS: i64 = 15_000;
 
 /// What a client listens to.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,10 +47,9 @@ struct Client {
     tx: mpsc::Sender<Arc<str>>,
 }
 
-/// The clients of this process, and the Redis subscription feeding them.
+/// The clients of this process, and the fan-out subscription feeding them.
 pub struct Hub {
-    queue: Queue,
-    redis_url: String,
+    fanout: Arc<dyn FanOut>,
     /// Messages a client may have waiting before it is dropped as too slow.
     buffer: usize,
     clients: Mutex<HashMap<u64, Client>>,
@@ -64,10 +65,9 @@ struct Head {
 }
 
 impl Hub {
-    pub fn new(queue: Queue, redis_url: &str, buffer: usize) -> Hub {
+    pub fn new(fanout: Arc<dyn FanOut>, buffer: usize) -> Hub {
         Hub {
-            queue,
-            redis_url: redis_url.to_string(),
+            fanout,
             buffer: buffer.max(1),
             clients: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
@@ -124,28 +124,18 @@ impl Hub {
         }
     }
 
-    /// Subscribe to `P:push` and dispatch, reconnecting as needed.
+    /// Subscribe to the fan-out and dispatch (the subscription reconnects by itself).
     async fn relay(self: Arc<Self>) {
-        let channel = self.queue.keys.push();
         let mut backoff = Backoff::default();
         loop {
-            let result = async {
-                let client = redis::Client::open(self.redis_url.as_str())?;
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
-                backoff.reset();
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    if let Ok(text) = msg.get_payload::<String>() {
+            match self.fanout.subscribe().await {
+                Ok(mut messages) => {
+                    backoff.reset();
+                    while let Some(text) = messages.recv().await {
                         self.dispatch(&text);
                     }
                 }
-                Ok::<(), redis::RedisError>(())
-            }
-            .await;
-            if let Err(e) = result {
-                crate::metrics::dependency_error("redis");
-                warn!(error = %e, "push subscription lost, reconnecting");
+                Err(e) => warn!(error = %e, "push subscription failed, retrying"),
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
@@ -153,7 +143,6 @@ impl Hub {
 
     /// Tell workers which houses' events are watched (`*`: all), every few seconds.
     async fn advertise(self: Arc<Self>) {
-        let key = self.queue.keys.watched();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
@@ -165,17 +154,8 @@ impl Hub {
                     .collect(),
                 Err(_) => continue,
             };
-            let now = crate::event::now_us() / 1000;
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREMRANGEBYSCORE")
-                .arg(&key)
-                .arg("-inf")
-                .arg(now)
-                .ignore();
-            for h in &houses {
-                pipe.cmd("ZADD").arg(&key).arg(now + 15_000).arg(h).ignore();
-            }
-            if let Err(e) = self.queue.exec(&pipe).await {
+            let houses: Vec<String> = houses.into_iter().collect();
+            if let Err(e) = self.fanout.watch(&houses, WATCH_TTL_MS).await {
                 debug!(error = %e, "could not advertise watched houses");
             }
         }
@@ -187,14 +167,7 @@ impl Hub {
             return;
         }
         let house = sub.house.clone().unwrap_or_else(|| "*".into());
-        let now = crate::event::now_us() / 1000;
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(self.queue.keys.watched())
-            .arg(now + 15_000)
-            .arg(house)
-            .ignore();
-        let _ = self.queue.exec(&pipe).await;
+        let _ = self.fanout.watch(&[house], WATCH_TTL_MS).await;
     }
 }
 

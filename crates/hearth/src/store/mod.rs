@@ -169,6 +169,11 @@ impl Store {
         })
     }
 
+    /// Whether the session is gone (the server closed it): open a new one.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     /// Take a lane: a new fencing token, greater than any before. Waits for a batch of the
     /// previous owner that is being written, and makes any later write of it fail.
     pub async fn take_fence(&self, lane: &str, owner: &str) -> Result<i64, StoreError> {

@@ -18,7 +18,7 @@
 //! delays it; the operating system shares the cores between them.
 
 mod alerting;
-mod sensors;
+pub mod sensors;
 mod sequence;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,186 @@
+//! The embedded store's SQLite database: one file in the data folder, used from threads of its
+//! own so that no query ever runs on the async executor.
+//!
+//! [`Sqlite`] owns one connection on one OS thread and runs the closures it is sent, in order:
+//! the writer (queue appends, batch writes, acknowledgements) and the reader (the API's queries)
+//! are two of them, so a long write never delays a read (WAL mode). `synchronous = FULL`: a
+//! commit is on disk before the call returns, so what the broker acknowledged after it survives
+//! a crash of the process and of the machine.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::seam::Unavailable;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One connection on its own thread.
+#[derive(Clone)]
+pub struct Sqlite {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// Schema version 1. A released version is never edited: a change is version 2.
+const SCHEMA: &str = r#"
+CREATE TABLE queue (
+    -- Append order; within a lane, the order events are stored in.
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    lane        TEXT NOT NULL,
+    critical    INTEGER NOT NULL,
+    -- The number of events in `body`, a JSON array of events as in a Redis stream entry.
+    n           INTEGER NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE INDEX queue_order ON queue (critical DESC, id);
+
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
+    house_id    TEXT NOT NULL,
+    sensor_id   TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    value       REAL NOT NULL,
+    unit        TEXT,
+    seq         INTEGER,
+    ingest_id   TEXT,
+    ts          INTEGER NOT NULL,
+    received_us INTEGER NOT NULL,
+    stored_us   INTEGER NOT NULL,
+    critical    INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX events_dedup_seq ON events (sensor_id, kind, seq) WHERE seq IS NOT NULL;
+CREATE UNIQUE INDEX events_dedup_ingest ON events (ingest_id) WHERE ingest_id IS NOT NULL;
+CREATE INDEX events_history ON events (sensor_id, ts DESC, id DESC);
+
+CREATE TABLE sensors (
+    sensor_id   TEXT PRIMARY KEY,
+    house_id    TEXT NOT NULL,
+    -- Comma-separated, sorted.
+    kinds       TEXT NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL
+);
+CREATE INDEX sensors_house ON sensors (house_id);
+
+CREATE TABLE alerts (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    house_id        TEXT NOT NULL,
+    sensor_id       TEXT NOT NULL,
+    rule            TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    severity        TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    message         TEXT NOT NULL,
+    value           REAL,
+    raised_at       INTEGER NOT NULL,
+    raised_by       TEXT NOT NULL,
+    acknowledged_at INTEGER,
+    acknowledged_by TEXT,
+    cleared_at      INTEGER,
+    cleared_by      TEXT
+);
+CREATE UNIQUE INDEX alerts_one_open ON alerts (sensor_id, rule) WHERE state <> 'cleared';
+CREATE INDEX alerts_house ON alerts (house_id, id DESC);
+
+CREATE TABLE rule_state (
+    sensor_id       TEXT NOT NULL,
+    rule            TEXT NOT NULL,
+    pending_since   INTEGER,
+    transition_key  TEXT,
+    PRIMARY KEY (sensor_id, rule)
+);
+
+CREATE TABLE dead (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    reason  TEXT NOT NULL,
+    detail  TEXT NOT NULL,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    source  TEXT NOT NULL,
+    at      INTEGER NOT NULL
+);
+
+-- The loss accounting, under the names of the Redis `P:stats` hash.
+CREATE TABLE stats (
+    name    TEXT PRIMARY KEY,
+    value   INTEGER NOT NULL
+);
+
+CREATE TABLE tokens (
+    hash        BLOB PRIMARY KEY,
+    house_id    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+"#;
+
+impl Sqlite {
+    /// Open (creating the folder, the file and the schema as needed) and start the thread.
+    pub fn open(dir: &Path, name: &str) -> Result<Sqlite, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create data_dir {}: {e}", dir.display()))?;
+        let path = dir.join("hearth.sqlite3");
+        let mut conn = Connection::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        setup(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("hearth-sqlite-{name}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| format!("cannot start the store thread: {e}"))?;
+        Ok(Sqlite { jobs })
+    }
+
+    /// Run `f` on the connection's thread and wait for its answer.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, Unavailable>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| Unavailable("embedded store: its thread stopped".into()))?;
+        rx.await
+            .map_err(|_| Unavailable("embedded store: its thread stopped".into()))?
+            .map_err(|e| Unavailable(format!("embedded store: {e}")))
+    }
+}
+
+fn setup(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another connection may have created it meanwhile.
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version < 1 {
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", 1)?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Add `n` to a loss-accounting counter.
+pub fn bump(conn: &Connection, name: &str, n: u64) -> rusqlite::Result<()> {
+    if n > 0 {
+        conn.prepare_cached(
+            "INSERT INTO stats (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        )?
+        .execute(rusqlite::params![name, n as i64])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The embedded queue: the `queue` table of the SQLite database, one row per record batch of one
+//! lane, as a Redis stream entry is.
+//!
+//! Appends are group-committed: concurrent callers (one per broker connection) hand their batch
+//! to one appender task, which writes every batch waiting into one transaction and answers each
+//! caller after the COMMIT, so the broker acknowledges only what is on disk. Reading hands out
+//! the oldest rows not in flight, critical lane first; a row stays in the table (pending) until
+//! acknowledged, and a queue opened later (after a crash) hands it out again. Counters mirror
+//! the Redis ones (`in:{lane}`, `out:{lane}`, `stored`, ...), so the loss accounting is the same.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::db::{Sqlite, bump};
+use crate::codec::Limits;
+use crate::dlq::{Filter, Letter, Replayed};
+use crate::event::Event;
+use crate::queue::{DeadLetter, Lane, stat};
+use crate::seam::{Delivery, EventQueue, Fut, Lanes, Unavailable, Written};
+use crate::status::{Accounting, LaneStatus, Status};
+
+/// A lane's rows to insert: (lane, number of events, JSON body).
+type Entries = Vec<(Lane, u64, String)>;
+
+struct Append {
+    entries: Entries,
+    dead: Vec<DeadLetter>,
+    done: oneshot::Sender<Result<(), Unavailable>>,
+}
+
+/// Batches the appender writes in one transaction at most.
+const GROUP_COMMIT_MAX: usize = 256;
+
+pub struct SqliteQueue {
+    db: Sqlite,
+    shards: u16,
+    /// Rows handed out and not acknowledged yet: id → lane.
+    in_flight: Mutex<HashMap<i64, Lane>>,
+    appends: mpsc::Sender<Append>,
+    /// Woken after each append, so that readers need not poll.
+    pub appended: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    pub fn new(db: Sqlite, shards: u16) -> SqliteQueue {
+        let (appends, rx) = mpsc::channel(1024);
+        let appended = Arc::new(Notify::new());
+        tokio::spawn(appender(db.clone(), rx, appended.clone()));
+        SqliteQueue {
+            db,
+            shards,
+            in_flight: Mutex::new(HashMap::new()),
+            appends,
+            appended,
+        }
+    }
+
+    fn lanes(&self) -> Vec<Lane> {
+        std::iter::once(Lane::Critical)
+            .chain(Lane::routine(self.shards))
+            .collect()
+    }
+
+    /// The events grouped into one entry per lane, in arrival order.
+    fn entries(&self, events: &[&Event]) -> Result<Entries, Unavailable> {
+        let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
+        for event in events {
+            let lane = Lane::for_event(event, self.shards);
+            match by_lane.iter_mut().find(|(l, _)| *l == lane) {
+                Some((_, list)) => list.push(event),
+                None => by_lane.push((lane, vec![event])),
+            }
+        }
+        by_lane
+            .into_iter()
+            .map(|(lane, list)| {
+                let body = serde_json::to_string(&list)
+                    .map_err(|e| Unavailable(format!("encode: {e}")))?;
+                Ok((lane, list.len() as u64, body))
+            })
+            .collect()
+    }
+
+    async fn all_letters(&self) -> Result<Vec<Letter>, Unavailable> {
+        self.db
+            .call(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT id, reason, detail, topic, source, at, payload FROM dead ORDER BY id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok(Letter::new(
+                        r.get::<_, i64>(0)?.to_string(),
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })?;
+                rows.collect()
+            })
+            .await
+    }
+}
+
+/// Write entries and dead letters (and their counters) inside the caller's transaction.
+fn insert(c: &Connection, entries: &Entries, dead: &[DeadLetter]) -> rusqlite::Result<()> {
+    let mut add =
+        c.prepare_cached("INSERT INTO queue (lane, critical, n, body) VALUES (?1, ?2, ?3, ?4)")?;
+    for (lane, n, body) in entries {
+        add.execute(params![
+            lane.name(),
+            *lane == Lane::Critical,
+            *n as i64,
+            body
+        ])?;
+        bump(c, &stat::appended(*lane), *n)?;
+    }
+    let mut letter = c.prepare_cached(
+        "INSERT INTO dead (reason, detail, topic, payload, source, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for d in dead {
+        letter.execute(params![
+            d.reason, d.detail, d.topic, d.payload, d.source, d.at_ms
+        ])?;
+        if d.source == "worker" {
+            continue;
+        }
+        bump(c, stat::REJECTED, 1)?;
+        bump(c, &format!("rejected:{}", d.reason), 1)?;
+    }
+    Ok(())
+}
+
+/// Write every waiting append in one transaction; answer each after the COMMIT.
+async fn appender(db: Sqlite, mut rx: mpsc::Receiver<Append>, appended: Arc<Notify>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let (work, replies): (Vec<(Entries, Vec<DeadLetter>)>, Vec<_>) = batch
+            .into_iter()
+            .map(|a| ((a.entries, a.dead), a.done))
+            .unzip();
+        let result = db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                for (entries, dead) in &work {
+                    insert(&tx, entries, dead)?;
+                }
+                tx.commit()
+            })
+            .await;
+        for reply in replies {
+            let _ = reply.send(result.clone());
+        }
+        appended.notify_waiters();
+    }
+}
+
+impl EventQueue for SqliteQueue {
+    fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            if events.is_empty() && dead.is_empty() {
+                return Ok(());
+            }
+            let (done, answer) = oneshot::channel();
+            let append = Append {
+                entries: self.entries(events)?,
+                dead: dead.iter().map(|d| (*d).clone()).collect(),
+                done,
+            };
+            self.appends
+                .send(append)
+                .await
+                .map_err(|_| Unavailable("embedded queue: the appender stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| Unavailable("embedded queue: the appender stopped".into()))?
+        })
+    }
+
+    fn read(&self, lanes: Lanes, max: usize) -> Fut<'_, Vec<Delivery>> {
+        Box::pin(async move {
+            let skip: HashSet<i64> = self
+                .in_flight
+                .lock()
+                .map(|f| f.keys().copied().collect())
+                .unwrap_or_default();
+            let filter = match lanes {
+                Lanes::All => "",
+                Lanes::Critical => "WHERE critical = 1",
+                Lanes::Routine => "WHERE critical = 0",
+            };
+            let sql = format!(
+                "SELECT id, lane, n, body FROM queue {filter} ORDER BY critical DESC, id LIMIT ?1"
+            );
+            let limit = (skip.len() + max.max(1)) as i64;
+            let rows: Vec<(i64, String, i64, String)> = self
+                .db
+                .call(move |c| {
+                    let mut st = c.prepare_cached(&sql)?;
+                    let rows = st.query_map([limit], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?;
+                    rows.collect()
+                })
+                .await?;
+            let mut out = Vec::new();
+            let mut events = 0;
+            let lanes_by_name: HashMap<String, Lane> =
+                self.lanes().into_iter().map(|l| (l.name(), l)).collect();
+            for (id, lane, n, body) in rows {
+                if skip.contains(&id) || (events > 0 && events + n as usize > max) {
+                    continue;
+                }
+                let Some(lane) = lanes_by_name.get(&lane).copied() else {
+                    continue;
+                };
+                events += n as usize;
+                out.push(Delivery {
+                    lane,
+                    id: id.to_string(),
+                    events: serde_json::from_str(&body).unwrap_or_default(),
+                });
+            }
+            if let Ok(mut f) = self.in_flight.lock() {
+                f.extend(
+                    out.iter()
+                        .filter_map(|d| Some((d.id.parse::<i64>().ok()?, d.lane))),
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn ack<'a>(&'a self, done: &'a [Delivery], written: Written) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let rows: Vec<(i64, Lane, u64)> = done
+                .iter()
+                .filter_map(|d| Some((d.id.parse().ok()?, d.lane, d.events.len() as u64)))
+                .collect();
+            let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            self.db
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    for (id, lane, n) in &rows {
+                        let gone = tx
+                            .prepare_cached("DELETE FROM queue WHERE id = ?1")?
+                            .execute([id])?;
+                        // Only an acknowledgement that removed the row counts its events.
+                        if gone == 1 {
+                            bump(&tx, &stat::finished(*lane), *n)?;
+                        }
+                    }
+                    bump(&tx, stat::STORED, written.stored)?;
+                    bump(&tx, stat::DUPLICATES, written.duplicates)?;
+                    tx.commit()
+                })
+                .await?;
+            if let Ok(mut f) = self.in_flight.lock() {
+                for id in ids {
+                    f.remove(&id);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
+        Box::pin(async move {
+            let status = self.status().await?;
+            Ok(self
+                .lanes()
+                .into_iter()
+                .zip(status.lanes.iter().map(|l| l.depth))
+                .collect())
+        })
+    }
+
+    fn status(&self) -> Fut<'_, Status> {
+        Box::pin(async move {
+            type Snapshot = (Vec<(String, u64, u64)>, u64, HashMap<String, u64>);
+            let (per_lane, dead_letters, stats): Snapshot = self
+                .db
+                .call(|c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT lane, count(*), sum(n) FROM queue GROUP BY lane",
+                    )?;
+                    let lanes = st
+                        .query_map([], |r| {
+                            Ok((
+                                r.get(0)?,
+                                r.get::<_, i64>(1)? as u64,
+                                r.get::<_, i64>(2)? as u64,
+                            ))
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    let dead: i64 = c.query_row("SELECT count(*) FROM dead", [], |r| r.get(0))?;
+                    let mut st = c.prepare_cached("SELECT name, value FROM stats")?;
+                    let stats = st
+                        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                        .collect::<rusqlite::Result<HashMap<String, u64>>>()?;
+                    Ok((lanes, dead as u64, stats))
+                })
+                .await?;
+            let in_flight = self
+                .in_flight
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_default();
+            let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+            let mut lanes = Vec::new();
+            for lane in self.lanes() {
+                let name = lane.name();
+                let (entries, depth) = per_lane
+                    .iter()
+                    .find(|(l, _, _)| *l == name)
+                    .map(|(_, e, d)| (*e, *d))
+                    .unwrap_or((0, 0));
+                let pending = in_flight.values().filter(|l| **l == lane).count() as u64;
+                lanes.push(LaneStatus {
+                    lane: name,
+                    depth,
+                    entries,
+                    pending,
+                    lag: Some(entries.saturating_sub(pending)),
+                    owner: Some("embedded".into()),
+                    consumers: Vec::new(),
+                });
+            }
+            let received = self.lanes().iter().map(|l| get(&stat::appended(*l))).sum();
+            Ok(Status {
+                events: Accounting {
+                    received,
+                    stored: get(stat::STORED),
+                    duplicates: get(stat::DUPLICATES),
+                    dead_lettered: get(stat::DEAD_LETTERED),
+                    rejected_at_ingest: get(stat::REJECTED),
+                    in_flight: lanes.iter().map(|l| l.depth).sum(),
+                    rejected_by_reason: stats
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
+                        .collect(),
+                },
+                lanes,
+                dead_letters,
+                consumers_alive: HashMap::from([("embedded".to_string(), 1)]),
+            })
+        })
+    }
+
+    fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
+        Box::pin(async move {
+            let now_ms = crate::event::now_us() / 1000;
+            Ok(self
+                .all_letters()
+                .await?
+                .into_iter()
+                .filter(|l| l.matches(filter, now_ms))
+                .take(filter.limit.unwrap_or(usize::MAX))
+                .collect())
+        })
+    }
+
+    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
+        Box::pin(async move {
+            let mut report = Replayed::default();
+            for letter in self.dead_letters(filter).await? {
+                let received_us = crate::event::now_us();
+                let (events, dead) =
+                    crate::dlq::decode_again(&letter, &letter.source, received_us, limits);
+                if letter.source == "notifier" || (events.is_empty() && dead.is_empty()) {
+                    report.skipped += 1;
+                    continue;
+                }
+                let refs: Vec<&Event> = events.iter().collect();
+                let entries = self.entries(&refs)?;
+                let id: i64 = letter.id.parse().unwrap_or(-1);
+                report.events += events.len() as u64;
+                report.rejected_again += u64::from(!dead.is_empty());
+                report.letters += 1;
+                // The letter's events and its removal: one transaction.
+                self.db
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        insert(&tx, &entries, &dead)?;
+                        tx.execute("DELETE FROM dead WHERE id = ?1", [id])?;
+                        tx.commit()
+                    })
+                    .await?;
+                self.appended.notify_waiters();
+            }
+            Ok(report)
+        })
+    }
+
+    fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
+        Box::pin(async move {
+            let ids: Vec<i64> = self
+                .dead_letters(filter)
+                .await?
+                .iter()
+                .filter_map(|l| l.id.parse().ok())
+                .collect();
+            self.db
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    let mut removed = 0;
+                    for id in &ids {
+                        removed += tx.execute("DELETE FROM dead WHERE id = ?1", [id])? as u64;
+                    }
+                    tx.commit()?;
+                    Ok(removed)
+                })
+                .await
+        })
+    }
+
+    fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {
+        // Nothing embedded is reached over a network: there is no circuit to open.
+        Box::pin(async move { Ok(BTreeMap::new()) })
+    }
+
+    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
+        Box::pin(async move {
+            let ok = self
+                .db
+                .call(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+                .await
+                .is_ok();
+            Ok(("embedded", ok))
+        })
+    }
+}

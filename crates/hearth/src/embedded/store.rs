@@ -1,0 +1,520 @@
+//! The embedded store: events, sensors, alerts, rule state and tokens in the SQLite database,
+//! with the same dedup keys and constraints as the PostgreSQL schema (`store/schema.rs`).
+//!
+//! Writes go to the writer thread, the API's queries to the reader thread (WAL: a read never
+//! waits for a write).
+
+use std::collections::{BTreeSet, HashMap};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::db::Sqlite;
+use crate::alerts::engine::{Outcome, State, Transition};
+use crate::alerts::rules::RuleSet;
+use crate::alerts::{Alert, AlertState, Severity};
+use crate::api::routes::{HistoryEvent, HouseView};
+use crate::event::Event;
+use crate::seam::{EventStore, Fut, HistoryQuery, SensorRow, Written};
+
+pub struct SqliteStore {
+    writer: Sqlite,
+    reader: Sqlite,
+}
+
+const ALERT_COLUMNS: &str = "id, house_id, sensor_id, rule, kind, severity, state, message, value,
+    raised_at, raised_by, acknowledged_at, acknowledged_by, cleared_at, cleared_by";
+
+fn alert(r: &Row) -> rusqlite::Result<Alert> {
+    let severity: String = r.get(5)?;
+    let state: String = r.get(6)?;
+    Ok(Alert {
+        id: r.get(0)?,
+        house_id: r.get(1)?,
+        sensor_id: r.get(2)?,
+        rule: r.get(3)?,
+        kind: r.get(4)?,
+        severity: Severity::parse(&severity).unwrap_or(Severity::Info),
+        state: AlertState::parse(&state).unwrap_or(AlertState::Active),
+        message: r.get(7)?,
+        value: r.get(8)?,
+        raised_at: r.get(9)?,
+        raised_by: r.get(10)?,
+        acknowledged_at: r.get(11)?,
+        acknowledged_by: r.get(12)?,
+        cleared_at: r.get(13)?,
+        cleared_by: r.get(14)?,
+    })
+}
+
+fn get_alert(c: &Connection, id: i64) -> rusqlite::Result<Option<Alert>> {
+    c.prepare_cached(&format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"))?
+        .query_row([id], alert)
+        .optional()
+}
+
+/// Insert a batch's events (a dedup key already stored is skipped) and record its sensors.
+fn write_events(c: &Connection, events: &[Event]) -> rusqlite::Result<u64> {
+    let now_us = crate::event::now_us();
+    let mut insert = c.prepare_cached(
+        "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts,
+                             received_us, stored_us, critical)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT DO NOTHING",
+    )?;
+    let mut stored = 0;
+    for e in events {
+        stored += insert.execute(params![
+            e.house_id,
+            e.sensor_id,
+            e.kind,
+            e.value,
+            e.unit,
+            e.seq,
+            e.ingest_id.map(|u| u.to_string()),
+            e.ts_ms,
+            e.received_us,
+            now_us,
+            e.is_critical(),
+        ])? as u64;
+    }
+    let mut seen: HashMap<&str, (&str, BTreeSet<&str>, i64, i64)> = HashMap::new();
+    for e in events {
+        let ms = e.received_us / 1000;
+        let s = seen
+            .entry(&e.sensor_id)
+            .or_insert((&e.house_id, BTreeSet::new(), ms, ms));
+        s.1.insert(&e.kind);
+        s.2 = s.2.min(ms);
+        s.3 = s.3.max(ms);
+    }
+    let mut kinds_of =
+        c.prepare_cached("SELECT kinds, first_seen FROM sensors WHERE sensor_id = ?1")?;
+    let mut upsert = c.prepare_cached(
+        "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (sensor_id) DO UPDATE SET house_id = excluded.house_id,
+             kinds = excluded.kinds, first_seen = min(first_seen, excluded.first_seen),
+             last_seen = max(last_seen, excluded.last_seen)",
+    )?;
+    for (sensor, (house, kinds, first, last)) in seen {
+        let old: Option<(String, i64)> = kinds_of
+            .query_row([sensor], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let mut all: BTreeSet<&str> = kinds;
+        if let Some((k, _)) = &old {
+            all.extend(k.split(',').filter(|k| !k.is_empty()));
+        }
+        let joined = all.into_iter().collect::<Vec<_>>().join(",");
+        upsert.execute(params![sensor, house, joined, first, last])?;
+    }
+    Ok(stored)
+}
+
+impl SqliteStore {
+    pub fn new(writer: Sqlite, reader: Sqlite) -> SqliteStore {
+        SqliteStore { writer, reader }
+    }
+
+    /// The stored rule state of `sensors` (open alerts included), for the engine.
+    pub async fn load_states(
+        &self,
+        sensors: Vec<String>,
+    ) -> Result<Vec<(String, String, State)>, crate::seam::Unavailable> {
+        self.writer
+            .call(move |c| {
+                let mut states: HashMap<(String, String), State> = HashMap::new();
+                let mut st = c.prepare_cached(
+                    "SELECT rule, pending_since, transition_key FROM rule_state WHERE sensor_id = ?1",
+                )?;
+                let mut open = c.prepare_cached(
+                    "SELECT rule, state FROM alerts WHERE sensor_id = ?1 AND state <> 'cleared'",
+                )?;
+                for s in &sensors {
+                    let rows = st.query_map([s], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    })?;
+                    for row in rows {
+                        let (rule, pending_since, transition_key) = row?;
+                        let entry = states.entry((s.clone(), rule)).or_default();
+                        entry.pending_since = pending_since;
+                        entry.transition_key = transition_key;
+                    }
+                    let rows = open.query_map([s], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?;
+                    for row in rows {
+                        let (rule, state) = row?;
+                        states.entry((s.clone(), rule)).or_default().open =
+                            AlertState::parse(&state);
+                    }
+                }
+                Ok(states
+                    .into_iter()
+                    .map(|((s, r), st)| (s, r, st))
+                    .collect())
+            })
+            .await
+    }
+
+    /// Write an evaluation's transitions and changed states in one transaction; returns the
+    /// alerts as they are after each transition that took effect.
+    pub async fn write_outcome(
+        &self,
+        outcome: &Outcome,
+        rules: &RuleSet,
+    ) -> Result<Vec<Alert>, crate::seam::Unavailable> {
+        enum Step {
+            Raise([String; 7], f64, i64),
+            Clear(String, String, i64, String),
+        }
+        let steps: Vec<Step> = outcome
+            .transitions
+            .iter()
+            .map(|t| match t {
+                Transition::Raise {
+                    rule,
+                    house_id,
+                    sensor_id,
+                    kind,
+                    value,
+                    ts_ms,
+                    event_key,
+                } => {
+                    let r = &rules.rules[*rule];
+                    Step::Raise(
+                        [
+                            house_id.clone(),
+                            sensor_id.clone(),
+                            r.name.clone(),
+                            kind.clone(),
+                            r.severity.as_str().into(),
+                            r.message.clone(),
+                            event_key.clone(),
+                        ],
+                        *value,
+                        *ts_ms,
+                    )
+                }
+                Transition::Clear {
+                    rule,
+                    sensor_id,
+                    ts_ms,
+                    event_key,
+                } => Step::Clear(
+                    sensor_id.clone(),
+                    rules.rules[*rule].name.clone(),
+                    *ts_ms,
+                    event_key.clone(),
+                ),
+            })
+            .collect();
+        let states: Vec<(String, String, Option<i64>, Option<String>)> = outcome
+            .states
+            .iter()
+            .map(|(s, r, st)| {
+                (
+                    s.clone(),
+                    rules.rules[*r].name.clone(),
+                    st.pending_since,
+                    st.transition_key.clone(),
+                )
+            })
+            .collect();
+        self.writer
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let mut changed = Vec::new();
+                for step in &steps {
+                    let id: Option<i64> = match step {
+                        Step::Raise([house, sensor, rule, kind, severity, message, key], value, ts) => tx
+                            .prepare_cached(
+                                "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
+                                                     message, value, raised_at, raised_by)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9)
+                                 ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                                 RETURNING id",
+                            )?
+                            .query_row(
+                                params![house, sensor, rule, kind, severity, message, value, ts, key],
+                                |r| r.get(0),
+                            )
+                            .optional()?,
+                        Step::Clear(sensor, rule, ts, key) => tx
+                            .prepare_cached(
+                                "UPDATE alerts SET state = 'cleared', cleared_at = ?3, cleared_by = ?4
+                                 WHERE sensor_id = ?1 AND rule = ?2 AND state <> 'cleared'
+                                 RETURNING id",
+                            )?
+                            .query_row(params![sensor, rule, ts, key], |r| r.get(0))
+                            .optional()?,
+                    };
+                    if let Some(id) = id {
+                        changed.extend(get_alert(&tx, id)?);
+                    }
+                }
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO rule_state (sensor_id, rule, pending_since, transition_key)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (sensor_id, rule) DO UPDATE SET
+                         pending_since = excluded.pending_since,
+                         transition_key = excluded.transition_key",
+                )?;
+                for (sensor, rule, pending, key) in &states {
+                    upsert.execute(params![sensor, rule, pending, key])?;
+                }
+                drop(upsert);
+                tx.commit()?;
+                Ok(changed)
+            })
+            .await
+    }
+
+    /// The latest event of each (sensor, kind), to warm the cache at start.
+    pub async fn latest_events(&self) -> Result<Vec<Event>, crate::seam::Unavailable> {
+        self.reader
+            .call(|c| {
+                // SQLite takes the bare columns from the row holding max(ts).
+                let mut st = c.prepare(
+                    "SELECT house_id, sensor_id, kind, value, unit, seq, max(ts), received_us
+                     FROM events GROUP BY sensor_id, kind",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok(Event {
+                        house_id: r.get(0)?,
+                        sensor_id: r.get(1)?,
+                        kind: r.get(2)?,
+                        value: r.get(3)?,
+                        unit: r.get(4)?,
+                        seq: r.get(5)?,
+                        ts_ms: r.get(6)?,
+                        received_us: r.get(7)?,
+                        ingest_id: None,
+                    })
+                })?;
+                rows.collect()
+            })
+            .await
+    }
+}
+
+impl EventStore for SqliteStore {
+    fn write<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, Written> {
+        Box::pin(async move {
+            let owned: Vec<Event> = events.iter().map(|e| (*e).clone()).collect();
+            let n = owned.len() as u64;
+            let stored = self
+                .writer
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    let stored = write_events(&tx, &owned)?;
+                    tx.commit()?;
+                    Ok(stored)
+                })
+                .await?;
+            Ok(Written {
+                stored,
+                duplicates: n - stored,
+            })
+        })
+    }
+
+    fn houses<'a>(&'a self, only: Option<&'a str>) -> Fut<'a, Vec<HouseView>> {
+        let only = only.map(str::to_string);
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT house_id, count(*) FROM sensors
+                         WHERE ?1 IS NULL OR house_id = ?1
+                         GROUP BY house_id ORDER BY house_id",
+                    )?;
+                    let rows = st.query_map([only], |r| {
+                        Ok(HouseView {
+                            house_id: r.get(0)?,
+                            sensors: r.get(1)?,
+                        })
+                    })?;
+                    rows.collect()
+                })
+                .await
+        })
+    }
+
+    fn sensors<'a>(&'a self, house: &'a str) -> Fut<'a, Vec<SensorRow>> {
+        let house = house.to_string();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT sensor_id, house_id, kinds, first_seen, last_seen FROM sensors
+                         WHERE house_id = ?1 ORDER BY sensor_id LIMIT 10000",
+                    )?;
+                    let rows = st.query_map([house], |r| {
+                        let kinds: String = r.get(2)?;
+                        Ok(SensorRow {
+                            sensor_id: r.get(0)?,
+                            house_id: r.get(1)?,
+                            kinds: kinds
+                                .split(',')
+                                .filter(|k| !k.is_empty())
+                                .map(str::to_string)
+                                .collect(),
+                            first_seen: r.get(3)?,
+                            last_seen: r.get(4)?,
+                        })
+                    })?;
+                    rows.collect()
+                })
+                .await
+        })
+    }
+
+    fn sensor_house<'a>(&'a self, sensor: &'a str) -> Fut<'a, Option<String>> {
+        let sensor = sensor.to_string();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    c.prepare_cached("SELECT house_id FROM sensors WHERE sensor_id = ?1")?
+                        .query_row([sensor], |r| r.get(0))
+                        .optional()
+                })
+                .await
+        })
+    }
+
+    fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>> {
+        let q = q.clone();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT id, kind, value, unit, seq, ts FROM events
+                         WHERE sensor_id = ?1
+                           AND (?2 IS NULL OR kind = ?2)
+                           AND (?3 IS NULL OR ts >= ?3)
+                           AND (?4 IS NULL OR ts < ?4)
+                           AND (?5 IS NULL OR ts < ?5 OR (ts = ?5 AND id < ?6))
+                         ORDER BY ts DESC, id DESC
+                         LIMIT ?7",
+                    )?;
+                    let rows = st.query_map(
+                        params![
+                            q.sensor,
+                            q.kind,
+                            q.from,
+                            q.to,
+                            q.cursor.map(|c| c.0),
+                            q.cursor.map(|c| c.1).unwrap_or(0),
+                            q.limit
+                        ],
+                        |r| {
+                            Ok(HistoryEvent {
+                                id: r.get(0)?,
+                                kind: r.get(1)?,
+                                value: r.get(2)?,
+                                unit: r.get(3)?,
+                                seq: r.get(4)?,
+                                ts: r.get(5)?,
+                            })
+                        },
+                    )?;
+                    rows.collect()
+                })
+                .await
+        })
+    }
+
+    fn alerts<'a>(
+        &'a self,
+        house: Option<&'a str>,
+        state: Option<AlertState>,
+        limit: i64,
+    ) -> Fut<'a, Vec<Alert>> {
+        let house = house.map(str::to_string);
+        let state = state.map(|s| s.as_str());
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {ALERT_COLUMNS} FROM alerts
+                         WHERE (?1 IS NULL OR house_id = ?1) AND (?2 IS NULL OR state = ?2)
+                         ORDER BY id DESC LIMIT ?3"
+                    ))?;
+                    let rows = st.query_map(params![house, state, limit], alert)?;
+                    rows.collect()
+                })
+                .await
+        })
+    }
+
+    fn alert(&self, id: i64) -> Fut<'_, Option<Alert>> {
+        Box::pin(async move { self.reader.call(move |c| get_alert(c, id)).await })
+    }
+
+    fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>> {
+        let by = by.to_string();
+        Box::pin(async move {
+            self.writer
+                .call(move |c| {
+                    let now_ms = crate::event::now_us() / 1000;
+                    let changed = c.execute(
+                        "UPDATE alerts SET state = 'acknowledged', acknowledged_at = ?2,
+                             acknowledged_by = ?3
+                         WHERE id = ?1 AND state = 'active'",
+                        params![id, now_ms, by],
+                    )? == 1;
+                    Ok(get_alert(c, id)?.map(|a| (a, changed)))
+                })
+                .await
+        })
+    }
+
+    fn mark_pushed<'a>(&'a self, _alerts: &'a [Alert]) -> Fut<'a, ()> {
+        // The embedded fan-out is in the process that wrote the alert: there is no other
+        // process to repush it after a crash, and WebSocket clients read the alert list at start.
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>> {
+        let hash = hash.to_vec();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| {
+                    c.prepare_cached("SELECT house_id FROM tokens WHERE hash = ?1")?
+                        .query_row([hash], |r| r.get(0))
+                        .optional()
+                })
+                .await
+        })
+    }
+
+    fn create_token<'a>(&'a self, hash: &'a [u8], house: &'a str) -> Fut<'a, ()> {
+        let (hash, house) = (hash.to_vec(), house.to_string());
+        Box::pin(async move {
+            self.writer
+                .call(move |c| {
+                    c.execute(
+                        "INSERT INTO tokens (hash, house_id, created_at) VALUES (?1, ?2, ?3)",
+                        params![hash, house, crate::event::now_us() / 1000],
+                    )
+                    .map(|_| ())
+                })
+                .await
+        })
+    }
+
+    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
+        Box::pin(async move {
+            let ok = self
+                .reader
+                .call(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+                .await
+                .is_ok();
+            Ok(("embedded", ok))
+        })
+    }
+}

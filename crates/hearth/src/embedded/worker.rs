@@ -1,0 +1,151 @@
+//! The embedded workers: the flow of the distributed worker on the seams, without leases (one
+//! process owns every lane). Two run: one for the critical lane, one for the routine lanes, so
+//! a smoke alarm never waits behind a batch of telemetry.
+//!
+//! For each batch: write the events (idempotent), offer them to the cache, evaluate the rules
+//! and write their transitions, push the alerts (and the events, when someone watches), then
+//! acknowledge the entries. A crash anywhere before the acknowledgement redelivers the batch at
+//! the next start, and the writes skip what was already written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::memory::ChannelFanOut;
+use super::queue::SqliteQueue;
+use super::store::SqliteStore;
+use crate::alerts::engine::Engine;
+use crate::alerts::rules::RuleSet;
+use crate::alerts::{Alert, Push, PushedEvent};
+use crate::backoff::Backoff;
+use crate::event::Event;
+use crate::metrics::METRICS;
+use crate::seam::{EventQueue, EventStore, FanOut, LatestCache, Lanes};
+use crate::shutdown::Shutdown;
+
+pub struct Worker {
+    pub lanes: Lanes,
+    pub queue: Arc<SqliteQueue>,
+    pub store: Arc<SqliteStore>,
+    pub cache: Arc<dyn LatestCache>,
+    pub fanout: Arc<ChannelFanOut>,
+    pub rules: Arc<RuleSet>,
+    pub batch_size: usize,
+}
+
+impl Worker {
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut engine = Engine::new(self.rules.clone());
+        let mut backoff = Backoff::default();
+        loop {
+            if shutdown.is_set() {
+                return;
+            }
+            // Registered before reading, so that an append right after the read wakes us.
+            let appended = self.queue.appended.notified();
+            let batch = match self.queue.read(self.lanes, self.batch_size).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "embedded queue read failed, retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = appended => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.wait() => return,
+                }
+                continue;
+            }
+            let events: Vec<&Event> = batch.iter().flat_map(|d| &d.events).collect();
+            // Retried until it succeeds: an error here is the disk, never the content.
+            let written = loop {
+                match self.store.write(&events).await {
+                    Ok(w) => break w,
+                    Err(e) => {
+                        warn!(error = %e, "embedded store write failed, retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            };
+            let _ = self.cache.offer(&events).await;
+            let alerts = loop {
+                match self.evaluate(&mut engine, &events).await {
+                    Ok(a) => break a,
+                    Err(e) => {
+                        warn!(error = %e, "embedded alert write failed, retrying");
+                        engine.forget();
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            };
+            for alert in &alerts {
+                let _ = self.fanout.push_alert(&self.rules, alert).await;
+            }
+            self.push_events(&events).await;
+            while let Err(e) = self.queue.ack(&batch, written).await {
+                warn!(error = %e, "embedded queue acknowledgement failed, retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            backoff.reset();
+            METRICS.stored.add(written.stored);
+            METRICS.duplicates.add(written.duplicates);
+            debug!(
+                stored = written.stored,
+                duplicates = written.duplicates,
+                "batch stored"
+            );
+        }
+    }
+
+    async fn evaluate(
+        &self,
+        engine: &mut Engine,
+        events: &[&Event],
+    ) -> Result<Vec<Alert>, crate::seam::Unavailable> {
+        let to_load = engine.to_load(events);
+        if !to_load.is_empty() {
+            let states = self.store.load_states(to_load.clone()).await?;
+            engine.load(&to_load, states);
+        }
+        let outcome = engine.evaluate(events);
+        let alerts = if outcome.is_empty() {
+            Vec::new()
+        } else {
+            self.store.write_outcome(&outcome, &self.rules).await?
+        };
+        engine.commit(outcome, events);
+        for a in &alerts {
+            if a.state == crate::alerts::AlertState::Active {
+                METRICS.alerts.with(a.severity.as_str()).add(1);
+            }
+            tracing::info!(alert = a.id, rule = %a.rule, sensor = %a.sensor_id, state = a.state.as_str(), "alert");
+        }
+        Ok(alerts)
+    }
+
+    async fn push_events(&self, events: &[&Event]) {
+        if !self.fanout.has_subscribers() {
+            return;
+        }
+        let mut by_house: std::collections::BTreeMap<&str, Vec<PushedEvent>> = Default::default();
+        for e in events {
+            by_house
+                .entry(&e.house_id)
+                .or_default()
+                .push(PushedEvent::from(*e));
+        }
+        for (house, events) in by_house {
+            let message = Push::Events {
+                house_id: house.to_string(),
+                events,
+            };
+            if let Ok(json) = serde_json::to_string(&message) {
+                let _ = self.fanout.publish(json).await;
+            }
+        }
+    }
+}

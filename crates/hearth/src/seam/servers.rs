@@ -1,0 +1,527 @@
+//! The seams on the production servers: the queue on Redis Streams ([`crate::queue`]), the store
+//! on PostgreSQL ([`crate::store`]), the cache in Redis ([`crate::cache`]), the fan-out on Redis
+//! pub/sub. Each method is the code the production roles run; the distributed worker
+//! (`worker/`) adds lane leases and fences on top of the same calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Mutex;
+use tracing::warn;
+
+use super::{
+    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryQuery, LatestCache, Lanes, SensorRow, Seams,
+    Unavailable, Written,
+};
+use crate::alerts::rules::RuleSet;
+use crate::alerts::{Alert, AlertState};
+use crate::api::routes::{HistoryEvent, HouseView};
+use crate::backoff::Backoff;
+use crate::cache::Cache;
+use crate::codec::Limits;
+use crate::config::Config;
+use crate::dlq::{Filter, Letter, Replayed};
+use crate::event::Event;
+use crate::queue::{DeadLetter, Done, Lane, Queue, QueueError};
+use crate::store::{Db, Store, describe};
+
+fn pg(e: tokio_postgres::Error) -> Unavailable {
+    Unavailable(format!("database: {}", describe(&e)))
+}
+
+/// Open the four seams on the configured servers (connections are made on first use).
+pub fn open(config: &Config) -> Result<Seams, QueueError> {
+    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+    Ok(Seams {
+        queue: Arc::new(RedisQueue::new(queue.clone(), &config.redis_url, "api")),
+        store: Arc::new(PgStore::new(&config.database_url)),
+        cache: Arc::new(RedisCache {
+            cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
+            queue: queue.clone(),
+        }),
+        fanout: Arc::new(RedisFanOut {
+            queue,
+            redis_url: config.redis_url.clone(),
+        }),
+    })
+}
+
+/// The queue on Redis Streams, read by one consumer of the `workers` group.
+pub struct RedisQueue {
+    pub queue: Queue,
+    redis_url: String,
+    consumer: String,
+    /// The connection blocking reads use (a reader's own).
+    reader: Mutex<Option<MultiplexedConnection>>,
+    /// Whether this reader took over the pending entries of earlier readers yet.
+    claimed: AtomicBool,
+}
+
+impl RedisQueue {
+    pub fn new(queue: Queue, redis_url: &str, consumer: &str) -> RedisQueue {
+        RedisQueue {
+            queue,
+            redis_url: redis_url.to_string(),
+            consumer: consumer.to_string(),
+            reader: Mutex::new(None),
+            claimed: AtomicBool::new(false),
+        }
+    }
+
+    async fn read_lanes(&self, which: Lanes, max: usize) -> Result<Vec<Delivery>, QueueError> {
+        let mut slot = self.reader.lock().await;
+        if slot.is_none() {
+            self.queue.ensure_groups().await?;
+            *slot = Some(crate::queue::connect(&self.redis_url, Duration::from_secs(5)).await?);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut push = |lane: Lane, entries: Vec<crate::queue::StreamEntry>| {
+            for entry in entries {
+                out.push(Delivery {
+                    lane,
+                    events: entry.decode().unwrap_or_default(),
+                    id: entry.id,
+                });
+            }
+        };
+        if !self.claimed.swap(true, Ordering::SeqCst) {
+            // A new reader first takes back what earlier ones left pending, lane by lane.
+            for lane in self.queue.lanes().into_iter().filter(|l| which.includes(*l)) {
+                let mut cursor = "0-0".to_string();
+                loop {
+                    let (next, entries) = self
+                        .queue
+                        .claim_pending(conn, &self.consumer, lane, &cursor, max.max(1))
+                        .await?;
+                    push(lane, entries);
+                    if next == "0-0" {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+        let block = Duration::from_millis(1);
+        let count = max.max(1);
+        for lanes in [vec![Lane::Critical], Lane::routine(self.queue.shards).collect()] {
+            let lanes: Vec<Lane> = lanes.into_iter().filter(|l| which.includes(*l)).collect();
+            if lanes.is_empty() {
+                continue;
+            }
+            for (lane, entries) in self
+                .queue
+                .read_new(conn, &self.consumer, &lanes, count, block)
+                .await?
+            {
+                push(lane, entries);
+            }
+        }
+        // Critical entries first, whatever order the lanes answered in.
+        out.sort_by_key(|d| d.lane != Lane::Critical);
+        Ok(out)
+    }
+}
+
+impl EventQueue for RedisQueue {
+    fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
+    }
+
+    fn read(&self, lanes: Lanes, max: usize) -> Fut<'_, Vec<Delivery>> {
+        Box::pin(async move {
+            let read = self.read_lanes(lanes, max).await;
+            if read.is_err() {
+                // The connection may be broken: the next read opens a new one and claims again.
+                *self.reader.lock().await = None;
+                self.claimed.store(false, Ordering::SeqCst);
+            }
+            Ok(read?)
+        })
+    }
+
+    fn ack<'a>(&'a self, done: &'a [Delivery], written: Written) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut by_lane: BTreeMap<Lane, Vec<Done>> = BTreeMap::new();
+            for d in done {
+                by_lane.entry(d.lane).or_default().push(Done {
+                    id: d.id.clone(),
+                    events: d.events.len() as u64,
+                });
+            }
+            let acks: Vec<(Lane, Vec<Done>)> = by_lane.into_iter().collect();
+            let mut pipe = redis::pipe();
+            self.queue.add_ack(&mut pipe, &acks, written.stored, written.duplicates);
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
+        Box::pin(async move { Ok(self.queue.depths().await?) })
+    }
+
+    fn status(&self) -> Fut<'_, crate::status::Status> {
+        Box::pin(async move { Ok(crate::status::collect(&self.queue).await?) })
+    }
+
+    fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
+        Box::pin(async move { Ok(crate::dlq::list(&self.queue, filter).await?) })
+    }
+
+    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
+        Box::pin(async move { Ok(crate::dlq::replay(&self.queue, limits, filter).await?) })
+    }
+
+    fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
+        Box::pin(async move { Ok(crate::dlq::purge(&self.queue, filter).await?) })
+    }
+
+    fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {
+        Box::pin(async move { Ok(crate::breaker::shared(&self.queue).await?) })
+    }
+
+    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
+        Box::pin(async move {
+            let mut conn = self.queue.conn.clone();
+            let ok = redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok();
+            Ok(("redis", ok))
+        })
+    }
+}
+
+/// The store on PostgreSQL: one shared connection for queries, one for writes.
+pub struct PgStore {
+    db: Db,
+    url: String,
+    writer: Mutex<Option<Store>>,
+}
+
+impl PgStore {
+    pub fn new(url: &str) -> PgStore {
+        PgStore {
+            db: Db::new(url),
+            url: url.to_string(),
+            writer: Mutex::new(None),
+        }
+    }
+}
+
+impl EventStore for PgStore {
+    fn write<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, Written> {
+        Box::pin(async move {
+            let mut slot = self.writer.lock().await;
+            if slot.as_ref().is_none_or(Store::is_closed) {
+                *slot = Some(Store::connect(&self.url, Duration::from_secs(30)).await?);
+            }
+            let Some(store) = slot.as_mut() else {
+                return Ok(Written::default());
+            };
+            let sensors = crate::worker::sensors::SensorMemo::new(0).to_record(events);
+            // No fences: this writer owns no lanes (the distributed worker passes its own).
+            let stored = store.write(&[], events, &sensors, true).await?;
+            Ok(Written {
+                stored,
+                duplicates: events.len() as u64 - stored,
+            })
+        })
+    }
+
+    fn houses<'a>(&'a self, only: Option<&'a str>) -> Fut<'a, Vec<HouseView>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            let rows = client
+                .query(
+                    "SELECT house_id, count(*) FROM sensors
+                     WHERE $1::text IS NULL OR house_id = $1
+                     GROUP BY house_id ORDER BY house_id",
+                    &[&only],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| HouseView {
+                    house_id: r.get(0),
+                    sensors: r.get(1),
+                })
+                .collect())
+        })
+    }
+
+    fn sensors<'a>(&'a self, house: &'a str) -> Fut<'a, Vec<SensorRow>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            let rows = client
+                .query(
+                    "SELECT sensor_id, house_id, kinds, (extract(epoch FROM first_seen) * 1000)::int8,
+                            (extract(epoch FROM last_seen) * 1000)::int8
+                     FROM sensors WHERE house_id = $1 ORDER BY sensor_id LIMIT 10000",
+                    &[&house],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| SensorRow {
+                    sensor_id: r.get(0),
+                    house_id: r.get(1),
+                    kinds: r.get(2),
+                    first_seen: r.get(3),
+                    last_seen: r.get(4),
+                })
+                .collect())
+        })
+    }
+
+    fn sensor_house<'a>(&'a self, sensor: &'a str) -> Fut<'a, Option<String>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(client
+                .query_opt(
+                    "SELECT house_id FROM sensors WHERE sensor_id = $1",
+                    &[&sensor],
+                )
+                .await
+                .map_err(pg)?
+                .map(|r| r.get(0)))
+        })
+    }
+
+    fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms
+                     FROM events
+                     WHERE sensor_id = $1
+                       AND ($2::text IS NULL OR kind = $2)
+                       AND ($3::int8 IS NULL OR ts >= timestamptz 'epoch' + $3 * interval '1 millisecond')
+                       AND ($4::int8 IS NULL OR ts < timestamptz 'epoch' + $4 * interval '1 millisecond')
+                       AND ($5::int8 IS NULL OR (ts, id) < (timestamptz 'epoch' + $5 * interval '1 millisecond', $6))
+                     ORDER BY ts DESC, id DESC
+                     LIMIT $7",
+                    &[
+                        &q.sensor,
+                        &q.kind,
+                        &q.from,
+                        &q.to,
+                        &q.cursor.map(|c| c.0),
+                        &q.cursor.map(|c| c.1).unwrap_or(0),
+                        &q.limit,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| HistoryEvent {
+                    id: r.get(0),
+                    kind: r.get(1),
+                    value: r.get(2),
+                    unit: r.get(3),
+                    seq: r.get(4),
+                    ts: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn alerts<'a>(
+        &'a self,
+        house: Option<&'a str>,
+        state: Option<AlertState>,
+        limit: i64,
+    ) -> Fut<'a, Vec<Alert>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(crate::store::alerts::list(&*client, house, state, limit).await?)
+        })
+    }
+
+    fn alert(&self, id: i64) -> Fut<'_, Option<Alert>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(crate::store::alerts::get(&*client, id).await?)
+        })
+    }
+
+    fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(crate::store::alerts::acknowledge(&*client, id, by).await?)
+        })
+    }
+
+    fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(crate::store::alerts::mark_pushed(&*client, alerts).await?)
+        })
+    }
+
+    fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(client
+                .query_opt("SELECT house_id FROM tokens WHERE hash = $1", &[&hash])
+                .await
+                .map_err(pg)?
+                .map(|r| r.get(0)))
+        })
+    }
+
+    fn create_token<'a>(&'a self, hash: &'a [u8], house: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            client
+                .execute(
+                    "INSERT INTO tokens (hash, house_id) VALUES ($1, $2)",
+                    &[&hash, &house],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
+        Box::pin(async move {
+            let ok = match self.db.client().await {
+                Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+                Err(_) => false,
+            };
+            Ok(("postgres", ok))
+        })
+    }
+}
+
+/// The latest values in Redis (`P:latest:{sensor}`), compared and set by a Lua script.
+pub struct RedisCache {
+    cache: Cache,
+    queue: Queue,
+}
+
+impl LatestCache for RedisCache {
+    fn offer<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            self.cache.add_update(&mut pipe, events);
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn latest<'a>(&'a self, sensor: &'a str) -> Fut<'a, HashMap<String, String>> {
+        Box::pin(async move { Ok(self.cache.latest(sensor).await?) })
+    }
+}
+
+/// Pushes through Redis pub/sub (`P:push`) to every API process; webhook jobs on `P:notify`.
+pub struct RedisFanOut {
+    queue: Queue,
+    redis_url: String,
+}
+
+impl FanOut for RedisFanOut {
+    fn publish(&self, message: String) -> Fut<'_, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("PUBLISH")
+                .arg(self.queue.keys.push())
+                .arg(message)
+                .ignore();
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn push_alert<'a>(&'a self, rules: &'a RuleSet, alert: &'a Alert) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            crate::alerts::add_push(&mut pipe, &self.queue.keys, rules, alert);
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>> {
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let channel = self.queue.keys.push();
+            let url = self.redis_url.clone();
+            // Subscribed before returning, so that nothing published after this call is missed.
+            let first = subscribe(&url, &channel).await?;
+            tokio::spawn(relay(url, channel, first, tx));
+            Ok(rx)
+        })
+    }
+
+    fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let key = self.queue.keys.watched();
+            let now = crate::event::now_us() / 1000;
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+            for h in houses {
+                pipe.cmd("ZADD").arg(&key).arg(now + ttl_ms).arg(h).ignore();
+            }
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+}
+
+async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSub, QueueError> {
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}
+
+/// Forward `P:push` to `tx` until the receiver is dropped, resubscribing after a failure.
+async fn relay(
+    url: String,
+    channel: String,
+    first: redis::aio::PubSub,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    use futures_util::StreamExt;
+    let mut backoff = Backoff::default();
+    let mut current = Some(first);
+    loop {
+        let pubsub = match current.take() {
+            Some(p) => Ok(p),
+            None => subscribe(&url, &channel).await,
+        };
+        match pubsub {
+            Ok(mut pubsub) => {
+                backoff.reset();
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    if let Ok(text) = msg.get_payload::<String>()
+                        && tx.send(text).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                crate::metrics::dependency_error("redis");
+                warn!(error = %e, "push subscription lost, reconnecting");
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
