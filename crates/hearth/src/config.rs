@@ -178,12 +178,13 @@ pub fn load(
     table.extend(flag_layer);
 
     let embedded = !SERVER_URLS.iter().any(|k| table.contains_key(*k));
-    let mut config: Config = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Invalid {
-            origin: "config".into(),
-            message: one_line(&e.to_string()),
-        })?;
+    let mut config: Config =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                origin: "config".into(),
+                message: one_line(&e.to_string()),
+            })?;
     config.embedded = embedded;
     config.validate()?;
     Ok(config)

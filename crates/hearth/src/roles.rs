@@ -140,7 +140,15 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
         return up_embedded(config, shutdown, demo).await;
     }
     let rules = rules(&config)?;
-    let server = http(&config, &config.api_listen, "up", Http::Api, &shutdown, None).await?;
+    let server = http(
+        &config,
+        &config.api_listen,
+        "up",
+        Http::Api,
+        &shutdown,
+        None,
+    )
+    .await?;
     if demo {
         tokio::spawn(demo_sim(config.mqtt_url.clone(), shutdown.clone()));
     }
@@ -192,7 +200,15 @@ pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
 
 /// The API alone: REST, WebSocket, metrics.
 pub async fn api(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
-    let server = http(&config, &config.api_listen, "api", Http::Api, &shutdown, None).await?;
+    let server = http(
+        &config,
+        &config.api_listen,
+        "api",
+        Http::Api,
+        &shutdown,
+        None,
+    )
+    .await?;
     if !prepare_store(&config, &shutdown).await {
         return Ok(());
     }

@@ -536,11 +536,7 @@ pub async fn ack_alert(
         return Err(ApiError::Conflict(format!("alert {id} is already cleared")));
     }
     if changed {
-        state
-            .seams
-            .fanout
-            .push_alert(&state.rules, &alert)
-            .await?;
+        state.seams.fanout.push_alert(&state.rules, &alert).await?;
         store.mark_pushed(std::slice::from_ref(&alert)).await?;
     }
     Ok(Json(alert))

@@ -119,8 +119,12 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (queue, limits, routes, shutdown) =
-                    (queue.clone(), limits.clone(), routes.clone(), shutdown.clone());
+                let (queue, limits, routes, shutdown) = (
+                    queue.clone(),
+                    limits.clone(),
+                    routes.clone(),
+                    shutdown.clone(),
+                );
                 tokio::spawn(async move {
                     match session(stream, queue, limits, routes, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),

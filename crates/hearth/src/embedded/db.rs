@@ -120,8 +120,8 @@ impl Sqlite {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create data_dir {}: {e}", dir.display()))?;
         let path = dir.join("hearth.sqlite3");
-        let mut conn = Connection::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut conn =
+            Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         setup(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()

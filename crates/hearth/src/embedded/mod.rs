@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 use crate::alerts::rules::RuleSet;
-use crate::seam::{LatestCache, Lanes, Seams};
+use crate::seam::{Lanes, LatestCache, Seams};
 use crate::shutdown::Shutdown;
 
 /// The embedded backend: the four seams, and the concrete parts the workers need.

@@ -219,8 +219,13 @@ impl EventQueue for SqliteQueue {
             let lanes_by_name: HashMap<String, Lane> =
                 self.lanes().into_iter().map(|l| (l.name(), l)).collect();
             for (id, lane, n, body) in rows {
-                if skip.contains(&id) || (events > 0 && events + n as usize > max) {
+                if skip.contains(&id) {
                     continue;
+                }
+                // Stop at the first entry that does not fit: taking a later one instead would
+                // store its events before this one's, out of order.
+                if events > 0 && events + n as usize > max {
+                    break;
                 }
                 let Some(lane) = lanes_by_name.get(&lane).copied() else {
                     continue;
@@ -292,9 +297,8 @@ impl EventQueue for SqliteQueue {
             let (per_lane, dead_letters, stats): Snapshot = self
                 .db
                 .call(|c| {
-                    let mut st = c.prepare_cached(
-                        "SELECT lane, count(*), sum(n) FROM queue GROUP BY lane",
-                    )?;
+                    let mut st =
+                        c.prepare_cached("SELECT lane, count(*), sum(n) FROM queue GROUP BY lane")?;
                     let lanes = st
                         .query_map([], |r| {
                             Ok((
@@ -312,11 +316,7 @@ impl EventQueue for SqliteQueue {
                     Ok((lanes, dead as u64, stats))
                 })
                 .await?;
-            let in_flight = self
-                .in_flight
-                .lock()
-                .map(|f| f.clone())
-                .unwrap_or_default();
+            let in_flight = self.in_flight.lock().map(|f| f.clone()).unwrap_or_default();
             let get = |k: &str| stats.get(k).copied().unwrap_or(0);
             let mut lanes = Vec::new();
             for lane in self.lanes() {

@@ -21,7 +21,7 @@ use crate::alerts::{Alert, Push, PushedEvent};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::metrics::METRICS;
-use crate::seam::{EventQueue, EventStore, FanOut, LatestCache, Lanes};
+use crate::seam::{EventQueue, EventStore, FanOut, Lanes, LatestCache};
 use crate::shutdown::Shutdown;
 
 pub struct Worker {

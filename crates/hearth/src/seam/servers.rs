@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -13,8 +12,8 @@ use tokio::sync::Mutex;
 use tracing::warn;
 
 use super::{
-    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryQuery, LatestCache, Lanes, SensorRow, Seams,
-    Unavailable, Written,
+    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryQuery, Lanes, LatestCache, Seams,
+    SensorRow, Unavailable, Written,
 };
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState};
@@ -56,8 +55,8 @@ pub struct RedisQueue {
     consumer: String,
     /// The connection blocking reads use (a reader's own).
     reader: Mutex<Option<MultiplexedConnection>>,
-    /// Whether this reader took over the pending entries of earlier readers yet.
-    claimed: AtomicBool,
+    /// Lanes whose pending entries (left by earlier readers) this reader took over.
+    claimed: std::sync::Mutex<std::collections::HashSet<Lane>>,
 }
 
 impl RedisQueue {
@@ -67,7 +66,7 @@ impl RedisQueue {
             redis_url: redis_url.to_string(),
             consumer: consumer.to_string(),
             reader: Mutex::new(None),
-            claimed: AtomicBool::new(false),
+            claimed: Default::default(),
         }
     }
 
@@ -90,9 +89,18 @@ impl RedisQueue {
                 });
             }
         };
-        if !self.claimed.swap(true, Ordering::SeqCst) {
-            // A new reader first takes back what earlier ones left pending, lane by lane.
-            for lane in self.queue.lanes().into_iter().filter(|l| which.includes(*l)) {
+        // A new reader first takes back what earlier ones left pending, lane by lane.
+        let unclaimed: Vec<Lane> = match self.claimed.lock() {
+            Ok(mut claimed) => self
+                .queue
+                .lanes()
+                .into_iter()
+                .filter(|l| which.includes(*l) && claimed.insert(*l))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        {
+            for lane in unclaimed {
                 let mut cursor = "0-0".to_string();
                 loop {
                     let (next, entries) = self
@@ -109,7 +117,10 @@ impl RedisQueue {
         }
         let block = Duration::from_millis(1);
         let count = max.max(1);
-        for lanes in [vec![Lane::Critical], Lane::routine(self.queue.shards).collect()] {
+        for lanes in [
+            vec![Lane::Critical],
+            Lane::routine(self.queue.shards).collect(),
+        ] {
             let lanes: Vec<Lane> = lanes.into_iter().filter(|l| which.includes(*l)).collect();
             if lanes.is_empty() {
                 continue;
@@ -139,7 +150,9 @@ impl EventQueue for RedisQueue {
             if read.is_err() {
                 // The connection may be broken: the next read opens a new one and claims again.
                 *self.reader.lock().await = None;
-                self.claimed.store(false, Ordering::SeqCst);
+                if let Ok(mut claimed) = self.claimed.lock() {
+                    claimed.clear();
+                }
             }
             Ok(read?)
         })
@@ -156,7 +169,8 @@ impl EventQueue for RedisQueue {
             }
             let acks: Vec<(Lane, Vec<Done>)> = by_lane.into_iter().collect();
             let mut pipe = redis::pipe();
-            self.queue.add_ack(&mut pipe, &acks, written.stored, written.duplicates);
+            self.queue
+                .add_ack(&mut pipe, &acks, written.stored, written.duplicates);
             Ok(self.queue.exec(&pipe).await?)
         })
     }

@@ -101,6 +101,9 @@ pub struct Env {
     pub scratch: Scratch,
     /// Extra `HEARTH_*` settings for every process of this test.
     pub settings: Vec<(String, String)>,
+    /// Embedded mode: no server URL is given, the broker listens on this port and the store is
+    /// in `scratch/data`.
+    pub embedded_port: Option<u16>,
 }
 
 impl Env {
@@ -116,8 +119,22 @@ impl Env {
             redis_prefix: format!("t-{name}"),
             scratch: Scratch::new(&name),
             settings: Vec::new(),
+            embedded_port: None,
             name,
         }
+    }
+
+    /// A test of `hearth up` with nothing configured: its embedded broker on a free port, its
+    /// data folder in this test's scratch directory.
+    pub fn embedded(test: &str) -> Env {
+        let mut env = Env::new(test);
+        env.embedded_port = Some(free_port());
+        env
+    }
+
+    /// The embedded store's database file.
+    pub fn data_file(&self) -> PathBuf {
+        self.scratch.0.join("data/hearth.sqlite3")
     }
 
     pub fn set(&mut self, key: &str, value: impl ToString) -> &mut Self {
@@ -142,12 +159,20 @@ impl Env {
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
             cmd.env_remove(k);
         }
-        cmd.current_dir(&self.scratch.0)
-            .env("HEARTH_DATABASE_URL", &self.database_url)
-            .env("HEARTH_REDIS_URL", REDIS)
-            .env("HEARTH_REDIS_PREFIX", &self.redis_prefix)
-            .env("HEARTH_MQTT_CLIENT_ID", format!("ingest-{}", self.name))
-            .env("HEARTH_LEASE_TTL_MS", "2000")
+        cmd.current_dir(&self.scratch.0);
+        match self.embedded_port {
+            Some(port) => {
+                cmd.env("HEARTH_MQTT_LISTEN", format!("127.0.0.1:{port}"))
+                    .env("HEARTH_DATA_DIR", self.scratch.0.join("data"));
+            }
+            None => {
+                cmd.env("HEARTH_DATABASE_URL", &self.database_url)
+                    .env("HEARTH_REDIS_URL", REDIS)
+                    .env("HEARTH_REDIS_PREFIX", &self.redis_prefix)
+                    .env("HEARTH_MQTT_CLIENT_ID", format!("ingest-{}", self.name));
+            }
+        }
+        cmd.env("HEARTH_LEASE_TTL_MS", "2000")
             // Tests run in parallel: never the default port.
             .env("HEARTH_API_LISTEN", "127.0.0.1:0")
             .env("HEARTH_LOG", "info");
@@ -212,6 +237,9 @@ impl Drop for Env {
         if std::thread::panicking() {
             eprintln!("test data kept: {}", self.scratch.0.display());
             return;
+        }
+        if self.embedded_port.is_some() {
+            return; // nothing on the shared servers
         }
         let db = format!("hearth_t_{}", self.name);
         let prefix = self.redis_prefix.clone();

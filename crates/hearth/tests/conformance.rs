@@ -1,0 +1,405 @@
+//! One conformance suite per seam (queue, store, cache, fan-out), run against both backends:
+//! the servers (Redis Streams, PostgreSQL, Redis, Redis pub/sub, on the shared servers, each test
+//! under its own key prefix and database) and the embedded one (SQLite in a scratch folder,
+//! in-process cache and channels). The suites are written once against the traits of
+//! `hearth::seam`, so the two backends cannot drift apart.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth::config::Config;
+use hearth::dlq::Filter;
+use hearth::event::{Event, Reason, Rejection};
+use hearth::queue::{DeadLetter, Lane};
+use hearth::seam::{EventQueue, HistoryQuery, Lanes, Seams, Written};
+use support::*;
+
+const SHARDS: u16 = 4;
+
+/// A backend under test, and what keeps its state alive (and cleans it up).
+struct Backend {
+    seams: Seams,
+    /// Open a second queue handle on the same state: a reader started after a crash.
+    reopen: Box<dyn Fn() -> futures_reopen::Reopen + Send + Sync>,
+    _env: Env,
+}
+
+mod futures_reopen {
+    pub type Reopen = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::sync::Arc<dyn hearth::seam::EventQueue>> + Send>,
+    >;
+}
+
+async fn servers(test: &str) -> Backend {
+    let env = Env::new(test);
+    hearth::store::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    let config = Config {
+        redis_url: REDIS.into(),
+        redis_prefix: env.redis_prefix.clone(),
+        database_url: env.database_url.clone(),
+        shards: SHARDS,
+        ..Config::default()
+    };
+    let seams = hearth::seam::servers::open(&config).expect("open");
+    let prefix = env.redis_prefix.clone();
+    let reopen = move || -> futures_reopen::Reopen {
+        let prefix = prefix.clone();
+        Box::pin(async move {
+            let queue = hearth::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
+            Arc::new(hearth::seam::servers::RedisQueue::new(
+                queue, REDIS, "second",
+            )) as Arc<dyn EventQueue>
+        })
+    };
+    Backend {
+        seams,
+        reopen: Box::new(reopen),
+        _env: env,
+    }
+}
+
+async fn embedded(test: &str) -> Backend {
+    let env = Env::embedded(test);
+    let dir = env.scratch.0.join("data");
+    let opened = hearth::embedded::Embedded::open(&dir, SHARDS)
+        .await
+        .expect("open");
+    let reopen = move || -> futures_reopen::Reopen {
+        let dir = dir.clone();
+        Box::pin(async move {
+            let again = hearth::embedded::Embedded::open(&dir, SHARDS)
+                .await
+                .expect("reopen");
+            again.seams.queue
+        })
+    };
+    Backend {
+        seams: opened.seams,
+        reopen: Box::new(reopen),
+        _env: env,
+    }
+}
+
+fn event(house: &str, sensor: &str, kind: &str, seq: i64, ts_ms: i64) -> Event {
+    Event {
+        house_id: house.into(),
+        sensor_id: sensor.into(),
+        kind: kind.into(),
+        value: seq as f64,
+        unit: None,
+        seq: Some(seq),
+        ts_ms,
+        received_us: ts_ms * 1000,
+        ingest_id: None,
+    }
+}
+
+fn seqs_of(deliveries: &[hearth::seam::Delivery], sensor: &str) -> Vec<i64> {
+    deliveries
+        .iter()
+        .flat_map(|d| &d.events)
+        .filter(|e| e.sensor_id == sensor)
+        .filter_map(|e| e.seq)
+        .collect()
+}
+
+// ---- the queue ------------------------------------------------------------------------------
+
+async fn queue_suite(b: Backend) {
+    let q = &b.seams.queue;
+    // Three sensors, five appends each, interleaved; then one critical event.
+    for seq in 1..=5 {
+        let batch: Vec<Event> = ["a", "b", "c"]
+            .iter()
+            .map(|s| event("h", s, "temperature", seq, 1_000 + seq))
+            .collect();
+        let refs: Vec<&Event> = batch.iter().collect();
+        q.append(&refs, &[]).await.expect("append");
+    }
+    let smoke = event("h", "smoke-1", "smoke", 1, 2_000);
+    q.append(&[&smoke], &[]).await.expect("append critical");
+    let depth: u64 = q.depths().await.expect("depths").iter().map(|d| d.1).sum();
+    assert_eq!(depth, 16, "depth counts every appended event");
+
+    // The critical lane alone, then the rest; the critical entry comes first either way.
+    let critical = q.read(Lanes::Critical, 100).await.expect("read critical");
+    assert_eq!(critical.len(), 1);
+    assert_eq!(critical[0].lane, Lane::Critical);
+    let first = q.read(Lanes::All, 1).await.expect("read");
+    assert!(
+        first.iter().all(|d| d.lane != Lane::Critical),
+        "handed out once"
+    );
+    assert!(!first.is_empty());
+    let rest = q.read(Lanes::All, 1000).await.expect("read more");
+    let all: Vec<_> = first.iter().chain(&rest).cloned().collect();
+    for s in ["a", "b", "c"] {
+        assert_eq!(seqs_of(&all, s), vec![1, 2, 3, 4, 5], "sensor {s} in order");
+    }
+    assert!(
+        q.read(Lanes::All, 1000).await.expect("read").is_empty(),
+        "nothing is handed out twice"
+    );
+
+    // Acknowledge the critical entry and the first read; a reader opened later gets the rest.
+    q.ack(&critical, Written::default()).await.expect("ack");
+    q.ack(
+        &first,
+        Written {
+            stored: 1,
+            duplicates: 0,
+        },
+    )
+    .await
+    .expect("ack");
+    let later = (b.reopen)().await;
+    let again = later
+        .read(Lanes::All, 1000)
+        .await
+        .expect("read after crash");
+    let mut ids: Vec<&str> = again.iter().map(|d| d.id.as_str()).collect();
+    let mut expected: Vec<&str> = rest.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    expected.sort();
+    assert_eq!(ids, expected, "pending entries are delivered again");
+    later.ack(&again, Written::default()).await.expect("ack");
+    let depth: u64 = q.depths().await.expect("depths").iter().map(|d| d.1).sum();
+    assert_eq!(depth, 0);
+    let status = q.status().await.expect("status");
+    assert_eq!(status.events.received, 16);
+    assert_eq!(status.events.in_flight, 0);
+    assert_eq!(status.events.stored, 1);
+
+    // Dead letters: kept with their reason, listed, purged.
+    let letter = DeadLetter::from_rejection(
+        &Rejection::new(Reason::MalformedJson, "expected value"),
+        "mqtt",
+        "hearth/h/x",
+        b"nope",
+        1_000,
+    );
+    q.append(&[], &[&letter]).await.expect("dead letter");
+    let letters = q.dead_letters(&Filter::default()).await.expect("list");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "malformed_json");
+    assert_eq!(letters[0].payload, "nope");
+    let status = q.status().await.expect("status");
+    assert_eq!(status.dead_letters, 1);
+    assert_eq!(status.events.rejected_at_ingest, 1);
+    assert_eq!(q.purge(&Filter::default()).await.expect("purge"), 1);
+    assert!(
+        q.dead_letters(&Filter::default())
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(q.ready().await.expect("ready").1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_on_redis() {
+    queue_suite(servers("conf_queue").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_embedded() {
+    queue_suite(embedded("conf_queue_e").await).await;
+}
+
+// ---- the store ------------------------------------------------------------------------------
+
+async fn store_suite(b: Backend) {
+    let s = &b.seams.store;
+    let batch: Vec<Event> = (1..=3)
+        .map(|i| event("house-1", "kitchen", "temperature", i, 10_000 + i))
+        .collect();
+    let refs: Vec<&Event> = batch.iter().collect();
+    let w = s.write(&refs).await.expect("write");
+    assert_eq!((w.stored, w.duplicates), (3, 0));
+    let w = s.write(&refs).await.expect("write again");
+    assert_eq!(
+        (w.stored, w.duplicates),
+        (0, 3),
+        "a redelivery stores nothing"
+    );
+
+    // Without seq, the ingest id is the dedup key.
+    let mut a = event("house-1", "door", "door", 0, 20_000);
+    a.seq = None;
+    a.ingest_id = Some(uuid::Uuid::new_v4());
+    let mut other = a.clone();
+    other.ingest_id = Some(uuid::Uuid::new_v4());
+    let w = s.write(&[&a, &a, &other]).await.expect("write");
+    assert_eq!((w.stored, w.duplicates), (2, 1));
+
+    // History: newest first, paged by (ts, id).
+    let page = s
+        .history(&HistoryQuery {
+            sensor: "kitchen".into(),
+            limit: 2,
+            ..HistoryQuery::default()
+        })
+        .await
+        .expect("history");
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [Some(3), Some(2)]
+    );
+    let next = s
+        .history(&HistoryQuery {
+            sensor: "kitchen".into(),
+            limit: 10,
+            cursor: Some((page[1].ts, page[1].id)),
+            ..HistoryQuery::default()
+        })
+        .await
+        .expect("history");
+    assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [Some(1)]);
+    let window = s
+        .history(&HistoryQuery {
+            sensor: "kitchen".into(),
+            from: Some(10_002),
+            to: Some(10_003),
+            limit: 10,
+            ..HistoryQuery::default()
+        })
+        .await
+        .expect("history");
+    assert_eq!(window.iter().map(|e| e.seq).collect::<Vec<_>>(), [Some(2)]);
+
+    // Sensors and houses.
+    let sensors = s.sensors("house-1").await.expect("sensors");
+    let names: Vec<&str> = sensors.iter().map(|r| r.sensor_id.as_str()).collect();
+    assert_eq!(names, ["door", "kitchen"]);
+    assert_eq!(sensors[1].kinds, ["temperature"]);
+    let houses = s.houses(None).await.expect("houses");
+    assert_eq!(houses.len(), 1);
+    assert_eq!(
+        (houses[0].house_id.as_str(), houses[0].sensors),
+        ("house-1", 2)
+    );
+    assert!(s.houses(Some("other")).await.expect("houses").is_empty());
+    assert_eq!(
+        s.sensor_house("kitchen").await.expect("house").as_deref(),
+        Some("house-1")
+    );
+    assert_eq!(s.sensor_house("nowhere").await.expect("house"), None);
+
+    // Tokens by hash; no alert yet.
+    let (_, hash) = hearth::api::auth::new_token();
+    s.create_token(&hash, "house-1").await.expect("token");
+    assert_eq!(
+        s.token_house(&hash).await.expect("lookup").as_deref(),
+        Some("house-1")
+    );
+    assert_eq!(s.token_house(b"unknown").await.expect("lookup"), None);
+    assert!(s.alerts(None, None, 10).await.expect("alerts").is_empty());
+    assert_eq!(s.acknowledge(42, "admin").await.expect("ack"), None);
+    assert!(s.ready().await.expect("ready").1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_on_postgres() {
+    store_suite(servers("conf_store").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_embedded() {
+    store_suite(embedded("conf_store_e").await).await;
+}
+
+// ---- the cache ------------------------------------------------------------------------------
+
+async fn cache_suite(b: Backend) {
+    let c = &b.seams.cache;
+    let newer = event("h", "s1", "temperature", 5, 50_000);
+    let older = event("h", "s1", "temperature", 4, 40_000);
+    let humidity = event("h", "s1", "humidity", 1, 10_000);
+    c.offer(&[&newer]).await.expect("offer");
+    c.offer(&[&older, &humidity]).await.expect("offer");
+    let latest = c.latest("s1").await.expect("latest");
+    assert_eq!(latest.len(), 2);
+    let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
+    assert_eq!(t["value"], 5.0, "never moves backwards");
+    assert_eq!(t["seq"], 5);
+    assert_eq!(t["ts"], 50_000);
+    assert_eq!(t["house_id"], "h");
+    // Same time, higher seq: newer.
+    let same_ts = event("h", "s1", "temperature", 6, 50_000);
+    c.offer(&[&same_ts]).await.expect("offer");
+    let latest = c.latest("s1").await.expect("latest");
+    let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
+    assert_eq!(t["seq"], 6);
+    assert!(c.latest("unknown").await.expect("latest").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_on_redis() {
+    cache_suite(servers("conf_cache").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_embedded() {
+    cache_suite(embedded("conf_cache_e").await).await;
+}
+
+// ---- the fan-out ----------------------------------------------------------------------------
+
+async fn fanout_suite(b: Backend) {
+    let f = &b.seams.fanout;
+    let mut one = f.subscribe().await.expect("subscribe");
+    let mut two = f.subscribe().await.expect("subscribe");
+    for i in 0..3 {
+        let m = serde_json::json!({"type": "events", "house_id": "h", "n": i}).to_string();
+        f.publish(m).await.expect("publish");
+    }
+    let rules = hearth::alerts::rules::RuleSet::default();
+    let alert = hearth::alerts::Alert {
+        id: 7,
+        house_id: "h".into(),
+        sensor_id: "s".into(),
+        rule: "smoke".into(),
+        kind: "smoke".into(),
+        severity: hearth::alerts::Severity::Critical,
+        state: hearth::alerts::AlertState::Active,
+        message: "Smoke".into(),
+        value: Some(1.0),
+        raised_at: 1,
+        raised_by: "s/smoke/1".into(),
+        acknowledged_at: None,
+        acknowledged_by: None,
+        cleared_at: None,
+        cleared_by: None,
+    };
+    f.push_alert(&rules, &alert).await.expect("push");
+    for rx in [&mut one, &mut two] {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a message within 10 s")
+                .expect("open");
+            got.push(serde_json::from_str::<serde_json::Value>(&m).expect("json"));
+        }
+        let ns: Vec<_> = got[..3].iter().map(|m| m["n"].as_i64()).collect();
+        assert_eq!(ns, [Some(0), Some(1), Some(2)], "in publish order");
+        assert_eq!(got[3]["type"], "alert");
+        assert_eq!(got[3]["house_id"], "h");
+        assert_eq!(got[3]["alert"]["id"], 7);
+    }
+    f.watch(&["h".to_string()], 1_000).await.expect("watch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_on_redis() {
+    fanout_suite(servers("conf_fanout").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_embedded() {
+    fanout_suite(embedded("conf_fanout_e").await).await;
+}
