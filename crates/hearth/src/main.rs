@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
-use hearth::{bench, queue, shutdown, sim, status, store};
+use hearth::{bench, shutdown, sim, store};
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
@@ -349,6 +349,25 @@ fn init_logging(filter: &str) {
         .init();
 }
 
+/// The queue, store, cache and fan-out the tools (`status`, `dlq`, `token`) work on: the
+/// embedded store's data folder when no server URL is set (as `hearth up`), else the servers.
+async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
+    if !config.embedded {
+        return hearth::seam::servers::open(config).map_err(|e| RoleError::Config(e.to_string()));
+    }
+    let dir = std::path::Path::new(&config.data_dir);
+    if !dir.join("hearth.sqlite3").exists() {
+        return Err(RoleError::Config(format!(
+            "no embedded store in data_dir {} (run `hearth up` there first, or set the server URLs)",
+            dir.display()
+        )));
+    }
+    hearth::embedded::Embedded::open(dir, config.shards)
+        .await
+        .map(|e| e.seams)
+        .map_err(|e| anyhow::anyhow!("embedded store: {e}").into())
+}
+
 async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
     let (trigger, shutdown) = shutdown::channel();
     let grace = std::time::Duration::from_millis(config.shutdown_timeout_ms);
@@ -377,32 +396,27 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                     "--house must match [A-Za-z0-9_.-]{{1,64}}, got {house:?}"
                 )));
             }
-            store::migrate(&config.database_url)
-                .await
-                .map_err(|e| anyhow::anyhow!("token: {e}"))?;
+            if !config.embedded {
+                store::migrate(&config.database_url)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("token: {e}"))?;
+            }
             let (token, hash) = hearth::api::auth::new_token();
-            let client = store::connect(&config.database_url)
+            seams(&config)
+                .await?
+                .store
+                .create_token(&hash, &house)
                 .await
                 .map_err(|e| anyhow::anyhow!("token: {e}"))?;
-            client
-                .execute(
-                    "INSERT INTO tokens (hash, house_id) VALUES ($1, $2)",
-                    &[&hash, &house],
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("token: {}", store::describe(&e)))?;
             println!("{token}");
             Ok(())
         }
         Command::Dlq { action } => {
-            let queue = queue::Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
-                .map_err(anyhow::Error::from)?;
-            let fail = |e: queue::QueueError| anyhow::anyhow!("dlq: {e}");
+            let queue = seams(&config).await?.queue;
+            let fail = |e: hearth::seam::Unavailable| anyhow::anyhow!("dlq: {e}");
             match action {
                 DlqAction::List { filter, json } => {
-                    let letters = hearth::dlq::list(&queue, &filter.into())
-                        .await
-                        .map_err(fail)?;
+                    let letters = queue.dead_letters(&filter.into()).await.map_err(fail)?;
                     if json {
                         println!(
                             "{}",
@@ -425,18 +439,14 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 }
                 DlqAction::Replay { filter } => {
                     let limits = hearth::codec::Limits::from_config(&config);
-                    let r = hearth::dlq::replay(&queue, &limits, &filter.into())
-                        .await
-                        .map_err(fail)?;
+                    let r = queue.replay(&limits, &filter.into()).await.map_err(fail)?;
                     println!(
                         "replayed {} letter(s): {} event(s) queued, {} rejected again, {} skipped (nothing replayable)",
                         r.letters, r.events, r.rejected_again, r.skipped
                     );
                 }
                 DlqAction::Purge { filter } => {
-                    let n = hearth::dlq::purge(&queue, &filter.into())
-                        .await
-                        .map_err(fail)?;
+                    let n = queue.purge(&filter.into()).await.map_err(fail)?;
                     println!("purged {n} dead letter(s)");
                 }
             }
@@ -547,9 +557,10 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             print_report(args.json, &summary, || summary.table())
         }
         Command::Status { json } => {
-            let queue = queue::Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
-                .map_err(|e| RoleError::Config(e.to_string()))?;
-            let status = status::collect(&queue)
+            let status = seams(&config)
+                .await?
+                .queue
+                .status()
                 .await
                 .map_err(|e| anyhow::anyhow!("status: {e}"))?;
             print_report(json, &status, || status.table())

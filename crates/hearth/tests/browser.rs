@@ -1,6 +1,8 @@
 //! The dashboard end to end in Debian's Chromium, driven by Playwright (`tests/browser/`):
 //! a value changes after an MQTT publish, a smoke alarm appears, Acknowledge changes its state.
-//! The screenshot goes to `target/dashboard.png` (`docs/dashboard.png` is a copy of one).
+//! Once on the servers (Mosquitto, Redis, PostgreSQL) and once embedded (no server at all).
+//! The screenshots go to `target/dashboard.png` and `target/dashboard-embedded.png`
+//! (`docs/dashboard.png` is a copy of one).
 
 mod support;
 
@@ -13,7 +15,24 @@ const ADMIN: &str = "admin-browser";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_live_values_and_alerts_in_a_browser() {
+    let mut env = Env::new("browser");
+    let broker = Broker::start(&env.scratch.0);
+    env.set("mqtt_url", broker.url());
+    in_a_browser(env, broker.port, "dashboard.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_on_the_embedded_backend_in_a_browser() {
+    let env = Env::embedded("browser_e");
+    let port = env.embedded_port.expect("port");
+    in_a_browser(env, port, "dashboard-embedded.png").await;
+}
+
+async fn in_a_browser(mut env: Env, mqtt_port: u16, screenshot: &str) {
     let dir = repo_root().join("tests/browser");
+    // Both tests of this file may get here at once: one installs, the other waits.
+    static NPM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let installing = NPM.lock().unwrap_or_else(|e| e.into_inner());
     if !dir.join("node_modules/playwright-core").exists() {
         let status = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])
@@ -22,14 +41,13 @@ async fn dashboard_shows_live_values_and_alerts_in_a_browser() {
             .expect("npm (Debian packages nodejs and npm; scripts/services.sh installs them)");
         assert!(status.success(), "npm ci in tests/browser");
     }
-    let mut env = Env::new("browser");
-    let broker = Broker::start(&env.scratch.0);
-    env.set("mqtt_url", broker.url()).set("admin_token", ADMIN);
+    drop(installing);
+    env.set("admin_token", ADMIN);
     let up = env.up().await;
     let addr = up.http_addr().await;
     let house = format!("house-{}", std::process::id());
     publish_all(
-        broker.port,
+        mqtt_port,
         &format!("pub-{}", env.name),
         vec![(
             format!("hearth/{house}/living-temp"),
@@ -39,14 +57,14 @@ async fn dashboard_shows_live_values_and_alerts_in_a_browser() {
     .await;
     wait_drained(&env, 1, Duration::from_secs(60)).await;
 
-    let screenshot = repo_root().join("target/dashboard.png");
+    let screenshot = repo_root().join("target").join(screenshot);
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg("dashboard.mjs")
             .current_dir(&dir)
             .env("HEARTH_URL", format!("http://{addr}/"))
             .env("HEARTH_TOKEN", ADMIN)
-            .env("MQTT_PORT", broker.port.to_string())
+            .env("MQTT_PORT", mqtt_port.to_string())
             .env("HOUSE", &house)
             .env("SCREENSHOT", &screenshot)
             .output()

@@ -131,6 +131,10 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     .await;
     assert_eq!(pipeline["queue"]["events"]["received"], 2);
     assert_eq!(pipeline["queue"]["events"]["rejected_at_ingest"], 1);
+    // `hearth status` reads the same data folder.
+    let status = env.status();
+    assert_eq!(status["events"]["stored"], 2, "{status}");
+    assert_eq!(status["dead_letters"], 1);
 
     // The dashboard is served, the readiness says embedded.
     let ready = get(&addr, "/readyz").await;

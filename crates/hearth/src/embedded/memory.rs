@@ -12,10 +12,13 @@ use crate::alerts::rules::RuleSet;
 use crate::event::Event;
 use crate::seam::{FanOut, Fut, LatestCache};
 
-/// sensor → kind → (order key, JSON).
+/// kind → (order key, JSON).
+type Kinds = HashMap<String, (String, String)>;
+
+/// sensor → its kinds' latest values.
 #[derive(Default)]
 pub struct MemoryCache {
-    latest: Mutex<HashMap<String, HashMap<String, (String, String)>>>,
+    latest: Mutex<HashMap<String, Kinds>>,
 }
 
 impl LatestCache for MemoryCache {
