@@ -243,3 +243,177 @@ async fn a_taken_broker_port_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// The README's promise, literally: in a network namespace where no Redis, PostgreSQL or broker
+/// can be reached, `hearth up` with nothing configured takes the seed's `mosquitto_pub` (default
+/// host and port) and serves the reading. Needs `unshare` (util-linux) and user namespaces.
+#[test]
+fn the_seed_command_works_where_no_server_exists() {
+    let scratch = Scratch::new(&format!("emb_netns_{}", std::process::id()));
+    let script = format!(
+        r#"set -u
+ip link set lo up
+redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && echo "REDIS REACHABLE"
+pg_isready -q -h 127.0.0.1 2>/dev/null && echo "POSTGRES REACHABLE"
+HEARTH_ADMIN_TOKEN={ADMIN} HEARTH_LOG=warn "{bin}" up > up.log 2>&1 &
+for _ in $(seq 100); do curl -sf http://127.0.0.1:8080/healthz >/dev/null && break; sleep 0.1; done
+mosquitto_pub -h localhost -t "maison/capteurs/temperature" -m '{{"temp": 22.5}}'
+for _ in $(seq 100); do
+  out=$(curl -sf -H "Authorization: Bearer {ADMIN}" http://127.0.0.1:8080/api/v1/houses/maison/sensors)
+  case "$out" in *22.5*) echo "SHOWN $out"; break;; esac
+  sleep 0.1
+done
+kill %1; wait
+"#,
+        bin = env!("CARGO_BIN_EXE_hearth"),
+    );
+    let out = Command::new("unshare")
+        .args(["-rn", "bash", "-c", &script])
+        .current_dir(&scratch.0)
+        .output()
+        .expect("unshare (util-linux)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !said.contains("REACHABLE"),
+        "a server was reachable: {said}"
+    );
+    assert!(said.contains("SHOWN"), "the reading was not served: {said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_flows_data_at_once() {
+    let mut env = Env::embedded("emb_demo");
+    env.set("admin_token", ADMIN)
+        .set("api_listen", "127.0.0.1:0");
+    let up = env.hearth("up", &["up", "--demo"]);
+    let addr = up.http_addr().await;
+    let houses = eventually("simulated houses", Duration::from_secs(30), || async {
+        let v = get(&addr, "/api/v1/houses").await;
+        (v.as_array().map(Vec::len).unwrap_or(0) >= 5).then_some(v)
+    })
+    .await;
+    let house = houses[0]["house_id"].as_str().expect("house").to_string();
+    eventually("latest values", Duration::from_secs(30), || async {
+        let v = get(&addr, &format!("/api/v1/houses/{house}/sensors")).await;
+        v.as_array()
+            .is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["latest"].as_object().is_some_and(|l| !l.is_empty()))
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+/// Publish at QoS 1 and kill hearth -9 once `kill_after` PUBACKs came back, mid-stream. Returns
+/// the indices of the payloads that were acknowledged (before the connection died).
+async fn publish_until_killed(
+    port: u16,
+    payloads: Vec<(String, Vec<u8>)>,
+    kill_after: usize,
+    up: &mut Hearth,
+) -> Vec<usize> {
+    use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, QoS};
+    let mut opts = MqttOptions::new("killer", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let total = payloads.len();
+    let sender = tokio::spawn(async move {
+        for (topic, payload) in payloads {
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut index_of = std::collections::HashMap::new();
+    let mut sent = 0;
+    let mut acked = Vec::new();
+    loop {
+        let polled = tokio::time::timeout(Duration::from_secs(30), eventloop.poll())
+            .await
+            .expect("publisher stalled");
+        match polled {
+            Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                index_of.insert(pkid, sent);
+                sent += 1;
+            }
+            Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                acked.push(index_of[&ack.pkid]);
+                if acked.len() == kill_after {
+                    up.kill9();
+                }
+                assert!(acked.len() < total, "the kill came too late");
+            }
+            Ok(_) => {}
+            Err(_) => break, // the broker died with the process
+        }
+    }
+    sender.abort();
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_publish_keeps_every_acknowledged_message() {
+    let mut env = Env::embedded("emb_midkill");
+    env.set("api_listen", "127.0.0.1:0").set("batch_size", 200);
+    let mut up = env.up().await;
+    let port = env.embedded_port.expect("port");
+    let (sensors, per_sensor) = (10usize, 400i64);
+    let payloads: Vec<(String, Vec<u8>)> = (1..=per_sensor)
+        .flat_map(|seq| {
+            (0..sensors).map(move |s| {
+                (
+                    format!("hearth/mid/s{s}"),
+                    format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#).into_bytes(),
+                )
+            })
+        })
+        .collect();
+    let keys: Vec<(String, i64)> = (1..=per_sensor)
+        .flat_map(|seq| (0..sensors).map(move |s| (format!("s{s}"), seq)))
+        .collect();
+    let acked = publish_until_killed(port, payloads, 1500, &mut up).await;
+    up.restart();
+    wait_port(port);
+    eventually("the queue drained", Duration::from_secs(60), || async {
+        (scalar(&env, "SELECT count(*) FROM queue") == 0).then_some(())
+    })
+    .await;
+    let conn = db(&env);
+    let mut stored = conn
+        .prepare("SELECT count(*) FROM events WHERE sensor_id = ?1 AND seq = ?2")
+        .expect("prepare");
+    let mut lost = Vec::new();
+    for i in &acked {
+        let (sensor, seq) = &keys[*i];
+        let n: i64 = stored
+            .query_row(rusqlite::params![sensor, seq], |r| r.get(0))
+            .expect("count");
+        if n != 1 {
+            lost.push((sensor.clone(), *seq, n));
+        }
+    }
+    let rows = scalar(&env, "SELECT count(*) FROM events");
+    eprintln!(
+        "acknowledged before kill -9: {}, rows after restart: {rows}",
+        acked.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not stored once: {lost:?}"
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events)"
+        ),
+        rows,
+        "no duplicates"
+    );
+}
