@@ -253,6 +253,10 @@ struct BenchArgs {
     /// --sensors, --worker-processes, --consumers.
     #[arg(long)]
     alert_latency: bool,
+    /// Benchmark `hearth up` with nothing configured (embedded broker and SQLite store) instead
+    /// of the ingest and worker processes on Redis and PostgreSQL.
+    #[arg(long)]
+    embedded: bool,
     /// Alert latency: routine events queued before the workers start.
     #[arg(long, default_value_t = 200_000)]
     backlog: u64,
@@ -514,7 +518,11 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 sync_events: args.sync_events,
                 keep: args.keep,
             };
-            let report = bench::run(config, opts).await?;
+            let report = if args.embedded {
+                bench::embedded::run(config, opts).await?
+            } else {
+                bench::run(config, opts).await?
+            };
             print_report(args.json, &report, || report.table())?;
             if !report.clean() {
                 return Err(anyhow::anyhow!(

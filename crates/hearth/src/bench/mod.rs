@@ -11,6 +11,7 @@
 
 pub mod alerts;
 pub mod baseline;
+pub mod embedded;
 pub mod mosquitto;
 pub mod publish;
 pub mod wire;
@@ -521,6 +522,26 @@ struct Role {
 
 impl Role {
     fn spawn(name: &str, args: &[&str], config: &Config, dir: &Path) -> anyhow::Result<Role> {
+        Role::spawn_skipping(name, args, config, dir, &[])
+    }
+
+    /// `hearth up` with the `skip` keys left unset (the server URLs: embedded mode).
+    fn spawn_without(
+        args: &[&str],
+        config: &Config,
+        dir: &Path,
+        skip: &[&str],
+    ) -> anyhow::Result<Role> {
+        Role::spawn_skipping("up", args, config, dir, skip)
+    }
+
+    fn spawn_skipping(
+        name: &str,
+        args: &[&str],
+        config: &Config,
+        dir: &Path,
+        skip: &[&str],
+    ) -> anyhow::Result<Role> {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(std::env::current_exe()?);
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
@@ -528,6 +549,9 @@ impl Role {
         }
         if let toml::Value::Table(table) = toml::Value::try_from(config)? {
             for (key, value) in table {
+                if skip.contains(&key.as_str()) {
+                    continue;
+                }
                 let value = match value {
                     toml::Value::String(s) => s,
                     other => other.to_string(),

@@ -158,7 +158,11 @@ async fn session(
             writer.queue(&ConnAck::new(ConnectReturnCode::Success, false))?;
             writer.flush().await?;
             debug!(client = %c.client_id, "mqtt client connected");
-            Duration::from_secs(u64::from(c.keep_alive).max(1))
+            // Keep-alive 0 turns the check off (MQTT 3.1.1 §3.1.2.10).
+            match c.keep_alive {
+                0 => Duration::from_secs(365 * 24 * 3600),
+                k => Duration::from_secs(u64::from(k)),
+            }
         }
         other => {
             return Err(MqttError::Protocol(format!(
