@@ -18,9 +18,12 @@
 //! - [`cache`] keeps the latest value of each sensor and kind.
 //! - [`alerts`] evaluates rules on stored readings and pushes alert transitions.
 //! - [`status`] reads it all back for `hearth status`.
-//! - [`metrics`] names every metric once; [`api`] serves them (and, later, the REST API).
+//! - [`metrics`] names every metric once; [`api`] serves them, the REST API and the dashboard.
 //! - [`bench`] measures it all end to end (`hearth bench`), against baselines; [`sim`]
 //!   plays houses full of sensors (`hearth sim`).
+//! - [`seam`] names the four places the flow meets a server (queue, store, cache, fan-out) as
+//!   traits, with the servers' backend; [`embedded`] is the other backend (its own MQTT broker,
+//!   SQLite, in-process cache and channels): `hearth up` with nothing configured.
 //!
 //! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
 //! after XADD, XACK after COMMIT), so a crash anywhere leaves work to redo, never work lost; and

@@ -366,7 +366,7 @@ async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
             dir.display()
         )));
     }
-    hearth::embedded::Embedded::open(dir, config.shards)
+    hearth::embedded::Embedded::open(dir, config.shards, config.sensor_touch_interval_ms)
         .await
         .map(|e| e.seams)
         .map_err(|e| anyhow::anyhow!("embedded store: {e}").into())

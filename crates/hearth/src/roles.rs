@@ -223,9 +223,10 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         .await
         .map_err(|e| RoleError::Config(e.to_string()))?;
     let data_dir = std::path::Path::new(&config.data_dir);
-    let embedded = crate::embedded::Embedded::open(data_dir, config.shards)
-        .await
-        .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
+    let embedded =
+        crate::embedded::Embedded::open(data_dir, config.shards, config.sensor_touch_interval_ms)
+            .await
+            .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
     let server = http(
         &config,
         &config.api_listen,

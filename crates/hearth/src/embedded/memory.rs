@@ -12,8 +12,20 @@ use crate::alerts::rules::RuleSet;
 use crate::event::Event;
 use crate::seam::{FanOut, Fut, LatestCache};
 
-/// kind → (order key, JSON).
-type Kinds = HashMap<String, (String, String)>;
+/// The order of two readings of one (sensor, kind): ts, then seq (a reading with one after one
+/// without), then receive time; the same order as the Redis cache's order key.
+type Order = (i64, (u8, i64), i64);
+
+fn order(e: &Event) -> Order {
+    (
+        e.ts_ms.max(0),
+        e.seq.map_or((0, 0), |s| (1, s)),
+        e.received_us.max(0),
+    )
+}
+
+/// kind → the newest reading (its JSON is made when read, not at every offer).
+type Kinds = HashMap<String, (Order, Event)>;
 
 /// sensor → its kinds' latest values.
 #[derive(Default)]
@@ -28,12 +40,18 @@ impl LatestCache for MemoryCache {
                 return Ok(());
             };
             for e in events {
-                let order = crate::cache::order_key(e);
-                let kinds = latest.entry(e.sensor_id.clone()).or_default();
-                match kinds.get(&e.kind) {
-                    Some((current, _)) if *current >= order => {}
-                    _ => {
-                        kinds.insert(e.kind.clone(), (order, crate::seam::latest_json(e)));
+                let o = order(e);
+                match latest.get_mut(&e.sensor_id) {
+                    Some(kinds) => match kinds.get_mut(&e.kind) {
+                        Some(current) if current.0 >= o => {}
+                        Some(current) => *current = (o, (*e).clone()),
+                        None => {
+                            kinds.insert(e.kind.clone(), (o, (*e).clone()));
+                        }
+                    },
+                    None => {
+                        let kinds = HashMap::from([(e.kind.clone(), (o, (*e).clone()))]);
+                        latest.insert(e.sensor_id.clone(), kinds);
                     }
                 }
             }
@@ -51,7 +69,7 @@ impl LatestCache for MemoryCache {
                     l.get(sensor).map(|kinds| {
                         kinds
                             .iter()
-                            .map(|(k, (_, json))| (k.clone(), json.clone()))
+                            .map(|(k, (_, e))| (k.clone(), crate::seam::latest_json(e)))
                             .collect()
                     })
                 })

@@ -35,12 +35,17 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Open the data folder (created if missing) and warm the cache from the store.
-    pub async fn open(data_dir: &Path, shards: u16) -> Result<Embedded, String> {
+    /// Open the data folder (created if missing) and warm the cache from the store. A sensor's
+    /// row is rewritten at most every `touch_interval_ms` (`sensor_touch_interval_ms`).
+    pub async fn open(
+        data_dir: &Path,
+        shards: u16,
+        touch_interval_ms: u64,
+    ) -> Result<Embedded, String> {
         let writer = db::Sqlite::open(data_dir, "writer")?;
         let reader = db::Sqlite::open(data_dir, "reader")?;
         let queue = Arc::new(queue::SqliteQueue::new(writer.clone(), shards));
-        let store = Arc::new(store::SqliteStore::new(writer, reader));
+        let store = Arc::new(store::SqliteStore::new(writer, reader, touch_interval_ms));
         let cache = Arc::new(memory::MemoryCache::default());
         let fanout = Arc::new(memory::ChannelFanOut::default());
         let latest = store.latest_events().await.map_err(|e| e.0)?;

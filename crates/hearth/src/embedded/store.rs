@@ -5,6 +5,7 @@
 //! waits for a write).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -15,10 +16,14 @@ use crate::alerts::{Alert, AlertState, Severity};
 use crate::api::routes::{HistoryEvent, HouseView};
 use crate::event::Event;
 use crate::seam::{EventStore, Fut, HistoryQuery, SensorRow, Written};
+use crate::store::SensorSeen;
+use crate::worker::sensors::SensorMemo;
 
 pub struct SqliteStore {
     writer: Sqlite,
     reader: Sqlite,
+    /// Which sensors were recorded when, so that a batch touches only the ones that need it.
+    memo: Mutex<SensorMemo>,
 }
 
 const ALERT_COLUMNS: &str = "id, house_id, sensor_id, rule, kind, severity, state, message, value,
@@ -52,8 +57,9 @@ fn get_alert(c: &Connection, id: i64) -> rusqlite::Result<Option<Alert>> {
         .optional()
 }
 
-/// Insert a batch's events (a dedup key already stored is skipped) and record its sensors.
-fn write_events(c: &Connection, events: &[Event]) -> rusqlite::Result<u64> {
+/// Insert a batch's events (a dedup key already stored is skipped) and record the sensors the
+/// memo says need it (new, with a new kind, or not recorded for `sensor_touch_interval_ms`).
+fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rusqlite::Result<u64> {
     let now_us = crate::event::now_us();
     let mut insert = c.prepare_cached(
         "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts,
@@ -77,18 +83,7 @@ fn write_events(c: &Connection, events: &[Event]) -> rusqlite::Result<u64> {
             e.is_critical(),
         ])? as u64;
     }
-    let mut seen: HashMap<&str, (&str, BTreeSet<&str>, i64, i64)> = HashMap::new();
-    for e in events {
-        let ms = e.received_us / 1000;
-        let s = seen
-            .entry(&e.sensor_id)
-            .or_insert((&e.house_id, BTreeSet::new(), ms, ms));
-        s.1.insert(&e.kind);
-        s.2 = s.2.min(ms);
-        s.3 = s.3.max(ms);
-    }
-    let mut kinds_of =
-        c.prepare_cached("SELECT kinds, first_seen FROM sensors WHERE sensor_id = ?1")?;
+    let mut kinds_of = c.prepare_cached("SELECT kinds FROM sensors WHERE sensor_id = ?1")?;
     let mut upsert = c.prepare_cached(
         "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5)
@@ -96,23 +91,33 @@ fn write_events(c: &Connection, events: &[Event]) -> rusqlite::Result<u64> {
              kinds = excluded.kinds, first_seen = min(first_seen, excluded.first_seen),
              last_seen = max(last_seen, excluded.last_seen)",
     )?;
-    for (sensor, (house, kinds, first, last)) in seen {
-        let old: Option<(String, i64)> = kinds_of
-            .query_row([sensor], |r| Ok((r.get(0)?, r.get(1)?)))
+    for s in sensors {
+        let old: Option<String> = kinds_of
+            .query_row([&s.sensor_id], |r| r.get(0))
             .optional()?;
-        let mut all: BTreeSet<&str> = kinds;
-        if let Some((k, _)) = &old {
+        let mut all: BTreeSet<&str> = s.kinds.iter().map(String::as_str).collect();
+        if let Some(k) = &old {
             all.extend(k.split(',').filter(|k| !k.is_empty()));
         }
         let joined = all.into_iter().collect::<Vec<_>>().join(",");
-        upsert.execute(params![sensor, house, joined, first, last])?;
+        upsert.execute(params![
+            s.sensor_id,
+            s.house_id,
+            joined,
+            s.first_us / 1000,
+            s.last_us / 1000
+        ])?;
     }
     Ok(stored)
 }
 
 impl SqliteStore {
-    pub fn new(writer: Sqlite, reader: Sqlite) -> SqliteStore {
-        SqliteStore { writer, reader }
+    pub fn new(writer: Sqlite, reader: Sqlite, touch_interval_ms: u64) -> SqliteStore {
+        SqliteStore {
+            writer,
+            reader,
+            memo: Mutex::new(SensorMemo::new(touch_interval_ms)),
+        }
     }
 
     /// The stored rule state of `sensors` (open alerts included), for the engine.
@@ -306,15 +311,23 @@ impl EventStore for SqliteStore {
         Box::pin(async move {
             let owned: Vec<Event> = events.iter().map(|e| (*e).clone()).collect();
             let n = owned.len() as u64;
-            let stored = self
+            let sensors = self
+                .memo
+                .lock()
+                .map(|m| m.to_record(events))
+                .unwrap_or_default();
+            let (stored, sensors) = self
                 .writer
                 .call(move |c| {
                     let tx = c.transaction()?;
-                    let stored = write_events(&tx, &owned)?;
+                    let stored = write_events(&tx, &owned, &sensors)?;
                     tx.commit()?;
-                    Ok(stored)
+                    Ok((stored, sensors))
                 })
                 .await?;
+            if let Ok(mut m) = self.memo.lock() {
+                m.recorded(sensors);
+            }
             Ok(Written {
                 stored,
                 duplicates: n - stored,
