@@ -142,7 +142,8 @@ encode_via_write!(
     rumqttc::mqttbytes::v4::UnsubAck,
     rumqttc::mqttbytes::v4::PubRec,
     rumqttc::mqttbytes::v4::PubComp,
-    rumqttc::mqttbytes::v4::PingResp
+    rumqttc::mqttbytes::v4::PingResp,
+    rumqttc::mqttbytes::v4::PubRel
 );
 
 /// The halves of an accepted connection (the embedded broker's side).

@@ -42,7 +42,7 @@ where
         match f().await {
             Ok(v) => return Some(v),
             Err(e) => {
-                if backoff.attempts() % 10 == 0 {
+                if backoff.attempts().is_multiple_of(10) {
                     warn!(error = %e, "{what} failed, retrying");
                 }
                 if !shutdown.clone().sleep(backoff.next_delay()).await {
@@ -223,6 +223,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         .await
         .map_err(|e| RoleError::Config(e.to_string()))?;
     let data_dir = std::path::Path::new(&config.data_dir);
+    let _lock = crate::embedded::lock(data_dir).map_err(RoleError::Config)?;
     let embedded =
         crate::embedded::Embedded::open(data_dir, config.shards, config.sensor_touch_interval_ms)
             .await
@@ -237,11 +238,10 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
     )
     .await?;
     let workers = embedded.workers(rules, config.batch_size, &shutdown);
-    let limits = crate::codec::Limits::from_config(&config);
     let broker = tokio::spawn(crate::embedded::broker::serve(
         broker,
         embedded.seams.queue.clone(),
-        limits,
+        crate::embedded::broker::Settings::from_config(&config),
         shutdown.clone(),
     ));
     tracing::info!(

@@ -33,6 +33,16 @@ fn scalar(env: &Env, sql: &str) -> i64 {
     db(env).query_row(sql, [], |r| r.get(0)).expect(sql)
 }
 
+/// Rows whose `seq` does not grow with storage order within their sensor.
+fn out_of_order(env: &Env) -> i64 {
+    scalar(
+        env,
+        "SELECT count(*) FROM (
+            SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
+         ) WHERE prev IS NOT NULL AND seq <= prev",
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     let mut env = Env::embedded("emb_seed");
@@ -194,16 +204,7 @@ async fn kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice() 
         expected,
         "each (sensor, kind, seq) once"
     );
-    assert_eq!(
-        scalar(
-            &env,
-            "SELECT count(*) FROM (
-                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
-             ) WHERE prev IS NOT NULL AND seq <= prev"
-        ),
-        0,
-        "per-sensor order"
-    );
+    assert_eq!(out_of_order(&env), 0, "per-sensor order");
     let stat = |name: &str| {
         db(&env)
             .query_row("SELECT value FROM stats WHERE name = ?1", [name], |r| {
@@ -242,6 +243,20 @@ async fn a_taken_broker_port_is_a_clear_error() {
         stderr.contains("already in use") && stderr.contains("HEARTH_MQTT_LISTEN"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hearth_per_data_folder() {
+    let mut env = Env::embedded("emb_lock");
+    env.set("api_listen", "127.0.0.1:0");
+    let _first = env.up().await;
+    // A second one on the same folder, its broker on another port.
+    let mut second = env.command(&["up"]);
+    second.env("HEARTH_MQTT_LISTEN", format!("127.0.0.1:{}", free_port()));
+    let out = second.output().expect("run hearth up");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another hearth"), "{stderr}");
 }
 
 /// The README's promise, literally: in a network namespace where no Redis, PostgreSQL or broker
@@ -416,4 +431,168 @@ async fn kill_9_mid_publish_keeps_every_acknowledged_message() {
         rows,
         "no duplicates"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_what_devices_publish() {
+    let mut env = Env::embedded("emb_sub");
+    env.set("api_listen", "127.0.0.1:0");
+    let _up = env.up().await;
+    let port = env.embedded_port.expect("port").to_string();
+    let broker = ["-h", "127.0.0.1", "-p", port.as_str()];
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args(broker)
+        .args(["-t", "hearth/#", "-C", "1", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    // Publish until the subscriber, which may not be subscribed yet, has its message.
+    let published = r#"{"kind":"power","value":1,"seq":1}"#;
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output());
+    for _ in 0..50 {
+        Command::new("mosquitto_pub")
+            .args(broker)
+            .args(["-t", "hearth/h/plug", "-m", published])
+            .status()
+            .expect("mosquitto_pub");
+        if out.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = out.await.expect("join").expect("mosquitto_sub");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), published);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_message_sent_again_before_its_release_is_stored_once() {
+    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::{Packet, PubRel, Publish};
+    let mut env = Env::embedded("emb_qos2");
+    env.set("api_listen", "127.0.0.1:0");
+    let _up = env.up().await;
+    let port = env.embedded_port.expect("port");
+    let ep =
+        hearth::mqtt::Endpoint::parse(&format!("mqtt://127.0.0.1:{port}"), "qos2").expect("url");
+    let (mut reader, mut writer, _) = hearth::mqtt::connect(&ep).await.expect("connect");
+    // No seq: only the packet id tells the second copy from a new reading.
+    let mut publish = Publish::new(
+        "hearth/h/meter",
+        QoS::ExactlyOnce,
+        r#"{"kind":"power","value":5}"#,
+    );
+    publish.pkid = 7;
+    writer.queue(&publish).expect("queue");
+    publish.dup = true;
+    writer.queue(&publish).expect("queue");
+    writer.flush().await.expect("flush");
+    let mut recs = 0;
+    while recs < 2 {
+        for p in reader.packets().await.expect("read") {
+            recs += usize::from(matches!(p, Packet::PubRec(_)));
+        }
+    }
+    writer.queue(&PubRel::new(7)).expect("queue");
+    writer.flush().await.expect("flush");
+    eventually("the reading stored", Duration::from_secs(30), || async {
+        (scalar(&env, "SELECT count(*) FROM queue") == 0
+            && scalar(&env, "SELECT count(*) FROM events") >= 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&env, "SELECT count(*) FROM events"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_high_watermark_the_broker_holds_clients_and_loses_nothing() {
+    let mut env = Env::embedded("emb_backpressure");
+    env.set("api_listen", "127.0.0.1:0")
+        .set("queue_high_watermark", 200)
+        .set("queue_low_watermark", 50)
+        .set("batch_size", 50)
+        .set("log", "info,hearth::embedded::broker=debug");
+    let up = env.up().await;
+    let port = env.embedded_port.expect("port");
+    publish_all(port, "bp", interleaved("bp", 50, 100)).await;
+    eventually("every event stored", Duration::from_secs(120), || async {
+        (scalar(&env, "SELECT count(*) FROM events") == 5000).then_some(())
+    })
+    .await;
+    eprintln!(
+        "clients held: {}",
+        up.log_text().matches("holding the client").count()
+    );
+    assert_eq!(out_of_order(&env), 0);
+}
+
+/// The queue on its own (no process): rows of a lane that `shards` no longer names are still
+/// handed out and counted, and a row that cannot be read back is dead-lettered, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_rows_are_never_stranded_or_silently_dropped() {
+    use hearth::seam::{Lanes, Written};
+    let env = Env::embedded("emb_rows");
+    let dir = env.scratch.0.join("data");
+    {
+        let e = hearth::embedded::Embedded::open(&dir, 16, 0)
+            .await
+            .expect("open");
+        let events: Vec<hearth::event::Event> = (0..40)
+            .map(|i| hearth::event::Event {
+                house_id: "h".into(),
+                sensor_id: format!("s{i}"),
+                kind: "power".into(),
+                value: 1.0,
+                unit: None,
+                seq: Some(1),
+                ts_ms: 1_000,
+                received_us: 1_000_000,
+                ingest_id: None,
+            })
+            .collect();
+        let refs: Vec<&hearth::event::Event> = events.iter().collect();
+        e.seams.queue.append(&refs, &[]).await.expect("append");
+    }
+    {
+        let raw = Connection::open(env.data_file()).expect("open");
+        raw.execute(
+            "INSERT INTO queue (lane, critical, n, body) VALUES ('routine-1', 0, 3, 'not json')",
+            [],
+        )
+        .expect("insert");
+        raw.execute(
+            "INSERT INTO stats (name, value) VALUES ('in:routine-1', 3)
+             ON CONFLICT (name) DO UPDATE SET value = value + 3",
+            [],
+        )
+        .expect("count");
+    }
+    // Reopened with fewer shards: lanes routine-2..15 are not configured any more.
+    let e = hearth::embedded::Embedded::open(&dir, 2, 0)
+        .await
+        .expect("reopen");
+    let q = &e.seams.queue;
+    let before = q.status().await.expect("status");
+    assert_eq!(before.events.in_flight, 43, "every queued event is counted");
+    let got = q.read(Lanes::All, 1000).await.expect("read");
+    let events: usize = got.iter().map(|d| d.events.len()).sum();
+    assert_eq!(events, 40, "every readable row is handed out");
+    q.ack(
+        &got,
+        Written {
+            stored: 40,
+            duplicates: 0,
+        },
+    )
+    .await
+    .expect("ack");
+    let letters = q
+        .dead_letters(&hearth::dlq::Filter::default())
+        .await
+        .expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "bad_entry");
+    let after = q.status().await.expect("status");
+    assert_eq!(after.events.in_flight, 0);
+    assert_eq!(after.events.dead_lettered, 3);
+    assert_eq!(after.events.received, 43);
 }

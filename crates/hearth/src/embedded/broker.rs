@@ -14,6 +14,7 @@
 //! broker. No retained messages, wills or persistent outbound sessions: nothing downstream of
 //! hearth depends on them.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +34,7 @@ use crate::codec::{self, Limits};
 use crate::event::Event;
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
-use crate::queue::DeadLetter;
+use crate::queue::{DeadLetter, Lane};
 use crate::seam::EventQueue;
 use crate::shutdown::Shutdown;
 
@@ -80,7 +81,8 @@ impl Routes {
             if !s.filters.iter().any(|f| matches(f, topic)) {
                 return true;
             }
-            // A subscriber that lets its buffer fill is dropped (it reconnects), never waited for.
+            // A subscriber that lets its buffer fill is dropped, never waited for: its session
+            // ends (its receiver sees the sender gone) and the client reconnects.
             s.tx.try_send((topic.to_string(), payload.clone())).is_ok()
         });
     }
@@ -104,11 +106,31 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// What the broker needs of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Routine depth (events) above which the broker stops reading its clients' sockets...
+    pub high_watermark: u64,
+    /// ... until it is back under this one.
+    pub low_watermark: u64,
+}
+
+impl Settings {
+    pub fn from_config(config: &crate::config::Config) -> Settings {
+        Settings {
+            limits: Limits::from_config(config),
+            high_watermark: config.queue_high_watermark,
+            low_watermark: config.queue_low_watermark,
+        }
+    }
+}
+
 /// Accept connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
     queue: Arc<dyn EventQueue>,
-    limits: Limits,
+    settings: Settings,
     mut shutdown: Shutdown,
 ) {
     let routes = Arc::new(Routes::default());
@@ -119,14 +141,14 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (queue, limits, routes, shutdown) = (
+                let (queue, settings, routes, shutdown) = (
                     queue.clone(),
-                    limits.clone(),
+                    settings.clone(),
                     routes.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(async move {
-                    match session(stream, queue, limits, routes, shutdown).await {
+                    match session(stream, queue, settings, routes, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
@@ -140,10 +162,39 @@ pub async fn serve(
     }
 }
 
+/// Wait while the routine lanes hold more than the high watermark, until they are under the
+/// low one: the client's unread packets stay in its socket, and TCP slows it down. Critical
+/// events already queued are not behind the routine ones (their own lane, their own worker).
+async fn backpressure(queue: &dyn EventQueue, settings: &Settings) {
+    let routine = |d: Vec<(Lane, u64)>| -> u64 {
+        d.iter()
+            .filter(|(l, _)| *l != Lane::Critical)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    if queue.depths().await.map(routine).unwrap_or(0) < settings.high_watermark {
+        return;
+    }
+    debug!("queue above its high watermark: holding the client");
+    while queue.depths().await.map(routine).unwrap_or(0) >= settings.low_watermark {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client's session: its packets, and what it subscribed to.
+struct Session {
+    id: u64,
+    /// Messages for the client's subscriptions; made at its first SUBSCRIBE. The broker's routes
+    /// hold the only sender: when they drop a client that does not keep up, this ends.
+    outbound: Option<mpsc::Receiver<(String, Bytes)>>,
+    /// QoS 2 packet ids received and not released yet: a re-sent PUBLISH is not stored again.
+    awaiting_release: HashSet<u16>,
+}
+
 async fn session(
     stream: TcpStream,
     queue: Arc<dyn EventQueue>,
-    limits: Limits,
+    settings: Settings,
     routes: Arc<Routes>,
     mut shutdown: Shutdown,
 ) -> Result<(), MqttError> {
@@ -170,8 +221,11 @@ async fn session(
             )));
         }
     };
-    let id = routes.next.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut outbound) = mpsc::channel::<(String, Bytes)>(SUBSCRIBER_BUFFER);
+    let mut me = Session {
+        id: routes.next.fetch_add(1, Ordering::Relaxed),
+        outbound: None,
+        awaiting_release: HashSet::new(),
+    };
     let mut pending: Vec<Packet> = packets.collect();
     let result = async {
         loop {
@@ -180,37 +234,55 @@ async fn session(
                     std::mem::take(&mut pending),
                     &mut writer,
                     &*queue,
-                    &limits,
+                    &settings.limits,
                     &routes,
-                    id,
-                    &tx,
+                    &mut me,
                 )
                 .await?;
-                writer.flush().await?;
+                flush(&mut writer).await?;
                 if done {
                     return Ok(());
                 }
             }
+            backpressure(&*queue, &settings).await;
+            let outbound = async {
+                match me.outbound.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 read = tokio::time::timeout(keep_alive * 3 / 2, reader.packets()) => {
                     pending = read.map_err(|_| MqttError::Protocol("keep-alive expired".into()))??;
                 }
-                Some((topic, payload)) = outbound.recv() => {
-                    writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
-                    while let Ok((topic, payload)) = outbound.try_recv() {
+                message = outbound => match message {
+                    Some((topic, payload)) => {
                         writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
+                        if let Some(rx) = me.outbound.as_mut() {
+                            while let Ok((topic, payload)) = rx.try_recv() {
+                                writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
+                            }
+                        }
+                        flush(&mut writer).await?;
                     }
-                    writer.flush().await?;
-                }
+                    None => return Err(MqttError::Protocol("subscriber too slow".into())),
+                },
                 _ = shutdown.wait() => return Ok(()),
             }
         }
     }
     .await;
     if let Ok(mut subs) = routes.subscribers.lock() {
-        subs.retain(|s| s.id != id);
+        subs.retain(|s| s.id != me.id);
     }
     result
+}
+
+/// Write what is queued; a client that does not read within 10 s is dropped.
+async fn flush(writer: &mut Writer) -> Result<(), MqttError> {
+    tokio::time::timeout(Duration::from_secs(10), writer.flush())
+        .await
+        .map_err(|_| MqttError::Protocol("client not reading".into()))?
 }
 
 /// Handle the packets of one read. Their publishes are appended together, acknowledged after.
@@ -221,8 +293,7 @@ async fn handle(
     queue: &dyn EventQueue,
     limits: &Limits,
     routes: &Routes,
-    id: u64,
-    tx: &mpsc::Sender<(String, Bytes)>,
+    me: &mut Session,
 ) -> Result<bool, MqttError> {
     let received_us = crate::event::now_us();
     let mut events: Vec<Event> = Vec::new();
@@ -233,7 +304,9 @@ async fn handle(
     for packet in packets {
         match packet {
             Packet::Publish(p) => {
-                if codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
+                // A QoS 2 message re-sent before its PUBREL was stored already.
+                let repeat = p.qos == QoS::ExactlyOnce && !me.awaiting_release.insert(p.pkid);
+                if !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
                     let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
                     for r in &decoded.rejections {
                         METRICS.rejected.with(r.reason.as_str()).add(1);
@@ -254,7 +327,10 @@ async fn handle(
                 }
                 forward.push((p.topic, p.payload));
             }
-            Packet::PubRel(r) => replies.push(Packet::PubComp(PubComp::new(r.pkid))),
+            Packet::PubRel(r) => {
+                me.awaiting_release.remove(&r.pkid);
+                replies.push(Packet::PubComp(PubComp::new(r.pkid)));
+            }
             Packet::Subscribe(s) => {
                 let codes = s
                     .filters
@@ -262,20 +338,24 @@ async fn handle(
                     .map(|_| SubscribeReasonCode::Success(QoS::AtMostOnce))
                     .collect();
                 if let Ok(mut subs) = routes.subscribers.lock() {
-                    match subs.iter_mut().find(|x| x.id == id) {
+                    match subs.iter_mut().find(|x| x.id == me.id) {
                         Some(x) => x.filters.extend(s.filters.iter().map(|f| f.path.clone())),
-                        None => subs.push(Subscriber {
-                            id,
-                            filters: s.filters.iter().map(|f| f.path.clone()).collect(),
-                            tx: tx.clone(),
-                        }),
+                        None => {
+                            let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+                            me.outbound = Some(rx);
+                            subs.push(Subscriber {
+                                id: me.id,
+                                filters: s.filters.iter().map(|f| f.path.clone()).collect(),
+                                tx,
+                            });
+                        }
                     }
                 }
                 replies.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
             }
             Packet::Unsubscribe(u) => {
                 if let Ok(mut subs) = routes.subscribers.lock()
-                    && let Some(x) = subs.iter_mut().find(|x| x.id == id)
+                    && let Some(x) = subs.iter_mut().find(|x| x.id == me.id)
                 {
                     x.filters.retain(|f| !u.topics.contains(f));
                 }

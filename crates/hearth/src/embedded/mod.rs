@@ -25,6 +25,43 @@ use crate::alerts::rules::RuleSet;
 use crate::seam::{Lanes, LatestCache, Seams};
 use crate::shutdown::Shutdown;
 
+/// The data folder's lock: one `hearth up` per data folder (two would both work the same queue).
+/// Held until dropped; the operating system releases it when the process dies, even by kill -9.
+pub struct Lock {
+    _file: std::fs::File,
+}
+
+/// Take the data folder for this process, or say which one holds it.
+pub fn lock(data_dir: &Path) -> Result<Lock, String> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", data_dir.display()))?;
+    let path = data_dir.join("hearth.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.set_len(0);
+            let _ =
+                std::io::Write::write_all(&mut &file, std::process::id().to_string().as_bytes());
+            Ok(Lock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(format!(
+                "data_dir {} is in use by another hearth (pid {}): stop it, or give this one another HEARTH_DATA_DIR",
+                data_dir.display(),
+                holder.trim()
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// The embedded backend: the four seams, and the concrete parts the workers need.
 pub struct Embedded {
     pub seams: Seams,
@@ -44,7 +81,11 @@ impl Embedded {
     ) -> Result<Embedded, String> {
         let writer = db::Sqlite::open(data_dir, "writer")?;
         let reader = db::Sqlite::open(data_dir, "reader")?;
-        let queue = Arc::new(queue::SqliteQueue::new(writer.clone(), shards));
+        let queue = Arc::new(queue::SqliteQueue::new(
+            writer.clone(),
+            reader.clone(),
+            shards,
+        ));
         let store = Arc::new(store::SqliteStore::new(writer, reader, touch_interval_ms));
         let cache = Arc::new(memory::MemoryCache::default());
         let fanout = Arc::new(memory::ChannelFanOut::default());

@@ -6,7 +6,10 @@
 //! caller after the COMMIT, so the broker acknowledges only what is on disk. Reading hands out
 //! the oldest rows not in flight, critical lane first; a row stays in the table (pending) until
 //! acknowledged, and a queue opened later (after a crash) hands it out again. Counters mirror
-//! the Redis ones (`in:{lane}`, `out:{lane}`, `stored`, ...), so the loss accounting is the same.
+//! the Redis ones (`in:{lane}`, `out:{lane}`, `stored`, ...), so the loss accounting is the same
+//! and the depth of a lane is two counters read, not a scan. A row whose events cannot be read back is dead-lettered (`bad_entry`) with its removal,
+//! never dropped. One reader per lane set (the critical and the routine worker): the in-flight
+//! set is what keeps a row from being handed out twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,7 +20,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::db::{Sqlite, bump};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
-use crate::event::Event;
+use crate::event::{Event, Reason};
 use crate::queue::{DeadLetter, Lane, stat};
 use crate::seam::{Delivery, EventQueue, Fut, Lanes, Unavailable, Written};
 use crate::status::{Accounting, LaneStatus, Status};
@@ -36,6 +39,8 @@ const GROUP_COMMIT_MAX: usize = 256;
 
 pub struct SqliteQueue {
     db: Sqlite,
+    /// For `status` and the dead letters: a scan there never delays an append or an ack.
+    reader: Sqlite,
     shards: u16,
     /// Rows handed out and not acknowledged yet: id → lane.
     in_flight: Mutex<HashMap<i64, Lane>>,
@@ -45,17 +50,41 @@ pub struct SqliteQueue {
 }
 
 impl SqliteQueue {
-    pub fn new(db: Sqlite, shards: u16) -> SqliteQueue {
+    /// The queue on the writer connection (appends, reads, acknowledgements) and the reader
+    /// (depths, status, dead letters).
+    pub fn new(db: Sqlite, reader: Sqlite, shards: u16) -> SqliteQueue {
         let (appends, rx) = mpsc::channel(1024);
         let appended = Arc::new(Notify::new());
         tokio::spawn(appender(db.clone(), rx, appended.clone()));
         SqliteQueue {
             db,
+            reader,
             shards,
             in_flight: Mutex::new(HashMap::new()),
             appends,
             appended,
         }
+    }
+
+    /// `in:` and `out:` counters, from the reader.
+    async fn counters(&self) -> Result<HashMap<String, u64>, Unavailable> {
+        self.reader
+            .call(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT name, value FROM stats WHERE name LIKE 'in:%' OR name LIKE 'out:%'",
+                )?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+                rows.collect()
+            })
+            .await
+    }
+
+    /// Hand the in-flight rows of `lanes` out again (their reader stopped without acknowledging).
+    pub fn release(&self, lanes: Lanes) {
+        if let Ok(mut f) = self.in_flight.lock() {
+            f.retain(|_, lane| !lanes.includes(*lane));
+        }
+        self.appended.notify_waiters();
     }
 
     fn lanes(&self) -> Vec<Lane> {
@@ -85,7 +114,7 @@ impl SqliteQueue {
     }
 
     async fn all_letters(&self) -> Result<Vec<Letter>, Unavailable> {
-        self.db
+        self.reader
             .call(|c| {
                 let mut st = c.prepare_cached(
                     "SELECT id, reason, detail, topic, source, at, payload FROM dead ORDER BY id",
@@ -159,6 +188,7 @@ async fn appender(db: Sqlite, mut rx: mpsc::Receiver<Append>, appended: Arc<Noti
                 tx.commit()
             })
             .await;
+
         for reply in replies {
             let _ = reply.send(result.clone());
         }
@@ -204,39 +234,70 @@ impl EventQueue for SqliteQueue {
                 "SELECT id, lane, n, body FROM queue {filter} ORDER BY critical DESC, id LIMIT ?1"
             );
             let limit = (skip.len() + max.max(1)) as i64;
-            let rows: Vec<(i64, String, i64, String)> = self
+            // Decoded on the store's thread; a row that does not decode is dead-lettered there,
+            // in the same transaction as its removal.
+            let out = self
                 .db
                 .call(move |c| {
-                    let mut st = c.prepare_cached(&sql)?;
-                    let rows = st.query_map([limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?;
-                    rows.collect()
+                    let rows: Vec<(i64, String, i64, String)> = {
+                        let mut st = c.prepare_cached(&sql)?;
+                        let rows = st.query_map([limit], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })?;
+                        rows.collect::<rusqlite::Result<_>>()?
+                    };
+                    let mut out = Vec::new();
+                    let mut bad = Vec::new();
+                    let mut events = 0;
+                    for (id, name, n, body) in rows {
+                        if skip.contains(&id) {
+                            continue;
+                        }
+                        // Stop at the first entry that does not fit: taking a later one instead
+                        // would store its events before this one's, out of order.
+                        if events > 0 && events + n as usize > max {
+                            break;
+                        }
+                        let decoded = Lane::parse(&name)
+                            .ok_or_else(|| format!("unknown lane {name:?}"))
+                            .and_then(|lane| {
+                                serde_json::from_str::<Vec<Event>>(&body)
+                                    .map(|e| (lane, e))
+                                    .map_err(|e| e.to_string())
+                            });
+                        match decoded {
+                            Ok((lane, list)) => {
+                                events += n as usize;
+                                out.push(Delivery {
+                                    lane,
+                                    id: id.to_string(),
+                                    events: list,
+                                });
+                            }
+                            Err(detail) => bad.push((id, name, n, body, detail)),
+                        }
+                    }
+                    if !bad.is_empty() {
+                        let tx = c.transaction()?;
+                        for (id, name, n, body, detail) in bad {
+                            let letter = DeadLetter {
+                                reason: Reason::BadEntry.as_str(),
+                                detail: format!("queue row {id} of lane {name}: {detail}"),
+                                topic: name.clone(),
+                                payload: body.into_bytes(),
+                                source: "worker",
+                                at_ms: crate::event::now_us() / 1000,
+                            };
+                            insert(&tx, &Vec::new(), std::slice::from_ref(&letter))?;
+                            tx.execute("DELETE FROM queue WHERE id = ?1", [id])?;
+                            bump(&tx, &format!("out:{name}"), n as u64)?;
+                            bump(&tx, stat::DEAD_LETTERED, n as u64)?;
+                        }
+                        tx.commit()?;
+                    }
+                    Ok(out)
                 })
                 .await?;
-            let mut out = Vec::new();
-            let mut events = 0;
-            let lanes_by_name: HashMap<String, Lane> =
-                self.lanes().into_iter().map(|l| (l.name(), l)).collect();
-            for (id, lane, n, body) in rows {
-                if skip.contains(&id) {
-                    continue;
-                }
-                // Stop at the first entry that does not fit: taking a later one instead would
-                // store its events before this one's, out of order.
-                if events > 0 && events + n as usize > max {
-                    break;
-                }
-                let Some(lane) = lanes_by_name.get(&lane).copied() else {
-                    continue;
-                };
-                events += n as usize;
-                out.push(Delivery {
-                    lane,
-                    id: id.to_string(),
-                    events: serde_json::from_str(&body).unwrap_or_default(),
-                });
-            }
             if let Ok(mut f) = self.in_flight.lock() {
                 f.extend(
                     out.iter()
@@ -282,12 +343,15 @@ impl EventQueue for SqliteQueue {
 
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
         Box::pin(async move {
-            let status = self.status().await?;
-            Ok(self
-                .lanes()
-                .into_iter()
-                .zip(status.lanes.iter().map(|l| l.depth))
-                .collect())
+            let counters = self.counters().await?;
+            let mut out: BTreeMap<Lane, u64> = self.lanes().into_iter().map(|l| (l, 0)).collect();
+            for (name, value) in &counters {
+                if let Some(lane) = name.strip_prefix("in:").and_then(Lane::parse) {
+                    let done = counters.get(&stat::finished(lane)).copied().unwrap_or(0);
+                    out.insert(lane, value.saturating_sub(done));
+                }
+            }
+            Ok(out.into_iter().collect())
         })
     }
 
@@ -295,7 +359,7 @@ impl EventQueue for SqliteQueue {
         Box::pin(async move {
             type Snapshot = (Vec<(String, u64, u64)>, u64, HashMap<String, u64>);
             let (per_lane, dead_letters, stats): Snapshot = self
-                .db
+                .reader
                 .call(|c| {
                     let mut st =
                         c.prepare_cached("SELECT lane, count(*), sum(n) FROM queue GROUP BY lane")?;
@@ -318,14 +382,25 @@ impl EventQueue for SqliteQueue {
                 .await?;
             let in_flight = self.in_flight.lock().map(|f| f.clone()).unwrap_or_default();
             let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+            // The configured lanes, and any other that still holds rows or counts (`shards` was
+            // changed): nothing queued is hidden.
+            let mut all: std::collections::BTreeSet<Lane> = self.lanes().into_iter().collect();
+            all.extend(per_lane.iter().filter_map(|(l, _, _)| Lane::parse(l)));
+            all.extend(
+                stats
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("in:"))
+                    .filter_map(Lane::parse),
+            );
             let mut lanes = Vec::new();
-            for lane in self.lanes() {
+            for lane in all {
                 let name = lane.name();
-                let (entries, depth) = per_lane
+                let entries = per_lane
                     .iter()
                     .find(|(l, _, _)| *l == name)
-                    .map(|(_, e, d)| (*e, *d))
-                    .unwrap_or((0, 0));
+                    .map(|(_, e, _)| *e)
+                    .unwrap_or(0);
+                let depth = get(&stat::appended(lane)).saturating_sub(get(&stat::finished(lane)));
                 let pending = in_flight.values().filter(|l| **l == lane).count() as u64;
                 lanes.push(LaneStatus {
                     lane: name,
@@ -337,7 +412,11 @@ impl EventQueue for SqliteQueue {
                     consumers: Vec::new(),
                 });
             }
-            let received = self.lanes().iter().map(|l| get(&stat::appended(*l))).sum();
+            let received = lanes
+                .iter()
+                .filter_map(|l| Lane::parse(&l.lane))
+                .map(|l| get(&stat::appended(l)))
+                .sum();
             Ok(Status {
                 events: Accounting {
                     received,

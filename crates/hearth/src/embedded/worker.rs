@@ -35,7 +35,24 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub async fn run(self, mut shutdown: Shutdown) {
+    /// Run until shutdown. A panic (a bug) does not leave the lanes unserved: it is logged, the
+    /// worker's unacknowledged entries are handed out again, and it starts over.
+    pub async fn run(self, shutdown: Shutdown) {
+        use futures_util::FutureExt;
+        loop {
+            let once = std::panic::AssertUnwindSafe(self.serve(shutdown.clone()));
+            match once.catch_unwind().await {
+                Ok(()) => return,
+                Err(_) => {
+                    tracing::error!(lanes = ?self.lanes, "embedded worker panicked; starting over");
+                    self.queue.release(self.lanes);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve(&self, mut shutdown: Shutdown) {
         let mut engine = Engine::new(self.rules.clone());
         let mut backoff = Backoff::default();
         loop {

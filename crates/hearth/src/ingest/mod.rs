@@ -114,7 +114,7 @@ async fn session(
             Ok(c) => c,
             Err(e) => {
                 metrics::dependency_error("mqtt");
-                if backoff.attempts() <= 1 || backoff.attempts() % 20 == 0 {
+                if backoff.attempts() <= 1 || backoff.attempts().is_multiple_of(20) {
                     warn!(error = %e, "broker connection failed, reconnecting");
                 }
                 if tx.is_none() || !shutdown.sleep(backoff.next_delay()).await {
@@ -361,7 +361,7 @@ async fn append_chunk(queue: &Queue, chunk: &[Message], shutdown: &Shutdown) -> 
             Ok(()) => return true,
             Err(e) => {
                 metrics::dependency_error("redis");
-                if backoff.attempts() % 20 == 0 {
+                if backoff.attempts().is_multiple_of(20) {
                     warn!(error = %e, events = events.len(), "append to redis failed, retrying (nothing acknowledged)");
                 }
                 if !shutdown.clone().sleep(backoff.next_delay()).await {

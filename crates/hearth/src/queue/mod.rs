@@ -85,6 +85,18 @@ impl Lane {
         (0..shards).map(Lane::Routine)
     }
 
+    /// A lane from its name (`critical`, `routine-{n}`).
+    pub fn parse(name: &str) -> Option<Lane> {
+        match name {
+            "critical" => Some(Lane::Critical),
+            _ => name
+                .strip_prefix("routine-")?
+                .parse()
+                .ok()
+                .map(Lane::Routine),
+        }
+    }
+
     /// The lane's name in keys, fences and status.
     pub fn name(&self) -> String {
         match self {
