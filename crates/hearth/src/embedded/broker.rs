@@ -65,11 +65,41 @@ struct Subscriber {
     tx: mpsc::Sender<(String, Bytes)>,
 }
 
-/// The broker's shared state: who subscribed to what.
+/// The broker's shared state: who subscribed to what, and the routine depth last read.
 #[derive(Default)]
 struct Routes {
     subscribers: Mutex<Vec<Subscriber>>,
     next: AtomicU64,
+    depth: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+/// How long a routine depth read serves every session.
+const DEPTH_FRESH: Duration = Duration::from_millis(100);
+
+impl Routes {
+    /// Events queued in the routine lanes, read at most every [`DEPTH_FRESH`].
+    async fn routine_depth(&self, queue: &dyn EventQueue) -> u64 {
+        let cached = self.depth.lock().ok().and_then(|d| *d);
+        if let Some((at, depth)) = cached
+            && at.elapsed() < DEPTH_FRESH
+        {
+            return depth;
+        }
+        let depth = queue
+            .depths()
+            .await
+            .map(|d| {
+                d.iter()
+                    .filter(|(l, _)| *l != Lane::Critical)
+                    .map(|(_, n)| n)
+                    .sum()
+            })
+            .unwrap_or(0);
+        if let Ok(mut d) = self.depth.lock() {
+            *d = Some((std::time::Instant::now(), depth));
+        }
+        depth
+    }
 }
 
 impl Routes {
@@ -165,19 +195,13 @@ pub async fn serve(
 /// Wait while the routine lanes hold more than the high watermark, until they are under the
 /// low one: the client's unread packets stay in its socket, and TCP slows it down. Critical
 /// events already queued are not behind the routine ones (their own lane, their own worker).
-async fn backpressure(queue: &dyn EventQueue, settings: &Settings) {
-    let routine = |d: Vec<(Lane, u64)>| -> u64 {
-        d.iter()
-            .filter(|(l, _)| *l != Lane::Critical)
-            .map(|(_, n)| n)
-            .sum()
-    };
-    if queue.depths().await.map(routine).unwrap_or(0) < settings.high_watermark {
+async fn backpressure(queue: &dyn EventQueue, routes: &Routes, settings: &Settings) {
+    if routes.routine_depth(queue).await < settings.high_watermark {
         return;
     }
     debug!("queue above its high watermark: holding the client");
-    while queue.depths().await.map(routine).unwrap_or(0) >= settings.low_watermark {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while routes.routine_depth(queue).await >= settings.low_watermark {
+        tokio::time::sleep(DEPTH_FRESH / 2).await;
     }
 }
 
@@ -244,7 +268,7 @@ async fn session(
                     return Ok(());
                 }
             }
-            backpressure(&*queue, &settings).await;
+            backpressure(&*queue, &routes, &settings).await;
             let outbound = async {
                 match me.outbound.as_mut() {
                     Some(rx) => rx.recv().await,
