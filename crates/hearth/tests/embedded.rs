@@ -596,3 +596,52 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     assert_eq!(after.events.dead_lettered, 3);
     assert_eq!(after.events.received, 43);
 }
+
+/// The offline rule on the embedded store: a sensor that stops reporting is declared offline
+/// after `multiple` × its usual interval (at least `min_silence`), and is back with its next
+/// reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_sensor_goes_offline_and_comes_back() {
+    let mut env = Env::embedded("emb_offline");
+    let rules = env.scratch.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"offline\"\ntype = \"offline\"\nmultiple = 3\nmin_silence = \"1s\"\nseverity = \"warning\"\n",
+    )
+    .expect("rules");
+    env.set("api_listen", "127.0.0.1:0")
+        .set("rules_file", rules.display().to_string())
+        .set("sensor_touch_interval_ms", 50);
+    let _up = env.up().await;
+    let port = env.embedded_port.expect("port");
+    let reading = |seq: u64| {
+        let p = serde_json::json!({"kind": "co2", "value": 600, "seq": seq});
+        vec![("hearth/h1/co2-1".to_string(), p.to_string().into_bytes())]
+    };
+    for seq in 1..=12 {
+        publish_all(port, &format!("pub-{seq}"), reading(seq)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = |env: &Env| {
+        db(env)
+            .query_row(
+                "SELECT state FROM alerts WHERE sensor_id = 'co2-1' AND rule = 'offline'
+                 ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok()
+    };
+    assert_eq!(state(&env), None, "not offline while reporting");
+    eventually("the offline alert", Duration::from_secs(30), || async {
+        state(&env).filter(|s| s == "active")
+    })
+    .await;
+    publish_all(port, "pub-back", reading(13)).await;
+    eventually(
+        "the offline alert to clear",
+        Duration::from_secs(30),
+        || async { state(&env).filter(|s| s == "cleared") },
+    )
+    .await;
+}

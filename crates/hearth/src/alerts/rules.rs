@@ -183,6 +183,25 @@ impl RuleSet {
             .iter()
             .find(|r| matches!(r.condition, Condition::Offline { .. }))
     }
+
+    /// The offline rule with its `multiple` and `min_silence`, if there is one.
+    pub fn offline_silence(&self) -> Option<(&Rule, f64, Duration)> {
+        self.offline().and_then(|r| match r.condition {
+            Condition::Offline {
+                multiple,
+                min_silence,
+            } => Some((r, multiple, min_silence)),
+            _ => None,
+        })
+    }
+
+    /// How often to look for silent sensors: a quarter of the shortest silence the offline rule
+    /// waits for, within [200 ms, 30 s].
+    pub fn sweep_period(&self) -> Duration {
+        let min_silence = self.offline_silence().map(|(_, _, s)| s);
+        (min_silence.unwrap_or(Duration::from_secs(600)) / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(30))
+    }
 }
 
 fn one_line(s: &str) -> String {

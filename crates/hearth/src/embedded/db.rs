@@ -22,8 +22,9 @@ pub struct Sqlite {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
-/// Schema version 1. A released version is never edited: a change is version 2.
-const SCHEMA: &str = r#"
+/// The schema, by version, applied in order (`PRAGMA user_version` says which ones are in). A
+/// released version is never edited: a change is a new one.
+const SCHEMA_1: &str = r#"
 CREATE TABLE queue (
     -- Append order; within a lane, the order events are stored in.
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -114,6 +115,11 @@ CREATE TABLE tokens (
 );
 "#;
 
+/// The usual interval between a sensor's readings (EWMA, ms), for the offline rule.
+const SCHEMA_2: &str = "ALTER TABLE sensors ADD COLUMN interval_ms REAL;";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2)];
+
 impl Sqlite {
     /// Open (creating the folder, the file and the schema as needed) and start the thread.
     pub fn open(dir: &Path, name: &str) -> Result<Sqlite, String> {
@@ -159,14 +165,15 @@ fn setup(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version < 1 {
+    if version < latest {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Another connection may have created it meanwhile.
+        // Another connection may have migrated meanwhile.
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < 1 {
-            tx.execute_batch(SCHEMA)?;
-            tx.pragma_update(None, "user_version", 1)?;
+        for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > version) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", v)?;
         }
         tx.commit()?;
     }

@@ -85,11 +85,12 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
     }
     let mut kinds_of = c.prepare_cached("SELECT kinds FROM sensors WHERE sensor_id = ?1")?;
     let mut upsert = c.prepare_cached(
-        "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (sensor_id) DO UPDATE SET house_id = excluded.house_id,
              kinds = excluded.kinds, first_seen = min(first_seen, excluded.first_seen),
-             last_seen = max(last_seen, excluded.last_seen)",
+             last_seen = max(last_seen, excluded.last_seen),
+             interval_ms = coalesce(excluded.interval_ms, interval_ms)",
     )?;
     for s in sensors {
         let old: Option<String> = kinds_of
@@ -105,7 +106,8 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
             s.house_id,
             joined,
             s.first_us / 1000,
-            s.last_us / 1000
+            s.last_us / 1000,
+            s.interval_ms
         ])?;
     }
     Ok(stored)
@@ -278,6 +280,72 @@ impl SqliteStore {
             .await
     }
 
+    /// Declare offline the sensors silent for longer than the offline rule allows (`multiple` ×
+    /// their usual interval, at least `min_silence`), as the PostgreSQL store does; returns the
+    /// alerts raised.
+    pub async fn sweep_offline(
+        &self,
+        rules: &RuleSet,
+    ) -> Result<Vec<Alert>, crate::seam::Unavailable> {
+        let Some((rule, multiple, min_silence)) = rules.offline_silence() else {
+            return Ok(Vec::new());
+        };
+        let (name, severity, message) = (
+            rule.name.clone(),
+            rule.severity.as_str(),
+            rule.message.clone(),
+        );
+        let min_silence_ms = min_silence.as_millis() as f64;
+        self.writer
+            .call(move |c| {
+                let now_ms = crate::event::now_us() / 1000;
+                let silent: Vec<(String, String, i64)> = {
+                    let mut st = c.prepare_cached(
+                        "SELECT s.sensor_id, s.house_id, s.last_seen FROM sensors s
+                         WHERE s.interval_ms IS NOT NULL
+                           AND s.last_seen < ?1 - max(s.interval_ms * ?2, ?3)
+                           AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.sensor_id = s.sensor_id
+                                           AND a.rule = ?4 AND a.state <> 'cleared')
+                         LIMIT 1000",
+                    )?;
+                    let rows = st
+                        .query_map(params![now_ms, multiple, min_silence_ms, name], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                };
+                let mut raised = Vec::new();
+                for (sensor, house, last_ms) in silent {
+                    let id: Option<i64> = c
+                        .prepare_cached(
+                            "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
+                                                 message, raised_at, raised_by)
+                             VALUES (?1, ?2, ?3, 'online', ?4, 'active', ?5, ?6, ?7)
+                             ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                             RETURNING id",
+                        )?
+                        .query_row(
+                            params![
+                                house,
+                                sensor,
+                                name,
+                                severity,
+                                message,
+                                now_ms,
+                                format!("silence since {last_ms}")
+                            ],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(id) = id {
+                        raised.extend(get_alert(c, id)?);
+                    }
+                }
+                Ok(raised)
+            })
+            .await
+    }
+
     /// The latest event of each (sensor, kind), to warm the cache at start.
     pub async fn latest_events(&self) -> Result<Vec<Event>, crate::seam::Unavailable> {
         self.reader
@@ -327,6 +395,7 @@ impl EventStore for SqliteStore {
                 .await?;
             if let Ok(mut m) = self.memo.lock() {
                 m.recorded(sensors);
+                m.observe(events);
             }
             Ok(Written {
                 stored,

@@ -8,7 +8,7 @@
 //! the next start, and the writes skip what was already written.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
@@ -55,9 +55,25 @@ impl Worker {
     async fn serve(&self, mut shutdown: Shutdown) {
         let mut engine = Engine::new(self.rules.clone());
         let mut backoff = Backoff::default();
+        let mut next_sweep = Instant::now();
         loop {
             if shutdown.is_set() {
                 return;
+            }
+            // The critical worker also looks for silent sensors, as the critical lane's owner
+            // does on the servers.
+            if self.lanes == Lanes::Critical && Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + self.rules.sweep_period();
+                match self.store.sweep_offline(&self.rules).await {
+                    Ok(alerts) => {
+                        for a in &alerts {
+                            METRICS.alerts.with(a.severity.as_str()).add(1);
+                            tracing::info!(alert = a.id, sensor = %a.sensor_id, "sensor offline");
+                            let _ = self.fanout.push_alert(&self.rules, a).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "offline sweep failed"),
+                }
             }
             // Registered before reading, so that an append right after the read wakes us.
             let appended = self.queue.appended.notified();
@@ -70,9 +86,10 @@ impl Worker {
                 }
             };
             if batch.is_empty() {
+                let idle = Duration::from_millis(500).min(self.rules.sweep_period());
                 tokio::select! {
                     _ = appended => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(idle) => {}
                     _ = shutdown.wait() => return,
                 }
                 continue;

@@ -8,7 +8,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{Store, StoreError, classify};
 use crate::alerts::engine::{Outcome, State, Transition};
-use crate::alerts::rules::{Condition, RuleSet};
+use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};
 use crate::queue::Lane;
 
@@ -234,14 +234,7 @@ impl Store {
         rules: &RuleSet,
         shards: u16,
     ) -> Result<Vec<Alert>, StoreError> {
-        let Some(rule) = rules.offline() else {
-            return Ok(Vec::new());
-        };
-        let Condition::Offline {
-            multiple,
-            min_silence,
-        } = rule.condition
-        else {
+        let Some((rule, multiple, min_silence)) = rules.offline_silence() else {
             return Ok(Vec::new());
         };
         let silent = self

@@ -234,7 +234,7 @@ impl Consumer {
             self.repush.remove(&lane);
         }
         if self.held.contains_key(&Lane::Critical) && Instant::now() >= self.next_sweep {
-            self.next_sweep = Instant::now() + self.sweep_period();
+            self.next_sweep = Instant::now() + self.engine.rules.sweep_period();
             let rules = self.engine.rules.clone();
             let shards = self.config.shards;
             let alerts = self.store().await?.sweep_offline(&rules, shards).await?;
@@ -257,15 +257,5 @@ impl Consumer {
         self.queue.exec(&pipe).await?;
         self.store().await?.mark_pushed(alerts).await?;
         Ok(())
-    }
-
-    /// A quarter of the shortest silence the offline rule waits for, within [200 ms, 30 s].
-    fn sweep_period(&self) -> Duration {
-        let min_silence = self.engine.rules.offline().and_then(|r| match r.condition {
-            Condition::Offline { min_silence, .. } => Some(min_silence),
-            _ => None,
-        });
-        (min_silence.unwrap_or(Duration::from_secs(600)) / 4)
-            .clamp(Duration::from_millis(200), Duration::from_secs(30))
     }
 }
