@@ -83,9 +83,12 @@ impl Letter {
         }
     }
 
-    /// The raw payload.
-    pub fn raw(&self) -> &[u8] {
-        &self.raw
+    /// The alert of a failed webhook notification (`source` `notifier`), to queue again.
+    pub fn notification(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice::<serde_json::Value>(&self.raw)
+            .ok()
+            .map(|v| v["alert"].clone())
+            .filter(|a| a.is_object())
     }
 
     fn from_raw(raw: RawEntry) -> Letter {
@@ -199,11 +202,7 @@ pub async fn replay(
         pipe.atomic();
         match letter.source.as_str() {
             "notifier" => {
-                let Some(alert) = serde_json::from_slice::<serde_json::Value>(&letter.raw)
-                    .ok()
-                    .map(|v| v["alert"].clone())
-                    .filter(|a| a.is_object())
-                else {
+                let Some(alert) = letter.notification() else {
                     report.skipped += 1;
                     continue;
                 };

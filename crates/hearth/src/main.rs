@@ -366,10 +366,15 @@ async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
             dir.display()
         )));
     }
-    hearth::embedded::Embedded::open(dir, config.shards, config.sensor_touch_interval_ms)
-        .await
-        .map(|e| e.seams)
-        .map_err(|e| anyhow::anyhow!("embedded store: {e}").into())
+    hearth::embedded::Embedded::open(
+        dir,
+        config.shards,
+        config.sensor_touch_interval_ms,
+        &hearth::alerts::rules::RuleSet::default(),
+    )
+    .await
+    .map(|e| e.seams)
+    .map_err(|e| anyhow::anyhow!("embedded store: {e}").into())
 }
 
 async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {

@@ -224,10 +224,14 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         .map_err(|e| RoleError::Config(e.to_string()))?;
     let data_dir = std::path::Path::new(&config.data_dir);
     let _lock = crate::embedded::lock(data_dir).map_err(RoleError::Config)?;
-    let embedded =
-        crate::embedded::Embedded::open(data_dir, config.shards, config.sensor_touch_interval_ms)
-            .await
-            .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
+    let embedded = crate::embedded::Embedded::open(
+        data_dir,
+        config.shards,
+        config.sensor_touch_interval_ms,
+        &rules,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
     let server = http(
         &config,
         &config.api_listen,

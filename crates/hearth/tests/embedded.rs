@@ -24,6 +24,22 @@ async fn get(addr: &str, path: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// POST with the admin token; the JSON answer.
+fn post(addr: &str, path: &str) -> Value {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {ADMIN}"),
+        ])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
 fn db(env: &Env) -> Connection {
     Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("open the embedded store")
@@ -117,18 +133,7 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
             .and_then(|a| a.iter().find(|a| a["rule"] == "smoke").cloned())
     })
     .await;
-    let out = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "POST",
-            "-H",
-            &format!("Authorization: Bearer {ADMIN}"),
-        ])
-        .arg(format!("http://{addr}/api/v1/alerts/{}/ack", alert["id"]))
-        .output()
-        .expect("curl");
-    let acked: Value = serde_json::from_slice(&out.stdout).expect("ack JSON");
+    let acked = post(&addr, &format!("/api/v1/alerts/{}/ack", alert["id"]));
     assert_eq!(acked["state"], "acknowledged");
 
     // Bad input is dead-lettered with its reason; the accounting adds up.
@@ -533,7 +538,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let env = Env::embedded("emb_rows");
     let dir = env.scratch.0.join("data");
     {
-        let e = hearth::embedded::Embedded::open(&dir, 16, 0)
+        let e = hearth::embedded::Embedded::open(&dir, 16, 0, &Default::default())
             .await
             .expect("open");
         let events: Vec<hearth::event::Event> = (0..40)
@@ -567,7 +572,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
         .expect("count");
     }
     // Reopened with fewer shards: lanes routine-2..15 are not configured any more.
-    let e = hearth::embedded::Embedded::open(&dir, 2, 0)
+    let e = hearth::embedded::Embedded::open(&dir, 2, 0, &Default::default())
         .await
         .expect("reopen");
     let q = &e.seams.queue;
@@ -642,6 +647,90 @@ async fn a_silent_sensor_goes_offline_and_comes_back() {
         "the offline alert to clear",
         Duration::from_secs(30),
         || async { state(&env).filter(|s| s == "cleared") },
+    )
+    .await;
+}
+
+/// Webhooks on the embedded store: a smoke alarm is POSTed, so is its acknowledgement; a
+/// webhook that keeps failing is dead-lettered (`webhook_failed`), and replaying the letter
+/// queues the notification again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_posted_and_failures_dead_lettered() {
+    let hook = Hook::start().await;
+    let mut env = Env::embedded("emb_hook");
+    let nowhere = format!("http://127.0.0.1:{}/nowhere", free_port());
+    let rules = env.scratch.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nname = \"smoke\"\ntype = \"boolean\"\nkinds = [\"smoke\"]\nseverity = \"critical\"\nmessage = \"Smoke detected\"\n\n\
+             [[webhook]]\nurl = \"{}\"\nseverities = [\"critical\"]\n\n\
+             [[webhook]]\nurl = \"{nowhere}\"\nseverities = [\"critical\"]\n",
+            hook.url
+        ),
+    )
+    .expect("rules");
+    env.set("api_listen", "127.0.0.1:0")
+        .set("admin_token", ADMIN)
+        .set("rules_file", rules.display().to_string());
+    let up = env.up().await;
+    let addr = up.http_addr().await;
+    let port = env.embedded_port.expect("port");
+    let smoke = br#"{"kind":"smoke","value":true,"seq":1}"#.to_vec();
+    publish_all(port, "hook", vec![("hearth/h/hall".into(), smoke)]).await;
+    let posted = eventually("the webhook POST", Duration::from_secs(30), || async {
+        hook.bodies.lock().ok()?.first().cloned()
+    })
+    .await;
+    assert_eq!(posted["alert"]["rule"], "smoke");
+    assert_eq!(posted["alert"]["state"], "active");
+    let id = posted["alert"]["id"].clone();
+    let acked = post(&addr, &format!("/api/v1/alerts/{id}/ack"));
+    assert_eq!(acked["state"], "acknowledged");
+    eventually(
+        "the POST of the acknowledgement",
+        Duration::from_secs(30),
+        || async {
+            let bodies = hook.bodies.lock().ok()?;
+            bodies
+                .iter()
+                .any(|b| b["alert"]["state"] == "acknowledged")
+                .then_some(())
+        },
+    )
+    .await;
+    let letters = eventually(
+        "the failed webhook's letters",
+        Duration::from_secs(60),
+        || async {
+            let v = get(&addr, "/api/v1/dlq?reason=webhook_failed").await;
+            (v.as_array().map(Vec::len) == Some(2)).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(letters[0]["source"], "notifier");
+    assert_eq!(letters[0]["topic"], nowhere);
+    let replayed = post(&addr, "/api/v1/dlq/replay?reason=webhook_failed");
+    assert_eq!(replayed["letters"], 2, "{replayed}");
+    // Queued for the notifier again, failing again: two new letters.
+    let first_ids: Vec<Value> = letters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["id"].clone())
+        .collect();
+    eventually(
+        "the replayed notifications",
+        Duration::from_secs(60),
+        || async {
+            let v = get(&addr, "/api/v1/dlq?reason=webhook_failed").await;
+            let fresh = v
+                .as_array()?
+                .iter()
+                .filter(|l| !first_ids.contains(&l["id"]))
+                .count();
+            (fresh == 2).then_some(())
+        },
     )
     .await;
 }

@@ -35,17 +35,7 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
         }
     };
     let name = format!("notifier-{}-{:04x}", std::process::id(), fastrand::u16(..));
-    // One breaker per webhook: a receiver that keeps failing is not retried for every alert
-    // (each would wait out all its attempts); its notifications are dead-lettered at once
-    // (replayable with `hearth dlq replay --reason webhook_failed`) until a probe succeeds.
-    let breakers: std::collections::HashMap<String, Breaker> = rules
-        .webhooks
-        .iter()
-        .map(|w| {
-            let b = Breaker::named(format!("webhook:{}", w.url), 3, Duration::from_secs(30));
-            (w.url.clone(), b)
-        })
-        .collect();
+    let breakers = breakers(&rules);
     let stream = queue.keys.notify();
     let mut backoff = Backoff::default();
     while !shutdown.is_set() {
@@ -77,13 +67,11 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
                 }
                 for entry in entries {
                     let id = entry.id.clone();
-                    deliver(
-                        &queue,
-                        &rules,
-                        &breakers,
-                        entry.field("a").unwrap_or_default(),
-                    )
-                    .await;
+                    for letter in
+                        deliver(&rules, &breakers, entry.field("a").unwrap_or_default()).await
+                    {
+                        dead_letter(&queue, letter).await;
+                    }
                     let mut c = queue.conn.clone();
                     redis::pipe()
                         .cmd("XACK")
@@ -117,18 +105,30 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
     }
 }
 
-/// POST one transition to every webhook of its severity; dead-letter what keeps failing.
-async fn deliver(
-    queue: &Queue,
-    rules: &RuleSet,
-    breakers: &std::collections::HashMap<String, Breaker>,
-    body: &[u8],
-) {
+/// One breaker per webhook: a receiver that keeps failing is not retried for every alert (each
+/// would wait out all its attempts); its notifications are dead-lettered at once (replayable
+/// with `hearth dlq replay --reason webhook_failed`) until a probe succeeds.
+pub fn breakers(rules: &RuleSet) -> Breakers {
+    rules
+        .webhooks
+        .iter()
+        .map(|w| {
+            let b = Breaker::named(format!("webhook:{}", w.url), 3, Duration::from_secs(30));
+            (w.url.clone(), b)
+        })
+        .collect()
+}
+
+pub type Breakers = std::collections::HashMap<String, Breaker>;
+
+/// POST one transition (an alert's JSON) to every webhook of its severity; returns the dead
+/// letters of the deliveries that kept failing, for the caller to keep.
+pub async fn deliver(rules: &RuleSet, breakers: &Breakers, body: &[u8]) -> Vec<DeadLetter> {
     let Ok(alert) = serde_json::from_slice::<Alert>(body) else {
         warn!("unreadable notification dropped into the dead letters");
-        dead_letter(queue, "", body, "unreadable notification".into()).await;
-        return;
+        return vec![letter("", body, "unreadable notification".into())];
     };
+    let mut failed = Vec::new();
     let payload = serde_json::json!({"type": "alert", "alert": alert}).to_string();
     for hook in rules
         .webhooks
@@ -166,21 +166,25 @@ async fn deliver(
         } else {
             warn!(url = %hook.url, alert = alert.id, error = %last_error, "webhook failed, dead-lettered");
             let detail = format!("{}: {last_error}", hook.url);
-            dead_letter(queue, &hook.url, payload.as_bytes(), detail).await;
+            failed.push(letter(&hook.url, payload.as_bytes(), detail));
         }
     }
+    failed
 }
 
-async fn dead_letter(queue: &Queue, url: &str, payload: &[u8], detail: String) {
+fn letter(url: &str, payload: &[u8], detail: String) -> DeadLetter {
     METRICS.rejected.with("webhook_failed").add(1);
-    let letter = DeadLetter {
+    DeadLetter {
         reason: "webhook_failed",
         detail,
         topic: url.to_string(),
         payload: payload.to_vec(),
         source: "notifier",
         at_ms: crate::event::now_us() / 1000,
-    };
+    }
+}
+
+async fn dead_letter(queue: &Queue, letter: DeadLetter) {
     let mut pipe = redis::pipe();
     letter.xadd(&mut pipe, &queue.keys.dead());
     let mut conn = queue.conn.clone();

@@ -118,7 +118,12 @@ CREATE TABLE tokens (
 /// The usual interval between a sensor's readings (EWMA, ms), for the offline rule.
 const SCHEMA_2: &str = "ALTER TABLE sensors ADD COLUMN interval_ms REAL;";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2)];
+/// Webhook notifications to deliver: written with the alert transition, deleted once delivered
+/// or dead-lettered.
+const SCHEMA_3: &str =
+    "CREATE TABLE notify (id INTEGER PRIMARY KEY AUTOINCREMENT, alert TEXT NOT NULL);";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2), (3, SCHEMA_3)];
 
 impl Sqlite {
     /// Open (creating the folder, the file and the schema as needed) and start the thread.

@@ -12,6 +12,7 @@
 pub mod broker;
 pub mod db;
 pub mod memory;
+pub mod notifier;
 pub mod queue;
 pub mod store;
 pub mod worker;
@@ -74,10 +75,12 @@ pub struct Embedded {
 impl Embedded {
     /// Open the data folder (created if missing) and warm the cache from the store. A sensor's
     /// row is rewritten at most every `touch_interval_ms` (`sensor_touch_interval_ms`).
+    /// `rules` says which alert transitions get a webhook notification.
     pub async fn open(
         data_dir: &Path,
         shards: u16,
         touch_interval_ms: u64,
+        rules: &RuleSet,
     ) -> Result<Embedded, String> {
         let writer = db::Sqlite::open(data_dir, "writer")?;
         let reader = db::Sqlite::open(data_dir, "reader")?;
@@ -86,7 +89,12 @@ impl Embedded {
             reader.clone(),
             shards,
         ));
-        let store = Arc::new(store::SqliteStore::new(writer, reader, touch_interval_ms));
+        let store = Arc::new(store::SqliteStore::new(
+            writer,
+            reader,
+            touch_interval_ms,
+            rules,
+        ));
         let cache = Arc::new(memory::MemoryCache::default());
         let fanout = Arc::new(memory::ChannelFanOut::default());
         let latest = store.latest_events().await.map_err(|e| e.0)?;
@@ -106,13 +114,20 @@ impl Embedded {
         })
     }
 
-    /// Start the critical and the routine worker.
+    /// Start the critical and the routine worker, and the webhook notifier if a webhook is set.
     pub fn workers(
         &self,
         rules: Arc<RuleSet>,
         batch_size: usize,
         shutdown: &Shutdown,
     ) -> Vec<JoinHandle<()>> {
+        let notifier = (!rules.webhooks.is_empty()).then(|| {
+            tokio::spawn(notifier::run(
+                self.store.clone(),
+                rules.clone(),
+                shutdown.clone(),
+            ))
+        });
         [Lanes::Critical, Lanes::Routine]
             .into_iter()
             .map(|lanes| {
@@ -127,6 +142,7 @@ impl Embedded {
                 };
                 tokio::spawn(w.run(shutdown.clone()))
             })
+            .chain(notifier)
             .collect()
     }
 }

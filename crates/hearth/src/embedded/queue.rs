@@ -137,7 +137,11 @@ impl SqliteQueue {
 }
 
 /// Write entries and dead letters (and their counters) inside the caller's transaction.
-fn insert(c: &Connection, entries: &Entries, dead: &[DeadLetter]) -> rusqlite::Result<()> {
+pub(super) fn insert(
+    c: &Connection,
+    entries: &Entries,
+    dead: &[DeadLetter],
+) -> rusqlite::Result<()> {
     let mut add =
         c.prepare_cached("INSERT INTO queue (lane, critical, n, body) VALUES (?1, ?2, ?3, ?4)")?;
     for (lane, n, body) in entries {
@@ -156,7 +160,8 @@ fn insert(c: &Connection, entries: &Entries, dead: &[DeadLetter]) -> rusqlite::R
         letter.execute(params![
             d.reason, d.detail, d.topic, d.payload, d.source, d.at_ms
         ])?;
-        if d.source == "worker" {
+        // Only what the ingest refused counts as rejected (as on Redis).
+        if !matches!(d.source, "mqtt" | "http") {
             continue;
         }
         bump(c, stat::REJECTED, 1)?;
@@ -454,16 +459,36 @@ impl EventQueue for SqliteQueue {
         Box::pin(async move {
             let mut report = Replayed::default();
             for letter in self.dead_letters(filter).await? {
+                let id: i64 = letter.id.parse().unwrap_or(-1);
+                if letter.source == "notifier" {
+                    // A webhook that failed: its notification is queued for the notifier again.
+                    let Some(alert) = letter.notification() else {
+                        report.skipped += 1;
+                        continue;
+                    };
+                    self.db
+                        .call(move |c| {
+                            let tx = c.transaction()?;
+                            tx.execute(
+                                "INSERT INTO notify (alert) VALUES (?1)",
+                                [alert.to_string()],
+                            )?;
+                            tx.execute("DELETE FROM dead WHERE id = ?1", [id])?;
+                            tx.commit()
+                        })
+                        .await?;
+                    report.letters += 1;
+                    continue;
+                }
                 let received_us = crate::event::now_us();
                 let (events, dead) =
                     crate::dlq::decode_again(&letter, &letter.source, received_us, limits);
-                if letter.source == "notifier" || (events.is_empty() && dead.is_empty()) {
+                if events.is_empty() && dead.is_empty() {
                     report.skipped += 1;
                     continue;
                 }
                 let refs: Vec<&Event> = events.iter().collect();
                 let entries = self.entries(&refs)?;
-                let id: i64 = letter.id.parse().unwrap_or(-1);
                 report.events += events.len() as u64;
                 report.rejected_again += u64::from(!dead.is_empty());
                 report.letters += 1;

@@ -22,6 +22,10 @@ use crate::worker::sensors::SensorMemo;
 pub struct SqliteStore {
     writer: Sqlite,
     reader: Sqlite,
+    /// Severities some webhook takes: their transitions get a notification job.
+    webhook_severities: Vec<Severity>,
+    /// Woken when notification jobs were written.
+    pub jobs: std::sync::Arc<tokio::sync::Notify>,
     /// Which sensors were recorded when, so that a batch touches only the ones that need it.
     memo: Mutex<SensorMemo>,
 }
@@ -113,11 +117,38 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
     Ok(stored)
 }
 
+/// Queue a webhook notification for each transition a webhook takes, in the caller's
+/// transaction (so a transition is never written without its notification).
+fn queue_notifications(
+    c: &Connection,
+    hooked: &[Severity],
+    alerts: &[Alert],
+) -> rusqlite::Result<()> {
+    for a in alerts.iter().filter(|a| hooked.contains(&a.severity)) {
+        if let Ok(json) = serde_json::to_string(a) {
+            c.prepare_cached("INSERT INTO notify (alert) VALUES (?1)")?
+                .execute([json])?;
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
-    pub fn new(writer: Sqlite, reader: Sqlite, touch_interval_ms: u64) -> SqliteStore {
+    pub fn new(
+        writer: Sqlite,
+        reader: Sqlite,
+        touch_interval_ms: u64,
+        rules: &RuleSet,
+    ) -> SqliteStore {
         SqliteStore {
             writer,
             reader,
+            webhook_severities: rules
+                .webhooks
+                .iter()
+                .flat_map(|w| w.severities.iter().copied())
+                .collect(),
+            jobs: Default::default(),
             memo: Mutex::new(SensorMemo::new(touch_interval_ms)),
         }
     }
@@ -231,7 +262,9 @@ impl SqliteStore {
                 )
             })
             .collect();
-        self.writer
+        let hooked = self.webhook_severities.clone();
+        let changed = self
+            .writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 let mut changed = Vec::new();
@@ -274,8 +307,42 @@ impl SqliteStore {
                     upsert.execute(params![sensor, rule, pending, key])?;
                 }
                 drop(upsert);
+                queue_notifications(&tx, &hooked, &changed)?;
                 tx.commit()?;
                 Ok(changed)
+            })
+            .await?;
+        self.jobs.notify_waiters();
+        Ok(changed)
+    }
+
+    /// Up to `limit` webhook notifications to deliver, oldest first: (id, alert JSON).
+    pub async fn notifications(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, crate::seam::Unavailable> {
+        self.writer
+            .call(move |c| {
+                let mut st =
+                    c.prepare_cached("SELECT id, alert FROM notify ORDER BY id LIMIT ?1")?;
+                let rows = st.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await
+    }
+
+    /// A notification is done: remove it, keeping the dead letters of what failed.
+    pub async fn notified(
+        &self,
+        id: i64,
+        failed: Vec<crate::queue::DeadLetter>,
+    ) -> Result<(), crate::seam::Unavailable> {
+        self.writer
+            .call(move |c| {
+                let tx = c.transaction()?;
+                super::queue::insert(&tx, &Vec::new(), &failed)?;
+                tx.execute("DELETE FROM notify WHERE id = ?1", [id])?;
+                tx.commit()
             })
             .await
     }
@@ -296,8 +363,11 @@ impl SqliteStore {
             rule.message.clone(),
         );
         let min_silence_ms = min_silence.as_millis() as f64;
-        self.writer
+        let hooked = self.webhook_severities.clone();
+        let raised = self
+            .writer
             .call(move |c| {
+                let c = c.transaction()?;
                 let now_ms = crate::event::now_us() / 1000;
                 let silent: Vec<(String, String, i64)> = {
                     let mut st = c.prepare_cached(
@@ -338,12 +408,16 @@ impl SqliteStore {
                         )
                         .optional()?;
                     if let Some(id) = id {
-                        raised.extend(get_alert(c, id)?);
+                        raised.extend(get_alert(&c, id)?);
                     }
                 }
+                queue_notifications(&c, &hooked, &raised)?;
+                c.commit()?;
                 Ok(raised)
             })
-            .await
+            .await?;
+        self.jobs.notify_waiters();
+        Ok(raised)
     }
 
     /// The latest event of each (sensor, kind), to warm the cache at start.
@@ -539,19 +613,29 @@ impl EventStore for SqliteStore {
 
     fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>> {
         let by = by.to_string();
+        let hooked = self.webhook_severities.clone();
         Box::pin(async move {
-            self.writer
+            let acked = self
+                .writer
                 .call(move |c| {
+                    let tx = c.transaction()?;
                     let now_ms = crate::event::now_us() / 1000;
-                    let changed = c.execute(
+                    let changed = tx.execute(
                         "UPDATE alerts SET state = 'acknowledged', acknowledged_at = ?2,
                              acknowledged_by = ?3
                          WHERE id = ?1 AND state = 'active'",
                         params![id, now_ms, by],
                     )? == 1;
-                    Ok(get_alert(c, id)?.map(|a| (a, changed)))
+                    let alert = get_alert(&tx, id)?;
+                    if let (Some(a), true) = (&alert, changed) {
+                        queue_notifications(&tx, &hooked, std::slice::from_ref(a))?;
+                    }
+                    tx.commit()?;
+                    Ok(alert.map(|a| (a, changed)))
                 })
-                .await
+                .await?;
+            self.jobs.notify_waiters();
+            Ok(acked)
         })
     }
 
