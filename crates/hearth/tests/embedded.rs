@@ -150,6 +150,12 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     let status = env.status();
     assert_eq!(status["events"]["stored"], 2, "{status}");
     assert_eq!(status["dead_letters"], 1);
+    assert_eq!(status["consumers_alive"]["critical"], 1, "{status}");
+    assert!(
+        status["lanes"][0]["owner"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("hearth up"))
+    );
 
     // The dashboard is served, the readiness says embedded.
     let ready = get(&addr, "/readyz").await;

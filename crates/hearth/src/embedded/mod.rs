@@ -32,6 +32,16 @@ pub struct Lock {
     _file: std::fs::File,
 }
 
+/// The pid of the `hearth up` holding the data folder, if one runs (its workers are alive).
+pub fn holder(data_dir: &Path) -> Option<u32> {
+    let path = data_dir.join("hearth.lock");
+    let file = std::fs::File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None, // nobody holds it
+        Err(_) => std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
+}
+
 /// Take the data folder for this process, or say which one holds it.
 pub fn lock(data_dir: &Path) -> Result<Lock, String> {
     std::fs::create_dir_all(data_dir)
@@ -88,6 +98,7 @@ impl Embedded {
             writer.clone(),
             reader.clone(),
             shards,
+            data_dir.to_path_buf(),
         ));
         let store = Arc::new(store::SqliteStore::new(
             writer,

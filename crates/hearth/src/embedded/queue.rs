@@ -44,6 +44,8 @@ pub struct SqliteQueue {
     shards: u16,
     /// Rows handed out and not acknowledged yet: id → lane.
     in_flight: Mutex<HashMap<i64, Lane>>,
+    /// The data folder, whose lock says whether a `hearth up` (and its workers) runs on it.
+    data_dir: std::path::PathBuf,
     appends: mpsc::Sender<Append>,
     /// Woken after each append, so that readers need not poll.
     pub appended: Arc<Notify>,
@@ -52,7 +54,12 @@ pub struct SqliteQueue {
 impl SqliteQueue {
     /// The queue on the writer connection (appends, reads, acknowledgements) and the reader
     /// (depths, status, dead letters).
-    pub fn new(db: Sqlite, reader: Sqlite, shards: u16) -> SqliteQueue {
+    pub fn new(
+        db: Sqlite,
+        reader: Sqlite,
+        shards: u16,
+        data_dir: std::path::PathBuf,
+    ) -> SqliteQueue {
         let (appends, rx) = mpsc::channel(1024);
         let appended = Arc::new(Notify::new());
         tokio::spawn(appender(db.clone(), rx, appended.clone()));
@@ -61,6 +68,7 @@ impl SqliteQueue {
             reader,
             shards,
             in_flight: Mutex::new(HashMap::new()),
+            data_dir,
             appends,
             appended,
         }
@@ -397,6 +405,7 @@ impl EventQueue for SqliteQueue {
                     .filter_map(|k| k.strip_prefix("in:"))
                     .filter_map(Lane::parse),
             );
+            let owner = super::holder(&self.data_dir).map(|pid| format!("hearth up (pid {pid})"));
             let mut lanes = Vec::new();
             for lane in all {
                 let name = lane.name();
@@ -413,7 +422,7 @@ impl EventQueue for SqliteQueue {
                     entries,
                     pending,
                     lag: Some(entries.saturating_sub(pending)),
-                    owner: Some("embedded".into()),
+                    owner: owner.clone(),
                     consumers: Vec::new(),
                 });
             }
@@ -437,7 +446,11 @@ impl EventQueue for SqliteQueue {
                 },
                 lanes,
                 dead_letters,
-                consumers_alive: HashMap::from([("embedded".to_string(), 1)]),
+                // One critical and one routine worker in the `hearth up` holding the folder.
+                consumers_alive: HashMap::from([
+                    ("routine".to_string(), u64::from(owner.is_some())),
+                    ("critical".to_string(), u64::from(owner.is_some())),
+                ]),
             })
         })
     }
