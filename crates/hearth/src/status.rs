@@ -56,6 +56,36 @@ pub struct Accounting {
     pub rejected_by_reason: HashMap<String, u64>,
 }
 
+impl Accounting {
+    /// The accounting from the counters (Redis `P:stats`, or the embedded `stats` table) and the
+    /// lanes they describe.
+    pub fn from_counters(stats: &HashMap<String, u64>, lanes: &[LaneStatus]) -> Accounting {
+        let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+        Accounting {
+            received: lanes
+                .iter()
+                .filter_map(|l| queue::Lane::parse(&l.lane))
+                .map(|l| get(&stat::appended(l)))
+                .sum(),
+            stored: get(stat::STORED),
+            duplicates: get(stat::DUPLICATES),
+            dead_lettered: get(stat::DEAD_LETTERED),
+            rejected_at_ingest: get(stat::REJECTED),
+            in_flight: lanes.iter().map(|l| l.depth).sum(),
+            rejected_by_reason: stats
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
+                .collect(),
+        }
+    }
+}
+
+/// Events appended to a lane and not acknowledged, from the counters.
+pub fn lane_depth(stats: &HashMap<String, u64>, lane: queue::Lane) -> u64 {
+    let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+    get(&stat::appended(lane)).saturating_sub(get(&stat::finished(lane)))
+}
+
 pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
     let lanes = queue.lanes();
     let mut conn = queue.conn.clone();
@@ -103,13 +133,8 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         let n = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
         consumers_alive.insert(pool.to_string(), n);
     }
-    let get = |k: &str| stats.get(k).copied().unwrap_or(0);
-
-    let mut received = 0;
     let mut lane_status = Vec::new();
     for (lane, owner, entries, groups, consumers) in raw_lanes {
-        let appended = get(&stat::appended(lane));
-        received += appended;
         let group = rows(&groups)
             .into_iter()
             .find(|g| g.get("name").and_then(queue::as_string).as_deref() == Some(GROUP));
@@ -121,7 +146,7 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         };
         lane_status.push(LaneStatus {
             lane: lane.name(),
-            depth: appended.saturating_sub(get(&stat::finished(lane))),
+            depth: lane_depth(&stats, lane),
             entries,
             pending: field("pending").unwrap_or(0),
             lag: field("lag"),
@@ -137,18 +162,7 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         });
     }
     Ok(Status {
-        events: Accounting {
-            received,
-            stored: get(stat::STORED),
-            duplicates: get(stat::DUPLICATES),
-            dead_lettered: get(stat::DEAD_LETTERED),
-            rejected_at_ingest: get(stat::REJECTED),
-            in_flight: lane_status.iter().map(|l| l.depth).sum(),
-            rejected_by_reason: stats
-                .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
-                .collect(),
-        },
+        events: Accounting::from_counters(&stats, &lane_status),
         lanes: lane_status,
         dead_letters,
         consumers_alive,

@@ -740,3 +740,38 @@ async fn webhooks_are_posted_and_failures_dead_lettered() {
     )
     .await;
 }
+
+/// The latest values are the store's: after a restart (the in-memory cache starts empty) a
+/// sensor's are read back in when first asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_values_survive_a_restart() {
+    let mut env = Env::embedded("emb_latest");
+    let api = format!("127.0.0.1:{}", free_port());
+    env.set("api_listen", &api).set("admin_token", ADMIN);
+    let mut up = env.up().await;
+    let port = env.embedded_port.expect("port");
+    let readings = (1..=3)
+        .map(|seq| {
+            let p = format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#);
+            ("hearth/h/plug".to_string(), p.into_bytes())
+        })
+        .collect();
+    publish_all(port, "latest", readings).await;
+    eventually("stored", Duration::from_secs(30), || async {
+        (scalar(&env, "SELECT count(*) FROM events") == 3).then_some(())
+    })
+    .await;
+    up.restart();
+    wait_port(port);
+    let latest = eventually(
+        "the latest value after the restart",
+        Duration::from_secs(30),
+        || async {
+            let v = get(&api, "/api/v1/sensors/plug/latest").await;
+            v["latest"]["power"]["seq"].as_i64().map(|_| v)
+        },
+    )
+    .await;
+    assert_eq!(latest["latest"]["power"]["seq"], 3);
+    assert_eq!(latest["latest"]["power"]["value"], 3.0);
+}

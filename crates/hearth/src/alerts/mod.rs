@@ -115,11 +115,7 @@ pub fn add_push(
     rules: &rules::RuleSet,
     alert: &Alert,
 ) {
-    let message = Push::Alert {
-        house_id: alert.house_id.clone(),
-        alert: Box::new(alert.clone()),
-    };
-    if let Ok(json) = serde_json::to_string(&message) {
+    if let Some(json) = alert_message(alert) {
         pipe.cmd("PUBLISH").arg(keys.push()).arg(json).ignore();
     }
     if rules
@@ -135,6 +131,40 @@ pub fn add_push(
             .arg(json)
             .ignore();
     }
+}
+
+/// The push message of an alert transition.
+pub fn alert_message(alert: &Alert) -> Option<String> {
+    serde_json::to_string(&Push::Alert {
+        house_id: alert.house_id.clone(),
+        alert: Box::new(alert.clone()),
+    })
+    .ok()
+}
+
+/// The push messages of stored events: one per house that `watched` accepts, its events in
+/// stored order.
+pub fn event_messages(
+    events: &[&crate::event::Event],
+    watched: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut by_house: std::collections::BTreeMap<&str, Vec<PushedEvent>> = Default::default();
+    for e in events.iter().filter(|e| watched(&e.house_id)) {
+        by_house
+            .entry(&e.house_id)
+            .or_default()
+            .push(PushedEvent::from(*e));
+    }
+    by_house
+        .into_iter()
+        .filter_map(|(house, events)| {
+            serde_json::to_string(&Push::Events {
+                house_id: house.to_string(),
+                events,
+            })
+            .ok()
+        })
+        .collect()
 }
 
 /// A message to WebSocket clients, sent through Redis pub/sub (`P:push`).

@@ -120,15 +120,51 @@ impl Report {
     }
 }
 
-pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
-    let run_id = format!("b{}x{:04x}", std::process::id(), fastrand::u16(..));
+impl Options {
+    fn qos(&self) -> QoS {
+        if self.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
+    /// The run's load: hearth's native topics at the asked rate and QoS.
+    fn load(&self, run_id: &str) -> Load {
+        Load {
+            events: self.events,
+            sensors: self.sensors,
+            rate: self.rate,
+            connections: self.publishers,
+            qos: self.qos(),
+            sensor_prefix: format!("s{run_id}"),
+            topic_root: "hearth".into(),
+        }
+    }
+}
+
+impl ProcessStats {
+    /// What the process `pid` used since it had used `cpu_before` seconds.
+    fn of(role: &str, pid: u32, cpu_before: f64) -> ProcessStats {
+        ProcessStats {
+            role: role.into(),
+            cpu_seconds: cpu_seconds(pid).unwrap_or(0.0) - cpu_before,
+            peak_rss_mb: peak_rss_kb(pid).unwrap_or(0) as f64 / 1024.0,
+        }
+    }
+}
+
+/// A run's id (`tag` and the pid: keys, databases and sensors of the run carry it) and its
+/// scratch folder.
+fn workspace(tag: &str) -> anyhow::Result<(String, PathBuf)> {
+    let run_id = format!("{tag}{}x{:04x}", std::process::id(), fastrand::u16(..));
     let dir = std::env::temp_dir().join(format!("hearth-bench-{run_id}"));
     std::fs::create_dir_all(&dir)?;
-    let qos = if opts.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
+    Ok((run_id, dir))
+}
+
+pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
+    let (run_id, dir) = workspace("b")?;
 
     // The broker: a given one, or a private one with hearth's configuration.
     let private = if opts.broker.is_none() || opts.baselines {
@@ -150,35 +186,10 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let endpoint = crate::mqtt::Endpoint::parse(&broker_url, "bench")?;
     let (host, port) = (endpoint.host, endpoint.port);
 
-    let mut baselines = Baselines::default();
-    if opts.baselines {
-        let broker = private.as_ref().expect("started for the baselines");
-        let base = |root: &str, events: u64| Load {
-            events,
-            sensors: opts.sensors,
-            rate: 0,
-            connections: opts.publishers,
-            qos: QoS::AtLeastOnce,
-            sensor_prefix: format!("s{run_id}"),
-            topic_root: root.into(),
-        };
-        eprintln!("bench: raw baseline, {} events", opts.events);
-        baselines.raw_events_per_s =
-            Some(baseline::raw(broker.port, &base("rawbench", opts.events), &run_id).await?);
-        let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
-        crate::store::migrate(&db).await?;
-        baselines.sync_events = opts.sync_events.min(opts.events);
-        eprintln!("bench: sync baseline, {} events", baselines.sync_events);
-        baselines.sync_events_per_s = Some(
-            baseline::sync(
-                broker.port,
-                &base("syncbench", baselines.sync_events),
-                &run_id,
-                &db,
-            )
-            .await?,
-        );
-    }
+    let baselines = match (&private, opts.baselines) {
+        (Some(broker), true) => run_baselines(&config, &opts, &run_id, broker.port).await?,
+        _ => Baselines::default(),
+    };
 
     // hearth's own processes, on a fresh database and Redis prefix.
     let (database_url, prefix) = if opts.external {
@@ -224,15 +235,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
         .map(|r| cpu_seconds(r.pid()).unwrap_or(0.0))
         .collect();
 
-    let load = Load {
-        events: opts.events,
-        sensors: opts.sensors,
-        rate: opts.rate,
-        connections: opts.publishers,
-        qos,
-        sensor_prefix: format!("s{run_id}"),
-        topic_root: "hearth".into(),
-    };
+    let load = opts.load(&run_id);
     let pattern = format!("s{run_id}-%");
     let db = crate::store::connect(&database_url).await?;
     let stats = Stats::open(&config.redis_url, &prefix).await?;
@@ -253,11 +256,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let processes: Vec<ProcessStats> = roles
         .iter()
         .zip(&cpu_before)
-        .map(|(r, before)| ProcessStats {
-            role: r.name.clone(),
-            cpu_seconds: cpu_seconds(r.pid()).unwrap_or(0.0) - before,
-            peak_rss_mb: peak_rss_kb(r.pid()).unwrap_or(0) as f64 / 1024.0,
-        })
+        .map(|(r, before)| ProcessStats::of(&r.name, r.pid(), *before))
         .collect();
     let hearth = measure(
         &db,
@@ -270,10 +269,6 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     )
     .await?;
 
-    let ratios = Ratios {
-        vs_raw: baselines.raw_events_per_s.map(|r| hearth.events_per_s / r),
-        vs_sync: baselines.sync_events_per_s.map(|s| hearth.events_per_s / s),
-    };
     for role in &mut roles {
         role.stop();
     }
@@ -286,19 +281,71 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
             dir.display()
         );
     }
-    Ok(Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
-        events: opts.events,
-        sensors: opts.sensors,
-        target_rate: opts.rate,
-        qos: opts.qos,
-        worker_processes: opts.worker_processes,
-        consumers_per_process: opts.consumers,
+    Ok(Report::new(
+        &opts,
+        opts.worker_processes,
+        opts.consumers,
         hearth,
         baselines,
-        ratios,
+    ))
+}
+
+/// The two baselines (see the module's documentation), on the private broker at `port`; the
+/// sync one writes into the database `hearth_bench_{run_id}`.
+async fn run_baselines(
+    config: &Config,
+    opts: &Options,
+    run_id: &str,
+    port: u16,
+) -> anyhow::Result<Baselines> {
+    // As fast as possible, at QoS 1, on topics of their own.
+    let base = |root: &str, events: u64| Load {
+        events,
+        rate: 0,
+        qos: QoS::AtLeastOnce,
+        topic_root: root.into(),
+        ..opts.load(run_id)
+    };
+    eprintln!("bench: raw baseline, {} events", opts.events);
+    let raw_events_per_s = Some(baseline::raw(port, &base("rawbench", opts.events), run_id).await?);
+    let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
+    crate::store::migrate(&db).await?;
+    let sync_events = opts.sync_events.min(opts.events);
+    eprintln!("bench: sync baseline, {sync_events} events");
+    let sync_events_per_s =
+        Some(baseline::sync(port, &base("syncbench", sync_events), run_id, &db).await?);
+    Ok(Baselines {
+        raw_events_per_s,
+        sync_events_per_s,
+        sync_events,
     })
+}
+
+impl Report {
+    fn new(
+        opts: &Options,
+        worker_processes: usize,
+        consumers_per_process: u16,
+        hearth: HearthRun,
+        baselines: Baselines,
+    ) -> Report {
+        Report {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine: machine(),
+            events: opts.events,
+            sensors: opts.sensors,
+            target_rate: opts.rate,
+            qos: opts.qos,
+            worker_processes,
+            consumers_per_process,
+            ratios: Ratios {
+                vs_raw: baselines.raw_events_per_s.map(|r| hearth.events_per_s / r),
+                vs_sync: baselines.sync_events_per_s.map(|s| hearth.events_per_s / s),
+            },
+            hearth,
+            baselines,
+        }
+    }
 }
 
 /// Wait until `expected` rows are stored, or nothing has moved for 30 s after the publisher
@@ -312,7 +359,6 @@ async fn wait_stored(
     publisher: &tokio::task::JoinHandle<anyhow::Result<Duration>>,
     sent: &AtomicU64,
 ) -> anyhow::Result<u64> {
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let count = || async {
         let n: i64 = db
             .query_one(
@@ -323,9 +369,36 @@ async fn wait_stored(
             .get(0);
         Ok::<u64, anyhow::Error>(n as u64)
     };
+    wait_until_stored(
+        expected,
+        publisher,
+        sent,
+        || stats.stored_since_start(),
+        count,
+    )
+    .await
+}
+
+/// Poll `progress` (a cheap counter of events finished) until it reaches `expected` and
+/// `count` (the rows, the final word) agrees, or nothing has moved for 30 s after the publisher
+/// finished (the rest is then lost). Returns `count`.
+async fn wait_until_stored<P, PF, C, CF>(
+    expected: u64,
+    publisher: &tokio::task::JoinHandle<anyhow::Result<Duration>>,
+    sent: &AtomicU64,
+    mut progress: P,
+    count: C,
+) -> anyhow::Result<u64>
+where
+    P: FnMut() -> PF,
+    PF: std::future::Future<Output = u64>,
+    C: Fn() -> CF,
+    CF: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = (0, Instant::now());
     loop {
-        let progress = stats.stored_since_start().await;
+        let progress = progress().await;
         if tty {
             eprint!(
                 "\rbench: published {:>9} / {expected}  stored {:>9} / {expected}   ",
@@ -426,27 +499,68 @@ async fn measure(
             &[&pattern],
         )
         .await?;
-    let mut receive: Vec<i64> = rows_lat.iter().map(|r| r.get(0)).collect();
-    let mut publish: Vec<i64> = rows_lat.iter().map(|r| r.get(1)).collect();
-    let seconds = last_us
-        .map(|l| (l - started_wall_us) as f64 / 1e6)
-        .unwrap_or(0.0)
-        .max(1e-6);
-    let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
-    Ok(HearthRun {
+    let checked = Checked {
+        rows,
+        distinct,
+        out_of_order,
+        last_stored_us: last_us,
+        receive_us: rows_lat.iter().map(|r| r.get(0)).collect(),
+        publish_us: rows_lat.iter().map(|r| r.get(1)).collect(),
+    };
+    Ok(checked.run(
+        expected,
         stored,
-        seconds,
-        events_per_s: distinct as f64 / seconds,
+        started_wall_us,
         publish_seconds,
-        lost: expected.saturating_sub(distinct as u64),
-        duplicated: (rows - distinct) as u64,
-        out_of_order: out_of_order as u64,
-        receive_to_stored_ms: percentiles(&mut receive),
-        publish_to_stored_ms: percentiles(&mut publish),
-        cpu_us_per_event: (!processes.is_empty() && distinct > 0)
-            .then(|| cpu * 1e6 / distinct as f64),
         processes,
-    })
+    ))
+}
+
+/// What a store holds after a run, read by the checker.
+struct Checked {
+    rows: i64,
+    /// Distinct (sensor, kind, seq).
+    distinct: i64,
+    /// Rows whose seq does not grow with storage order within their sensor.
+    out_of_order: i64,
+    /// When the last row was stored (epoch µs).
+    last_stored_us: Option<i64>,
+    /// Per row: receive → stored, publish (ts) → stored, in µs.
+    receive_us: Vec<i64>,
+    publish_us: Vec<i64>,
+}
+
+impl Checked {
+    fn run(
+        mut self,
+        expected: u64,
+        stored: u64,
+        started_wall_us: i64,
+        publish_seconds: f64,
+        processes: Vec<ProcessStats>,
+    ) -> HearthRun {
+        let seconds = self
+            .last_stored_us
+            .map(|l| (l - started_wall_us) as f64 / 1e6)
+            .unwrap_or(0.0)
+            .max(1e-6);
+        let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
+        let distinct = self.distinct;
+        HearthRun {
+            stored,
+            seconds,
+            events_per_s: distinct as f64 / seconds,
+            publish_seconds,
+            lost: expected.saturating_sub(distinct as u64),
+            duplicated: (self.rows - distinct) as u64,
+            out_of_order: self.out_of_order as u64,
+            receive_to_stored_ms: percentiles(&mut self.receive_us),
+            publish_to_stored_ms: percentiles(&mut self.publish_us),
+            cpu_us_per_event: (!processes.is_empty() && distinct > 0)
+                .then(|| cpu * 1e6 / distinct as f64),
+            processes,
+        }
+    }
 }
 
 /// Exact percentiles (in ms) of microsecond samples.
@@ -487,7 +601,8 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
-async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
+/// Drop the run's database (the sync baseline's, and hearth's unless external).
+async fn drop_database(config: &Config, run_id: &str) {
     if let Ok(admin) = crate::store::connect(&with_database(&config.database_url, "postgres")).await
     {
         let _ = admin
@@ -496,6 +611,10 @@ async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
             ))
             .await;
     }
+}
+
+async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
+    drop_database(config, run_id).await;
     if external {
         return;
     }

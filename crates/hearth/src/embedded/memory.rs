@@ -1,12 +1,14 @@
 //! The embedded cache and fan-out: in-process, because in embedded mode every reader of them is
-//! in this process. The cache is warmed from the store at start (it holds nothing the store does
-//! not); the fan-out is a broadcast channel feeding the API's WebSocket hub.
+//! in this process. The cache holds nothing the store does not: a sensor's stored latest values
+//! are read in the first time it is asked for (not at start, which would scan every event); the
+//! fan-out is a broadcast channel feeding the API's WebSocket hub.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc};
 
+use super::store::SqliteStore;
 use crate::alerts::Alert;
 use crate::alerts::rules::RuleSet;
 use crate::event::Event;
@@ -31,6 +33,19 @@ type Kinds = HashMap<String, (Order, Event)>;
 #[derive(Default)]
 pub struct MemoryCache {
     latest: Mutex<HashMap<String, Kinds>>,
+    /// Where values written before this start are read from, and the sensors already read in.
+    store: Option<Arc<SqliteStore>>,
+    read_in: Mutex<HashSet<String>>,
+}
+
+impl MemoryCache {
+    /// A cache that reads a sensor's stored latest values in when first asked for it.
+    pub fn over(store: Arc<SqliteStore>) -> MemoryCache {
+        MemoryCache {
+            store: Some(store),
+            ..MemoryCache::default()
+        }
+    }
 }
 
 impl LatestCache for MemoryCache {
@@ -61,6 +76,20 @@ impl LatestCache for MemoryCache {
 
     fn latest<'a>(&'a self, sensor: &'a str) -> Fut<'a, HashMap<String, String>> {
         Box::pin(async move {
+            let known = self
+                .read_in
+                .lock()
+                .map(|r| r.contains(sensor))
+                .unwrap_or(false);
+            if let (Some(store), false) = (&self.store, known) {
+                // Offered like any reading: one newer that arrived meanwhile is kept.
+                let stored = store.latest_of(sensor).await?;
+                let refs: Vec<&Event> = stored.iter().collect();
+                self.offer(&refs).await?;
+                if let Ok(mut r) = self.read_in.lock() {
+                    r.insert(sensor.to_string());
+                }
+            }
             Ok(self
                 .latest
                 .lock()
@@ -108,11 +137,7 @@ impl FanOut for ChannelFanOut {
     }
 
     fn push_alert<'a>(&'a self, _rules: &'a RuleSet, alert: &'a Alert) -> Fut<'a, ()> {
-        let message = crate::alerts::Push::Alert {
-            house_id: alert.house_id.clone(),
-            alert: Box::new(alert.clone()),
-        };
-        if let Ok(json) = serde_json::to_string(&message) {
+        if let Some(json) = crate::alerts::alert_message(alert) {
             let _ = self.tx.send(json);
         }
         Box::pin(async move { Ok(()) })

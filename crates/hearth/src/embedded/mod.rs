@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 use crate::alerts::rules::RuleSet;
-use crate::seam::{Lanes, LatestCache, Seams};
+use crate::seam::{Lanes, Seams};
 use crate::shutdown::Shutdown;
 
 /// The data folder's lock: one `hearth up` per data folder (two would both work the same queue).
@@ -83,7 +83,8 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Open the data folder (created if missing) and warm the cache from the store. A sensor's
+    /// Open the data folder (created if missing); the cache reads each sensor in from the store
+    /// when first asked for it. A sensor's
     /// row is rewritten at most every `touch_interval_ms` (`sensor_touch_interval_ms`).
     /// `rules` says which alert transitions get a webhook notification.
     pub async fn open(
@@ -92,8 +93,16 @@ impl Embedded {
         touch_interval_ms: u64,
         rules: &RuleSet,
     ) -> Result<Embedded, String> {
-        let writer = db::Sqlite::open(data_dir, "writer")?;
-        let reader = db::Sqlite::open(data_dir, "reader")?;
+        // Opening creates or migrates the schema: file work, off the executor.
+        let dir = data_dir.to_path_buf();
+        let (writer, reader) = tokio::task::spawn_blocking(move || {
+            Ok::<_, String>((
+                db::Sqlite::open(&dir, "writer")?,
+                db::Sqlite::open(&dir, "reader")?,
+            ))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let queue = Arc::new(queue::SqliteQueue::new(
             writer.clone(),
             reader.clone(),
@@ -106,11 +115,8 @@ impl Embedded {
             touch_interval_ms,
             rules,
         ));
-        let cache = Arc::new(memory::MemoryCache::default());
+        let cache = Arc::new(memory::MemoryCache::over(store.clone()));
         let fanout = Arc::new(memory::ChannelFanOut::default());
-        let latest = store.latest_events().await.map_err(|e| e.0)?;
-        let refs: Vec<&crate::event::Event> = latest.iter().collect();
-        cache.offer(&refs).await.map_err(|e| e.0)?;
         Ok(Embedded {
             seams: Seams {
                 queue: queue.clone(),

@@ -11,7 +11,7 @@
 //! never dropped. One reader per lane set (the critical and the routine worker): the in-flight
 //! set is what keeps a row from being handed out twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, params};
@@ -23,7 +23,7 @@ use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::{Event, Reason};
 use crate::queue::{DeadLetter, Lane, stat};
 use crate::seam::{Delivery, EventQueue, Fut, Lanes, Unavailable, Written};
-use crate::status::{Accounting, LaneStatus, Status};
+use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
 /// A lane's rows to insert: (lane, number of events, JSON body).
 type Entries = Vec<(Lane, u64, String)>;
@@ -103,15 +103,7 @@ impl SqliteQueue {
 
     /// The events grouped into one entry per lane, in arrival order.
     fn entries(&self, events: &[&Event]) -> Result<Entries, Unavailable> {
-        let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
-        for event in events {
-            let lane = Lane::for_event(event, self.shards);
-            match by_lane.iter_mut().find(|(l, _)| *l == lane) {
-                Some((_, list)) => list.push(event),
-                None => by_lane.push((lane, vec![event])),
-            }
-        }
-        by_lane
+        Lane::group(events, self.shards)
             .into_iter()
             .map(|(lane, list)| {
                 let body = serde_json::to_string(&list)
@@ -357,33 +349,30 @@ impl EventQueue for SqliteQueue {
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
         Box::pin(async move {
             let counters = self.counters().await?;
-            let mut out: BTreeMap<Lane, u64> = self.lanes().into_iter().map(|l| (l, 0)).collect();
-            for (name, value) in &counters {
-                if let Some(lane) = name.strip_prefix("in:").and_then(Lane::parse) {
-                    let done = counters.get(&stat::finished(lane)).copied().unwrap_or(0);
-                    out.insert(lane, value.saturating_sub(done));
-                }
-            }
-            Ok(out.into_iter().collect())
+            let mut lanes: BTreeSet<Lane> = self.lanes().into_iter().collect();
+            lanes.extend(
+                counters
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("in:"))
+                    .filter_map(Lane::parse),
+            );
+            Ok(lanes
+                .into_iter()
+                .map(|l| (l, lane_depth(&counters, l)))
+                .collect())
         })
     }
 
     fn status(&self) -> Fut<'_, Status> {
         Box::pin(async move {
-            type Snapshot = (Vec<(String, u64, u64)>, u64, HashMap<String, u64>);
+            type Snapshot = (Vec<(String, u64)>, u64, HashMap<String, u64>);
             let (per_lane, dead_letters, stats): Snapshot = self
                 .reader
                 .call(|c| {
                     let mut st =
-                        c.prepare_cached("SELECT lane, count(*), sum(n) FROM queue GROUP BY lane")?;
+                        c.prepare_cached("SELECT lane, count(*) FROM queue GROUP BY lane")?;
                     let lanes = st
-                        .query_map([], |r| {
-                            Ok((
-                                r.get(0)?,
-                                r.get::<_, i64>(1)? as u64,
-                                r.get::<_, i64>(2)? as u64,
-                            ))
-                        })?
+                        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     let dead: i64 = c.query_row("SELECT count(*) FROM dead", [], |r| r.get(0))?;
                     let mut st = c.prepare_cached("SELECT name, value FROM stats")?;
@@ -394,11 +383,10 @@ impl EventQueue for SqliteQueue {
                 })
                 .await?;
             let in_flight = self.in_flight.lock().map(|f| f.clone()).unwrap_or_default();
-            let get = |k: &str| stats.get(k).copied().unwrap_or(0);
             // The configured lanes, and any other that still holds rows or counts (`shards` was
             // changed): nothing queued is hidden.
-            let mut all: std::collections::BTreeSet<Lane> = self.lanes().into_iter().collect();
-            all.extend(per_lane.iter().filter_map(|(l, _, _)| Lane::parse(l)));
+            let mut all: BTreeSet<Lane> = self.lanes().into_iter().collect();
+            all.extend(per_lane.iter().filter_map(|(l, _)| Lane::parse(l)));
             all.extend(
                 stats
                     .keys()
@@ -411,10 +399,10 @@ impl EventQueue for SqliteQueue {
                 let name = lane.name();
                 let entries = per_lane
                     .iter()
-                    .find(|(l, _, _)| *l == name)
-                    .map(|(_, e, _)| *e)
+                    .find(|(l, _)| *l == name)
+                    .map(|(_, e)| *e)
                     .unwrap_or(0);
-                let depth = get(&stat::appended(lane)).saturating_sub(get(&stat::finished(lane)));
+                let depth = lane_depth(&stats, lane);
                 let pending = in_flight.values().filter(|l| **l == lane).count() as u64;
                 lanes.push(LaneStatus {
                     lane: name,
@@ -426,24 +414,8 @@ impl EventQueue for SqliteQueue {
                     consumers: Vec::new(),
                 });
             }
-            let received = lanes
-                .iter()
-                .filter_map(|l| Lane::parse(&l.lane))
-                .map(|l| get(&stat::appended(l)))
-                .sum();
             Ok(Status {
-                events: Accounting {
-                    received,
-                    stored: get(stat::STORED),
-                    duplicates: get(stat::DUPLICATES),
-                    dead_lettered: get(stat::DEAD_LETTERED),
-                    rejected_at_ingest: get(stat::REJECTED),
-                    in_flight: lanes.iter().map(|l| l.depth).sum(),
-                    rejected_by_reason: stats
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.strip_prefix("rejected:")?.to_string(), *v)))
-                        .collect(),
-                },
+                events: Accounting::from_counters(&stats, &lanes),
                 lanes,
                 dead_letters,
                 // One critical and one routine worker in the `hearth up` holding the folder.

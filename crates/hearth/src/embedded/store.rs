@@ -5,7 +5,7 @@
 //! waits for a write).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -203,75 +203,29 @@ impl SqliteStore {
     pub async fn write_outcome(
         &self,
         outcome: &Outcome,
-        rules: &RuleSet,
+        rules: Arc<RuleSet>,
     ) -> Result<Vec<Alert>, crate::seam::Unavailable> {
-        enum Step {
-            Raise([String; 7], f64, i64),
-            Clear(String, String, i64, String),
-        }
-        let steps: Vec<Step> = outcome
-            .transitions
-            .iter()
-            .map(|t| match t {
-                Transition::Raise {
-                    rule,
-                    house_id,
-                    sensor_id,
-                    kind,
-                    value,
-                    ts_ms,
-                    event_key,
-                } => {
-                    let r = &rules.rules[*rule];
-                    Step::Raise(
-                        [
-                            house_id.clone(),
-                            sensor_id.clone(),
-                            r.name.clone(),
-                            kind.clone(),
-                            r.severity.as_str().into(),
-                            r.message.clone(),
-                            event_key.clone(),
-                        ],
-                        *value,
-                        *ts_ms,
-                    )
-                }
-                Transition::Clear {
-                    rule,
-                    sensor_id,
-                    ts_ms,
-                    event_key,
-                } => Step::Clear(
-                    sensor_id.clone(),
-                    rules.rules[*rule].name.clone(),
-                    *ts_ms,
-                    event_key.clone(),
-                ),
-            })
-            .collect();
-        let states: Vec<(String, String, Option<i64>, Option<String>)> = outcome
-            .states
-            .iter()
-            .map(|(s, r, st)| {
-                (
-                    s.clone(),
-                    rules.rules[*r].name.clone(),
-                    st.pending_since,
-                    st.transition_key.clone(),
-                )
-            })
-            .collect();
+        let transitions = outcome.transitions.clone();
+        let states = outcome.states.clone();
         let hooked = self.webhook_severities.clone();
         let changed = self
             .writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 let mut changed = Vec::new();
-                for step in &steps {
-                    let id: Option<i64> = match step {
-                        Step::Raise([house, sensor, rule, kind, severity, message, key], value, ts) => tx
-                            .prepare_cached(
+                for t in &transitions {
+                    let id: Option<i64> = match t {
+                        Transition::Raise {
+                            rule,
+                            house_id,
+                            sensor_id,
+                            kind,
+                            value,
+                            ts_ms,
+                            event_key,
+                        } => {
+                            let r = &rules.rules[*rule];
+                            tx.prepare_cached(
                                 "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
                                                      message, value, raised_at, raised_by)
                                  VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9)
@@ -279,17 +233,36 @@ impl SqliteStore {
                                  RETURNING id",
                             )?
                             .query_row(
-                                params![house, sensor, rule, kind, severity, message, value, ts, key],
+                                params![
+                                    house_id,
+                                    sensor_id,
+                                    r.name,
+                                    kind,
+                                    r.severity.as_str(),
+                                    r.message,
+                                    value,
+                                    ts_ms,
+                                    event_key
+                                ],
                                 |r| r.get(0),
                             )
-                            .optional()?,
-                        Step::Clear(sensor, rule, ts, key) => tx
+                            .optional()?
+                        }
+                        Transition::Clear {
+                            rule,
+                            sensor_id,
+                            ts_ms,
+                            event_key,
+                        } => tx
                             .prepare_cached(
                                 "UPDATE alerts SET state = 'cleared', cleared_at = ?3, cleared_by = ?4
                                  WHERE sensor_id = ?1 AND rule = ?2 AND state <> 'cleared'
                                  RETURNING id",
                             )?
-                            .query_row(params![sensor, rule, ts, key], |r| r.get(0))
+                            .query_row(
+                                params![sensor_id, rules.rules[*rule].name, ts_ms, event_key],
+                                |r| r.get(0),
+                            )
                             .optional()?,
                     };
                     if let Some(id) = id {
@@ -303,8 +276,13 @@ impl SqliteStore {
                          pending_since = excluded.pending_since,
                          transition_key = excluded.transition_key",
                 )?;
-                for (sensor, rule, pending, key) in &states {
-                    upsert.execute(params![sensor, rule, pending, key])?;
+                for (sensor, rule, st) in &states {
+                    upsert.execute(params![
+                        sensor,
+                        rules.rules[*rule].name,
+                        st.pending_since,
+                        st.transition_key
+                    ])?;
                 }
                 drop(upsert);
                 queue_notifications(&tx, &hooked, &changed)?;
@@ -420,29 +398,45 @@ impl SqliteStore {
         Ok(raised)
     }
 
-    /// The latest event of each (sensor, kind), to warm the cache at start.
-    pub async fn latest_events(&self) -> Result<Vec<Event>, crate::seam::Unavailable> {
+    /// The latest stored reading of each kind of one sensor (by ts, then seq, then receive
+    /// time, the cache's order), for the cache to read a sensor in the first time it is asked.
+    pub async fn latest_of(&self, sensor: &str) -> Result<Vec<Event>, crate::seam::Unavailable> {
+        let sensor = sensor.to_string();
         self.reader
-            .call(|c| {
-                // SQLite takes the bare columns from the row holding max(ts).
-                let mut st = c.prepare(
-                    "SELECT house_id, sensor_id, kind, value, unit, seq, max(ts), received_us
-                     FROM events GROUP BY sensor_id, kind",
+            .call(move |c| {
+                let kinds: Option<String> = c
+                    .prepare_cached("SELECT kinds FROM sensors WHERE sensor_id = ?1")?
+                    .query_row([&sensor], |r| r.get(0))
+                    .optional()?;
+                let mut newest = c.prepare_cached(
+                    "SELECT house_id, value, unit, seq, ts, received_us FROM events
+                     WHERE sensor_id = ?1 AND kind = ?2
+                     ORDER BY ts DESC, seq IS NULL, seq DESC, received_us DESC LIMIT 1",
                 )?;
-                let rows = st.query_map([], |r| {
-                    Ok(Event {
-                        house_id: r.get(0)?,
-                        sensor_id: r.get(1)?,
-                        kind: r.get(2)?,
-                        value: r.get(3)?,
-                        unit: r.get(4)?,
-                        seq: r.get(5)?,
-                        ts_ms: r.get(6)?,
-                        received_us: r.get(7)?,
-                        ingest_id: None,
-                    })
-                })?;
-                rows.collect()
+                let mut out = Vec::new();
+                for kind in kinds
+                    .iter()
+                    .flat_map(|k| k.split(','))
+                    .filter(|k| !k.is_empty())
+                {
+                    let found = newest
+                        .query_row(params![sensor, kind], |r| {
+                            Ok(Event {
+                                house_id: r.get(0)?,
+                                sensor_id: sensor.clone(),
+                                kind: kind.to_string(),
+                                value: r.get(1)?,
+                                unit: r.get(2)?,
+                                seq: r.get(3)?,
+                                ts_ms: r.get(4)?,
+                                received_us: r.get(5)?,
+                                ingest_id: None,
+                            })
+                        })
+                        .optional()?;
+                    out.extend(found);
+                }
+                Ok(out)
             })
             .await
     }

@@ -15,9 +15,9 @@ use tracing::{debug, warn};
 use super::memory::ChannelFanOut;
 use super::queue::SqliteQueue;
 use super::store::SqliteStore;
+use crate::alerts::Alert;
 use crate::alerts::engine::Engine;
 use crate::alerts::rules::RuleSet;
-use crate::alerts::{Alert, Push, PushedEvent};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::metrics::METRICS;
@@ -149,7 +149,9 @@ impl Worker {
         let alerts = if outcome.is_empty() {
             Vec::new()
         } else {
-            self.store.write_outcome(&outcome, &self.rules).await?
+            self.store
+                .write_outcome(&outcome, self.rules.clone())
+                .await?
         };
         engine.commit(outcome, events);
         for a in &alerts {
@@ -165,21 +167,8 @@ impl Worker {
         if !self.fanout.has_subscribers() {
             return;
         }
-        let mut by_house: std::collections::BTreeMap<&str, Vec<PushedEvent>> = Default::default();
-        for e in events {
-            by_house
-                .entry(&e.house_id)
-                .or_default()
-                .push(PushedEvent::from(*e));
-        }
-        for (house, events) in by_house {
-            let message = Push::Events {
-                house_id: house.to_string(),
-                events,
-            };
-            if let Ok(json) = serde_json::to_string(&message) {
-                let _ = self.fanout.publish(json).await;
-            }
+        for json in crate::alerts::event_messages(events, |_| true) {
+            let _ = self.fanout.publish(json).await;
         }
     }
 }

@@ -81,6 +81,20 @@ impl Lane {
         }
     }
 
+    /// `events` grouped by lane, each group in arrival order, lanes in order of first event: one
+    /// queue entry per group.
+    pub fn group<'a>(events: &[&'a Event], shards: u16) -> Vec<(Lane, Vec<&'a Event>)> {
+        let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
+        for event in events {
+            let lane = Lane::for_event(event, shards);
+            match by_lane.iter_mut().find(|(l, _)| *l == lane) {
+                Some((_, list)) => list.push(event),
+                None => by_lane.push((lane, vec![event])),
+            }
+        }
+        by_lane
+    }
+
     pub fn routine(shards: u16) -> impl Iterator<Item = Lane> {
         (0..shards).map(Lane::Routine)
     }
@@ -445,14 +459,7 @@ impl Queue {
         events: &[&Event],
         dead: &[&DeadLetter],
     ) -> Result<(), QueueError> {
-        let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
-        for event in events {
-            let lane = Lane::for_event(event, self.shards);
-            match by_lane.iter_mut().find(|(l, _)| *l == lane) {
-                Some((_, list)) => list.push(event),
-                None => by_lane.push((lane, vec![event])),
-            }
-        }
+        let by_lane = Lane::group(events, self.shards);
         let stats = self.keys.stats();
         for (lane, list) in &by_lane {
             let body = serde_json::to_vec(list).map_err(|_| QueueError::Reply("encode"))?;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{Consumer, WorkerError, lock};
+use crate::alerts::Alert;
 use crate::alerts::rules::Condition;
-use crate::alerts::{Alert, Push, PushedEvent};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::metrics::{self, METRICS};
@@ -168,26 +168,12 @@ impl Consumer {
         if watched.is_empty() || events.is_empty() {
             return;
         }
-        let mut by_house: std::collections::BTreeMap<&str, Vec<PushedEvent>> = Default::default();
-        for e in events {
-            if watched.contains("*") || watched.contains(&e.house_id) {
-                by_house
-                    .entry(&e.house_id)
-                    .or_default()
-                    .push(PushedEvent::from(*e));
-            }
-        }
-        for (house, events) in by_house {
-            let message = Push::Events {
-                house_id: house.to_string(),
-                events,
-            };
-            if let Ok(json) = serde_json::to_string(&message) {
-                pipe.cmd("PUBLISH")
-                    .arg(self.queue.keys.push())
-                    .arg(json)
-                    .ignore();
-            }
+        let all = watched.contains("*");
+        for json in crate::alerts::event_messages(events, |h| all || watched.contains(h)) {
+            pipe.cmd("PUBLISH")
+                .arg(self.queue.keys.push())
+                .arg(json)
+                .ignore();
         }
     }
 
