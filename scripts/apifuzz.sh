@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/st" ]; then
 fi
 cargo build -q --locked
 run="apifuzz$$"
-token="fuzz-$run"
+token="fuzz-token-$run"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
 HEARTH_DATABASE_URL="postgres://postgres@127.0.0.1:5432/hearth_$run" \

@@ -1,18 +1,19 @@
 //! The latest value of each sensor and kind, in Redis, for apps that want "now" without a query.
 //!
-//! `P:latest:{sensor}` is a hash from kind to a JSON object (`value`, `unit`, `ts`, `seq`,
-//! `received_us`, `house_id`) behind a fixed-width order key ([`cached_json`] strips it);
-//! `P:house:{house}:sensors` is the set of a house's sensors.
-//! A reading replaces the cached one only if it is newer by (ts, seq, received time), checked and
-//! written in one Lua script, so a redelivered or stale event never moves the cache backwards,
-//! whichever worker writes it and in whatever order.
+//! `P:latest:{house}:{sensor}` is a hash from kind to a JSON object (`value`, `unit`, `ts`,
+//! `seq`, `received_us`, `house_id`) behind the reading's fixed-width order key
+//! ([`Event::order_key`]; [`cached_json`] strips it); `P:house:{house}:sensors` is the set of a
+//! house's sensors. A reading replaces the cached one only if its order key is greater (time,
+//! never later than its receipt, then seq, then receive time), checked and written in one Lua
+//! script, so a redelivered, stale or future-stamped event never pins or moves the cache
+//! backwards, whichever worker writes it and in whatever order.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use redis::aio::ConnectionManager;
 
-use crate::event::Event;
+use crate::event::{Event, ORDER_KEY_LEN};
 use crate::queue::{Keys, QueueError};
 
 /// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 5: kind, order key, the
@@ -35,45 +36,6 @@ end
 return updated
 "#;
 
-/// Width of the order key that prefixes every cached value.
-const ORDER_KEY_LEN: usize = 15 + 21 + 17;
-
-/// (ts, seq, received), fixed width so that string order is numeric order: ts in 15 digits,
-/// then `0` and 20 zeros without seq or `1` and the seq in 20 digits, then the receive time in
-/// 17 digits.
-pub(crate) fn order_key(e: &Event) -> String {
-    // Written digit by digit: `format!` with padding cost more than the rest of a reading's
-    // evaluation (every event of a batch gets a key, for the cache and the alert rules).
-    let mut out = String::with_capacity(ORDER_KEY_LEN);
-    push_padded(&mut out, e.ts_ms.max(0) as u64, 15);
-    match e.seq {
-        Some(s) => {
-            out.push('1');
-            push_padded(&mut out, s.max(0) as u64, 20);
-        }
-        None => {
-            out.push('0');
-            push_padded(&mut out, 0, 20);
-        }
-    }
-    push_padded(&mut out, e.received_us.max(0) as u64, 17);
-    out
-}
-
-/// `n` in decimal, left-padded with zeros to `width` (at most 20, a u64's digits; longer
-/// numbers are written whole).
-fn push_padded(out: &mut String, mut n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
-    while n > 0 {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    let from = start.min(digits.len() - width.min(digits.len()));
-    out.extend(digits[from..].iter().map(|d| char::from(*d)));
-}
-
 /// The JSON of a cached value (after its order key).
 pub fn cached_json(raw: &str) -> Option<&str> {
     raw.get(ORDER_KEY_LEN..)
@@ -93,10 +55,10 @@ impl Cache {
     /// Add to `pipe` the offer of these events as latest values (only the newest of each
     /// (sensor, kind) is sent).
     pub fn add_update(&self, pipe: &mut redis::Pipeline, events: &[&Event]) {
-        let mut newest: HashMap<(&str, &str), (&Event, String)> = HashMap::new();
+        let mut newest: HashMap<(&str, &str, &str), (&Event, String)> = HashMap::new();
         for e in events {
-            let key = order_key(e);
-            match newest.entry((&e.sensor_id, &e.kind)) {
+            let key = e.order_key();
+            match newest.entry((&e.house_id, &e.sensor_id, &e.kind)) {
                 Entry::Vacant(v) => {
                     v.insert((e, key));
                 }
@@ -111,7 +73,7 @@ impl Cache {
         }
         pipe.cmd("EVAL").arg(UPDATE_LATEST).arg(newest.len());
         for (e, _) in newest.values() {
-            pipe.arg(self.keys.latest(&e.sensor_id));
+            pipe.arg(self.keys.latest(&e.house_id, &e.sensor_id));
         }
         for (e, order) in newest.values() {
             let json = crate::seam::latest_json(e);
@@ -124,61 +86,131 @@ impl Cache {
         pipe.ignore();
     }
 
-    /// The cached latest values of a sensor, kind → JSON.
-    pub async fn latest(&self, sensor_id: &str) -> Result<HashMap<String, String>, QueueError> {
+    /// The cached latest values of some sensors of a house (kind → JSON each), in one round
+    /// trip.
+    pub async fn latest(
+        &self,
+        house_id: &str,
+        sensors: &[String],
+    ) -> Result<Vec<HashMap<String, String>>, QueueError> {
+        if sensors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for s in sensors {
+            pipe.cmd("HGETALL").arg(self.keys.latest(house_id, s));
+        }
         let mut conn = self.conn.clone();
-        let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.latest(sensor_id))
-            .query_async(&mut conn)
-            .await?;
+        let raw: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
         Ok(raw
             .into_iter()
-            .filter_map(|(k, v)| Some((k, cached_json(&v)?.to_string())))
+            .map(|kinds| {
+                kinds
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, cached_json(&v)?.to_string())))
+                    .collect()
+            })
             .collect())
     }
+
+    /// Move the values cached under the keys of earlier versions (`P:latest:{sensor}`, a sensor
+    /// shared by every house) to their houses' keys (`P:latest:{house}:{sensor}`), each value to
+    /// the house named in it, through the same compare-and-set. Idempotent: several processes
+    /// may run it at once. Returns the old keys moved.
+    pub async fn migrate_unscoped(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", self.keys.latest_prefix());
+        let mut cursor: u64 = 0;
+        let mut moved = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            for key in keys {
+                let Some(sensor) = key.strip_prefix(&self.keys.latest_prefix()) else {
+                    continue;
+                };
+                // Scoped keys have a house level; old ones only the sensor id (ids hold no ':').
+                if sensor.contains(':') {
+                    continue;
+                }
+                let raw: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                let events: Vec<Event> = raw
+                    .iter()
+                    .filter_map(|(kind, v)| unscoped_event(sensor, kind, cached_json(v)?))
+                    .collect();
+                let refs: Vec<&Event> = events.iter().collect();
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                self.add_update(&mut pipe, &refs);
+                pipe.cmd("DEL").arg(&key).ignore();
+                pipe.exec_async(&mut conn).await?;
+                moved += 1;
+            }
+            if next == 0 {
+                return Ok(moved);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// A value of an old unscoped cache key, as the event it was made from.
+fn unscoped_event(sensor: &str, kind: &str, json: &str) -> Option<Event> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let house = v["house_id"].as_str()?;
+    if !crate::event::is_valid_id(house) || !crate::event::is_valid_id(kind) {
+        return None;
+    }
+    Some(Event {
+        house_id: house.to_string(),
+        sensor_id: sensor.to_string(),
+        kind: kind.to_string(),
+        value: v["value"].as_f64()?,
+        unit: v["unit"].as_str().map(str::to_string),
+        seq: v["seq"].as_i64(),
+        ts_ms: v["ts"].as_i64()?,
+        received_us: v["received_us"].as_i64()?,
+        ingest_id: None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ev(ts: i64, seq: Option<i64>, rcv: i64) -> Event {
-        Event {
-            house_id: "h".into(),
-            sensor_id: "s".into(),
-            kind: "power".into(),
-            value: 1.0,
-            unit: None,
-            seq,
-            ts_ms: ts,
-            received_us: rcv,
-            ingest_id: None,
-        }
-    }
-
     #[test]
-    fn order_keys_sort_like_ts_then_seq_then_receive_time() {
-        let keys = [
-            order_key(&ev(1_000, None, 5)),
-            order_key(&ev(1_000, Some(0), 1)),
-            order_key(&ev(1_000, Some(9), 1)),
-            order_key(&ev(1_000, Some(10), 0)),
-            order_key(&ev(1_000, Some(10), 7)),
-            order_key(&ev(1_764_139_200_123, Some(1), 0)),
-        ];
-        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:#?}");
-        assert!(keys.iter().all(|k| k.len() == ORDER_KEY_LEN));
-        // The same text as the padded formatting it replaces.
-        for e in [
-            ev(1_764_139_200_123, Some(42), 1_764_139_200_123_456),
-            ev(0, None, 0),
-        ] {
-            let seq = match e.seq {
-                Some(s) => format!("1{s:020}"),
-                None => format!("0{:020}", 0),
-            };
-            let old = format!("{:015}{seq}{:017}", e.ts_ms, e.received_us);
-            assert_eq!(order_key(&e), old);
-        }
+    fn an_old_cached_value_becomes_its_house_event() {
+        let e = unscoped_event(
+            "kitchen",
+            "temperature",
+            r#"{"value":21.5,"unit":"°C","ts":1764139200123,"seq":4,"received_us":1764139200123456,"house_id":"h2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.house_id.as_str(), e.sensor_id.as_str()),
+            ("h2", "kitchen")
+        );
+        assert_eq!(
+            (e.value, e.seq, e.ts_ms),
+            (21.5, Some(4), 1_764_139_200_123)
+        );
+        assert!(unscoped_event("kitchen", "temperature", r#"{"value":1}"#).is_none());
+        assert!(
+            unscoped_event(
+                "k",
+                "t",
+                r#"{"value":1,"ts":1,"received_us":1,"house_id":"a b"}"#
+            )
+            .is_none()
+        );
     }
 }

@@ -50,8 +50,27 @@ pub struct Config {
     pub queue_low_watermark: u64,
     /// Largest accepted MQTT payload in bytes; larger ones are dead-lettered.
     pub max_payload_bytes: usize,
-    /// How far in the future a reading's `ts` may be, in seconds, before it is rejected.
+    /// Most readings one MQTT message or one `POST /events` may hold; a message with more is
+    /// refused whole (`too_many_readings`, one dead letter).
+    pub max_readings_per_message: usize,
+    /// How far in the future a reading's `ts` may be, in seconds, before it is rejected. A
+    /// reading stamped ahead within it is stored with its stamp but ordered (latest value,
+    /// rules) as if stamped when it was received.
     pub max_future_skew_secs: u64,
+    /// Most houses hearth keeps data of; readings of a new house past it are dead-lettered
+    /// (`too_many_houses`).
+    pub max_houses: u64,
+    /// Most sensors per house; readings of a new sensor past it are dead-lettered
+    /// (`too_many_sensors`).
+    pub max_sensors_per_house: u64,
+    /// Most kinds per sensor; readings of a new kind past it are dead-lettered
+    /// (`too_many_kinds`).
+    pub max_kinds_per_sensor: u64,
+    /// Dead letters older than this (seconds) are removed, and counted
+    /// (`hearth_dead_letters_expired_total`); 0 keeps them whatever their age.
+    pub dead_letter_max_age_secs: u64,
+    /// Most dead letters kept: past it the oldest are removed, and counted; 0 for no limit.
+    pub dead_letter_max_count: u64,
     /// Minimum interval between two writes of a sensor's `last_seen` in PostgreSQL, in
     /// milliseconds (the exact latest reading is always in the Redis cache).
     pub sensor_touch_interval_ms: u64,
@@ -75,6 +94,28 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// Address of the embedded MQTT broker (`hearth up` with no server URL configured).
     pub mqtt_listen: String,
+    /// Embedded broker: whether clients without credentials may connect (and publish or
+    /// subscribe anywhere). Allowed only while `mqtt_listen` is a loopback address: on any other
+    /// address, clients log in with their house id and a token of that house.
+    pub mqtt_allow_anonymous: bool,
+    /// Embedded broker: most client connections at once; more are refused.
+    pub mqtt_max_connections: usize,
+    /// Embedded broker: the longest keep-alive honoured, in seconds; a client asking for more,
+    /// or for none (0), is dropped after this long without a packet.
+    pub mqtt_max_keep_alive_secs: u64,
+    /// Embedded broker: a packet begun must be whole within this (milliseconds), or the client
+    /// is dropped.
+    pub mqtt_packet_timeout_ms: u64,
+    /// Embedded broker: most subscription filters per client.
+    pub mqtt_max_subscriptions: usize,
+    /// Embedded broker: bytes of messages a subscriber may have waiting; one that lets more
+    /// pile up (it does not read) is disconnected.
+    pub mqtt_subscriber_buffer_bytes: usize,
+    /// HTTP: most connections at once; more wait in the kernel's backlog.
+    pub http_max_connections: usize,
+    /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
+    /// included; WebSocket sessions aside) must be answered within ten times it.
+    pub http_header_timeout_ms: u64,
     /// Folder of the embedded store (`hearth up` with no server URL configured): one SQLite
     /// database holding the queue, events, sensors, alerts and dead letters.
     pub data_dir: String,
@@ -84,6 +125,10 @@ pub struct Config {
     /// then `hearth up` runs the embedded broker and store. Not a key: it is worked out.
     #[serde(skip)]
     pub embedded: bool,
+    /// What loading found odd but not wrong (an unknown `HEARTH_*` variable), to log once the
+    /// log is set up. Not a key.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -102,7 +147,13 @@ impl Default for Config {
             queue_high_watermark: 1_000_000,
             queue_low_watermark: 800_000,
             max_payload_bytes: 64 * 1024,
-            max_future_skew_secs: 24 * 3600,
+            max_readings_per_message: 1000,
+            max_future_skew_secs: 300,
+            max_houses: 10_000,
+            max_sensors_per_house: 1_000,
+            max_kinds_per_sensor: 64,
+            dead_letter_max_age_secs: 7 * 24 * 3600,
+            dead_letter_max_count: 100_000,
             sensor_touch_interval_ms: 10_000,
             rules_file: String::new(),
             api_listen: "127.0.0.1:8080".into(),
@@ -112,9 +163,18 @@ impl Default for Config {
             store_slow_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             mqtt_listen: "127.0.0.1:1883".into(),
+            mqtt_allow_anonymous: true,
+            mqtt_max_connections: 1024,
+            mqtt_max_keep_alive_secs: 300,
+            mqtt_packet_timeout_ms: 30_000,
+            mqtt_max_subscriptions: 128,
+            mqtt_subscriber_buffer_bytes: 4 * 1024 * 1024,
+            http_max_connections: 1024,
+            http_header_timeout_ms: 10_000,
             data_dir: "./hearth-data".into(),
             log: "info".into(),
             embedded: false,
+            warnings: Vec::new(),
         }
     }
 }
@@ -157,24 +217,47 @@ pub fn load(
         table.extend(parsed);
     }
 
+    // The environment is shared with everything else in the process's world: a variable hearth
+    // does not know is warned about, not fatal (Kubernetes' service links, which a Service named
+    // `hearth` injects as HEARTH_PORT, HEARTH_SERVICE_HOST..., are not even warned about).
+    let defaults = default_table();
+    let mut warnings = Vec::new();
     let mut env_layer = toml::Table::new();
     for (name, value) in env {
-        if let Some(key) = name.strip_prefix("HEARTH_") {
-            env_layer.insert(key.to_ascii_lowercase(), scalar(&value));
+        let Some(rest) = name.strip_prefix("HEARTH_") else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase();
+        match defaults.get(&key) {
+            Some(default) => {
+                let value = typed(default, &value).map_err(|message| ConfigError::Invalid {
+                    origin: "environment".into(),
+                    message: format!("{name}: {message}"),
+                })?;
+                env_layer.insert(key, value);
+            }
+            None if is_service_link(rest) => {}
+            None => warnings.push(format!(
+                "ignoring the environment variable {name}: hearth has no key {key}"
+            )),
         }
     }
-    check_layer(&env_layer, "environment", |k| {
-        format!("HEARTH_{}", k.to_ascii_uppercase())
-    })?;
     table.extend(env_layer);
 
     let mut flag_layer = toml::Table::new();
     for (key, value) in overrides {
-        flag_layer.insert(key.replace('-', "_"), scalar(value));
+        let key = key.replace('-', "_");
+        let spelled = format!("--{}", key.replace('_', "-"));
+        let default = defaults.get(&key).ok_or_else(|| ConfigError::Invalid {
+            origin: "flags".into(),
+            message: format!("unknown key {spelled}"),
+        })?;
+        let value = typed(default, value).map_err(|message| ConfigError::Invalid {
+            origin: "flags".into(),
+            message: format!("{spelled}: {message}"),
+        })?;
+        flag_layer.insert(key, value);
     }
-    check_layer(&flag_layer, "flags", |k| {
-        format!("--{}", k.replace('_', "-"))
-    })?;
     table.extend(flag_layer);
 
     let embedded = !SERVER_URLS.iter().any(|k| table.contains_key(*k));
@@ -186,8 +269,23 @@ pub fn load(
                 message: one_line(&e.to_string()),
             })?;
     config.embedded = embedded;
+    config.warnings = warnings;
     config.validate()?;
     Ok(config)
+}
+
+/// Whether `HEARTH_{rest}` is one of the variables Kubernetes sets for a Service named `hearth`
+/// (or `hearth-...`): `HEARTH_SERVICE_HOST`, `HEARTH_SERVICE_PORT[_NAME]`, `HEARTH_PORT`,
+/// `HEARTH_PORT_8080_TCP[_PROTO|_PORT|_ADDR]`.
+fn is_service_link(rest: &str) -> bool {
+    let parts: Vec<&str> = rest.split('_').collect();
+    parts.last() == Some(&"PORT")
+        || parts
+            .windows(2)
+            .any(|w| w[0] == "SERVICE" && matches!(w[1], "HOST" | "PORT"))
+        || parts.windows(3).any(|w| {
+            w[0] == "PORT" && w[1].parse::<u16>().is_ok() && matches!(w[2], "TCP" | "UDP" | "SCTP")
+        })
 }
 
 /// The keys that name a server; with none of them set, `hearth up` runs embedded.
@@ -230,6 +328,35 @@ impl Config {
         }
         if self.max_deliveries == 0 {
             return bad("max_deliveries must be >= 1".into());
+        }
+        for (key, value) in [
+            (
+                "max_readings_per_message",
+                self.max_readings_per_message as u64,
+            ),
+            ("max_houses", self.max_houses),
+            ("max_sensors_per_house", self.max_sensors_per_house),
+            ("max_kinds_per_sensor", self.max_kinds_per_sensor),
+            ("mqtt_max_connections", self.mqtt_max_connections as u64),
+            ("mqtt_max_keep_alive_secs", self.mqtt_max_keep_alive_secs),
+            ("mqtt_packet_timeout_ms", self.mqtt_packet_timeout_ms),
+            ("mqtt_max_subscriptions", self.mqtt_max_subscriptions as u64),
+            (
+                "mqtt_subscriber_buffer_bytes",
+                self.mqtt_subscriber_buffer_bytes as u64,
+            ),
+            ("http_max_connections", self.http_max_connections as u64),
+            ("http_header_timeout_ms", self.http_header_timeout_ms),
+        ] {
+            if value == 0 {
+                return bad(format!("{key} must be >= 1"));
+            }
+        }
+        if !self.admin_token.is_empty() && self.admin_token.chars().count() < MIN_ADMIN_TOKEN {
+            return bad(format!(
+                "admin_token must be at least {MIN_ADMIN_TOKEN} characters (it sees every house), got {}",
+                self.admin_token.chars().count()
+            ));
         }
         if self.queue_low_watermark >= self.queue_high_watermark {
             return bad(format!(
@@ -280,21 +407,80 @@ impl Config {
         {
             return bad(format!("log is not a valid filter: {:?}", self.log));
         }
+        if self.embedded
+            && self.mqtt_allow_anonymous
+            && self
+                .mqtt_listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        {
+            return bad(format!(
+                "mqtt_listen {} is not a loopback address while mqtt_allow_anonymous is true: anyone on the network could publish into any house; set mqtt_allow_anonymous = false (devices then log in with their house id and a house token)",
+                self.mqtt_listen
+            ));
+        }
         Ok(())
     }
 }
+
+/// A duration as people write it: `500ms`, `30s`, `5m`, `2h`, `7d` (a bare number is seconds).
+/// Anything else, or one too large to represent, is an error: it comes from flags, rules files
+/// and query strings.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let v: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| {
+            format!(
+                "duration {:?} is not a number with ms, s, m, h or d",
+                truncate(s)
+            )
+        })?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        "d" => v * 86_400.0,
+        _ => {
+            return Err(format!(
+                "duration {:?}: unit must be ms, s, m, h or d",
+                truncate(s)
+            ));
+        }
+    };
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        // Durations are added to instants: keep them within a few thousand years.
+        .filter(|d| d.as_secs() < 100 * 365 * 86_400)
+        .ok_or_else(|| format!("duration {:?} is too long", truncate(s)))
+}
+
+/// The shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
 }
 
+/// The defaults as a TOML table: every key, with a value of its type.
+fn default_table() -> toml::Table {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    }
+}
+
 /// Names that exist in `Config`, so a layer can be checked before it is merged and the error can
 /// use the spelling of that layer (`HEARTH_SHRADS`, `--shrads`, `shrads`).
 pub fn keys() -> Vec<String> {
-    match toml::Value::try_from(Config::default()) {
-        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
+    default_table().keys().cloned().collect()
 }
 
 fn check_layer(
@@ -314,17 +500,28 @@ fn check_layer(
     Ok(())
 }
 
-/// An environment or flag value as a TOML scalar: `16` is an integer, `true` a boolean, anything
-/// else a string, so that `HEARTH_SHARDS=16` and `HEARTH_REDIS_URL=redis://x` both work.
-fn scalar(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
+/// An environment or flag value, read as the type of its key (the type of its default): a
+/// string key takes any text (`HEARTH_ADMIN_TOKEN=123456` is a string), a number key an
+/// integer, a boolean key `true` or `false`.
+fn typed(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(raw.to_string())),
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {:?}", truncate(raw))),
+        toml::Value::Boolean(_) => match raw.trim() {
+            "true" | "1" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {:?}", truncate(raw))),
+        },
+        _ => Err("this key cannot be set here".into()),
     }
-    match raw {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(raw.to_string()),
-    }
+}
+
+fn truncate(s: &str) -> &str {
+    crate::codec::truncate(s, 64)
 }
 
 fn one_line(s: &str) -> String {
@@ -373,17 +570,109 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_in_the_spelling_of_their_layer() {
-        let err = load(None, env(&[("HEARTH_SHRADS", "4")]), &[]).unwrap_err();
-        assert!(err.to_string().contains("HEARTH_SHRADS"), "{err}");
+        let cfg = load(None, env(&[("HEARTH_SHRADS", "4")]), &[]).unwrap();
+        assert!(
+            cfg.warnings[0].contains("HEARTH_SHRADS"),
+            "{:?}",
+            cfg.warnings
+        );
         let err = load(None, env(&[]), &[("shrads".into(), "4".into())]).unwrap_err();
         assert!(err.to_string().contains("--shrads"), "{err}");
+        let dir = std::env::temp_dir().join(format!("hearth-cfg-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hearth.toml");
+        std::fs::write(&file, "shrads = 4\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err();
+        assert!(err.to_string().contains("shrads"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_and_never_panic() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        for bad in [
+            "99999999999999999999999h",
+            "1e308s",
+            "-1s",
+            "NaNs",
+            "3w",
+            "",
+            "h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_ignored_silently() {
+        let cfg = load(
+            None,
+            env(&[
+                ("HEARTH_PORT", "tcp://10.0.0.1:8080"),
+                ("HEARTH_PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+                ("HEARTH_PORT_8080_TCP_ADDR", "10.0.0.1"),
+                ("HEARTH_PORT_8080_TCP_PORT", "8080"),
+                ("HEARTH_PORT_8080_TCP_PROTO", "tcp"),
+                ("HEARTH_SERVICE_HOST", "10.0.0.1"),
+                ("HEARTH_SERVICE_PORT", "8080"),
+                ("HEARTH_SERVICE_PORT_HTTP", "8080"),
+                ("HEARTH_API_SERVICE_HOST", "10.0.0.2"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    }
+
+    #[test]
+    fn values_are_read_as_their_keys_type() {
+        let cfg = load(
+            None,
+            env(&[
+                ("HEARTH_ADMIN_TOKEN", "1234567890123456"),
+                ("HEARTH_MQTT_CLIENT_ID", "42"),
+                ("HEARTH_MQTT_ALLOW_ANONYMOUS", "false"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.admin_token, "1234567890123456");
+        assert_eq!(cfg.mqtt_client_id, "42");
+        assert!(!cfg.mqtt_allow_anonymous);
+        let err = load(None, env(&[("HEARTH_WORKERS", "two")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("HEARTH_WORKERS"), "{err}");
+    }
+
+    #[test]
+    fn admin_tokens_are_long_and_anonymous_mqtt_stays_on_loopback() {
+        let err = load(None, env(&[("HEARTH_ADMIN_TOKEN", "a")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+        let err = load(None, env(&[("HEARTH_MQTT_LISTEN", "0.0.0.0:1883")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("mqtt_allow_anonymous"), "{err}");
+        assert!(
+            load(
+                None,
+                env(&[
+                    ("HEARTH_MQTT_LISTEN", "0.0.0.0:1883"),
+                    ("HEARTH_MQTT_ALLOW_ANONYMOUS", "false")
+                ]),
+                &[]
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn bad_values_are_one_line() {
         let err = load(None, env(&[("HEARTH_SHARDS", "many")]), &[]).unwrap_err();
         let msg = err.to_string();
-        assert!(!msg.contains('\n') && msg.contains("shards"), "{msg}");
+        assert!(
+            !msg.contains('\n') && msg.contains("HEARTH_SHARDS"),
+            "{msg}"
+        );
         let err = load(None, env(&[("HEARTH_SHARDS", "0")]), &[]).unwrap_err();
         assert!(err.to_string().contains("shards must be"), "{err}");
         let err = load(None, env(&[("HEARTH_REDIS_URL", "localhost:6379")]), &[]).unwrap_err();

@@ -196,6 +196,7 @@ pub async fn replay(
     filter: &Filter,
 ) -> Result<Replayed, QueueError> {
     let mut report = Replayed::default();
+    queue.ensure_route().await?;
     for letter in list(queue, filter).await? {
         let received_us = crate::event::now_us();
         let mut pipe = redis::pipe();
@@ -261,34 +262,15 @@ pub fn decode_again(
                 }
             }
         }
-        "http" => match codec::http::readings(&letter.raw) {
-            Ok(items) => {
-                for item in items {
-                    match codec::http::event(&item, received_us, limits) {
-                        Ok(e) => events.push(e),
-                        Err(r) => {
-                            let raw = serde_json::to_vec(&item).unwrap_or_default();
-                            dead.push(DeadLetter::from_rejection(&r, "http", "http", &raw, at_ms));
-                        }
-                    }
-                }
-            }
-            Err(r) => dead.push(DeadLetter::from_rejection(
-                &r,
-                "http",
-                "http",
-                &letter.raw,
-                at_ms,
-            )),
-        },
+        "http" => {
+            let decoded = codec::http::decode(&letter.raw, received_us, limits);
+            dead.extend(decoded.dead_letter("http", "http", &letter.raw, at_ms));
+            events = decoded.events;
+        }
         _ => {
             let decoded = codec::decode(&letter.topic, &letter.raw, received_us, limits);
+            dead.extend(decoded.dead_letter("mqtt", &letter.topic, &letter.raw, at_ms));
             events = decoded.events;
-            dead = decoded
-                .rejections
-                .iter()
-                .map(|r| DeadLetter::from_rejection(r, "mqtt", &letter.topic, &letter.raw, at_ms))
-                .collect();
         }
     }
     (events, dead)

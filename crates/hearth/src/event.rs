@@ -41,6 +41,59 @@ impl Event {
     pub fn is_critical(&self) -> bool {
         is_critical_kind(&self.kind)
     }
+
+    /// The time hearth orders this reading by: its stamp, but never later than when it was
+    /// received. A device may stamp a reading up to `max_future_skew_secs` ahead (clocks drift),
+    /// and the stamp is stored as sent; ordered by it, one reading stamped a day ahead would
+    /// outrank every reading of the next day: pin the latest value and make the rules skip them
+    /// all (they skip readings at or before their last transition). Ordered by this instead, a
+    /// reading counts as "now" at the latest, so whatever arrives after it comes after it. Past
+    /// stamps keep their meaning: a reading delivered late (a device's buffer) still sorts where
+    /// its stamp says, behind newer ones.
+    pub fn at_ms(&self) -> i64 {
+        self.ts_ms.min(self.received_us.div_euclid(1000))
+    }
+
+    /// The reading's place among the readings of its (house, sensor, kind): [`Event::at_ms`],
+    /// then `seq` (a reading with one after one without), then the receive time; fixed width, so
+    /// that string order is that order (15 digits, `0` and 20 zeros or `1` and the seq in 20
+    /// digits, 17 digits). The latest-value caches keep a value only if its key is greater; the
+    /// rules skip a reading whose key is not after their last transition.
+    pub fn order_key(&self) -> String {
+        // Written digit by digit: `format!` with padding cost more than the rest of a reading's
+        // evaluation (every event of a batch gets a key, for the cache and the alert rules).
+        let mut out = String::with_capacity(ORDER_KEY_LEN);
+        push_padded(&mut out, self.at_ms().max(0) as u64, 15);
+        match self.seq {
+            Some(s) => {
+                out.push('1');
+                push_padded(&mut out, s.max(0) as u64, 20);
+            }
+            None => {
+                out.push('0');
+                push_padded(&mut out, 0, 20);
+            }
+        }
+        push_padded(&mut out, self.received_us.max(0) as u64, 17);
+        out
+    }
+}
+
+/// Width of [`Event::order_key`].
+pub const ORDER_KEY_LEN: usize = 15 + 21 + 17;
+
+/// `n` in decimal, left-padded with zeros to `width` (at most 20, a u64's digits; longer
+/// numbers are written whole).
+fn push_padded(out: &mut String, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while n > 0 {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let from = start.min(digits.len() - width.min(digits.len()));
+    out.extend(digits[from..].iter().map(|d| char::from(*d)));
 }
 
 /// Kinds that mean danger to people or the house. Routed by kind, not by value, so that a
@@ -114,6 +167,16 @@ pub enum Reason {
     BadTimestamp,
     HouseMismatch,
     UnknownTopic,
+    /// A message or request with more readings than `max_readings_per_message`.
+    TooManyReadings,
+    /// A reading of a new house past `max_houses`.
+    TooManyHouses,
+    /// A reading of a new sensor of a house past `max_sensors_per_house`.
+    TooManySensors,
+    /// A reading of a new kind of a sensor past `max_kinds_per_sensor`.
+    TooManyKinds,
+    /// A message published where its sender may not publish (another house's topics).
+    Forbidden,
     /// A stream entry a worker could not read back (written by something other than the ingest).
     BadEntry,
     /// The store refused the row for its content after `max_deliveries` attempts.
@@ -134,6 +197,11 @@ impl Reason {
             Reason::BadTimestamp => "bad_timestamp",
             Reason::HouseMismatch => "house_mismatch",
             Reason::UnknownTopic => "unknown_topic",
+            Reason::TooManyReadings => "too_many_readings",
+            Reason::TooManyHouses => "too_many_houses",
+            Reason::TooManySensors => "too_many_sensors",
+            Reason::TooManyKinds => "too_many_kinds",
+            Reason::Forbidden => "forbidden",
             Reason::BadEntry => "bad_entry",
             Reason::StoreRejected => "store_rejected",
         }
@@ -185,6 +253,54 @@ mod tests {
         assert!(!is_valid_id("a b"));
         assert!(!is_valid_id("é"));
         assert!(!is_valid_id("a\0b"));
+    }
+
+    fn ev(ts: i64, seq: Option<i64>, rcv: i64) -> Event {
+        Event {
+            house_id: "h".into(),
+            sensor_id: "s".into(),
+            kind: "power".into(),
+            value: 1.0,
+            unit: None,
+            seq,
+            ts_ms: ts,
+            received_us: rcv,
+            ingest_id: None,
+        }
+    }
+
+    #[test]
+    fn order_keys_sort_like_time_then_seq_then_receive_time() {
+        let r = 2_000_000_000_000_000; // received long after the stamps below
+        let keys = [
+            ev(1_000, None, r + 5).order_key(),
+            ev(1_000, Some(0), r + 1).order_key(),
+            ev(1_000, Some(9), r + 1).order_key(),
+            ev(1_000, Some(10), r).order_key(),
+            ev(1_000, Some(10), r + 7).order_key(),
+            ev(1_764_139_200_123, Some(1), r).order_key(),
+        ];
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:#?}");
+        assert!(keys.iter().all(|k| k.len() == ORDER_KEY_LEN));
+        // The same text as the padded formatting it replaces.
+        let e = ev(1_764_139_200_123, Some(42), 1_764_139_200_123_456);
+        assert_eq!(
+            e.order_key(),
+            format!("{:015}1{:020}{:017}", e.ts_ms, 42, e.received_us)
+        );
+    }
+
+    #[test]
+    fn a_reading_stamped_in_the_future_counts_as_received() {
+        let now_us = 1_764_139_200_000_000;
+        let ahead = ev(now_us / 1000 + 23 * 3_600_000, Some(1), now_us);
+        assert_eq!(ahead.at_ms(), now_us / 1000);
+        // A reading received a second later, stamped honestly, comes after it.
+        let next = ev(now_us / 1000 + 1000, None, now_us + 1_000_000);
+        assert!(next.order_key() > ahead.order_key());
+        // A late delivery of an old reading still sorts by its stamp, behind both.
+        let old = ev(now_us / 1000 - 60_000, Some(9), now_us + 2_000_000);
+        assert!(old.order_key() < ahead.order_key());
     }
 
     #[test]

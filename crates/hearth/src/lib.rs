@@ -36,6 +36,7 @@ pub mod backoff;
 pub mod bench;
 pub mod breaker;
 pub mod cache;
+pub mod caps;
 pub mod codec;
 pub mod config;
 pub mod dlq;

@@ -138,7 +138,7 @@ fn print_report<R: serde::Serialize>(
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    hearth::sim::schedule::parse_duration(s)
+    hearth::config::parse_duration(s)
 }
 
 #[derive(Subcommand)]
@@ -198,11 +198,25 @@ impl From<DlqFilter> for hearth::dlq::Filter {
 #[derive(Subcommand)]
 enum TokenAction {
     /// Make a token for one house; prints the token alone on stdout (it is stored hashed and
-    /// cannot be shown again).
+    /// cannot be shown again; its id is on stderr).
     Create {
         /// The house the token may see.
         #[arg(long)]
         house: String,
+        /// It stops working after this long: 30d, 12h, 90m.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<std::time::Duration>,
+    },
+    /// List the tokens: id, house, created, expires (never the secret).
+    List {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id: every process refuses it within a second.
+    Revoke {
+        /// The token's id, from `hearth token list`.
+        id: String,
     },
 }
 
@@ -281,6 +295,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     // The ingest is one session and one appender, waiting on sockets: on a single thread it
     // spends nothing on waking tasks across threads. Everything else gets the multi-threaded
     // runtime.
@@ -371,6 +388,7 @@ async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
         config.shards,
         config.sensor_touch_interval_ms,
         &hearth::alerts::rules::RuleSet::default(),
+        hearth::caps::Caps::from_config(config),
     )
     .await
     .map(|e| e.seams)
@@ -397,27 +415,61 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             trigger.on_signals(grace);
             roles::api(config, shutdown).await
         }
-        Command::Token {
-            action: TokenAction::Create { house },
-        } => {
-            if !hearth::event::is_valid_id(&house) {
-                return Err(RoleError::Config(format!(
-                    "--house must match [A-Za-z0-9_.-]{{1,64}}, got {house:?}"
-                )));
-            }
+        Command::Token { action } => {
             if !config.embedded {
                 store::migrate(&config.database_url)
                     .await
                     .map_err(|e| anyhow::anyhow!("token: {e}"))?;
             }
-            let (token, hash) = hearth::api::auth::new_token();
-            seams(&config)
-                .await?
-                .store
-                .create_token(&hash, &house)
-                .await
-                .map_err(|e| anyhow::anyhow!("token: {e}"))?;
-            println!("{token}");
+            let store = seams(&config).await?.store;
+            let fail = |e: hearth::seam::Unavailable| anyhow::anyhow!("token: {e}");
+            match action {
+                TokenAction::Create { house, expires } => {
+                    if !hearth::event::is_valid_id(&house) {
+                        return Err(RoleError::Config(format!(
+                            "--house must match [A-Za-z0-9_.-]{{1,64}}, got {house:?}"
+                        )));
+                    }
+                    let (token, hash) = hearth::api::auth::new_token();
+                    let id = hearth::api::auth::token_id(&hash);
+                    let expires_at = expires.map(|d| {
+                        hearth::event::now_us() / 1000
+                            + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+                    });
+                    store
+                        .create_token(&id, &hash, &house, expires_at)
+                        .await
+                        .map_err(fail)?;
+                    eprintln!("token {id} for house {house}");
+                    println!("{token}");
+                }
+                TokenAction::List { json } => {
+                    let tokens = store.tokens().await.map_err(fail)?;
+                    print_report(json, &tokens, || {
+                        let mut out = format!(
+                            "{:<14} {:<24} {:<20} {}\n",
+                            "id", "house", "created", "expires"
+                        );
+                        for t in &tokens {
+                            out.push_str(&format!(
+                                "{:<14} {:<24} {:<20} {}\n",
+                                t.id,
+                                t.house_id,
+                                hearth::status::when(t.created_at),
+                                t.expires_at.map_or("never".into(), hearth::status::when)
+                            ));
+                        }
+                        out
+                    })?;
+                }
+                TokenAction::Revoke { id } => {
+                    if store.revoke(&id).await.map_err(fail)? {
+                        println!("revoked token {id}");
+                    } else {
+                        return Err(RoleError::Config(format!("no token with id {id:?}")));
+                    }
+                }
+            }
             Ok(())
         }
         Command::Dlq { action } => {

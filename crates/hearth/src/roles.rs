@@ -67,10 +67,12 @@ async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, Rol
     let checked = retry("preparing the redis streams", shutdown, || async {
         queue.ensure_groups().await?;
         match queue.check_shards().await {
-            Err(e @ QueueError::ShardsChanged { .. }) => Ok(Err(e)),
-            Err(e) => Err(e),
-            Ok(()) => Ok(Ok(())),
+            Err(e @ QueueError::ShardsChanged { .. }) => return Ok(Err(e)),
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
+        migrate_cache(&queue).await?;
+        Ok(Ok(()))
     })
     .await;
     match checked {
@@ -78,6 +80,35 @@ async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, Rol
         Some(Err(e)) => Err(RoleError::Config(e.to_string())),
         Some(Ok(())) => Ok(true),
     }
+}
+
+/// Once per installation: move latest values cached by a version that keyed them by sensor id
+/// alone to their houses' keys (see [`crate::cache::Cache::migrate_unscoped`]).
+async fn migrate_cache(queue: &Queue) -> Result<(), QueueError> {
+    let mut conn = queue.conn.clone();
+    let done: Option<String> = redis::cmd("HGET")
+        .arg(queue.keys.meta())
+        .arg("latest")
+        .query_async(&mut conn)
+        .await?;
+    if done.as_deref() == Some(crate::queue::ROUTE) {
+        return Ok(());
+    }
+    let cache = crate::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
+    let moved = cache.migrate_unscoped().await?;
+    if moved > 0 {
+        tracing::info!(
+            sensors = moved,
+            "latest values moved to (house, sensor) keys"
+        );
+    }
+    redis::cmd("HSET")
+        .arg(queue.keys.meta())
+        .arg("latest")
+        .arg(crate::queue::ROUTE)
+        .exec_async(&mut conn)
+        .await?;
+    Ok(())
 }
 
 /// What a role's HTTP server serves.
@@ -104,11 +135,17 @@ async fn http(
     }
     let listener = api::bind(addr).await?;
     let admin_token = if config.admin_token.is_empty() && kind == Http::Api {
-        let (token, _) = api::auth::new_token();
-        warn!(
-            token = %token,
-            "no admin_token configured: this run's admin token is the one shown; set HEARTH_ADMIN_TOKEN to choose it"
-        );
+        let path = std::path::Path::new(&config.data_dir).join("admin_token");
+        let (token, made) = api::auth::stored_admin_token(&path).map_err(RoleError::Config)?;
+        if made {
+            warn!(
+                token = %token,
+                file = %path.display(),
+                "no admin_token configured: made one, kept in the file (mode 0600) and used again at every start; set HEARTH_ADMIN_TOKEN to choose it"
+            );
+        } else {
+            tracing::info!(file = %path.display(), "admin token read from the data folder");
+        }
         token
     } else {
         config.admin_token.clone()
@@ -229,6 +266,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         config.shards,
         config.sensor_touch_interval_ms,
         &rules,
+        crate::caps::Caps::from_config(&config),
     )
     .await
     .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;

@@ -81,6 +81,17 @@ impl Accounting {
 }
 
 /// Events appended to a lane and not acknowledged, from the counters.
+/// Epoch milliseconds as RFC 3339 (UTC, seconds), for tables.
+pub fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
 pub fn lane_depth(stats: &HashMap<String, u64>, lane: queue::Lane) -> u64 {
     let get = |k: &str| stats.get(k).copied().unwrap_or(0);
     get(&stat::appended(lane)).saturating_sub(get(&stat::finished(lane)))

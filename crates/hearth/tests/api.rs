@@ -10,7 +10,7 @@ use support::*;
 
 const READY: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(30);
-const ADMIN: &str = "admin-secret";
+const ADMIN: &str = "admin-secret-token";
 
 fn rules_with_webhook(env: &Env, url: &str) -> String {
     let path = env.scratch.0.join("rules.toml");
@@ -87,7 +87,7 @@ async fn smoke_alarm_reaches_its_house_socket_and_webhook_and_ack_is_pushed() {
     assert_eq!(alert["rule"], "smoke");
     assert_eq!(alert["state"], "active");
     assert_eq!(alert["severity"], "critical");
-    assert_eq!(alert["raised_by"], "kitchen-smoke/smoke/1");
+    assert_eq!(alert["raised_by"], "h1/kitchen-smoke/smoke/1");
     let id = alert["id"].as_i64().expect("id");
 
     let pg = env.pg().await;
@@ -171,7 +171,10 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     assert_eq!(status, 202, "{accepted}");
     let accepted: serde_json::Value = serde_json::from_str(&accepted).expect("json");
     assert_eq!(accepted["accepted"], 2);
-    assert_eq!(accepted["rejected"][0]["reason"], "out_of_range");
+    assert_eq!(accepted["rejected"], 1);
+    assert_eq!(accepted["reasons"]["out_of_range"], 1);
+    assert_eq!(accepted["first_rejected"][0]["reason"], "out_of_range");
+    assert_eq!(accepted["first_rejected"][0]["index"], 2);
     wait_drained(&env, 2, WAIT).await;
     let pg = env.pg().await;
     assert_eq!(
@@ -182,8 +185,8 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
 
     let routes = [
         ("GET", "/api/v1/houses/h1/sensors"),
-        ("GET", "/api/v1/sensors/s1/latest"),
-        ("GET", "/api/v1/sensors/s1/events"),
+        ("GET", "/api/v1/houses/h1/sensors/s1/latest"),
+        ("GET", "/api/v1/houses/h1/sensors/s1/events"),
         ("GET", "/api/v1/alerts"),
         ("POST", "/api/v1/alerts/1/ack"),
         ("GET", "/api/v1/pipeline"),
@@ -203,9 +206,12 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     // A house token and another house.
     let forbidden = [
         ("GET", "/api/v1/houses/h2/sensors", 403),
-        ("GET", "/api/v1/sensors/s2/latest", 404),
-        ("GET", "/api/v1/sensors/s2/events", 404),
+        ("GET", "/api/v1/houses/h2/sensors/s2/latest", 403),
+        ("GET", "/api/v1/houses/h2/sensors/s2/events", 403),
+        ("GET", "/api/v1/houses/h1/sensors/s2/latest", 404),
+        ("GET", "/api/v1/houses/h1/sensors/s2/events", 404),
         ("GET", "/api/v1/alerts?house=h2", 403),
+        ("GET", "/api/v1/pipeline", 403),
     ];
     for (method, path, expected) in forbidden {
         let (status, body) = http(&addr, method, path, Some(&t1), None).await;
@@ -244,13 +250,14 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     assert_eq!(sensors[0]["latest"]["temperature"]["value"], 21.5);
 
     let bad = [
-        "/api/v1/sensors/s1/events?limit=0",
-        "/api/v1/sensors/s1/events?limit=ten",
-        "/api/v1/sensors/s1/events?from=yesterday",
-        "/api/v1/sensors/s1/events?cursor=zzz",
-        "/api/v1/sensors/s1/events?kind=bad%20kind",
-        "/api/v1/sensors/s1/events?bogus=1",
-        "/api/v1/sensors/s1/events?limit=%ZZ",
+        "/api/v1/houses/h1/sensors/s1/events?limit=0",
+        "/api/v1/houses/h1/sensors/s1/events?limit=ten",
+        "/api/v1/houses/h1/sensors/s1/events?from=yesterday",
+        "/api/v1/houses/h1/sensors/s1/events?cursor=zzz",
+        "/api/v1/houses/h1/sensors/s1/events?kind=bad%20kind",
+        "/api/v1/houses/h1/sensors/s1/events?bogus=1",
+        "/api/v1/houses/h1/sensors/s1/events?limit=%ZZ",
+        "/api/v1/houses/h1/sensors/bad%24id/events",
         "/api/v1/alerts?state=done",
         "/api/v1/houses/bad%24id/sensors",
     ];
@@ -294,6 +301,16 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
             .is_ok(),
         "token in the query"
     );
+    // ... on the WebSocket only: elsewhere it would end up in logs and browser histories.
+    let (status, _) = http(
+        &addr,
+        "GET",
+        &format!("/api/v1/houses/h1/sensors?token={t1}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
 
     // History paging, newest first.
     for seq in 3..=7 {
@@ -311,7 +328,7 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     let (_, page) = http(
         &addr,
         "GET",
-        "/api/v1/sensors/s1/events?limit=4",
+        "/api/v1/houses/h1/sensors/s1/events?limit=4",
         Some(&t1),
         None,
     )
@@ -328,7 +345,7 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     let (_, rest) = http(
         &addr,
         "GET",
-        &format!("/api/v1/sensors/s1/events?limit=4&cursor={cursor}"),
+        &format!("/api/v1/houses/h1/sensors/s1/events?limit=4&cursor={cursor}"),
         Some(&t1),
         None,
     )

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::*;
 
-const ADMIN: &str = "admin-browser";
+const ADMIN: &str = "admin-browser-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_live_values_and_alerts_in_a_browser() {

@@ -518,7 +518,7 @@ struct Watch {
     provisional: Option<serde_json::Value>,
 }
 
-const ADMIN: &str = "chaos-admin";
+const ADMIN: &str = "chaos-admin-token";
 
 fn world_down_at(watch: &Option<Watch>) -> Instant {
     watch

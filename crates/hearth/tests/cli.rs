@@ -12,8 +12,13 @@ fn unknown_key_or_bad_value_is_one_line_and_exit_code_2() {
         (vec!["--set", "shrads=4", "status"], None, "--shrads"),
         (
             vec!["status"],
-            Some(("HEARTH_BATCH_SIZ", "4")),
-            "HEARTH_BATCH_SIZ",
+            Some(("HEARTH_BATCH_SIZE", "many")),
+            "HEARTH_BATCH_SIZE",
+        ),
+        (
+            vec!["status"],
+            Some(("HEARTH_ADMIN_TOKEN", "short")),
+            "admin_token",
         ),
         (vec!["--shards", "lots", "status"], None, "shards"),
         (
@@ -41,6 +46,35 @@ fn unknown_key_or_bad_value_is_one_line_and_exit_code_2() {
     let out = bad_file.output().expect("run hearth");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrokers"));
+}
+
+/// The environment is shared with the rest of the world: an unknown `HEARTH_*` variable is a
+/// warning, and the ones Kubernetes injects for a Service named `hearth` are not even that.
+#[test]
+fn unknown_environment_variables_warn_and_service_links_pass() {
+    let env = Env::new("cli_env");
+    let run = |vars: &[(&str, &str)]| {
+        let mut cmd = env.command(&["status"]);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run hearth");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{vars:?}: {stderr}");
+        stderr
+    };
+    let typo = run(&[("HEARTH_BATCH_SIZ", "4")]);
+    assert!(typo.contains("HEARTH_BATCH_SIZ"), "{typo}");
+    let k8s = run(&[
+        ("HEARTH_PORT", "tcp://10.0.0.1:8080"),
+        ("HEARTH_PORT_8080_TCP_ADDR", "10.0.0.1"),
+        ("HEARTH_SERVICE_HOST", "10.0.0.1"),
+        ("HEARTH_SERVICE_PORT", "8080"),
+        // Typed by their keys: a numeric token or client id is a string.
+        ("HEARTH_ADMIN_TOKEN", "1234567890123456"),
+        ("HEARTH_MQTT_CLIENT_ID", "42"),
+    ]);
+    assert!(!k8s.contains("WARN"), "{k8s}");
 }
 
 #[test]

@@ -18,6 +18,13 @@ use support::*;
 
 const SHARDS: u16 = 4;
 
+/// Small caps, so that the store suite can pass them.
+const CAPS: hearth::caps::Caps = hearth::caps::Caps {
+    houses: 3,
+    sensors_per_house: 3,
+    kinds_per_sensor: 3,
+};
+
 /// A backend under test, and what keeps its state alive (and cleans it up).
 struct Backend {
     seams: Seams,
@@ -42,6 +49,9 @@ async fn servers(test: &str) -> Backend {
         redis_prefix: env.redis_prefix.clone(),
         database_url: env.database_url.clone(),
         shards: SHARDS,
+        max_houses: CAPS.houses,
+        max_sensors_per_house: CAPS.sensors_per_house,
+        max_kinds_per_sensor: CAPS.kinds_per_sensor,
         ..Config::default()
     };
     let seams = hearth::seam::servers::open(&config).expect("open");
@@ -65,15 +75,16 @@ async fn servers(test: &str) -> Backend {
 async fn embedded(test: &str) -> Backend {
     let env = Env::embedded(test);
     let dir = env.scratch.0.join("data");
-    let opened = hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default())
+    let opened = hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default(), CAPS)
         .await
         .expect("open");
     let reopen = move || -> futures_reopen::Reopen {
         let dir = dir.clone();
         Box::pin(async move {
-            let again = hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default())
-                .await
-                .expect("reopen");
+            let again =
+                hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default(), CAPS)
+                    .await
+                    .expect("reopen");
             again.seams.queue
         })
     };
@@ -146,13 +157,16 @@ async fn queue_suite(b: Backend) {
     );
 
     // Acknowledge the critical entry and the first read; a reader opened later gets the rest.
-    q.ack(&critical, Written::default()).await.expect("ack");
+    q.ack(&critical, &Written::default(), &[])
+        .await
+        .expect("ack");
     q.ack(
         &first,
-        Written {
+        &Written {
             stored: 1,
-            duplicates: 0,
+            ..Written::default()
         },
+        &[],
     )
     .await
     .expect("ack");
@@ -166,13 +180,30 @@ async fn queue_suite(b: Backend) {
     ids.sort();
     expected.sort();
     assert_eq!(ids, expected, "pending entries are delivered again");
-    later.ack(&again, Written::default()).await.expect("ack");
+    // Acknowledged with the dead letter of an event its write refused (past a cap).
+    let refused = DeadLetter::of_events(
+        &[&again[0].events[0]],
+        &[Rejection::new(Reason::TooManyKinds, "too many kinds")],
+        "a test",
+    )
+    .expect("a letter");
+    let written = Written {
+        capped: vec![(0, Rejection::new(Reason::TooManyKinds, "too many kinds"))],
+        ..Written::default()
+    };
+    later.ack(&again, &written, &[refused]).await.expect("ack");
     let depth: u64 = q.depths().await.expect("depths").iter().map(|d| d.1).sum();
     assert_eq!(depth, 0);
     let status = q.status().await.expect("status");
     assert_eq!(status.events.received, 16);
     assert_eq!(status.events.in_flight, 0);
     assert_eq!(status.events.stored, 1);
+    assert_eq!(status.events.dead_lettered, 1);
+    let letters = q.dead_letters(&Filter::default()).await.expect("list");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "too_many_kinds");
+    assert_eq!(letters[0].source, "worker");
+    assert_eq!(q.purge(&Filter::default()).await.expect("purge"), 1);
 
     // Dead letters: kept with their reason, listed, purged.
     let letter = DeadLetter::from_rejection(
@@ -236,9 +267,21 @@ async fn store_suite(b: Backend) {
     let w = s.write(&[&a, &a, &other]).await.expect("write");
     assert_eq!((w.stored, w.duplicates), (2, 1));
 
+    // Another house's `kitchen` is another sensor: its seq 1..3 are not duplicates, and it
+    // shows in neither house-1's history nor its sensors.
+    let theirs: Vec<Event> = (1..=3)
+        .map(|i| event("house-2", "kitchen", "humidity", i, 10_000 + i))
+        .collect();
+    let w = s
+        .write(&theirs.iter().collect::<Vec<_>>())
+        .await
+        .expect("write");
+    assert_eq!((w.stored, w.duplicates), (3, 0));
+
     // History: newest first, paged by (ts, id).
     let page = s
         .history(&HistoryQuery {
+            house: "house-1".into(),
             sensor: "kitchen".into(),
             limit: 2,
             ..HistoryQuery::default()
@@ -251,6 +294,7 @@ async fn store_suite(b: Backend) {
     );
     let next = s
         .history(&HistoryQuery {
+            house: "house-1".into(),
             sensor: "kitchen".into(),
             limit: 10,
             cursor: Some((page[1].ts, page[1].id)),
@@ -261,6 +305,7 @@ async fn store_suite(b: Backend) {
     assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [Some(1)]);
     let window = s
         .history(&HistoryQuery {
+            house: "house-1".into(),
             sensor: "kitchen".into(),
             from: Some(10_002),
             to: Some(10_003),
@@ -270,6 +315,19 @@ async fn store_suite(b: Backend) {
         .await
         .expect("history");
     assert_eq!(window.iter().map(|e| e.seq).collect::<Vec<_>>(), [Some(2)]);
+    let kinds: Vec<String> = s
+        .history(&HistoryQuery {
+            house: "house-2".into(),
+            sensor: "kitchen".into(),
+            limit: 10,
+            ..HistoryQuery::default()
+        })
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["humidity"; 3]);
 
     // Sensors and houses.
     let sensors = s.sensors("house-1").await.expect("sensors");
@@ -277,26 +335,88 @@ async fn store_suite(b: Backend) {
     assert_eq!(names, ["door", "kitchen"]);
     assert_eq!(sensors[1].kinds, ["temperature"]);
     let houses = s.houses(None).await.expect("houses");
-    assert_eq!(houses.len(), 1);
-    assert_eq!(
-        (houses[0].house_id.as_str(), houses[0].sensors),
-        ("house-1", 2)
-    );
+    let houses: Vec<(&str, i64)> = houses
+        .iter()
+        .map(|h| (h.house_id.as_str(), h.sensors))
+        .collect();
+    assert_eq!(houses, [("house-1", 2), ("house-2", 1)]);
     assert!(s.houses(Some("other")).await.expect("houses").is_empty());
-    assert_eq!(
-        s.sensor_house("kitchen").await.expect("house").as_deref(),
-        Some("house-1")
-    );
-    assert_eq!(s.sensor_house("nowhere").await.expect("house"), None);
+    let kitchen = s.sensor("house-2", "kitchen").await.expect("sensor");
+    assert_eq!(kitchen.map(|k| k.kinds), Some(vec!["humidity".to_string()]));
+    assert_eq!(s.sensor("house-2", "door").await.expect("sensor"), None);
 
-    // Tokens by hash; no alert yet.
+    // The caps (3 of each here): refused past them, with a reason, the rest stored.
+    let over: Vec<Event> = [
+        ("house-1", "kitchen", "humidity"), // second kind
+        ("house-1", "kitchen", "co2"),      // third kind
+        ("house-1", "kitchen", "noise"),    // fourth kind: refused
+        ("house-1", "hall", "motion"),      // third sensor
+        ("house-1", "attic", "motion"),     // fourth sensor: refused
+        ("house-3", "plug", "power"),       // third house
+        ("house-4", "plug", "power"),       // fourth house: refused
+    ]
+    .iter()
+    .map(|(h, sensor, kind)| event(h, sensor, kind, 1, 30_000))
+    .collect();
+    let w = s
+        .write(&over.iter().collect::<Vec<_>>())
+        .await
+        .expect("write");
+    let capped: Vec<(usize, &str)> = w
+        .capped
+        .iter()
+        .map(|(i, r)| (*i, r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        capped,
+        [
+            (2, "too_many_kinds"),
+            (4, "too_many_sensors"),
+            (6, "too_many_houses")
+        ]
+    );
+    assert_eq!((w.stored, w.duplicates), (4, 0));
+    assert_eq!(s.sensor("house-1", "attic").await.expect("sensor"), None);
+    // Written again (a redelivery): the same refused, nothing stored twice.
+    let w = s
+        .write(&over.iter().collect::<Vec<_>>())
+        .await
+        .expect("write");
+    assert_eq!((w.stored, w.duplicates, w.capped.len()), (0, 4, 3));
+
+    // Tokens by hash, listed by id, revoked, expired; no alert yet.
     let (_, hash) = hearth::api::auth::new_token();
-    s.create_token(&hash, "house-1").await.expect("token");
+    let id = hearth::api::auth::token_id(&hash);
+    s.create_token(&id, &hash, "house-1", None)
+        .await
+        .expect("token");
     assert_eq!(
         s.token_house(&hash).await.expect("lookup").as_deref(),
         Some("house-1")
     );
     assert_eq!(s.token_house(b"unknown").await.expect("lookup"), None);
+    let (_, old) = hearth::api::auth::new_token();
+    let old_id = hearth::api::auth::token_id(&old);
+    let past = hearth::event::now_us() / 1000 - 1_000;
+    s.create_token(&old_id, &old, "house-2", Some(past))
+        .await
+        .expect("token");
+    assert_eq!(s.token_house(&old).await.expect("lookup"), None, "expired");
+    let listed = s.tokens().await.expect("tokens");
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.id == id && t.house_id == "house-1" && t.expires_at.is_none())
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.id == old_id && t.expires_at == Some(past))
+    );
+    assert!(s.revoke(&id).await.expect("revoke"));
+    assert!(!s.revoke(&id).await.expect("revoke again"));
+    assert_eq!(s.token_house(&hash).await.expect("lookup"), None, "revoked");
     assert!(s.alerts(None, None, 10).await.expect("alerts").is_empty());
     assert_eq!(s.acknowledge(42, "admin").await.expect("ack"), None);
     assert!(s.ready().await.expect("ready").1);
@@ -321,7 +441,8 @@ async fn cache_suite(b: Backend) {
     let humidity = event("h", "s1", "humidity", 1, 10_000);
     c.offer(&[&newer]).await.expect("offer");
     c.offer(&[&older, &humidity]).await.expect("offer");
-    let latest = c.latest("s1").await.expect("latest");
+    let s1 = ["s1".to_string()];
+    let latest = c.latest("h", &s1).await.expect("latest").remove(0);
     assert_eq!(latest.len(), 2);
     let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
     assert_eq!(t["value"], 5.0, "never moves backwards");
@@ -331,10 +452,31 @@ async fn cache_suite(b: Backend) {
     // Same time, higher seq: newer.
     let same_ts = event("h", "s1", "temperature", 6, 50_000);
     c.offer(&[&same_ts]).await.expect("offer");
-    let latest = c.latest("s1").await.expect("latest");
+    let latest = c.latest("h", &s1).await.expect("latest").remove(0);
     let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
     assert_eq!(t["seq"], 6);
-    assert!(c.latest("unknown").await.expect("latest").is_empty());
+    // A reading stamped an hour ahead counts as received: the next one replaces it.
+    let mut ahead = event("h", "s1", "temperature", 7, 60_000 + 3_600_000);
+    ahead.received_us = 60_000_000;
+    let next = event("h", "s1", "temperature", 8, 61_000);
+    c.offer(&[&ahead]).await.expect("offer");
+    c.offer(&[&next]).await.expect("offer");
+    let latest = c.latest("h", &s1).await.expect("latest").remove(0);
+    let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
+    assert_eq!(t["seq"], 8, "a future stamp does not pin the value");
+    // Another house's s1 is another sensor.
+    let theirs = event("h2", "s1", "temperature", 1, 99_000);
+    c.offer(&[&theirs]).await.expect("offer");
+    let both = c
+        .latest("h", &["s1".to_string(), "unknown".to_string()])
+        .await
+        .expect("latest");
+    let t: serde_json::Value = serde_json::from_str(&both[0]["temperature"]).expect("json");
+    assert_eq!(
+        (t["seq"].as_i64(), t["house_id"].as_str()),
+        (Some(8), Some("h"))
+    );
+    assert!(both[1].is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

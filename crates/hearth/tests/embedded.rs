@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use support::*;
 
-const ADMIN: &str = "admin-embedded";
+const ADMIN: &str = "admin-embedded-token";
 
 async fn get(addr: &str, path: &str) -> Value {
     let out = tokio::process::Command::new("curl")
@@ -115,7 +115,7 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     )
     .await;
     assert_eq!(sensors[0]["sensor_id"], "temperature");
-    let history = get(&addr, "/api/v1/sensors/temperature/events").await;
+    let history = get(&addr, "/api/v1/houses/maison/sensors/temperature/events").await;
     assert_eq!(history["events"].as_array().map(Vec::len), Some(1));
     assert_eq!(history["events"][0]["value"], 22.5);
     assert_eq!(
@@ -544,9 +544,10 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let env = Env::embedded("emb_rows");
     let dir = env.scratch.0.join("data");
     {
-        let e = hearth::embedded::Embedded::open(&dir, 16, 0, &Default::default())
-            .await
-            .expect("open");
+        let e =
+            hearth::embedded::Embedded::open(&dir, 16, 0, &Default::default(), Default::default())
+                .await
+                .expect("open");
         let events: Vec<hearth::event::Event> = (0..40)
             .map(|i| hearth::event::Event {
                 house_id: "h".into(),
@@ -578,7 +579,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
         .expect("count");
     }
     // Reopened with fewer shards: lanes routine-2..15 are not configured any more.
-    let e = hearth::embedded::Embedded::open(&dir, 2, 0, &Default::default())
+    let e = hearth::embedded::Embedded::open(&dir, 2, 0, &Default::default(), Default::default())
         .await
         .expect("reopen");
     let q = &e.seams.queue;
@@ -589,10 +590,11 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     assert_eq!(events, 40, "every readable row is handed out");
     q.ack(
         &got,
-        Written {
+        &Written {
             stored: 40,
-            duplicates: 0,
+            ..Written::default()
         },
+        &[],
     )
     .await
     .expect("ack");
@@ -767,7 +769,7 @@ async fn latest_values_survive_a_restart() {
         "the latest value after the restart",
         Duration::from_secs(30),
         || async {
-            let v = get(&api, "/api/v1/sensors/plug/latest").await;
+            let v = get(&api, "/api/v1/houses/h/sensors/plug/latest").await;
             v["latest"]["power"]["seq"].as_i64().map(|_| v)
         },
     )

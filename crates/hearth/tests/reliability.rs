@@ -10,7 +10,7 @@ use support::*;
 
 const READY: Duration = Duration::from_secs(60);
 const DRAIN: Duration = Duration::from_secs(180);
-const ADMIN: &str = "admin-reliability";
+const ADMIN: &str = "admin-reliability-token";
 
 fn reading(kind: &str, value: f64, seq: u64) -> Vec<u8> {
     serde_json::json!({"kind": kind, "value": value, "seq": seq})

@@ -1,7 +1,10 @@
 //! The rule engine: a sensor's readings in stored order → alert transitions.
 //!
-//! State per (sensor, rule): when the raise condition started to hold (debounce), the order key
-//! of the reading that made the last transition, and the open alert. [`Engine::evaluate`] is pure:
+//! A sensor is (house, sensor): two houses' `smoke1` are two alarms. State per (house, sensor,
+//! rule): when the raise condition started to hold (debounce), the order key of the reading that
+//! made the last transition ([`Event::order_key`], whose time is never later than the reading's
+//! receipt, so a reading stamped in the future cannot make the rules skip the readings after
+//! it), and the open alert. [`Engine::evaluate`] is pure:
 //! it returns the transitions and the changed states of a batch, which the worker writes to
 //! PostgreSQL (fenced) before [`Engine::commit`] makes them the engine's own. A reading at or
 //! before the last transition is skipped, so evaluating a redelivered batch again changes
@@ -40,18 +43,22 @@ pub enum Transition {
     },
     Clear {
         rule: usize,
+        house_id: String,
         sensor_id: String,
         ts_ms: i64,
         event_key: String,
     },
 }
 
+/// A sensor: (house, sensor).
+pub type SensorKey = (String, String);
+
 /// What one batch changed.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub transitions: Vec<Transition>,
     /// (sensor, rule index, new state), for every state that changed.
-    pub states: Vec<(String, usize, State)>,
+    pub states: Vec<(SensorKey, usize, State)>,
 }
 
 impl Outcome {
@@ -64,12 +71,15 @@ pub struct Engine {
     pub rules: Arc<RuleSet>,
     by_kind: HashMap<String, Vec<usize>>,
     offline: Option<usize>,
-    /// sensor → rule index → state (only states that differ from the default).
-    states: HashMap<String, HashMap<usize, State>>,
-    /// Sensors whose state was loaded from the store.
-    loaded: HashSet<String>,
-    /// When each sensor was last seen (receive time, µs), to notice one back from silence.
-    last_seen: HashMap<String, i64>,
+    /// house → sensor → rule index → state (only states that differ from the default). Nested
+    /// by house so that a lookup by an event's ids allocates nothing.
+    states: HashMap<String, HashMap<String, HashMap<usize, State>>>,
+    /// house → sensors whose state was loaded from the store.
+    loaded: HashMap<String, HashSet<String>>,
+    /// house → sensor → when last seen (receive time, µs), to notice one back from silence.
+    last_seen: HashMap<String, HashMap<String, i64>>,
+    /// Sensors loaded, counted (the memory bound).
+    loaded_count: usize,
 }
 
 /// Sensors remembered before the engine starts over and reloads state as needed.
@@ -92,9 +102,14 @@ impl Engine {
             by_kind,
             offline,
             states: HashMap::new(),
-            loaded: HashSet::new(),
+            loaded: HashMap::new(),
             last_seen: HashMap::new(),
+            loaded_count: 0,
         }
+    }
+
+    fn state(&self, house: &str, sensor: &str, rule: usize) -> Option<&State> {
+        self.states.get(house)?.get(sensor)?.get(&rule)
     }
 
     pub fn rule_index(&self, name: &str) -> Option<usize> {
@@ -104,38 +119,64 @@ impl Engine {
     /// Sensors of `events` whose state must be read from the store before evaluating: those not
     /// seen yet, and those back from a silence long enough that another consumer may have
     /// declared them offline.
-    pub fn to_load(&self, events: &[&Event]) -> Vec<String> {
+    pub fn to_load(&self, events: &[&Event]) -> Vec<SensorKey> {
         let back_after = self
             .offline
             .and_then(|i| match self.rules.rules[i].condition {
                 Condition::Offline { min_silence, .. } => Some(min_silence.as_micros() as i64 / 2),
                 _ => None,
             });
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<SensorKey> = Vec::new();
         for e in events {
-            let stale = match (back_after, self.last_seen.get(&e.sensor_id)) {
+            let seen = self
+                .last_seen
+                .get(&e.house_id)
+                .and_then(|m| m.get(&e.sensor_id));
+            let stale = match (back_after, seen) {
                 (Some(limit), Some(seen)) => e.received_us - seen > limit,
                 _ => false,
             };
-            if (!self.loaded.contains(&e.sensor_id) || stale) && !out.contains(&e.sensor_id) {
-                out.push(e.sensor_id.clone());
+            let loaded = self
+                .loaded
+                .get(&e.house_id)
+                .is_some_and(|m| m.contains(&e.sensor_id));
+            if (!loaded || stale)
+                && !out
+                    .iter()
+                    .any(|(h, s)| *h == e.house_id && *s == e.sensor_id)
+            {
+                out.push((e.house_id.clone(), e.sensor_id.clone()));
             }
         }
         out
     }
 
     /// Take the stored state of `sensors` (states missing from `stored` are the default).
-    pub fn load(&mut self, sensors: &[String], stored: Vec<(String, String, State)>) {
-        if self.loaded.len() > MAX_SENSORS {
+    pub fn load(&mut self, sensors: &[SensorKey], stored: Vec<(SensorKey, String, State)>) {
+        if self.loaded_count > MAX_SENSORS {
             self.forget();
         }
-        for s in sensors {
-            self.loaded.insert(s.clone());
-            self.states.remove(s);
+        for (house, sensor) in sensors {
+            if self
+                .loaded
+                .entry(house.clone())
+                .or_default()
+                .insert(sensor.clone())
+            {
+                self.loaded_count += 1;
+            }
+            if let Some(m) = self.states.get_mut(house) {
+                m.remove(sensor);
+            }
         }
-        for (sensor, rule, state) in stored {
+        for ((house, sensor), rule, state) in stored {
             if let Some(i) = self.rule_index(&rule) {
-                self.states.entry(sensor).or_default().insert(i, state);
+                self.states
+                    .entry(house)
+                    .or_default()
+                    .entry(sensor)
+                    .or_default()
+                    .insert(i, state);
             }
         }
     }
@@ -145,23 +186,26 @@ impl Engine {
         self.states.clear();
         self.loaded.clear();
         self.last_seen.clear();
+        self.loaded_count = 0;
     }
 
     /// Evaluate `events` (in stored order) without changing the engine.
     pub fn evaluate(&self, events: &[&Event]) -> Outcome {
-        let mut changed: HashMap<(&str, usize), State> = HashMap::new();
-        let mut order: Vec<(&str, usize)> = Vec::new();
+        let mut changed: HashMap<(&str, &str, usize), State> = HashMap::new();
+        let mut order: Vec<(&str, &str, usize)> = Vec::new();
         let mut transitions = Vec::new();
         for e in events {
-            let key = crate::cache::order_key(e);
+            let key = e.order_key();
+            // The reading's time as the rules see it: never later than its receipt.
+            let at = e.at_ms();
             let rules = self.by_kind.get(&e.kind).into_iter().flatten().copied();
             // Any reading means the sensor is back.
             let offline = self.offline.filter(|_| e.kind != "online");
             for i in rules.chain(offline) {
-                let id = (e.sensor_id.as_str(), i);
+                let id = (e.house_id.as_str(), e.sensor_id.as_str(), i);
                 let before = changed
                     .get(&id)
-                    .or_else(|| self.states.get(id.0).and_then(|m| m.get(&i)))
+                    .or_else(|| self.state(id.0, id.1, i))
                     .cloned()
                     .unwrap_or_default();
                 if before
@@ -187,8 +231,8 @@ impl Engine {
                 };
                 match (raise_now, st.open) {
                     (Some(true), None) => {
-                        let since = *st.pending_since.get_or_insert(e.ts_ms);
-                        if e.ts_ms - since >= rule.hold.as_millis() as i64 {
+                        let since = *st.pending_since.get_or_insert(at);
+                        if at - since >= rule.hold.as_millis() as i64 {
                             st.pending_since = None;
                             st.open = Some(AlertState::Active);
                             st.transition_key = Some(key.clone());
@@ -198,7 +242,7 @@ impl Engine {
                                 sensor_id: e.sensor_id.clone(),
                                 kind: e.kind.clone(),
                                 value: e.value,
-                                ts_ms: e.ts_ms,
+                                ts_ms: at,
                                 event_key: event_key(e),
                             });
                         }
@@ -209,8 +253,9 @@ impl Engine {
                         st.transition_key = Some(key.clone());
                         transitions.push(Transition::Clear {
                             rule: i,
+                            house_id: e.house_id.clone(),
                             sensor_id: e.sensor_id.clone(),
-                            ts_ms: e.ts_ms,
+                            ts_ms: at,
                             event_key: event_key(e),
                         });
                     }
@@ -228,7 +273,7 @@ impl Engine {
         let states = order
             .into_iter()
             .filter_map(|id| changed.remove_entry(&id))
-            .map(|((sensor, rule), st)| (sensor.to_string(), rule, st))
+            .map(|((house, sensor, rule), st)| ((house.to_string(), sensor.to_string()), rule, st))
             .collect();
         Outcome {
             transitions,
@@ -238,26 +283,38 @@ impl Engine {
 
     /// Make a written outcome the engine's own, and note when sensors were seen.
     pub fn commit(&mut self, outcome: Outcome, events: &[&Event]) {
-        for (sensor, rule, st) in outcome.states {
-            self.states.entry(sensor).or_default().insert(rule, st);
+        for ((house, sensor), rule, st) in outcome.states {
+            self.states
+                .entry(house)
+                .or_default()
+                .entry(sensor)
+                .or_default()
+                .insert(rule, st);
         }
-        if self.last_seen.len() > MAX_SENSORS {
+        if self.last_seen.values().map(HashMap::len).sum::<usize>() > MAX_SENSORS {
             self.last_seen.clear();
         }
         for e in events {
-            let seen = self
-                .last_seen
-                .entry(e.sensor_id.clone())
-                .or_insert(e.received_us);
-            *seen = (*seen).max(e.received_us);
+            let house = match self.last_seen.get_mut(&e.house_id) {
+                Some(m) => m,
+                None => self.last_seen.entry(e.house_id.clone()).or_default(),
+            };
+            match house.get_mut(&e.sensor_id) {
+                Some(seen) => *seen = (*seen).max(e.received_us),
+                None => {
+                    house.insert(e.sensor_id.clone(), e.received_us);
+                }
+            }
         }
     }
 
     /// An alert changed outside the engine (acknowledged, or raised by the offline sweep).
-    pub fn note(&mut self, sensor: &str, rule: &str, open: Option<AlertState>) {
+    pub fn note(&mut self, house: &str, sensor: &str, rule: &str, open: Option<AlertState>) {
         if let Some(i) = self.rule_index(rule) {
             let st = self
                 .states
+                .entry(house.to_string())
+                .or_default()
                 .entry(sensor.to_string())
                 .or_default()
                 .entry(i)
@@ -313,6 +370,10 @@ severity = "warning"
 
     fn engine() -> Engine {
         Engine::new(Arc::new(RuleSet::parse(RULES).unwrap()))
+    }
+
+    fn key() -> SensorKey {
+        ("h".to_string(), "s".to_string())
     }
 
     fn ev(kind: &str, value: f64, seq: i64, ts_s: i64) -> Event {
@@ -429,14 +490,14 @@ severity = "warning"
         ];
         let events: Vec<&Event> = b1.iter().collect();
         let outcome = first.evaluate(&events);
-        let stored: Vec<(String, String, State)> = outcome
+        let stored: Vec<(SensorKey, String, State)> = outcome
             .states
             .iter()
             .map(|(s, r, st)| (s.clone(), first.rules.rules[*r].name.clone(), st.clone()))
             .collect();
         // A new engine (a restart, or another worker) loads the stored state.
         let mut second = engine();
-        second.load(&["s".to_string()], stored);
+        second.load(&[key()], stored);
         let got = run(&mut second, &[&[ev("temperature", 41.0, 3, 61)]]);
         assert!(got.contains(&"+hot_for_a_minute".to_string()), "{got:?}");
     }
@@ -462,7 +523,7 @@ severity = "warning"
         );
         assert_eq!(got, ["+offline", "-offline"]);
         // Declared offline by the sweep (another consumer), then a reading arrives.
-        e.note("s", "offline", Some(AlertState::Active));
+        e.note("h", "s", "offline", Some(AlertState::Active));
         let got = run(&mut e, &[&[ev("battery", 90.0, 3, 3)]]);
         assert_eq!(got, ["-offline"]);
     }
@@ -472,15 +533,67 @@ severity = "warning"
         let mut e = engine();
         let first = [ev("battery", 90.0, 1, 0)];
         let events: Vec<&Event> = first.iter().collect();
-        assert_eq!(e.to_load(&events), ["s"]);
-        e.load(&["s".to_string()], Vec::new());
+        assert_eq!(e.to_load(&events), [key()]);
+        e.load(&[key()], Vec::new());
         e.commit(Outcome::default(), &events);
         assert!(e.to_load(&events).is_empty());
         let later = [ev("battery", 90.0, 2, 400)];
         assert_eq!(
             e.to_load(&later.iter().collect::<Vec<_>>()),
-            ["s"],
+            [key()],
             "silent for more than min_silence / 2"
         );
+    }
+
+    #[test]
+    fn two_houses_sensors_of_one_name_are_two_sensors() {
+        let mut e = engine();
+        let h2_smoke = Event {
+            house_id: "h2".into(),
+            ..ev("smoke", 1.0, 1, 10)
+        };
+        // h1 says its own `s` is clear: h2's alarm stays raised, and h1 raises its own.
+        let h1_clear = Event {
+            house_id: "h1".into(),
+            ..ev("smoke", 0.0, 2, 11)
+        };
+        let h1_smoke = Event {
+            house_id: "h1".into(),
+            ..ev("smoke", 1.0, 3, 12)
+        };
+        assert_eq!(
+            run(&mut e, &[&[h2_smoke], &[h1_clear], &[h1_smoke]]),
+            ["+smoke", "+smoke"]
+        );
+    }
+
+    #[test]
+    fn a_reading_stamped_in_the_future_cannot_silence_the_rules() {
+        let mut e = engine();
+        let now = 1_764_139_200;
+        let ahead = |kind: &str, v: f64, seq: i64, received_s: i64| Event {
+            ts_ms: (now + 23 * 3600) * 1000,
+            ..ev(kind, v, seq, received_s)
+        };
+        let honest = |v: f64, seq: i64, s: i64| ev("smoke", v, seq, s);
+        // Smoke true then false stamped 23 h ahead, then real smoke: raised again.
+        let got = run(
+            &mut e,
+            &[
+                &[ahead("smoke", 1.0, 1, now), ahead("smoke", 0.0, 2, now + 1)],
+                &[honest(1.0, 3, now + 2), honest(1.0, 4, now + 3)],
+            ],
+        );
+        assert_eq!(got, ["+smoke", "-smoke", "+smoke"]);
+        // And a debounce cannot be cut short by a stamp ahead either.
+        let mut e = engine();
+        let got = run(
+            &mut e,
+            &[&[
+                ev("temperature", 41.0, 1, now),
+                ahead("temperature", 41.0, 2, now + 1),
+            ]],
+        );
+        assert!(!got.contains(&"+hot_for_a_minute".to_string()), "{got:?}");
     }
 }

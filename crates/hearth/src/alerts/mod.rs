@@ -3,13 +3,13 @@
 //! [`rules`] are read from a documented file; the [`engine`] evaluates them on each sensor's
 //! readings in stored order, right after the batch is committed, by the worker that owns the
 //! sensor's lane (so the critical lane's alerts never wait behind routine traffic). One alert is
-//! open per (sensor, rule) at a time: active → acknowledged (API) → cleared (rule). Every
+//! open per (house, sensor, rule) at a time: active → acknowledged (API) → cleared (rule). Every
 //! transition is written to the `alerts` table, then pushed: to WebSocket clients through Redis
 //! pub/sub, and to webhooks through the `P:notify` stream ([`notify`]). A transition that was
 //! written but not yet pushed (a crash in between) is pushed again by the lane's next owner, so
 //! a redelivery never loses a push, and never raises a second, different alert: each alert
 //! carries the key of the event that raised it, and the engine skips readings at or before the
-//! last transition of that (sensor, rule).
+//! last transition of that (house, sensor, rule).
 
 pub mod engine;
 pub mod notify;
@@ -89,7 +89,7 @@ pub struct Alert {
     pub value: Option<f64>,
     /// Epoch milliseconds of the reading that raised it.
     pub raised_at: i64,
-    /// The dedup key of the event that raised it (`sensor/kind/seq` or the ingest id).
+    /// The dedup key of the event that raised it (`house/sensor/kind/seq` or the ingest id).
     pub raised_by: String,
     pub acknowledged_at: Option<i64>,
     pub acknowledged_by: Option<String>,
@@ -100,9 +100,12 @@ pub struct Alert {
 /// The dedup key of an event as text: what an alert says raised or cleared it.
 pub fn event_key(e: &crate::event::Event) -> String {
     match (e.seq, e.ingest_id) {
-        (Some(seq), _) => format!("{}/{}/{seq}", e.sensor_id, e.kind),
+        (Some(seq), _) => format!("{}/{}/{}/{seq}", e.house_id, e.sensor_id, e.kind),
         (None, Some(id)) => id.to_string(),
-        (None, None) => format!("{}/{}/@{}", e.sensor_id, e.kind, e.received_us),
+        (None, None) => format!(
+            "{}/{}/{}/@{}",
+            e.house_id, e.sensor_id, e.kind, e.received_us
+        ),
     }
 }
 

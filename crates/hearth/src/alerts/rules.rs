@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Severity;
-use crate::sim::schedule::parse_duration;
+use crate::config::parse_duration;
 
 /// The defaults, from the repository's `deploy/rules.toml`.
 pub const DEFAULT_RULES: &str = include_str!("../../../../deploy/rules.toml");

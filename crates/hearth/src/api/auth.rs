@@ -30,6 +30,16 @@ impl Principal {
         }
     }
 
+    /// Refuse anything but the admin token (routes about the installation, not a house).
+    pub fn admin(&self) -> Result<(), ApiError> {
+        match self {
+            Principal::Admin => Ok(()),
+            Principal::House(_) => Err(ApiError::Forbidden(
+                "this route is for the admin token".into(),
+            )),
+        }
+    }
+
     pub fn check(&self, house: &str) -> Result<(), ApiError> {
         if self.allows(house) {
             Ok(())
@@ -59,8 +69,57 @@ pub fn new_token() -> (String, Vec<u8>) {
     (token, hash)
 }
 
+/// The admin token kept in `path` (the data folder's `admin_token`), made there (mode 0600, in a
+/// folder made 0700) when missing; whether it was just made. The dashboard keeps the token it
+/// was given: one made again at every start would sign everyone out at every restart.
+pub fn stored_admin_token(path: &std::path::Path) -> Result<(String, bool), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        if token.chars().count() >= crate::config::MIN_ADMIN_TOKEN {
+            return Ok((token, false));
+        }
+        return Err(format!(
+            "{} holds no admin token of at least {} characters: remove it to have one made",
+            path.display(),
+            crate::config::MIN_ADMIN_TOKEN
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| format!("cannot prepare {}: {e}", dir.display()))?;
+    }
+    let (token, _) = new_token();
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        // Another process made it meanwhile: use its token.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            return stored_admin_token(path);
+        }
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    };
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((token, true))
+}
+
 pub fn hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// A token's public id: the first 6 bytes of its hash, in hex. It names the token in `hearth
+/// token list` and `revoke` and tells nothing of the secret.
+pub fn token_id(hash: &[u8]) -> String {
+    hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compare without telling, by timing, how much of the token matched.
@@ -68,16 +127,18 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// House tokens already looked up (hash → house, or none), for a minute.
 /// A token hash's house (none: unknown token) and when it was looked up.
 type Lookup = (Option<String>, Instant);
+
+/// House tokens already looked up (hash → house, or none), for a second: a revoked or expired
+/// token stops working in every process within that, and a burst of requests costs one lookup.
 
 #[derive(Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<Vec<u8>, Lookup>>,
 }
 
-const TOKEN_TTL: Duration = Duration::from_secs(60);
+const TOKEN_TTL: Duration = Duration::from_secs(1);
 
 impl TokenCache {
     fn get(&self, hash: &[u8]) -> Option<Option<String>> {
@@ -118,8 +179,9 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     house.map(Principal::House).ok_or(ApiError::Unauthorized)
 }
 
-/// The bearer token of a request: the `Authorization` header, or `?token=` (browsers cannot set
-/// headers on a WebSocket).
+/// The bearer token of a request: the `Authorization` header, or on the WebSocket alone
+/// `?token=` (browsers cannot set headers on a WebSocket; anywhere else a token in the URL ends
+/// up in access logs, proxies and browser histories).
 pub fn bearer(parts: &Parts) -> Option<String> {
     if let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION)
         && let Ok(value) = value.to_str()
@@ -129,6 +191,14 @@ pub fn bearer(parts: &Parts) -> Option<String> {
             .or_else(|| value.strip_prefix("bearer "))
             .map(|t| t.trim().to_string());
     }
+    // Routers nested under `/api/v1` see the path without it: the request's own is kept aside.
+    let path = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or(parts.uri.path(), |o| o.0.path());
+    if path != WS_PATH {
+        return None;
+    }
     parts.uri.query().and_then(|q| {
         q.split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -136,6 +206,9 @@ pub fn bearer(parts: &Parts) -> Option<String> {
             .map(|(_, v)| v.to_string())
     })
 }
+
+/// The one route that takes `?token=`.
+const WS_PATH: &str = "/api/v1/ws";
 
 impl FromRequestParts<std::sync::Arc<AppState>> for Principal {
     type Rejection = ApiError;

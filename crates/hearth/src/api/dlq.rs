@@ -44,7 +44,7 @@ fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
         params
             .get(name)
             .map(|v| {
-                crate::sim::schedule::parse_duration(v)
+                crate::config::parse_duration(v)
                     .map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
             })
             .transpose()

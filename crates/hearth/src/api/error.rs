@@ -19,6 +19,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The request is larger than the API takes (bytes or readings).
+    #[error("{0}")]
+    TooLarge(String),
     /// A dependency is down or the queue is full: try again later.
     #[error("{0}")]
     Unavailable(String),
@@ -28,7 +31,7 @@ pub enum ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A short, stable code: bad_request, unauthorized, forbidden, not_found, conflict,
-    /// unavailable.
+    /// too_large, unavailable.
     pub error: String,
     /// What went wrong, for people.
     pub detail: String,
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

@@ -85,8 +85,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/events", post(routes::post_events))
         .route("/houses", get(routes::houses))
         .route("/houses/{house}/sensors", get(routes::house_sensors))
-        .route("/sensors/{sensor}/latest", get(routes::sensor_latest))
-        .route("/sensors/{sensor}/events", get(routes::sensor_events))
+        .route(
+            "/houses/{house}/sensors/{sensor}/latest",
+            get(routes::sensor_latest),
+        )
+        .route(
+            "/houses/{house}/sensors/{sensor}/events",
+            get(routes::sensor_events),
+        )
         .route("/alerts", get(routes::list_alerts))
         .route("/alerts/{id}/ack", post(routes::ack_alert))
         .route("/pipeline", get(routes::pipeline))

@@ -101,13 +101,17 @@ fn instant(name: &str, raw: &str) -> Result<i64, ApiError> {
 
 // ---- ingestion -------------------------------------------------------------------------------
 
-/// What `POST /events` did with each reading.
+/// What `POST /events` did with the readings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
     /// Readings durably queued.
     pub accepted: usize,
-    /// Readings refused, each with its reason (they are in the dead-letter stream too).
-    pub rejected: Vec<RejectedReading>,
+    /// Readings refused (all in one dead letter).
+    pub rejected: usize,
+    /// How many were refused for each reason.
+    pub reasons: BTreeMap<String, usize>,
+    /// The first refused readings (at most 10), each with its reason.
+    pub first_rejected: Vec<RejectedReading>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -117,60 +121,73 @@ pub struct RejectedReading {
     pub detail: String,
 }
 
+/// Refused readings listed in a `POST /events` answer (the count and reasons cover them all).
+const LISTED_REJECTIONS: usize = 10;
+
+/// Largest `POST /events` body.
+const MAX_BODY: usize = 1024 * 1024;
+
 /// Ingest readings over HTTP: one object or an array, each with `house_id` and `sensor_id`
 /// beside the fields of the MQTT payload. Answered 202 once durably queued.
 #[utoipa::path(post, path = "/api/v1/events", tag = "events",
-    request_body(content = Value, description = "A reading `{house_id, sensor_id, kind, value, unit?, seq?, ts?}` or an array of them", content_type = "application/json"),
+    request_body(content = Value, description = "A reading `{house_id, sensor_id, kind, value, unit?, seq?, ts?}` or an array of them (at most `max_readings_per_message`)", content_type = "application/json"),
     responses(
-        (status = 202, description = "Queued (and the refused ones dead-lettered)", body = Accepted),
+        (status = 202, description = "Queued (and the refused ones dead-lettered, in one letter)", body = Accepted),
         (status = 400, description = "Not a reading or an array of readings", body = super::error::ErrorBody),
         (status = 401, description = "No or bad token", body = super::error::ErrorBody),
         (status = 403, description = "A reading names a house this token is not for", body = super::error::ErrorBody),
+        (status = 413, description = "More than 1 MiB, or more readings than `max_readings_per_message`", body = super::error::ErrorBody),
         (status = 503, description = "The queue is full or Redis is down: retry", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
     who: Principal,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let limits = Limits::from_config(&state.config);
-    if body.len() > limits.max_payload_bytes.max(1024 * 1024) {
-        return Err(ApiError::BadRequest(format!(
-            "the body is {} bytes, too large",
+    // Past axum's own limit (2 MiB) the body is not even read.
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    if body.len() > MAX_BODY {
+        return Err(ApiError::TooLarge(format!(
+            "the body is {} bytes, the limit is {MAX_BODY}",
             body.len()
         )));
     }
-    let items = codec::http::readings(&body).map_err(|r| ApiError::BadRequest(r.to_string()))?;
+    let items = codec::http::readings(&body, &limits).map_err(|r| match r.reason {
+        crate::event::Reason::TooManyReadings => ApiError::TooLarge(r.to_string()),
+        _ => ApiError::BadRequest(r.to_string()),
+    })?;
+    // Every reading's house first: a token writes into its own house only, or nothing at all.
     for item in &items {
         if let Some(house) = codec::http::house_of(item) {
             who.check(house)?;
         }
     }
     let received_us = crate::event::now_us();
-    let mut events = Vec::new();
-    let mut dead = Vec::new();
-    let mut rejected = Vec::new();
-    for (index, item) in items.iter().enumerate() {
-        match codec::http::event(item, received_us, &limits) {
-            Ok(e) => events.push(e),
-            Err(r) => {
-                let raw = serde_json::to_vec(item).unwrap_or_default();
-                dead.push(DeadLetter::from_rejection(
-                    &r,
-                    "http",
-                    "http",
-                    &raw,
-                    received_us / 1000,
-                ));
-                rejected.push(RejectedReading {
-                    index,
-                    reason: r.reason.as_str().into(),
-                    detail: r.detail,
-                });
-            }
-        }
+    let (decoded, refused) = codec::http::events(&items, received_us, &limits);
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &decoded.rejections {
+        *reasons.entry(r.reason.as_str().to_string()).or_default() += 1;
     }
+    let first_rejected = refused
+        .iter()
+        .zip(&decoded.rejections)
+        .take(LISTED_REJECTIONS)
+        .map(|(index, r)| RejectedReading {
+            index: *index,
+            reason: r.reason.as_str().into(),
+            detail: r.detail.clone(),
+        })
+        .collect();
+    // The letter keeps the refused readings only: replaying it sends them, not the stored ones.
+    let refused_items: Vec<&Value> = refused.iter().filter_map(|i| items.get(*i)).collect();
+    let raw = serde_json::to_vec(&refused_items).unwrap_or_default();
+    let dead = decoded.dead_letter("http", "http", &raw, received_us / 1000);
+    let events = decoded.events;
     if events.iter().any(|e| !e.is_critical())
         && routine_depth(&state).await? >= state.config.queue_high_watermark
     {
@@ -182,14 +199,13 @@ pub async fn post_events(
     let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
     state.seams.queue.append(&event_refs, &dead_refs).await?;
     METRICS.received.with("http").add(events.len() as u64);
-    for d in &dead {
-        METRICS.rejected.with(d.reason).add(1);
-    }
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
             accepted: events.len(),
-            rejected,
+            rejected: refused.len(),
+            reasons,
+            first_rejected,
         }),
     ))
 }
@@ -234,23 +250,28 @@ pub struct SensorView {
     pub latest: BTreeMap<String, Value>,
 }
 
-async fn latest(state: &AppState, sensor: &str) -> Result<BTreeMap<String, Value>, ApiError> {
+/// The latest values of some sensors of a house (kind → JSON value each), in one round trip.
+async fn latest(
+    state: &AppState,
+    house: &str,
+    sensors: &[String],
+) -> Result<Vec<BTreeMap<String, Value>>, ApiError> {
     Ok(state
         .seams
         .cache
-        .latest(sensor)
+        .latest(house, sensors)
         .await?
         .into_iter()
-        .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+        .map(|kinds| {
+            kinds
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+                .collect()
+        })
         .collect())
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HouseView {
-    pub house_id: String,
-    /// Sensors seen in this house.
-    pub sensors: i64,
-}
+pub use crate::seam::{HistoryEvent, HouseView};
 
 /// The houses this token may see (the admin token: every house with a sensor), by id.
 #[utoipa::path(get, path = "/api/v1/houses", tag = "sensors",
@@ -279,7 +300,7 @@ pub async fn houses(
 
 /// The sensors of a house, with their latest values.
 #[utoipa::path(get, path = "/api/v1/houses/{house}/sensors", tag = "sensors",
-    params(("house" = String, Path, description = "House id")),
+    params(("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$")),
     responses(
         (status = 200, body = Vec<SensorView>),
         (status = 400, body = super::error::ErrorBody),
@@ -295,29 +316,40 @@ pub async fn house_sensors(
     valid_id("house", &house)?;
     who.check(&house)?;
     let rows = state.seams.store.sensors(&house).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        out.push(SensorView {
-            latest: latest(&state, &r.sensor_id).await?,
-            sensor_id: r.sensor_id,
-            house_id: r.house_id,
-            kinds: r.kinds,
-            first_seen: r.first_seen,
-            last_seen: r.last_seen,
-        });
-    }
-    Ok(Json(out))
+    let ids: Vec<String> = rows.iter().map(|r| r.sensor_id.clone()).collect();
+    let values = latest(&state, &house, &ids).await?;
+    Ok(Json(
+        rows.into_iter()
+            .zip(values)
+            .map(|(r, latest)| SensorView {
+                latest,
+                sensor_id: r.sensor_id,
+                house_id: r.house_id,
+                kinds: r.kinds,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+            })
+            .collect(),
+    ))
 }
 
-/// The house of a sensor, checked against the token (404 either way, so that a token does not
-/// tell which sensors exist in other houses).
-async fn sensor_house(state: &AppState, who: &Principal, sensor: &str) -> Result<String, ApiError> {
+/// A sensor of a house, checked against the token: another house's is 403 (the house is in the
+/// path: nothing is told about its sensors), a sensor the house does not have is 404.
+async fn sensor_of(
+    state: &AppState,
+    who: &Principal,
+    house: &str,
+    sensor: &str,
+) -> Result<crate::seam::SensorRow, ApiError> {
+    valid_id("house", house)?;
     valid_id("sensor", sensor)?;
-    let house = state.seams.store.sensor_house(sensor).await?;
-    match house {
-        Some(h) if who.allows(&h) => Ok(h),
-        _ => Err(ApiError::NotFound(format!("no sensor {sensor:?}"))),
-    }
+    who.check(house)?;
+    state
+        .seams
+        .store
+        .sensor(house, sensor)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("house {house:?} has no sensor {sensor:?}")))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -330,39 +362,36 @@ pub struct LatestView {
 }
 
 /// The latest value of each kind of a sensor (from the cache).
-#[utoipa::path(get, path = "/api/v1/sensors/{sensor}/latest", tag = "sensors",
-    params(("sensor" = String, Path, description = "Sensor id")),
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors/{sensor}/latest", tag = "sensors",
+    params(
+        ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+    ),
     responses(
         (status = 200, body = LatestView),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn sensor_latest(
     State(state): State<Arc<AppState>>,
     who: Principal,
-    Path(sensor): Path<String>,
+    Path((house, sensor)): Path<(String, String)>,
 ) -> Result<Json<LatestView>, ApiError> {
-    let house_id = sensor_house(&state, &who, &sensor).await?;
+    sensor_of(&state, &who, &house, &sensor).await?;
+    let ids = [sensor];
+    let latest = latest(&state, &house, &ids)
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let [sensor_id] = ids;
     Ok(Json(LatestView {
-        latest: latest(&state, &sensor).await?,
-        sensor_id: sensor,
-        house_id,
+        latest,
+        sensor_id,
+        house_id: house,
     }))
-}
-
-/// A stored reading.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HistoryEvent {
-    /// Storage order (`events.id`).
-    pub id: i64,
-    pub kind: String,
-    pub value: f64,
-    pub unit: Option<String>,
-    pub seq: Option<i64>,
-    /// Reading time, epoch milliseconds.
-    pub ts: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -374,9 +403,10 @@ pub struct History {
 }
 
 /// A sensor's history, newest first, paged.
-#[utoipa::path(get, path = "/api/v1/sensors/{sensor}/events", tag = "sensors",
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors/{sensor}/events", tag = "sensors",
     params(
-        ("sensor" = String, Path, description = "Sensor id"),
+        ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
         ("kind" = Option<String>, Query, description = "Only this kind"),
         ("from" = Option<String>, Query, description = "Readings at or after (epoch ms or RFC 3339)"),
         ("to" = Option<String>, Query, description = "Readings before (epoch ms or RFC 3339)"),
@@ -387,13 +417,14 @@ pub struct History {
         (status = 200, body = History),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn sensor_events(
     State(state): State<Arc<AppState>>,
     who: Principal,
-    Path(sensor): Path<String>,
+    Path((house, sensor)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<History>, ApiError> {
     let params = query_pairs(raw)?;
@@ -420,12 +451,12 @@ pub async fn sensor_events(
                 .ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))
         })
         .transpose()?;
-    let house = sensor_house(&state, &who, &sensor).await?;
-    debug_assert!(who.allows(&house));
+    sensor_of(&state, &who, &house, &sensor).await?;
     let mut events = state
         .seams
         .store
         .history(&HistoryQuery {
+            house,
             sensor,
             kind,
             from,
@@ -556,14 +587,20 @@ pub struct Pipeline {
     pub circuits: BTreeMap<String, bool>,
 }
 
-/// Queue depth, lag, pending, dead letters, throughput, circuit states.
+/// Queue depth, lag, pending, dead letters, throughput, circuit states (admin token only).
 #[utoipa::path(get, path = "/api/v1/pipeline", tag = "pipeline",
-    responses((status = 200, body = Pipeline), (status = 401, body = super::error::ErrorBody)),
+    responses(
+        (status = 200, body = Pipeline),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, description = "A house token", body = super::error::ErrorBody),
+    ),
     security(("bearer" = [])))]
 pub async fn pipeline(
     State(state): State<Arc<AppState>>,
-    _who: Principal,
+    who: Principal,
 ) -> Result<Json<Pipeline>, ApiError> {
+    // Every house's traffic and the processes' names: the installation's, not a house's.
+    who.admin()?;
     let status = state.seams.queue.status().await?;
     let (received, stored) = (status.events.received, status.events.stored);
     let now = Instant::now();

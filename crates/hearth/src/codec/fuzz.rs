@@ -153,7 +153,7 @@ proptest! {
 
     #[test]
     fn any_http_body_is_events_or_reasoned_rejections(payload in payload()) {
-        match http::readings(&payload) {
+        match http::readings(&payload, &Limits::default()) {
             Err(r) => prop_assert!(!r.detail.is_empty()),
             Ok(items) => {
                 for item in items {

@@ -4,17 +4,20 @@
 use serde_json::{Map, Value};
 
 use super::reading::{self, Context};
-use super::{Limits, native};
+use super::{Decoded, Limits, native};
 use crate::event::{Event, Reason, Rejection, is_valid_id};
 
-/// The body's readings: one object or an array of them.
-pub fn readings(body: &[u8]) -> Result<Vec<Value>, Rejection> {
+/// The body's readings: one object or an array of them (at most `limits.max_readings`).
+pub fn readings(body: &[u8], limits: &Limits) -> Result<Vec<Value>, Rejection> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Array(items)) if items.is_empty() => Err(Rejection::new(
             Reason::MissingField,
             "empty array: no readings",
         )),
-        Ok(Value::Array(items)) => Ok(items),
+        Ok(Value::Array(items)) => match limits.too_many(items.len()) {
+            Some(r) => Err(r),
+            None => Ok(items),
+        },
         Ok(obj @ Value::Object(_)) => Ok(vec![obj]),
         Ok(other) => Err(reading::wrong_type(
             "the body",
@@ -59,4 +62,33 @@ pub fn event(item: &Value, received_us: i64, limits: &Limits) -> Result<Event, R
         limits,
     };
     native::one(&ctx, obj)
+}
+
+/// The readings of an HTTP body, each judged alone: the events, and the refused readings as the
+/// body's decoded form (details prefixed `reading {i}:`) with the index of each.
+pub fn events(items: &[Value], received_us: i64, limits: &Limits) -> (Decoded, Vec<usize>) {
+    let mut out = Decoded::default();
+    let mut refused = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match event(item, received_us, limits) {
+            Ok(e) => out.events.push(e),
+            Err(mut r) => {
+                r.detail = format!("reading {i}: {}", r.detail);
+                out.rejections.push(r);
+                refused.push(i);
+            }
+        }
+    }
+    (out, refused)
+}
+
+/// A whole body, as `POST /events` reads it (a replayed dead letter is decoded again here).
+pub fn decode(body: &[u8], received_us: i64, limits: &Limits) -> Decoded {
+    match readings(body, limits) {
+        Ok(items) => events(&items, received_us, limits).0,
+        Err(r) => Decoded {
+            events: Vec::new(),
+            rejections: vec![r],
+        },
+    }
 }

@@ -35,6 +35,10 @@ pub fn decode(ctx: &Context<'_>, payload: Value) -> Decoded {
             return out;
         }
     };
+    if let Some(r) = ctx.limits.too_many(obj.len()) {
+        out.push(Err(r));
+        return out;
+    }
     for (key, value) in obj.iter().filter(|(k, _)| !SHARED.contains(&k.as_str())) {
         let kind = match key.as_str() {
             "value" => ctx.sensor_id.as_str(),

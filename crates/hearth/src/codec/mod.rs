@@ -22,6 +22,8 @@ pub const SUBSCRIPTIONS: &[&str] = &["hearth/+/+", "maison/capteurs/+"];
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_payload_bytes: usize,
+    /// Most readings in one message (or HTTP request): more is refused whole.
+    pub max_readings: usize,
     pub max_future_skew_ms: i64,
 }
 
@@ -29,17 +31,28 @@ impl Limits {
     pub fn from_config(config: &crate::config::Config) -> Limits {
         Limits {
             max_payload_bytes: config.max_payload_bytes,
-            max_future_skew_ms: (config.max_future_skew_secs * 1000) as i64,
+            max_readings: config.max_readings_per_message,
+            max_future_skew_ms: config.max_future_skew_secs.saturating_mul(1000) as i64,
         }
+    }
+
+    /// The rejection of a message with `n` readings, past the limit.
+    pub fn too_many(&self, n: usize) -> Option<Rejection> {
+        (n > self.max_readings).then(|| {
+            Rejection::new(
+                Reason::TooManyReadings,
+                format!(
+                    "{n} readings in one message, the limit is {} (max_readings_per_message)",
+                    self.max_readings
+                ),
+            )
+        })
     }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_payload_bytes: 64 * 1024,
-            max_future_skew_ms: 24 * 3600 * 1000,
-        }
+        Limits::from_config(&crate::config::Config::default())
     }
 }
 
@@ -63,6 +76,24 @@ impl Decoded {
             Ok(e) => self.events.push(e),
             Err(r) => self.rejections.push(r),
         }
+    }
+
+    /// The message's one dead letter, if any reading of it was refused; every refused reading
+    /// is counted in `hearth_events_rejected_total{reason}`.
+    pub fn dead_letter(
+        &self,
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        at_ms: i64,
+    ) -> Option<crate::queue::DeadLetter> {
+        for r in &self.rejections {
+            crate::metrics::METRICS
+                .rejected
+                .with(r.reason.as_str())
+                .add(1);
+        }
+        crate::queue::DeadLetter::from_rejections(&self.rejections, source, topic, payload, at_ms)
     }
 }
 
@@ -269,6 +300,34 @@ mod tests {
         assert_eq!(reason(t, &big), "payload_too_large");
         let d = decode(t, b"\xff\xfe", NOW_US, &Limits::default());
         assert_eq!(d.rejections[0].reason.as_str(), "malformed_json");
+    }
+
+    #[test]
+    fn a_message_has_a_bounded_number_of_readings() {
+        let limits = Limits {
+            max_readings: 3,
+            ..Limits::default()
+        };
+        let reading = r#"{"kind":"power","value":1}"#;
+        let array = |n: usize| format!("[{}]", vec![reading; n].join(","));
+        let d = decode("hearth/h1/s1", array(3).as_bytes(), NOW_US, &limits);
+        assert_eq!((d.events.len(), d.rejections.len()), (3, 0));
+        let d = decode("hearth/h1/s1", array(4).as_bytes(), NOW_US, &limits);
+        assert!(d.events.is_empty());
+        assert_eq!(d.rejections.len(), 1);
+        assert_eq!(d.rejections[0].reason.as_str(), "too_many_readings");
+        // The minimal form counts its keys.
+        let d = decode(
+            "maison/capteurs/x",
+            br#"{"a":1,"b":2,"c":3,"d":4}"#,
+            NOW_US,
+            &limits,
+        );
+        assert_eq!(d.rejections[0].reason.as_str(), "too_many_readings");
+        // The seed's amplification: 64 KiB of `1`s is one rejection.
+        let ones = format!("[{}]", vec!["1"; 32_000].join(","));
+        let d = decode("hearth/h1/s1", ones.as_bytes(), NOW_US, &Limits::default());
+        assert_eq!(d.rejections.len(), 1, "one rejection, not 32,000");
     }
 
     #[test]

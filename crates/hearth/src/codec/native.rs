@@ -16,6 +16,10 @@ pub fn decode(ctx: &Context<'_>, payload: Value) -> Decoded {
             Reason::MissingField,
             "empty array: no readings",
         ))),
+        Value::Array(items) if items.len() > ctx.limits.max_readings => out
+            .push(Err(ctx.limits.too_many(items.len()).unwrap_or_else(|| {
+                Rejection::new(Reason::TooManyReadings, "too many readings")
+            }))),
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let r = match item {

@@ -332,16 +332,12 @@ async fn handle(
                 let repeat = p.qos == QoS::ExactlyOnce && !me.awaiting_release.insert(p.pkid);
                 if !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
                     let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
-                    for r in &decoded.rejections {
-                        METRICS.rejected.with(r.reason.as_str()).add(1);
-                        dead.push(DeadLetter::from_rejection(
-                            r,
-                            "mqtt",
-                            &p.topic,
-                            &p.payload,
-                            received_us / 1000,
-                        ));
-                    }
+                    dead.extend(decoded.dead_letter(
+                        "mqtt",
+                        &p.topic,
+                        &p.payload,
+                        received_us / 1000,
+                    ));
                     events.extend(decoded.events);
                 }
                 match p.qos {

@@ -123,26 +123,113 @@ const SCHEMA_2: &str = "ALTER TABLE sensors ADD COLUMN interval_ms REAL;";
 const SCHEMA_3: &str =
     "CREATE TABLE notify (id INTEGER PRIMARY KEY AUTOINCREMENT, alert TEXT NOT NULL);";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2), (3, SCHEMA_3)];
+/// A sensor is (house, sensor): every key that named a sensor alone names its house too; houses
+/// are counted for `max_houses`; tokens get a public id and an expiry. Rebuilt from the events,
+/// as on PostgreSQL (`store/schema.rs`, migration 3), whose comments say why.
+const SCHEMA_4: &str = r#"
+DROP INDEX events_dedup_seq;
+CREATE UNIQUE INDEX events_dedup_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
+DROP INDEX events_history;
+CREATE INDEX events_history ON events (house_id, sensor_id, ts DESC, id DESC);
+-- The newest reading of each kind of a sensor in the caches' order (time never later than the
+-- receipt, then seq, then receipt): one probe per kind when the cache reads a sensor in.
+CREATE INDEX events_latest ON events (house_id, sensor_id, kind, min(ts, received_us / 1000) DESC,
+                                      seq IS NOT NULL DESC, seq DESC, received_us DESC);
+
+CREATE TABLE sensors_by_house (
+    house_id    TEXT NOT NULL,
+    sensor_id   TEXT NOT NULL,
+    -- Comma-separated.
+    kinds       TEXT NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    interval_ms REAL,
+    PRIMARY KEY (house_id, sensor_id)
+) WITHOUT ROWID;
+INSERT INTO sensors_by_house (house_id, sensor_id, kinds, first_seen, last_seen, interval_ms)
+SELECT e.house_id, e.sensor_id, group_concat(DISTINCT e.kind),
+       min(e.received_us) / 1000, max(e.received_us) / 1000,
+       (SELECT s.interval_ms FROM sensors s WHERE s.sensor_id = e.sensor_id AND s.house_id = e.house_id)
+FROM events e GROUP BY e.house_id, e.sensor_id;
+
+CREATE TABLE houses (
+    house_id    TEXT PRIMARY KEY,
+    first_seen  INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO houses (house_id, first_seen)
+SELECT house_id, min(first_seen) FROM sensors_by_house GROUP BY house_id;
+
+CREATE TABLE rule_state_by_house (
+    house_id        TEXT NOT NULL,
+    sensor_id       TEXT NOT NULL,
+    rule            TEXT NOT NULL,
+    pending_since   INTEGER,
+    transition_key  TEXT,
+    PRIMARY KEY (house_id, sensor_id, rule)
+) WITHOUT ROWID;
+INSERT INTO rule_state_by_house (house_id, sensor_id, rule, pending_since, transition_key)
+SELECT s.house_id, r.sensor_id, r.rule, r.pending_since,
+       CASE WHEN length(r.transition_key) = 53 AND r.transition_key NOT GLOB '*[^0-9]*'
+            THEN printf('%015d', min(CAST(substr(r.transition_key, 1, 15) AS INTEGER),
+                                     CAST(substr(r.transition_key, 37, 17) AS INTEGER) / 1000))
+                 || substr(r.transition_key, 16)
+            ELSE r.transition_key END
+FROM rule_state r JOIN sensors_by_house s ON s.sensor_id = r.sensor_id;
+
+DROP TABLE rule_state;
+ALTER TABLE rule_state_by_house RENAME TO rule_state;
+DROP TABLE sensors;
+ALTER TABLE sensors_by_house RENAME TO sensors;
+
+DROP INDEX alerts_one_open;
+CREATE UNIQUE INDEX alerts_one_open ON alerts (house_id, sensor_id, rule) WHERE state <> 'cleared';
+
+ALTER TABLE tokens ADD COLUMN id TEXT;
+ALTER TABLE tokens ADD COLUMN expires_at INTEGER;
+UPDATE tokens SET id = lower(hex(substr(hash, 1, 6)));
+CREATE UNIQUE INDEX tokens_id ON tokens (id);
+"#;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2), (3, SCHEMA_3), (4, SCHEMA_4)];
+
+/// The schema versions, for tests that build a data folder of an earlier version.
+pub fn migrations() -> &'static [(i64, &'static str)] {
+    MIGRATIONS
+}
 
 impl Sqlite {
     /// Open (creating the folder, the file and the schema as needed) and start the thread.
     pub fn open(dir: &Path, name: &str) -> Result<Sqlite, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create data_dir {}: {e}", dir.display()))?;
-        let path = dir.join("hearth.sqlite3");
-        let mut conn =
-            Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        setup(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
+        Sqlite::pool(dir, name, 1)
+    }
+
+    /// `threads` connections on a thread each, taking jobs from one queue in turn: a slow read
+    /// holds one of them, the others keep answering.
+    pub fn pool(dir: &Path, name: &str, threads: usize) -> Result<Sqlite, String> {
+        let path = private_file(dir)?;
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(format!("hearth-sqlite-{name}"))
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|e| format!("cannot start the store thread: {e}"))?;
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let mut conn = Connection::open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            setup(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("hearth-sqlite-{name}-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&mut conn),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the store thread: {e}"))?;
+        }
         Ok(Sqlite { jobs })
     }
 
@@ -163,6 +250,33 @@ impl Sqlite {
             .map_err(|_| Unavailable("embedded store: its thread stopped".into()))?
             .map_err(|e| Unavailable(format!("embedded store: {e}")))
     }
+}
+
+/// The data folder (made if missing) and its database file, readable by this user alone: they
+/// hold every house's readings, tokens' hashes and dead letters (raw payloads). The folder is
+/// 0700 and the files 0600 whatever the umask; SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+pub fn private_file(dir: &Path) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot make data_dir {} private: {e}", dir.display()))?;
+    let path = dir.join("hearth.sqlite3");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.join(format!("hearth.sqlite3{suffix}"));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot make {} private: {e}", file.display()))?;
+        }
+    }
+    Ok(path)
 }
 
 fn setup(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -14,28 +14,18 @@ use crate::alerts::rules::RuleSet;
 use crate::event::Event;
 use crate::seam::{FanOut, Fut, LatestCache};
 
-/// The order of two readings of one (sensor, kind): ts, then seq (a reading with one after one
-/// without), then receive time; the same order as the Redis cache's order key.
-type Order = (i64, (u8, i64), i64);
+/// kind → the newest reading (its JSON is made when read, not at every offer), behind its
+/// order key ([`Event::order_key`], the Redis cache's order).
+type Kinds = HashMap<String, (String, Event)>;
 
-fn order(e: &Event) -> Order {
-    (
-        e.ts_ms.max(0),
-        e.seq.map_or((0, 0), |s| (1, s)),
-        e.received_us.max(0),
-    )
-}
-
-/// kind → the newest reading (its JSON is made when read, not at every offer).
-type Kinds = HashMap<String, (Order, Event)>;
-
-/// sensor → its kinds' latest values.
+/// house → sensor → its kinds' latest values. Nested by house, so that an offer looks a reading's
+/// sensor up without allocating.
 #[derive(Default)]
 pub struct MemoryCache {
-    latest: Mutex<HashMap<String, Kinds>>,
+    latest: Mutex<HashMap<String, HashMap<String, Kinds>>>,
     /// Where values written before this start are read from, and the sensors already read in.
     store: Option<Arc<SqliteStore>>,
-    read_in: Mutex<HashSet<String>>,
+    read_in: Mutex<HashSet<(String, String)>>,
 }
 
 impl MemoryCache {
@@ -46,63 +36,78 @@ impl MemoryCache {
             ..MemoryCache::default()
         }
     }
+
+    fn offer_now(&self, events: &[&Event]) {
+        let Ok(mut latest) = self.latest.lock() else {
+            return;
+        };
+        for e in events {
+            let house = match latest.get_mut(&e.house_id) {
+                Some(h) => h,
+                None => latest.entry(e.house_id.clone()).or_default(),
+            };
+            let kinds = match house.get_mut(&e.sensor_id) {
+                Some(k) => k,
+                None => house.entry(e.sensor_id.clone()).or_default(),
+            };
+            let key = e.order_key();
+            match kinds.get_mut(&e.kind) {
+                Some(current) if current.0 >= key => {}
+                Some(current) => *current = (key, (*e).clone()),
+                None => {
+                    kinds.insert(e.kind.clone(), (key, (*e).clone()));
+                }
+            }
+        }
+    }
 }
 
 impl LatestCache for MemoryCache {
     fn offer<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, ()> {
+        self.offer_now(events);
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn latest<'a>(
+        &'a self,
+        house: &'a str,
+        sensors: &'a [String],
+    ) -> Fut<'a, Vec<HashMap<String, String>>> {
         Box::pin(async move {
-            let Ok(mut latest) = self.latest.lock() else {
-                return Ok(());
-            };
-            for e in events {
-                let o = order(e);
-                match latest.get_mut(&e.sensor_id) {
-                    Some(kinds) => match kinds.get_mut(&e.kind) {
-                        Some(current) if current.0 >= o => {}
-                        Some(current) => *current = (o, (*e).clone()),
-                        None => {
-                            kinds.insert(e.kind.clone(), (o, (*e).clone()));
-                        }
-                    },
-                    None => {
-                        let kinds = HashMap::from([(e.kind.clone(), (o, (*e).clone()))]);
-                        latest.insert(e.sensor_id.clone(), kinds);
+            if let Some(store) = &self.store {
+                let missing: Vec<String> = match self.read_in.lock() {
+                    Ok(r) => sensors
+                        .iter()
+                        .filter(|s| !r.contains(&(house.to_string(), (*s).clone())))
+                        .cloned()
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                if !missing.is_empty() {
+                    // Offered like any reading: one newer that arrived meanwhile is kept.
+                    let stored = store.latest_of(house, missing.clone()).await?;
+                    self.offer_now(&stored.iter().collect::<Vec<_>>());
+                    if let Ok(mut r) = self.read_in.lock() {
+                        r.extend(missing.into_iter().map(|s| (house.to_string(), s)));
                     }
                 }
             }
-            Ok(())
-        })
-    }
-
-    fn latest<'a>(&'a self, sensor: &'a str) -> Fut<'a, HashMap<String, String>> {
-        Box::pin(async move {
-            let known = self
-                .read_in
-                .lock()
-                .map(|r| r.contains(sensor))
-                .unwrap_or(false);
-            if let (Some(store), false) = (&self.store, known) {
-                // Offered like any reading: one newer that arrived meanwhile is kept.
-                let stored = store.latest_of(sensor).await?;
-                let refs: Vec<&Event> = stored.iter().collect();
-                self.offer(&refs).await?;
-                if let Ok(mut r) = self.read_in.lock() {
-                    r.insert(sensor.to_string());
-                }
-            }
-            Ok(self
-                .latest
-                .lock()
-                .ok()
-                .and_then(|l| {
-                    l.get(sensor).map(|kinds| {
-                        kinds
-                            .iter()
-                            .map(|(k, (_, e))| (k.clone(), crate::seam::latest_json(e)))
-                            .collect()
-                    })
+            let latest = self.latest.lock().ok();
+            Ok(sensors
+                .iter()
+                .map(|s| {
+                    latest
+                        .as_ref()
+                        .and_then(|l| l.get(house)?.get(s))
+                        .map(|kinds| {
+                            kinds
+                                .iter()
+                                .map(|(k, (_, e))| (k.clone(), crate::seam::latest_json(e)))
+                                .collect()
+                        })
+                        .unwrap_or_default()
                 })
-                .unwrap_or_default())
+                .collect())
         })
     }
 }

@@ -26,6 +26,10 @@ use crate::alerts::rules::RuleSet;
 use crate::seam::{Lanes, Seams};
 use crate::shutdown::Shutdown;
 
+/// Reader connections of the API's queries: one house's heavy read holds one of them, and the
+/// others keep answering the other houses.
+const READERS: usize = 3;
+
 /// The data folder's lock: one `hearth up` per data folder (two would both work the same queue).
 /// Held until dropped; the operating system releases it when the process dies, even by kill -9.
 pub struct Lock {
@@ -92,13 +96,14 @@ impl Embedded {
         shards: u16,
         touch_interval_ms: u64,
         rules: &RuleSet,
+        caps: crate::caps::Caps,
     ) -> Result<Embedded, String> {
         // Opening creates or migrates the schema: file work, off the executor.
         let dir = data_dir.to_path_buf();
         let (writer, reader) = tokio::task::spawn_blocking(move || {
             Ok::<_, String>((
                 db::Sqlite::open(&dir, "writer")?,
-                db::Sqlite::open(&dir, "reader")?,
+                db::Sqlite::pool(&dir, "reader", READERS)?,
             ))
         })
         .await
@@ -114,6 +119,7 @@ impl Embedded {
             reader,
             touch_interval_ms,
             rules,
+            caps,
         ));
         let cache = Arc::new(memory::MemoryCache::over(store.clone()));
         let fanout = Arc::new(memory::ChannelFanOut::default());

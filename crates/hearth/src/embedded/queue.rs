@@ -313,16 +313,29 @@ impl EventQueue for SqliteQueue {
         })
     }
 
-    fn ack<'a>(&'a self, done: &'a [Delivery], written: Written) -> Fut<'a, ()> {
+    fn ack<'a>(
+        &'a self,
+        done: &'a [Delivery],
+        written: &'a Written,
+        dead: &'a [DeadLetter],
+    ) -> Fut<'a, ()> {
         Box::pin(async move {
             let rows: Vec<(i64, Lane, u64)> = done
                 .iter()
                 .filter_map(|d| Some((d.id.parse().ok()?, d.lane, d.events.len() as u64)))
                 .collect();
             let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            let (stored, duplicates, capped) = (
+                written.stored,
+                written.duplicates,
+                written.capped.len() as u64,
+            );
+            let dead = dead.to_vec();
             self.db
                 .call(move |c| {
                     let tx = c.transaction()?;
+                    insert(&tx, &Vec::new(), &dead)?;
+                    bump(&tx, stat::DEAD_LETTERED, capped)?;
                     for (id, lane, n) in &rows {
                         let gone = tx
                             .prepare_cached("DELETE FROM queue WHERE id = ?1")?
@@ -332,8 +345,8 @@ impl EventQueue for SqliteQueue {
                             bump(&tx, &stat::finished(*lane), *n)?;
                         }
                     }
-                    bump(&tx, stat::STORED, written.stored)?;
-                    bump(&tx, stat::DUPLICATES, written.duplicates)?;
+                    bump(&tx, stat::STORED, stored)?;
+                    bump(&tx, stat::DUPLICATES, duplicates)?;
                     tx.commit()
                 })
                 .await?;

@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::db::Sqlite;
-use crate::alerts::engine::{Outcome, State, Transition};
+use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};
-use crate::api::routes::{HistoryEvent, HouseView};
-use crate::event::Event;
-use crate::seam::{EventStore, Fut, HistoryQuery, SensorRow, Written};
+use crate::caps::{Caps, Known};
+use crate::event::{Event, Rejection};
+use crate::seam::{
+    EventStore, Fut, HistoryEvent, HistoryQuery, HouseView, SensorRow, TokenInfo, Written,
+};
 use crate::store::SensorSeen;
 use crate::worker::sensors::SensorMemo;
 
@@ -28,6 +30,7 @@ pub struct SqliteStore {
     pub jobs: std::sync::Arc<tokio::sync::Notify>,
     /// Which sensors were recorded when, so that a batch touches only the ones that need it.
     memo: Mutex<SensorMemo>,
+    caps: Caps,
 }
 
 const ALERT_COLUMNS: &str = "id, house_id, sensor_id, rule, kind, severity, state, message, value,
@@ -52,6 +55,23 @@ fn alert(r: &Row) -> rusqlite::Result<Alert> {
         acknowledged_by: r.get(12)?,
         cleared_at: r.get(13)?,
         cleared_by: r.get(14)?,
+    })
+}
+
+fn sensor_row(r: &Row) -> rusqlite::Result<SensorRow> {
+    let kinds: String = r.get(2)?;
+    let mut kinds: Vec<String> = kinds
+        .split(',')
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect();
+    kinds.sort();
+    Ok(SensorRow {
+        sensor_id: r.get(0)?,
+        house_id: r.get(1)?,
+        kinds,
+        first_seen: r.get(3)?,
+        last_seen: r.get(4)?,
     })
 }
 
@@ -87,19 +107,26 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
             e.is_critical(),
         ])? as u64;
     }
-    let mut kinds_of = c.prepare_cached("SELECT kinds FROM sensors WHERE sensor_id = ?1")?;
+    let mut kinds_of =
+        c.prepare_cached("SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2")?;
     let mut upsert = c.prepare_cached(
         "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (sensor_id) DO UPDATE SET house_id = excluded.house_id,
+         ON CONFLICT (house_id, sensor_id) DO UPDATE SET
              kinds = excluded.kinds, first_seen = min(first_seen, excluded.first_seen),
              last_seen = max(last_seen, excluded.last_seen),
              interval_ms = coalesce(excluded.interval_ms, interval_ms)",
     )?;
+    let mut home = c.prepare_cached(
+        "INSERT INTO houses (house_id, first_seen) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )?;
     for s in sensors {
         let old: Option<String> = kinds_of
-            .query_row([&s.sensor_id], |r| r.get(0))
+            .query_row([&s.house_id, &s.sensor_id], |r| r.get(0))
             .optional()?;
+        if old.is_none() {
+            home.execute(params![s.house_id, s.first_us / 1000])?;
+        }
         let mut all: BTreeSet<&str> = s.kinds.iter().map(String::as_str).collect();
         if let Some(k) = &old {
             all.extend(k.split(',').filter(|k| !k.is_empty()));
@@ -115,6 +142,42 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
         ])?;
     }
     Ok(stored)
+}
+
+/// What the store holds of `sensors` and their houses, for the caps (in the writer's
+/// transaction: exact).
+fn known(c: &Connection, sensors: &[SensorKey]) -> rusqlite::Result<Known> {
+    let mut known = Known {
+        asked: sensors.iter().cloned().collect(),
+        houses: c.query_row("SELECT count(*) FROM houses", [], |r| r.get::<_, i64>(0))? as u64,
+        ..Known::default()
+    };
+    let mut house = c.prepare_cached(
+        "SELECT count(*) FROM sensors WHERE house_id = ?1
+         HAVING EXISTS (SELECT 1 FROM houses WHERE house_id = ?1)",
+    )?;
+    let mut kinds =
+        c.prepare_cached("SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2")?;
+    for (h, s) in sensors {
+        if !known.sensors_of.contains_key(h)
+            && let Some(n) = house.query_row([h], |r| r.get::<_, i64>(0)).optional()?
+        {
+            known.sensors_of.insert(h.clone(), n as u64);
+        }
+        if let Some(k) = kinds
+            .query_row([h, s], |r| r.get::<_, String>(0))
+            .optional()?
+        {
+            known.kinds_of.insert(
+                (h.clone(), s.clone()),
+                k.split(',')
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
+    }
+    Ok(known)
 }
 
 /// Queue a webhook notification for each transition a webhook takes, in the caller's
@@ -139,6 +202,7 @@ impl SqliteStore {
         reader: Sqlite,
         touch_interval_ms: u64,
         rules: &RuleSet,
+        caps: Caps,
     ) -> SqliteStore {
         SqliteStore {
             writer,
@@ -150,25 +214,28 @@ impl SqliteStore {
                 .collect(),
             jobs: Default::default(),
             memo: Mutex::new(SensorMemo::new(touch_interval_ms)),
+            caps,
         }
     }
 
     /// The stored rule state of `sensors` (open alerts included), for the engine.
     pub async fn load_states(
         &self,
-        sensors: Vec<String>,
-    ) -> Result<Vec<(String, String, State)>, crate::seam::Unavailable> {
+        sensors: Vec<SensorKey>,
+    ) -> Result<Vec<(SensorKey, String, State)>, crate::seam::Unavailable> {
         self.writer
             .call(move |c| {
-                let mut states: HashMap<(String, String), State> = HashMap::new();
+                let mut states: HashMap<(SensorKey, String), State> = HashMap::new();
                 let mut st = c.prepare_cached(
-                    "SELECT rule, pending_since, transition_key FROM rule_state WHERE sensor_id = ?1",
+                    "SELECT rule, pending_since, transition_key FROM rule_state
+                     WHERE house_id = ?1 AND sensor_id = ?2",
                 )?;
                 let mut open = c.prepare_cached(
-                    "SELECT rule, state FROM alerts WHERE sensor_id = ?1 AND state <> 'cleared'",
+                    "SELECT rule, state FROM alerts
+                     WHERE house_id = ?1 AND sensor_id = ?2 AND state <> 'cleared'",
                 )?;
-                for s in &sensors {
-                    let rows = st.query_map([s], |r| {
+                for key in &sensors {
+                    let rows = st.query_map([&key.0, &key.1], |r| {
                         Ok((
                             r.get::<_, String>(0)?,
                             r.get::<_, Option<i64>>(1)?,
@@ -177,23 +244,20 @@ impl SqliteStore {
                     })?;
                     for row in rows {
                         let (rule, pending_since, transition_key) = row?;
-                        let entry = states.entry((s.clone(), rule)).or_default();
+                        let entry = states.entry((key.clone(), rule)).or_default();
                         entry.pending_since = pending_since;
                         entry.transition_key = transition_key;
                     }
-                    let rows = open.query_map([s], |r| {
+                    let rows = open.query_map([&key.0, &key.1], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                     })?;
                     for row in rows {
                         let (rule, state) = row?;
-                        states.entry((s.clone(), rule)).or_default().open =
+                        states.entry((key.clone(), rule)).or_default().open =
                             AlertState::parse(&state);
                     }
                 }
-                Ok(states
-                    .into_iter()
-                    .map(|((s, r), st)| (s, r, st))
-                    .collect())
+                Ok(states.into_iter().map(|((s, r), st)| (s, r, st)).collect())
             })
             .await
     }
@@ -229,7 +293,8 @@ impl SqliteStore {
                                 "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
                                                      message, value, raised_at, raised_by)
                                  VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9)
-                                 ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                                 ON CONFLICT (house_id, sensor_id, rule) WHERE state <> 'cleared'
+                                 DO NOTHING
                                  RETURNING id",
                             )?
                             .query_row(
@@ -250,17 +315,19 @@ impl SqliteStore {
                         }
                         Transition::Clear {
                             rule,
+                            house_id,
                             sensor_id,
                             ts_ms,
                             event_key,
                         } => tx
                             .prepare_cached(
-                                "UPDATE alerts SET state = 'cleared', cleared_at = ?3, cleared_by = ?4
-                                 WHERE sensor_id = ?1 AND rule = ?2 AND state <> 'cleared'
+                                "UPDATE alerts SET state = 'cleared', cleared_at = ?4, cleared_by = ?5
+                                 WHERE house_id = ?1 AND sensor_id = ?2 AND rule = ?3
+                                   AND state <> 'cleared'
                                  RETURNING id",
                             )?
                             .query_row(
-                                params![sensor_id, rules.rules[*rule].name, ts_ms, event_key],
+                                params![house_id, sensor_id, rules.rules[*rule].name, ts_ms, event_key],
                                 |r| r.get(0),
                             )
                             .optional()?,
@@ -270,14 +337,15 @@ impl SqliteStore {
                     }
                 }
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO rule_state (sensor_id, rule, pending_since, transition_key)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (sensor_id, rule) DO UPDATE SET
+                    "INSERT INTO rule_state (house_id, sensor_id, rule, pending_since, transition_key)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (house_id, sensor_id, rule) DO UPDATE SET
                          pending_since = excluded.pending_since,
                          transition_key = excluded.transition_key",
                 )?;
-                for (sensor, rule, st) in &states {
+                for ((house, sensor), rule, st) in &states {
                     upsert.execute(params![
+                        house,
                         sensor,
                         rules.rules[*rule].name,
                         st.pending_since,
@@ -352,8 +420,9 @@ impl SqliteStore {
                         "SELECT s.sensor_id, s.house_id, s.last_seen FROM sensors s
                          WHERE s.interval_ms IS NOT NULL
                            AND s.last_seen < ?1 - max(s.interval_ms * ?2, ?3)
-                           AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.sensor_id = s.sensor_id
-                                           AND a.rule = ?4 AND a.state <> 'cleared')
+                           AND NOT EXISTS (SELECT 1 FROM alerts a
+                                           WHERE a.house_id = s.house_id AND a.sensor_id = s.sensor_id
+                                             AND a.rule = ?4 AND a.state <> 'cleared')
                          LIMIT 1000",
                     )?;
                     let rows = st
@@ -369,7 +438,8 @@ impl SqliteStore {
                             "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
                                                  message, raised_at, raised_by)
                              VALUES (?1, ?2, ?3, 'online', ?4, 'active', ?5, ?6, ?7)
-                             ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                             ON CONFLICT (house_id, sensor_id, rule) WHERE state <> 'cleared'
+                             DO NOTHING
                              RETURNING id",
                         )?
                         .query_row(
@@ -398,43 +468,54 @@ impl SqliteStore {
         Ok(raised)
     }
 
-    /// The latest stored reading of each kind of one sensor (by ts, then seq, then receive
-    /// time, the cache's order), for the cache to read a sensor in the first time it is asked.
-    pub async fn latest_of(&self, sensor: &str) -> Result<Vec<Event>, crate::seam::Unavailable> {
-        let sensor = sensor.to_string();
+    /// The latest stored reading of each kind of some sensors of a house (in the caches' order:
+    /// [`Event::order_key`]), for the cache to read sensors in the first time they are asked for:
+    /// one indexed probe per kind, on the reader pool.
+    pub async fn latest_of(
+        &self,
+        house: &str,
+        sensors: Vec<String>,
+    ) -> Result<Vec<Event>, crate::seam::Unavailable> {
+        let house = house.to_string();
         self.reader
             .call(move |c| {
-                let kinds: Option<String> = c
-                    .prepare_cached("SELECT kinds FROM sensors WHERE sensor_id = ?1")?
-                    .query_row([&sensor], |r| r.get(0))
-                    .optional()?;
+                let mut kinds_of = c.prepare_cached(
+                    "SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2",
+                )?;
                 let mut newest = c.prepare_cached(
-                    "SELECT house_id, value, unit, seq, ts, received_us FROM events
-                     WHERE sensor_id = ?1 AND kind = ?2
-                     ORDER BY ts DESC, seq IS NULL, seq DESC, received_us DESC LIMIT 1",
+                    "SELECT value, unit, seq, ts, received_us FROM events INDEXED BY events_latest
+                     WHERE house_id = ?1 AND sensor_id = ?2 AND kind = ?3
+                     ORDER BY min(ts, received_us / 1000) DESC, seq IS NOT NULL DESC, seq DESC,
+                              received_us DESC
+                     LIMIT 1",
                 )?;
                 let mut out = Vec::new();
-                for kind in kinds
-                    .iter()
-                    .flat_map(|k| k.split(','))
-                    .filter(|k| !k.is_empty())
-                {
-                    let found = newest
-                        .query_row(params![sensor, kind], |r| {
-                            Ok(Event {
-                                house_id: r.get(0)?,
-                                sensor_id: sensor.clone(),
-                                kind: kind.to_string(),
-                                value: r.get(1)?,
-                                unit: r.get(2)?,
-                                seq: r.get(3)?,
-                                ts_ms: r.get(4)?,
-                                received_us: r.get(5)?,
-                                ingest_id: None,
-                            })
-                        })
+                for sensor in &sensors {
+                    let kinds: Option<String> = kinds_of
+                        .query_row([&house, sensor], |r| r.get(0))
                         .optional()?;
-                    out.extend(found);
+                    for kind in kinds
+                        .iter()
+                        .flat_map(|k| k.split(','))
+                        .filter(|k| !k.is_empty())
+                    {
+                        let found = newest
+                            .query_row(params![house, sensor, kind], |r| {
+                                Ok(Event {
+                                    house_id: house.clone(),
+                                    sensor_id: sensor.clone(),
+                                    kind: kind.to_string(),
+                                    value: r.get(0)?,
+                                    unit: r.get(1)?,
+                                    seq: r.get(2)?,
+                                    ts_ms: r.get(3)?,
+                                    received_us: r.get(4)?,
+                                    ingest_id: None,
+                                })
+                            })
+                            .optional()?;
+                        out.extend(found);
+                    }
                 }
                 Ok(out)
             })
@@ -446,28 +527,53 @@ impl EventStore for SqliteStore {
     fn write<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, Written> {
         Box::pin(async move {
             let owned: Vec<Event> = events.iter().map(|e| (*e).clone()).collect();
-            let n = owned.len() as u64;
-            let sensors = self
+            let unknown = self
+                .memo
+                .lock()
+                .map(|m| m.unknown(events))
+                .unwrap_or_default();
+            let memo = self
                 .memo
                 .lock()
                 .map(|m| m.to_record(events))
                 .unwrap_or_default();
-            let (stored, sensors) = self
+            let caps = self.caps;
+            let (stored, capped, kept, sensors) = self
                 .writer
                 .call(move |c| {
                     let tx = c.transaction()?;
-                    let stored = write_events(&tx, &owned, &sensors)?;
+                    // The caps, decided in the writer's transaction: exact.
+                    let refs: Vec<&Event> = owned.iter().collect();
+                    let capped: Vec<(usize, Rejection)> = if unknown.is_empty() {
+                        Vec::new()
+                    } else {
+                        crate::caps::admit(&refs, &mut known(&tx, &unknown)?, &caps)
+                    };
+                    let kept: Vec<Event> = owned
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| !capped.iter().any(|(c, _)| c == i))
+                        .map(|(_, e)| e)
+                        .collect();
+                    let sensors: Vec<SensorSeen> = if capped.is_empty() {
+                        memo
+                    } else {
+                        let keep: Vec<&Event> = kept.iter().collect();
+                        SensorMemo::new(0).to_record(&keep)
+                    };
+                    let stored = write_events(&tx, &kept, &sensors)?;
                     tx.commit()?;
-                    Ok((stored, sensors))
+                    Ok((stored, capped, kept, sensors))
                 })
                 .await?;
             if let Ok(mut m) = self.memo.lock() {
                 m.recorded(sensors);
-                m.observe(events);
+                m.observe(&kept.iter().collect::<Vec<_>>());
             }
             Ok(Written {
                 stored,
-                duplicates: n - stored,
+                duplicates: kept.len() as u64 - stored,
+                capped,
             })
         })
     }
@@ -503,34 +609,24 @@ impl EventStore for SqliteStore {
                         "SELECT sensor_id, house_id, kinds, first_seen, last_seen FROM sensors
                          WHERE house_id = ?1 ORDER BY sensor_id LIMIT 10000",
                     )?;
-                    let rows = st.query_map([house], |r| {
-                        let kinds: String = r.get(2)?;
-                        Ok(SensorRow {
-                            sensor_id: r.get(0)?,
-                            house_id: r.get(1)?,
-                            kinds: kinds
-                                .split(',')
-                                .filter(|k| !k.is_empty())
-                                .map(str::to_string)
-                                .collect(),
-                            first_seen: r.get(3)?,
-                            last_seen: r.get(4)?,
-                        })
-                    })?;
+                    let rows = st.query_map([house], sensor_row)?;
                     rows.collect()
                 })
                 .await
         })
     }
 
-    fn sensor_house<'a>(&'a self, sensor: &'a str) -> Fut<'a, Option<String>> {
-        let sensor = sensor.to_string();
+    fn sensor<'a>(&'a self, house: &'a str, sensor: &'a str) -> Fut<'a, Option<SensorRow>> {
+        let (house, sensor) = (house.to_string(), sensor.to_string());
         Box::pin(async move {
             self.reader
                 .call(move |c| {
-                    c.prepare_cached("SELECT house_id FROM sensors WHERE sensor_id = ?1")?
-                        .query_row([sensor], |r| r.get(0))
-                        .optional()
+                    c.prepare_cached(
+                        "SELECT sensor_id, house_id, kinds, first_seen, last_seen FROM sensors
+                         WHERE house_id = ?1 AND sensor_id = ?2",
+                    )?
+                    .query_row([house, sensor], sensor_row)
+                    .optional()
                 })
                 .await
         })
@@ -543,7 +639,7 @@ impl EventStore for SqliteStore {
                 .call(move |c| {
                     let mut st = c.prepare_cached(
                         "SELECT id, kind, value, unit, seq, ts FROM events
-                         WHERE sensor_id = ?1
+                         WHERE house_id = ?8 AND sensor_id = ?1
                            AND (?2 IS NULL OR kind = ?2)
                            AND (?3 IS NULL OR ts >= ?3)
                            AND (?4 IS NULL OR ts < ?4)
@@ -559,7 +655,8 @@ impl EventStore for SqliteStore {
                             q.to,
                             q.cursor.map(|c| c.0),
                             q.cursor.map(|c| c.1).unwrap_or(0),
-                            q.limit
+                            q.limit,
+                            q.house
                         ],
                         |r| {
                             Ok(HistoryEvent {
@@ -644,25 +741,66 @@ impl EventStore for SqliteStore {
         Box::pin(async move {
             self.reader
                 .call(move |c| {
-                    c.prepare_cached("SELECT house_id FROM tokens WHERE hash = ?1")?
-                        .query_row([hash], |r| r.get(0))
-                        .optional()
+                    c.prepare_cached(
+                        "SELECT house_id FROM tokens
+                         WHERE hash = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+                    )?
+                    .query_row(params![hash, crate::event::now_us() / 1000], |r| r.get(0))
+                    .optional()
                 })
                 .await
         })
     }
 
-    fn create_token<'a>(&'a self, hash: &'a [u8], house: &'a str) -> Fut<'a, ()> {
-        let (hash, house) = (hash.to_vec(), house.to_string());
+    fn create_token<'a>(
+        &'a self,
+        id: &'a str,
+        hash: &'a [u8],
+        house: &'a str,
+        expires_at: Option<i64>,
+    ) -> Fut<'a, ()> {
+        let (id, hash, house) = (id.to_string(), hash.to_vec(), house.to_string());
         Box::pin(async move {
             self.writer
                 .call(move |c| {
                     c.execute(
-                        "INSERT INTO tokens (hash, house_id, created_at) VALUES (?1, ?2, ?3)",
-                        params![hash, house, crate::event::now_us() / 1000],
+                        "INSERT INTO tokens (id, hash, house_id, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![id, hash, house, crate::event::now_us() / 1000, expires_at],
                     )
                     .map(|_| ())
                 })
+                .await
+        })
+    }
+
+    fn tokens(&self) -> Fut<'_, Vec<TokenInfo>> {
+        Box::pin(async move {
+            self.reader
+                .call(|c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT id, house_id, created_at, expires_at FROM tokens
+                         ORDER BY created_at, id",
+                    )?;
+                    let rows = st.query_map([], |r| {
+                        Ok(TokenInfo {
+                            id: r.get(0)?,
+                            house_id: r.get(1)?,
+                            created_at: r.get(2)?,
+                            expires_at: r.get(3)?,
+                        })
+                    })?;
+                    rows.collect()
+                })
+                .await
+        })
+    }
+
+    fn revoke<'a>(&'a self, id: &'a str) -> Fut<'a, bool> {
+        let id = id.to_string();
+        Box::pin(async move {
+            self.writer
+                .call(move |c| Ok(c.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0))
                 .await
         })
     }

@@ -19,9 +19,10 @@ use crate::alerts::Alert;
 use crate::alerts::engine::Engine;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
-use crate::event::Event;
+use crate::event::{Event, Rejection};
 use crate::metrics::METRICS;
-use crate::seam::{EventQueue, EventStore, FanOut, Lanes, LatestCache};
+use crate::queue::DeadLetter;
+use crate::seam::{Delivery, EventQueue, EventStore, FanOut, Lanes, LatestCache, Written};
 use crate::shutdown::Shutdown;
 
 pub struct Worker {
@@ -54,6 +55,7 @@ impl Worker {
 
     async fn serve(&self, mut shutdown: Shutdown) {
         let mut engine = Engine::new(self.rules.clone());
+        let mut sequences = crate::worker::sequence::SequenceTracker::default();
         let mut backoff = Backoff::default();
         let mut next_sweep = Instant::now();
         loop {
@@ -94,10 +96,10 @@ impl Worker {
                 }
                 continue;
             }
-            let events: Vec<&Event> = batch.iter().flat_map(|d| &d.events).collect();
+            let all: Vec<&Event> = batch.iter().flat_map(|d| &d.events).collect();
             // Retried until it succeeds: an error here is the disk, never the content.
             let written = loop {
-                match self.store.write(&events).await {
+                match self.store.write(&all).await {
                     Ok(w) => break w,
                     Err(e) => {
                         warn!(error = %e, "embedded store write failed, retrying");
@@ -105,6 +107,14 @@ impl Worker {
                     }
                 }
             };
+            // What was stored (events past a cap were not): what the rules and pushes see.
+            let events: Vec<&Event> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !written.capped.iter().any(|(c, _)| c == i))
+                .map(|(_, e)| *e)
+                .collect();
+            let letters = capped_letters(&batch, &written);
             let _ = self.cache.offer(&events).await;
             let alerts = loop {
                 match self.evaluate(&mut engine, &events).await {
@@ -120,9 +130,13 @@ impl Worker {
                 let _ = self.fanout.push_alert(&self.rules, alert).await;
             }
             self.push_events(&events).await;
-            while let Err(e) = self.queue.ack(&batch, written).await {
+            while let Err(e) = self.queue.ack(&batch, &written, &letters).await {
                 warn!(error = %e, "embedded queue acknowledgement failed, retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
+            }
+            let gaps = sequences.observe(events.iter().copied());
+            if gaps > 0 {
+                METRICS.sequence_gaps.add(gaps);
             }
             backoff.reset();
             METRICS.stored.add(written.stored);
@@ -171,4 +185,23 @@ impl Worker {
             let _ = self.fanout.publish(json).await;
         }
     }
+}
+
+/// One dead letter per queue entry for its events past a cap (by their index in the batch).
+fn capped_letters(batch: &[Delivery], written: &Written) -> Vec<DeadLetter> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for d in batch {
+        let range = offset..offset + d.events.len();
+        let (why, events): (Vec<Rejection>, Vec<&Event>) = written
+            .capped
+            .iter()
+            .filter(|(i, _)| range.contains(i))
+            .filter_map(|(i, r)| Some((r.clone(), d.events.get(i - offset)?)))
+            .unzip();
+        let context = format!("lane {}, queue row {}", d.lane, d.id);
+        out.extend(DeadLetter::of_events(&events, &why, &context));
+        offset = range.end;
+    }
+    out
 }

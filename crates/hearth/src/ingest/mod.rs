@@ -252,20 +252,15 @@ fn subscribed(codes: &[SubscribeReasonCode]) {
 fn decode(p: &rumqttc::mqttbytes::v4::Publish, generation: u64, limits: &Limits) -> Message {
     let received_us = crate::event::now_us();
     let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
-    for r in &decoded.rejections {
-        info!(topic = %codec::truncate(&p.topic, 128), reason = r.reason.as_str(), detail = %r.detail, "rejected");
+    let dead = decoded.dead_letter("mqtt", &p.topic, &p.payload, received_us / 1000);
+    if let Some(d) = &dead {
+        info!(topic = %codec::truncate(&p.topic, 128), reason = d.reason, detail = %codec::truncate(&d.detail, 256), "rejected");
     }
     Message {
         pkid: p.pkid,
         qos: p.qos,
         generation,
-        dead: decoded
-            .rejections
-            .iter()
-            .map(|r| {
-                DeadLetter::from_rejection(r, "mqtt", &p.topic, &p.payload, received_us / 1000)
-            })
-            .collect(),
+        dead: dead.into_iter().collect(),
         events: decoded.events,
     }
 }
@@ -330,9 +325,6 @@ async fn append(
             }
             let received: usize = chunk.iter().map(|m| m.events.len()).sum();
             METRICS.received.with("mqtt").add(received as u64);
-            for d in chunk.iter().flat_map(|m| &m.dead) {
-                METRICS.rejected.with(d.reason).add(1);
-            }
             let routine = chunk
                 .iter()
                 .flat_map(|m| &m.events)

@@ -50,6 +50,10 @@ pub enum QueueError {
         configured: u16,
         queued: u64,
     },
+    #[error(
+        "{queued} routine events are queued as an earlier hearth version spread them over the lanes (by sensor id alone); appends wait until the workers have stored them (stop the earlier version's ingest processes)"
+    )]
+    Rerouting { queued: u64 },
 }
 
 impl QueueError {
@@ -69,15 +73,17 @@ pub enum Lane {
 
 impl Lane {
     pub fn for_event(event: &Event, shards: u16) -> Lane {
-        Lane::of(&event.sensor_id, &event.kind, shards)
+        Lane::of(&event.house_id, &event.sensor_id, &event.kind, shards)
     }
 
-    /// The lane of a sensor's readings of a kind.
-    pub fn of(sensor_id: &str, kind: &str, shards: u16) -> Lane {
+    /// The lane of a sensor's readings of a kind: a sensor is (house, sensor), so that the
+    /// `kitchen` of every house does not crowd into one lane.
+    pub fn of(house_id: &str, sensor_id: &str, kind: &str, shards: u16) -> Lane {
         if crate::event::is_critical_kind(kind) {
             Lane::Critical
         } else {
-            Lane::Routine((fnv1a(sensor_id.as_bytes()) % u64::from(shards)) as u16)
+            let h = fnv1a_from(fnv1a_from(FNV_OFFSET, house_id.as_bytes()), b"/");
+            Lane::Routine((fnv1a_from(h, sensor_id.as_bytes()) % u64::from(shards)) as u16)
         }
     }
 
@@ -126,12 +132,19 @@ impl std::fmt::Display for Lane {
     }
 }
 
-/// FNV-1a, 64 bits: stable across processes, versions and platforms, which `std`'s hasher is not.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, 64 bits, continued from `h`: stable across processes, versions and platforms, which
+/// `std`'s hasher is not.
+fn fnv1a_from(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
+
+/// How events are spread over the routine lanes, recorded in `P:meta` (`route`). Version 1 (no
+/// field) hashed the sensor id alone; version 2 hashes (house, sensor).
+pub const ROUTE: &str = "house-sensor";
 
 /// Key names under one prefix.
 #[derive(Debug, Clone)]
@@ -183,8 +196,12 @@ impl Keys {
     pub fn tokens(&self) -> String {
         format!("{}:tokens", self.prefix)
     }
-    pub fn latest(&self, sensor_id: &str) -> String {
-        format!("{}:latest:{sensor_id}", self.prefix)
+    /// A sensor's latest values (hash: kind → order key + JSON).
+    pub fn latest(&self, house_id: &str, sensor_id: &str) -> String {
+        format!("{}:latest:{house_id}:{sensor_id}", self.prefix)
+    }
+    pub fn latest_prefix(&self) -> String {
+        format!("{}:latest:", self.prefix)
     }
     pub fn house_sensors(&self, house_id: &str) -> String {
         format!("{}:house:{house_id}:sensors", self.prefix)
@@ -230,6 +247,8 @@ pub struct DeadLetter {
 /// Largest raw payload kept in a dead letter; an oversize payload is cut there (its full size is
 /// in the detail).
 const DEAD_PAYLOAD_MAX: usize = 4096;
+/// Largest detail of a dead letter: the first refused readings are listed, then how many more.
+const DEAD_DETAIL_MAX: usize = 1024;
 
 impl DeadLetter {
     /// A refused message or reading; `source` is `mqtt` or `http` (whose topic is `http`).
@@ -240,14 +259,76 @@ impl DeadLetter {
         payload: &[u8],
         at_ms: i64,
     ) -> Self {
-        DeadLetter {
+        DeadLetter::from_rejections(
+            std::slice::from_ref(rejection),
+            source,
+            topic,
+            payload,
+            at_ms,
+        )
+        .unwrap_or_else(|| DeadLetter {
             reason: rejection.reason.as_str(),
-            detail: rejection.detail.clone(),
-            topic: topic.to_string(),
+            detail: String::new(),
+            topic: String::new(),
+            payload: Vec::new(),
+            source,
+            at_ms,
+        })
+    }
+
+    /// The one dead letter of a message some of whose readings were refused (none when none
+    /// was): its reason is the first refusal's, its detail lists the refusals (the first ones,
+    /// then how many more), its payload is the message's (cut at 4 KiB). One message, one
+    /// letter, whatever it holds: a message of thousands of bad readings cannot make thousands
+    /// of letters, each a copy of it.
+    pub fn from_rejections(
+        rejections: &[Rejection],
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        at_ms: i64,
+    ) -> Option<Self> {
+        let first = rejections.first()?;
+        let mut detail = String::new();
+        for (i, r) in rejections.iter().enumerate() {
+            let item = if rejections.len() == 1 {
+                r.detail.clone()
+            } else {
+                format!("{}: {}", r.reason.as_str(), r.detail)
+            };
+            if detail.len() + item.len() + 2 > DEAD_DETAIL_MAX {
+                detail.push_str(&format!("; and {} more", rejections.len() - i));
+                break;
+            }
+            if i > 0 {
+                detail.push_str("; ");
+            }
+            detail.push_str(&item);
+        }
+        Some(DeadLetter {
+            reason: first.reason.as_str(),
+            detail: crate::codec::truncate(&detail, DEAD_DETAIL_MAX + 32).to_string(),
+            topic: crate::codec::truncate(topic, 256).to_string(),
             payload: payload[..payload.len().min(DEAD_PAYLOAD_MAX)].to_vec(),
             source,
             at_ms,
-        }
+        })
+    }
+
+    /// The one letter of stream events a worker did not store (past a cap), holding them: a
+    /// replay appends them to their lane again (once the cap is raised). `context` says where
+    /// they were (lane, entry).
+    pub fn of_events(events: &[&Event], why: &[Rejection], context: &str) -> Option<Self> {
+        let first = events.first()?;
+        let mut letter = DeadLetter::from_rejections(
+            why,
+            "worker",
+            &format!("hearth/{}/{}", first.house_id, first.sensor_id),
+            &serde_json::to_vec(events).unwrap_or_default(),
+            crate::event::now_us() / 1000,
+        )?;
+        letter.detail = format!("{} ({context})", letter.detail);
+        Some(letter)
     }
 
     pub fn xadd(&self, pipe: &mut redis::Pipeline, key: &str) {
@@ -344,6 +425,8 @@ pub struct Queue {
     pub shards: u16,
     /// Stream keys of every lane, critical first: built once, used for every event.
     streams: std::sync::Arc<Vec<String>>,
+    /// Whether `P:meta` says events are routed by [`ROUTE`] (checked before the first append).
+    routed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Queue {
@@ -362,7 +445,47 @@ impl Queue {
             keys: keys.clone(),
             shards,
             streams: std::sync::Arc::new(streams),
+            routed: Default::default(),
         }
+    }
+
+    /// Make sure appends may route by [`ROUTE`]: an installation upgraded from a version that
+    /// routed by sensor id alone may still hold routine events routed that way, and appending a
+    /// sensor's new events to another lane than its queued ones would let two consumers store
+    /// them out of order. Until the workers (which serve any lane) have drained them, appends
+    /// fail with [`QueueError::Rerouting`] and the caller retries (the ingest holds the PUBACKs,
+    /// HTTP answers 503); then the route is recorded and never checked again by this process.
+    pub async fn ensure_route(&self) -> Result<(), QueueError> {
+        use std::sync::atomic::Ordering;
+        if self.routed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let route: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.meta())
+            .arg("route")
+            .query_async(&mut conn)
+            .await?;
+        if route.as_deref() != Some(ROUTE) {
+            let queued: u64 = self
+                .depths()
+                .await?
+                .iter()
+                .filter(|(l, _)| *l != Lane::Critical)
+                .map(|(_, d)| d)
+                .sum();
+            if queued > 0 {
+                return Err(QueueError::Rerouting { queued });
+            }
+            redis::cmd("HSET")
+                .arg(self.keys.meta())
+                .arg("route")
+                .arg(ROUTE)
+                .exec_async(&mut conn)
+                .await?;
+        }
+        self.routed.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The stream key of a lane of this installation.
@@ -443,6 +566,7 @@ impl Queue {
         if events.is_empty() && dead.is_empty() {
             return Ok(());
         }
+        self.ensure_route().await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.add_append(&mut pipe, events, dead)?;
@@ -536,6 +660,22 @@ impl Queue {
             if n > 0 {
                 pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(n).ignore();
             }
+        }
+    }
+
+    /// Add to `pipe` dead letters a worker writes beside an acknowledgement (events it did not
+    /// store: past a cap), and the `events` they hold to the dead-lettered count.
+    pub fn add_dead(&self, pipe: &mut redis::Pipeline, letters: &[DeadLetter], events: u64) {
+        let dead = self.keys.dead();
+        for letter in letters {
+            letter.xadd(pipe, &dead);
+        }
+        if events > 0 {
+            pipe.cmd("HINCRBY")
+                .arg(self.keys.stats())
+                .arg(stat::DEAD_LETTERED)
+                .arg(events)
+                .ignore();
         }
     }
 
@@ -862,9 +1002,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_message_of_many_bad_readings_is_one_bounded_letter() {
+        let many: Vec<Rejection> = (0..32_767)
+            .map(|i| {
+                Rejection::new(
+                    crate::event::Reason::WrongType,
+                    format!("reading {i}: a reading must be an object, got a number"),
+                )
+            })
+            .collect();
+        let payload = vec![b'1'; 64 * 1024];
+        let letter = DeadLetter::from_rejections(&many, "mqtt", "hearth/h/s", &payload, 0).unwrap();
+        assert_eq!(letter.reason, "wrong_type");
+        assert!(
+            letter.detail.len() <= DEAD_DETAIL_MAX + 32,
+            "{}",
+            letter.detail.len()
+        );
+        assert!(letter.detail.ends_with("more"), "{}", letter.detail);
+        assert_eq!(letter.payload.len(), DEAD_PAYLOAD_MAX);
+        assert!(DeadLetter::from_rejections(&[], "mqtt", "t", b"", 0).is_none());
+    }
+
+    #[test]
     fn a_sensor_always_maps_to_the_same_lane_and_critical_kinds_to_theirs() {
         let mk = |sensor: &str, kind: &str| Event {
-            house_id: "h".into(),
+            house_id: "house-1".into(),
             sensor_id: sensor.into(),
             kind: kind.into(),
             value: 1.0,
@@ -878,7 +1041,16 @@ mod tests {
         let a = Lane::for_event(&mk("s1", "temperature"), 8);
         assert_eq!(a, Lane::for_event(&mk("s1", "humidity"), 8));
         // The hash is fixed forever: a change would reorder every installation's sensors.
-        assert_eq!(fnv1a(b"s1"), 0x08d8_ff07_b578_d149);
+        assert_eq!(fnv1a_from(FNV_OFFSET, b"s1"), 0x08d8_ff07_b578_d149);
+        assert_eq!(
+            fnv1a_from(FNV_OFFSET, b"house-1/s1"),
+            fnv1a_from(fnv1a_from(fnv1a_from(FNV_OFFSET, b"house-1"), b"/"), b"s1")
+        );
+        // Two houses' `kitchen`s are two sensors, on lanes of their own.
+        let kitchens: std::collections::HashSet<_> = (0..64)
+            .map(|i| Lane::of(&format!("house-{i}"), "kitchen", "power", 8))
+            .collect();
+        assert_eq!(kitchens.len(), 8);
         let spread: std::collections::HashSet<_> = (0..200)
             .map(|i| Lane::for_event(&mk(&format!("sensor-{i}"), "power"), 8))
             .collect();

@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::alerts::{Alert, AlertState};
-use crate::api::routes::{HistoryEvent, HouseView};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
@@ -81,8 +81,14 @@ pub trait EventQueue: Send + Sync {
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()>;
     /// Up to about `max` entries of the chosen lanes, critical lane first.
     fn read(&self, lanes: Lanes, max: usize) -> Fut<'_, Vec<Delivery>>;
-    /// Acknowledge entries, counting what their write did in the loss accounting.
-    fn ack<'a>(&'a self, done: &'a [Delivery], written: Written) -> Fut<'a, ()>;
+    /// Acknowledge entries, counting what their write did in the loss accounting, and keep
+    /// `dead`, the letters of the events the write refused (past a cap), in the same step.
+    fn ack<'a>(
+        &'a self,
+        done: &'a [Delivery],
+        written: &'a Written,
+        dead: &'a [DeadLetter],
+    ) -> Fut<'a, ()>;
     /// Events appended and not yet acknowledged, per lane.
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>>;
     /// Lanes, dead letters, consumers and the loss accounting (`hearth status`).
@@ -97,12 +103,47 @@ pub trait EventQueue: Send + Sync {
 }
 
 /// What a write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Written {
     /// Rows inserted.
     pub stored: u64,
     /// Events whose dedup key was already stored (or repeated in the batch).
     pub duplicates: u64,
+    /// Events not stored because they would pass a cap (houses, sensors per house, kinds per
+    /// sensor): their index in the batch, and why. The caller dead-letters them.
+    pub capped: Vec<(usize, crate::event::Rejection)>,
+}
+
+/// A stored reading.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryEvent {
+    /// Storage order (`events.id`).
+    pub id: i64,
+    pub kind: String,
+    pub value: f64,
+    pub unit: Option<String>,
+    pub seq: Option<i64>,
+    /// Reading time, epoch milliseconds.
+    pub ts: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HouseView {
+    pub house_id: String,
+    /// Sensors seen in this house.
+    pub sensors: i64,
+}
+
+/// A house token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TokenInfo {
+    /// The token's public id (`hearth token revoke ID`).
+    pub id: String,
+    pub house_id: String,
+    /// Epoch milliseconds.
+    pub created_at: i64,
+    /// Epoch milliseconds; none: it does not expire.
+    pub expires_at: Option<i64>,
 }
 
 /// A sensor as the store knows it.
@@ -118,6 +159,7 @@ pub struct SensorRow {
 /// Which page of a sensor's history (newest first).
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
+    pub house: String,
     pub sensor: String,
     pub kind: Option<String>,
     /// Epoch ms, inclusive.
@@ -131,15 +173,17 @@ pub struct HistoryQuery {
 
 /// Where events, sensors, alerts and tokens are kept.
 ///
-/// Contract: `write` is idempotent on the dedup key ((sensor, kind, seq), else the ingest id):
-/// writing a batch again stores nothing twice; history is newest first by (ts, id); one open
-/// alert per (sensor, rule); acknowledging is idempotent and refused for a cleared alert.
+/// Contract: a sensor is (house, sensor); `write` is idempotent on the dedup key ((house,
+/// sensor, kind, seq), else the ingest id): writing a batch again stores nothing twice, and it
+/// stores nothing past the caps (reported in [`Written::capped`]); history is newest first by
+/// (ts, id); one open alert per (house, sensor, rule); acknowledging is idempotent and refused
+/// for a cleared alert; a token's house is known only until it expires or is revoked.
 pub trait EventStore: Send + Sync {
     fn write<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, Written>;
     /// Houses with their sensor count (`only`: just that one).
     fn houses<'a>(&'a self, only: Option<&'a str>) -> Fut<'a, Vec<HouseView>>;
     fn sensors<'a>(&'a self, house: &'a str) -> Fut<'a, Vec<SensorRow>>;
-    fn sensor_house<'a>(&'a self, sensor: &'a str) -> Fut<'a, Option<String>>;
+    fn sensor<'a>(&'a self, house: &'a str, sensor: &'a str) -> Fut<'a, Option<SensorRow>>;
     /// Up to `limit` rows, newest first.
     fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>>;
     fn alerts<'a>(
@@ -152,21 +196,38 @@ pub trait EventStore: Send + Sync {
     /// The alert after the acknowledgement, and whether it changed.
     fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>>;
     fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()>;
-    /// The house of a token, by its SHA-256.
+    /// The house of a token, by its SHA-256 (none once expired or revoked).
     fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>>;
-    fn create_token<'a>(&'a self, hash: &'a [u8], house: &'a str) -> Fut<'a, ()>;
+    /// Keep a token (its hash) for `house`, under the public id `id`, until `expires_at` (epoch
+    /// ms) if given.
+    fn create_token<'a>(
+        &'a self,
+        id: &'a str,
+        hash: &'a [u8],
+        house: &'a str,
+        expires_at: Option<i64>,
+    ) -> Fut<'a, ()>;
+    /// Every token (its public part), oldest first.
+    fn tokens(&self) -> Fut<'_, Vec<TokenInfo>>;
+    /// Remove a token by its id; whether there was one.
+    fn revoke<'a>(&'a self, id: &'a str) -> Fut<'a, bool>;
     /// Whether the store answers, by name (`postgres` or `embedded`).
     fn ready(&self) -> Fut<'_, (&'static str, bool)>;
 }
 
-/// The latest value of each (sensor, kind).
+/// The latest value of each (house, sensor, kind).
 ///
-/// Contract: a value never moves backwards: an event older (by ts, then seq, then receive time)
-/// than the cached one leaves it unchanged; `latest` maps kind → the JSON of
+/// Contract: a value never moves backwards: an event older (by [`Event::order_key`]: time never
+/// later than its receipt, then seq, then receive time) than the cached one leaves it
+/// unchanged; `latest` gives, for each of a house's `sensors`, kind → the JSON of
 /// `{value, unit, ts, seq, received_us, house_id}`.
 pub trait LatestCache: Send + Sync {
     fn offer<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, ()>;
-    fn latest<'a>(&'a self, sensor: &'a str) -> Fut<'a, HashMap<String, String>>;
+    fn latest<'a>(
+        &'a self,
+        house: &'a str,
+        sensors: &'a [String],
+    ) -> Fut<'a, Vec<HashMap<String, String>>>;
 }
 
 /// Pushes to every API process's WebSocket clients (and, for alerts, to webhooks).

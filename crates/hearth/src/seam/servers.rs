@@ -12,12 +12,11 @@ use tokio::sync::Mutex;
 use tracing::warn;
 
 use super::{
-    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryQuery, Lanes, LatestCache, Seams,
-    SensorRow, Unavailable, Written,
+    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryEvent, HistoryQuery, HouseView, Lanes,
+    LatestCache, Seams, SensorRow, TokenInfo, Unavailable, Written,
 };
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState};
-use crate::api::routes::{HistoryEvent, HouseView};
 use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::codec::Limits;
@@ -36,7 +35,10 @@ pub fn open(config: &Config) -> Result<Seams, QueueError> {
     let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
     Ok(Seams {
         queue: Arc::new(RedisQueue::new(queue.clone(), &config.redis_url, "api")),
-        store: Arc::new(PgStore::new(&config.database_url)),
+        store: Arc::new(PgStore::new(
+            &config.database_url,
+            crate::caps::Caps::from_config(config),
+        )),
         cache: Arc::new(RedisCache {
             cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
             queue: queue.clone(),
@@ -158,7 +160,12 @@ impl EventQueue for RedisQueue {
         })
     }
 
-    fn ack<'a>(&'a self, done: &'a [Delivery], written: Written) -> Fut<'a, ()> {
+    fn ack<'a>(
+        &'a self,
+        done: &'a [Delivery],
+        written: &'a Written,
+        dead: &'a [DeadLetter],
+    ) -> Fut<'a, ()> {
         Box::pin(async move {
             let mut by_lane: BTreeMap<Lane, Vec<Done>> = BTreeMap::new();
             for d in done {
@@ -169,6 +176,9 @@ impl EventQueue for RedisQueue {
             }
             let acks: Vec<(Lane, Vec<Done>)> = by_lane.into_iter().collect();
             let mut pipe = redis::pipe();
+            pipe.atomic();
+            self.queue
+                .add_dead(&mut pipe, dead, written.capped.len() as u64);
             self.queue
                 .add_ack(&mut pipe, &acks, written.stored, written.duplicates);
             Ok(self.queue.exec(&pipe).await?)
@@ -216,15 +226,31 @@ pub struct PgStore {
     db: Db,
     url: String,
     writer: Mutex<Option<Store>>,
+    caps: crate::caps::Caps,
 }
 
 impl PgStore {
-    pub fn new(url: &str) -> PgStore {
+    pub fn new(url: &str, caps: crate::caps::Caps) -> PgStore {
         PgStore {
             db: Db::new(url),
             url: url.to_string(),
             writer: Mutex::new(None),
+            caps,
         }
+    }
+}
+
+const SENSOR_COLUMNS: &str =
+    "sensor_id, house_id, kinds, (extract(epoch FROM first_seen) * 1000)::int8,
+    (extract(epoch FROM last_seen) * 1000)::int8";
+
+fn sensor_row(r: &tokio_postgres::Row) -> SensorRow {
+    SensorRow {
+        sensor_id: r.get(0),
+        house_id: r.get(1),
+        kinds: r.get(2),
+        first_seen: r.get(3),
+        last_seen: r.get(4),
     }
 }
 
@@ -238,12 +264,22 @@ impl EventStore for PgStore {
             let Some(store) = slot.as_mut() else {
                 return Ok(Written::default());
             };
-            let sensors = crate::worker::sensors::SensorMemo::new(0).to_record(events);
+            let memo = crate::worker::sensors::SensorMemo::new(0);
+            let mut known = store.known(&memo.unknown(events)).await?;
+            let capped = crate::caps::admit(events, &mut known, &self.caps);
+            let kept: Vec<&Event> = events
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !capped.iter().any(|(c, _)| c == i))
+                .map(|(_, e)| *e)
+                .collect();
+            let sensors = memo.to_record(&kept);
             // No fences: this writer owns no lanes (the distributed worker passes its own).
-            let stored = store.write(&[], events, &sensors, true).await?;
+            let stored = store.write(&[], &kept, &sensors, true).await?;
             Ok(Written {
                 stored,
-                duplicates: events.len() as u64 - stored,
+                duplicates: kept.len() as u64 - stored,
+                capped,
             })
         })
     }
@@ -275,37 +311,32 @@ impl EventStore for PgStore {
             let client = self.db.client().await?;
             let rows = client
                 .query(
-                    "SELECT sensor_id, house_id, kinds, (extract(epoch FROM first_seen) * 1000)::int8,
-                            (extract(epoch FROM last_seen) * 1000)::int8
-                     FROM sensors WHERE house_id = $1 ORDER BY sensor_id LIMIT 10000",
+                    &format!(
+                        "SELECT {SENSOR_COLUMNS} FROM sensors WHERE house_id = $1
+                         ORDER BY sensor_id LIMIT 10000"
+                    ),
                     &[&house],
                 )
                 .await
                 .map_err(pg)?;
-            Ok(rows
-                .iter()
-                .map(|r| SensorRow {
-                    sensor_id: r.get(0),
-                    house_id: r.get(1),
-                    kinds: r.get(2),
-                    first_seen: r.get(3),
-                    last_seen: r.get(4),
-                })
-                .collect())
+            Ok(rows.iter().map(sensor_row).collect())
         })
     }
 
-    fn sensor_house<'a>(&'a self, sensor: &'a str) -> Fut<'a, Option<String>> {
+    fn sensor<'a>(&'a self, house: &'a str, sensor: &'a str) -> Fut<'a, Option<SensorRow>> {
         Box::pin(async move {
             let client = self.db.client().await?;
             Ok(client
                 .query_opt(
-                    "SELECT house_id FROM sensors WHERE sensor_id = $1",
-                    &[&sensor],
+                    &format!(
+                        "SELECT {SENSOR_COLUMNS} FROM sensors WHERE house_id = $1 AND sensor_id = $2"
+                    ),
+                    &[&house, &sensor],
                 )
                 .await
                 .map_err(pg)?
-                .map(|r| r.get(0)))
+                .as_ref()
+                .map(sensor_row))
         })
     }
 
@@ -316,7 +347,7 @@ impl EventStore for PgStore {
                 .query(
                     "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms
                      FROM events
-                     WHERE sensor_id = $1
+                     WHERE house_id = $8 AND sensor_id = $1
                        AND ($2::text IS NULL OR kind = $2)
                        AND ($3::int8 IS NULL OR ts >= timestamptz 'epoch' + $3 * interval '1 millisecond')
                        AND ($4::int8 IS NULL OR ts < timestamptz 'epoch' + $4 * interval '1 millisecond')
@@ -331,6 +362,7 @@ impl EventStore for PgStore {
                         &q.cursor.map(|c| c.0),
                         &q.cursor.map(|c| c.1).unwrap_or(0),
                         &q.limit,
+                        &q.house,
                     ],
                 )
                 .await
@@ -386,24 +418,70 @@ impl EventStore for PgStore {
         Box::pin(async move {
             let client = self.db.client().await?;
             Ok(client
-                .query_opt("SELECT house_id FROM tokens WHERE hash = $1", &[&hash])
+                .query_opt(
+                    "SELECT house_id FROM tokens
+                     WHERE hash = $1 AND (expires_at IS NULL OR expires_at > now())",
+                    &[&hash],
+                )
                 .await
                 .map_err(pg)?
                 .map(|r| r.get(0)))
         })
     }
 
-    fn create_token<'a>(&'a self, hash: &'a [u8], house: &'a str) -> Fut<'a, ()> {
+    fn create_token<'a>(
+        &'a self,
+        id: &'a str,
+        hash: &'a [u8],
+        house: &'a str,
+        expires_at: Option<i64>,
+    ) -> Fut<'a, ()> {
         Box::pin(async move {
             let client = self.db.client().await?;
             client
                 .execute(
-                    "INSERT INTO tokens (hash, house_id) VALUES ($1, $2)",
-                    &[&hash, &house],
+                    "INSERT INTO tokens (id, hash, house_id, expires_at)
+                     VALUES ($1, $2, $3, timestamptz 'epoch' + $4::int8 * interval '1 millisecond')",
+                    &[&id, &hash, &house, &expires_at],
                 )
                 .await
                 .map_err(pg)?;
             Ok(())
+        })
+    }
+
+    fn tokens(&self) -> Fut<'_, Vec<TokenInfo>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, house_id, (extract(epoch FROM created_at) * 1000)::int8,
+                            (extract(epoch FROM expires_at) * 1000)::int8
+                     FROM tokens ORDER BY created_at, id",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| TokenInfo {
+                    id: r.get(0),
+                    house_id: r.get(1),
+                    created_at: r.get(2),
+                    expires_at: r.get(3),
+                })
+                .collect())
+        })
+    }
+
+    fn revoke<'a>(&'a self, id: &'a str) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            let n = client
+                .execute("DELETE FROM tokens WHERE id = $1", &[&id])
+                .await
+                .map_err(pg)?;
+            Ok(n > 0)
         })
     }
 
@@ -418,7 +496,7 @@ impl EventStore for PgStore {
     }
 }
 
-/// The latest values in Redis (`P:latest:{sensor}`), compared and set by a Lua script.
+/// The latest values in Redis (`P:latest:{house}:{sensor}`), compared and set by a Lua script.
 pub struct RedisCache {
     cache: Cache,
     queue: Queue,
@@ -433,8 +511,12 @@ impl LatestCache for RedisCache {
         })
     }
 
-    fn latest<'a>(&'a self, sensor: &'a str) -> Fut<'a, HashMap<String, String>> {
-        Box::pin(async move { Ok(self.cache.latest(sensor).await?) })
+    fn latest<'a>(
+        &'a self,
+        house: &'a str,
+        sensors: &'a [String],
+    ) -> Fut<'a, Vec<HashMap<String, String>>> {
+        Box::pin(async move { Ok(self.cache.latest(house, sensors).await?) })
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::config::parse_duration;
+
 /// Resolution of the schedule: messages due within one slot are sent together.
 const SLOT: Duration = Duration::from_millis(10);
 
@@ -101,28 +103,6 @@ impl Schedule {
         let slot = cumulative.partition_point(|c| *c <= n);
         Some(SLOT * slot as u32)
     }
-}
-
-/// `500ms`, `30s`, `5m`, `1h`, or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let v: f64 = num
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-        .ok_or_else(|| format!("duration {s:?} is not a number with ms, s, m or h"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

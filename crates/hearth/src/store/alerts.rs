@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
 use super::{Store, StoreError, classify};
-use crate::alerts::engine::{Outcome, State, Transition};
+use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};
 use crate::queue::Lane;
@@ -42,39 +42,49 @@ pub fn alert(row: &tokio_postgres::Row) -> Alert {
 /// The stored rule state of `sensors`: (sensor, rule, state), open alerts included.
 pub async fn load_states(
     client: &impl GenericClient,
-    sensors: &[String],
-) -> Result<Vec<(String, String, State)>, StoreError> {
-    let mut states: HashMap<(String, String), State> = HashMap::new();
+    sensors: &[SensorKey],
+) -> Result<Vec<(SensorKey, String, State)>, StoreError> {
+    let houses: Vec<&str> = sensors.iter().map(|(h, _)| h.as_str()).collect();
+    let ids: Vec<&str> = sensors.iter().map(|(_, s)| s.as_str()).collect();
+    let mut states: HashMap<(String, String, String), State> = HashMap::new();
     let rows = client
         .query(
-            "SELECT sensor_id, rule, (extract(epoch FROM pending_since) * 1000)::int8, transition_key
-             FROM rule_state WHERE sensor_id = ANY($1)",
-            &[&sensors],
+            "SELECT r.house_id, r.sensor_id, r.rule,
+                    (extract(epoch FROM r.pending_since) * 1000)::int8, r.transition_key
+             FROM rule_state r JOIN unnest($1::text[], $2::text[]) AS x(h, s)
+                  ON r.house_id = x.h AND r.sensor_id = x.s",
+            &[&houses, &ids],
         )
         .await
         .map_err(classify)?;
     for r in rows {
         states.insert(
-            (r.get(0), r.get(1)),
+            (r.get(0), r.get(1), r.get(2)),
             State {
-                pending_since: r.get(2),
-                transition_key: r.get(3),
+                pending_since: r.get(3),
+                transition_key: r.get(4),
                 open: None,
             },
         );
     }
     let rows = client
         .query(
-            "SELECT sensor_id, rule, state FROM alerts WHERE sensor_id = ANY($1) AND state <> 'cleared'",
-            &[&sensors],
+            "SELECT a.house_id, a.sensor_id, a.rule, a.state
+             FROM alerts a JOIN unnest($1::text[], $2::text[]) AS x(h, s)
+                  ON a.house_id = x.h AND a.sensor_id = x.s
+             WHERE a.state <> 'cleared'",
+            &[&houses, &ids],
         )
         .await
         .map_err(classify)?;
     for r in rows {
-        let st = states.entry((r.get(0), r.get(1))).or_default();
-        st.open = AlertState::parse(r.get(2));
+        let st = states.entry((r.get(0), r.get(1), r.get(2))).or_default();
+        st.open = AlertState::parse(r.get(3));
     }
-    Ok(states.into_iter().map(|((s, r), st)| (s, r, st)).collect())
+    Ok(states
+        .into_iter()
+        .map(|((h, s, r), st)| ((h, s), r, st))
+        .collect())
 }
 
 /// Lanes whose fence rows still hold the tokens (locked shared until the transaction ends).
@@ -86,8 +96,8 @@ FOR SHARE OF f";
 impl Store {
     pub async fn load_states(
         &self,
-        sensors: &[String],
-    ) -> Result<Vec<(String, String, State)>, StoreError> {
+        sensors: &[SensorKey],
+    ) -> Result<Vec<(SensorKey, String, State)>, StoreError> {
         load_states(&self.client, sensors).await
     }
 
@@ -130,13 +140,13 @@ impl Store {
                     event_key,
                 } => {
                     let r = &rules.rules[*rule];
-                    let lane = Lane::of(sensor_id, kind, shards).name();
+                    let lane = Lane::of(house_id, sensor_id, kind, shards).name();
                     let sql = format!(
                         "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state,
                                              message, value, raised_at, raised_by)
                          VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8,
                                  timestamptz 'epoch' + $9::int8 * interval '1 millisecond', $10)
-                         ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                         ON CONFLICT (house_id, sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
                          RETURNING {ALERT_COLUMNS}"
                     );
                     let params: [&(dyn ToSql + Sync); 10] = [
@@ -155,19 +165,20 @@ impl Store {
                 }
                 Transition::Clear {
                     rule,
+                    house_id,
                     sensor_id,
                     ts_ms,
                     event_key,
                 } => {
                     let sql = format!(
                         "UPDATE alerts SET state = 'cleared', updated_at = now(),
-                                cleared_at = timestamptz 'epoch' + $3::int8 * interval '1 millisecond',
-                                cleared_by = $4
-                         WHERE sensor_id = $1 AND rule = $2 AND state <> 'cleared'
+                                cleared_at = timestamptz 'epoch' + $4::int8 * interval '1 millisecond',
+                                cleared_by = $5
+                         WHERE house_id = $1 AND sensor_id = $2 AND rule = $3 AND state <> 'cleared'
                          RETURNING {ALERT_COLUMNS}"
                     );
                     let name = &rules.rules[*rule].name;
-                    tx.query_opt(&sql, &[sensor_id, name, ts_ms, event_key])
+                    tx.query_opt(&sql, &[house_id, sensor_id, name, ts_ms, event_key])
                         .await
                         .map_err(classify)?
                 }
@@ -175,7 +186,16 @@ impl Store {
             changed.extend(row.as_ref().map(alert));
         }
         if !outcome.states.is_empty() {
-            let sensors: Vec<&str> = outcome.states.iter().map(|(s, _, _)| s.as_str()).collect();
+            let houses: Vec<&str> = outcome
+                .states
+                .iter()
+                .map(|((h, _), _, _)| h.as_str())
+                .collect();
+            let sensors: Vec<&str> = outcome
+                .states
+                .iter()
+                .map(|((_, s), _, _)| s.as_str())
+                .collect();
             let names: Vec<&str> = outcome
                 .states
                 .iter()
@@ -192,13 +212,15 @@ impl Store {
                 .map(|(_, _, st)| st.transition_key.as_deref())
                 .collect();
             tx.execute(
-                "INSERT INTO rule_state (sensor_id, rule, pending_since, transition_key)
-                 SELECT s, r, timestamptz 'epoch' + p * interval '1 millisecond', k
-                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS x(s, r, p, k)
-                 ORDER BY s, r
-                 ON CONFLICT (sensor_id, rule) DO UPDATE SET pending_since = EXCLUDED.pending_since,
+                "INSERT INTO rule_state (house_id, sensor_id, rule, pending_since, transition_key)
+                 SELECT h, s, r, timestamptz 'epoch' + p * interval '1 millisecond', k
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
+                      AS x(h, s, r, p, k)
+                 ORDER BY h, s, r
+                 ON CONFLICT (house_id, sensor_id, rule) DO UPDATE SET
+                     pending_since = EXCLUDED.pending_since,
                      transition_key = EXCLUDED.transition_key, updated_at = now()",
-                &[&sensors, &names, &pending, &keys],
+                &[&houses, &sensors, &names, &pending, &keys],
             )
             .await
             .map_err(classify)?;
@@ -245,7 +267,8 @@ impl Store {
                  WHERE s.interval_ms IS NOT NULL
                    AND s.last_seen < now() - greatest(s.interval_ms * $1, $2::float8) * interval '1 millisecond'
                    AND NOT EXISTS (SELECT 1 FROM alerts a
-                                   WHERE a.sensor_id = s.sensor_id AND a.rule = $3 AND a.state <> 'cleared')
+                                   WHERE a.house_id = s.house_id AND a.sensor_id = s.sensor_id
+                                     AND a.rule = $3 AND a.state <> 'cleared')
                  LIMIT 1000",
                 &[&multiple, &(min_silence.as_millis() as f64), &rule.name],
             )
@@ -255,12 +278,12 @@ impl Store {
         for row in silent {
             let (sensor, house, last_ms): (String, String, i64) =
                 (row.get(0), row.get(1), row.get(2));
-            let lane = Lane::of(&sensor, "online", shards).name();
+            let lane = Lane::of(&house, &sensor, "online", shards).name();
             let sql = format!(
                 "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
                                      raised_at, raised_by)
                  VALUES ($1, $2, $3, $4, 'online', $5, 'active', $6, now(), $7)
-                 ON CONFLICT (sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
+                 ON CONFLICT (house_id, sensor_id, rule) WHERE state <> 'cleared' DO NOTHING
                  RETURNING {ALERT_COLUMNS}"
             );
             let by = format!("silence since {last_ms}");

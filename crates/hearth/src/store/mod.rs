@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
+use crate::alerts::engine::SensorKey;
+use crate::caps::Known;
 use crate::event::Event;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +113,8 @@ WITH held AS (
     {conflict}
     RETURNING 1
 ), seen AS (
-    INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
-    SELECT s, h, string_to_array(k, ','),
+    INSERT INTO sensors (house_id, sensor_id, kinds, first_seen, last_seen, interval_ms)
+    SELECT h, s, string_to_array(k, ','),
            timestamptz 'epoch' + f * interval '1 microsecond',
            timestamptz 'epoch' + l * interval '1 microsecond',
            g
@@ -120,13 +122,19 @@ WITH held AS (
          AS y(s, h, k, f, l, g),
          fence
     WHERE fence.ok
-    ORDER BY s
-    ON CONFLICT (sensor_id) DO UPDATE SET
-        house_id = EXCLUDED.house_id,
+    ORDER BY h, s
+    ON CONFLICT (house_id, sensor_id) DO UPDATE SET
         kinds = ARRAY(SELECT DISTINCT k FROM unnest(sensors.kinds || EXCLUDED.kinds) AS k ORDER BY k),
         first_seen = LEAST(sensors.first_seen, EXCLUDED.first_seen),
         last_seen = GREATEST(sensors.last_seen, EXCLUDED.last_seen),
         interval_ms = coalesce(EXCLUDED.interval_ms, sensors.interval_ms)
+    RETURNING 1
+), homes AS (
+    INSERT INTO houses (house_id)
+    SELECT DISTINCT h FROM unnest($14::text[]) AS z(h), fence
+    WHERE fence.ok
+    ORDER BY h
+    ON CONFLICT DO NOTHING
     RETURNING 1
 )
 SELECT (SELECT ok FROM fence), (SELECT count(*) FROM inserted), ARRAY(SELECT lane FROM held)"
@@ -172,6 +180,11 @@ impl Store {
     /// Whether the session is gone (the server closed it): open a new one.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// What the store holds of these sensors and their houses, for the caps.
+    pub async fn known(&self, sensors: &[SensorKey]) -> Result<Known, StoreError> {
+        known(&self.client, sensors).await
     }
 
     /// Take a lane: a new fencing token, greater than any before. Waits for a batch of the
@@ -297,21 +310,67 @@ impl Store {
     }
 }
 
-/// The dedup key of SPEC §2.2: (sensor, kind, seq) when the device sent a seq, else the id the
-/// ingest gave the event.
+/// The dedup key: (house, sensor, kind, seq) when the device sent a seq, else the id the ingest
+/// gave the event.
 #[derive(PartialEq, Eq, Hash)]
 enum DedupKey<'a> {
-    Seq(&'a str, &'a str, i64),
+    Seq(&'a str, &'a str, &'a str, i64),
     Ingest(uuid::Uuid),
 }
 
 fn dedup_key(e: &Event) -> DedupKey<'_> {
     match (e.seq, e.ingest_id) {
-        (Some(seq), _) => DedupKey::Seq(&e.sensor_id, &e.kind, seq),
+        (Some(seq), _) => DedupKey::Seq(&e.house_id, &e.sensor_id, &e.kind, seq),
         (None, Some(id)) => DedupKey::Ingest(id),
         // Not built by the codecs; keep it apart from everything.
         (None, None) => DedupKey::Ingest(uuid::Uuid::new_v4()),
     }
+}
+
+/// What the store holds of `sensors` and their houses: the houses stored, each of their houses'
+/// sensor count, their own kinds (see [`crate::caps`]).
+pub async fn known(
+    client: &impl tokio_postgres::GenericClient,
+    sensors: &[SensorKey],
+) -> Result<Known, StoreError> {
+    let houses: Vec<&str> = sensors.iter().map(|(h, _)| h.as_str()).collect();
+    let ids: Vec<&str> = sensors.iter().map(|(_, s)| s.as_str()).collect();
+    let mut distinct = houses.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let house_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&distinct];
+    let sensor_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&houses, &ids];
+    let (count, per_house, kinds) = tokio::try_join!(
+        client.query_one("SELECT count(*) FROM houses", &[]),
+        client.query(
+            "SELECT x.h, (SELECT count(*) FROM sensors s WHERE s.house_id = x.h)
+             FROM unnest($1::text[]) AS x(h)
+             WHERE EXISTS (SELECT 1 FROM houses WHERE house_id = x.h)",
+            &house_params,
+        ),
+        client.query(
+            "SELECT s.house_id, s.sensor_id, s.kinds
+             FROM sensors s JOIN unnest($1::text[], $2::text[]) AS x(h, i)
+                  ON s.house_id = x.h AND s.sensor_id = x.i",
+            &sensor_params,
+        ),
+    )
+    .map_err(classify)?;
+    Ok(Known {
+        asked: sensors.iter().cloned().collect(),
+        houses: count.get::<_, i64>(0) as u64,
+        sensors_of: per_house
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect(),
+        kinds_of: kinds
+            .iter()
+            .map(|r| {
+                let kinds: Vec<String> = r.get(2);
+                ((r.get(0), r.get(1)), kinds.into_iter().collect())
+            })
+            .collect(),
+    })
 }
 
 /// A shared connection for request handlers (the API): queries from concurrent requests are

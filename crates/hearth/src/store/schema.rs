@@ -109,4 +109,82 @@ CREATE TABLE tokens (
 );
 "#,
     ),
+    (
+        3,
+        "identity is (house, sensor); houses; token ids and expiry",
+        r#"
+-- A sensor is (house_id, sensor_id): two houses may both have a `kitchen`. Every key that named
+-- a sensor alone names its house too.
+DROP INDEX events_dedup_seq;
+CREATE UNIQUE INDEX events_dedup_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
+DROP INDEX events_history;
+CREATE INDEX events_history ON events (house_id, sensor_id, ts DESC, id DESC);
+
+-- The old table kept a shared sensor id under the house that wrote it last: rebuilt from the
+-- events, one row per (house, sensor) with the kinds that house sent.
+CREATE TABLE sensors_by_house (
+    house_id    text COLLATE "C" NOT NULL,
+    sensor_id   text COLLATE "C" NOT NULL,
+    kinds       text[] NOT NULL DEFAULT '{}',
+    first_seen  timestamptz NOT NULL,
+    last_seen   timestamptz NOT NULL,
+    interval_ms double precision,
+    PRIMARY KEY (house_id, sensor_id)
+);
+INSERT INTO sensors_by_house (house_id, sensor_id, kinds, first_seen, last_seen, interval_ms)
+SELECT e.house_id, e.sensor_id, array_agg(DISTINCT e.kind ORDER BY e.kind),
+       min(e.received_at), max(e.received_at),
+       (SELECT s.interval_ms FROM sensors s
+        WHERE s.sensor_id = e.sensor_id AND s.house_id = e.house_id)
+FROM events e
+GROUP BY e.house_id, e.sensor_id;
+
+-- Houses with data (their count is capped by `max_houses`).
+CREATE TABLE houses (
+    house_id    text COLLATE "C" PRIMARY KEY,
+    first_seen  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO houses (house_id, first_seen)
+SELECT house_id, min(first_seen) FROM sensors_by_house GROUP BY house_id;
+
+-- Rule state per (house, sensor, rule); a sensor's old state goes to each house that has it.
+-- Transition keys are ordered by the reading's time never later than its receipt (the key's
+-- first 15 digits): a key a reading stamped in the future left would otherwise keep every
+-- reading until that time from raising or clearing anything.
+CREATE TABLE rule_state_by_house (
+    house_id        text COLLATE "C" NOT NULL,
+    sensor_id       text COLLATE "C" NOT NULL,
+    rule            text NOT NULL,
+    pending_since   timestamptz,
+    transition_key  text,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (house_id, sensor_id, rule)
+);
+INSERT INTO rule_state_by_house (house_id, sensor_id, rule, pending_since, transition_key, updated_at)
+SELECT s.house_id, r.sensor_id, r.rule, r.pending_since,
+       CASE WHEN r.transition_key ~ '^[0-9]{53}$'
+            THEN lpad(least(substr(r.transition_key, 1, 15)::bigint,
+                            substr(r.transition_key, 37, 17)::bigint / 1000)::text, 15, '0')
+                 || substr(r.transition_key, 16)
+            ELSE r.transition_key END,
+       r.updated_at
+FROM rule_state r JOIN sensors_by_house s ON s.sensor_id = r.sensor_id;
+
+DROP TABLE rule_state;
+ALTER TABLE rule_state_by_house RENAME TO rule_state;
+DROP TABLE sensors;
+ALTER TABLE sensors_by_house RENAME TO sensors;
+
+-- One open alert per (house, sensor, rule).
+DROP INDEX alerts_one_open;
+CREATE UNIQUE INDEX alerts_one_open ON alerts (house_id, sensor_id, rule) WHERE state <> 'cleared';
+
+-- Tokens get a public id (to list and revoke them; the first 6 bytes of the hash, in hex) and
+-- an optional expiry.
+ALTER TABLE tokens ADD COLUMN id text, ADD COLUMN expires_at timestamptz;
+UPDATE tokens SET id = encode(substring(hash FROM 1 FOR 6), 'hex');
+ALTER TABLE tokens ALTER COLUMN id SET NOT NULL;
+CREATE UNIQUE INDEX tokens_id ON tokens (id);
+"#,
+    ),
 ];

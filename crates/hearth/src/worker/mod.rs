@@ -19,7 +19,7 @@
 
 mod alerting;
 pub mod sensors;
-mod sequence;
+pub mod sequence;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -33,7 +33,7 @@ use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::event::{Event, Reason};
+use crate::event::{Event, Reason, Rejection};
 use crate::queue::lease::Leases;
 use crate::queue::{self, Batch, DeadLetter, Done, Lane, Queue, QueueError, StreamEntry};
 use crate::shutdown::Shutdown;
@@ -175,6 +175,19 @@ struct Entry {
 /// Why the store refused an event: (entry index, event index, detail).
 type Refused = Vec<(usize, usize, String)>;
 
+/// Events not stored because they would pass a cap: (entry index, event index, why).
+type Capped = Vec<(usize, usize, Rejection)>;
+
+/// What storing a batch did.
+#[derive(Default)]
+struct Stored {
+    inserted: u64,
+    /// Refused by the store for their content: retried with their entry, then dead-lettered.
+    refused: Refused,
+    /// Past a cap: dead-lettered at once, their entry acknowledged.
+    capped: Capped,
+}
+
 struct Consumer {
     config: Arc<Config>,
     pool: Pool,
@@ -196,6 +209,7 @@ struct Consumer {
     entry_size: f64,
     sequences: SequenceTracker,
     engine: Engine,
+    caps: crate::caps::Caps,
     /// Lanes taken over whose alerts' last transitions may not have been pushed.
     repush: BTreeSet<Lane>,
     /// Critical entries whose alerts were pushed while the store was unreachable.
@@ -225,6 +239,7 @@ impl Consumer {
             cache: Cache::new(queue.conn.clone(), queue.keys.clone()),
             lanes: pool.lanes(config.shards),
             sensors: SensorMemo::new(config.sensor_touch_interval_ms),
+            caps: crate::caps::Caps::from_config(&config),
             config,
             pool,
             name,
@@ -509,11 +524,17 @@ impl Consumer {
             .min()
             .unwrap_or(0);
         let event_count: usize = entries.iter().map(|e| e.events.len()).sum();
-        let Some((inserted, refused)) = self.store_entries(&mut entries).await else {
+        let Some(Stored {
+            inserted,
+            refused,
+            capped,
+        }) = self.store_entries(&mut entries).await
+        else {
             return; // shutdown: the batch stays pending for the lanes' next owner
         };
 
         let is_refused = |e: usize| refused.iter().any(|(r, _, _)| *r == e);
+        let is_capped = |e: usize, i: usize| capped.iter().any(|(ce, ci, _)| *ce == e && *ci == i);
         let mut acks: BTreeMap<Lane, Vec<Done>> = BTreeMap::new();
         let mut finished = 0u64;
         for (_, entry) in entries.iter().enumerate().filter(|(i, _)| !is_refused(*i)) {
@@ -524,13 +545,24 @@ impl Consumer {
             });
         }
         let acks: Vec<(Lane, Vec<Done>)> = acks.into_iter().collect();
+        // What was stored: what the rules, the cache and the pushes see.
         let events: Vec<&Event> = entries
             .iter()
             .enumerate()
             .filter(|(i, _)| !is_refused(*i))
-            .flat_map(|(_, e)| &e.events)
+            .flat_map(|(e, entry)| {
+                entry
+                    .events
+                    .iter()
+                    .enumerate()
+                    .filter(move |(i, _)| !is_capped(e, *i))
+                    .map(|(_, ev)| ev)
+            })
             .collect();
-        let duplicates = finished.saturating_sub(inserted);
+        let capped_letters = capped_letters(&entries, &capped);
+        let duplicates = finished
+            .saturating_sub(inserted)
+            .saturating_sub(capped.len() as u64);
         let lanes: BTreeSet<Lane> = entries.iter().map(|e| e.lane).collect();
         let Some(alerts) = self.evaluate_rules(&events, &lanes).await else {
             // Shutdown, or a lane lost on the way: nothing is acknowledged, and what is still
@@ -552,6 +584,8 @@ impl Consumer {
             let mut pipe = redis::pipe();
             self.cache.add_update(&mut pipe, &events);
             self.add_pushes(&mut pipe, &alerts, &events);
+            self.queue
+                .add_dead(&mut pipe, &capped_letters, capped.len() as u64);
             self.queue.add_ack(&mut pipe, &acks, inserted, duplicates);
             let done = self.queue.exec(&pipe).await;
             match done {
@@ -636,19 +670,25 @@ impl Consumer {
         }
     }
 
-    /// Store the entries' events, retrying server errors. Returns the rows inserted and the
-    /// events the store refused for their content, or `None` on shutdown.
-    async fn store_entries(&mut self, entries: &mut Vec<Entry>) -> Option<(u64, Refused)> {
+    /// Store the entries' events, retrying server errors. Returns what was stored, refused and
+    /// capped, or `None` on shutdown.
+    async fn store_entries(&mut self, entries: &mut Vec<Entry>) -> Option<Stored> {
         let mut backoff = Backoff::default();
         loop {
             self.sync_held();
             entries.retain(|e| self.held.contains_key(&e.lane));
             if entries.is_empty() {
-                return Some((0, Vec::new()));
+                return Some(Stored::default());
             }
             let all: Vec<(Lane, &Event)> = entries
                 .iter()
                 .flat_map(|e| e.events.iter().map(move |ev| (e.lane, ev)))
+                .collect();
+            // Item index → (entry, event).
+            let places: Vec<(usize, usize)> = entries
+                .iter()
+                .enumerate()
+                .flat_map(|(e, entry)| (0..entry.events.len()).map(move |i| (e, i)))
                 .collect();
             let redelivered = entries.iter().any(|e| e.redelivered);
             let result = match self.write(&all, redelivered).await {
@@ -656,7 +696,14 @@ impl Consumer {
                     debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
                     self.isolate(entries).await
                 }
-                other => other.map(|n| (n, Vec::new())),
+                other => other.map(|(inserted, capped)| Stored {
+                    inserted,
+                    refused: Vec::new(),
+                    capped: capped
+                        .into_iter()
+                        .map(|(item, why)| (places[item].0, places[item].1, why))
+                        .collect(),
+                }),
             };
             match result {
                 Ok(done) => {
@@ -690,21 +737,25 @@ impl Consumer {
     }
 
     /// Write the events one by one to find which the store refuses.
-    async fn isolate(&mut self, entries: &[Entry]) -> Result<(u64, Refused), StoreError> {
-        let mut inserted = 0;
-        let mut refused = Vec::new();
+    async fn isolate(&mut self, entries: &[Entry]) -> Result<Stored, StoreError> {
+        let mut stored = Stored::default();
         for (e, entry) in entries.iter().enumerate() {
             for (i, event) in entry.events.iter().enumerate() {
                 match self.write(&[(entry.lane, event)], true).await {
-                    Ok(n) => inserted += n,
+                    Ok((n, capped)) => {
+                        stored.inserted += n;
+                        stored
+                            .capped
+                            .extend(capped.into_iter().map(|(_, why)| (e, i, why)));
+                    }
                     Err(StoreError::Content(err)) => {
-                        refused.push((e, i, crate::store::describe(&err)))
+                        stored.refused.push((e, i, crate::store::describe(&err)))
                     }
                     Err(err) => return Err(err),
                 }
             }
         }
-        Ok((inserted, refused))
+        Ok(stored)
     }
 
     /// Write events through PostgreSQL's circuit breaker: refused at once while it is open; an
@@ -714,7 +765,7 @@ impl Consumer {
         &mut self,
         items: &[(Lane, &Event)],
         redelivered: bool,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, Vec<(usize, Rejection)>), StoreError> {
         let breaker = &crate::breaker::POSTGRES;
         if !breaker.allow() {
             return Err(StoreError::CircuitOpen);
@@ -730,17 +781,34 @@ impl Consumer {
         result
     }
 
+    /// Write events within the caps; returns the rows inserted and the events (by index in
+    /// `items`) that would pass a cap, not written.
     async fn write_rows(
         &mut self,
         items: &[(Lane, &Event)],
         redelivered: bool,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, Vec<(usize, Rejection)>), StoreError> {
         let lanes: BTreeSet<Lane> = items.iter().map(|(l, _)| *l).collect();
         let fences: Vec<(String, i64)> = lanes
             .iter()
             .filter_map(|l| self.held.get(l).map(|h| (l.name(), h.token)))
             .collect();
-        let events: Vec<&Event> = items.iter().map(|(_, e)| *e).collect();
+        let all: Vec<&Event> = items.iter().map(|(_, e)| *e).collect();
+        // Only sensors or kinds this consumer has not written can pass a cap: ask the store
+        // about them alone (none, once a sensor's kinds are known).
+        let unknown = self.sensors.unknown(&all);
+        let capped = if unknown.is_empty() {
+            Vec::new()
+        } else {
+            let mut known = self.store().await?.known(&unknown).await?;
+            crate::caps::admit(&all, &mut known, &self.caps)
+        };
+        let events: Vec<&Event> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !capped.iter().any(|(c, _)| c == i))
+            .map(|(_, e)| *e)
+            .collect();
         let seen = self.sensors.to_record(&events);
         let n = self
             .store()
@@ -748,7 +816,7 @@ impl Consumer {
             .write(&fences, &events, &seen, redelivered)
             .await?;
         self.sensors.recorded(seen);
-        Ok(n)
+        Ok((n, capped))
     }
 
     /// An entry that failed for its own content (unreadable, or events the store refused):
@@ -798,6 +866,23 @@ impl Consumer {
             }
         }
     }
+}
+
+/// One dead letter per entry for its events past a cap, holding those events.
+fn capped_letters(entries: &[Entry], capped: &Capped) -> Vec<DeadLetter> {
+    let mut by_entry: BTreeMap<usize, (Vec<Rejection>, Vec<&Event>)> = BTreeMap::new();
+    for (e, i, why) in capped {
+        let slot = by_entry.entry(*e).or_default();
+        slot.0.push(why.clone());
+        slot.1.extend(entries[*e].events.get(*i));
+    }
+    by_entry
+        .into_iter()
+        .filter_map(|(e, (why, events))| {
+            let context = format!("lane {}, entry {}", entries[e].lane, entries[e].raw.id);
+            DeadLetter::of_events(&events, &why, &context)
+        })
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,12 +1,15 @@
-//! Which sensors a batch must record in the `sensors` table.
+//! Which sensors a batch must record in the `sensors` table, and which it must check against the
+//! caps first.
 //!
-//! Writing every sensor of every batch would double the rows a worker touches. A sensor is
-//! recorded when it is new to this consumer, shows a new kind, or was last recorded more than
-//! `sensor_touch_interval_ms` ago; `last_seen` is therefore at most that stale (the exact latest
-//! reading is in the cache).
+//! Writing every sensor of every batch would double the rows a worker touches. A sensor, (house,
+//! sensor), is recorded when it is new to this consumer, shows a new kind, or was last recorded
+//! more than `sensor_touch_interval_ms` ago; `last_seen` is therefore at most that stale (the
+//! exact latest reading is in the cache). A (sensor, kind) this consumer has not recorded may be
+//! new to the store: [`SensorMemo::unknown`] names them, for [`crate::caps::admit`].
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::alerts::engine::SensorKey;
 use crate::event::Event;
 use crate::store::SensorSeen;
 
@@ -15,9 +18,14 @@ const MAX_REMEMBERED: usize = 200_000;
 
 pub struct SensorMemo {
     interval_us: i64,
-    recorded: HashMap<String, Recorded>,
+    recorded: HashMap<SensorKey, Recorded>,
     /// Per sensor: last receive time (µs) and the usual interval between readings (EWMA, ms).
-    cadence: HashMap<String, (i64, Option<f64>)>,
+    cadence: HashMap<SensorKey, (i64, Option<f64>)>,
+}
+
+/// An event's sensor.
+fn key(e: &Event) -> SensorKey {
+    (e.house_id.clone(), e.sensor_id.clone())
 }
 
 struct Recorded {
@@ -34,32 +42,55 @@ impl SensorMemo {
         }
     }
 
-    /// The sensors of `events` that need recording, one entry per sensor, sorted by id (the order
-    /// rows are locked in, the same in every worker).
-    pub fn to_record(&self, events: &[&Event]) -> Vec<SensorSeen> {
-        let mut seen: BTreeMap<&str, SensorSeen> = BTreeMap::new();
+    /// The (house, sensor)s of `events` with a kind this consumer has not recorded: they may be
+    /// new to the store, and are checked against the caps before they are written.
+    pub fn unknown(&self, events: &[&Event]) -> Vec<SensorKey> {
+        let mut out: Vec<SensorKey> = Vec::new();
         for e in events {
-            let s = seen.entry(&e.sensor_id).or_insert_with(|| SensorSeen {
-                sensor_id: e.sensor_id.clone(),
-                house_id: e.house_id.clone(),
-                kinds: Vec::new(),
-                first_us: e.received_us,
-                last_us: e.received_us,
-                interval_ms: self.cadence.get(&e.sensor_id).and_then(|c| c.1),
-            });
+            let k = key(e);
+            let known = self
+                .recorded
+                .get(&k)
+                .is_some_and(|r| r.kinds.contains(&e.kind));
+            if !known && !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    /// The sensors of `events` that need recording, one entry per sensor, sorted by (house,
+    /// sensor) (the order rows are locked in, the same in every worker).
+    pub fn to_record(&self, events: &[&Event]) -> Vec<SensorSeen> {
+        let mut seen: BTreeMap<(&str, &str), SensorSeen> = BTreeMap::new();
+        for e in events {
+            let s = seen
+                .entry((&e.house_id, &e.sensor_id))
+                .or_insert_with(|| SensorSeen {
+                    sensor_id: e.sensor_id.clone(),
+                    house_id: e.house_id.clone(),
+                    kinds: Vec::new(),
+                    first_us: e.received_us,
+                    last_us: e.received_us,
+                    interval_ms: self.cadence.get(&key(e)).and_then(|c| c.1),
+                });
             if !s.kinds.contains(&e.kind) {
                 s.kinds.push(e.kind.clone());
             }
-            s.house_id.clone_from(&e.house_id);
             s.first_us = s.first_us.min(e.received_us);
             s.last_us = s.last_us.max(e.received_us);
         }
         seen.into_values()
-            .filter(|s| match self.recorded.get(&s.sensor_id) {
-                None => true,
-                Some(r) => {
-                    s.kinds.iter().any(|k| !r.kinds.contains(k))
-                        || s.last_us - r.at_us >= self.interval_us
+            .filter(|s| {
+                match self
+                    .recorded
+                    .get(&(s.house_id.clone(), s.sensor_id.clone()))
+                {
+                    None => true,
+                    Some(r) => {
+                        s.kinds.iter().any(|k| !r.kinds.contains(k))
+                            || s.last_us - r.at_us >= self.interval_us
+                    }
                 }
             })
             .collect()
@@ -71,7 +102,7 @@ impl SensorMemo {
             self.cadence.clear();
         }
         for e in events {
-            match self.cadence.get_mut(&e.sensor_id) {
+            match self.cadence.get_mut(&key(e)) {
                 Some((last, ewma)) => {
                     if e.received_us > *last {
                         let gap_ms = (e.received_us - *last) as f64 / 1000.0;
@@ -83,8 +114,7 @@ impl SensorMemo {
                     }
                 }
                 None => {
-                    self.cadence
-                        .insert(e.sensor_id.clone(), (e.received_us, None));
+                    self.cadence.insert(key(e), (e.received_us, None));
                 }
             }
         }
@@ -96,10 +126,13 @@ impl SensorMemo {
             self.recorded.clear();
         }
         for s in seen {
-            let r = self.recorded.entry(s.sensor_id).or_insert(Recorded {
-                kinds: Vec::new(),
-                at_us: s.last_us,
-            });
+            let r = self
+                .recorded
+                .entry((s.house_id, s.sensor_id))
+                .or_insert(Recorded {
+                    kinds: Vec::new(),
+                    at_us: s.last_us,
+                });
             for k in s.kinds {
                 if !r.kinds.contains(&k) {
                     r.kinds.push(k);
@@ -126,6 +159,25 @@ mod tests {
             received_us: at_us,
             ingest_id: None,
         }
+    }
+
+    #[test]
+    fn a_sensor_is_its_house_and_its_id() {
+        let mut memo = SensorMemo::new(10);
+        let a = [ev("s1", "power", 0)];
+        memo.recorded(memo.to_record(&a.iter().collect::<Vec<_>>()));
+        let other = Event {
+            house_id: "h2".into(),
+            ..ev("s1", "power", 1)
+        };
+        let seen = memo.to_record(&[&other]);
+        assert_eq!(seen.len(), 1, "h2's s1 is new");
+        assert_eq!(seen[0].house_id, "h2");
+        assert_eq!(
+            memo.unknown(&[&other]),
+            [("h2".to_string(), "s1".to_string())]
+        );
+        assert!(memo.unknown(&[&a[0]]).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A lane's owner sees each sensor's readings in the order the broker delivered them, so a jump
 //! from `seq` n to n + k (k > 1) means k − 1 readings never reached hearth: dropped by a broker
 //! (a SIGKILL before its autosave, a queue limit) or by the device's own network. The counter is
-//! kept per (sensor, kind), as the dedup key is: a device that shares one counter between kinds
+//! kept per (house, sensor, kind), as the dedup key is: a device that shares one counter between kinds
 //! shows gaps that are not losses. A `seq` that goes down is a device restart, not a gap.
 
 use std::collections::HashMap;
@@ -14,9 +14,14 @@ use crate::event::Event;
 /// gap across the restart).
 const MAX_TRACKED: usize = 500_000;
 
+/// A jump of `seq` larger than this is a device that reset or reseeded its counter (or sent
+/// garbage), not readings lost: counting it would add up to 2^63 to the counter at once.
+const MAX_GAP: i64 = 100_000;
+
 #[derive(Default)]
 pub struct SequenceTracker {
-    last: HashMap<(String, String), i64>,
+    /// (house, sensor, kind) → last seq.
+    last: HashMap<(String, String, String), i64>,
 }
 
 impl SequenceTracker {
@@ -28,17 +33,19 @@ impl SequenceTracker {
             if self.last.len() >= MAX_TRACKED {
                 self.last.clear();
             }
-            match self.last.get_mut(&(e.sensor_id.clone(), e.kind.clone())) {
+            let key = (e.house_id.clone(), e.sensor_id.clone(), e.kind.clone());
+            match self.last.get_mut(&key) {
                 Some(last) => {
-                    if seq > *last + 1 {
-                        missing += (seq - *last - 1) as u64;
+                    let gap = seq.saturating_sub(*last).saturating_sub(1);
+                    if gap > 0 && gap <= MAX_GAP {
+                        missing += gap as u64;
                     }
-                    if seq > *last || seq < *last - 1 {
+                    if seq > *last || seq < last.saturating_sub(1) {
                         *last = seq;
                     }
                 }
                 None => {
-                    self.last.insert((e.sensor_id.clone(), e.kind.clone()), seq);
+                    self.last.insert(key, seq);
                 }
             }
         }
@@ -81,5 +88,13 @@ mod tests {
             1,
             "after the restart, 3 is missing"
         );
+        // A jump to the end of the range is a reset, not 2^63 readings lost.
+        assert_eq!(t.observe(&[ev("a", i64::MAX), ev("a", 0), ev("a", 1)]), 0);
+        // Another house's `a` is another sensor.
+        let other = Event {
+            house_id: "h2".into(),
+            ..ev("a", 50)
+        };
+        assert_eq!(t.observe(&[other]), 0);
     }
 }
