@@ -22,7 +22,12 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.setDefaultTimeout(20000);
-  page.on("console", (m) => console.log("console: " + m.text()));
+  // The page runs under its Content-Security-Policy: anything it blocks is a failure.
+  const violations = [];
+  page.on("console", (m) => {
+    console.log("console: " + m.text());
+    if (m.text().includes("Content Security Policy")) violations.push(m.text());
+  });
   page.on("pageerror", (e) => console.log("page error: " + e.message));
   page.on("response", (r) => { if (r.status() >= 400) console.log("http " + r.status() + " " + r.url()); });
   await page.goto(url);
@@ -35,8 +40,9 @@ try {
   await page.waitForTimeout(1000);
 
   publish("living-temp", { kind: "temperature", value: 23.75, seq: 2 });
-  await page.waitForFunction(() =>
-    document.querySelector('tr[data-key="living-temp/temperature"] .value')?.textContent.startsWith("23.75"));
+  // Locators wait outside the page's world: no eval, which its CSP forbids.
+  await page.locator('tr[data-key="living-temp/temperature"] .value')
+    .filter({ hasText: /^23\.75/ }).waitFor();
   step("value changed after an MQTT publish");
 
   publish("hall-smoke", { kind: "smoke", value: true, seq: 1 });
@@ -49,9 +55,14 @@ try {
   step("alert acknowledged");
 
   // The pipeline panel fills in (every 2 s).
-  await page.waitForFunction(() => document.querySelectorAll("#lanes tr").length > 0);
+  await page.locator("#lanes tr").first().waitFor();
   await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
   step("screenshot saved");
+  if (violations.length) throw new Error("CSP violations: " + violations.join("; "));
+  const headers = (await page.request.get(url)).headers();
+  if (!headers["content-security-policy"]?.includes("frame-ancestors 'none'")) throw new Error("no CSP header");
+  if (headers["x-content-type-options"] !== "nosniff") throw new Error("no nosniff header");
+  step("served with its CSP, frame-ancestors 'none' and nosniff");
 } finally {
   await browser.close();
 }

@@ -32,6 +32,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod auth;
 pub mod backoff;
 pub mod bench;
 pub mod breaker;

@@ -144,6 +144,9 @@ pub struct Metrics {
     pub alerts: Family<Counter>,
     /// 1 while the circuit to a dependency is open.
     pub circuit_open: Family<Gauge>,
+    /// What the embedded broker refused, by reason (`bad_credentials`, `anonymous`,
+    /// `forbidden`, `subscription`, `too_many_connections`).
+    pub mqtt_refused: Family<Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -160,6 +163,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ingest_paused: Gauge::default(),
     alerts: Family::new("severity", Counter::default),
     circuit_open: Family::new("dependency", Gauge::default),
+    mqtt_refused: Family::new("reason", Counter::default),
 });
 
 pub fn metrics() -> &'static Metrics {
@@ -201,6 +205,8 @@ pub const NAMES: &[&str] = &[
     "hearth_ingest_paused",
     "hearth_alerts_total",
     "hearth_circuit_open",
+    "hearth_mqtt_refused_total",
+    "hearth_dead_letters_expired_total",
     "hearth_queue_depth",
     "hearth_queue_pending",
     "hearth_dead_letters",
@@ -298,6 +304,12 @@ pub async fn render(role: &str, queue: Option<&dyn crate::seam::EventQueue>) -> 
         "Alerts raised, by severity.",
         &m.alerts,
     );
+    family_counter(
+        &mut out,
+        "hearth_mqtt_refused_total",
+        "Connections, logins, publishes and subscriptions the embedded broker refused, by reason.",
+        &m.mqtt_refused,
+    );
     header(
         &mut out,
         "hearth_circuit_open",
@@ -357,6 +369,13 @@ fn queue_metrics(out: &mut String, s: &crate::status::Status) {
         "gauge",
         "Entries in the dead-letter stream.",
         s.dead_letters as f64,
+    );
+    scalar(
+        out,
+        "hearth_dead_letters_expired_total",
+        "counter",
+        "Dead letters removed by their retention (dead_letter_max_age_secs, dead_letter_max_count).",
+        s.dead_letters_expired as f64,
     );
     header(
         out,

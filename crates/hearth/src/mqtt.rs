@@ -85,9 +85,71 @@ pub struct Reader {
     half: OwnedReadHalf,
     buf: BytesMut,
     max_packet: usize,
+    /// Since when the buffer holds the beginning of a packet not yet whole.
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl Reader {
+    /// Like [`Reader::packets`], but the peer must send something within `idle`, and finish a
+    /// packet it began within `packet`: a client holding a half-sent packet (or nothing) open
+    /// is let go, whatever keep-alive it asked for. Cancel-safe as `packets` is.
+    pub async fn packets_within(
+        &mut self,
+        idle: Duration,
+        packet: Duration,
+    ) -> Result<Vec<Packet>, MqttError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let out = self.decode()?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            let deadline = match self.partial_since {
+                Some(since) => since + packet,
+                None => started + idle,
+            };
+            self.buf.reserve(64 * 1024);
+            match tokio::time::timeout_at(deadline, self.half.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err(MqttError::Closed),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) if self.partial_since.is_some() => {
+                    return Err(MqttError::Protocol(format!(
+                        "a packet was not whole within {} ms",
+                        packet.as_millis()
+                    )));
+                }
+                Err(_) => {
+                    return Err(MqttError::Protocol(format!(
+                        "nothing received within {} s (keep-alive)",
+                        idle.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The whole packets in the buffer; notes when a partial one began.
+    fn decode(&mut self) -> Result<Vec<Packet>, MqttError> {
+        let mut out = Vec::new();
+        loop {
+            match Packet::read(&mut self.buf, self.max_packet) {
+                Ok(p) => {
+                    out.push(p);
+                    self.partial_since = None;
+                }
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(MqttError::Protocol(format!("{e:?}"))),
+            }
+        }
+        if self.buf.is_empty() {
+            self.partial_since = None;
+        } else if self.partial_since.is_none() {
+            self.partial_since = Some(tokio::time::Instant::now());
+        }
+        Ok(out)
+    }
+
     /// The packets available now, waiting for at least one. Cancel-safe: bytes read are kept in
     /// the buffer until decoded.
     pub async fn packets(&mut self) -> Result<Vec<Packet>, MqttError> {
@@ -133,6 +195,7 @@ macro_rules! encode_via_write {
 }
 encode_via_write!(
     rumqttc::mqttbytes::v4::Publish,
+    rumqttc::mqttbytes::v4::Connect,
     rumqttc::mqttbytes::v4::PubAck,
     rumqttc::mqttbytes::v4::Subscribe,
     rumqttc::mqttbytes::v4::PingReq,
@@ -154,6 +217,7 @@ pub fn split(stream: TcpStream, max_packet: usize) -> (Reader, Writer) {
             half: read,
             buf: BytesMut::with_capacity(16 * 1024),
             max_packet,
+            partial_since: None,
         },
         Writer {
             half: write,
@@ -200,6 +264,7 @@ pub async fn connect(ep: &Endpoint) -> Result<(Reader, Writer, bool), MqttError>
         half: read,
         buf: BytesMut::with_capacity(64 * 1024),
         max_packet: ep.max_packet,
+        partial_since: None,
     };
     let mut writer = Writer {
         half: write,

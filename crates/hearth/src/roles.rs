@@ -62,8 +62,7 @@ async fn prepare_store(config: &Config, shutdown: &Shutdown) -> bool {
 }
 
 async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, RoleError> {
-    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)
-        .map_err(|e| RoleError::Config(e.to_string()))?;
+    let queue = Queue::from_config(config).map_err(|e| RoleError::Config(e.to_string()))?;
     let checked = retry("preparing the redis streams", shutdown, || async {
         queue.ensure_groups().await?;
         match queue.check_shards().await {
@@ -120,40 +119,52 @@ enum Http {
     Metrics,
 }
 
+/// The admin token: the configured one, else the one kept in the data folder (made there the
+/// first time).
+fn admin_token(config: &Config) -> Result<String, RoleError> {
+    if !config.admin_token.is_empty() {
+        return Ok(config.admin_token.clone());
+    }
+    let path = std::path::Path::new(&config.data_dir).join("admin_token");
+    let (token, made) = crate::auth::stored_admin_token(&path).map_err(RoleError::Config)?;
+    if made {
+        warn!(
+            token = %token,
+            file = %path.display(),
+            "no admin_token configured: made one, kept in the file (mode 0600) and used again at every start; set HEARTH_ADMIN_TOKEN to choose it"
+        );
+    } else {
+        tracing::info!(file = %path.display(), "admin token read from the data folder");
+    }
+    Ok(token)
+}
+
 /// Start the HTTP server of a role on `addr` (nothing when `addr` is empty). Binding happens
-/// now, so a taken port is an error at start, not later.
+/// now, so a taken port is an error at start, not later. `backend`: the seams and the
+/// authenticator to serve (the servers' when none).
 async fn http(
     config: &Arc<Config>,
     addr: &str,
     role: &'static str,
     kind: Http,
     shutdown: &Shutdown,
-    seams: Option<crate::seam::Seams>,
+    backend: Option<(crate::seam::Seams, Arc<crate::auth::Authenticator>)>,
 ) -> Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>, RoleError> {
     if addr.is_empty() {
         return Ok(None);
     }
     let listener = api::bind(addr).await?;
-    let admin_token = if config.admin_token.is_empty() && kind == Http::Api {
-        let path = std::path::Path::new(&config.data_dir).join("admin_token");
-        let (token, made) = api::auth::stored_admin_token(&path).map_err(RoleError::Config)?;
-        if made {
-            warn!(
-                token = %token,
-                file = %path.display(),
-                "no admin_token configured: made one, kept in the file (mode 0600) and used again at every start; set HEARTH_ADMIN_TOKEN to choose it"
-            );
-        } else {
-            tracing::info!(file = %path.display(), "admin token read from the data folder");
+    let state = match backend {
+        Some((seams, auth)) => api::AppState::with_seams(role, config.clone(), auth, seams),
+        None => {
+            let admin = if kind == Http::Api {
+                admin_token(config)?
+            } else {
+                String::new()
+            };
+            api::AppState::new(role, config.clone(), admin)
+                .map_err(|e| RoleError::Config(e.to_string()))?
         }
-        token
-    } else {
-        config.admin_token.clone()
-    };
-    let state = match seams {
-        Some(seams) => api::AppState::with_seams(role, config.clone(), admin_token, seams),
-        None => api::AppState::new(role, config.clone(), admin_token)
-            .map_err(|e| RoleError::Config(e.to_string()))?,
     };
     let router = match kind {
         Http::Api => api::router(state),
@@ -162,6 +173,7 @@ async fn http(
     Ok(Some(tokio::spawn(api::serve(
         listener,
         router,
+        api::Limits::from_config(config),
         shutdown.clone(),
     ))))
 }
@@ -267,22 +279,28 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         config.sensor_touch_interval_ms,
         &rules,
         crate::caps::Caps::from_config(&config),
+        crate::queue::Retention::from_config(&config),
     )
     .await
     .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
+    let auth = Arc::new(crate::auth::Authenticator::new(
+        admin_token(&config)?,
+        embedded.seams.store.clone(),
+    ));
     let server = http(
         &config,
         &config.api_listen,
         "up",
         Http::Api,
         &shutdown,
-        Some(embedded.seams.clone()),
+        Some((embedded.seams.clone(), auth.clone())),
     )
     .await?;
     let workers = embedded.workers(rules, config.batch_size, &shutdown);
     let broker = tokio::spawn(crate::embedded::broker::serve(
         broker,
         embedded.seams.queue.clone(),
+        auth,
         crate::embedded::broker::Settings::from_config(&config),
         shutdown.clone(),
     ));

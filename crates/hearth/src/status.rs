@@ -13,6 +13,8 @@ use crate::queue::{self, GROUP, Queue, QueueError, lease, stat};
 pub struct Status {
     pub lanes: Vec<LaneStatus>,
     pub dead_letters: u64,
+    /// Dead letters removed by their retention, ever.
+    pub dead_letters_expired: u64,
     pub consumers_alive: HashMap<String, u64>,
     pub events: Accounting,
 }
@@ -176,6 +178,7 @@ pub async fn collect(queue: &Queue) -> Result<Status, QueueError> {
         events: Accounting::from_counters(&stats, &lane_status),
         lanes: lane_status,
         dead_letters,
+        dead_letters_expired: stats.get(stat::DEAD_EXPIRED).copied().unwrap_or(0),
         consumers_alive,
     })
 }
@@ -242,7 +245,11 @@ impl Status {
         let e = &self.events;
         let _ = writeln!(out, "{:<12} {:>9}", "total", total);
         let _ = writeln!(out);
-        let _ = writeln!(out, "dead letters      {}", self.dead_letters);
+        let _ = writeln!(
+            out,
+            "dead letters      {} ({} removed by their retention)",
+            self.dead_letters, self.dead_letters_expired
+        );
         let _ = writeln!(
             out,
             "consumers alive   routine {}, critical {}",

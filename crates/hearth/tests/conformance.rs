@@ -75,16 +75,29 @@ async fn servers(test: &str) -> Backend {
 async fn embedded(test: &str) -> Backend {
     let env = Env::embedded(test);
     let dir = env.scratch.0.join("data");
-    let opened = hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default(), CAPS)
-        .await
-        .expect("open");
+    let opened = hearth::embedded::Embedded::open(
+        &dir,
+        SHARDS,
+        0,
+        &Default::default(),
+        CAPS,
+        Default::default(),
+    )
+    .await
+    .expect("open");
     let reopen = move || -> futures_reopen::Reopen {
         let dir = dir.clone();
         Box::pin(async move {
-            let again =
-                hearth::embedded::Embedded::open(&dir, SHARDS, 0, &Default::default(), CAPS)
-                    .await
-                    .expect("reopen");
+            let again = hearth::embedded::Embedded::open(
+                &dir,
+                SHARDS,
+                0,
+                &Default::default(),
+                CAPS,
+                Default::default(),
+            )
+            .await
+            .expect("reopen");
             again.seams.queue
         })
     };

@@ -544,10 +544,16 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let env = Env::embedded("emb_rows");
     let dir = env.scratch.0.join("data");
     {
-        let e =
-            hearth::embedded::Embedded::open(&dir, 16, 0, &Default::default(), Default::default())
-                .await
-                .expect("open");
+        let e = hearth::embedded::Embedded::open(
+            &dir,
+            16,
+            0,
+            &Default::default(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("open");
         let events: Vec<hearth::event::Event> = (0..40)
             .map(|i| hearth::event::Event {
                 house_id: "h".into(),
@@ -579,9 +585,16 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
         .expect("count");
     }
     // Reopened with fewer shards: lanes routine-2..15 are not configured any more.
-    let e = hearth::embedded::Embedded::open(&dir, 2, 0, &Default::default(), Default::default())
-        .await
-        .expect("reopen");
+    let e = hearth::embedded::Embedded::open(
+        &dir,
+        2,
+        0,
+        &Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("reopen");
     let q = &e.seams.queue;
     let before = q.status().await.expect("status");
     assert_eq!(before.events.in_flight, 43, "every queued event is counted");

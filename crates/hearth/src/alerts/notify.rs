@@ -27,7 +27,7 @@ const ATTEMPTS: u32 = 4;
 const CLAIM_IDLE_MS: u64 = 60_000;
 
 pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdown) {
-    let queue = match Queue::open(&config.redis_url, &config.redis_prefix, config.shards) {
+    let queue = match Queue::from_config(&config) {
         Ok(q) => q,
         Err(e) => {
             warn!(error = %e, "notifier cannot start");

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The request is larger than the API takes (bytes or readings).
     #[error("{0}")]
     TooLarge(String),
+    /// The request (headers and body) took longer than the server waits.
+    #[error("{0}")]
+    Timeout(String),
     /// A dependency is down or the queue is full: try again later.
     #[error("{0}")]
     Unavailable(String),
@@ -31,7 +34,7 @@ pub enum ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A short, stable code: bad_request, unauthorized, forbidden, not_found, conflict,
-    /// too_large, unavailable.
+    /// too_large, timeout, unavailable.
     pub error: String,
     /// What went wrong, for people.
     pub detail: String,
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

@@ -16,7 +16,7 @@ pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -39,8 +39,8 @@ pub struct AppState {
     /// The alert rules and webhooks, read once at start (an acknowledgement is pushed to the
     /// webhooks of its severity).
     pub rules: crate::alerts::rules::RuleSet,
-    pub admin_token: String,
-    pub tokens: auth::TokenCache,
+    /// Who a token is (shared with the embedded broker).
+    pub auth: Arc<crate::auth::Authenticator>,
     pub hub: Arc<ws::Hub>,
     /// The last (time, received, stored) read for `/pipeline`'s rates.
     pub last_counts: Mutex<Option<(Instant, u64, u64)>>,
@@ -56,14 +56,18 @@ impl AppState {
         admin_token: String,
     ) -> Result<Arc<AppState>, crate::queue::QueueError> {
         let seams = crate::seam::servers::open(&config)?;
-        Ok(AppState::with_seams(role, config, admin_token, seams))
+        let auth = Arc::new(crate::auth::Authenticator::new(
+            admin_token,
+            seams.store.clone(),
+        ));
+        Ok(AppState::with_seams(role, config, auth, seams))
     }
 
     /// The API on any backend.
     pub fn with_seams(
         role: &'static str,
         config: Arc<Config>,
-        admin_token: String,
+        auth: Arc<crate::auth::Authenticator>,
         seams: Seams,
     ) -> Arc<AppState> {
         Arc::new(AppState {
@@ -72,8 +76,7 @@ impl AppState {
             hub: Arc::new(ws::Hub::new(seams.fanout.clone(), config.ws_client_buffer)),
             seams,
             config,
-            admin_token,
-            tokens: auth::TokenCache::default(),
+            auth,
             last_counts: Mutex::new(None),
             depth: Mutex::new((Instant::now(), 0)),
         })
@@ -119,9 +122,33 @@ async fn dashboard() -> impl IntoResponse {
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.as_str()),
+            (header::X_FRAME_OPTIONS, "DENY"),
         ],
-        include_str!("dashboard.html"),
+        DASHBOARD,
     )
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The dashboard's Content-Security-Policy: its one inline script and style by their hashes,
+/// nothing else from anywhere but this origin, never in a frame (clickjacking an Acknowledge).
+static DASHBOARD_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let script = crate::auth::csp_hash(inline(DASHBOARD, "script"));
+    let style = crate::auth::csp_hash(inline(DASHBOARD, "style"));
+    format!(
+        "default-src 'none'; script-src '{script}'; style-src '{style}'; connect-src 'self'; \
+         img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+});
+
+/// The text of the page's one inline `<tag>` element.
+fn inline<'a>(page: &'a str, tag: &str) -> &'a str {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    page.split_once(&open)
+        .and_then(|(_, rest)| rest.split_once(&close))
+        .map_or("", |(body, _)| body)
 }
 
 pub fn metrics_router(state: Arc<AppState>) -> Router {
@@ -154,22 +181,122 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 /// noticed: its messages then pile up in hearth's own bounded queue, and it is dropped.
 const SEND_BUFFER: usize = 256 * 1024;
 
-/// Serve until shutdown.
+/// The bounds of the HTTP server: every way in has a size, a count and a time.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; the next ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A request's headers must be in within this.
+    pub header_timeout: Duration,
+    /// A request (its body included) must be answered within this; WebSocket sessions aside.
+    pub request_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Limits {
+        let header = Duration::from_millis(config.http_header_timeout_ms);
+        Limits {
+            max_connections: config.http_max_connections,
+            header_timeout: header,
+            request_timeout: header * 10,
+        }
+    }
+}
+
+/// Serve until shutdown: each connection on hyper's HTTP/1 with a header-read timeout, at most
+/// `max_connections` at once, every request (WebSocket upgrades aside) answered within its time
+/// or 408. On shutdown, connections finish their request in hand (at most the request time).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: Limits,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    use axum::serve::ListenerExt;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "http listening");
-    let listener = listener.tap_io(|tcp| {
-        let sock = socket2::SockRef::from(&*tcp);
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        limits.request_timeout,
+        deadline,
+    ));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p?,
+            _ = shutdown.wait() => break,
+        };
+        let (tcp, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, say: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let sock = socket2::SockRef::from(&tcp);
         let _ = sock.set_tcp_nodelay(true);
         let _ = sock.set_send_buffer_size(SEND_BUFFER);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await?;
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.wait() => {
+                    // Finish the request in hand, then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every connection gives its permit back when it is done.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(limits.request_timeout, permits.acquire_many(all)).await;
     Ok(())
+}
+
+/// Answer a request within `limit` (its body read included), or 408; a WebSocket upgrade is
+/// answered at once and its session is bounded by its own pings.
+async fn deadline(
+    State(limit): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let upgrade = request.headers().contains_key(header::UPGRADE);
+    let mut response = if upgrade {
+        next.run(request).await
+    } else {
+        match tokio::time::timeout(limit, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => error::ApiError::Timeout(format!(
+                "the request was not complete within {} s",
+                limit.as_secs()
+            ))
+            .into_response(),
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    response
 }

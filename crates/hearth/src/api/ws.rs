@@ -30,6 +30,8 @@ use crate::seam::FanOut;
 const PING_EVERY: Duration = Duration::from_secs(20);
 const PONG_WITHIN: Duration = Duration::from_secs(60);
 const SEND_WITHIN: Duration = Duration::from_secs(10);
+/// Largest message or frame a client may send.
+const MAX_INBOUND: usize = 4 * 1024;
 /// How long a watched house stays watched without being advertised again.
 const WATCH_TTL_MS: i64 = 15_000;
 
@@ -229,8 +231,19 @@ pub async fn upgrade(
     let ws = ws.map_err(|_| {
         ApiError::BadRequest("this route is a WebSocket: send an upgrade request".into())
     })?;
+    // An upgraded connection leaves the HTTP server's connection count: the hub keeps its own.
+    if state.hub.clients() >= state.config.http_max_connections {
+        return Err(ApiError::Unavailable(
+            "too many WebSocket clients; retry later".into(),
+        ));
+    }
     let hub = state.hub.clone();
-    Ok(ws.on_upgrade(move |socket| serve(hub, socket, sub)))
+    // Clients have nothing to send but pongs and a close: a few KiB per message is plenty, and
+    // all a client can make the server buffer.
+    Ok(ws
+        .max_message_size(MAX_INBOUND)
+        .max_frame_size(MAX_INBOUND)
+        .on_upgrade(move |socket| serve(hub, socket, sub)))
 }
 
 async fn serve(hub: Arc<Hub>, socket: WebSocket, sub: Subscription) {

@@ -138,6 +138,20 @@ pub fn decode(topic: &str, payload: &[u8], received_us: i64, limits: &Limits) ->
     }
 }
 
+/// The house whose topics a topic, or every topic a filter matches, belongs to:
+/// `hearth/{house}/...`, and `maison/capteurs/...` for the house `maison`; none for anything
+/// reaching beyond one house (`#`, `hearth/+/x`) or outside hearth's topics. A client logged in
+/// as a house publishes and subscribes there only.
+pub fn topic_house(topic: &str) -> Option<&str> {
+    let mut levels = topic.split('/');
+    match (levels.next(), levels.next()) {
+        // Wildcards are not ids: `hearth/+/...` and `hearth/#` belong to no house.
+        (Some("hearth"), Some(house)) if crate::event::is_valid_id(house) => Some(house),
+        (Some("maison"), Some("capteurs")) => Some("maison"),
+        _ => None,
+    }
+}
+
 fn check_topic_ids(house: &str, sensor: &str) -> Result<(), Decoded> {
     for (what, id) in [("house", house), ("sensor", sensor)] {
         if !crate::event::is_valid_id(id) {
@@ -300,6 +314,28 @@ mod tests {
         assert_eq!(reason(t, &big), "payload_too_large");
         let d = decode(t, b"\xff\xfe", NOW_US, &Limits::default());
         assert_eq!(d.rejections[0].reason.as_str(), "malformed_json");
+    }
+
+    #[test]
+    fn topics_and_filters_belong_to_a_house_or_to_none() {
+        assert_eq!(topic_house("hearth/h1/kitchen"), Some("h1"));
+        assert_eq!(topic_house("hearth/h1/kitchen/set"), Some("h1"));
+        assert_eq!(topic_house("maison/capteurs/temperature"), Some("maison"));
+        assert_eq!(topic_house("hearth/+/x"), None);
+        assert_eq!(topic_house("zigbee2mqtt/plug"), None);
+        assert_eq!(topic_house("hearth/h1/#"), Some("h1"));
+        assert_eq!(topic_house("hearth/h1/+"), Some("h1"));
+        for wide in [
+            "#",
+            "+/+/+",
+            "hearth/#",
+            "hearth/+/kitchen",
+            "$SYS/#",
+            "hearth",
+            "maison/#",
+        ] {
+            assert_eq!(topic_house(wide), None, "{wide}");
+        }
     }
 
     #[test]

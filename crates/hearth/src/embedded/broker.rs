@@ -13,9 +13,24 @@
 //! subscribed to a matching filter (`+` and `#` wildcards), so `mosquitto_sub` works as with any
 //! broker. No retained messages, wills or persistent outbound sessions: nothing downstream of
 //! hearth depends on them.
+//!
+//! Who may do what: a client logs in with its house id as user name and a token of that house as
+//! password, and then publishes and subscribes under its house's topics only
+//! ([`crate::codec::topic_house`]); a publish elsewhere is acknowledged (MQTT 3.1.1 has no
+//! refusal) but neither stored nor forwarded: it is dead-lettered as `forbidden`. The admin token
+//! as password may do anything. Clients without credentials are let in when
+//! `mqtt_allow_anonymous` (the default, allowed only while the broker listens on loopback). A
+//! second CONNECT with a client id in use takes the session over and closes the first (MQTT
+//! 3.1.1 §3.1.4).
+//!
+//! Every way in is bounded: connections (`mqtt_max_connections`), the time to CONNECT and to
+//! finish a packet begun (`mqtt_packet_timeout_ms`), silence (the client's keep-alive, at most
+//! `mqtt_max_keep_alive_secs`, and that when it asks for none), packet size, subscription filters
+//! per client (`mqtt_max_subscriptions`), and what a subscriber that does not read may have
+//! waiting, in bytes (`mqtt_subscriber_buffer_bytes`).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,23 +41,23 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info, warn};
 
+use crate::auth::{Authenticator, Principal};
 use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
-use crate::event::Event;
+use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
 use crate::queue::{DeadLetter, Lane};
 use crate::seam::EventQueue;
 use crate::shutdown::Shutdown;
 
-/// Largest packet accepted (a payload over `max_payload_bytes` is still dead-lettered, with its
-/// size, up to this).
-const MAX_PACKET: usize = 1024 * 1024;
-/// Messages a subscriber may have waiting before it is disconnected as too slow.
-const SUBSCRIBER_BUFFER: usize = 10_000;
+/// Room for the topic and the packet's other fields beside the largest payload accepted: a
+/// payload over `max_payload_bytes` is still dead-lettered with its size up to this much more;
+/// a larger packet ends the connection.
+const PACKET_OVERHEAD: usize = 64 * 1024;
 
 /// Bind the broker's address, with an error that says what to do when it is taken.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
@@ -62,15 +77,22 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 struct Subscriber {
     id: u64,
     filters: Vec<String>,
-    tx: mpsc::Sender<(String, Bytes)>,
+    tx: mpsc::UnboundedSender<(String, Bytes)>,
+    /// Bytes (topic and payload) sent to the session and not yet written to its socket.
+    queued: Arc<AtomicUsize>,
 }
 
-/// The broker's shared state: who subscribed to what, and the routine depth last read.
+/// The broker's shared state: who subscribed to what, which session holds each client id, and
+/// the routine depth last read.
 #[derive(Default)]
 struct Routes {
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Client id → the session holding it, and how to tell it it was taken over.
+    clients: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     next: AtomicU64,
     depth: Mutex<Option<(std::time::Instant, u64)>>,
+    /// Bytes a subscriber may have waiting.
+    buffer_bytes: usize,
 }
 
 /// How long a routine depth read serves every session.
@@ -107,14 +129,46 @@ impl Routes {
         let Ok(mut subs) = self.subscribers.lock() else {
             return;
         };
+        let size = topic.len() + payload.len();
         subs.retain(|s| {
             if !s.filters.iter().any(|f| matches(f, topic)) {
                 return true;
             }
-            // A subscriber that lets its buffer fill is dropped, never waited for: its session
-            // ends (its receiver sees the sender gone) and the client reconnects.
-            s.tx.try_send((topic.to_string(), payload.clone())).is_ok()
+            // A subscriber that lets its buffer fill (in bytes) is dropped, never waited for:
+            // its session ends (its receiver sees the sender gone) and the client reconnects.
+            if s.queued.load(Ordering::Relaxed) + size > self.buffer_bytes {
+                return false;
+            }
+            s.queued.fetch_add(size, Ordering::Relaxed);
+            s.tx.send((topic.to_string(), payload.clone())).is_ok()
         });
+    }
+
+    /// Hold `client_id` for session `id`: a session that held it is told to end.
+    fn take_over(&self, client_id: &str, id: u64, kicked: Arc<Notify>) {
+        if client_id.is_empty() {
+            return;
+        }
+        if let Ok(mut clients) = self.clients.lock()
+            && let Some((old, notify)) = clients.insert(client_id.to_string(), (id, kicked))
+        {
+            debug!(client = %client_id, old, "client id taken over by a new connection");
+            notify.notify_one();
+        }
+    }
+
+    /// Forget session `id`'s subscriptions and client id (unless taken over meanwhile).
+    fn leave(&self, client_id: &str, id: u64) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.retain(|s| s.id != id);
+        }
+        if let Ok(mut clients) = self.clients.lock()
+            && clients
+                .get(client_id)
+                .is_some_and(|(holder, _)| *holder == id)
+        {
+            clients.remove(client_id);
+        }
     }
 }
 
@@ -144,6 +198,12 @@ pub struct Settings {
     pub high_watermark: u64,
     /// ... until it is back under this one.
     pub low_watermark: u64,
+    pub allow_anonymous: bool,
+    pub max_connections: usize,
+    pub max_keep_alive: Duration,
+    pub packet_timeout: Duration,
+    pub max_subscriptions: usize,
+    pub subscriber_buffer_bytes: usize,
 }
 
 impl Settings {
@@ -152,6 +212,34 @@ impl Settings {
             limits: Limits::from_config(config),
             high_watermark: config.queue_high_watermark,
             low_watermark: config.queue_low_watermark,
+            allow_anonymous: config.mqtt_allow_anonymous,
+            max_connections: config.mqtt_max_connections,
+            max_keep_alive: Duration::from_secs(config.mqtt_max_keep_alive_secs),
+            packet_timeout: Duration::from_millis(config.mqtt_packet_timeout_ms),
+            max_subscriptions: config.mqtt_max_subscriptions,
+            subscriber_buffer_bytes: config.mqtt_subscriber_buffer_bytes,
+        }
+    }
+
+    fn max_packet(&self) -> usize {
+        self.limits.max_payload_bytes + PACKET_OVERHEAD
+    }
+}
+
+/// Who a connected client is.
+#[derive(Debug, Clone, PartialEq)]
+enum Client {
+    /// No credentials (let in by `mqtt_allow_anonymous`): anywhere, as before logins existed.
+    Anonymous,
+    Known(Principal),
+}
+
+impl Client {
+    /// Whether it may publish to, or subscribe to, `topic` (a topic or a filter).
+    fn may(&self, topic: &str) -> bool {
+        match self {
+            Client::Anonymous | Client::Known(Principal::Admin) => true,
+            Client::Known(Principal::House(h)) => codec::topic_house(topic) == Some(h.as_str()),
         }
     }
 }
@@ -160,10 +248,15 @@ impl Settings {
 pub async fn serve(
     listener: TcpListener,
     queue: Arc<dyn EventQueue>,
+    auth: Arc<Authenticator>,
     settings: Settings,
     mut shutdown: Shutdown,
 ) {
-    let routes = Arc::new(Routes::default());
+    let routes = Arc::new(Routes {
+        buffer_bytes: settings.subscriber_buffer_bytes,
+        ..Routes::default()
+    });
+    let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -171,17 +264,23 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (queue, settings, routes, shutdown) = (
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tokio::spawn(refuse(stream, peer));
+                    continue;
+                };
+                let (queue, auth, settings, routes, shutdown) = (
                     queue.clone(),
+                    auth.clone(),
                     settings.clone(),
                     routes.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(async move {
-                    match session(stream, queue, settings, routes, shutdown).await {
+                    match session(stream, queue, auth, settings, routes, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -189,6 +288,19 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// A connection past `mqtt_max_connections`: told the server is unavailable, and closed.
+async fn refuse(stream: TcpStream, peer: std::net::SocketAddr) {
+    METRICS.mqtt_refused.with("too_many_connections").add(1);
+    debug!(%peer, "mqtt connection refused: too many connections");
+    let (_, mut writer) = mqtt::split(stream, 0);
+    if writer
+        .queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.flush()).await;
     }
 }
 
@@ -205,52 +317,105 @@ async fn backpressure(queue: &dyn EventQueue, routes: &Routes, settings: &Settin
     }
 }
 
+/// The messages sent to a subscriber's session, (topic, payload).
+type Outbound = mpsc::UnboundedReceiver<(String, Bytes)>;
+
 /// A client's session: its packets, and what it subscribed to.
 struct Session {
     id: u64,
-    /// Messages for the client's subscriptions; made at its first SUBSCRIBE. The broker's routes
-    /// hold the only sender: when they drop a client that does not keep up, this ends.
-    outbound: Option<mpsc::Receiver<(String, Bytes)>>,
+    who: Client,
+    /// Messages for the client's subscriptions, and the bytes of them not yet written; made at
+    /// its first SUBSCRIBE. The broker's routes hold the only sender: when they drop a client
+    /// that does not keep up, this ends.
+    outbound: Option<(Outbound, Arc<AtomicUsize>)>,
+    /// Subscription filters held.
+    filters: usize,
     /// QoS 2 packet ids received and not released yet: a re-sent PUBLISH is not stored again.
     awaiting_release: HashSet<u16>,
+}
+
+/// Read a CONNECT and answer it: who the client is, and its client id and keep-alive; `None`
+/// when it was refused (and told so).
+async fn login(
+    reader: &mut mqtt::Reader,
+    writer: &mut Writer,
+    auth: &Authenticator,
+    settings: &Settings,
+) -> Result<Option<(Client, String, Duration, Vec<Packet>)>, MqttError> {
+    let first = reader
+        .packets_within(settings.packet_timeout, settings.packet_timeout)
+        .await?;
+    let mut packets = first.into_iter();
+    let Some(Packet::Connect(c)) = packets.next() else {
+        return Err(MqttError::Protocol("expected CONNECT first".into()));
+    };
+    let who = match &c.login {
+        Some(login) => match auth.principal(&login.password).await {
+            Ok(Some(Principal::Admin)) => Some(Client::Known(Principal::Admin)),
+            Ok(Some(Principal::House(h))) if h == login.username => {
+                Some(Client::Known(Principal::House(h)))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "cannot check MQTT credentials now");
+                let _ = writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false));
+                flush(writer).await?;
+                return Ok(None);
+            }
+        },
+        None if settings.allow_anonymous => Some(Client::Anonymous),
+        None => None,
+    };
+    let Some(who) = who else {
+        let (code, reason) = match &c.login {
+            Some(_) => (ConnectReturnCode::BadUserNamePassword, "bad_credentials"),
+            None => (ConnectReturnCode::NotAuthorized, "anonymous"),
+        };
+        METRICS.mqtt_refused.with(reason).add(1);
+        info!(client = %codec::truncate(&c.client_id, 64), reason, "mqtt login refused");
+        writer.queue(&ConnAck::new(code, false))?;
+        flush(writer).await?;
+        return Ok(None);
+    };
+    writer.queue(&ConnAck::new(ConnectReturnCode::Success, false))?;
+    flush(writer).await?;
+    debug!(client = %codec::truncate(&c.client_id, 64), who = ?who, "mqtt client connected");
+    // Keep-alive 0 asks for none (MQTT 3.1.1 §3.1.2.10), and a client may ask for up to 18 h:
+    // neither is honoured past the configured maximum.
+    let asked = Duration::from_secs(u64::from(c.keep_alive));
+    let keep_alive = if asked.is_zero() {
+        settings.max_keep_alive
+    } else {
+        asked.min(settings.max_keep_alive)
+    };
+    Ok(Some((who, c.client_id, keep_alive, packets.collect())))
 }
 
 async fn session(
     stream: TcpStream,
     queue: Arc<dyn EventQueue>,
+    auth: Arc<Authenticator>,
     settings: Settings,
     routes: Arc<Routes>,
     mut shutdown: Shutdown,
 ) -> Result<(), MqttError> {
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = mqtt::split(stream, MAX_PACKET);
-    let first = tokio::time::timeout(Duration::from_secs(10), reader.packets())
-        .await
-        .map_err(|_| MqttError::Protocol("no CONNECT within 10 s".into()))??;
-    let mut packets = first.into_iter();
-    let keep_alive = match packets.next() {
-        Some(Packet::Connect(c)) => {
-            writer.queue(&ConnAck::new(ConnectReturnCode::Success, false))?;
-            writer.flush().await?;
-            debug!(client = %c.client_id, "mqtt client connected");
-            // Keep-alive 0 turns the check off (MQTT 3.1.1 §3.1.2.10).
-            match c.keep_alive {
-                0 => Duration::from_secs(365 * 24 * 3600),
-                k => Duration::from_secs(u64::from(k)),
-            }
-        }
-        other => {
-            return Err(MqttError::Protocol(format!(
-                "expected CONNECT, got {other:?}"
-            )));
-        }
+    let (mut reader, mut writer) = mqtt::split(stream, settings.max_packet());
+    let Some((who, client_id, keep_alive, first)) =
+        login(&mut reader, &mut writer, &auth, &settings).await?
+    else {
+        return Ok(());
     };
     let mut me = Session {
         id: routes.next.fetch_add(1, Ordering::Relaxed),
+        who,
         outbound: None,
+        filters: 0,
         awaiting_release: HashSet::new(),
     };
-    let mut pending: Vec<Packet> = packets.collect();
+    let kicked = Arc::new(Notify::new());
+    routes.take_over(&client_id, me.id, kicked.clone());
+    let mut pending: Vec<Packet> = first;
     let result = async {
         loop {
             if !pending.is_empty() {
@@ -258,7 +423,7 @@ async fn session(
                     std::mem::take(&mut pending),
                     &mut writer,
                     &*queue,
-                    &settings.limits,
+                    &settings,
                     &routes,
                     &mut me,
                 )
@@ -271,34 +436,38 @@ async fn session(
             backpressure(&*queue, &routes, &settings).await;
             let outbound = async {
                 match me.outbound.as_mut() {
-                    Some(rx) => rx.recv().await,
+                    Some((rx, _)) => rx.recv().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                read = tokio::time::timeout(keep_alive * 3 / 2, reader.packets()) => {
-                    pending = read.map_err(|_| MqttError::Protocol("keep-alive expired".into()))??;
+                read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout) => {
+                    pending = read?;
                 }
                 message = outbound => match message {
-                    Some((topic, payload)) => {
-                        writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
-                        if let Some(rx) = me.outbound.as_mut() {
-                            while let Ok((topic, payload)) = rx.try_recv() {
-                                writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
-                            }
+                    Some(first) => {
+                        let Some((rx, queued)) = me.outbound.as_mut() else {
+                            continue;
+                        };
+                        let mut next = Some(first);
+                        while let Some((topic, payload)) = next {
+                            queued.fetch_sub(topic.len() + payload.len(), Ordering::Relaxed);
+                            writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
+                            next = rx.try_recv().ok();
                         }
                         flush(&mut writer).await?;
                     }
                     None => return Err(MqttError::Protocol("subscriber too slow".into())),
                 },
+                _ = kicked.notified() => {
+                    return Err(MqttError::Protocol("client id taken over by a new connection".into()));
+                }
                 _ = shutdown.wait() => return Ok(()),
             }
         }
     }
     .await;
-    if let Ok(mut subs) = routes.subscribers.lock() {
-        subs.retain(|s| s.id != me.id);
-    }
+    routes.leave(&client_id, me.id);
     result
 }
 
@@ -315,10 +484,11 @@ async fn handle(
     packets: Vec<Packet>,
     writer: &mut Writer,
     queue: &dyn EventQueue,
-    limits: &Limits,
+    settings: &Settings,
     routes: &Routes,
     me: &mut Session,
 ) -> Result<bool, MqttError> {
+    let limits = &settings.limits;
     let received_us = crate::event::now_us();
     let mut events: Vec<Event> = Vec::new();
     let mut dead: Vec<DeadLetter> = Vec::new();
@@ -330,7 +500,27 @@ async fn handle(
             Packet::Publish(p) => {
                 // A QoS 2 message re-sent before its PUBREL was stored already.
                 let repeat = p.qos == QoS::ExactlyOnce && !me.awaiting_release.insert(p.pkid);
-                if !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
+                let allowed = me.who.may(&p.topic);
+                if !allowed && !repeat {
+                    METRICS.mqtt_refused.with("forbidden").add(1);
+                    METRICS.rejected.with(Reason::Forbidden.as_str()).add(1);
+                    let why = Rejection::new(
+                        Reason::Forbidden,
+                        format!(
+                            "{:?} may not publish to {:?}",
+                            me.who,
+                            codec::truncate(&p.topic, 128)
+                        ),
+                    );
+                    dead.push(DeadLetter::from_rejection(
+                        &why,
+                        "mqtt",
+                        &p.topic,
+                        &p.payload,
+                        received_us / 1000,
+                    ));
+                }
+                if allowed && !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
                     let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
                     dead.extend(decoded.dead_letter(
                         "mqtt",
@@ -345,28 +535,45 @@ async fn handle(
                     QoS::AtLeastOnce => replies.push(Packet::PubAck(PubAck::new(p.pkid))),
                     QoS::ExactlyOnce => replies.push(Packet::PubRec(PubRec::new(p.pkid))),
                 }
-                forward.push((p.topic, p.payload));
+                if allowed {
+                    forward.push((p.topic, p.payload));
+                }
             }
             Packet::PubRel(r) => {
                 me.awaiting_release.remove(&r.pkid);
                 replies.push(Packet::PubComp(PubComp::new(r.pkid)));
             }
             Packet::Subscribe(s) => {
-                let codes = s
-                    .filters
-                    .iter()
-                    .map(|_| SubscribeReasonCode::Success(QoS::AtMostOnce))
-                    .collect();
-                if let Ok(mut subs) = routes.subscribers.lock() {
+                // Each filter is granted (QoS 0) if the client may read what it matches and
+                // holds fewer than `mqtt_max_subscriptions`; refused (0x80) otherwise.
+                let mut granted = Vec::new();
+                let mut codes = Vec::with_capacity(s.filters.len());
+                for f in &s.filters {
+                    let ok = me.who.may(&f.path)
+                        && me.filters + granted.len() < settings.max_subscriptions;
+                    if ok {
+                        granted.push(f.path.clone());
+                        codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
+                    } else {
+                        METRICS.mqtt_refused.with("subscription").add(1);
+                        codes.push(SubscribeReasonCode::Failure);
+                    }
+                }
+                me.filters += granted.len();
+                if !granted.is_empty()
+                    && let Ok(mut subs) = routes.subscribers.lock()
+                {
                     match subs.iter_mut().find(|x| x.id == me.id) {
-                        Some(x) => x.filters.extend(s.filters.iter().map(|f| f.path.clone())),
+                        Some(x) => x.filters.extend(granted),
                         None => {
-                            let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-                            me.outbound = Some(rx);
+                            let (tx, rx) = mpsc::unbounded_channel();
+                            let queued = Arc::new(AtomicUsize::new(0));
+                            me.outbound = Some((rx, queued.clone()));
                             subs.push(Subscriber {
                                 id: me.id,
-                                filters: s.filters.iter().map(|f| f.path.clone()).collect(),
+                                filters: granted,
                                 tx,
+                                queued,
                             });
                         }
                     }
@@ -378,6 +585,7 @@ async fn handle(
                     && let Some(x) = subs.iter_mut().find(|x| x.id == me.id)
                 {
                     x.filters.retain(|f| !u.topics.contains(f));
+                    me.filters = x.filters.len();
                 }
                 replies.push(Packet::UnsubAck(UnsubAck::new(u.pkid)));
             }

@@ -97,6 +97,7 @@ impl Embedded {
         touch_interval_ms: u64,
         rules: &RuleSet,
         caps: crate::caps::Caps,
+        retention: crate::queue::Retention,
     ) -> Result<Embedded, String> {
         // Opening creates or migrates the schema: file work, off the executor.
         let dir = data_dir.to_path_buf();
@@ -113,6 +114,7 @@ impl Embedded {
             reader.clone(),
             shards,
             data_dir.to_path_buf(),
+            retention,
         ));
         let store = Arc::new(store::SqliteStore::new(
             writer,
@@ -151,6 +153,7 @@ impl Embedded {
                 shutdown.clone(),
             ))
         });
+        let sweeper = tokio::spawn(sweep_dead_letters(self.queue.clone(), shutdown.clone()));
         [Lanes::Critical, Lanes::Routine]
             .into_iter()
             .map(|lanes| {
@@ -166,6 +169,21 @@ impl Embedded {
                 tokio::spawn(w.run(shutdown.clone()))
             })
             .chain(notifier)
+            .chain(std::iter::once(sweeper))
             .collect()
+    }
+}
+
+/// Remove the dead letters past their retention every [`crate::queue::RETENTION_SWEEP`].
+async fn sweep_dead_letters(queue: Arc<queue::SqliteQueue>, mut shutdown: Shutdown) {
+    loop {
+        match queue.expire_dead_letters().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
+        }
+        if !shutdown.sleep(crate::queue::RETENTION_SWEEP).await {
+            return;
+        }
     }
 }

@@ -21,7 +21,7 @@ use super::db::{Sqlite, bump};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::{Event, Reason};
-use crate::queue::{DeadLetter, Lane, stat};
+use crate::queue::{DeadLetter, Lane, Retention, stat};
 use crate::seam::{Delivery, EventQueue, Fut, Lanes, Unavailable, Written};
 use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
@@ -49,6 +49,7 @@ pub struct SqliteQueue {
     appends: mpsc::Sender<Append>,
     /// Woken after each append, so that readers need not poll.
     pub appended: Arc<Notify>,
+    retention: Retention,
 }
 
 impl SqliteQueue {
@@ -59,10 +60,11 @@ impl SqliteQueue {
         reader: Sqlite,
         shards: u16,
         data_dir: std::path::PathBuf,
+        retention: Retention,
     ) -> SqliteQueue {
         let (appends, rx) = mpsc::channel(1024);
         let appended = Arc::new(Notify::new());
-        tokio::spawn(appender(db.clone(), rx, appended.clone()));
+        tokio::spawn(appender(db.clone(), rx, appended.clone(), retention));
         SqliteQueue {
             db,
             reader,
@@ -71,7 +73,28 @@ impl SqliteQueue {
             data_dir,
             appends,
             appended,
+            retention,
         }
+    }
+
+    /// Remove the dead letters past their retention (age and count), counted in
+    /// `dead_expired`; returns how many.
+    pub async fn expire_dead_letters(&self) -> Result<u64, Unavailable> {
+        let retention = self.retention;
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let mut n = 0;
+                if retention.max_age_ms > 0 {
+                    let oldest = crate::event::now_us() / 1000 - retention.max_age_ms as i64;
+                    n += tx.execute("DELETE FROM dead WHERE at < ?1", [oldest])? as u64;
+                }
+                n += cap_dead(&tx, retention.max_count)?;
+                bump(&tx, stat::DEAD_EXPIRED, n)?;
+                tx.commit()?;
+                Ok(n)
+            })
+            .await
     }
 
     /// `in:` and `out:` counters, from the reader.
@@ -170,8 +193,25 @@ pub(super) fn insert(
     Ok(())
 }
 
+/// Hold the dead letters to `max` (0: no limit), the oldest going first; returns how many went
+/// (the caller counts them). One indexed delete: ids grow with each letter.
+pub(super) fn cap_dead(c: &Connection, max: u64) -> rusqlite::Result<u64> {
+    if max == 0 {
+        return Ok(0);
+    }
+    Ok(
+        c.prepare_cached("DELETE FROM dead WHERE id <= (SELECT max(id) FROM dead) - ?1")?
+            .execute([max as i64])? as u64,
+    )
+}
+
 /// Write every waiting append in one transaction; answer each after the COMMIT.
-async fn appender(db: Sqlite, mut rx: mpsc::Receiver<Append>, appended: Arc<Notify>) {
+async fn appender(
+    db: Sqlite,
+    mut rx: mpsc::Receiver<Append>,
+    appended: Arc<Notify>,
+    retention: Retention,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
@@ -187,8 +227,15 @@ async fn appender(db: Sqlite, mut rx: mpsc::Receiver<Append>, appended: Arc<Noti
         let result = db
             .call(move |c| {
                 let tx = c.transaction()?;
+                let mut letters = 0;
                 for (entries, dead) in &work {
                     insert(&tx, entries, dead)?;
+                    letters += dead.len();
+                }
+                // A flood of bad input is bounded as it comes, not at the next sweep.
+                if letters > 0 {
+                    let expired = cap_dead(&tx, retention.max_count)?;
+                    bump(&tx, stat::DEAD_EXPIRED, expired)?;
                 }
                 tx.commit()
             })
@@ -429,6 +476,7 @@ impl EventQueue for SqliteQueue {
             }
             Ok(Status {
                 events: Accounting::from_counters(&stats, &lanes),
+                dead_letters_expired: stats.get(stat::DEAD_EXPIRED).copied().unwrap_or(0),
                 lanes,
                 dead_letters,
                 // One critical and one routine worker in the `hearth up` holding the folder.

@@ -52,7 +52,7 @@ impl Message {
 type Acks = Vec<(u64, u16)>;
 
 pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> {
-    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+    let queue = Queue::from_config(&config)?;
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
     endpoint.clean_session = false;
     let limits = Limits::from_config(&config);
@@ -63,6 +63,10 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     let watcher = tokio::spawn(watch_depth(
         queue.clone(),
         pressure.clone(),
+        shutdown.clone(),
+    ));
+    let sweeper = tokio::spawn(crate::queue::sweep_dead_letters(
+        queue.clone(),
         shutdown.clone(),
     ));
     // Decoded messages go to the appender in chunks (one per socket read of up to 64 KiB, some
@@ -91,6 +95,7 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
         warn!(error = %e, "appender ended abnormally");
     }
     watcher.abort();
+    sweeper.abort();
     info!("ingest stopped");
     Ok(())
 }

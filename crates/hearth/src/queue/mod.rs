@@ -219,6 +219,8 @@ pub mod stat {
     pub const DUPLICATES: &str = "duplicates";
     /// Events a worker moved to the dead-letter stream.
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Dead letters removed by their retention (age or count).
+    pub const DEAD_EXPIRED: &str = "dead_expired";
 
     /// Events appended to a lane by the ingest (a broker redelivery counts again).
     pub fn appended(lane: super::Lane) -> String {
@@ -427,12 +429,49 @@ pub struct Queue {
     streams: std::sync::Arc<Vec<String>>,
     /// Whether `P:meta` says events are routed by [`ROUTE`] (checked before the first append).
     routed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// How long and how many dead letters are kept.
+    pub retention: Retention,
 }
+
+/// How long and how many dead letters are kept (0: no limit). Past them the oldest are removed
+/// and counted (`dead_expired` in `P:stats`, `hearth_dead_letters_expired_total`), never
+/// silently: by count at every append that writes letters (so a flood of bad input is bounded
+/// as it comes), by age and count by a periodic sweep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retention {
+    pub max_age_ms: u64,
+    pub max_count: u64,
+}
+
+impl Retention {
+    pub fn from_config(config: &crate::config::Config) -> Retention {
+        Retention {
+            max_age_ms: config.dead_letter_max_age_secs.saturating_mul(1000),
+            max_count: config.dead_letter_max_count,
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::from_config(&crate::config::Config::default())
+    }
+}
+
+/// How often dead letters are swept for age.
+pub const RETENTION_SWEEP: Duration = Duration::from_secs(10);
 
 impl Queue {
     /// A queue handle; it connects on first use and reconnects by itself.
     pub fn open(url: &str, prefix: &str, shards: u16) -> Result<Queue, QueueError> {
         Ok(Queue::open_with(manager(url)?, &Keys::new(prefix), shards))
+    }
+
+    /// The configured installation's queue (its URL, prefix, shards and retention).
+    pub fn from_config(config: &crate::config::Config) -> Result<Queue, QueueError> {
+        let mut queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+        queue.retention = Retention::from_config(config);
+        Ok(queue)
     }
 
     fn open_with(conn: ConnectionManager, keys: &Keys, shards: u16) -> Queue {
@@ -446,7 +485,29 @@ impl Queue {
             shards,
             streams: std::sync::Arc::new(streams),
             routed: Default::default(),
+            retention: Retention::default(),
         }
+    }
+
+    /// Remove the dead letters past their retention (age and count); returns how many.
+    pub async fn expire_dead_letters(&self) -> Result<u64, QueueError> {
+        let now_ms = crate::event::now_us() as u64 / 1000;
+        let min_id = match self.retention.max_age_ms {
+            0 => 0,
+            age => now_ms.saturating_sub(age),
+        };
+        let mut conn = self.conn.clone();
+        let n: u64 = redis::cmd("EVAL")
+            .arg(EXPIRE_DEAD)
+            .arg(2)
+            .arg(self.keys.dead())
+            .arg(self.keys.stats())
+            .arg(min_id)
+            .arg(self.retention.max_count)
+            .arg("=")
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
     }
 
     /// Make sure appends may route by [`ROUTE`]: an installation upgraded from a version that
@@ -605,6 +666,7 @@ impl Queue {
         for d in dead {
             d.xadd(pipe, &dead_key);
         }
+        self.add_dead_cap(pipe, dead.len());
         if !dead.is_empty() {
             pipe.cmd("HINCRBY")
                 .arg(&stats)
@@ -670,6 +732,7 @@ impl Queue {
         for letter in letters {
             letter.xadd(pipe, &dead);
         }
+        self.add_dead_cap(pipe, letters.len());
         if events > 0 {
             pipe.cmd("HINCRBY")
                 .arg(self.keys.stats())
@@ -677,6 +740,23 @@ impl Queue {
                 .arg(events)
                 .ignore();
         }
+    }
+
+    /// After `letters` new dead letters, hold the stream to its count (approximately: whole
+    /// nodes of the stream, cheap), counting what goes.
+    fn add_dead_cap(&self, pipe: &mut redis::Pipeline, letters: usize) {
+        if letters == 0 || self.retention.max_count == 0 {
+            return;
+        }
+        pipe.cmd("EVAL")
+            .arg(EXPIRE_DEAD)
+            .arg(2)
+            .arg(self.keys.dead())
+            .arg(self.keys.stats())
+            .arg(0)
+            .arg(self.retention.max_count)
+            .arg("~")
+            .ignore();
     }
 
     /// Send a pipeline (nothing if it is empty).
@@ -847,6 +927,39 @@ if floor then
 end
 return acked
 "#;
+
+/// Trim the dead-letter stream below a minimum id (age; 0: none) and to a length (0: none),
+/// exactly (`=`) or by whole nodes (`~`), and count what went in `dead_expired`.
+///
+/// KEYS: dead stream, stats. ARGV: min id (epoch ms), max length, `=` or `~`.
+const EXPIRE_DEAD: &str = r#"
+local n = 0
+if tonumber(ARGV[1]) > 0 then
+  n = n + redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+end
+if tonumber(ARGV[2]) > 0 then
+  n = n + redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[3], ARGV[2])
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[2], 'dead_expired', n)
+end
+return n
+"#;
+
+/// Sweep the dead letters past their retention every [`RETENTION_SWEEP`] until shutdown (any
+/// number of processes may: it is idempotent).
+pub async fn sweep_dead_letters(queue: Queue, mut shutdown: crate::shutdown::Shutdown) {
+    loop {
+        match queue.expire_dead_letters().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
+            Err(e) => tracing::debug!(error = %e, "dead-letter retention sweep failed"),
+        }
+        if !shutdown.sleep(RETENTION_SWEEP).await {
+            return;
+        }
+    }
+}
 
 /// An entry as Redis returns it: id and fields.
 pub struct RawEntry {

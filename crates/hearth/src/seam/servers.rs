@@ -32,7 +32,7 @@ fn pg(e: tokio_postgres::Error) -> Unavailable {
 
 /// Open the four seams on the configured servers (connections are made on first use).
 pub fn open(config: &Config) -> Result<Seams, QueueError> {
-    let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+    let queue = Queue::from_config(config)?;
     Ok(Seams {
         queue: Arc::new(RedisQueue::new(queue.clone(), &config.redis_url, "api")),
         store: Arc::new(PgStore::new(

@@ -111,7 +111,11 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    if let Ok(queue) = Queue::open(&config.redis_url, &config.redis_prefix, config.shards) {
+    if let Ok(queue) = Queue::from_config(&config) {
+        tasks.spawn(crate::queue::sweep_dead_letters(
+            queue.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::breaker::share(queue, shutdown.clone()));
     }
     if !rules.webhooks.is_empty() {
@@ -227,7 +231,7 @@ impl Consumer {
         name: String,
         shutdown: Shutdown,
     ) -> Result<Self, QueueError> {
-        let queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
+        let queue = Queue::from_config(&config)?;
         let leases = Leases::new(
             queue.conn.clone(),
             queue.keys.clone(),
