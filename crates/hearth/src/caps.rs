@@ -8,9 +8,10 @@
 //! with a retention, not the store.
 //!
 //! [`admit`] is pure: the store says what it holds of the ids a batch names ([`Known`]), the
-//! function decides. The caps are exact on the embedded store (one writer); on the servers,
-//! consumers writing new sensors of one house at the same moment may pass a cap by the few they
-//! write together.
+//! function decides. The caps are exact: the embedded store decides in its one writer's
+//! transaction; PostgreSQL under a lock that consumers admitting new sensors take in turn, in
+//! the transaction that reserves what was admitted (only sensors or kinds a consumer has not
+//! written yet are asked about, so this is rare once a house's sensors are known).
 
 use std::collections::{HashMap, HashSet};
 

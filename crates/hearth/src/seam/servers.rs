@@ -265,8 +265,9 @@ impl EventStore for PgStore {
                 return Ok(Written::default());
             };
             let memo = crate::worker::sensors::SensorMemo::new(0);
-            let mut known = store.known(&memo.unknown(events)).await?;
-            let capped = crate::caps::admit(events, &mut known, &self.caps);
+            let capped = store
+                .admit(&memo.unknown(events), events, &self.caps)
+                .await?;
             let kept: Vec<&Event> = events
                 .iter()
                 .enumerate()

@@ -182,9 +182,50 @@ impl Store {
         self.client.is_closed()
     }
 
-    /// What the store holds of these sensors and their houses, for the caps.
-    pub async fn known(&self, sensors: &[SensorKey]) -> Result<Known, StoreError> {
-        known(&self.client, sensors).await
+    /// Decide which of `events` stay within the caps, for the sensors (`unknown`) this writer
+    /// has not written yet, and reserve what it admits (the sensors' rows and kinds, the houses)
+    /// in the same transaction, under one lock: consumers admitting new sensors at the same
+    /// moment take turns, so a cap is exact. Returns the refused events (index, why).
+    pub async fn admit(
+        &mut self,
+        unknown: &[SensorKey],
+        events: &[&Event],
+        caps: &crate::caps::Caps,
+    ) -> Result<Vec<(usize, crate::event::Rejection)>, StoreError> {
+        let tx = self.client.transaction().await.map_err(classify)?;
+        tx.execute("SELECT pg_advisory_xact_lock(7265727469)", &[])
+            .await
+            .map_err(classify)?;
+        let mut known = known(&tx, unknown).await?;
+        let refused = crate::caps::admit(events, &mut known, caps);
+        // Reserve the admitted: each asked sensor with its kinds now known.
+        let (mut houses, mut sensors, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+        for ((house, sensor), k) in &known.kinds_of {
+            houses.push(house.as_str());
+            sensors.push(sensor.as_str());
+            let mut k: Vec<&str> = k.iter().map(String::as_str).collect();
+            k.sort_unstable();
+            kinds.push(k.join(","));
+        }
+        tx.execute(
+            "WITH s AS (
+                INSERT INTO sensors (house_id, sensor_id, kinds, first_seen, last_seen)
+                SELECT h, i, string_to_array(k, ','), now(), now()
+                FROM unnest($1::text[], $2::text[], $3::text[]) AS x(h, i, k)
+                ORDER BY h, i
+                ON CONFLICT (house_id, sensor_id) DO UPDATE SET kinds = ARRAY(
+                    SELECT DISTINCT k FROM unnest(sensors.kinds || EXCLUDED.kinds) AS k ORDER BY k)
+                RETURNING 1
+             )
+             INSERT INTO houses (house_id)
+             SELECT DISTINCT h FROM unnest($1::text[]) AS y(h) ORDER BY h
+             ON CONFLICT DO NOTHING",
+            &[&houses, &sensors, &kinds],
+        )
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(refused)
     }
 
     /// Take a lane: a new fencing token, greater than any before. Waits for a batch of the

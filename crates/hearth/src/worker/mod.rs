@@ -804,8 +804,8 @@ impl Consumer {
         let capped = if unknown.is_empty() {
             Vec::new()
         } else {
-            let mut known = self.store().await?.known(&unknown).await?;
-            crate::caps::admit(&all, &mut known, &self.caps)
+            let caps = self.caps;
+            self.store().await?.admit(&unknown, &all, &caps).await?
         };
         let events: Vec<&Event> = all
             .iter()
