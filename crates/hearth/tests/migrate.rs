@@ -1,0 +1,328 @@
+//! Upgrades keep existing data: a store of the last schema before identity became (house,
+//! sensor), filled as that version filled it (a shared `kitchen`, re-homed to the house that
+//! wrote it last; rule state keyed by sensor alone, one transition key left by a reading stamped
+//! a day ahead), migrated by this version on both backends; and the Redis side (latest values
+//! under old keys, events queued under the old routing).
+
+mod support;
+
+use hearth::event::Event;
+use hearth::queue::{Lane, Queue};
+use rusqlite::params;
+use support::*;
+
+/// An order key of the earlier versions: the reading's stamp, seq, receive time.
+fn old_key(ts_ms: i64, seq: i64, received_us: i64) -> String {
+    format!("{ts_ms:015}1{seq:020}{received_us:017}")
+}
+
+const NOW_MS: i64 = 1_764_139_200_000;
+const DAY_MS: i64 = 86_400_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_schema_2_keeps_every_house_s_data() {
+    let env = Env::new("migrate_pg");
+    let admin = connect_pg(PG_ADMIN).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"hearth_t_{}\"", env.name))
+        .await
+        .expect("create database");
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL,
+         applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .expect("schema_migrations");
+    for (version, name, sql) in &hearth::store::schema::MIGRATIONS[..2] {
+        pg.batch_execute(sql).await.expect("old migration");
+        pg.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .expect("record");
+    }
+    // As version 2 left it: both houses' `kitchen` in one row, re-homed to h2.
+    pg.batch_execute(&format!(
+        "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_at)
+         VALUES ('h1', 'kitchen', 'temperature', 20.5, 1, to_timestamp({t}), to_timestamp({t})),
+                ('h2', 'kitchen', 'humidity', 40, 1, to_timestamp({t}), to_timestamp({t})),
+                ('h2', 'smoke1', 'smoke', 1, 1, to_timestamp({t}), to_timestamp({t}));
+         INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
+         VALUES ('kitchen', 'h2', '{{humidity,temperature}}', to_timestamp({t}), to_timestamp({t}), 1000),
+                ('smoke1', 'h2', '{{smoke}}', to_timestamp({t}), to_timestamp({t}), NULL);
+         INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
+                             raised_at, raised_by)
+         VALUES ('h2', 'smoke1', 'critical', 'smoke', 'smoke', 'critical', 'active', 'Smoke',
+                 to_timestamp({t}), 'smoke1/smoke/1');
+         INSERT INTO rule_state (sensor_id, rule, transition_key)
+         VALUES ('smoke1', 'smoke', '{key}');
+         INSERT INTO tokens (hash, house_id) VALUES ('\\x0102030405060708', 'h1');",
+        t = NOW_MS / 1000,
+        key = old_key(NOW_MS + DAY_MS, 1, NOW_MS * 1000),
+    ))
+    .await
+    .expect("version 2 data");
+
+    let applied = hearth::store::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    assert!(applied.contains(&3), "{applied:?}");
+
+    let rows: Vec<(String, String, Vec<String>, Option<f64>)> = pg
+        .query(
+            "SELECT house_id, sensor_id, kinds, interval_ms FROM sensors ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .expect("sensors")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("h1".into(), "kitchen".into(), vec!["temperature".into()], None),
+            ("h2".into(), "kitchen".into(), vec!["humidity".into()], Some(1000.0)),
+            ("h2".into(), "smoke1".into(), vec!["smoke".into()], None),
+        ],
+        "each house's sensor with its own kinds"
+    );
+    let houses: Vec<String> = pg
+        .query("SELECT house_id FROM houses ORDER BY 1", &[])
+        .await
+        .expect("houses")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(houses, ["h1", "h2"]);
+    let state = pg
+        .query_one(
+            "SELECT house_id, transition_key FROM rule_state WHERE sensor_id = 'smoke1'",
+            &[],
+        )
+        .await
+        .expect("rule state");
+    assert_eq!(state.get::<_, String>(0), "h2");
+    assert_eq!(
+        state.get::<_, String>(1),
+        old_key(NOW_MS, 1, NOW_MS * 1000),
+        "the key a day ahead now counts from its receipt"
+    );
+    let token = pg
+        .query_one("SELECT id, house_id FROM tokens", &[])
+        .await
+        .expect("token");
+    assert_eq!(
+        (token.get::<_, String>(0), token.get::<_, String>(1)),
+        ("010203040506".into(), "h1".into())
+    );
+    assert_eq!(count_events(&pg).await, 3);
+    // The same ids in another house are now another alarm.
+    pg.execute(
+        "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
+                             raised_at, raised_by)
+         VALUES ('h1', 'smoke1', 'critical', 'smoke', 'smoke', 'critical', 'active', 'Smoke',
+                 now(), 'h1/smoke1/smoke/1')",
+        &[],
+    )
+    .await
+    .expect("a second open alarm of another house");
+    assert!(
+        hearth::store::migrate(&env.database_url)
+            .await
+            .expect("again")
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_3_keeps_every_house_s_data() {
+    let env = Env::embedded("migrate_sqlite");
+    let dir = env.scratch.0.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    {
+        let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+        for (v, sql) in &hearth::embedded::db::migrations()[..3] {
+            c.execute_batch(sql).expect("old schema");
+            c.pragma_update(None, "user_version", v).expect("version");
+        }
+        let t = NOW_MS;
+        let r = NOW_MS * 1000;
+        for (house, sensor, kind, value) in [
+            ("h1", "kitchen", "temperature", 20.5),
+            ("h2", "kitchen", "humidity", 40.0),
+            ("h2", "smoke1", "smoke", 1.0),
+        ] {
+            c.execute(
+                "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_us,
+                                     stored_us, critical)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, 0)",
+                params![house, sensor, kind, value, t, r],
+            )
+            .expect("event");
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
+             VALUES ('kitchen', 'h2', 'humidity,temperature', {t}, {t}, 1000),
+                    ('smoke1', 'h2', 'smoke', {t}, {t}, NULL);
+             INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state, message,
+                                 raised_at, raised_by)
+             VALUES ('h2', 'smoke1', 'smoke', 'smoke', 'critical', 'active', 'Smoke', {t}, 'x');
+             INSERT INTO rule_state (sensor_id, rule, transition_key) VALUES ('smoke1', 'smoke', '{key}');
+             INSERT INTO tokens (hash, house_id, created_at) VALUES (x'0102030405060708', 'h1', {t});",
+            key = old_key(NOW_MS + DAY_MS, 1, r),
+        ))
+        .expect("version 3 data");
+    }
+    let e = hearth::embedded::Embedded::open(
+        &dir,
+        8,
+        0,
+        &Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("open and migrate");
+    let store = &e.seams.store;
+    let h1 = store
+        .sensor("h1", "kitchen")
+        .await
+        .expect("h1")
+        .expect("h1's kitchen");
+    assert_eq!(h1.kinds, ["temperature"]);
+    let h2 = store
+        .sensor("h2", "kitchen")
+        .await
+        .expect("h2")
+        .expect("h2's kitchen");
+    assert_eq!(h2.kinds, ["humidity"]);
+    let houses: Vec<String> = store
+        .houses(None)
+        .await
+        .expect("houses")
+        .into_iter()
+        .map(|h| h.house_id)
+        .collect();
+    assert_eq!(houses, ["h1", "h2"]);
+    let tokens = store.tokens().await.expect("tokens");
+    assert_eq!(tokens[0].id, "010203040506");
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    let (house, key): (String, String) = c
+        .query_row(
+            "SELECT house_id, transition_key FROM rule_state WHERE sensor_id = 'smoke1'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .expect("rule state");
+    assert_eq!(house, "h2");
+    assert_eq!(key, old_key(NOW_MS, 1, NOW_MS * 1000));
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, 4);
+    let events: i64 = c
+        .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+        .expect("events");
+    assert_eq!(events, 3);
+    // The latest values read in through the migrated index.
+    let latest = e
+        .seams
+        .cache
+        .latest("h2", &["kitchen".to_string()])
+        .await
+        .expect("latest");
+    assert!(latest[0].contains_key("humidity"), "{latest:?}");
+}
+
+/// Latest values cached under the old keys (`P:latest:{sensor}`) move to their houses' keys;
+/// events queued under the old routing are drained before appends route by (house, sensor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_and_routing_move_to_house_and_sensor() {
+    let env = Env::new("migrate_redis");
+    let mut redis = env.redis().await;
+    let p = &env.redis_prefix;
+    let value = |house: &str, v: f64| {
+        format!(
+            "{}{{\"value\":{v},\"unit\":null,\"ts\":{NOW_MS},\"seq\":1,\"received_us\":{},\"house_id\":\"{house}\"}}",
+            old_key(NOW_MS, 1, NOW_MS * 1000),
+            NOW_MS * 1000
+        )
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:latest:kitchen"))
+        .arg("temperature")
+        .arg(value("h1", 20.5))
+        .arg("humidity")
+        .arg(value("h2", 40.0))
+        .query_async(&mut redis)
+        .await
+        .expect("old cache");
+    let queue = Queue::open(REDIS, p, 8).expect("queue");
+    let cache = hearth::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
+    assert_eq!(cache.migrate_unscoped().await.expect("migrate"), 1);
+    let h1 = cache
+        .latest("h1", &["kitchen".to_string()])
+        .await
+        .expect("h1");
+    let h2 = cache
+        .latest("h2", &["kitchen".to_string()])
+        .await
+        .expect("h2");
+    assert_eq!(
+        (
+            h1[0].keys().map(String::as_str).collect::<Vec<_>>(),
+            h2[0].keys().map(String::as_str).collect::<Vec<_>>()
+        ),
+        (vec!["temperature"], vec!["humidity"])
+    );
+    let old: bool = redis::cmd("EXISTS")
+        .arg(format!("{p}:latest:kitchen"))
+        .query_async(&mut redis)
+        .await
+        .expect("exists");
+    assert!(!old, "the old key is gone");
+
+    // Five routine events queued by the earlier version (counters only: no route recorded).
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:stats"))
+        .arg("in:routine-3")
+        .arg(5)
+        .query_async(&mut redis)
+        .await
+        .expect("old counters");
+    let e = Event {
+        house_id: "h1".into(),
+        sensor_id: "kitchen".into(),
+        kind: "temperature".into(),
+        value: 21.0,
+        unit: None,
+        seq: Some(2),
+        ts_ms: NOW_MS,
+        received_us: NOW_MS * 1000,
+        ingest_id: None,
+    };
+    let err = queue.append(&[&e], &[]).await.expect_err("held back");
+    assert!(err.to_string().contains("earlier hearth version"), "{err}");
+    // The workers drained them.
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:stats"))
+        .arg("out:routine-3")
+        .arg(5)
+        .query_async(&mut redis)
+        .await
+        .expect("drained");
+    queue.append(&[&e], &[]).await.expect("appended");
+    let route: String = redis::cmd("HGET")
+        .arg(format!("{p}:meta"))
+        .arg("route")
+        .query_async(&mut redis)
+        .await
+        .expect("route");
+    assert_eq!(route, "house-sensor");
+    let lane = Lane::for_event(&e, 8);
+    let depth: Vec<(Lane, u64)> = queue.depths().await.expect("depths");
+    assert_eq!(depth.iter().find(|(l, _)| *l == lane).map(|d| d.1), Some(1));
+}
