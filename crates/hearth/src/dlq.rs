@@ -21,7 +21,11 @@ use crate::queue::{DeadLetter, Queue, QueueError, RawEntry};
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub reason: Option<String>,
-    /// The sensor named by the letter's topic (`.../{sensor}`) or payload (`"sensor_id"`).
+    /// The house named by the letter's topic ([`crate::codec::topic_house`]) or payload
+    /// (`"house_id"`).
+    pub house: Option<String>,
+    /// The sensor named by the letter's topic (`.../{sensor}`) or payload (`"sensor_id"`); with
+    /// `house`, that house's sensor.
     pub sensor: Option<String>,
     pub older_than: Option<Duration>,
     pub newer_than: Option<Duration>,
@@ -110,8 +114,19 @@ impl Letter {
         }
     }
 
-    fn sensor_matches(&self, sensor: &str) -> bool {
-        if self.topic.rsplit('/').next() == Some(sensor) && self.topic.contains('/') {
+    /// Whether the letter is about `house` and `sensor` (either may be left open): by its topic,
+    /// else by the readings in its payload.
+    fn about(&self, house: Option<&str>, sensor: Option<&str>) -> bool {
+        let topic_house = crate::codec::topic_house(&self.topic);
+        let topic_sensor = self
+            .topic
+            .contains('/')
+            .then(|| self.topic.rsplit('/').next())
+            .flatten();
+        if topic_house.is_some()
+            && house.is_none_or(|h| topic_house == Some(h))
+            && sensor.is_none_or(|s| topic_sensor == Some(s))
+        {
             return true;
         }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(&self.raw) else {
@@ -121,9 +136,15 @@ impl Letter {
             serde_json::Value::Array(items) => items.iter().collect(),
             other => vec![other],
         };
-        items
-            .iter()
-            .any(|i| i["sensor_id"] == sensor || i["s"] == sensor)
+        let field = |i: &serde_json::Value, long: &str, short: &str| {
+            i[long].as_str().or_else(|| i[short].as_str()).map(str::to_string)
+        };
+        items.iter().any(|i| {
+            let (h, s) = (field(i, "house_id", "h"), field(i, "sensor_id", "s"));
+            let h = h.as_deref().or(topic_house);
+            house.is_none_or(|want| h == Some(want))
+                && sensor.is_none_or(|want| s.as_deref() == Some(want))
+        })
     }
 
     pub fn matches(&self, filter: &Filter, now_ms: i64) -> bool {
@@ -131,10 +152,8 @@ impl Letter {
         filter.reason.as_deref().is_none_or(|r| self.reason == r)
             && filter.older_than.is_none_or(|d| age >= d)
             && filter.newer_than.is_none_or(|d| age < d)
-            && filter
-                .sensor
-                .as_deref()
-                .is_none_or(|s| self.sensor_matches(s))
+            && ((filter.house.is_none() && filter.sensor.is_none())
+                || self.about(filter.house.as_deref(), filter.sensor.as_deref()))
     }
 }
 
@@ -301,6 +320,7 @@ mod tests {
             |reason: Option<&str>, sensor: Option<&str>, older: Option<u64>, newer: Option<u64>| {
                 Filter {
                     reason: reason.map(Into::into),
+                    house: None,
                     sensor: sensor.map(Into::into),
                     older_than: older.map(Duration::from_secs),
                     newer_than: newer.map(Duration::from_secs),
@@ -318,6 +338,22 @@ mod tests {
         assert!(!l.matches(&f(None, None, None, Some(30)), now));
         let http = letter("http", r#"{"sensor_id":"s9","kind":"x"}"#, "bad", now);
         assert!(http.matches(&f(None, Some("s9"), None, None), now));
+        // By house: the topic's, or the readings'.
+        let house = |h: &str, s: Option<&str>| Filter {
+            house: Some(h.into()),
+            sensor: s.map(Into::into),
+            ..Filter::default()
+        };
+        assert!(l.matches(&house("h1", Some("s1")), now));
+        assert!(!l.matches(&house("h2", Some("s1")), now), "h2's s1 is another sensor");
+        let http = letter(
+            "http",
+            r#"[{"house_id":"h2","sensor_id":"s9","kind":"x"}]"#,
+            "bad",
+            now,
+        );
+        assert!(http.matches(&house("h2", Some("s9")), now));
+        assert!(!http.matches(&house("h1", None), now));
     }
 
     #[test]

@@ -169,7 +169,10 @@ struct DlqFilter {
     /// Only this reason (e.g. malformed_json, out_of_range, webhook_failed).
     #[arg(long)]
     reason: Option<String>,
-    /// Only letters about this sensor.
+    /// Only letters about this house.
+    #[arg(long)]
+    house: Option<String>,
+    /// Only letters about this sensor (of any house, unless --house is given too).
     #[arg(long)]
     sensor: Option<String>,
     /// Only letters at least this old: 30s, 10m, 1h.
@@ -187,6 +190,7 @@ impl From<DlqFilter> for hearth::dlq::Filter {
     fn from(f: DlqFilter) -> Self {
         hearth::dlq::Filter {
             reason: f.reason,
+            house: f.house,
             sensor: f.sensor,
             older_than: f.older_than,
             newer_than: f.newer_than,

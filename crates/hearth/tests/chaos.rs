@@ -353,7 +353,7 @@ impl World {
         let drain = healed.elapsed();
         let row = pg
             .query_one(
-                "SELECT count(*), count(DISTINCT (sensor_id, kind, seq)) FROM events",
+                "SELECT count(*), count(DISTINCT (house_id, sensor_id, kind, seq)) FROM events",
                 &[],
             )
             .await
@@ -362,7 +362,7 @@ impl World {
         let out_of_order: i64 = pg
             .query_one(
                 "SELECT count(*) FROM (
-                    SELECT seq, lag(seq) OVER (PARTITION BY sensor_id, kind ORDER BY id) AS prev
+                    SELECT seq, lag(seq) OVER (PARTITION BY house_id, sensor_id, kind ORDER BY id) AS prev
                     FROM events) x
                  WHERE prev IS NOT NULL AND seq <= prev",
                 &[],

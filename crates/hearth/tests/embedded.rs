@@ -54,7 +54,7 @@ fn out_of_order(env: &Env) -> i64 {
     scalar(
         env,
         "SELECT count(*) FROM (
-            SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
+            SELECT seq, lag(seq) OVER (PARTITION BY house_id, sensor_id ORDER BY id) AS prev FROM events
          ) WHERE prev IS NOT NULL AND seq <= prev",
     )
 }
@@ -210,7 +210,7 @@ async fn kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice() 
     assert_eq!(
         scalar(
             &env,
-            "SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events)"
+            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
         ),
         expected,
         "each (sensor, kind, seq) once"
@@ -437,7 +437,7 @@ async fn kill_9_mid_publish_keeps_every_acknowledged_message() {
     assert_eq!(
         scalar(
             &env,
-            "SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events)"
+            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
         ),
         rows,
         "no duplicates"

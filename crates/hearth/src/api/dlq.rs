@@ -13,7 +13,7 @@ use super::routes::{only, query_pairs, valid_id};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
 
-const FILTER: &[&str] = &["reason", "sensor", "older_than", "newer_than", "limit"];
+const FILTER: &[&str] = &["reason", "house", "sensor", "older_than", "newer_than", "limit"];
 
 /// The filter every dead-letter route takes (documentation only: parsed by [`filter`]).
 #[derive(utoipa::IntoParams)]
@@ -22,7 +22,9 @@ const FILTER: &[&str] = &["reason", "sensor", "older_than", "newer_than", "limit
 struct DlqQuery {
     /// Only this reason.
     reason: Option<String>,
-    /// Only letters about this sensor.
+    /// Only letters about this house.
+    house: Option<String>,
+    /// Only letters about this sensor (of any house, unless `house` is given too).
     sensor: Option<String>,
     /// At least this old: 30s, 10m, 1h.
     older_than: Option<String>,
@@ -33,11 +35,7 @@ struct DlqQuery {
 }
 
 fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
-    if !matches!(who, Principal::Admin) {
-        return Err(ApiError::Forbidden(
-            "dead letters need the admin token".into(),
-        ));
-    }
+    who.admin()?;
     let params = query_pairs(raw)?;
     only(&params, FILTER)?;
     let duration = |name: &str| {
@@ -52,6 +50,10 @@ fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
     let reason = params.get("reason").cloned();
     if let Some(r) = &reason {
         valid_id("reason", r)?;
+    }
+    let house = params.get("house").cloned();
+    if let Some(h) = &house {
+        valid_id("house", h)?;
     }
     let sensor = params.get("sensor").cloned();
     if let Some(s) = &sensor {
@@ -68,6 +70,7 @@ fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
         .transpose()?;
     Ok(Filter {
         reason,
+        house,
         sensor,
         older_than: duration("older_than")?,
         newer_than: duration("newer_than")?,

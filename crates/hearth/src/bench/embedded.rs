@@ -132,7 +132,7 @@ async fn measure(
     let checked = tokio::task::spawn_blocking(move || {
         let c = open(&file)?;
         let (rows, distinct, last_stored_us): (i64, i64, Option<i64>) = c.query_row(
-            "SELECT count(*), (SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events)),
+            "SELECT count(*), (SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)),
                     max(stored_us)
              FROM events",
             [],
@@ -140,7 +140,7 @@ async fn measure(
         )?;
         let out_of_order: i64 = c.query_row(
             "SELECT count(*) FROM (
-                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
+                SELECT seq, lag(seq) OVER (PARTITION BY house_id, sensor_id ORDER BY id) AS prev FROM events
              ) WHERE prev IS NOT NULL AND seq <= prev",
             [],
             |r| r.get(0),

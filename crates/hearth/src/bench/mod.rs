@@ -474,7 +474,7 @@ async fn measure(
 ) -> anyhow::Result<HearthRun> {
     let row = db
         .query_one(
-            "SELECT count(*), count(DISTINCT (sensor_id, kind, seq)),
+            "SELECT count(*), count(DISTINCT (house_id, sensor_id, kind, seq)),
                     (extract(epoch FROM max(stored_at)) * 1e6)::bigint
              FROM events WHERE sensor_id LIKE $1",
             &[&pattern],
@@ -484,7 +484,7 @@ async fn measure(
     let out_of_order: i64 = db
         .query_one(
             "SELECT count(*) FROM (
-                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev
+                SELECT seq, lag(seq) OVER (PARTITION BY house_id, sensor_id ORDER BY id) AS prev
                 FROM events WHERE sensor_id LIKE $1
              ) x WHERE prev IS NOT NULL AND seq <= prev",
             &[&pattern],

@@ -464,7 +464,7 @@ pub async fn assert_exactly_once_in_order(pg: &tokio_postgres::Client, expected:
     let rows = count_events(pg).await;
     let distinct: i64 = pg
         .query_one(
-            "SELECT count(*) FROM (SELECT DISTINCT sensor_id, kind, seq FROM events) d",
+            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events) d",
             &[],
         )
         .await
@@ -473,7 +473,7 @@ pub async fn assert_exactly_once_in_order(pg: &tokio_postgres::Client, expected:
     let out_of_order: i64 = pg
         .query_one(
             "SELECT count(*) FROM (
-                SELECT seq, lag(seq) OVER (PARTITION BY sensor_id ORDER BY id) AS prev FROM events
+                SELECT seq, lag(seq) OVER (PARTITION BY house_id, sensor_id ORDER BY id) AS prev FROM events
              ) x WHERE prev IS NOT NULL AND seq <= prev",
             &[],
         )
