@@ -352,6 +352,38 @@ impl Config {
                 return bad(format!("{key} must be >= 1"));
             }
         }
+        // Times are added to instants and multiplied: keep them where that cannot overflow.
+        for (key, value, max) in [
+            (
+                "mqtt_max_keep_alive_secs",
+                self.mqtt_max_keep_alive_secs,
+                65_535,
+            ),
+            (
+                "mqtt_packet_timeout_ms",
+                self.mqtt_packet_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "http_header_timeout_ms",
+                self.http_header_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "max_future_skew_secs",
+                self.max_future_skew_secs,
+                366 * 86_400,
+            ),
+            (
+                "dead_letter_max_age_secs",
+                self.dead_letter_max_age_secs,
+                100 * 366 * 86_400,
+            ),
+        ] {
+            if value > max {
+                return bad(format!("{key} must be at most {max}, got {value}"));
+            }
+        }
         if !self.admin_token.is_empty() && self.admin_token.chars().count() < MIN_ADMIN_TOKEN {
             return bad(format!(
                 "admin_token must be at least {MIN_ADMIN_TOKEN} characters (it sees every house), got {}",

@@ -137,7 +137,10 @@ impl Letter {
             other => vec![other],
         };
         let field = |i: &serde_json::Value, long: &str, short: &str| {
-            i[long].as_str().or_else(|| i[short].as_str()).map(str::to_string)
+            i[long]
+                .as_str()
+                .or_else(|| i[short].as_str())
+                .map(str::to_string)
         };
         items.iter().any(|i| {
             let (h, s) = (field(i, "house_id", "h"), field(i, "sensor_id", "s"));
@@ -345,7 +348,10 @@ mod tests {
             ..Filter::default()
         };
         assert!(l.matches(&house("h1", Some("s1")), now));
-        assert!(!l.matches(&house("h2", Some("s1")), now), "h2's s1 is another sensor");
+        assert!(
+            !l.matches(&house("h2", Some("s1")), now),
+            "h2's s1 is another sensor"
+        );
         let http = letter(
             "http",
             r#"[{"house_id":"h2","sensor_id":"s9","kind":"x"}]"#,

@@ -83,8 +83,18 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
     assert_eq!(
         rows,
         [
-            ("h1".into(), "kitchen".into(), vec!["temperature".into()], None),
-            ("h2".into(), "kitchen".into(), vec!["humidity".into()], Some(1000.0)),
+            (
+                "h1".into(),
+                "kitchen".into(),
+                vec!["temperature".into()],
+                None
+            ),
+            (
+                "h2".into(),
+                "kitchen".into(),
+                vec!["humidity".into()],
+                Some(1000.0)
+            ),
             ("h2".into(), "smoke1".into(), vec!["smoke".into()], None),
         ],
         "each house's sensor with its own kinds"

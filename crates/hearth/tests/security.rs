@@ -16,9 +16,13 @@ async fn a_house_publishes_and_reads_only_under_its_own_prefix() {
     // The scheme of the embedded broker: user = house id, password = a token of that house.
     let (t1, t2) = (token_for(&env, "house-1"), token_for(&env, "house-2"));
     let passwd = env.scratch.0.join("passwd");
-    for (i, (user, password)) in [("house-1", t1.as_str()), ("house-2", t2.as_str()), ("hearth", "pwh")]
-        .iter()
-        .enumerate()
+    for (i, (user, password)) in [
+        ("house-1", t1.as_str()),
+        ("house-2", t2.as_str()),
+        ("hearth", "pwh"),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut cmd = Command::new("mosquitto_passwd");
         if i == 0 {
@@ -99,7 +103,10 @@ async fn a_house_publishes_and_reads_only_under_its_own_prefix() {
     wait_drained(&env, 3, Duration::from_secs(60)).await;
     let pg = env.pg().await;
     let rows = pg
-        .query("SELECT house_id, seq FROM events ORDER BY id", &[])
+        .query(
+            "SELECT house_id, seq FROM events ORDER BY house_id, id",
+            &[],
+        )
         .await
         .expect("rows");
     let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();

@@ -13,7 +13,14 @@ use super::routes::{only, query_pairs, valid_id};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
 
-const FILTER: &[&str] = &["reason", "house", "sensor", "older_than", "newer_than", "limit"];
+const FILTER: &[&str] = &[
+    "reason",
+    "house",
+    "sensor",
+    "older_than",
+    "newer_than",
+    "limit",
+];
 
 /// The filter every dead-letter route takes (documentation only: parsed by [`filter`]).
 #[derive(utoipa::IntoParams)]

@@ -91,12 +91,28 @@ pub(super) fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(
 
 /// Epoch milliseconds or RFC 3339.
 fn instant(name: &str, raw: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = raw.parse::<i64>() {
-        return Ok(ms);
+    let ms = match raw.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|_| {
+                ApiError::BadRequest(format!("{name} must be epoch milliseconds or RFC 3339"))
+            })?,
+    };
+    in_range(name, ms)
+}
+
+/// Instants the stores can hold: from 1970 to the year 5000.
+const LATEST_INSTANT_MS: i64 = 95_617_584_000_000;
+
+fn in_range(name: &str, ms: i64) -> Result<i64, ApiError> {
+    if (0..=LATEST_INSTANT_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{name} must be between 1970 and the year 5000"
+        )))
     }
-    time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| ApiError::BadRequest(format!("{name} must be epoch milliseconds or RFC 3339")))
 }
 
 // ---- ingestion -------------------------------------------------------------------------------
@@ -448,6 +464,7 @@ pub async fn sensor_events(
         .map(|c| {
             c.split_once('.')
                 .and_then(|(ts, id)| Some((ts.parse().ok()?, id.parse().ok()?)))
+                .filter(|(ts, _): &(i64, i64)| in_range("cursor", *ts).is_ok())
                 .ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))
         })
         .transpose()?;
