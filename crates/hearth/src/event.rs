@@ -79,6 +79,77 @@ impl Event {
     }
 }
 
+/// Something kept per sensor, a sensor being (house, sensor): nested by house, so that a lookup
+/// by an event's ids allocates nothing (they run for every event of every batch); bounded by
+/// its caller, which counts it with [`PerSensor::len`].
+#[derive(Debug, Clone)]
+pub struct PerSensor<T> {
+    houses: std::collections::HashMap<String, std::collections::HashMap<String, T>>,
+    len: usize,
+}
+
+impl<T> Default for PerSensor<T> {
+    fn default() -> Self {
+        PerSensor {
+            houses: Default::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> PerSensor<T> {
+    pub fn get(&self, house: &str, sensor: &str) -> Option<&T> {
+        self.houses.get(house)?.get(sensor)
+    }
+
+    pub fn get_mut(&mut self, house: &str, sensor: &str) -> Option<&mut T> {
+        self.houses.get_mut(house)?.get_mut(sensor)
+    }
+
+    /// The sensor's value, made by `make` if it has none (the ids are copied only then).
+    pub fn get_or_insert_with(
+        &mut self,
+        house: &str,
+        sensor: &str,
+        make: impl FnOnce() -> T,
+    ) -> &mut T {
+        if !self.houses.contains_key(house) {
+            self.houses.insert(house.to_string(), Default::default());
+        }
+        let sensors = self
+            .houses
+            .get_mut(house)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        if !sensors.contains_key(sensor) {
+            sensors.insert(sensor.to_string(), make());
+            self.len += 1;
+        }
+        sensors
+            .get_mut(sensor)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    pub fn remove(&mut self, house: &str, sensor: &str) -> Option<T> {
+        let removed = self.houses.get_mut(house)?.remove(sensor);
+        self.len -= usize::from(removed.is_some());
+        removed
+    }
+
+    /// Sensors held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.houses.clear();
+        self.len = 0;
+    }
+}
+
 /// Width of [`Event::order_key`].
 pub const ORDER_KEY_LEN: usize = 15 + 21 + 17;
 

@@ -498,6 +498,20 @@ async fn connections_end(backend: Backend, name: &str) {
     }
     assert_eq!(closed, 300, "every half-open connection was closed");
 
+    // Whole headers, then a body that never comes (an `Upgrade` header changes nothing): 408
+    // within the request time (ten header timeouts).
+    let mut slow = tokio::net::TcpStream::connect(&t.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nUpgrade: websocket\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{{\"house"
+    );
+    slow.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
     let mut ws = ws_connect(&t.addr, "house=h1", Some(ADMIN))
         .await
         .expect("ws");

@@ -11,12 +11,12 @@
 //! nothing; the state survives restarts in `rule_state` and `alerts`, loaded the first time a
 //! consumer sees a sensor.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::rules::{Condition, RuleSet};
 use super::{AlertState, event_key};
-use crate::event::Event;
+use crate::event::{Event, PerSensor};
 
 /// The state of one (sensor, rule).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,15 +71,12 @@ pub struct Engine {
     pub rules: Arc<RuleSet>,
     by_kind: HashMap<String, Vec<usize>>,
     offline: Option<usize>,
-    /// house → sensor → rule index → state (only states that differ from the default). Nested
-    /// by house so that a lookup by an event's ids allocates nothing.
-    states: HashMap<String, HashMap<String, HashMap<usize, State>>>,
-    /// house → sensors whose state was loaded from the store.
-    loaded: HashMap<String, HashSet<String>>,
-    /// house → sensor → when last seen (receive time, µs), to notice one back from silence.
-    last_seen: HashMap<String, HashMap<String, i64>>,
-    /// Sensors loaded, counted (the memory bound).
-    loaded_count: usize,
+    /// Sensor → rule index → state (only states that differ from the default).
+    states: PerSensor<HashMap<usize, State>>,
+    /// Sensors whose state was loaded from the store.
+    loaded: PerSensor<()>,
+    /// When each sensor was last seen (receive time, µs), to notice one back from silence.
+    last_seen: PerSensor<i64>,
 }
 
 /// Sensors remembered before the engine starts over and reloads state as needed.
@@ -101,15 +98,14 @@ impl Engine {
             rules,
             by_kind,
             offline,
-            states: HashMap::new(),
-            loaded: HashMap::new(),
-            last_seen: HashMap::new(),
-            loaded_count: 0,
+            states: PerSensor::default(),
+            loaded: PerSensor::default(),
+            last_seen: PerSensor::default(),
         }
     }
 
     fn state(&self, house: &str, sensor: &str, rule: usize) -> Option<&State> {
-        self.states.get(house)?.get(sensor)?.get(&rule)
+        self.states.get(house, sensor)?.get(&rule)
     }
 
     pub fn rule_index(&self, name: &str) -> Option<usize> {
@@ -128,18 +124,11 @@ impl Engine {
             });
         let mut out: Vec<SensorKey> = Vec::new();
         for e in events {
-            let seen = self
-                .last_seen
-                .get(&e.house_id)
-                .and_then(|m| m.get(&e.sensor_id));
-            let stale = match (back_after, seen) {
+            let stale = match (back_after, self.last_seen.get(&e.house_id, &e.sensor_id)) {
                 (Some(limit), Some(seen)) => e.received_us - seen > limit,
                 _ => false,
             };
-            let loaded = self
-                .loaded
-                .get(&e.house_id)
-                .is_some_and(|m| m.contains(&e.sensor_id));
+            let loaded = self.loaded.get(&e.house_id, &e.sensor_id).is_some();
             if (!loaded || stale)
                 && !out
                     .iter()
@@ -153,29 +142,17 @@ impl Engine {
 
     /// Take the stored state of `sensors` (states missing from `stored` are the default).
     pub fn load(&mut self, sensors: &[SensorKey], stored: Vec<(SensorKey, String, State)>) {
-        if self.loaded_count > MAX_SENSORS {
+        if self.loaded.len() > MAX_SENSORS {
             self.forget();
         }
         for (house, sensor) in sensors {
-            if self
-                .loaded
-                .entry(house.clone())
-                .or_default()
-                .insert(sensor.clone())
-            {
-                self.loaded_count += 1;
-            }
-            if let Some(m) = self.states.get_mut(house) {
-                m.remove(sensor);
-            }
+            self.loaded.get_or_insert_with(house, sensor, || ());
+            self.states.remove(house, sensor);
         }
         for ((house, sensor), rule, state) in stored {
             if let Some(i) = self.rule_index(&rule) {
                 self.states
-                    .entry(house)
-                    .or_default()
-                    .entry(sensor)
-                    .or_default()
+                    .get_or_insert_with(&house, &sensor, HashMap::new)
                     .insert(i, state);
             }
         }
@@ -186,7 +163,6 @@ impl Engine {
         self.states.clear();
         self.loaded.clear();
         self.last_seen.clear();
-        self.loaded_count = 0;
     }
 
     /// Evaluate `events` (in stored order) without changing the engine.
@@ -285,26 +261,17 @@ impl Engine {
     pub fn commit(&mut self, outcome: Outcome, events: &[&Event]) {
         for ((house, sensor), rule, st) in outcome.states {
             self.states
-                .entry(house)
-                .or_default()
-                .entry(sensor)
-                .or_default()
+                .get_or_insert_with(&house, &sensor, HashMap::new)
                 .insert(rule, st);
         }
-        if self.last_seen.values().map(HashMap::len).sum::<usize>() > MAX_SENSORS {
+        if self.last_seen.len() > MAX_SENSORS {
             self.last_seen.clear();
         }
         for e in events {
-            let house = match self.last_seen.get_mut(&e.house_id) {
-                Some(m) => m,
-                None => self.last_seen.entry(e.house_id.clone()).or_default(),
-            };
-            match house.get_mut(&e.sensor_id) {
-                Some(seen) => *seen = (*seen).max(e.received_us),
-                None => {
-                    house.insert(e.sensor_id.clone(), e.received_us);
-                }
-            }
+            let seen = self
+                .last_seen
+                .get_or_insert_with(&e.house_id, &e.sensor_id, || e.received_us);
+            *seen = (*seen).max(e.received_us);
         }
     }
 
@@ -313,10 +280,7 @@ impl Engine {
         if let Some(i) = self.rule_index(rule) {
             let st = self
                 .states
-                .entry(house.to_string())
-                .or_default()
-                .entry(sensor.to_string())
-                .or_default()
+                .get_or_insert_with(house, sensor, HashMap::new)
                 .entry(i)
                 .or_default();
             st.open = open;

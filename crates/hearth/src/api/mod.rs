@@ -269,15 +269,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answer a request within `limit` (its body read included), or 408; a WebSocket upgrade is
-/// answered at once and its session is bounded by its own pings.
+/// Answer a request within `limit` (its body read included), or 408; the WebSocket upgrade is
+/// answered at once and its session is bounded by its own pings. Every answer says `nosniff`
+/// and `no-referrer`.
 async fn deadline(
     State(limit): State<Duration>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let upgrade = request.headers().contains_key(header::UPGRADE);
-    let mut response = if upgrade {
+    // Only the WebSocket route is let through without a deadline (its session is bounded by
+    // its pings): any other request, `Upgrade` header or not, must be whole in time.
+    let websocket = request.uri().path() == "/api/v1/ws";
+    let mut response = if websocket {
         next.run(request).await
     } else {
         match tokio::time::timeout(limit, next.run(request)).await {

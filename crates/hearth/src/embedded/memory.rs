@@ -11,18 +11,17 @@ use tokio::sync::{broadcast, mpsc};
 use super::store::SqliteStore;
 use crate::alerts::Alert;
 use crate::alerts::rules::RuleSet;
-use crate::event::Event;
+use crate::event::{Event, PerSensor};
 use crate::seam::{FanOut, Fut, LatestCache};
 
 /// kind → the newest reading (its JSON is made when read, not at every offer), behind its
 /// order key ([`Event::order_key`], the Redis cache's order).
 type Kinds = HashMap<String, (String, Event)>;
 
-/// house → sensor → its kinds' latest values. Nested by house, so that an offer looks a reading's
-/// sensor up without allocating.
+/// Each sensor's kinds' latest values.
 #[derive(Default)]
 pub struct MemoryCache {
-    latest: Mutex<HashMap<String, HashMap<String, Kinds>>>,
+    latest: Mutex<PerSensor<Kinds>>,
     /// Where values written before this start are read from, and the sensors already read in.
     store: Option<Arc<SqliteStore>>,
     read_in: Mutex<HashSet<(String, String)>>,
@@ -42,14 +41,7 @@ impl MemoryCache {
             return;
         };
         for e in events {
-            let house = match latest.get_mut(&e.house_id) {
-                Some(h) => h,
-                None => latest.entry(e.house_id.clone()).or_default(),
-            };
-            let kinds = match house.get_mut(&e.sensor_id) {
-                Some(k) => k,
-                None => house.entry(e.sensor_id.clone()).or_default(),
-            };
+            let kinds = latest.get_or_insert_with(&e.house_id, &e.sensor_id, Kinds::new);
             let key = e.order_key();
             match kinds.get_mut(&e.kind) {
                 Some(current) if current.0 >= key => {}
@@ -98,7 +90,7 @@ impl LatestCache for MemoryCache {
                 .map(|s| {
                     latest
                         .as_ref()
-                        .and_then(|l| l.get(house)?.get(s))
+                        .and_then(|l| l.get(house, s))
                         .map(|kinds| {
                             kinds
                                 .iter()

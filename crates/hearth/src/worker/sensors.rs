@@ -7,10 +7,10 @@
 //! exact latest reading is in the cache). A (sensor, kind) this consumer has not recorded may be
 //! new to the store: [`SensorMemo::unknown`] names them, for [`crate::caps::admit`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::alerts::engine::SensorKey;
-use crate::event::Event;
+use crate::event::{Event, PerSensor};
 use crate::store::SensorSeen;
 
 /// Sensors remembered per consumer before the memo starts over (bounded memory).
@@ -18,14 +18,9 @@ const MAX_REMEMBERED: usize = 200_000;
 
 pub struct SensorMemo {
     interval_us: i64,
-    recorded: HashMap<SensorKey, Recorded>,
+    recorded: PerSensor<Recorded>,
     /// Per sensor: last receive time (µs) and the usual interval between readings (EWMA, ms).
-    cadence: HashMap<SensorKey, (i64, Option<f64>)>,
-}
-
-/// An event's sensor.
-fn key(e: &Event) -> SensorKey {
-    (e.house_id.clone(), e.sensor_id.clone())
+    cadence: PerSensor<(i64, Option<f64>)>,
 }
 
 struct Recorded {
@@ -37,8 +32,8 @@ impl SensorMemo {
     pub fn new(interval_ms: u64) -> Self {
         SensorMemo {
             interval_us: interval_ms as i64 * 1000,
-            recorded: HashMap::new(),
-            cadence: HashMap::new(),
+            recorded: PerSensor::default(),
+            cadence: PerSensor::default(),
         }
     }
 
@@ -47,13 +42,16 @@ impl SensorMemo {
     pub fn unknown(&self, events: &[&Event]) -> Vec<SensorKey> {
         let mut out: Vec<SensorKey> = Vec::new();
         for e in events {
-            let k = key(e);
             let known = self
                 .recorded
-                .get(&k)
+                .get(&e.house_id, &e.sensor_id)
                 .is_some_and(|r| r.kinds.contains(&e.kind));
-            if !known && !out.contains(&k) {
-                out.push(k);
+            if !known
+                && !out
+                    .iter()
+                    .any(|(h, s)| *h == e.house_id && *s == e.sensor_id)
+            {
+                out.push((e.house_id.clone(), e.sensor_id.clone()));
             }
         }
         out
@@ -72,7 +70,10 @@ impl SensorMemo {
                     kinds: Vec::new(),
                     first_us: e.received_us,
                     last_us: e.received_us,
-                    interval_ms: self.cadence.get(&key(e)).and_then(|c| c.1),
+                    interval_ms: self
+                        .cadence
+                        .get(&e.house_id, &e.sensor_id)
+                        .and_then(|c| c.1),
                 });
             if !s.kinds.contains(&e.kind) {
                 s.kinds.push(e.kind.clone());
@@ -81,16 +82,11 @@ impl SensorMemo {
             s.last_us = s.last_us.max(e.received_us);
         }
         seen.into_values()
-            .filter(|s| {
-                match self
-                    .recorded
-                    .get(&(s.house_id.clone(), s.sensor_id.clone()))
-                {
-                    None => true,
-                    Some(r) => {
-                        s.kinds.iter().any(|k| !r.kinds.contains(k))
-                            || s.last_us - r.at_us >= self.interval_us
-                    }
+            .filter(|s| match self.recorded.get(&s.house_id, &s.sensor_id) {
+                None => true,
+                Some(r) => {
+                    s.kinds.iter().any(|k| !r.kinds.contains(k))
+                        || s.last_us - r.at_us >= self.interval_us
                 }
             })
             .collect()
@@ -102,20 +98,16 @@ impl SensorMemo {
             self.cadence.clear();
         }
         for e in events {
-            match self.cadence.get_mut(&key(e)) {
-                Some((last, ewma)) => {
-                    if e.received_us > *last {
-                        let gap_ms = (e.received_us - *last) as f64 / 1000.0;
-                        *ewma = Some(match *ewma {
-                            Some(v) => 0.9 * v + 0.1 * gap_ms,
-                            None => gap_ms,
-                        });
-                        *last = e.received_us;
-                    }
-                }
-                None => {
-                    self.cadence.insert(key(e), (e.received_us, None));
-                }
+            let (last, ewma) = self
+                .cadence
+                .get_or_insert_with(&e.house_id, &e.sensor_id, || (e.received_us, None));
+            if e.received_us > *last {
+                let gap_ms = (e.received_us - *last) as f64 / 1000.0;
+                *ewma = Some(match *ewma {
+                    Some(v) => 0.9 * v + 0.1 * gap_ms,
+                    None => gap_ms,
+                });
+                *last = e.received_us;
             }
         }
     }
@@ -128,8 +120,7 @@ impl SensorMemo {
         for s in seen {
             let r = self
                 .recorded
-                .entry((s.house_id, s.sensor_id))
-                .or_insert(Recorded {
+                .get_or_insert_with(&s.house_id, &s.sensor_id, || Recorded {
                     kinds: Vec::new(),
                     at_us: s.last_us,
                 });

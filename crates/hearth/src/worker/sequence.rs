@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::event::Event;
+use crate::event::{Event, PerSensor};
 
 /// Sensors remembered before the memo starts over (bounded memory; a fresh start only misses a
 /// gap across the restart).
@@ -20,8 +20,8 @@ const MAX_GAP: i64 = 100_000;
 
 #[derive(Default)]
 pub struct SequenceTracker {
-    /// (house, sensor, kind) → last seq.
-    last: HashMap<(String, String, String), i64>,
+    /// (house, sensor) → kind → last seq.
+    last: PerSensor<HashMap<String, i64>>,
 }
 
 impl SequenceTracker {
@@ -33,8 +33,10 @@ impl SequenceTracker {
             if self.last.len() >= MAX_TRACKED {
                 self.last.clear();
             }
-            let key = (e.house_id.clone(), e.sensor_id.clone(), e.kind.clone());
-            match self.last.get_mut(&key) {
+            let kinds = self
+                .last
+                .get_or_insert_with(&e.house_id, &e.sensor_id, HashMap::new);
+            match kinds.get_mut(&e.kind) {
                 Some(last) => {
                     let gap = seq.saturating_sub(*last).saturating_sub(1);
                     if gap > 0 && gap <= MAX_GAP {
@@ -45,7 +47,7 @@ impl SequenceTracker {
                     }
                 }
                 None => {
-                    self.last.insert(key, seq);
+                    kinds.insert(e.kind.clone(), seq);
                 }
             }
         }
