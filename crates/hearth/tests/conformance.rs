@@ -558,3 +558,79 @@ async fn fanout_on_redis() {
 async fn fanout_embedded() {
     fanout_suite(embedded("conf_fanout_e").await).await;
 }
+
+// ---- dead-letter retention --------------------------------------------------------------------
+
+/// Letters past their age are removed by the sweep and counted; the count cap holds at every
+/// append. On Redis a letter's age is its stream id (the time of its XADD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_expire_on_redis() {
+    let env = Env::new("conf_retention");
+    let mut queue = hearth::queue::Queue::open(REDIS, &env.redis_prefix, SHARDS).expect("queue");
+    queue.retention = hearth::queue::Retention {
+        max_age_ms: 3_600_000,
+        max_count: 0,
+    };
+    let mut redis = env.redis().await;
+    // A letter written two hours ago.
+    let old = (hearth::event::now_us() / 1000 - 2 * 3_600_000).to_string();
+    let _: String = redis::cmd("XADD")
+        .arg(queue.keys.dead())
+        .arg(format!("{old}-0"))
+        .arg("reason")
+        .arg("malformed_json")
+        .query_async(&mut redis)
+        .await
+        .expect("old letter");
+    let letter = DeadLetter::from_rejection(
+        &Rejection::new(Reason::MalformedJson, "x"),
+        "mqtt",
+        "hearth/h/s",
+        b"{",
+        hearth::event::now_us() / 1000,
+    );
+    queue.append(&[], &[&letter]).await.expect("new letter");
+    assert_eq!(queue.expire_dead_letters().await.expect("sweep"), 1);
+    let status = hearth::status::collect(&queue).await.expect("status");
+    assert_eq!((status.dead_letters, status.dead_letters_expired), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_expire_embedded() {
+    let env = Env::embedded("conf_retention_e");
+    let e = hearth::embedded::Embedded::open(
+        &env.scratch.0.join("data"),
+        SHARDS,
+        0,
+        &Default::default(),
+        CAPS,
+        hearth::queue::Retention {
+            max_age_ms: 3_600_000,
+            max_count: 3,
+        },
+    )
+    .await
+    .expect("open");
+    let now = hearth::event::now_us() / 1000;
+    let letter = |at_ms| {
+        DeadLetter::from_rejection(
+            &Rejection::new(Reason::MalformedJson, "x"),
+            "mqtt",
+            "hearth/h/s",
+            b"{",
+            at_ms,
+        )
+    };
+    let old = letter(now - 2 * 3_600_000);
+    e.seams.queue.append(&[], &[&old]).await.expect("old");
+    assert_eq!(e.queue.expire_dead_letters().await.expect("sweep"), 1);
+    // Five at once with a cap of three: the two oldest go as they are written.
+    let five: Vec<DeadLetter> = (0..5).map(|i| letter(now + i)).collect();
+    e.seams
+        .queue
+        .append(&[], &five.iter().collect::<Vec<_>>())
+        .await
+        .expect("five");
+    let status = e.seams.queue.status().await.expect("status");
+    assert_eq!((status.dead_letters, status.dead_letters_expired), (3, 3));
+}

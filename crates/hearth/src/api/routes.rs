@@ -22,7 +22,7 @@ use crate::alerts::{Alert, AlertState};
 use crate::codec::{self, Limits};
 use crate::event::is_valid_id;
 use crate::metrics::METRICS;
-use crate::queue::{DeadLetter, Lane};
+use crate::queue::DeadLetter;
 use crate::seam::HistoryQuery;
 
 /// The query string as pairs, percent-decoded; a malformed one is a 400.
@@ -234,15 +234,7 @@ async fn routine_depth(state: &AppState) -> Result<u64, ApiError> {
     {
         return Ok(depth);
     }
-    let depth = state
-        .seams
-        .queue
-        .depths()
-        .await?
-        .iter()
-        .filter(|(l, _)| *l != Lane::Critical)
-        .map(|(_, d)| d)
-        .sum();
+    let depth = crate::queue::routine_depth(&state.seams.queue.depths().await?);
     if let Ok(mut d) = state.depth.lock() {
         *d = (Instant::now(), depth);
     }

@@ -50,7 +50,7 @@ use crate::codec::{self, Limits};
 use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
-use crate::queue::{DeadLetter, Lane};
+use crate::queue::DeadLetter;
 use crate::seam::EventQueue;
 use crate::shutdown::Shutdown;
 
@@ -110,12 +110,7 @@ impl Routes {
         let depth = queue
             .depths()
             .await
-            .map(|d| {
-                d.iter()
-                    .filter(|(l, _)| *l != Lane::Critical)
-                    .map(|(_, n)| n)
-                    .sum()
-            })
+            .map(|d| crate::queue::routine_depth(&d))
             .unwrap_or(0);
         if let Ok(mut d) = self.depth.lock() {
             *d = Some((std::time::Instant::now(), depth));

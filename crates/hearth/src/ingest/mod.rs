@@ -28,7 +28,7 @@ use crate::codec::{self, Limits};
 use crate::config::Config;
 use crate::metrics::{self, METRICS};
 use crate::mqtt::{self, Endpoint};
-use crate::queue::{DeadLetter, Lane, Queue};
+use crate::queue::{DeadLetter, Queue};
 use crate::shutdown::Shutdown;
 
 /// One MQTT message, decoded, waiting for its XADD and then its PUBACK.
@@ -436,12 +436,7 @@ async fn watch_depth(queue: Queue, pressure: Arc<Pressure>, mut shutdown: Shutdo
             return;
         }
         if let Ok(depths) = queue.depths().await {
-            let routine = depths
-                .iter()
-                .filter(|(l, _)| *l != Lane::Critical)
-                .map(|(_, n)| n)
-                .sum();
-            pressure.measured(routine);
+            pressure.measured(crate::queue::routine_depth(&depths));
         }
     }
 }

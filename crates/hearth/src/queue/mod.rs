@@ -142,6 +142,16 @@ fn fnv1a_from(h: u64, bytes: &[u8]) -> u64 {
     })
 }
 
+/// Events queued in the routine lanes, of a lane → depth list: what backpressure compares with
+/// the watermarks (critical events are never held back).
+pub fn routine_depth(depths: &[(Lane, u64)]) -> u64 {
+    depths
+        .iter()
+        .filter(|(l, _)| *l != Lane::Critical)
+        .map(|(_, d)| d)
+        .sum()
+}
+
 /// How events are spread over the routine lanes, recorded in `P:meta` (`route`). Version 1 (no
 /// field) hashed the sensor id alone; version 2 hashes (house, sensor).
 pub const ROUTE: &str = "house-sensor";
@@ -528,13 +538,7 @@ impl Queue {
             .query_async(&mut conn)
             .await?;
         if route.as_deref() != Some(ROUTE) {
-            let queued: u64 = self
-                .depths()
-                .await?
-                .iter()
-                .filter(|(l, _)| *l != Lane::Critical)
-                .map(|(_, d)| d)
-                .sum();
+            let queued = routine_depth(&self.depths().await?);
             if queued > 0 {
                 return Err(QueueError::Rerouting { queued });
             }
