@@ -55,10 +55,20 @@ impl Event {
     }
 
     /// The reading's place among the readings of its (house, sensor, kind): [`Event::at_ms`],
-    /// then `seq` (a reading with one after one without), then the receive time; fixed width, so
-    /// that string order is that order (15 digits, `0` and 20 zeros or `1` and the seq in 20
-    /// digits, 17 digits). The latest-value caches keep a value only if its key is greater; the
-    /// rules skip a reading whose key is not after their last transition.
+    /// then `seq` (a reading with one after one without), then the receive time. The
+    /// latest-value caches keep a value only if it is greater; the rules skip a reading that is
+    /// not after their last transition.
+    pub fn order(&self) -> Order {
+        (
+            self.at_ms().max(0),
+            self.seq.map_or((0, 0), |s| (1, s.max(0))),
+            self.received_us.max(0),
+        )
+    }
+
+    /// [`Event::order`] as text of fixed width, so that string order is that order (15 digits,
+    /// `0` and 20 zeros or `1` and the seq in 20 digits, 17 digits): kept beside cached values
+    /// in Redis (compared by a Lua script) and in the rules' stored state.
     pub fn order_key(&self) -> String {
         // Written digit by digit: `format!` with padding cost more than the rest of a reading's
         // evaluation (every event of a batch gets a key, for the cache and the alert rules).
@@ -79,12 +89,12 @@ impl Event {
     }
 }
 
-/// Something kept per sensor, a sensor being (house, sensor): nested by house, so that a lookup
-/// by an event's ids allocates nothing (they run for every event of every batch); bounded by
-/// its caller, which counts it with [`PerSensor::len`].
+/// Something kept per sensor, a sensor being (house, sensor): nested by house, hashed with a
+/// fast seeded hasher, looked up by the event's ids without allocating (they run for every
+/// event of every batch); bounded by its caller, which counts it with [`PerSensor::len`].
 #[derive(Debug, Clone)]
 pub struct PerSensor<T> {
-    houses: std::collections::HashMap<String, std::collections::HashMap<String, T>>,
+    houses: hashbrown::HashMap<String, hashbrown::HashMap<String, T>>,
     len: usize,
 }
 
@@ -113,20 +123,14 @@ impl<T> PerSensor<T> {
         sensor: &str,
         make: impl FnOnce() -> T,
     ) -> &mut T {
-        if !self.houses.contains_key(house) {
-            self.houses.insert(house.to_string(), Default::default());
+        let sensors = self.houses.entry_ref(house).or_default();
+        match sensors.entry_ref(sensor) {
+            hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
+            hashbrown::hash_map::EntryRef::Vacant(v) => {
+                self.len += 1;
+                v.insert(make())
+            }
         }
-        let sensors = self
-            .houses
-            .get_mut(house)
-            .unwrap_or_else(|| unreachable!("inserted above"));
-        if !sensors.contains_key(sensor) {
-            sensors.insert(sensor.to_string(), make());
-            self.len += 1;
-        }
-        sensors
-            .get_mut(sensor)
-            .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
     pub fn remove(&mut self, house: &str, sensor: &str) -> Option<T> {
@@ -149,6 +153,9 @@ impl<T> PerSensor<T> {
         self.len = 0;
     }
 }
+
+/// See [`Event::order`].
+pub type Order = (i64, (u8, i64), i64);
 
 /// Width of [`Event::order_key`].
 pub const ORDER_KEY_LEN: usize = 15 + 21 + 17;
@@ -372,6 +379,10 @@ mod tests {
         // A late delivery of an old reading still sorts by its stamp, behind both.
         let old = ev(now_us / 1000 - 60_000, Some(9), now_us + 2_000_000);
         assert!(old.order_key() < ahead.order_key());
+        // The numbers and the text agree.
+        for (a, b) in [(&ahead, &next), (&old, &ahead), (&old, &next)] {
+            assert_eq!(a.order() < b.order(), a.order_key() < b.order_key());
+        }
     }
 
     #[test]

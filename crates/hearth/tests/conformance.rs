@@ -634,3 +634,48 @@ async fn dead_letters_expire_embedded() {
     let status = e.seams.queue.status().await.expect("status");
     assert_eq!((status.dead_letters, status.dead_letters_expired), (3, 3));
 }
+
+/// The embedded cache reads a sensor's latest values in from the store when first asked (after a
+/// restart): in the caches' order, a reading stamped ahead counting as received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_values_read_in_from_the_embedded_store_keep_the_order() {
+    let env = Env::embedded("conf_read_in");
+    let dir = env.scratch.0.join("data");
+    let open = || async {
+        hearth::embedded::Embedded::open(
+            &dir,
+            SHARDS,
+            0,
+            &Default::default(),
+            CAPS,
+            Default::default(),
+        )
+        .await
+        .expect("open")
+    };
+    let first = open().await;
+    let mut ahead = event("h", "s1", "temperature", 1, 60_000 + 240_000);
+    ahead.received_us = 60_000_000;
+    let next = event("h", "s1", "temperature", 2, 61_000);
+    let old = event("h", "s1", "humidity", 1, 10_000);
+    let w = first
+        .seams
+        .store
+        .write(&[&ahead, &next, &old])
+        .await
+        .expect("write");
+    assert_eq!(w.stored, 3);
+    drop(first);
+    let again = open().await;
+    let latest = again
+        .seams
+        .cache
+        .latest("h", &["s1".to_string()])
+        .await
+        .expect("latest")
+        .remove(0);
+    let t: serde_json::Value = serde_json::from_str(&latest["temperature"]).expect("json");
+    assert_eq!(t["seq"], 2, "the reading stamped ahead counts as received");
+    let h: serde_json::Value = serde_json::from_str(&latest["humidity"]).expect("json");
+    assert_eq!(h["seq"], 1, "every kind is found");
+}

@@ -131,11 +131,6 @@ DROP INDEX events_dedup_seq;
 CREATE UNIQUE INDEX events_dedup_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
 DROP INDEX events_history;
 CREATE INDEX events_history ON events (house_id, sensor_id, ts DESC, id DESC);
--- The newest reading of each kind of a sensor in the caches' order (time never later than the
--- receipt, then seq, then receipt): one probe per kind when the cache reads a sensor in.
-CREATE INDEX events_latest ON events (house_id, sensor_id, kind, min(ts, received_us / 1000) DESC,
-                                      seq IS NOT NULL DESC, seq DESC, received_us DESC);
-
 CREATE TABLE sensors_by_house (
     house_id    TEXT NOT NULL,
     sensor_id   TEXT NOT NULL,

@@ -11,12 +11,11 @@ use tokio::sync::{broadcast, mpsc};
 use super::store::SqliteStore;
 use crate::alerts::Alert;
 use crate::alerts::rules::RuleSet;
-use crate::event::{Event, PerSensor};
+use crate::event::{Event, Order, PerSensor};
 use crate::seam::{FanOut, Fut, LatestCache};
 
-/// kind → the newest reading (its JSON is made when read, not at every offer), behind its
-/// order key ([`Event::order_key`], the Redis cache's order).
-type Kinds = HashMap<String, (String, Event)>;
+/// kind → the newest reading (its JSON is made when read, not at every offer).
+type Kinds = HashMap<String, (Order, Event)>;
 
 /// Each sensor's kinds' latest values.
 #[derive(Default)]
@@ -42,12 +41,12 @@ impl MemoryCache {
         };
         for e in events {
             let kinds = latest.get_or_insert_with(&e.house_id, &e.sensor_id, Kinds::new);
-            let key = e.order_key();
+            let o = e.order();
             match kinds.get_mut(&e.kind) {
-                Some(current) if current.0 >= key => {}
-                Some(current) => *current = (key, (*e).clone()),
+                Some(current) if current.0 >= o => {}
+                Some(current) => *current = (o, (*e).clone()),
                 None => {
-                    kinds.insert(e.kind.clone(), (key, (*e).clone()));
+                    kinds.insert(e.kind.clone(), (o, (*e).clone()));
                 }
             }
         }

@@ -468,9 +468,11 @@ impl SqliteStore {
         Ok(raised)
     }
 
-    /// The latest stored reading of each kind of some sensors of a house (in the caches' order:
-    /// [`Event::order_key`]), for the cache to read sensors in the first time they are asked for:
-    /// one indexed probe per kind, on the reader pool.
+    /// The latest stored reading of each kind of some sensors of a house (in the caches' order,
+    /// [`Event::order`]), for the cache to read sensors in the first time they are asked for, on
+    /// the reader pool: one query per sensor, walking its history index newest first and
+    /// stopping as soon as no older row can be newer in that order than what was found for
+    /// every kind (a reading's time is never later than its stamp).
     pub async fn latest_of(
         &self,
         house: &str,
@@ -482,40 +484,43 @@ impl SqliteStore {
                 let mut kinds_of = c.prepare_cached(
                     "SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2",
                 )?;
-                let mut newest = c.prepare_cached(
-                    "SELECT value, unit, seq, ts, received_us FROM events INDEXED BY events_latest
-                     WHERE house_id = ?1 AND sensor_id = ?2 AND kind = ?3
-                     ORDER BY min(ts, received_us / 1000) DESC, seq IS NOT NULL DESC, seq DESC,
-                              received_us DESC
-                     LIMIT 1",
+                let mut history = c.prepare_cached(
+                    "SELECT kind, value, unit, seq, ts, received_us FROM events
+                     WHERE house_id = ?1 AND sensor_id = ?2
+                     ORDER BY ts DESC, id DESC",
                 )?;
                 let mut out = Vec::new();
                 for sensor in &sensors {
                     let kinds: Option<String> = kinds_of
                         .query_row([&house, sensor], |r| r.get(0))
                         .optional()?;
-                    for kind in kinds
-                        .iter()
-                        .flat_map(|k| k.split(','))
-                        .filter(|k| !k.is_empty())
-                    {
-                        let found = newest
-                            .query_row(params![house, sensor, kind], |r| {
-                                Ok(Event {
-                                    house_id: house.clone(),
-                                    sensor_id: sensor.clone(),
-                                    kind: kind.to_string(),
-                                    value: r.get(0)?,
-                                    unit: r.get(1)?,
-                                    seq: r.get(2)?,
-                                    ts_ms: r.get(3)?,
-                                    received_us: r.get(4)?,
-                                    ingest_id: None,
-                                })
-                            })
-                            .optional()?;
-                        out.extend(found);
+                    let kinds = kinds.unwrap_or_default();
+                    let wanted = kinds.split(',').filter(|k| !k.is_empty()).count();
+                    let mut best: HashMap<String, Event> = HashMap::new();
+                    let mut rows = history.query([&house, sensor])?;
+                    while let Some(r) = rows.next()? {
+                        let e = Event {
+                            house_id: house.clone(),
+                            sensor_id: sensor.clone(),
+                            kind: r.get(0)?,
+                            value: r.get(1)?,
+                            unit: r.get(2)?,
+                            seq: r.get(3)?,
+                            ts_ms: r.get(4)?,
+                            received_us: r.get(5)?,
+                            ingest_id: None,
+                        };
+                        if best.len() >= wanted && best.values().all(|b| e.ts_ms < b.order().0) {
+                            break;
+                        }
+                        match best.get(&e.kind) {
+                            Some(b) if b.order() >= e.order() => {}
+                            _ => {
+                                best.insert(e.kind.clone(), e);
+                            }
+                        }
                     }
+                    out.extend(best.into_values());
                 }
                 Ok(out)
             })
