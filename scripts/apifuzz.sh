@@ -34,6 +34,6 @@ for _ in $(seq 100); do
 done
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
   -H "Authorization: Bearer $token" \
-  --checks not_a_server_error \
+  --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --max-examples 50 \
   "$@"

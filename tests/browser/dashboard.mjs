@@ -40,14 +40,17 @@ try {
   await page.waitForTimeout(1000);
 
   publish("living-temp", { kind: "temperature", value: 23.75, seq: 2 });
-  // Locators wait outside the page's world: no eval, which its CSP forbids.
+  // Locators wait outside the page's world: no eval, which its CSP forbids. The page re-reads
+  // over REST every 15 s: waiting at most 8 s makes these steps fail unless the WebSocket
+  // pushed the change.
+  const PUSHED = { timeout: 8000 };
   await page.locator('tr[data-key="living-temp/temperature"] .value')
-    .filter({ hasText: /^23\.75/ }).waitFor();
+    .filter({ hasText: /^23\.75/ }).waitFor(PUSHED);
   step("value changed after an MQTT publish");
 
   publish("hall-smoke", { kind: "smoke", value: true, seq: 1 });
-  await page.waitForSelector('.alert.critical.active[data-sensor="hall-smoke"]');
-  await page.waitForSelector("#banner.on");
+  await page.waitForSelector('.alert.critical.active[data-sensor="hall-smoke"]', PUSHED);
+  await page.waitForSelector("#banner.on", PUSHED);
   step("smoke alert shown");
 
   await page.click('.alert.critical.active[data-sensor="hall-smoke"] button');

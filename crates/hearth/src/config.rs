@@ -121,6 +121,9 @@ pub struct Config {
     pub data_dir: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
+    /// For tests only: a fault point to crash or stall at (see `fault.rs`), e.g. `after_store`,
+    /// `after_ack@3`, `pause_before_store=2000`. Empty in any real use.
+    pub test_fault: String,
     /// Whether no server URL (`mqtt_url`, `redis_url`, `database_url`) was given in any layer:
     /// then `hearth up` runs the embedded broker and store. Not a key: it is worked out.
     #[serde(skip)]
@@ -173,6 +176,7 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             data_dir: "./hearth-data".into(),
             log: "info".into(),
+            test_fault: String::new(),
             embedded: false,
             warnings: Vec::new(),
         }

@@ -302,6 +302,10 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    if let Err(e) = hearth::fault::arm(&config.test_fault) {
+        eprintln!("hearth: {e}");
+        return ExitCode::from(2);
+    }
     // The ingest is one session and one appender, waiting on sockets: on a single thread it
     // spends nothing on waking tasks across threads. Everything else gets the multi-threaded
     // runtime.

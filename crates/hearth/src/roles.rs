@@ -301,6 +301,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         broker,
         embedded.seams.queue.clone(),
         auth,
+        crate::intake::Gate::from_config(&config),
         crate::embedded::broker::Settings::from_config(&config),
         shutdown.clone(),
     ));

@@ -41,6 +41,14 @@ impl Trigger {
 }
 
 impl Shutdown {
+    /// A shutdown that never comes, for tasks that live as long as the process.
+    pub fn never() -> Shutdown {
+        let (tx, rx) = watch::channel(false);
+        // Its sender is kept for good: a dropped sender would read as a shutdown.
+        std::mem::forget(tx);
+        Shutdown { rx }
+    }
+
     pub fn is_set(&self) -> bool {
         *self.rx.borrow()
     }

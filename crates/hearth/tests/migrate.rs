@@ -20,8 +20,18 @@ const NOW_MS: i64 = 1_764_139_200_000;
 const DAY_MS: i64 = 86_400_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_schema_1_keeps_every_house_s_data() {
+    postgres_from(1, "migrate_pg1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_from_schema_2_keeps_every_house_s_data() {
-    let env = Env::new("migrate_pg");
+    postgres_from(2, "migrate_pg2").await;
+}
+
+/// A database as version `from` of the schema left it, with data, migrated to the last.
+async fn postgres_from(from: usize, name: &str) {
+    let env = Env::new(name);
     let admin = connect_pg(PG_ADMIN).await;
     admin
         .batch_execute(&format!("CREATE DATABASE \"hearth_t_{}\"", env.name))
@@ -34,7 +44,7 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
     )
     .await
     .expect("schema_migrations");
-    for (version, name, sql) in &hearth::store::schema::MIGRATIONS[..2] {
+    for (version, name, sql) in &hearth::store::schema::MIGRATIONS[..from] {
         pg.batch_execute(sql).await.expect("old migration");
         pg.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -43,32 +53,47 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
         .await
         .expect("record");
     }
-    // As version 2 left it: both houses' `kitchen` in one row, re-homed to h2.
+    // As that version left it: both houses' `kitchen` in one row, re-homed to h2.
     pg.batch_execute(&format!(
         "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_at)
          VALUES ('h1', 'kitchen', 'temperature', 20.5, 1, to_timestamp({t}), to_timestamp({t})),
                 ('h2', 'kitchen', 'humidity', 40, 1, to_timestamp({t}), to_timestamp({t})),
                 ('h2', 'smoke1', 'smoke', 1, 1, to_timestamp({t}), to_timestamp({t}));
-         INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
-         VALUES ('kitchen', 'h2', '{{humidity,temperature}}', to_timestamp({t}), to_timestamp({t}), 1000),
-                ('smoke1', 'h2', '{{smoke}}', to_timestamp({t}), to_timestamp({t}), NULL);
-         INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
-                             raised_at, raised_by)
-         VALUES ('h2', 'smoke1', 'critical', 'smoke', 'smoke', 'critical', 'active', 'Smoke',
-                 to_timestamp({t}), 'smoke1/smoke/1');
-         INSERT INTO rule_state (sensor_id, rule, transition_key)
-         VALUES ('smoke1', 'smoke', '{key}');
-         INSERT INTO tokens (hash, house_id) VALUES ('\\x0102030405060708', 'h1');",
+         INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
+         VALUES ('kitchen', 'h2', '{{humidity,temperature}}', to_timestamp({t}), to_timestamp({t})),
+                ('smoke1', 'h2', '{{smoke}}', to_timestamp({t}), to_timestamp({t}));",
         t = NOW_MS / 1000,
-        key = old_key(NOW_MS + DAY_MS, 1, NOW_MS * 1000),
     ))
     .await
-    .expect("version 2 data");
+    .expect("version 1 data");
+    if from >= 2 {
+        pg.batch_execute(&format!(
+            "UPDATE sensors SET interval_ms = 1000 WHERE sensor_id = 'kitchen';
+             INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state, message,
+                                 raised_at, raised_by)
+             VALUES ('h2', 'smoke1', 'critical', 'smoke', 'smoke', 'critical', 'active', 'Smoke',
+                     to_timestamp({t}), 'smoke1/smoke/1');
+             INSERT INTO rule_state (sensor_id, rule, transition_key)
+             VALUES ('smoke1', 'smoke', '{key}');
+             INSERT INTO tokens (hash, house_id) VALUES ('\\x0102030405060708', 'h1');",
+            t = NOW_MS / 1000,
+            key = old_key(NOW_MS + DAY_MS, 1, NOW_MS * 1000),
+        ))
+        .await
+        .expect("version 2 data");
+    }
 
     let applied = hearth::store::migrate(&env.database_url)
         .await
         .expect("migrate");
-    assert!(applied.contains(&3), "{applied:?}");
+    assert_eq!(
+        applied,
+        hearth::store::schema::MIGRATIONS[from..]
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>()
+    );
+    let interval = (from >= 2).then_some(1000.0);
 
     let rows: Vec<(String, String, Vec<String>, Option<f64>)> = pg
         .query(
@@ -93,7 +118,7 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
                 "h2".into(),
                 "kitchen".into(),
                 vec!["humidity".into()],
-                Some(1000.0)
+                interval
             ),
             ("h2".into(), "smoke1".into(), vec!["smoke".into()], None),
         ],
@@ -107,27 +132,29 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(houses, ["h1", "h2"]);
-    let state = pg
-        .query_one(
-            "SELECT house_id, transition_key FROM rule_state WHERE sensor_id = 'smoke1'",
-            &[],
-        )
-        .await
-        .expect("rule state");
-    assert_eq!(state.get::<_, String>(0), "h2");
-    assert_eq!(
-        state.get::<_, String>(1),
-        old_key(NOW_MS, 1, NOW_MS * 1000),
-        "the key a day ahead now counts from its receipt"
-    );
-    let token = pg
-        .query_one("SELECT id, house_id FROM tokens", &[])
-        .await
-        .expect("token");
-    assert_eq!(
-        (token.get::<_, String>(0), token.get::<_, String>(1)),
-        ("010203040506".into(), "h1".into())
-    );
+    if from >= 2 {
+        let state = pg
+            .query_one(
+                "SELECT house_id, transition_key FROM rule_state WHERE sensor_id = 'smoke1'",
+                &[],
+            )
+            .await
+            .expect("rule state");
+        assert_eq!(state.get::<_, String>(0), "h2");
+        assert_eq!(
+            state.get::<_, String>(1),
+            old_key(NOW_MS, 1, NOW_MS * 1000),
+            "the key a day ahead now counts from its receipt"
+        );
+        let token = pg
+            .query_one("SELECT id, house_id FROM tokens", &[])
+            .await
+            .expect("token");
+        assert_eq!(
+            (token.get::<_, String>(0), token.get::<_, String>(1)),
+            ("010203040506".into(), "h1".into())
+        );
+    }
     assert_eq!(count_events(&pg).await, 3);
     // The same ids in another house are now another alarm.
     pg.execute(
@@ -148,13 +175,28 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_1_keeps_every_house_s_data() {
+    sqlite_from(1, "migrate_sqlite1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_2_keeps_every_house_s_data() {
+    sqlite_from(2, "migrate_sqlite2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_from_schema_3_keeps_every_house_s_data() {
-    let env = Env::embedded("migrate_sqlite");
+    sqlite_from(3, "migrate_sqlite3").await;
+}
+
+/// A data folder as version `from` of the schema left it, with data, opened by this version.
+async fn sqlite_from(from: usize, name: &str) {
+    let env = Env::embedded(name);
     let dir = env.scratch.0.join("data");
     std::fs::create_dir_all(&dir).expect("data dir");
     {
         let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
-        for (v, sql) in &hearth::embedded::db::migrations()[..3] {
+        for (v, sql) in &hearth::embedded::db::migrations()[..from] {
             c.execute_batch(sql).expect("old schema");
             c.pragma_update(None, "user_version", v).expect("version");
         }
@@ -174,9 +216,9 @@ async fn sqlite_from_schema_3_keeps_every_house_s_data() {
             .expect("event");
         }
         c.execute_batch(&format!(
-            "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen, interval_ms)
-             VALUES ('kitchen', 'h2', 'humidity,temperature', {t}, {t}, 1000),
-                    ('smoke1', 'h2', 'smoke', {t}, {t}, NULL);
+            "INSERT INTO sensors (sensor_id, house_id, kinds, first_seen, last_seen)
+             VALUES ('kitchen', 'h2', 'humidity,temperature', {t}, {t}),
+                    ('smoke1', 'h2', 'smoke', {t}, {t});
              INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state, message,
                                  raised_at, raised_by)
              VALUES ('h2', 'smoke1', 'smoke', 'smoke', 'critical', 'active', 'Smoke', {t}, 'x');
@@ -184,7 +226,15 @@ async fn sqlite_from_schema_3_keeps_every_house_s_data() {
              INSERT INTO tokens (hash, house_id, created_at) VALUES (x'0102030405060708', 'h1', {t});",
             key = old_key(NOW_MS + DAY_MS, 1, r),
         ))
-        .expect("version 3 data");
+        .expect("version 1 data");
+        if from >= 2 {
+            c.execute_batch("UPDATE sensors SET interval_ms = 1000 WHERE sensor_id = 'kitchen'")
+                .expect("version 2 data");
+        }
+        if from >= 3 {
+            c.execute_batch("INSERT INTO notify (alert) VALUES ('{}')")
+                .expect("version 3 data");
+        }
     }
     let e = hearth::embedded::Embedded::open(
         &dir,
@@ -233,6 +283,22 @@ async fn sqlite_from_schema_3_keeps_every_house_s_data() {
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .expect("version");
     assert_eq!(version, 4);
+    let interval: Option<f64> = c
+        .query_row(
+            "SELECT interval_ms FROM sensors WHERE house_id = 'h2' AND sensor_id = 'kitchen'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("interval");
+    assert_eq!(
+        interval,
+        (from >= 2).then_some(1000.0),
+        "kept from version 2 on"
+    );
+    let jobs: i64 = c
+        .query_row("SELECT count(*) FROM notify", [], |row| row.get(0))
+        .expect("notify");
+    assert_eq!(jobs, i64::from(from >= 3), "webhook jobs kept");
     let events: i64 = c
         .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
         .expect("events");

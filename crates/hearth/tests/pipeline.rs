@@ -322,7 +322,7 @@ async fn backpressure_holds_messages_at_the_broker_and_drops_nothing() {
     )
     .await;
     // Give the ingest time to run past the watermark if it were going to.
-    ingest.wait_log("holding routine messages", DRAIN).await;
+    ingest.wait_log("holding routine traffic back", DRAIN).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let depth: u64 = env.status()["lanes"]
         .as_array()
@@ -330,7 +330,11 @@ async fn backpressure_holds_messages_at_the_broker_and_drops_nothing() {
         .iter()
         .map(|l| l["depth"].as_u64().unwrap_or(0))
         .sum();
-    assert!(depth < 5_000, "queue bounded by backpressure, got {depth}");
+    // The ingest counts what it appends between two measures: at most one batch past the mark.
+    assert!(
+        depth <= 1_000 + 100,
+        "held at the watermark (1,000) within a batch (100), got {depth}"
+    );
     assert!(
         depth >= 1_000,
         "the queue filled to the watermark, got {depth}"

@@ -44,8 +44,9 @@ pub struct AppState {
     pub hub: Arc<ws::Hub>,
     /// The last (time, received, stored) read for `/pipeline`'s rates.
     pub last_counts: Mutex<Option<(Instant, u64, u64)>>,
-    /// The routine depth last read, and when: HTTP ingestion's backpressure.
-    pub depth: Mutex<(Instant, u64)>,
+    /// HTTP ingestion's backpressure (its depth read by a task started with the first request).
+    pub gate: Arc<crate::intake::Gate>,
+    gate_watched: std::sync::Once,
 }
 
 impl AppState {
@@ -70,6 +71,7 @@ impl AppState {
         auth: Arc<crate::auth::Authenticator>,
         seams: Seams,
     ) -> Arc<AppState> {
+        let gate = crate::intake::Gate::from_config(&config);
         Arc::new(AppState {
             role,
             rules: crate::alerts::rules::RuleSet::load(&config.rules_file).unwrap_or_default(),
@@ -78,8 +80,23 @@ impl AppState {
             config,
             auth,
             last_counts: Mutex::new(None),
-            depth: Mutex::new((Instant::now(), 0)),
+            gate,
+            gate_watched: std::sync::Once::new(),
         })
+    }
+}
+
+impl AppState {
+    /// HTTP ingestion's backpressure gate, measured from the first call on.
+    pub fn intake_gate(&self) -> &crate::intake::Gate {
+        self.gate_watched.call_once(|| {
+            tokio::spawn(
+                self.gate
+                    .clone()
+                    .watch(self.seams.queue.clone(), Shutdown::never()),
+            );
+        });
+        &self.gate
     }
 }
 

@@ -204,9 +204,9 @@ pub async fn post_events(
     let raw = serde_json::to_vec(&refused_items).unwrap_or_default();
     let dead = decoded.dead_letter("http", "http", &raw, received_us / 1000);
     let events = decoded.events;
-    if events.iter().any(|e| !e.is_critical())
-        && routine_depth(&state).await? >= state.config.queue_high_watermark
-    {
+    let routine = events.iter().filter(|e| !e.is_critical()).count() as u64;
+    let gate = state.intake_gate();
+    if routine > 0 && gate.is_closed() {
         return Err(ApiError::Unavailable(
             "the queue is above its high watermark; retry shortly".into(),
         ));
@@ -214,6 +214,8 @@ pub async fn post_events(
     let event_refs: Vec<&crate::event::Event> = events.iter().collect();
     let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
     state.seams.queue.append(&event_refs, &dead_refs).await?;
+    crate::fault::hit("after_append");
+    gate.appended(routine);
     METRICS.received.with("http").add(events.len() as u64);
     Ok((
         StatusCode::ACCEPTED,
@@ -224,21 +226,6 @@ pub async fn post_events(
             first_rejected,
         }),
     ))
-}
-
-/// The routine depth, read at most every 200 ms.
-async fn routine_depth(state: &AppState) -> Result<u64, ApiError> {
-    let cached = state.depth.lock().ok().map(|d| *d);
-    if let Some((at, depth)) = cached
-        && at.elapsed() < Duration::from_millis(200)
-    {
-        return Ok(depth);
-    }
-    let depth = crate::queue::routine_depth(&state.seams.queue.depths().await?);
-    if let Ok(mut d) = state.depth.lock() {
-        *d = (Instant::now(), depth);
-    }
-    Ok(depth)
 }
 
 // ---- sensors ---------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ use crate::auth::{Authenticator, Principal};
 use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
 use crate::event::{Event, Reason, Rejection};
+use crate::intake::Gate;
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
 use crate::queue::DeadLetter;
@@ -82,41 +83,15 @@ struct Subscriber {
     queued: Arc<AtomicUsize>,
 }
 
-/// The broker's shared state: who subscribed to what, which session holds each client id, and
-/// the routine depth last read.
+/// The broker's shared state: who subscribed to what, which session holds each client id.
 #[derive(Default)]
 struct Routes {
     subscribers: Mutex<Vec<Subscriber>>,
     /// Client id → the session holding it, and how to tell it it was taken over.
     clients: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     next: AtomicU64,
-    depth: Mutex<Option<(std::time::Instant, u64)>>,
     /// Bytes a subscriber may have waiting.
     buffer_bytes: usize,
-}
-
-/// How long a routine depth read serves every session.
-const DEPTH_FRESH: Duration = Duration::from_millis(100);
-
-impl Routes {
-    /// Events queued in the routine lanes, read at most every [`DEPTH_FRESH`].
-    async fn routine_depth(&self, queue: &dyn EventQueue) -> u64 {
-        let cached = self.depth.lock().ok().and_then(|d| *d);
-        if let Some((at, depth)) = cached
-            && at.elapsed() < DEPTH_FRESH
-        {
-            return depth;
-        }
-        let depth = queue
-            .depths()
-            .await
-            .map(|d| crate::queue::routine_depth(&d))
-            .unwrap_or(0);
-        if let Ok(mut d) = self.depth.lock() {
-            *d = Some((std::time::Instant::now(), depth));
-        }
-        depth
-    }
 }
 
 impl Routes {
@@ -189,10 +164,6 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub limits: Limits,
-    /// Routine depth (events) above which the broker stops reading its clients' sockets...
-    pub high_watermark: u64,
-    /// ... until it is back under this one.
-    pub low_watermark: u64,
     pub allow_anonymous: bool,
     pub max_connections: usize,
     pub max_keep_alive: Duration,
@@ -205,8 +176,6 @@ impl Settings {
     pub fn from_config(config: &crate::config::Config) -> Settings {
         Settings {
             limits: Limits::from_config(config),
-            high_watermark: config.queue_high_watermark,
-            low_watermark: config.queue_low_watermark,
             allow_anonymous: config.mqtt_allow_anonymous,
             max_connections: config.mqtt_max_connections,
             max_keep_alive: Duration::from_secs(config.mqtt_max_keep_alive_secs),
@@ -244,6 +213,7 @@ pub async fn serve(
     listener: TcpListener,
     queue: Arc<dyn EventQueue>,
     auth: Arc<Authenticator>,
+    gate: Arc<Gate>,
     settings: Settings,
     mut shutdown: Shutdown,
 ) {
@@ -251,6 +221,7 @@ pub async fn serve(
         buffer_bytes: settings.subscriber_buffer_bytes,
         ..Routes::default()
     });
+    tokio::spawn(gate.clone().watch(queue.clone(), shutdown.clone()));
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -263,15 +234,16 @@ pub async fn serve(
                     tokio::spawn(refuse(stream, peer));
                     continue;
                 };
-                let (queue, auth, settings, routes, shutdown) = (
+                let (queue, auth, gate, settings, routes, shutdown) = (
                     queue.clone(),
                     auth.clone(),
+                    gate.clone(),
                     settings.clone(),
                     routes.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(async move {
-                    match session(stream, queue, auth, settings, routes, shutdown).await {
+                    match session(stream, queue, auth, gate, settings, routes, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
@@ -299,16 +271,13 @@ async fn refuse(stream: TcpStream, peer: std::net::SocketAddr) {
     }
 }
 
-/// Wait while the routine lanes hold more than the high watermark, until they are under the
-/// low one: the client's unread packets stay in its socket, and TCP slows it down. Critical
-/// events already queued are not behind the routine ones (their own lane, their own worker).
-async fn backpressure(queue: &dyn EventQueue, routes: &Routes, settings: &Settings) {
-    if routes.routine_depth(queue).await < settings.high_watermark {
-        return;
-    }
-    debug!("queue above its high watermark: holding the client");
-    while routes.routine_depth(queue).await >= settings.low_watermark {
-        tokio::time::sleep(DEPTH_FRESH / 2).await;
+/// Wait while the gate is closed (the routine lanes reached the high watermark, until they are
+/// down to the low one): the client's unread packets stay in its socket, and TCP slows it down.
+/// Critical events already queued are not behind the routine ones (their own lane and worker).
+async fn backpressure(gate: &Gate) {
+    if gate.is_closed() {
+        debug!("queue above its high watermark: holding the client");
+        gate.open().await;
     }
 }
 
@@ -390,6 +359,7 @@ async fn session(
     stream: TcpStream,
     queue: Arc<dyn EventQueue>,
     auth: Arc<Authenticator>,
+    gate: Arc<Gate>,
     settings: Settings,
     routes: Arc<Routes>,
     mut shutdown: Shutdown,
@@ -418,6 +388,7 @@ async fn session(
                     std::mem::take(&mut pending),
                     &mut writer,
                     &*queue,
+                    &gate,
                     &settings,
                     &routes,
                     &mut me,
@@ -428,7 +399,7 @@ async fn session(
                     return Ok(());
                 }
             }
-            backpressure(&*queue, &routes, &settings).await;
+            backpressure(&gate).await;
             let outbound = async {
                 match me.outbound.as_mut() {
                     Some((rx, _)) => rx.recv().await,
@@ -479,6 +450,7 @@ async fn handle(
     packets: Vec<Packet>,
     writer: &mut Writer,
     queue: &dyn EventQueue,
+    gate: &Gate,
     settings: &Settings,
     routes: &Routes,
     me: &mut Session,
@@ -595,10 +567,13 @@ async fn handle(
         // Until it is on disk nothing is acknowledged; the client waits (and its TCP window
         // fills), it is never told yes too early.
         let mut backoff = Backoff::default();
+        crate::fault::hit("before_append");
         while let Err(e) = queue.append(&event_refs, &dead_refs).await {
             warn!(error = %e, "embedded queue append failed, retrying");
             tokio::time::sleep(backoff.next_delay()).await;
         }
+        crate::fault::hit("after_append");
+        gate.appended(events.iter().filter(|e| !e.is_critical()).count() as u64);
         METRICS.received.with("mqtt").add(events.len() as u64);
     }
     for reply in &replies {

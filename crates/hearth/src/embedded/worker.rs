@@ -97,6 +97,8 @@ impl Worker {
                 continue;
             }
             let all: Vec<&Event> = batch.iter().flat_map(|d| &d.events).collect();
+            crate::fault::pause("pause_before_store").await;
+            crate::fault::hit("before_store");
             // Retried until it succeeds: an error here is the disk, never the content.
             let written = loop {
                 match self.store.write(&all).await {
@@ -107,6 +109,7 @@ impl Worker {
                     }
                 }
             };
+            crate::fault::hit("after_store");
             // What was stored (events past a cap were not): what the rules and pushes see.
             let events: Vec<&Event> = all
                 .iter()
@@ -126,6 +129,7 @@ impl Worker {
                     }
                 }
             };
+            crate::fault::hit("after_rules");
             for alert in &alerts {
                 let _ = self.fanout.push_alert(&self.rules, alert).await;
             }
@@ -134,6 +138,7 @@ impl Worker {
                 warn!(error = %e, "embedded queue acknowledgement failed, retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
+            crate::fault::hit("after_ack");
             let gaps = sequences.observe(events.iter().copied());
             if gaps > 0 {
                 METRICS.sequence_gaps.add(gaps);

@@ -15,12 +15,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Disconnect, Packet, PingReq, PubAck, Subscribe, SubscribeReasonCode};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
@@ -56,15 +55,13 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
     endpoint.clean_session = false;
     let limits = Limits::from_config(&config);
-    let pressure = Arc::new(Pressure::new(
-        config.queue_high_watermark,
-        config.queue_low_watermark,
-    ));
-    let watcher = tokio::spawn(watch_depth(
+    let pressure = crate::intake::Gate::from_config(&config);
+    let depths: Arc<dyn crate::seam::EventQueue> = Arc::new(crate::seam::servers::RedisQueue::new(
         queue.clone(),
-        pressure.clone(),
-        shutdown.clone(),
+        &config.redis_url,
+        "ingest",
     ));
+    let watcher = tokio::spawn(pressure.clone().watch(depths, shutdown.clone()));
     let sweeper = tokio::spawn(crate::queue::sweep_dead_letters(
         queue.clone(),
         shutdown.clone(),
@@ -281,7 +278,7 @@ async fn append(
     mut rx: mpsc::Receiver<Vec<Message>>,
     room: Arc<tokio::sync::Notify>,
     acks: mpsc::UnboundedSender<Acks>,
-    pressure: Arc<Pressure>,
+    pressure: Arc<crate::intake::Gate>,
     batch_size: usize,
     shutdown: Shutdown,
 ) {
@@ -294,7 +291,7 @@ async fn append(
     loop {
         let mut batch: Vec<Message> = Vec::with_capacity(batch_size);
         let taking = held.len() < max_held;
-        let releasing = !held.is_empty() && !pressure.is_paused();
+        let releasing = !held.is_empty() && !pressure.is_closed();
         tokio::select! {
             chunk = rx.recv(), if taking => match chunk {
                 Some(chunk) => batch.extend(chunk),
@@ -312,7 +309,7 @@ async fn append(
         room.notify_one();
         // Held messages go out one batch at a time, oldest first, so that the depth is checked
         // again between batches; routine messages wait behind them to keep their order.
-        let paused = pressure.is_paused();
+        let paused = pressure.is_closed();
         let mut ready: Vec<Message> = Vec::new();
         if !paused {
             ready.extend(held.drain(..held.len().min(batch_size)));
@@ -324,10 +321,31 @@ async fn append(
                 ready.push(m);
             }
         }
-        for chunk in ready.chunks(batch_size) {
+        // One batch at a time, the gate checked before each: once it closes, the routine
+        // messages not yet appended go back to the front of the held ones, in order, so a
+        // burst runs at most one batch past the high watermark.
+        let mut ready: VecDeque<Message> = ready.into();
+        let mut back: Vec<Message> = Vec::new();
+        while !ready.is_empty() {
+            let mut chunk: Vec<Message> = Vec::with_capacity(batch_size);
+            while chunk.len() < batch_size
+                && let Some(m) = ready.pop_front()
+            {
+                if pressure.is_closed() && !m.critical_only() {
+                    back.push(m);
+                } else {
+                    chunk.push(m);
+                }
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            let chunk = &chunk[..];
+            crate::fault::hit("before_append");
             if !append_chunk(&queue, chunk, &shutdown).await {
                 return;
             }
+            crate::fault::hit("after_append");
             let received: usize = chunk.iter().map(|m| m.events.len()).sum();
             METRICS.received.with("mqtt").add(received as u64);
             let routine = chunk
@@ -344,6 +362,9 @@ async fn append(
             if !pkids.is_empty() && acks.send(pkids).is_err() {
                 return;
             }
+        }
+        for m in back.into_iter().rev() {
+            held.push_front(m);
         }
     }
 }
@@ -365,78 +386,6 @@ async fn append_chunk(queue: &Queue, chunk: &[Message], shutdown: &Shutdown) -> 
                     return false;
                 }
             }
-        }
-    }
-}
-
-/// The routine queue depth as the ingest sees it, and whether it holds routine messages back.
-/// Measured every 200 ms, and counted up by the appender in between, so that a fast burst cannot
-/// run more than one batch past the high watermark before the next measurement.
-struct Pressure {
-    depth: AtomicU64,
-    paused: AtomicBool,
-    high: u64,
-    low: u64,
-    changed: Notify,
-}
-
-impl Pressure {
-    fn new(high: u64, low: u64) -> Self {
-        Pressure {
-            depth: AtomicU64::new(0),
-            paused: AtomicBool::new(false),
-            high,
-            low,
-            changed: Notify::new(),
-        }
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
-    fn appended(&self, n: u64) {
-        self.depth.fetch_add(n, Ordering::SeqCst);
-        self.evaluate();
-    }
-
-    fn measured(&self, depth: u64) {
-        self.depth.store(depth, Ordering::SeqCst);
-        self.evaluate();
-        self.changed.notify_waiters();
-    }
-
-    /// Hysteresis: pause at `high`, resume at `low`.
-    fn evaluate(&self) {
-        let depth = self.depth.load(Ordering::SeqCst);
-        if !self.is_paused() && depth >= self.high {
-            warn!(
-                depth,
-                high = self.high,
-                "queue deep: holding routine messages at the broker"
-            );
-            self.paused.store(true, Ordering::SeqCst);
-            METRICS.ingest_paused.set(1.0);
-        } else if self.is_paused() && depth <= self.low {
-            info!(
-                depth,
-                low = self.low,
-                "queue drained: taking routine messages again"
-            );
-            self.paused.store(false, Ordering::SeqCst);
-            METRICS.ingest_paused.set(0.0);
-        }
-    }
-}
-
-/// Measure the routine depth every 200 ms.
-async fn watch_depth(queue: Queue, pressure: Arc<Pressure>, mut shutdown: Shutdown) {
-    loop {
-        if !shutdown.sleep(Duration::from_millis(200)).await {
-            return;
-        }
-        if let Ok(depths) = queue.depths().await {
-            pressure.measured(crate::queue::routine_depth(&depths));
         }
     }
 }

@@ -536,6 +536,7 @@ impl Consumer {
         else {
             return; // shutdown: the batch stays pending for the lanes' next owner
         };
+        crate::fault::hit("after_store");
 
         let is_refused = |e: usize| refused.iter().any(|(r, _, _)| *r == e);
         let is_capped = |e: usize, i: usize| capped.iter().any(|(ce, ci, _)| *ce == e && *ci == i);
@@ -578,6 +579,7 @@ impl Consumer {
             }
             return;
         };
+        crate::fault::hit("after_rules");
         self.observe_stored(&entries, &events, inserted, duplicates, started);
 
         let mut backoff = Backoff::default();
@@ -593,7 +595,10 @@ impl Consumer {
             self.queue.add_ack(&mut pipe, &acks, inserted, duplicates);
             let done = self.queue.exec(&pipe).await;
             match done {
-                Ok(()) => break,
+                Ok(()) => {
+                    crate::fault::hit("after_ack");
+                    break;
+                }
                 Err(e) => {
                     metrics::dependency_error("redis");
                     warn!(consumer = %self.name, error = %e, "cache or ack failed after commit, retrying");
@@ -814,6 +819,8 @@ impl Consumer {
             .map(|(_, e)| *e)
             .collect();
         let seen = self.sensors.to_record(&events);
+        crate::fault::pause("pause_before_store").await;
+        crate::fault::hit("before_store");
         let n = self
             .store()
             .await?

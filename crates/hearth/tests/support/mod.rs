@@ -368,6 +368,19 @@ impl Hearth {
         self.start();
     }
 
+    /// Wait until the process ends by itself (a signal, a fault's abort, an exit): whether it did
+    /// within `timeout`.
+    pub async fn ended_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Wait for the process to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
@@ -714,20 +727,29 @@ pub async fn ws_next(ws: &mut Ws, wait: Duration) -> Option<Value> {
 pub struct Hook {
     pub url: String,
     pub bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    attempts: std::sync::Arc<AtomicU32>,
 }
 
 impl Hook {
     pub async fn start() -> Hook {
+        Hook::failing(0).await
+    }
+
+    /// A receiver that answers 500 to its first `failures` requests, then 200.
+    pub async fn failing(failures: u32) -> Hook {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let attempts = std::sync::Arc::new(AtomicU32::new(0));
         let store = bodies.clone();
+        let tries = attempts.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let store = store.clone();
+                let tries = tries.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 8192];
@@ -749,6 +771,15 @@ impl Hook {
                                 .and_then(|v| v.parse::<usize>().ok())
                                 .unwrap_or(0);
                             if body.len() >= len {
+                                let n = tries.fetch_add(1, Ordering::SeqCst);
+                                if n < failures {
+                                    let _ = stream
+                                        .write_all(
+                                            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                                        )
+                                        .await;
+                                    return;
+                                }
                                 if let Ok(v) = serde_json::from_str(&body[..len]) {
                                     store.lock().unwrap().push(v);
                                 }
@@ -764,11 +795,20 @@ impl Hook {
                 });
             }
         });
-        Hook { url, bodies }
+        Hook {
+            url,
+            bodies,
+            attempts,
+        }
     }
 
     pub fn received(&self) -> Vec<Value> {
         self.bodies.lock().unwrap().clone()
+    }
+
+    /// Requests received, answered 500 or 200.
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::SeqCst)
     }
 }
 
