@@ -19,34 +19,61 @@ enum Backend {
 }
 
 /// The workload: readings with `seq` (h1: 20 sensors × 40), readings without (h2: 10 sensors ×
-/// 30, each value unique, so a duplicate shows), and smoke alarms that raise, clear and raise
-/// again (h3: 10 sensors): 1,130 events, 20 alerts.
+/// 30, each value unique, so a duplicate shows; h4: one water-leak reading on each of 10
+/// sensors, on the critical lane), and smoke alarms that raise, clear and raise again (h3: 10
+/// sensors): 1,140 events, 20 alerts.
 fn workload() -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
+    let mut seq_readings = Vec::new();
     for seq in 1..=40 {
         for s in 0..20 {
             let p = json!({"kind": "power", "value": seq, "seq": seq});
-            out.push((format!("hearth/h1/meter-{s}"), p.to_string().into_bytes()));
+            seq_readings.push((format!("hearth/h1/meter-{s}"), p.to_string().into_bytes()));
         }
     }
+    let mut no_seq = Vec::new();
     let mut unique = 0;
     for _ in 0..30 {
         for s in 0..10 {
             unique += 1;
             let p = json!({"kind": "energy", "value": unique});
-            out.push((format!("hearth/h2/plug-{s}"), p.to_string().into_bytes()));
+            no_seq.push((format!("hearth/h2/plug-{s}"), p.to_string().into_bytes()));
         }
     }
+    let mut critical = Vec::new();
     for (seq, value) in [(1, true), (2, false), (3, true)] {
         for s in 0..10 {
             let p = json!({"kind": "smoke", "value": value, "seq": seq});
-            out.push((format!("hearth/h3/smoke-{s}"), p.to_string().into_bytes()));
+            critical.push((format!("hearth/h3/smoke-{s}"), p.to_string().into_bytes()));
         }
     }
+    // Critical readings without seq too (one per sensor: a second row is a duplicate).
+    for s in 0..10 {
+        let p = json!({"kind": "water_leak", "value": false});
+        critical.push((format!("hearth/h4/leak-{s}"), p.to_string().into_bytes()));
+    }
+    // Mixed, so that every batch holds some of each (each sensor's own readings in order).
+    let mut out = Vec::new();
+    let (mut a, mut b, mut c) = (
+        seq_readings.into_iter(),
+        no_seq.into_iter(),
+        critical.into_iter(),
+    );
+    for i in 0.. {
+        let before = out.len();
+        out.extend(a.by_ref().take(3));
+        out.extend(b.next());
+        if i % 8 == 0 {
+            out.extend(c.next());
+        }
+        if out.len() == before {
+            break;
+        }
+    }
+    out.extend(c);
     out
 }
 
-const EVENTS: u64 = 20 * 40 + 10 * 30 + 10 * 3;
+const EVENTS: u64 = 20 * 40 + 10 * 30 + 10 * 3 + 10;
 
 /// A query on the store of either backend, as numbers.
 async fn numbers(env: &Env, backend: Backend, sql: &str) -> Vec<i64> {
@@ -80,7 +107,9 @@ async fn assert_exact(env: &Env, backend: Backend) {
                 (SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events WHERE seq IS NOT NULL) d),
                 (SELECT count(*) FROM events WHERE seq IS NOT NULL),
                 (SELECT count(DISTINCT value) FROM events WHERE house_id = 'h2'),
-                (SELECT count(*) FROM events WHERE house_id = 'h2')
+                (SELECT count(*) FROM events WHERE house_id = 'h2'),
+                (SELECT count(DISTINCT sensor_id) FROM events WHERE house_id = 'h4'),
+                (SELECT count(*) FROM events WHERE house_id = 'h4')
          FROM events",
     )
     .await;
