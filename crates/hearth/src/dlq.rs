@@ -14,8 +14,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::codec::{self, Limits};
+use crate::dead_letter::DeadLetter;
 use crate::event::Event;
-use crate::queue::{DeadLetter, Queue, QueueError, RawEntry};
+use crate::queue::{Queue, QueueError, RawEntry};
 
 /// Which dead letters an operation applies to. Every condition must hold.
 #[derive(Debug, Clone, Default)]

@@ -106,7 +106,7 @@ impl Gate {
     pub async fn watch(self: Arc<Self>, queue: Arc<dyn EventQueue>, mut shutdown: Shutdown) {
         loop {
             if let Ok(depths) = queue.depths().await {
-                self.measured(crate::queue::routine_depth(&depths));
+                self.measured(crate::lane::routine_depth(&depths));
             }
             if !shutdown.sleep(MEASURE_EVERY).await {
                 return;

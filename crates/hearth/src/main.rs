@@ -397,7 +397,7 @@ async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
         config.sensor_touch_interval_ms,
         &hearth::alerts::rules::RuleSet::default(),
         hearth::caps::Caps::from_config(config),
-        hearth::queue::Retention::from_config(config),
+        hearth::dead_letter::Retention::from_config(config),
     )
     .await
     .map(|e| e.seams)

@@ -279,7 +279,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         config.sensor_touch_interval_ms,
         &rules,
         crate::caps::Caps::from_config(&config),
-        crate::queue::Retention::from_config(&config),
+        crate::dead_letter::Retention::from_config(&config),
     )
     .await
     .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;

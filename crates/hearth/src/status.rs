@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use redis::Value;
 use serde::Serialize;
 
-use crate::queue::{self, GROUP, Queue, QueueError, lease, stat};
+use crate::queue::{self, GROUP, Queue, QueueError, lease};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -66,7 +66,7 @@ impl Accounting {
         Accounting {
             received: lanes
                 .iter()
-                .filter_map(|l| queue::Lane::parse(&l.lane))
+                .filter_map(|l| crate::lane::Lane::parse(&l.lane))
                 .map(|l| get(&stat::appended(l)))
                 .sum(),
             stored: get(stat::STORED),
@@ -94,7 +94,32 @@ pub fn when(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-pub fn lane_depth(stats: &HashMap<String, u64>, lane: queue::Lane) -> u64 {
+/// Counters kept in `P:stats`, shared by every process: the loss accounting of `hearth status`.
+pub mod stat {
+    /// Rejections written to the dead-letter stream by the ingest (and `rejected:{reason}`).
+    pub const REJECTED: &str = "rejected";
+    /// Rows inserted into `events`.
+    pub const STORED: &str = "stored";
+    /// Events whose row already existed when written: broker redeliveries, duplicate publishes,
+    /// and the retry of a batch whose first attempt had committed.
+    pub const DUPLICATES: &str = "duplicates";
+    /// Events a worker moved to the dead-letter stream.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Dead letters removed by their retention (age or count).
+    pub const DEAD_EXPIRED: &str = "dead_expired";
+
+    /// Events appended to a lane by the ingest (a broker redelivery counts again).
+    pub fn appended(lane: crate::lane::Lane) -> String {
+        format!("in:{}", lane.name())
+    }
+
+    /// Events of a lane's acknowledged entries (stored, already there, or dead-lettered).
+    pub fn finished(lane: crate::lane::Lane) -> String {
+        format!("out:{}", lane.name())
+    }
+}
+
+pub fn lane_depth(stats: &HashMap<String, u64>, lane: crate::lane::Lane) -> u64 {
     let get = |k: &str| stats.get(k).copied().unwrap_or(0);
     get(&stat::appended(lane)).saturating_sub(get(&stat::finished(lane)))
 }

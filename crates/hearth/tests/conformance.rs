@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth::config::Config;
+use hearth::dead_letter::DeadLetter;
 use hearth::dlq::Filter;
 use hearth::event::{Event, Reason, Rejection};
-use hearth::queue::{DeadLetter, Lane};
+use hearth::lane::Lane;
 use hearth::seam::{EventQueue, HistoryQuery, Lanes, Seams, Written};
 use support::*;
 
@@ -567,7 +568,7 @@ async fn fanout_embedded() {
 async fn dead_letters_expire_on_redis() {
     let env = Env::new("conf_retention");
     let mut queue = hearth::queue::Queue::open(REDIS, &env.redis_prefix, SHARDS).expect("queue");
-    queue.retention = hearth::queue::Retention {
+    queue.retention = hearth::dead_letter::Retention {
         max_age_ms: 3_600_000,
         max_count: 0,
     };
@@ -604,7 +605,7 @@ async fn dead_letters_expire_embedded() {
         0,
         &Default::default(),
         CAPS,
-        hearth::queue::Retention {
+        hearth::dead_letter::Retention {
             max_age_ms: 3_600_000,
             max_count: 3,
         },

@@ -7,7 +7,8 @@
 mod support;
 
 use hearth::event::Event;
-use hearth::queue::{Lane, Queue};
+use hearth::lane::Lane;
+use hearth::queue::Queue;
 use rusqlite::params;
 use support::*;
 

@@ -16,8 +16,9 @@ use super::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::breaker::Breaker;
 use crate::config::Config;
+use crate::dead_letter::DeadLetter;
 use crate::metrics::METRICS;
-use crate::queue::{self, DeadLetter, Queue};
+use crate::queue::{self, Queue};
 use crate::shutdown::Shutdown;
 
 const GROUP: &str = "notifier";
@@ -186,7 +187,7 @@ fn letter(url: &str, payload: &[u8], detail: String) -> DeadLetter {
 
 async fn dead_letter(queue: &Queue, letter: DeadLetter) {
     let mut pipe = redis::pipe();
-    letter.xadd(&mut pipe, &queue.keys.dead());
+    queue::xadd_letter(&mut pipe, &queue.keys.dead(), &letter);
     let mut conn = queue.conn.clone();
     if let Err(e) = pipe.exec_async(&mut conn).await {
         warn!(error = %e, "could not dead-letter a failed webhook");

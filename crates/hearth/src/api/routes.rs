@@ -20,9 +20,9 @@ use super::auth::Principal;
 use super::error::ApiError;
 use crate::alerts::{Alert, AlertState};
 use crate::codec::{self, Limits};
+use crate::dead_letter::DeadLetter;
 use crate::event::is_valid_id;
 use crate::metrics::METRICS;
-use crate::queue::DeadLetter;
 use crate::seam::HistoryQuery;
 
 /// The query string as pairs, percent-decoded; a malformed one is a 400.

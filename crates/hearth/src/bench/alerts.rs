@@ -157,7 +157,7 @@ async fn scenario(
     let routine_depth = || async {
         queue.depths().await.map(|d| {
             d.iter()
-                .filter(|(lane, _)| matches!(lane, crate::queue::Lane::Routine(_)))
+                .filter(|(lane, _)| matches!(lane, crate::lane::Lane::Routine(_)))
                 .map(|(_, n)| n)
                 .sum::<u64>()
         })

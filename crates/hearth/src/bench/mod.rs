@@ -441,7 +441,7 @@ impl Stats {
         let key = crate::queue::Keys::new(prefix).stats();
         let start: Option<u64> = redis::cmd("HGET")
             .arg(&key)
-            .arg(crate::queue::stat::STORED)
+            .arg(crate::status::stat::STORED)
             .query_async(&mut conn)
             .await?;
         Ok(Stats {
@@ -455,7 +455,7 @@ impl Stats {
         let mut conn = self.conn.clone();
         let now: Option<u64> = redis::cmd("HGET")
             .arg(&self.key)
-            .arg(crate::queue::stat::STORED)
+            .arg(crate::status::stat::STORED)
             .query_async(&mut conn)
             .await
             .unwrap_or(None);

@@ -86,14 +86,20 @@ impl Decoded {
         topic: &str,
         payload: &[u8],
         at_ms: i64,
-    ) -> Option<crate::queue::DeadLetter> {
+    ) -> Option<crate::dead_letter::DeadLetter> {
         for r in &self.rejections {
             crate::metrics::METRICS
                 .rejected
                 .with(r.reason.as_str())
                 .add(1);
         }
-        crate::queue::DeadLetter::from_rejections(&self.rejections, source, topic, payload, at_ms)
+        crate::dead_letter::DeadLetter::from_rejections(
+            &self.rejections,
+            source,
+            topic,
+            payload,
+            at_ms,
+        )
     }
 }
 

@@ -47,11 +47,11 @@ use tracing::{debug, info, warn};
 use crate::auth::{Authenticator, Principal};
 use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
+use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
 use crate::intake::Gate;
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
-use crate::queue::DeadLetter;
 use crate::seam::EventQueue;
 use crate::shutdown::Shutdown;
 

@@ -97,7 +97,7 @@ impl Embedded {
         touch_interval_ms: u64,
         rules: &RuleSet,
         caps: crate::caps::Caps,
-        retention: crate::queue::Retention,
+        retention: crate::dead_letter::Retention,
     ) -> Result<Embedded, String> {
         // Opening creates or migrates the schema: file work, off the executor.
         let dir = data_dir.to_path_buf();
@@ -174,7 +174,7 @@ impl Embedded {
     }
 }
 
-/// Remove the dead letters past their retention every [`crate::queue::RETENTION_SWEEP`].
+/// Remove the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`].
 async fn sweep_dead_letters(queue: Arc<queue::SqliteQueue>, mut shutdown: Shutdown) {
     loop {
         match queue.expire_dead_letters().await {
@@ -182,7 +182,7 @@ async fn sweep_dead_letters(queue: Arc<queue::SqliteQueue>, mut shutdown: Shutdo
             Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
             Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
         }
-        if !shutdown.sleep(crate::queue::RETENTION_SWEEP).await {
+        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
             return;
         }
     }

@@ -19,10 +19,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::db::{Sqlite, bump};
 use crate::codec::Limits;
+use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::{Event, Reason};
-use crate::queue::{DeadLetter, Lane, Retention, stat};
+use crate::lane::Lane;
 use crate::seam::{Delivery, EventQueue, Fut, Lanes, Unavailable, Written};
+use crate::status::stat;
 use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
 /// A lane's rows to insert: (lane, number of events, JSON body).

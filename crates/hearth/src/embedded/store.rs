@@ -381,7 +381,7 @@ impl SqliteStore {
     pub async fn notified(
         &self,
         id: i64,
-        failed: Vec<crate::queue::DeadLetter>,
+        failed: Vec<crate::dead_letter::DeadLetter>,
     ) -> Result<(), crate::seam::Unavailable> {
         self.writer
             .call(move |c| {

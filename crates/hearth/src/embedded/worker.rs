@@ -19,9 +19,9 @@ use crate::alerts::Alert;
 use crate::alerts::engine::Engine;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
+use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Rejection};
 use crate::metrics::METRICS;
-use crate::queue::DeadLetter;
 use crate::seam::{Delivery, EventQueue, EventStore, FanOut, Lanes, LatestCache, Written};
 use crate::shutdown::Shutdown;
 

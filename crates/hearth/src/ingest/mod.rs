@@ -25,9 +25,10 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
 use crate::config::Config;
+use crate::dead_letter::DeadLetter;
 use crate::metrics::{self, METRICS};
 use crate::mqtt::{self, Endpoint};
-use crate::queue::{DeadLetter, Queue};
+use crate::queue::Queue;
 use crate::shutdown::Shutdown;
 
 /// One MQTT message, decoded, waiting for its XADD and then its PUBACK.

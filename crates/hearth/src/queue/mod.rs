@@ -29,7 +29,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 
-use crate::event::{Event, Rejection};
+use crate::dead_letter::{DeadLetter, Retention};
+use crate::event::Event;
+use crate::lane::Lane;
+use crate::status::stat;
 
 /// The consumer group every worker reads through.
 pub const GROUP: &str = "workers";
@@ -62,94 +65,6 @@ impl QueueError {
     pub fn is_missing_group(&self) -> bool {
         matches!(self, QueueError::Redis(e) if e.code() == Some("NOGROUP"))
     }
-}
-
-/// A lane: one stream, owned by one worker at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Lane {
-    Critical,
-    Routine(u16),
-}
-
-impl Lane {
-    pub fn for_event(event: &Event, shards: u16) -> Lane {
-        Lane::of(&event.house_id, &event.sensor_id, &event.kind, shards)
-    }
-
-    /// The lane of a sensor's readings of a kind: a sensor is (house, sensor), so that the
-    /// `kitchen` of every house does not crowd into one lane.
-    pub fn of(house_id: &str, sensor_id: &str, kind: &str, shards: u16) -> Lane {
-        if crate::event::is_critical_kind(kind) {
-            Lane::Critical
-        } else {
-            let h = fnv1a_from(fnv1a_from(FNV_OFFSET, house_id.as_bytes()), b"/");
-            Lane::Routine((fnv1a_from(h, sensor_id.as_bytes()) % u64::from(shards)) as u16)
-        }
-    }
-
-    /// `events` grouped by lane, each group in arrival order, lanes in order of first event: one
-    /// queue entry per group.
-    pub fn group<'a>(events: &[&'a Event], shards: u16) -> Vec<(Lane, Vec<&'a Event>)> {
-        let mut by_lane: Vec<(Lane, Vec<&Event>)> = Vec::new();
-        for event in events {
-            let lane = Lane::for_event(event, shards);
-            match by_lane.iter_mut().find(|(l, _)| *l == lane) {
-                Some((_, list)) => list.push(event),
-                None => by_lane.push((lane, vec![event])),
-            }
-        }
-        by_lane
-    }
-
-    pub fn routine(shards: u16) -> impl Iterator<Item = Lane> {
-        (0..shards).map(Lane::Routine)
-    }
-
-    /// A lane from its name (`critical`, `routine-{n}`).
-    pub fn parse(name: &str) -> Option<Lane> {
-        match name {
-            "critical" => Some(Lane::Critical),
-            _ => name
-                .strip_prefix("routine-")?
-                .parse()
-                .ok()
-                .map(Lane::Routine),
-        }
-    }
-
-    /// The lane's name in keys, fences and status.
-    pub fn name(&self) -> String {
-        match self {
-            Lane::Critical => "critical".into(),
-            Lane::Routine(n) => format!("routine-{n}"),
-        }
-    }
-}
-
-impl std::fmt::Display for Lane {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// FNV-1a, 64 bits, continued from `h`: stable across processes, versions and platforms, which
-/// `std`'s hasher is not.
-fn fnv1a_from(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Events queued in the routine lanes, of a lane → depth list: what backpressure compares with
-/// the watermarks (critical events are never held back).
-pub fn routine_depth(depths: &[(Lane, u64)]) -> u64 {
-    depths
-        .iter()
-        .filter(|(l, _)| *l != Lane::Critical)
-        .map(|(_, d)| d)
-        .sum()
 }
 
 /// How events are spread over the routine lanes, recorded in `P:meta` (`route`). Version 1 (no
@@ -215,151 +130,6 @@ impl Keys {
     }
     pub fn house_sensors(&self, house_id: &str) -> String {
         format!("{}:house:{house_id}:sensors", self.prefix)
-    }
-}
-
-/// Counters kept in `P:stats`, shared by every process: the loss accounting of `hearth status`.
-pub mod stat {
-    /// Rejections written to the dead-letter stream by the ingest (and `rejected:{reason}`).
-    pub const REJECTED: &str = "rejected";
-    /// Rows inserted into `events`.
-    pub const STORED: &str = "stored";
-    /// Events whose row already existed when written: broker redeliveries, duplicate publishes,
-    /// and the retry of a batch whose first attempt had committed.
-    pub const DUPLICATES: &str = "duplicates";
-    /// Events a worker moved to the dead-letter stream.
-    pub const DEAD_LETTERED: &str = "dead_lettered";
-    /// Dead letters removed by their retention (age or count).
-    pub const DEAD_EXPIRED: &str = "dead_expired";
-
-    /// Events appended to a lane by the ingest (a broker redelivery counts again).
-    pub fn appended(lane: super::Lane) -> String {
-        format!("in:{}", lane.name())
-    }
-
-    /// Events of a lane's acknowledged entries (stored, already there, or dead-lettered).
-    pub fn finished(lane: super::Lane) -> String {
-        format!("out:{}", lane.name())
-    }
-}
-
-/// A dead letter: what was refused, why, and enough to replay it.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub reason: &'static str,
-    pub detail: String,
-    pub topic: String,
-    pub payload: Vec<u8>,
-    /// `mqtt` or `http` for the ingest, `worker` for a stream entry a worker gave up on,
-    /// `notifier` for a webhook that kept failing.
-    pub source: &'static str,
-    pub at_ms: i64,
-}
-
-/// Largest raw payload kept in a dead letter; an oversize payload is cut there (its full size is
-/// in the detail).
-const DEAD_PAYLOAD_MAX: usize = 4096;
-/// Largest detail of a dead letter: the first refused readings are listed, then how many more.
-const DEAD_DETAIL_MAX: usize = 1024;
-
-impl DeadLetter {
-    /// A refused message or reading; `source` is `mqtt` or `http` (whose topic is `http`).
-    pub fn from_rejection(
-        rejection: &Rejection,
-        source: &'static str,
-        topic: &str,
-        payload: &[u8],
-        at_ms: i64,
-    ) -> Self {
-        DeadLetter::from_rejections(
-            std::slice::from_ref(rejection),
-            source,
-            topic,
-            payload,
-            at_ms,
-        )
-        .unwrap_or_else(|| DeadLetter {
-            reason: rejection.reason.as_str(),
-            detail: String::new(),
-            topic: String::new(),
-            payload: Vec::new(),
-            source,
-            at_ms,
-        })
-    }
-
-    /// The one dead letter of a message some of whose readings were refused (none when none
-    /// was): its reason is the first refusal's, its detail lists the refusals (the first ones,
-    /// then how many more), its payload is the message's (cut at 4 KiB). One message, one
-    /// letter, whatever it holds: a message of thousands of bad readings cannot make thousands
-    /// of letters, each a copy of it.
-    pub fn from_rejections(
-        rejections: &[Rejection],
-        source: &'static str,
-        topic: &str,
-        payload: &[u8],
-        at_ms: i64,
-    ) -> Option<Self> {
-        let first = rejections.first()?;
-        let mut detail = String::new();
-        for (i, r) in rejections.iter().enumerate() {
-            let item = if rejections.len() == 1 {
-                r.detail.clone()
-            } else {
-                format!("{}: {}", r.reason.as_str(), r.detail)
-            };
-            if detail.len() + item.len() + 2 > DEAD_DETAIL_MAX {
-                detail.push_str(&format!("; and {} more", rejections.len() - i));
-                break;
-            }
-            if i > 0 {
-                detail.push_str("; ");
-            }
-            detail.push_str(&item);
-        }
-        Some(DeadLetter {
-            reason: first.reason.as_str(),
-            detail: crate::codec::truncate(&detail, DEAD_DETAIL_MAX + 32).to_string(),
-            topic: crate::codec::truncate(topic, 256).to_string(),
-            payload: payload[..payload.len().min(DEAD_PAYLOAD_MAX)].to_vec(),
-            source,
-            at_ms,
-        })
-    }
-
-    /// The one letter of stream events a worker did not store (past a cap), holding them: a
-    /// replay appends them to their lane again (once the cap is raised). `context` says where
-    /// they were (lane, entry).
-    pub fn of_events(events: &[&Event], why: &[Rejection], context: &str) -> Option<Self> {
-        let first = events.first()?;
-        let mut letter = DeadLetter::from_rejections(
-            why,
-            "worker",
-            &format!("hearth/{}/{}", first.house_id, first.sensor_id),
-            &serde_json::to_vec(events).unwrap_or_default(),
-            crate::event::now_us() / 1000,
-        )?;
-        letter.detail = format!("{} ({context})", letter.detail);
-        Some(letter)
-    }
-
-    pub fn xadd(&self, pipe: &mut redis::Pipeline, key: &str) {
-        pipe.cmd("XADD")
-            .arg(key)
-            .arg("*")
-            .arg("reason")
-            .arg(self.reason)
-            .arg("detail")
-            .arg(&self.detail)
-            .arg("topic")
-            .arg(&self.topic)
-            .arg("payload")
-            .arg(&self.payload)
-            .arg("source")
-            .arg(self.source)
-            .arg("at")
-            .arg(self.at_ms)
-            .ignore();
     }
 }
 
@@ -443,34 +213,6 @@ pub struct Queue {
     pub retention: Retention,
 }
 
-/// How long and how many dead letters are kept (0: no limit). Past them the oldest are removed
-/// and counted (`dead_expired` in `P:stats`, `hearth_dead_letters_expired_total`), never
-/// silently: by count at every append that writes letters (so a flood of bad input is bounded
-/// as it comes), by age and count by a periodic sweep.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Retention {
-    pub max_age_ms: u64,
-    pub max_count: u64,
-}
-
-impl Retention {
-    pub fn from_config(config: &crate::config::Config) -> Retention {
-        Retention {
-            max_age_ms: config.dead_letter_max_age_secs.saturating_mul(1000),
-            max_count: config.dead_letter_max_count,
-        }
-    }
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention::from_config(&crate::config::Config::default())
-    }
-}
-
-/// How often dead letters are swept for age.
-pub const RETENTION_SWEEP: Duration = Duration::from_secs(10);
-
 impl Queue {
     /// A queue handle; it connects on first use and reconnects by itself.
     pub fn open(url: &str, prefix: &str, shards: u16) -> Result<Queue, QueueError> {
@@ -538,7 +280,7 @@ impl Queue {
             .query_async(&mut conn)
             .await?;
         if route.as_deref() != Some(ROUTE) {
-            let queued = routine_depth(&self.depths().await?);
+            let queued = crate::lane::routine_depth(&self.depths().await?);
             if queued > 0 {
                 return Err(QueueError::Rerouting { queued });
             }
@@ -668,7 +410,7 @@ impl Queue {
         }
         let dead_key = self.keys.dead();
         for d in dead {
-            d.xadd(pipe, &dead_key);
+            xadd_letter(pipe, &dead_key, d);
         }
         self.add_dead_cap(pipe, dead.len());
         if !dead.is_empty() {
@@ -734,7 +476,7 @@ impl Queue {
     pub fn add_dead(&self, pipe: &mut redis::Pipeline, letters: &[DeadLetter], events: u64) {
         let dead = self.keys.dead();
         for letter in letters {
-            letter.xadd(pipe, &dead);
+            xadd_letter(pipe, &dead, letter);
         }
         self.add_dead_cap(pipe, letters.len());
         if events > 0 {
@@ -785,7 +527,7 @@ impl Queue {
         pipe.atomic();
         let dead = self.keys.dead();
         for letter in letters {
-            letter.xadd(&mut pipe, &dead);
+            xadd_letter(&mut pipe, &dead, letter);
         }
         self.ack_and_trim(&mut pipe, lane, std::slice::from_ref(entry));
         pipe.cmd("HINCRBY")
@@ -950,7 +692,7 @@ end
 return n
 "#;
 
-/// Sweep the dead letters past their retention every [`RETENTION_SWEEP`] until shutdown (any
+/// Sweep the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`] until shutdown (any
 /// number of processes may: it is idempotent).
 pub async fn sweep_dead_letters(queue: Queue, mut shutdown: crate::shutdown::Shutdown) {
     loop {
@@ -959,10 +701,30 @@ pub async fn sweep_dead_letters(queue: Queue, mut shutdown: crate::shutdown::Shu
             Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
             Err(e) => tracing::debug!(error = %e, "dead-letter retention sweep failed"),
         }
-        if !shutdown.sleep(RETENTION_SWEEP).await {
+        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
             return;
         }
     }
+}
+
+/// Add to `pipe` the XADD of a dead letter to the stream `key`.
+pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {
+    pipe.cmd("XADD")
+        .arg(key)
+        .arg("*")
+        .arg("reason")
+        .arg(letter.reason)
+        .arg("detail")
+        .arg(&letter.detail)
+        .arg("topic")
+        .arg(&letter.topic)
+        .arg("payload")
+        .arg(&letter.payload)
+        .arg("source")
+        .arg(letter.source)
+        .arg("at")
+        .arg(letter.at_ms)
+        .ignore();
 }
 
 /// An entry as Redis returns it: id and fields.
@@ -1111,66 +873,5 @@ pub(crate) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Int(i) => u64::try_from(*i).ok(),
         other => as_string(other).and_then(|s| s.parse().ok()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_of_many_bad_readings_is_one_bounded_letter() {
-        let many: Vec<Rejection> = (0..32_767)
-            .map(|i| {
-                Rejection::new(
-                    crate::event::Reason::WrongType,
-                    format!("reading {i}: a reading must be an object, got a number"),
-                )
-            })
-            .collect();
-        let payload = vec![b'1'; 64 * 1024];
-        let letter = DeadLetter::from_rejections(&many, "mqtt", "hearth/h/s", &payload, 0).unwrap();
-        assert_eq!(letter.reason, "wrong_type");
-        assert!(
-            letter.detail.len() <= DEAD_DETAIL_MAX + 32,
-            "{}",
-            letter.detail.len()
-        );
-        assert!(letter.detail.ends_with("more"), "{}", letter.detail);
-        assert_eq!(letter.payload.len(), DEAD_PAYLOAD_MAX);
-        assert!(DeadLetter::from_rejections(&[], "mqtt", "t", b"", 0).is_none());
-    }
-
-    #[test]
-    fn a_sensor_always_maps_to_the_same_lane_and_critical_kinds_to_theirs() {
-        let mk = |sensor: &str, kind: &str| Event {
-            house_id: "house-1".into(),
-            sensor_id: sensor.into(),
-            kind: kind.into(),
-            value: 1.0,
-            unit: None,
-            seq: None,
-            ts_ms: 0,
-            received_us: 0,
-            ingest_id: None,
-        };
-        assert_eq!(Lane::for_event(&mk("s1", "smoke"), 8), Lane::Critical);
-        let a = Lane::for_event(&mk("s1", "temperature"), 8);
-        assert_eq!(a, Lane::for_event(&mk("s1", "humidity"), 8));
-        // The hash is fixed forever: a change would reorder every installation's sensors.
-        assert_eq!(fnv1a_from(FNV_OFFSET, b"s1"), 0x08d8_ff07_b578_d149);
-        assert_eq!(
-            fnv1a_from(FNV_OFFSET, b"house-1/s1"),
-            fnv1a_from(fnv1a_from(fnv1a_from(FNV_OFFSET, b"house-1"), b"/"), b"s1")
-        );
-        // Two houses' `kitchen`s are two sensors, on lanes of their own.
-        let kitchens: std::collections::HashSet<_> = (0..64)
-            .map(|i| Lane::of(&format!("house-{i}"), "kitchen", "power", 8))
-            .collect();
-        assert_eq!(kitchens.len(), 8);
-        let spread: std::collections::HashSet<_> = (0..200)
-            .map(|i| Lane::for_event(&mk(&format!("sensor-{i}"), "power"), 8))
-            .collect();
-        assert_eq!(spread.len(), 8);
     }
 }

@@ -19,9 +19,10 @@ use utoipa::ToSchema;
 
 use crate::alerts::{Alert, AlertState};
 use crate::codec::Limits;
+use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
-use crate::queue::{DeadLetter, Lane};
+use crate::lane::Lane;
 use crate::status::Status;
 
 /// A server (or the embedded store) did not answer: retry later. Never a content problem.

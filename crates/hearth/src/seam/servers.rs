@@ -21,9 +21,11 @@ use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::codec::Limits;
 use crate::config::Config;
+use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
-use crate::queue::{DeadLetter, Done, Lane, Queue, QueueError};
+use crate::lane::Lane;
+use crate::queue::{Done, Queue, QueueError};
 use crate::store::{Db, Store, describe};
 
 fn pg(e: tokio_postgres::Error) -> Unavailable {

@@ -10,7 +10,7 @@ use super::{Store, StoreError, classify};
 use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};
-use crate::queue::Lane;
+use crate::lane::Lane;
 
 /// The columns of an alert, in the order [`alert`] reads them.
 pub const ALERT_COLUMNS: &str =

@@ -13,8 +13,8 @@ use crate::alerts::Alert;
 use crate::alerts::rules::Condition;
 use crate::backoff::Backoff;
 use crate::event::Event;
+use crate::lane::Lane;
 use crate::metrics::{self, METRICS};
-use crate::queue::Lane;
 use crate::store::StoreError;
 
 /// How often the set of watched houses is read again (one ZRANGEBYSCORE): a new WebSocket
