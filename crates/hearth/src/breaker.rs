@@ -114,7 +114,7 @@ const SHARED_FRESH_MS: i64 = 10_000;
 
 /// Share this process's circuit states through Redis until shutdown, so that the pipeline view
 /// of any process (`/api/v1/pipeline`, the dashboard) shows every process's circuits.
-pub async fn share(queue: crate::queue::Queue, mut shutdown: crate::shutdown::Shutdown) {
+pub async fn share(queue: crate::servers::queue::Queue, mut shutdown: crate::shutdown::Shutdown) {
     let process = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
@@ -140,8 +140,8 @@ pub async fn share(queue: crate::queue::Queue, mut shutdown: crate::shutdown::Sh
 /// Every dependency's circuit across processes: open if any process reported it open within the
 /// last 10 s. Reports older than a minute are removed.
 pub async fn shared(
-    queue: &crate::queue::Queue,
-) -> Result<std::collections::BTreeMap<String, bool>, crate::queue::QueueError> {
+    queue: &crate::servers::queue::Queue,
+) -> Result<std::collections::BTreeMap<String, bool>, crate::servers::queue::QueueError> {
     let mut conn = queue.conn.clone();
     let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(queue.keys.circuits())

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use crate::codec::{self, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::Event;
-use crate::queue::{Queue, QueueError, RawEntry};
+use crate::servers::queue::{Queue, QueueError, RawEntry};
 
 /// Which dead letters an operation applies to. Every condition must hold.
 #[derive(Debug, Clone, Default)]
@@ -178,7 +178,7 @@ pub async fn list(queue: &Queue, filter: &Filter) -> Result<Vec<Letter>, QueueEr
             .arg(500)
             .query_async(&mut conn)
             .await?;
-        let page = crate::queue::parse_raw(reply)?;
+        let page = crate::servers::queue::parse_raw(reply)?;
         let Some(last) = page.last() else {
             return Ok(out);
         };

@@ -1,14 +1,20 @@
-//! What every intake shares, the MQTT ingest, the embedded broker and `POST /events` alike:
-//! one backpressure gate, with one meaning of the watermarks.
+//! The one intake: what the MQTT ingest, the embedded broker and `POST /events` share, from a
+//! decoded message to its durable append: one dead letter per message, the counts, one
+//! backpressure gate with one meaning of the watermarks, and the append itself.
+//!
+//! Each source decodes ([`Intake::decode`], or its own request codec for HTTP), asks whether the
+//! gate [`holds`](Intake::holds) the message back, and appends ([`Intake::append`]): nothing is
+//! acknowledged upstream (PUBACK, 202) before that append returns, and what was received and
+//! refused is counted only once it is durable. Holding means what it can for each source: the
+//! ingest leaves messages at the broker, the embedded broker stops reading its clients, HTTP
+//! answers 503.
 //!
 //! The gate closes when the routine lanes hold `queue_high_watermark` events and opens again
 //! once they are down to `queue_low_watermark` (hysteresis: it does not flap at the mark). The
 //! depth is measured every [`MEASURE_EVERY`] from the queue's counters, and counted up by the
-//! intake itself in between, with every append: a burst cannot run more than one append past
-//! the mark before the gate closes, however fast it comes. Critical events are never held back
-//! by it (they have their own lane); each intake decides what holding means for it (the ingest
-//! leaves messages at the broker, the embedded broker stops reading its clients, HTTP answers
-//! 503).
+//! intakes in between, with every append: a burst cannot run more than one append past the mark
+//! before the gate closes, however fast it comes. Critical events are never held back by it
+//! (they have their own lane). One gate per process, shared by its intakes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,9 +23,158 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
+use crate::codec::{self, Decoded, Limits};
+use crate::dead_letter::DeadLetter;
+use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
-use crate::seam::EventQueue;
+use crate::seam::{EventQueue, Unavailable};
 use crate::shutdown::Shutdown;
+
+/// One message (or request) as an intake takes it: its events, and one dead letter for what of
+/// it was refused.
+#[derive(Debug, Default)]
+pub struct Input {
+    pub events: Vec<Event>,
+    pub dead: Option<DeadLetter>,
+    /// The reason of each refused reading, counted once the input is appended.
+    refused: Vec<Reason>,
+}
+
+impl Input {
+    /// A decoded message; its refused readings become one letter holding `payload`.
+    pub fn of(
+        decoded: Decoded,
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        at_ms: i64,
+    ) -> Input {
+        let dead = DeadLetter::from_rejections(&decoded.rejections, source, topic, payload, at_ms);
+        Input {
+            refused: decoded.rejections.iter().map(|r| r.reason).collect(),
+            events: decoded.events,
+            dead,
+        }
+    }
+
+    /// A message refused whole (a topic its sender may not write, say).
+    pub fn refused(
+        why: Rejection,
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        at_ms: i64,
+    ) -> Input {
+        Input {
+            events: Vec::new(),
+            dead: Some(DeadLetter::from_rejection(
+                &why, source, topic, payload, at_ms,
+            )),
+            refused: vec![why.reason],
+        }
+    }
+
+    /// Only critical events: passes a closed gate.
+    pub fn is_critical(&self) -> bool {
+        !self.events.is_empty() && self.events.iter().all(Event::is_critical)
+    }
+
+    fn routine(&self) -> u64 {
+        self.events.iter().filter(|e| !e.is_critical()).count() as u64
+    }
+}
+
+/// Decode, gate, append and count, for one source (`mqtt` or `http`).
+pub struct Intake {
+    queue: Arc<dyn EventQueue>,
+    gate: Arc<Gate>,
+    source: &'static str,
+    limits: Limits,
+}
+
+impl Intake {
+    pub fn new(
+        queue: Arc<dyn EventQueue>,
+        gate: Arc<Gate>,
+        source: &'static str,
+        limits: Limits,
+    ) -> Intake {
+        Intake {
+            queue,
+            gate,
+            source,
+            limits,
+        }
+    }
+
+    /// One MQTT message: its events, and its refused readings as one letter.
+    pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Input {
+        let decoded = codec::decode(topic, payload, received_us, &self.limits);
+        let input = Input::of(decoded, self.source, topic, payload, received_us / 1000);
+        if let Some(d) = &input.dead {
+            info!(topic = %codec::truncate(topic, 128), reason = d.reason, detail = %codec::truncate(&d.detail, 256), "rejected");
+        }
+        input
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Whether the gate holds `input` back now: routine traffic while the routine lanes are
+    /// deep; critical events always pass.
+    pub fn holds(&self, input: &Input) -> bool {
+        self.gate.is_closed() && !input.is_critical()
+    }
+
+    /// Append `inputs` durably, then count them: received events, refused readings by reason,
+    /// and the routine depth the gate sees.
+    pub async fn append(&self, inputs: &[&Input]) -> Result<(), Unavailable> {
+        let events: Vec<&Event> = inputs.iter().flat_map(|i| &i.events).collect();
+        let dead: Vec<&DeadLetter> = inputs.iter().filter_map(|i| i.dead.as_ref()).collect();
+        if events.is_empty() && dead.is_empty() {
+            return Ok(());
+        }
+        crate::fault::hit("before_append");
+        self.queue.append(&events, &dead).await?;
+        crate::fault::hit("after_append");
+        METRICS.received.with(self.source).add(events.len() as u64);
+        for reason in inputs.iter().flat_map(|i| &i.refused) {
+            METRICS.rejected.with(reason.as_str()).add(1);
+        }
+        self.gate.appended(inputs.iter().map(|i| i.routine()).sum());
+        Ok(())
+    }
+
+    /// [`Intake::append`], retried with backoff until the queue takes it (nothing is
+    /// acknowledged meanwhile); false on shutdown.
+    pub async fn append_until_done(&self, inputs: &[&Input], shutdown: &Shutdown) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.append(inputs).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    crate::metrics::dependency_error(self.queue_name());
+                    if backoff.attempts().is_multiple_of(20) {
+                        warn!(error = %e, source = self.source, "append failed, retrying (nothing acknowledged)");
+                    }
+                    if !shutdown.clone().sleep(backoff.next_delay()).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn queue_name(&self) -> &'static str {
+        self.queue.name()
+    }
+}
 
 /// How often the gate reads the queue's depth.
 pub const MEASURE_EVERY: Duration = Duration::from_millis(100);

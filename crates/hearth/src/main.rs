@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
-use hearth::{bench, shutdown, sim, store};
+use hearth::servers::store;
+use hearth::{bench, shutdown, sim};
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
@@ -382,7 +383,7 @@ fn init_logging(filter: &str) {
 /// embedded store's data folder when no server URL is set (as `hearth up`), else the servers.
 async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
     if !config.embedded {
-        return hearth::seam::servers::open(config).map_err(|e| RoleError::Config(e.to_string()));
+        return hearth::servers::seams::open(config).map_err(|e| RoleError::Config(e.to_string()));
     }
     let dir = std::path::Path::new(&config.data_dir);
     if !dir.join("hearth.sqlite3").exists() {

@@ -11,9 +11,10 @@ use tracing::warn;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::queue::{Queue, QueueError};
+use crate::servers::queue::{Queue, QueueError};
+use crate::servers::store;
 use crate::shutdown::Shutdown;
-use crate::{api, ingest, store, worker};
+use crate::{api, ingest, worker};
 
 /// Why a role could not run: a bad configuration (exit code 2) or anything else (1).
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +83,7 @@ async fn prepare_queue(config: &Config, shutdown: &Shutdown) -> Result<bool, Rol
 }
 
 /// Once per installation: move latest values cached by a version that keyed them by sensor id
-/// alone to their houses' keys (see [`crate::cache::Cache::migrate_unscoped`]).
+/// alone to their houses' keys (see [`crate::servers::cache::Cache::migrate_unscoped`]).
 async fn migrate_cache(queue: &Queue) -> Result<(), QueueError> {
     let mut conn = queue.conn.clone();
     let done: Option<String> = redis::cmd("HGET")
@@ -90,10 +91,10 @@ async fn migrate_cache(queue: &Queue) -> Result<(), QueueError> {
         .arg("latest")
         .query_async(&mut conn)
         .await?;
-    if done.as_deref() == Some(crate::queue::ROUTE) {
+    if done.as_deref() == Some(crate::servers::queue::ROUTE) {
         return Ok(());
     }
-    let cache = crate::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
+    let cache = crate::servers::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
     let moved = cache.migrate_unscoped().await?;
     if moved > 0 {
         tracing::info!(
@@ -104,7 +105,7 @@ async fn migrate_cache(queue: &Queue) -> Result<(), QueueError> {
     redis::cmd("HSET")
         .arg(queue.keys.meta())
         .arg("latest")
-        .arg(crate::queue::ROUTE)
+        .arg(crate::servers::queue::ROUTE)
         .exec_async(&mut conn)
         .await?;
     Ok(())

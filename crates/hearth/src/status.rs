@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use redis::Value;
 use serde::Serialize;
 
-use crate::queue::{self, GROUP, Queue, QueueError, lease};
+use crate::servers::lease;
+use crate::servers::queue::{self, GROUP, Queue, QueueError};
 
 #[derive(Debug, Serialize)]
 pub struct Status {

@@ -42,7 +42,7 @@ mod futures_reopen {
 
 async fn servers(test: &str) -> Backend {
     let env = Env::new(test);
-    hearth::store::migrate(&env.database_url)
+    hearth::servers::store::migrate(&env.database_url)
         .await
         .expect("migrate");
     let config = Config {
@@ -55,13 +55,13 @@ async fn servers(test: &str) -> Backend {
         max_kinds_per_sensor: CAPS.kinds_per_sensor,
         ..Config::default()
     };
-    let seams = hearth::seam::servers::open(&config).expect("open");
+    let seams = hearth::servers::seams::open(&config).expect("open");
     let prefix = env.redis_prefix.clone();
     let reopen = move || -> futures_reopen::Reopen {
         let prefix = prefix.clone();
         Box::pin(async move {
-            let queue = hearth::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
-            Arc::new(hearth::seam::servers::RedisQueue::new(
+            let queue = hearth::servers::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
+            Arc::new(hearth::servers::seams::RedisQueue::new(
                 queue, REDIS, "second",
             )) as Arc<dyn EventQueue>
         })
@@ -567,7 +567,8 @@ async fn fanout_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_expire_on_redis() {
     let env = Env::new("conf_retention");
-    let mut queue = hearth::queue::Queue::open(REDIS, &env.redis_prefix, SHARDS).expect("queue");
+    let mut queue =
+        hearth::servers::queue::Queue::open(REDIS, &env.redis_prefix, SHARDS).expect("queue");
     queue.retention = hearth::dead_letter::Retention {
         max_age_ms: 3_600_000,
         max_count: 0,

@@ -8,7 +8,7 @@ mod support;
 
 use hearth::event::Event;
 use hearth::lane::Lane;
-use hearth::queue::Queue;
+use hearth::servers::queue::Queue;
 use rusqlite::params;
 use support::*;
 
@@ -45,7 +45,7 @@ async fn postgres_from(from: usize, name: &str) {
     )
     .await
     .expect("schema_migrations");
-    for (version, name, sql) in &hearth::store::schema::MIGRATIONS[..from] {
+    for (version, name, sql) in &hearth::servers::schema::MIGRATIONS[..from] {
         pg.batch_execute(sql).await.expect("old migration");
         pg.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -84,12 +84,12 @@ async fn postgres_from(from: usize, name: &str) {
         .expect("version 2 data");
     }
 
-    let applied = hearth::store::migrate(&env.database_url)
+    let applied = hearth::servers::store::migrate(&env.database_url)
         .await
         .expect("migrate");
     assert_eq!(
         applied,
-        hearth::store::schema::MIGRATIONS[from..]
+        hearth::servers::schema::MIGRATIONS[from..]
             .iter()
             .map(|m| m.0)
             .collect::<Vec<_>>()
@@ -168,7 +168,7 @@ async fn postgres_from(from: usize, name: &str) {
     .await
     .expect("a second open alarm of another house");
     assert!(
-        hearth::store::migrate(&env.database_url)
+        hearth::servers::store::migrate(&env.database_url)
             .await
             .expect("again")
             .is_empty()
@@ -338,7 +338,7 @@ async fn redis_keys_and_routing_move_to_house_and_sensor() {
         .await
         .expect("old cache");
     let queue = Queue::open(REDIS, p, 8).expect("queue");
-    let cache = hearth::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
+    let cache = hearth::servers::cache::Cache::new(queue.conn.clone(), queue.keys.clone());
     assert_eq!(cache.migrate_unscoped().await.expect("migrate"), 1);
     let h1 = cache
         .latest("h1", &["kitchen".to_string()])

@@ -114,7 +114,7 @@ pub fn event_key(e: &crate::event::Event) -> String {
 /// through here.
 pub fn add_push(
     pipe: &mut redis::Pipeline,
-    keys: &crate::queue::Keys,
+    keys: &crate::servers::queue::Keys,
     rules: &rules::RuleSet,
     alert: &Alert,
 ) {

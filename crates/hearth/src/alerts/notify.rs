@@ -18,7 +18,7 @@ use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::metrics::METRICS;
-use crate::queue::{self, Queue};
+use crate::servers::queue::{self, Queue};
 use crate::shutdown::Shutdown;
 
 const GROUP: &str = "notifier";

@@ -79,15 +79,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::servers::store::StoreError> for ApiError {
+    fn from(e: crate::servers::store::StoreError) -> Self {
         tracing::warn!(error = %e, "database error in the API");
         ApiError::Unavailable(format!("database: {e}"))
     }
 }
 
-impl From<crate::queue::QueueError> for ApiError {
-    fn from(e: crate::queue::QueueError) -> Self {
+impl From<crate::servers::queue::QueueError> for ApiError {
+    fn from(e: crate::servers::queue::QueueError) -> Self {
         tracing::warn!(error = %e, "redis error in the API");
         ApiError::Unavailable(format!("redis: {e}"))
     }

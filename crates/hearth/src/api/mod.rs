@@ -55,8 +55,8 @@ impl AppState {
         role: &'static str,
         config: Arc<Config>,
         admin_token: String,
-    ) -> Result<Arc<AppState>, crate::queue::QueueError> {
-        let seams = crate::seam::servers::open(&config)?;
+    ) -> Result<Arc<AppState>, crate::servers::queue::QueueError> {
+        let seams = crate::servers::seams::open(&config)?;
         let auth = Arc::new(crate::auth::Authenticator::new(
             admin_token,
             seams.store.clone(),

@@ -114,7 +114,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let database_url =
         super::with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
     let prefix = format!("bench-{run_id}");
-    crate::store::migrate(&database_url).await?;
+    crate::servers::store::migrate(&database_url).await?;
     let token = format!("bench-{:016x}", fastrand::u64(..));
     let api_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -153,7 +153,8 @@ async fn scenario(
     api_addr: std::net::SocketAddr,
 ) -> anyhow::Result<Report> {
     let host = "127.0.0.1";
-    let queue = crate::queue::Queue::open(&config.redis_url, &child.redis_prefix, child.shards)?;
+    let queue =
+        crate::servers::queue::Queue::open(&config.redis_url, &child.redis_prefix, child.shards)?;
     let routine_depth = || async {
         queue.depths().await.map(|d| {
             d.iter()
@@ -319,7 +320,7 @@ async fn scenario(
     // 5. Everything stored exactly once?
     let expected = opts.backlog + telemetry.events + opts.smoke;
     let pattern = format!("s{run_id}%");
-    let db = crate::store::connect(&child.database_url).await?;
+    let db = crate::servers::store::connect(&child.database_url).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let depth: u64 = queue.depths().await?.iter().map(|(_, n)| n).sum();

@@ -202,7 +202,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     };
     let mut roles = Vec::new();
     if !opts.external {
-        crate::store::migrate(&database_url).await?;
+        crate::servers::store::migrate(&database_url).await?;
         let mut child_config = (*config).clone();
         child_config.mqtt_url = broker_url.clone();
         child_config.database_url = database_url.clone();
@@ -237,7 +237,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
 
     let load = opts.load(&run_id);
     let pattern = format!("s{run_id}-%");
-    let db = crate::store::connect(&database_url).await?;
+    let db = crate::servers::store::connect(&database_url).await?;
     let stats = Stats::open(&config.redis_url, &prefix).await?;
     let sent = Arc::new(AtomicU64::new(0));
     let started_wall = crate::event::now_us();
@@ -309,7 +309,7 @@ async fn run_baselines(
     eprintln!("bench: raw baseline, {} events", opts.events);
     let raw_events_per_s = Some(baseline::raw(port, &base("rawbench", opts.events), run_id).await?);
     let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
-    crate::store::migrate(&db).await?;
+    crate::servers::store::migrate(&db).await?;
     let sync_events = opts.sync_events.min(opts.events);
     eprintln!("bench: sync baseline, {sync_events} events");
     let sync_events_per_s =
@@ -437,8 +437,9 @@ struct Stats {
 
 impl Stats {
     async fn open(redis_url: &str, prefix: &str) -> anyhow::Result<Stats> {
-        let mut conn = crate::queue::connect(redis_url, crate::queue::REPLY_TIMEOUT).await?;
-        let key = crate::queue::Keys::new(prefix).stats();
+        let mut conn =
+            crate::servers::queue::connect(redis_url, crate::servers::queue::REPLY_TIMEOUT).await?;
+        let key = crate::servers::queue::Keys::new(prefix).stats();
         let start: Option<u64> = redis::cmd("HGET")
             .arg(&key)
             .arg(crate::status::stat::STORED)
@@ -603,7 +604,8 @@ pub fn with_database(url: &str, name: &str) -> String {
 
 /// Drop the run's database (the sync baseline's, and hearth's unless external).
 async fn drop_database(config: &Config, run_id: &str) {
-    if let Ok(admin) = crate::store::connect(&with_database(&config.database_url, "postgres")).await
+    if let Ok(admin) =
+        crate::servers::store::connect(&with_database(&config.database_url, "postgres")).await
     {
         let _ = admin
             .batch_execute(&format!(
@@ -619,7 +621,8 @@ async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
         return;
     }
     if let Ok(mut conn) =
-        crate::queue::connect(&config.redis_url, crate::queue::REPLY_TIMEOUT).await
+        crate::servers::queue::connect(&config.redis_url, crate::servers::queue::REPLY_TIMEOUT)
+            .await
     {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{prefix}:*"))

@@ -251,6 +251,10 @@ async fn appender(
 }
 
 impl EventQueue for SqliteQueue {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
         Box::pin(async move {
             if events.is_empty() && dead.is_empty() {

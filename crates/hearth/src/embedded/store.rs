@@ -18,7 +18,7 @@ use crate::event::{Event, Rejection};
 use crate::seam::{
     EventStore, Fut, HistoryEvent, HistoryQuery, HouseView, SensorRow, TokenInfo, Written,
 };
-use crate::store::SensorSeen;
+use crate::servers::store::SensorSeen;
 use crate::worker::sensors::SensorMemo;
 
 pub struct SqliteStore {

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::metrics::{self, METRICS};
 use crate::mqtt::{self, Endpoint};
-use crate::queue::Queue;
+use crate::servers::queue::Queue;
 use crate::shutdown::Shutdown;
 
 /// One MQTT message, decoded, waiting for its XADD and then its PUBACK.
@@ -57,13 +57,11 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     endpoint.clean_session = false;
     let limits = Limits::from_config(&config);
     let pressure = crate::intake::Gate::from_config(&config);
-    let depths: Arc<dyn crate::seam::EventQueue> = Arc::new(crate::seam::servers::RedisQueue::new(
-        queue.clone(),
-        &config.redis_url,
-        "ingest",
-    ));
+    let depths: Arc<dyn crate::seam::EventQueue> = Arc::new(
+        crate::servers::seams::RedisQueue::new(queue.clone(), &config.redis_url, "ingest"),
+    );
     let watcher = tokio::spawn(pressure.clone().watch(depths, shutdown.clone()));
-    let sweeper = tokio::spawn(crate::queue::sweep_dead_letters(
+    let sweeper = tokio::spawn(crate::servers::queue::sweep_dead_letters(
         queue.clone(),
         shutdown.clone(),
     ));

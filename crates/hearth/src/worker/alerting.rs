@@ -15,7 +15,7 @@ use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::lane::Lane;
 use crate::metrics::{self, METRICS};
-use crate::store::StoreError;
+use crate::servers::store::StoreError;
 
 /// How often the set of watched houses is read again (one ZRANGEBYSCORE): a new WebSocket
 /// subscription gets events within about this long.
@@ -202,7 +202,7 @@ impl Consumer {
                 .arg("+inf")
                 .query_async(&mut conn)
                 .await
-                .map_err(crate::queue::QueueError::from)?;
+                .map_err(crate::servers::queue::QueueError::from)?;
             self.watched = (Instant::now(), houses.into_iter().collect());
         }
         // Both below need the store: while its circuit is open they wait, and reading goes on

@@ -1,7 +1,7 @@
 //! Workers: from the lanes to PostgreSQL and the latest-value cache.
 //!
 //! A worker process runs several consumers. Each consumer owns a fair share of its pool's lanes
-//! through leases ([`crate::queue::lease`]), and only the owner of a lane reads it: that is how
+//! through leases ([`crate::servers::lease`]), and only the owner of a lane reads it: that is how
 //! the events of one sensor are processed one after the other, in stream order, by any number of
 //! workers in any number of processes. Taking a lane over (its owner died, or left) starts with
 //! the lane's pending entries (XAUTOCLAIM from the start), oldest first, before any new entry.
@@ -31,15 +31,15 @@ use tracing::{debug, info, warn};
 use crate::alerts::engine::Engine;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
-use crate::cache::Cache;
 use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
 use crate::lane::Lane;
-use crate::queue::lease::Leases;
-use crate::queue::{self, Batch, Done, Queue, QueueError, StreamEntry};
+use crate::servers::cache::Cache;
+use crate::servers::lease::Leases;
+use crate::servers::queue::{self, Batch, Done, Queue, QueueError, StreamEntry};
+use crate::servers::store::{Store, StoreError};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError};
 use sensors::SensorMemo;
 use sequence::SequenceTracker;
 
@@ -114,7 +114,7 @@ pub async fn run(
         ));
     }
     if let Ok(queue) = Queue::from_config(&config) {
-        tasks.spawn(crate::queue::sweep_dead_letters(
+        tasks.spawn(crate::servers::queue::sweep_dead_letters(
             queue.clone(),
             shutdown.clone(),
         ));
@@ -704,7 +704,7 @@ impl Consumer {
             let redelivered = entries.iter().any(|e| e.redelivered);
             let result = match self.write(&all, redelivered).await {
                 Err(StoreError::Content(e)) => {
-                    debug!(consumer = %self.name, error = %crate::store::describe(&e), "batch refused, isolating the culprit");
+                    debug!(consumer = %self.name, error = %crate::servers::store::describe(&e), "batch refused, isolating the culprit");
                     self.isolate(entries).await
                 }
                 other => other.map(|(inserted, capped)| Stored {
@@ -760,7 +760,9 @@ impl Consumer {
                             .extend(capped.into_iter().map(|(_, why)| (e, i, why)));
                     }
                     Err(StoreError::Content(err)) => {
-                        stored.refused.push((e, i, crate::store::describe(&err)))
+                        stored
+                            .refused
+                            .push((e, i, crate::servers::store::describe(&err)))
                     }
                     Err(err) => return Err(err),
                 }

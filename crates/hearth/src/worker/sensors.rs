@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::alerts::engine::SensorKey;
 use crate::event::{Event, PerSensor};
-use crate::store::SensorSeen;
+use crate::servers::store::SensorSeen;
 
 /// Sensors remembered per consumer before the memo starts over (bounded memory).
 const MAX_REMEMBERED: usize = 200_000;

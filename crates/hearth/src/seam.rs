@@ -9,8 +9,6 @@
 //!
 //! The traits return boxed futures so that the API can hold them as `Arc<dyn ...>`.
 
-pub mod servers;
-
 use std::collections::{BTreeMap, HashMap};
 
 use futures_util::future::BoxFuture;
@@ -30,14 +28,14 @@ use crate::status::Status;
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
-impl From<crate::queue::QueueError> for Unavailable {
-    fn from(e: crate::queue::QueueError) -> Self {
+impl From<crate::servers::queue::QueueError> for Unavailable {
+    fn from(e: crate::servers::queue::QueueError) -> Self {
         Unavailable(format!("redis: {e}"))
     }
 }
 
-impl From<crate::store::StoreError> for Unavailable {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::servers::store::StoreError> for Unavailable {
+    fn from(e: crate::servers::store::StoreError) -> Self {
         Unavailable(format!("database: {e}"))
     }
 }
@@ -79,6 +77,8 @@ impl Lanes {
 /// entry stays pending until `ack`, and a reader opened later (after a crash) gets the pending
 /// entries again before anything new; the depths count the events appended and not acknowledged.
 pub trait EventQueue: Send + Sync {
+    /// The queue's name as a dependency (`redis` or `embedded`), for logs and metrics.
+    fn name(&self) -> &'static str;
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()>;
     /// Up to about `max` entries of the chosen lanes, critical lane first.
     fn read(&self, lanes: Lanes, max: usize) -> Fut<'_, Vec<Delivery>>;

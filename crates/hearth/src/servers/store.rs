@@ -10,9 +10,6 @@
 //! [`StoreError::Fenced`] (the lane moved to another worker), or [`StoreError::Unavailable`]
 //! (the server: retried, never dead-lettered).
 
-pub mod alerts;
-pub mod schema;
-
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
@@ -48,7 +45,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn classify(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
     match e.code().map(|c| c.code()) {
         // data exceptions and integrity violations: the row is at fault
         Some(code) if code.starts_with("22") || code.starts_with("23") => StoreError::Content(e),
@@ -142,7 +139,7 @@ SELECT (SELECT ok FROM fence), (SELECT count(*) FROM inserted), ARRAY(SELECT lan
 }
 
 pub struct Store {
-    client: Client,
+    pub(crate) client: Client,
     take_fence: Statement,
     write: Statement,
     write_safe: Statement,
@@ -500,7 +497,7 @@ pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
         .map_err(StoreError::Unavailable)?
         .get(0);
     let mut applied = Vec::new();
-    for (version, name, sql) in schema::MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for (version, name, sql) in super::schema::MIGRATIONS.iter().filter(|m| m.0 > current) {
         tx.batch_execute(sql)
             .await
             .map_err(StoreError::Unavailable)?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use super::{Store, StoreError, classify};
+use super::store::{Store, StoreError, classify};
 use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};

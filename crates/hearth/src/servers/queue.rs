@@ -22,8 +22,6 @@
 //! `P:stream:{lane}`, `P:dead`, `P:lease:{lane}`, `P:consumers:{pool}`, `P:stats`, `P:meta`,
 //! and the cache's `P:latest:{sensor}`, `P:house:{house}:sensors`.
 
-pub mod lease;
-
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};

@@ -3,7 +3,7 @@
 //! A lease is a Redis key `P:lease:{lane}` holding the owner's name, with a TTL renewed every third
 //! of it while the owner lives. A crashed owner's lease expires and another consumer takes the
 //! lane over. A lease alone cannot stop a paused owner that wakes up late, so taking a lane also
-//! takes a new fencing token from PostgreSQL ([`crate::store::Store::take_fence`]) and every
+//! takes a new fencing token from PostgreSQL ([`crate::servers::store::Store::take_fence`]) and every
 //! write checks it: the lease decides who works, the fence decides whose writes count.
 //!
 //! Consumers also heartbeat into `P:consumers:{pool}` (a sorted set scored by time), so that each
@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 
-use super::{Keys, Lane, QueueError};
+use super::queue::{Keys, QueueError};
+use crate::lane::Lane;
 
 /// Extend a lease only if it is still ours.
 const RENEW: &str = r#"

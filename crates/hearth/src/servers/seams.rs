@@ -1,5 +1,5 @@
-//! The seams on the production servers: the queue on Redis Streams ([`crate::queue`]), the store
-//! on PostgreSQL ([`crate::store`]), the cache in Redis ([`crate::cache`]), the fan-out on Redis
+//! The seams on the production servers: the queue on Redis Streams ([`crate::servers::queue`]), the store
+//! on PostgreSQL ([`crate::servers::store`]), the cache in Redis ([`crate::servers::cache`]), the fan-out on Redis
 //! pub/sub. Each method is the code the production roles run; the distributed worker
 //! (`worker/`) adds lane leases and fences on top of the same calls.
 
@@ -11,22 +11,22 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 use tracing::warn;
 
-use super::{
-    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryEvent, HistoryQuery, HouseView, Lanes,
-    LatestCache, Seams, SensorRow, TokenInfo, Unavailable, Written,
-};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState};
 use crate::backoff::Backoff;
-use crate::cache::Cache;
 use crate::codec::Limits;
 use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::queue::{Done, Queue, QueueError};
-use crate::store::{Db, Store, describe};
+use crate::seam::{
+    Delivery, EventQueue, EventStore, FanOut, Fut, HistoryEvent, HistoryQuery, HouseView, Lanes,
+    LatestCache, Seams, SensorRow, TokenInfo, Unavailable, Written,
+};
+use crate::servers::cache::Cache;
+use crate::servers::queue::{Done, Queue, QueueError};
+use crate::servers::store::{Db, Store, describe};
 
 fn pg(e: tokio_postgres::Error) -> Unavailable {
     Unavailable(format!("database: {}", describe(&e)))
@@ -78,13 +78,15 @@ impl RedisQueue {
         let mut slot = self.reader.lock().await;
         if slot.is_none() {
             self.queue.ensure_groups().await?;
-            *slot = Some(crate::queue::connect(&self.redis_url, Duration::from_secs(5)).await?);
+            *slot = Some(
+                crate::servers::queue::connect(&self.redis_url, Duration::from_secs(5)).await?,
+            );
         }
         let Some(conn) = slot.as_mut() else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        let mut push = |lane: Lane, entries: Vec<crate::queue::StreamEntry>| {
+        let mut push = |lane: Lane, entries: Vec<crate::servers::queue::StreamEntry>| {
             for entry in entries {
                 out.push(Delivery {
                     lane,
@@ -144,6 +146,10 @@ impl RedisQueue {
 }
 
 impl EventQueue for RedisQueue {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
         Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
     }
@@ -392,28 +398,28 @@ impl EventStore for PgStore {
     ) -> Fut<'a, Vec<Alert>> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            Ok(crate::store::alerts::list(&*client, house, state, limit).await?)
+            Ok(crate::servers::alerts::list(&*client, house, state, limit).await?)
         })
     }
 
     fn alert(&self, id: i64) -> Fut<'_, Option<Alert>> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            Ok(crate::store::alerts::get(&*client, id).await?)
+            Ok(crate::servers::alerts::get(&*client, id).await?)
         })
     }
 
     fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            Ok(crate::store::alerts::acknowledge(&*client, id, by).await?)
+            Ok(crate::servers::alerts::acknowledge(&*client, id, by).await?)
         })
     }
 
     fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            Ok(crate::store::alerts::mark_pushed(&*client, alerts).await?)
+            Ok(crate::servers::alerts::mark_pushed(&*client, alerts).await?)
         })
     }
 
