@@ -135,6 +135,23 @@ impl Default for Retention {
 /// How often dead letters are swept for age.
 pub const RETENTION_SWEEP: Duration = Duration::from_secs(10);
 
+/// Remove the dead letters past their retention every [`RETENTION_SWEEP`], until shutdown.
+pub async fn sweep(
+    queue: std::sync::Arc<dyn crate::seam::EventQueue>,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    loop {
+        match queue.expire_dead_letters().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
+        }
+        if !shutdown.sleep(RETENTION_SWEEP).await {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,6 +204,17 @@ impl Gate {
         Gate::new(config.queue_high_watermark, config.queue_low_watermark)
     }
 
+    /// A gate measuring `queue` until shutdown.
+    pub fn start(
+        config: &crate::config::Config,
+        queue: Arc<dyn EventQueue>,
+        shutdown: &Shutdown,
+    ) -> Arc<Gate> {
+        let gate = Gate::from_config(config);
+        tokio::spawn(gate.clone().watch(queue, shutdown.clone()));
+        gate
+    }
+
     /// Whether routine traffic is held back.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)

@@ -7,8 +7,9 @@
 use crate::event::Event;
 
 /// A lane: one stream, owned by one worker at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Lane {
+    #[default]
     Critical,
     Routine(u16),
 }

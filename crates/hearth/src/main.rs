@@ -381,9 +381,11 @@ fn init_logging(filter: &str) {
 
 /// The queue, store, cache and fan-out the tools (`status`, `dlq`, `token`) work on: the
 /// embedded store's data folder when no server URL is set (as `hearth up`), else the servers.
-async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
+async fn seams(config: &Arc<Config>) -> Result<hearth::seam::Seams, RoleError> {
     if !config.embedded {
-        return hearth::servers::seams::open(config).map_err(|e| RoleError::Config(e.to_string()));
+        return hearth::servers::Servers::open(config.clone(), Default::default())
+            .map(|s| hearth::seam::Backend::seams(&s).clone())
+            .map_err(|e| RoleError::Config(e.to_string()));
     }
     let dir = std::path::Path::new(&config.data_dir);
     if !dir.join("hearth.sqlite3").exists() {
@@ -396,7 +398,7 @@ async fn seams(config: &Config) -> Result<hearth::seam::Seams, RoleError> {
         dir,
         config.shards,
         config.sensor_touch_interval_ms,
-        &hearth::alerts::rules::RuleSet::default(),
+        Default::default(),
         hearth::caps::Caps::from_config(config),
         hearth::dead_letter::Retention::from_config(config),
     )

@@ -1,5 +1,5 @@
-//! The process roles of SPEC §4 (`up`, `ingest`, `worker`) and what each checks before it
-//! starts: the schema is migrated, the lanes' consumer groups exist, the shard count has not
+//! The process roles (`up`, `ingest`, `worker`, `api`; docs/CONTRACT.md, "Commands"), each on
+//! a backend's seams, and what each checks before it starts: the schema is migrated, the lanes' consumer groups exist, the shard count has not
 //! changed under queued events. A server that is down at start is waited for with backoff, as it
 //! would be later: no role exits because Redis, PostgreSQL or the broker is away.
 
@@ -11,6 +11,9 @@ use tracing::warn;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::intake::{Gate, Intake};
+use crate::seam::{Backend, Seams};
+use crate::servers::Servers;
 use crate::servers::queue::{Queue, QueueError};
 use crate::servers::store;
 use crate::shutdown::Shutdown;
@@ -140,33 +143,25 @@ fn admin_token(config: &Config) -> Result<String, RoleError> {
     Ok(token)
 }
 
-/// Start the HTTP server of a role on `addr` (nothing when `addr` is empty). Binding happens
-/// now, so a taken port is an error at start, not later. `backend`: the seams and the
-/// authenticator to serve (the servers' when none).
+/// Start the HTTP server of a role on `addr` (nothing when `addr` is empty), on the backend's
+/// seams. Binding happens now, so a taken port is an error at start, not later. `admin`: the
+/// admin token (none for a metrics-only server).
+#[allow(clippy::too_many_arguments)]
 async fn http(
     config: &Arc<Config>,
     addr: &str,
     role: &'static str,
     kind: Http,
     shutdown: &Shutdown,
-    backend: Option<(crate::seam::Seams, Arc<crate::auth::Authenticator>)>,
+    seams: &Seams,
+    auth: Arc<crate::auth::Authenticator>,
+    gate: Arc<Gate>,
 ) -> Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>, RoleError> {
     if addr.is_empty() {
         return Ok(None);
     }
     let listener = api::bind(addr).await?;
-    let state = match backend {
-        Some((seams, auth)) => api::AppState::with_seams(role, config.clone(), auth, seams),
-        None => {
-            let admin = if kind == Http::Api {
-                admin_token(config)?
-            } else {
-                String::new()
-            };
-            api::AppState::new(role, config.clone(), admin)
-                .map_err(|e| RoleError::Config(e.to_string()))?
-        }
-    };
+    let state = api::AppState::new(role, config.clone(), auth, seams.clone(), gate);
     let router = match kind {
         Http::Api => api::router(state),
         Http::Metrics => api::metrics_router(state),
@@ -185,18 +180,57 @@ fn rules(config: &Config) -> Result<Arc<RuleSet>, RoleError> {
         .map_err(RoleError::Config)
 }
 
+fn servers(config: &Arc<Config>, rules: Arc<RuleSet>) -> Result<Arc<Servers>, RoleError> {
+    Servers::open(config.clone(), rules)
+        .map(Arc::new)
+        .map_err(|e| RoleError::Config(e.to_string()))
+}
+
+/// The authenticator of a role's HTTP server: the admin token for the API, none for metrics.
+fn authenticator(
+    config: &Config,
+    kind: Http,
+    seams: &Seams,
+) -> Result<Arc<crate::auth::Authenticator>, RoleError> {
+    let admin = if kind == Http::Api {
+        admin_token(config)?
+    } else {
+        String::new()
+    };
+    Ok(Arc::new(crate::auth::Authenticator::new(
+        admin,
+        seams.store.clone(),
+    )))
+}
+
+/// The MQTT ingest's intake on a backend's queue.
+fn mqtt_intake(config: &Config, seams: &Seams, gate: Arc<Gate>) -> Arc<Intake> {
+    Arc::new(Intake::new(
+        seams.queue.clone(),
+        gate,
+        "mqtt",
+        crate::codec::Limits::from_config(config),
+    ))
+}
+
 pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(), RoleError> {
     if config.embedded {
         return up_embedded(config, shutdown, demo).await;
     }
     let rules = rules(&config)?;
+    let backend = servers(&config, rules.clone())?;
+    let seams = backend.seams().clone();
+    let gate = Gate::start(&config, seams.queue.clone(), &shutdown);
+    let auth = authenticator(&config, Http::Api, &seams)?;
     let server = http(
         &config,
         &config.api_listen,
         "up",
         Http::Api,
         &shutdown,
-        None,
+        &seams,
+        auth,
+        gate.clone(),
     )
     .await?;
     if demo {
@@ -205,8 +239,14 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    let ingest = tokio::spawn(ingest::run(config.clone(), shutdown.clone()));
-    let workers = tokio::spawn(worker::run(config.clone(), rules, shutdown.clone()));
+    let intake = mqtt_intake(&config, &seams, gate);
+    let ingest = tokio::spawn(ingest::run(config.clone(), intake, shutdown.clone()));
+    let workers = tokio::spawn(worker::run(
+        backend,
+        worker::Settings::from_config(&config),
+        rules,
+        shutdown.clone(),
+    ));
     let (i, w) = tokio::join!(ingest, workers);
     i.map_err(anyhow::Error::from)??;
     w.map_err(anyhow::Error::from)??;
@@ -214,49 +254,74 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
 }
 
 pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let backend = servers(&config, Arc::default())?;
+    let seams = backend.seams().clone();
+    let gate = Gate::start(&config, seams.queue.clone(), &shutdown);
     let server = http(
         &config,
         &config.metrics_listen,
         "ingest",
         Http::Metrics,
         &shutdown,
-        None,
+        &seams,
+        authenticator(&config, Http::Metrics, &seams)?,
+        gate.clone(),
     )
     .await?;
     if !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    ingest::run(config, shutdown).await?;
+    let sweeper = tokio::spawn(crate::dead_letter::sweep(
+        seams.queue.clone(),
+        shutdown.clone(),
+    ));
+    ingest::run(config.clone(), mqtt_intake(&config, &seams, gate), shutdown).await?;
+    sweeper.abort();
     finish(server).await
 }
 
 pub async fn worker(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
     let rules = rules(&config)?;
+    let backend = servers(&config, rules.clone())?;
+    let seams = backend.seams().clone();
     let server = http(
         &config,
         &config.metrics_listen,
         "worker",
         Http::Metrics,
         &shutdown,
-        None,
+        &seams,
+        authenticator(&config, Http::Metrics, &seams)?,
+        Gate::from_config(&config),
     )
     .await?;
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    worker::run(config, rules, shutdown).await?;
+    worker::run(
+        backend,
+        worker::Settings::from_config(&config),
+        rules,
+        shutdown,
+    )
+    .await?;
     finish(server).await
 }
 
 /// The API alone: REST, WebSocket, metrics.
 pub async fn api(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleError> {
+    let backend = servers(&config, rules(&config)?)?;
+    let seams = backend.seams().clone();
+    let gate = Gate::start(&config, seams.queue.clone(), &shutdown);
     let server = http(
         &config,
         &config.api_listen,
         "api",
         Http::Api,
         &shutdown,
-        None,
+        &seams,
+        authenticator(&config, Http::Api, &seams)?,
+        gate,
     )
     .await?;
     if !prepare_store(&config, &shutdown).await {
@@ -278,31 +343,37 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         data_dir,
         config.shards,
         config.sensor_touch_interval_ms,
-        &rules,
+        rules.clone(),
         crate::caps::Caps::from_config(&config),
         crate::dead_letter::Retention::from_config(&config),
     )
     .await
     .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
-    let auth = Arc::new(crate::auth::Authenticator::new(
-        admin_token(&config)?,
-        embedded.seams.store.clone(),
-    ));
+    let embedded = Arc::new(embedded);
+    let seams = embedded.seams.clone();
+    let gate = Gate::start(&config, seams.queue.clone(), &shutdown);
+    let auth = authenticator(&config, Http::Api, &seams)?;
     let server = http(
         &config,
         &config.api_listen,
         "up",
         Http::Api,
         &shutdown,
-        Some((embedded.seams.clone(), auth.clone())),
+        &seams,
+        auth.clone(),
+        gate.clone(),
     )
     .await?;
-    let workers = embedded.workers(rules, config.batch_size, &shutdown);
+    let workers = tokio::spawn(worker::run(
+        embedded,
+        worker::Settings::from_config(&config),
+        rules,
+        shutdown.clone(),
+    ));
     let broker = tokio::spawn(crate::embedded::broker::serve(
         broker,
-        embedded.seams.queue.clone(),
+        mqtt_intake(&config, &seams, gate),
         auth,
-        crate::intake::Gate::from_config(&config),
         crate::embedded::broker::Settings::from_config(&config),
         shutdown.clone(),
     ));
@@ -317,9 +388,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         tokio::spawn(demo_sim(url, shutdown.clone()));
     }
     let _ = broker.await;
-    for w in workers {
-        let _ = w.await;
-    }
+    let _ = workers.await;
     finish(server).await
 }
 

@@ -1,20 +1,24 @@
-//! The four seams between hearth's flow and the servers it runs on: the durable [`EventQueue`],
-//! the [`EventStore`], the latest-value [`LatestCache`] and the push [`FanOut`].
+//! The seams between hearth's flow and the servers it runs on, as traits: the durable
+//! [`EventQueue`] (with a [`Reader`] per consumer), the lanes' [`Ownership`], the [`EventStore`],
+//! the [`AlertStore`], the latest-value [`LatestCache`] and the push [`FanOut`].
 //!
-//! Each has two backends: [`servers`] (Redis Streams, PostgreSQL, Redis, Redis pub/sub: the
-//! production stack, which scales to many processes) and [`crate::embedded`] (SQLite in one data
-//! folder and in-process maps and channels: `hearth up` with nothing configured). The API serves
-//! both through these traits, the embedded runtime runs on them, and one conformance suite per
-//! seam (`tests/conformance.rs`) runs against both backends so that they cannot drift apart.
+//! Each has two backends, in twin folders: [`crate::servers`] (Redis Streams, PostgreSQL,
+//! Redis, Redis pub/sub: the production stack, which scales to many processes) and
+//! [`crate::embedded`] (SQLite in one data folder, in-process maps and channels: `hearth up` with
+//! nothing configured). The worker, the intake, the API and the tools run on these traits alone;
+//! one conformance suite per seam (`tests/conformance.rs`) runs against both backends so that
+//! they cannot drift apart.
 //!
-//! The traits return boxed futures so that the API can hold them as `Arc<dyn ...>`.
+//! The traits return boxed futures so that they can be held as `Arc<dyn ...>`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::alerts::engine::{Outcome, SensorKey, State};
 use crate::alerts::{Alert, AlertState};
 use crate::codec::Limits;
 use crate::dead_letter::DeadLetter;
@@ -28,68 +32,87 @@ use crate::status::Status;
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
-impl From<crate::servers::queue::QueueError> for Unavailable {
-    fn from(e: crate::servers::queue::QueueError) -> Self {
-        Unavailable(format!("redis: {e}"))
-    }
-}
-
-impl From<crate::servers::store::StoreError> for Unavailable {
-    fn from(e: crate::servers::store::StoreError) -> Self {
-        Unavailable(format!("database: {e}"))
-    }
-}
-
 pub type Fut<'a, T> = BoxFuture<'a, Result<T, Unavailable>>;
 
-/// Entries read from the queue: one lane's record batch, with its events in append order.
-#[derive(Debug, Clone)]
+/// Why a write that proves lane ownership did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// A newer owner holds these lanes: nothing was written, and they are not ours any more.
+    #[error("fenced out of lanes {0:?} by a newer owner")]
+    Fenced(Vec<Lane>),
+    /// The store refused the content of some event (the batch is isolated event by event).
+    #[error("refused: {0}")]
+    Content(String),
+    /// The store's circuit is open: not tried, retry later.
+    #[error("circuit open")]
+    CircuitOpen,
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+}
+
+pub type WriteFut<'a, T> = BoxFuture<'a, Result<T, WriteError>>;
+
+/// A lane held, and the fencing token that proves it to the store.
+pub type Fence = (Lane, i64);
+
+/// An entry read from the queue: one lane's record batch, with its events in append order.
+#[derive(Debug, Clone, Default)]
 pub struct Delivery {
     pub lane: Lane,
     /// The entry's id in its lane (a stream id, or the embedded queue's row id).
     pub id: String,
     pub events: Vec<Event>,
+    /// Handed out before (taken over, or after an error): some of its events may be stored.
+    pub redelivered: bool,
+    /// Set when the entry cannot be read back (its events are then empty).
+    pub unreadable: Option<Unreadable>,
 }
 
-/// Which lanes a reader takes entries from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lanes {
-    All,
-    Critical,
-    Routine,
+/// An entry that does not decode: why, its raw body, and how many events it counted.
+#[derive(Debug, Clone, Default)]
+pub struct Unreadable {
+    pub detail: String,
+    pub body: Vec<u8>,
+    pub events: u64,
 }
 
-impl Lanes {
-    pub fn includes(self, lane: Lane) -> bool {
-        match self {
-            Lanes::All => true,
-            Lanes::Critical => lane == Lane::Critical,
-            Lanes::Routine => lane != Lane::Critical,
+impl Delivery {
+    /// The events the entry counts in the loss accounting.
+    pub fn count(&self) -> u64 {
+        match &self.unreadable {
+            Some(u) => u.events,
+            None => self.events.len() as u64,
         }
+    }
+
+    /// The dead letter of an entry that cannot be read back (`bad_entry`, its raw body kept).
+    pub fn unreadable_letter(&self) -> Option<DeadLetter> {
+        let u = self.unreadable.as_ref()?;
+        Some(DeadLetter {
+            reason: crate::event::Reason::BadEntry.as_str(),
+            detail: format!("{} (lane {}, entry {})", u.detail, self.lane, self.id),
+            topic: String::new(),
+            payload: u.body.clone(),
+            source: "worker",
+            at_ms: crate::event::now_us() / 1000,
+        })
     }
 }
 
-/// The durable buffer between the ingest and the workers.
+/// The durable buffer between the intakes and the workers.
 ///
 /// Contract (checked by the conformance suite): `append` returns only once the events and dead
-/// letters are durable; `read` hands out each appended entry to one reader, the critical lane's
-/// before any routine lane's, each lane in append order (so a sensor's events in order); an
-/// entry stays pending until `ack`, and a reader opened later (after a crash) gets the pending
-/// entries again before anything new; the depths count the events appended and not acknowledged.
+/// letters are durable; readers hand out each appended entry to one of them, the critical
+/// lane's before any routine lane's, each lane in append order (so a sensor's events in order);
+/// an entry stays pending until acknowledged, and a reader opened later (after a crash) gets
+/// the pending entries again before anything new; the depths count the events appended and not
+/// acknowledged.
 pub trait EventQueue: Send + Sync {
     /// The queue's name as a dependency (`redis` or `embedded`), for logs and metrics.
     fn name(&self) -> &'static str;
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()>;
-    /// Up to about `max` entries of the chosen lanes, critical lane first.
-    fn read(&self, lanes: Lanes, max: usize) -> Fut<'_, Vec<Delivery>>;
-    /// Acknowledge entries, counting what their write did in the loss accounting, and keep
-    /// `dead`, the letters of the events the write refused (past a cap), in the same step.
-    fn ack<'a>(
-        &'a self,
-        done: &'a [Delivery],
-        written: &'a Written,
-        dead: &'a [DeadLetter],
-    ) -> Fut<'a, ()>;
+    /// A reader for one consumer, `consumer` naming it (unique among live and past ones).
+    fn reader(&self, consumer: &str) -> Box<dyn Reader>;
     /// Events appended and not yet acknowledged, per lane.
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>>;
     /// Lanes, dead letters, consumers and the loss accounting (`hearth status`).
@@ -101,6 +124,59 @@ pub trait EventQueue: Send + Sync {
     fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>>;
     /// Whether the queue answers, by name (`redis` or `embedded`).
     fn ready(&self) -> Fut<'_, (&'static str, bool)>;
+    /// Remove the dead letters past their retention (age, count); how many went.
+    fn expire_dead_letters(&self) -> Fut<'_, u64>;
+}
+
+/// One consumer's reading of the queue.
+///
+/// Contract: `read` hands out entries of the given lanes only: first the pending entries of a
+/// lane this reader has not read yet or was told to [`retake`](Reader::retake) (marked
+/// `redelivered`), oldest first; then new entries, critical first, waiting up to `wait` for some.
+/// An entry stays pending, and is handed out again to a later reader, until `ack` or `give_up`.
+pub trait Reader: Send + Sync {
+    /// About `max` events' worth of entries.
+    fn read<'a>(
+        &'a mut self,
+        lanes: &'a [Lane],
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Fut<'a, Vec<Delivery>>;
+    /// Hand out the lane's pending entries again before anything new (after an error, or on
+    /// taking the lane over).
+    fn retake(&mut self, lane: Lane);
+    /// Acknowledge entries, counting what their write did in the loss accounting, and keep
+    /// `dead`, the letters of the events the write refused (past a cap), in the same step.
+    fn ack<'a>(
+        &'a mut self,
+        done: &'a [Delivery],
+        written: &'a Written,
+        dead: &'a [DeadLetter],
+    ) -> Fut<'a, ()>;
+    /// How many times the entry was handed out.
+    fn deliveries<'a>(&'a mut self, entry: &'a Delivery) -> Fut<'a, u64>;
+    /// Give up on an entry that failed for its content: acknowledge it and keep its `letters`,
+    /// in one step; its events count as dead-lettered.
+    fn give_up<'a>(&'a mut self, entry: &'a Delivery, letters: &'a [DeadLetter]) -> Fut<'a, ()>;
+}
+
+/// Which lanes a consumer holds.
+///
+/// Contract: at most one consumer at a time holds a lane (a lease on the servers, checked again
+/// by the store against the lane's fencing token, so a consumer that lost its lane while paused
+/// cannot write to it); the consumers of a pool share its lanes fairly; a lane whose holder is
+/// gone is taken by another within the lease time. Embedded: one process, every lane held.
+pub trait Ownership: Send + Sync {
+    /// Hold a fair share of the pool's lanes; returns the lanes newly taken.
+    fn rebalance(&mut self) -> Fut<'_, Vec<Lane>>;
+    /// The lanes held now, with their fences (a lane whose lease was found lost is gone).
+    fn held(&mut self) -> Vec<Fence>;
+    /// A newer owner fenced this consumer out of `lanes`.
+    fn lost(&mut self, lanes: &[Lane]);
+    /// How often `rebalance` runs (and a consumer holding nothing waits).
+    fn period(&self) -> std::time::Duration;
+    /// Hand every lane back (stopping), so that the next owner need not wait for the lease.
+    fn release(&mut self) -> Fut<'_, ()>;
 }
 
 /// What a write did.
@@ -172,31 +248,28 @@ pub struct HistoryQuery {
     pub limit: i64,
 }
 
-/// Where events, sensors, alerts and tokens are kept.
+/// Where events, sensors and tokens are kept.
 ///
 /// Contract: a sensor is (house, sensor); `write` is idempotent on the dedup key ((house,
 /// sensor, kind, seq), else the ingest id): writing a batch again stores nothing twice, and it
-/// stores nothing past the caps (reported in [`Written::capped`]); history is newest first by
-/// (ts, id); one open alert per (house, sensor, rule); acknowledging is idempotent and refused
-/// for a cleared alert; a token's house is known only until it expires or is revoked.
+/// stores nothing past the caps (reported in [`Written::capped`]); a write whose fences are not
+/// all current writes nothing ([`WriteError::Fenced`]); history is newest first by (ts, id); a
+/// token's house is known only until it expires or is revoked.
 pub trait EventStore: Send + Sync {
-    fn write<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, Written>;
+    /// Store events, proving the lanes they come from are held (`fences`; none for a writer
+    /// that owns no lanes). `redelivered`: some may be stored already.
+    fn write<'a>(
+        &'a self,
+        fences: &'a [Fence],
+        events: &'a [&'a Event],
+        redelivered: bool,
+    ) -> WriteFut<'a, Written>;
     /// Houses with their sensor count (`only`: just that one).
     fn houses<'a>(&'a self, only: Option<&'a str>) -> Fut<'a, Vec<HouseView>>;
     fn sensors<'a>(&'a self, house: &'a str) -> Fut<'a, Vec<SensorRow>>;
     fn sensor<'a>(&'a self, house: &'a str, sensor: &'a str) -> Fut<'a, Option<SensorRow>>;
     /// Up to `limit` rows, newest first.
     fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>>;
-    fn alerts<'a>(
-        &'a self,
-        house: Option<&'a str>,
-        state: Option<AlertState>,
-        limit: i64,
-    ) -> Fut<'a, Vec<Alert>>;
-    fn alert(&self, id: i64) -> Fut<'_, Option<Alert>>;
-    /// The alert after the acknowledgement, and whether it changed.
-    fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>>;
-    fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()>;
     /// The house of a token, by its SHA-256 (none once expired or revoked).
     fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>>;
     /// Keep a token (its hash) for `house`, under the public id `id`, until `expires_at` (epoch
@@ -214,6 +287,48 @@ pub trait EventStore: Send + Sync {
     fn revoke<'a>(&'a self, id: &'a str) -> Fut<'a, bool>;
     /// Whether the store answers, by name (`postgres` or `embedded`).
     fn ready(&self) -> Fut<'_, (&'static str, bool)>;
+    /// Whether writes are paused for now (a circuit open): work that needs the store waits.
+    fn is_paused(&self) -> bool {
+        false
+    }
+}
+
+/// Alerts and the rules' state: what the rules engine loads and writes, what the API lists and
+/// acknowledges, and the offline sweep.
+///
+/// Contract: one open alert per (house, sensor, rule); a transition is written with the rule
+/// states it changed, in one step, fenced like the batch it came from; an alert whose last
+/// transition was not marked pushed is listed by `unpushed` for its lane until it is; the sweep
+/// raises `offline` once per silent sensor; acknowledging is idempotent and refused for a
+/// cleared alert.
+pub trait AlertStore: Send + Sync {
+    /// The stored rule state of these sensors (open alerts included).
+    fn load_states<'a>(
+        &'a self,
+        sensors: &'a [SensorKey],
+    ) -> Fut<'a, Vec<(SensorKey, String, State)>>;
+    /// Write an evaluation's transitions and changed states; the alerts as they are after each
+    /// transition that took effect.
+    fn write_outcome<'a>(
+        &'a self,
+        fences: &'a [Fence],
+        outcome: &'a Outcome,
+    ) -> WriteFut<'a, Vec<Alert>>;
+    /// Alerts of `lane` whose last transition was not pushed yet, oldest first.
+    fn unpushed(&self, lane: Lane) -> Fut<'_, Vec<Alert>>;
+    fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()>;
+    /// Declare offline the sensors silent for longer than the offline rule allows; the alerts
+    /// raised.
+    fn sweep_offline(&self) -> Fut<'_, Vec<Alert>>;
+    fn list<'a>(
+        &'a self,
+        house: Option<&'a str>,
+        state: Option<AlertState>,
+        limit: i64,
+    ) -> Fut<'a, Vec<Alert>>;
+    fn get(&self, id: i64) -> Fut<'_, Option<Alert>>;
+    /// The alert after the acknowledgement, and whether it changed.
+    fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>>;
 }
 
 /// The latest value of each (house, sensor, kind).
@@ -236,26 +351,69 @@ pub trait LatestCache: Send + Sync {
 /// Contract: every subscriber gets every message published after it subscribed, in publish
 /// order; a message is a JSON object with `type` and `house_id`.
 pub trait FanOut: Send + Sync {
-    fn publish(&self, message: String) -> Fut<'_, ()>;
-    /// Push an alert transition: to WebSocket clients, and to the webhooks of its severity.
-    fn push_alert<'a>(
-        &'a self,
-        rules: &'a crate::alerts::rules::RuleSet,
-        alert: &'a Alert,
-    ) -> Fut<'a, ()>;
+    /// Publish messages, in order.
+    fn publish<'a>(&'a self, messages: &'a [String]) -> Fut<'a, ()>;
+    /// Push alert transitions: to WebSocket clients, and to the webhooks of their severity.
+    fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()>;
     /// A receiver of every message published from now on (it reconnects as needed).
     fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>>;
     /// Tell the workers which houses' events someone watches (`*`: all), for `ttl_ms`.
     fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()>;
+    /// The houses someone watches now (`*`: all).
+    fn watched(&self) -> Fut<'_, std::collections::HashSet<String>>;
 }
 
-/// The four seams of one backend, as the API and the embedded runtime hold them.
+/// The shared seams of one backend, as the API, the intakes and the tools hold them.
 #[derive(Clone)]
 pub struct Seams {
-    pub queue: std::sync::Arc<dyn EventQueue>,
-    pub store: std::sync::Arc<dyn EventStore>,
-    pub cache: std::sync::Arc<dyn LatestCache>,
-    pub fanout: std::sync::Arc<dyn FanOut>,
+    pub queue: Arc<dyn EventQueue>,
+    pub store: Arc<dyn EventStore>,
+    pub alerts: Arc<dyn AlertStore>,
+    pub cache: Arc<dyn LatestCache>,
+    pub fanout: Arc<dyn FanOut>,
+}
+
+/// What one consumer of the worker works with: its own reader and lane ownership, and the
+/// store and alert store it writes through (a connection of its own on the servers).
+pub struct Parts {
+    pub reader: Box<dyn Reader>,
+    pub ownership: Box<dyn Ownership>,
+    pub store: Arc<dyn EventStore>,
+    pub alerts: Arc<dyn AlertStore>,
+}
+
+/// A backend: its seams, and a consumer's own parts.
+pub trait Backend: Send + Sync {
+    fn seams(&self) -> &Seams;
+    /// The parts of a consumer of `pool`, named `name`.
+    fn consumer(&self, pool: Pool, name: &str) -> Result<Parts, Unavailable>;
+    /// Routine consumers per worker process (the critical lane has one of its own).
+    fn routine_consumers(&self) -> usize;
+    /// Tasks a worker process runs beside its consumers (retention, shared circuit states).
+    fn background(&self, shutdown: &crate::shutdown::Shutdown) -> Vec<tokio::task::JoinHandle<()>>;
+}
+
+/// A set of lanes shared out among the consumers that serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Routine,
+    Critical,
+}
+
+impl Pool {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Routine => "routine",
+            Pool::Critical => "critical",
+        }
+    }
+
+    pub fn lanes(self, shards: u16) -> Vec<Lane> {
+        match self {
+            Pool::Critical => vec![Lane::Critical],
+            Pool::Routine => Lane::routine(shards).collect(),
+        }
+    }
 }
 
 /// The cached JSON of an event, as both caches store it.

@@ -9,12 +9,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth::alerts::rules::RuleSet;
 use hearth::config::Config;
 use hearth::dead_letter::DeadLetter;
 use hearth::dlq::Filter;
 use hearth::event::{Event, Reason, Rejection};
 use hearth::lane::Lane;
-use hearth::seam::{EventQueue, HistoryQuery, Lanes, Seams, Written};
+use hearth::seam::{Delivery, EventQueue, HistoryQuery, Reader, Seams, Written};
 use support::*;
 
 const SHARDS: u16 = 4;
@@ -29,6 +30,7 @@ const CAPS: hearth::caps::Caps = hearth::caps::Caps {
 /// A backend under test, and what keeps its state alive (and cleans it up).
 struct Backend {
     seams: Seams,
+    backend: Arc<dyn hearth::seam::Backend>,
     /// Open a second queue handle on the same state: a reader started after a crash.
     reopen: Box<dyn Fn() -> futures_reopen::Reopen + Send + Sync>,
     _env: Env,
@@ -40,12 +42,8 @@ mod futures_reopen {
     >;
 }
 
-async fn servers(test: &str) -> Backend {
-    let env = Env::new(test);
-    hearth::servers::store::migrate(&env.database_url)
-        .await
-        .expect("migrate");
-    let config = Config {
+fn servers_config(env: &Env) -> Config {
+    Config {
         redis_url: REDIS.into(),
         redis_prefix: env.redis_prefix.clone(),
         database_url: env.database_url.clone(),
@@ -54,58 +52,80 @@ async fn servers(test: &str) -> Backend {
         max_sensors_per_house: CAPS.sensors_per_house,
         max_kinds_per_sensor: CAPS.kinds_per_sensor,
         ..Config::default()
-    };
-    let seams = hearth::servers::seams::open(&config).expect("open");
+    }
+}
+
+async fn servers(test: &str) -> Backend {
+    servers_with(test, Default::default(), |_| {}).await
+}
+
+async fn servers_with(test: &str, rules: Arc<RuleSet>, tune: impl FnOnce(&mut Config)) -> Backend {
+    let env = Env::new(test);
+    hearth::servers::store::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    let mut config = servers_config(&env);
+    tune(&mut config);
+    let servers = hearth::servers::Servers::open(Arc::new(config), rules).expect("open");
+    let seams = hearth::seam::Backend::seams(&servers).clone();
     let prefix = env.redis_prefix.clone();
     let reopen = move || -> futures_reopen::Reopen {
         let prefix = prefix.clone();
         Box::pin(async move {
             let queue = hearth::servers::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
-            Arc::new(hearth::servers::seams::RedisQueue::new(
-                queue, REDIS, "second",
-            )) as Arc<dyn EventQueue>
+            Arc::new(hearth::servers::reader::RedisQueue::new(queue, REDIS)) as Arc<dyn EventQueue>
         })
     };
     Backend {
         seams,
+        backend: Arc::new(servers),
         reopen: Box::new(reopen),
         _env: env,
     }
 }
 
 async fn embedded(test: &str) -> Backend {
+    embedded_with(test, Default::default()).await
+}
+
+async fn embedded_with(test: &str, rules: Arc<RuleSet>) -> Backend {
     let env = Env::embedded(test);
     let dir = env.scratch.0.join("data");
-    let opened = hearth::embedded::Embedded::open(
-        &dir,
-        SHARDS,
-        0,
-        &Default::default(),
-        CAPS,
-        Default::default(),
-    )
-    .await
-    .expect("open");
+    let opened =
+        hearth::embedded::Embedded::open(&dir, SHARDS, 0, rules.clone(), CAPS, Default::default())
+            .await
+            .expect("open");
     let reopen = move || -> futures_reopen::Reopen {
         let dir = dir.clone();
+        let rules = rules.clone();
         Box::pin(async move {
-            let again = hearth::embedded::Embedded::open(
-                &dir,
-                SHARDS,
-                0,
-                &Default::default(),
-                CAPS,
-                Default::default(),
-            )
-            .await
-            .expect("reopen");
-            again.seams.queue
+            let again =
+                hearth::embedded::Embedded::open(&dir, SHARDS, 0, rules, CAPS, Default::default())
+                    .await
+                    .expect("reopen");
+            again.seams.queue.clone()
         })
     };
     Backend {
-        seams: opened.seams,
+        seams: opened.seams.clone(),
+        backend: Arc::new(opened),
         reopen: Box::new(reopen),
         _env: env,
+    }
+}
+
+/// Read `lanes` until a read hands out nothing (each read waits at most a moment).
+async fn drain(r: &mut Box<dyn Reader>, lanes: &[Lane], max: usize) -> Vec<Delivery> {
+    let mut all = Vec::new();
+    loop {
+        let got = r
+            .read(lanes, max, Duration::from_millis(50))
+            .await
+            .expect("read");
+        if got.is_empty() {
+            return all;
+        }
+        all.extend(got);
     }
 }
 
@@ -151,30 +171,33 @@ async fn queue_suite(b: Backend) {
     assert_eq!(depth, 16, "depth counts every appended event");
 
     // The critical lane alone, then the rest; the critical entry comes first either way.
-    let critical = q.read(Lanes::Critical, 100).await.expect("read critical");
+    let routine: Vec<Lane> = Lane::routine(SHARDS).collect();
+    let mut r = q.reader("one");
+    let critical = drain(&mut r, &[Lane::Critical], 100).await;
     assert_eq!(critical.len(), 1);
     assert_eq!(critical[0].lane, Lane::Critical);
-    let first = q.read(Lanes::All, 1).await.expect("read");
-    assert!(
-        first.iter().all(|d| d.lane != Lane::Critical),
-        "handed out once"
-    );
+    let first = r
+        .read(&routine, 1, Duration::from_millis(50))
+        .await
+        .expect("read");
     assert!(!first.is_empty());
-    let rest = q.read(Lanes::All, 1000).await.expect("read more");
+    let rest = drain(&mut r, &routine, 1000).await;
     let all: Vec<_> = first.iter().chain(&rest).cloned().collect();
     for s in ["a", "b", "c"] {
         assert_eq!(seqs_of(&all, s), vec![1, 2, 3, 4, 5], "sensor {s} in order");
     }
     assert!(
-        q.read(Lanes::All, 1000).await.expect("read").is_empty(),
+        drain(&mut r, &routine, 1000).await.is_empty(),
         "nothing is handed out twice"
     );
+    assert_eq!(r.deliveries(&critical[0]).await.expect("deliveries"), 1);
 
-    // Acknowledge the critical entry and the first read; a reader opened later gets the rest.
-    q.ack(&critical, &Written::default(), &[])
+    // Acknowledge the critical entry and the first read; a reader opened later gets the rest,
+    // marked redelivered.
+    r.ack(&critical, &Written::default(), &[])
         .await
         .expect("ack");
-    q.ack(
+    r.ack(
         &first,
         &Written {
             stored: 1,
@@ -185,15 +208,21 @@ async fn queue_suite(b: Backend) {
     .await
     .expect("ack");
     let later = (b.reopen)().await;
-    let again = later
-        .read(Lanes::All, 1000)
-        .await
-        .expect("read after crash");
+    let mut r2 = later.reader("second");
+    let again = drain(&mut r2, &routine, 1000).await;
     let mut ids: Vec<&str> = again.iter().map(|d| d.id.as_str()).collect();
     let mut expected: Vec<&str> = rest.iter().map(|d| d.id.as_str()).collect();
     ids.sort();
     expected.sort();
     assert_eq!(ids, expected, "pending entries are delivered again");
+    assert!(
+        again.iter().all(|d| d.redelivered),
+        "and marked redelivered"
+    );
+    assert!(
+        drain(&mut r2, &[Lane::Critical], 100).await.is_empty(),
+        "acknowledged"
+    );
     // Acknowledged with the dead letter of an event its write refused (past a cap).
     let refused = DeadLetter::of_events(
         &[&again[0].events[0]],
@@ -205,7 +234,7 @@ async fn queue_suite(b: Backend) {
         capped: vec![(0, Rejection::new(Reason::TooManyKinds, "too many kinds"))],
         ..Written::default()
     };
-    later.ack(&again, &written, &[refused]).await.expect("ack");
+    r2.ack(&again, &written, &[refused]).await.expect("ack");
     let depth: u64 = q.depths().await.expect("depths").iter().map(|d| d.1).sum();
     assert_eq!(depth, 0);
     let status = q.status().await.expect("status");
@@ -263,9 +292,9 @@ async fn store_suite(b: Backend) {
         .map(|i| event("house-1", "kitchen", "temperature", i, 10_000 + i))
         .collect();
     let refs: Vec<&Event> = batch.iter().collect();
-    let w = s.write(&refs).await.expect("write");
+    let w = s.write(&[], &refs, true).await.expect("write");
     assert_eq!((w.stored, w.duplicates), (3, 0));
-    let w = s.write(&refs).await.expect("write again");
+    let w = s.write(&[], &refs, true).await.expect("write again");
     assert_eq!(
         (w.stored, w.duplicates),
         (0, 3),
@@ -278,7 +307,7 @@ async fn store_suite(b: Backend) {
     a.ingest_id = Some(uuid::Uuid::new_v4());
     let mut other = a.clone();
     other.ingest_id = Some(uuid::Uuid::new_v4());
-    let w = s.write(&[&a, &a, &other]).await.expect("write");
+    let w = s.write(&[], &[&a, &a, &other], true).await.expect("write");
     assert_eq!((w.stored, w.duplicates), (2, 1));
 
     // Another house's `kitchen` is another sensor: its seq 1..3 are not duplicates, and it
@@ -287,7 +316,7 @@ async fn store_suite(b: Backend) {
         .map(|i| event("house-2", "kitchen", "humidity", i, 10_000 + i))
         .collect();
     let w = s
-        .write(&theirs.iter().collect::<Vec<_>>())
+        .write(&[], &theirs.iter().collect::<Vec<_>>(), true)
         .await
         .expect("write");
     assert_eq!((w.stored, w.duplicates), (3, 0));
@@ -373,7 +402,7 @@ async fn store_suite(b: Backend) {
     .map(|(h, sensor, kind)| event(h, sensor, kind, 1, 30_000))
     .collect();
     let w = s
-        .write(&over.iter().collect::<Vec<_>>())
+        .write(&[], &over.iter().collect::<Vec<_>>(), true)
         .await
         .expect("write");
     let capped: Vec<(usize, &str)> = w
@@ -393,7 +422,7 @@ async fn store_suite(b: Backend) {
     assert_eq!(s.sensor("house-1", "attic").await.expect("sensor"), None);
     // Written again (a redelivery): the same refused, nothing stored twice.
     let w = s
-        .write(&over.iter().collect::<Vec<_>>())
+        .write(&[], &over.iter().collect::<Vec<_>>(), true)
         .await
         .expect("write");
     assert_eq!((w.stored, w.duplicates, w.capped.len()), (0, 4, 3));
@@ -431,8 +460,15 @@ async fn store_suite(b: Backend) {
     assert!(s.revoke(&id).await.expect("revoke"));
     assert!(!s.revoke(&id).await.expect("revoke again"));
     assert_eq!(s.token_house(&hash).await.expect("lookup"), None, "revoked");
-    assert!(s.alerts(None, None, 10).await.expect("alerts").is_empty());
-    assert_eq!(s.acknowledge(42, "admin").await.expect("ack"), None);
+    let alerts = &b.seams.alerts;
+    assert!(
+        alerts
+            .list(None, None, 10)
+            .await
+            .expect("alerts")
+            .is_empty()
+    );
+    assert_eq!(alerts.acknowledge(42, "admin").await.expect("ack"), None);
     assert!(s.ready().await.expect("ready").1);
 }
 
@@ -511,9 +547,8 @@ async fn fanout_suite(b: Backend) {
     let mut two = f.subscribe().await.expect("subscribe");
     for i in 0..3 {
         let m = serde_json::json!({"type": "events", "house_id": "h", "n": i}).to_string();
-        f.publish(m).await.expect("publish");
+        f.publish(&[m]).await.expect("publish");
     }
-    let rules = hearth::alerts::rules::RuleSet::default();
     let alert = hearth::alerts::Alert {
         id: 7,
         house_id: "h".into(),
@@ -531,7 +566,7 @@ async fn fanout_suite(b: Backend) {
         cleared_at: None,
         cleared_by: None,
     };
-    f.push_alert(&rules, &alert).await.expect("push");
+    f.push_alerts(&[alert]).await.expect("push");
     for rx in [&mut one, &mut two] {
         let mut got = Vec::new();
         for _ in 0..4 {
@@ -604,7 +639,7 @@ async fn dead_letters_expire_embedded() {
         &env.scratch.0.join("data"),
         SHARDS,
         0,
-        &Default::default(),
+        Default::default(),
         CAPS,
         hearth::dead_letter::Retention {
             max_age_ms: 3_600_000,
@@ -648,7 +683,7 @@ async fn latest_values_read_in_from_the_embedded_store_keep_the_order() {
             &dir,
             SHARDS,
             0,
-            &Default::default(),
+            Default::default(),
             CAPS,
             Default::default(),
         )
@@ -663,7 +698,7 @@ async fn latest_values_read_in_from_the_embedded_store_keep_the_order() {
     let w = first
         .seams
         .store
-        .write(&[&ahead, &next, &old])
+        .write(&[], &[&ahead, &next, &old], true)
         .await
         .expect("write");
     assert_eq!(w.stored, 3);
@@ -680,4 +715,312 @@ async fn latest_values_read_in_from_the_embedded_store_keep_the_order() {
     assert_eq!(t["seq"], 2, "the reading stamped ahead counts as received");
     let h: serde_json::Value = serde_json::from_str(&latest["humidity"]).expect("json");
     assert_eq!(h["seq"], 1, "every kind is found");
+}
+
+// ---- the reader: retake and give up -----------------------------------------------------------
+
+async fn reader_suite(b: Backend) {
+    let q = &b.seams.queue;
+    let batch: Vec<Event> = (1..=3)
+        .map(|i| event("h", "s", "temperature", i, 1_000 + i))
+        .collect();
+    for e in &batch {
+        q.append(&[e], &[]).await.expect("append");
+    }
+    let lane = Lane::for_event(&batch[0], SHARDS);
+    let mut r = q.reader("retaker");
+    let first = drain(&mut r, &[lane], 100).await;
+    assert_eq!(seqs_of(&first, "s"), [1, 2, 3]);
+    assert!(first.iter().all(|d| !d.redelivered), "new entries");
+    // Taken again (after an error): the same entries, in order, marked redelivered, counted.
+    r.retake(lane);
+    let again = drain(&mut r, &[lane], 100).await;
+    assert_eq!(seqs_of(&again, "s"), [1, 2, 3]);
+    assert!(again.iter().all(|d| d.redelivered));
+    assert_eq!(r.deliveries(&again[0]).await.expect("deliveries"), 2);
+    // Given up for its content: gone from the queue with its letter, in one step.
+    let letter = DeadLetter::of_events(
+        &[&again[0].events[0]],
+        &[Rejection::new(Reason::OutOfRange, "a test")],
+        "a test",
+    )
+    .expect("a letter");
+    r.give_up(&again[0], &[letter]).await.expect("give up");
+    r.ack(&again[1..], &Written::default(), &[])
+        .await
+        .expect("ack");
+    r.retake(lane);
+    assert!(drain(&mut r, &[lane], 100).await.is_empty(), "none left");
+    let status = q.status().await.expect("status");
+    assert_eq!(status.events.in_flight, 0);
+    assert_eq!(status.events.dead_lettered, 1);
+    let letters = q.dead_letters(&Filter::default()).await.expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "out_of_range");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_on_redis() {
+    reader_suite(servers("conf_reader").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_embedded() {
+    reader_suite(embedded("conf_reader_e").await).await;
+}
+
+// ---- ownership and fencing ----------------------------------------------------------------------
+
+/// A consumer alone holds every lane of its pool, with fences its writes pass.
+async fn ownership_suite(b: &Backend) -> hearth::seam::Parts {
+    let mut c = b
+        .backend
+        .consumer(hearth::seam::Pool::Routine, "owner-1")
+        .expect("consumer");
+    let taken = c.ownership.rebalance().await.expect("rebalance");
+    let routine: Vec<Lane> = Lane::routine(SHARDS).collect();
+    assert_eq!(taken.len(), routine.len(), "alone, it takes every lane");
+    let held = c.ownership.held();
+    let mut lanes: Vec<Lane> = held.iter().map(|f| f.0).collect();
+    lanes.sort();
+    assert_eq!(lanes, routine);
+    assert!(
+        c.ownership.rebalance().await.expect("again").is_empty(),
+        "nothing newly taken"
+    );
+    let e = event("h", "s", "temperature", 1, 1_000);
+    let w = c.store.write(&held, &[&e], false).await.expect("write");
+    assert_eq!(w.stored, 1);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_embedded() {
+    let b = embedded("conf_own_e").await;
+    let mut c = ownership_suite(&b).await;
+    c.ownership.release().await.expect("release");
+}
+
+/// A consumer that lost its lanes (here: handed back, as after a pause past the lease) writes
+/// nothing with its old fences, events or alerts; the new owner's writes count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_and_fencing_on_the_servers() {
+    let b = servers_with("conf_own", alert_rules(), |_| {}).await;
+    let mut old = ownership_suite(&b).await;
+    let stale = old.ownership.held();
+    old.ownership.release().await.expect("release");
+    let mut new = b
+        .backend
+        .consumer(hearth::seam::Pool::Routine, "owner-2")
+        .expect("consumer");
+    assert_eq!(
+        new.ownership.rebalance().await.expect("rebalance").len(),
+        SHARDS as usize
+    );
+    let e = event("h", "s", "temperature", 2, 2_000);
+    match old.store.write(&stale, &[&e], false).await {
+        Err(hearth::seam::WriteError::Fenced(lost)) => assert!(!lost.is_empty()),
+        other => panic!("a stale fence must be refused, got {other:?}"),
+    }
+    let smoke = event("h", "s", "smoke", 3, 3_000);
+    let outcome = evaluate(&b, &[&smoke]).await;
+    match old.alerts.write_outcome(&stale, &outcome).await {
+        Err(hearth::seam::WriteError::Fenced(_)) => {}
+        other => panic!("a stale fence must be refused, got {other:?}"),
+    }
+    let history = |b: &Backend| {
+        let store = b.seams.store.clone();
+        async move {
+            store
+                .history(&HistoryQuery {
+                    house: "h".into(),
+                    sensor: "s".into(),
+                    limit: 10,
+                    ..HistoryQuery::default()
+                })
+                .await
+                .expect("history")
+                .len()
+        }
+    };
+    assert_eq!(history(&b).await, 1, "the stale write stored nothing");
+    assert!(
+        b.seams
+            .alerts
+            .list(None, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let held = new.ownership.held();
+    let w = new.store.write(&held, &[&e], false).await.expect("write");
+    assert_eq!(w.stored, 1);
+    let raised = new
+        .alerts
+        .write_outcome(&held, &outcome)
+        .await
+        .expect("alerts");
+    assert_eq!(raised.len(), 1);
+    new.ownership.release().await.expect("release");
+}
+
+// ---- the alert store --------------------------------------------------------------------------
+
+fn alert_rules() -> Arc<RuleSet> {
+    Arc::new(
+        RuleSet::parse(
+            r#"
+            [[rule]]
+            name = "smoke"
+            type = "boolean"
+            kinds = ["smoke"]
+            severity = "critical"
+            message = "Smoke"
+
+            [[rule]]
+            name = "offline"
+            type = "offline"
+            multiple = 1.0
+            min_silence = "10m"
+            severity = "warning"
+            message = "Sensor offline"
+            "#,
+        )
+        .expect("rules"),
+    )
+}
+
+/// What the rules make of `events`, from the rule states the store holds (as a worker that just
+/// took the lane over would see them).
+async fn evaluate(b: &Backend, events: &[&Event]) -> hearth::alerts::engine::Outcome {
+    let mut engine = hearth::alerts::engine::Engine::new(alert_rules());
+    let keys = engine.to_load(events);
+    let stored = b.seams.alerts.load_states(&keys).await.expect("states");
+    engine.load(&keys, stored);
+    engine.evaluate(events)
+}
+
+async fn alerts_suite(b: Backend) {
+    let a = &b.seams.alerts;
+    let smoke = |house: &str, value: f64, seq: i64| {
+        let mut e = event(house, "detector", "smoke", seq, 10_000 + seq);
+        e.value = value;
+        e
+    };
+    // The same sensor id in two houses: two alerts.
+    let (one, two) = (smoke("h1", 1.0, 1), smoke("h2", 1.0, 1));
+    let raised = a
+        .write_outcome(&[], &evaluate(&b, &[&one, &two]).await)
+        .await
+        .expect("raise");
+    assert_eq!(raised.len(), 2);
+    assert!(
+        raised
+            .iter()
+            .all(|x| x.state == hearth::alerts::AlertState::Active)
+    );
+    let id = |house: &str| {
+        raised
+            .iter()
+            .find(|x| x.house_id == house)
+            .expect("alert")
+            .id
+    };
+    // Raised again (a redelivery, or the alarm still sounding): still one open alert each.
+    let again = a
+        .write_outcome(&[], &evaluate(&b, &[&one, &two]).await)
+        .await
+        .expect("again");
+    assert!(again.is_empty(), "no second alert: {again:?}");
+    assert_eq!(a.list(None, None, 10).await.expect("list").len(), 2);
+
+    // Unpushed until marked pushed, on the lane of the events that raised them.
+    let lane = Lane::for_event(&one, SHARDS);
+    assert_eq!(a.unpushed(lane).await.expect("unpushed").len(), 2);
+    a.mark_pushed(&raised).await.expect("pushed");
+    assert!(a.unpushed(lane).await.expect("unpushed").is_empty());
+
+    // Acknowledged once; again changes nothing; the other house's alert is untouched.
+    let (acked, changed) = a
+        .acknowledge(id("h1"), "admin")
+        .await
+        .expect("ack")
+        .expect("found");
+    assert!(changed);
+    assert_eq!(acked.state, hearth::alerts::AlertState::Acknowledged);
+    assert_eq!(acked.acknowledged_by.as_deref(), Some("admin"));
+    let (_, changed) = a
+        .acknowledge(id("h1"), "admin")
+        .await
+        .expect("ack")
+        .expect("found");
+    assert!(!changed, "idempotent");
+    let h2 = a.get(id("h2")).await.expect("get").expect("found");
+    assert_eq!(h2.state, hearth::alerts::AlertState::Active);
+    let active = a
+        .list(None, Some(hearth::alerts::AlertState::Active), 10)
+        .await
+        .expect("list");
+    assert_eq!(active.iter().map(|x| x.id).collect::<Vec<_>>(), [id("h2")]);
+    let mine = a.list(Some("h1"), None, 10).await.expect("list");
+    assert_eq!(mine.iter().map(|x| x.id).collect::<Vec<_>>(), [id("h1")]);
+
+    // Cleared by a reading (the new rule state loaded from the store), then not acknowledged.
+    let clear = smoke("h2", 0.0, 2);
+    let cleared = a
+        .write_outcome(&[], &evaluate(&b, &[&clear]).await)
+        .await
+        .expect("clear");
+    assert_eq!(cleared.len(), 1);
+    assert_eq!(cleared[0].id, id("h2"));
+    assert_eq!(cleared[0].state, hearth::alerts::AlertState::Cleared);
+    let (after, changed) = a
+        .acknowledge(id("h2"), "admin")
+        .await
+        .expect("ack")
+        .expect("found");
+    assert!(!changed, "a cleared alert is not acknowledged");
+    assert_eq!(after.state, hearth::alerts::AlertState::Cleared);
+    // Raised again after clearing: a new alert.
+    let back = smoke("h2", 1.0, 3);
+    let raised = a
+        .write_outcome(&[], &evaluate(&b, &[&back]).await)
+        .await
+        .expect("raise");
+    assert_eq!(raised.len(), 1);
+    assert_ne!(raised[0].id, id("h2"));
+    assert_eq!(a.get(424_242).await.expect("get"), None);
+
+    // The offline sweep: a sensor silent for an hour (its usual interval a second) raises one
+    // alert, once; the same sensor id heard just now in another house does not.
+    let now_us = hearth::event::now_us();
+    for (house, start_us) in [("h1", now_us - 3_600_000_000), ("h2", now_us)] {
+        for i in 0..3 {
+            let mut e = event(house, "thermo", "temperature", i, 1_000 + i);
+            e.received_us = start_us + i * 1_000_000;
+            b.seams.store.write(&[], &[&e], false).await.expect("write");
+        }
+    }
+    let swept = a.sweep_offline().await.expect("sweep");
+    let silent: Vec<(&str, &str, &str)> = swept
+        .iter()
+        .map(|x| (x.house_id.as_str(), x.sensor_id.as_str(), x.rule.as_str()))
+        .collect();
+    assert_eq!(silent, [("h1", "thermo", "offline")]);
+    assert!(a.sweep_offline().await.expect("sweep").is_empty(), "once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_on_postgres() {
+    // Every write records its sensors, as the embedded backend here (touch interval 0).
+    let b = servers_with("conf_alerts", alert_rules(), |c| {
+        c.sensor_touch_interval_ms = 0
+    })
+    .await;
+    alerts_suite(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_embedded() {
+    alerts_suite(embedded_with("conf_alerts_e", alert_rules()).await).await;
 }

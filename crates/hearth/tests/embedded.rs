@@ -562,7 +562,7 @@ async fn past_the_high_watermark_the_broker_holds_clients_and_loses_nothing() {
 /// handed out and counted, and a row that cannot be read back is dead-lettered, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_rows_are_never_stranded_or_silently_dropped() {
-    use hearth::seam::{Lanes, Written};
+    use hearth::seam::Written;
     let env = Env::embedded("emb_rows");
     let dir = env.scratch.0.join("data");
     {
@@ -570,7 +570,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
             &dir,
             16,
             0,
-            &Default::default(),
+            Default::default(),
             Default::default(),
             Default::default(),
         )
@@ -611,7 +611,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
         &dir,
         2,
         0,
-        &Default::default(),
+        Default::default(),
         Default::default(),
         Default::default(),
     )
@@ -620,10 +620,19 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let q = &e.seams.queue;
     let before = q.status().await.expect("status");
     assert_eq!(before.events.in_flight, 43, "every queued event is counted");
-    let got = q.read(Lanes::All, 1000).await.expect("read");
+    let mut r = q.reader("test");
+    let lanes: Vec<hearth::lane::Lane> = hearth::lane::Lane::routine(2).collect();
+    let got = r
+        .read(&lanes, 1000, std::time::Duration::from_millis(100))
+        .await
+        .expect("read");
+    let (got, unreadable): (Vec<_>, Vec<_>) = got.into_iter().partition(|d| d.unreadable.is_none());
     let events: usize = got.iter().map(|d| d.events.len()).sum();
     assert_eq!(events, 40, "every readable row is handed out");
-    q.ack(
+    assert_eq!(unreadable.len(), 1, "and the unreadable one, saying so");
+    let letter = unreadable[0].unreadable_letter().expect("a letter");
+    r.give_up(&unreadable[0], &[letter]).await.expect("give up");
+    r.ack(
         &got,
         &Written {
             stored: 40,

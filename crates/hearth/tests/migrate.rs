@@ -190,6 +190,58 @@ async fn sqlite_from_schema_3_keeps_every_house_s_data() {
     sqlite_from(3, "migrate_sqlite3").await;
 }
 
+/// Version 5 tracks which state of an alert was pushed: the alerts from before count as pushed
+/// (nobody is alerted twice by an upgrade), and the new ones are not until they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_4_counts_its_alerts_pushed() {
+    let env = Env::embedded("migrate_sqlite4");
+    let dir = env.scratch.0.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    {
+        let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+        for (v, sql) in &hearth::embedded::db::migrations()[..4] {
+            c.execute_batch(sql).expect("old schema");
+            c.pragma_update(None, "user_version", v).expect("version");
+        }
+        c.execute_batch(&format!(
+            "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state, message,
+                                 raised_at, raised_by)
+             VALUES ('h2', 'smoke1', 'smoke', 'smoke', 'critical', 'active', 'Smoke', {NOW_MS}, 'x'),
+                    ('h2', 'door', 'intrusion', 'alarm', 'critical', 'cleared', 'Alarm', {NOW_MS}, 'y');"
+        ))
+        .expect("version 4 data");
+    }
+    let e = hearth::embedded::Embedded::open(
+        &dir,
+        8,
+        0,
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("open and migrate");
+    for lane in std::iter::once(hearth::lane::Lane::Critical).chain(hearth::lane::Lane::routine(8))
+    {
+        let left = e.seams.alerts.unpushed(lane).await.expect("unpushed");
+        assert!(left.is_empty(), "{lane}: {left:?}");
+    }
+    assert_eq!(
+        e.seams
+            .alerts
+            .list(None, None, 10)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, 5);
+}
+
 /// A data folder as version `from` of the schema left it, with data, opened by this version.
 async fn sqlite_from(from: usize, name: &str) {
     let env = Env::embedded(name);
@@ -241,7 +293,7 @@ async fn sqlite_from(from: usize, name: &str) {
         &dir,
         8,
         0,
-        &Default::default(),
+        Default::default(),
         Default::default(),
         Default::default(),
     )
@@ -283,7 +335,7 @@ async fn sqlite_from(from: usize, name: &str) {
     let version: i64 = c
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .expect("version");
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let interval: Option<f64> = c
         .query_row(
             "SELECT interval_ms FROM sensors WHERE house_id = 'h2' AND sensor_id = 'kitchen'",

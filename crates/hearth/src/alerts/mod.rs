@@ -109,31 +109,12 @@ pub fn event_key(e: &crate::event::Event) -> String {
     }
 }
 
-/// Add to `pipe` the push of an alert transition: to WebSocket clients (`P:push`) and, when a
-/// webhook takes its severity, to the notifier (`P:notify`). Workers and the API both push
-/// through here.
-pub fn add_push(
-    pipe: &mut redis::Pipeline,
-    keys: &crate::servers::queue::Keys,
-    rules: &rules::RuleSet,
-    alert: &Alert,
-) {
-    if let Some(json) = alert_message(alert) {
-        pipe.cmd("PUBLISH").arg(keys.push()).arg(json).ignore();
-    }
-    if rules
+/// Whether a webhook takes alerts of this severity.
+pub fn has_webhook(rules: &rules::RuleSet, alert: &Alert) -> bool {
+    rules
         .webhooks
         .iter()
         .any(|w| w.severities.contains(&alert.severity))
-        && let Ok(json) = serde_json::to_string(alert)
-    {
-        pipe.cmd("XADD")
-            .arg(keys.notify())
-            .arg("*")
-            .arg("a")
-            .arg(json)
-            .ignore();
-    }
 }
 
 /// The push message of an alert transition.
@@ -170,7 +151,7 @@ pub fn event_messages(
         .collect()
 }
 
-/// A message to WebSocket clients, sent through Redis pub/sub (`P:push`).
+/// A message to WebSocket clients, through the fan-out.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Push {

@@ -36,67 +36,39 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The queue, store, cache and fan-out: the servers', or the embedded ones.
     pub seams: Seams,
-    /// The alert rules and webhooks, read once at start (an acknowledgement is pushed to the
-    /// webhooks of its severity).
-    pub rules: crate::alerts::rules::RuleSet,
     /// Who a token is (shared with the embedded broker).
     pub auth: Arc<crate::auth::Authenticator>,
     pub hub: Arc<ws::Hub>,
     /// The last (time, received, stored) read for `/pipeline`'s rates.
     pub last_counts: Mutex<Option<(Instant, u64, u64)>>,
-    /// HTTP ingestion's backpressure (its depth read by a task started with the first request).
-    pub gate: Arc<crate::intake::Gate>,
-    gate_watched: std::sync::Once,
+    /// `POST /events`: the intake every source shares (its gate shared with the process's
+    /// other intakes).
+    pub intake: crate::intake::Intake,
 }
 
 impl AppState {
-    /// The API on the configured servers.
+    /// The API on a backend's seams.
     pub fn new(
-        role: &'static str,
-        config: Arc<Config>,
-        admin_token: String,
-    ) -> Result<Arc<AppState>, crate::servers::queue::QueueError> {
-        let seams = crate::servers::seams::open(&config)?;
-        let auth = Arc::new(crate::auth::Authenticator::new(
-            admin_token,
-            seams.store.clone(),
-        ));
-        Ok(AppState::with_seams(role, config, auth, seams))
-    }
-
-    /// The API on any backend.
-    pub fn with_seams(
         role: &'static str,
         config: Arc<Config>,
         auth: Arc<crate::auth::Authenticator>,
         seams: Seams,
+        gate: Arc<crate::intake::Gate>,
     ) -> Arc<AppState> {
-        let gate = crate::intake::Gate::from_config(&config);
         Arc::new(AppState {
             role,
-            rules: crate::alerts::rules::RuleSet::load(&config.rules_file).unwrap_or_default(),
             hub: Arc::new(ws::Hub::new(seams.fanout.clone(), config.ws_client_buffer)),
+            intake: crate::intake::Intake::new(
+                seams.queue.clone(),
+                gate,
+                "http",
+                crate::codec::Limits::from_config(&config),
+            ),
             seams,
             config,
             auth,
             last_counts: Mutex::new(None),
-            gate,
-            gate_watched: std::sync::Once::new(),
         })
-    }
-}
-
-impl AppState {
-    /// HTTP ingestion's backpressure gate, measured from the first call on.
-    pub fn intake_gate(&self) -> &crate::intake::Gate {
-        self.gate_watched.call_once(|| {
-            tokio::spawn(
-                self.gate
-                    .clone()
-                    .watch(self.seams.queue.clone(), Shutdown::never()),
-            );
-        });
-        &self.gate
     }
 }
 

@@ -19,10 +19,9 @@ use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
 use crate::alerts::{Alert, AlertState};
-use crate::codec::{self, Limits};
-use crate::dead_letter::DeadLetter;
+use crate::codec;
 use crate::event::is_valid_id;
-use crate::metrics::METRICS;
+use crate::intake::Input;
 use crate::seam::HistoryQuery;
 
 /// The query string as pairs, percent-decoded; a malformed one is a 400.
@@ -161,7 +160,7 @@ pub async fn post_events(
     who: Principal,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let limits = Limits::from_config(&state.config);
+    let limits = state.intake.limits();
     // Past axum's own limit (2 MiB) the body is not even read.
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
@@ -173,7 +172,7 @@ pub async fn post_events(
             body.len()
         )));
     }
-    let items = codec::http::readings(&body, &limits).map_err(|r| match r.reason {
+    let items = codec::http::readings(&body, limits).map_err(|r| match r.reason {
         crate::event::Reason::TooManyReadings => ApiError::TooLarge(r.to_string()),
         _ => ApiError::BadRequest(r.to_string()),
     })?;
@@ -184,7 +183,7 @@ pub async fn post_events(
         }
     }
     let received_us = crate::event::now_us();
-    let (decoded, refused) = codec::http::events(&items, received_us, &limits);
+    let (decoded, refused) = codec::http::events(&items, received_us, limits);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for r in &decoded.rejections {
         *reasons.entry(r.reason.as_str().to_string()).or_default() += 1;
@@ -202,25 +201,18 @@ pub async fn post_events(
     // The letter keeps the refused readings only: replaying it sends them, not the stored ones.
     let refused_items: Vec<&Value> = refused.iter().filter_map(|i| items.get(*i)).collect();
     let raw = serde_json::to_vec(&refused_items).unwrap_or_default();
-    let dead = decoded.dead_letter("http", "http", &raw, received_us / 1000);
-    let events = decoded.events;
-    let routine = events.iter().filter(|e| !e.is_critical()).count() as u64;
-    let gate = state.intake_gate();
-    if routine > 0 && gate.is_closed() {
+    let input = Input::of(decoded, "http", "http", &raw, received_us / 1000);
+    if state.intake.holds(&input) {
         return Err(ApiError::Unavailable(
             "the queue is above its high watermark; retry shortly".into(),
         ));
     }
-    let event_refs: Vec<&crate::event::Event> = events.iter().collect();
-    let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
-    state.seams.queue.append(&event_refs, &dead_refs).await?;
-    crate::fault::hit("after_append");
-    gate.appended(routine);
-    METRICS.received.with("http").add(events.len() as u64);
+    state.intake.append(&[&input]).await?;
+    let accepted = input.events.len();
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
-            accepted: events.len(),
+            accepted,
             rejected: refused.len(),
             reasons,
             first_rejected,
@@ -523,8 +515,8 @@ pub async fn list_alerts(
     Ok(Json(
         state
             .seams
-            .store
-            .alerts(house.as_deref(), alert_state, limit)
+            .alerts
+            .list(house.as_deref(), alert_state, limit)
             .await?,
     ))
 }
@@ -550,8 +542,8 @@ pub async fn ack_alert(
         .ok()
         .filter(|i| *i > 0)
         .ok_or_else(|| ApiError::BadRequest("alert id must be a positive integer".into()))?;
-    let store = &state.seams.store;
-    let existing = store.alert(id).await?;
+    let store = &state.seams.alerts;
+    let existing = store.get(id).await?;
     match &existing {
         Some(a) if who.allows(&a.house_id) => {}
         _ => return Err(ApiError::NotFound(format!("no alert {id}"))),
@@ -563,7 +555,8 @@ pub async fn ack_alert(
         return Err(ApiError::Conflict(format!("alert {id} is already cleared")));
     }
     if changed {
-        state.seams.fanout.push_alert(&state.rules, &alert).await?;
+        let pushed = std::slice::from_ref(&alert);
+        state.seams.fanout.push_alerts(pushed).await?;
         store.mark_pushed(std::slice::from_ref(&alert)).await?;
     }
     Ok(Json(alert))

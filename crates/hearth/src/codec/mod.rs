@@ -78,8 +78,7 @@ impl Decoded {
         }
     }
 
-    /// The message's one dead letter, if any reading of it was refused; every refused reading
-    /// is counted in `hearth_events_rejected_total{reason}`.
+    /// The message's one dead letter, if any reading of it was refused.
     pub fn dead_letter(
         &self,
         source: &'static str,
@@ -87,12 +86,6 @@ impl Decoded {
         payload: &[u8],
         at_ms: i64,
     ) -> Option<crate::dead_letter::DeadLetter> {
-        for r in &self.rejections {
-            crate::metrics::METRICS
-                .rejected
-                .with(r.reason.as_str())
-                .add(1);
-        }
         crate::dead_letter::DeadLetter::from_rejections(
             &self.rejections,
             source,

@@ -45,14 +45,11 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Authenticator, Principal};
-use crate::backoff::Backoff;
 use crate::codec::{self, Limits};
-use crate::dead_letter::DeadLetter;
-use crate::event::{Event, Reason, Rejection};
-use crate::intake::Gate;
+use crate::event::{Reason, Rejection};
+use crate::intake::{Gate, Input, Intake};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
-use crate::seam::EventQueue;
 use crate::shutdown::Shutdown;
 
 /// Room for the topic and the packet's other fields beside the largest payload accepted: a
@@ -211,9 +208,8 @@ impl Client {
 /// Accept connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
-    queue: Arc<dyn EventQueue>,
+    intake: Arc<Intake>,
     auth: Arc<Authenticator>,
-    gate: Arc<Gate>,
     settings: Settings,
     mut shutdown: Shutdown,
 ) {
@@ -221,7 +217,6 @@ pub async fn serve(
         buffer_bytes: settings.subscriber_buffer_bytes,
         ..Routes::default()
     });
-    tokio::spawn(gate.clone().watch(queue.clone(), shutdown.clone()));
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -234,16 +229,15 @@ pub async fn serve(
                     tokio::spawn(refuse(stream, peer));
                     continue;
                 };
-                let (queue, auth, gate, settings, routes, shutdown) = (
-                    queue.clone(),
+                let (intake, auth, settings, routes, shutdown) = (
+                    intake.clone(),
                     auth.clone(),
-                    gate.clone(),
                     settings.clone(),
                     routes.clone(),
                     shutdown.clone(),
                 );
                 tokio::spawn(async move {
-                    match session(stream, queue, auth, gate, settings, routes, shutdown).await {
+                    match session(stream, intake, auth, settings, routes, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
@@ -357,9 +351,8 @@ async fn login(
 
 async fn session(
     stream: TcpStream,
-    queue: Arc<dyn EventQueue>,
+    intake: Arc<Intake>,
     auth: Arc<Authenticator>,
-    gate: Arc<Gate>,
     settings: Settings,
     routes: Arc<Routes>,
     mut shutdown: Shutdown,
@@ -387,11 +380,11 @@ async fn session(
                 let done = handle(
                     std::mem::take(&mut pending),
                     &mut writer,
-                    &*queue,
-                    &gate,
+                    &intake,
                     &settings,
                     &routes,
                     &mut me,
+                    &shutdown,
                 )
                 .await?;
                 flush(&mut writer).await?;
@@ -399,7 +392,7 @@ async fn session(
                     return Ok(());
                 }
             }
-            backpressure(&gate).await;
+            backpressure(intake.gate()).await;
             let outbound = async {
                 match me.outbound.as_mut() {
                     Some((rx, _)) => rx.recv().await,
@@ -449,16 +442,14 @@ async fn flush(writer: &mut Writer) -> Result<(), MqttError> {
 async fn handle(
     packets: Vec<Packet>,
     writer: &mut Writer,
-    queue: &dyn EventQueue,
-    gate: &Gate,
+    intake: &Intake,
     settings: &Settings,
     routes: &Routes,
     me: &mut Session,
+    shutdown: &Shutdown,
 ) -> Result<bool, MqttError> {
-    let limits = &settings.limits;
     let received_us = crate::event::now_us();
-    let mut events: Vec<Event> = Vec::new();
-    let mut dead: Vec<DeadLetter> = Vec::new();
+    let mut inputs: Vec<Input> = Vec::new();
     let mut forward: Vec<(String, Bytes)> = Vec::new();
     let mut replies: Vec<Packet> = Vec::new();
     let mut disconnect = false;
@@ -470,7 +461,6 @@ async fn handle(
                 let allowed = me.who.may(&p.topic);
                 if !allowed && !repeat {
                     METRICS.mqtt_refused.with("forbidden").add(1);
-                    METRICS.rejected.with(Reason::Forbidden.as_str()).add(1);
                     let why = Rejection::new(
                         Reason::Forbidden,
                         format!(
@@ -479,8 +469,8 @@ async fn handle(
                             codec::truncate(&p.topic, 128)
                         ),
                     );
-                    dead.push(DeadLetter::from_rejection(
-                        &why,
+                    inputs.push(Input::refused(
+                        why,
                         "mqtt",
                         &p.topic,
                         &p.payload,
@@ -488,14 +478,7 @@ async fn handle(
                     ));
                 }
                 if allowed && !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
-                    let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
-                    dead.extend(decoded.dead_letter(
-                        "mqtt",
-                        &p.topic,
-                        &p.payload,
-                        received_us / 1000,
-                    ));
-                    events.extend(decoded.events);
+                    inputs.push(intake.decode(&p.topic, &p.payload, received_us));
                 }
                 match p.qos {
                     QoS::AtMostOnce => {}
@@ -561,20 +544,13 @@ async fn handle(
             _ => {}
         }
     }
-    if !events.is_empty() || !dead.is_empty() {
-        let event_refs: Vec<&Event> = events.iter().collect();
-        let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
+    if !inputs.is_empty() {
         // Until it is on disk nothing is acknowledged; the client waits (and its TCP window
         // fills), it is never told yes too early.
-        let mut backoff = Backoff::default();
-        crate::fault::hit("before_append");
-        while let Err(e) = queue.append(&event_refs, &dead_refs).await {
-            warn!(error = %e, "embedded queue append failed, retrying");
-            tokio::time::sleep(backoff.next_delay()).await;
+        let inputs: Vec<&Input> = inputs.iter().collect();
+        if !intake.append_until_done(&inputs, shutdown).await {
+            return Err(MqttError::Closed);
         }
-        crate::fault::hit("after_append");
-        gate.appended(events.iter().filter(|e| !e.is_critical()).count() as u64);
-        METRICS.received.with("mqtt").add(events.len() as u64);
     }
     for reply in &replies {
         match reply {

@@ -185,7 +185,20 @@ UPDATE tokens SET id = lower(hex(substr(hash, 1, 6)));
 CREATE UNIQUE INDEX tokens_id ON tokens (id);
 "#;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_1), (2, SCHEMA_2), (3, SCHEMA_3), (4, SCHEMA_4)];
+/// Which state of an alert was last pushed, so that a worker starting over pushes what a crash
+/// left unpushed (the alerts before this version count as pushed).
+const SCHEMA_5: &str = "
+ALTER TABLE alerts ADD COLUMN notified_state TEXT;
+UPDATE alerts SET notified_state = state;
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_1),
+    (2, SCHEMA_2),
+    (3, SCHEMA_3),
+    (4, SCHEMA_4),
+    (5, SCHEMA_5),
+];
 
 /// The schema versions, for tests that build a data folder of an earlier version.
 pub fn migrations() -> &'static [(i64, &'static str)] {

@@ -10,7 +10,6 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::store::SqliteStore;
 use crate::alerts::Alert;
-use crate::alerts::rules::RuleSet;
 use crate::event::{Event, Order, PerSensor};
 use crate::seam::{FanOut, Fut, LatestCache};
 
@@ -126,15 +125,20 @@ impl ChannelFanOut {
 }
 
 impl FanOut for ChannelFanOut {
-    fn publish(&self, message: String) -> Fut<'_, ()> {
+    fn publish<'a>(&'a self, messages: &'a [String]) -> Fut<'a, ()> {
         // No subscriber is not an error: as with Redis pub/sub, a push reaches who listens now.
-        let _ = self.tx.send(message);
+        for message in messages {
+            let _ = self.tx.send(message.clone());
+        }
         Box::pin(async move { Ok(()) })
     }
 
-    fn push_alert<'a>(&'a self, _rules: &'a RuleSet, alert: &'a Alert) -> Fut<'a, ()> {
-        if let Some(json) = crate::alerts::alert_message(alert) {
-            let _ = self.tx.send(json);
+    /// To WebSocket clients; the webhook jobs were written with the transitions.
+    fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
+        for alert in alerts {
+            if let Some(json) = crate::alerts::alert_message(alert) {
+                let _ = self.tx.send(json);
+            }
         }
         Box::pin(async move { Ok(()) })
     }
@@ -164,5 +168,17 @@ impl FanOut for ChannelFanOut {
 
     fn watch<'a>(&'a self, _houses: &'a [String], _ttl_ms: i64) -> Fut<'a, ()> {
         Box::pin(async move { Ok(()) })
+    }
+
+    /// Everything while anyone listens (the clients' hub filters by house).
+    fn watched(&self) -> Fut<'_, std::collections::HashSet<String>> {
+        let all = self.has_subscribers();
+        Box::pin(async move {
+            Ok(if all {
+                std::iter::once("*".to_string()).collect()
+            } else {
+                Default::default()
+            })
+        })
     }
 }

@@ -1,29 +1,41 @@
-//! Zero setup: `hearth up` with no server URL configured runs everything in one process on one
-//! data folder (SPEC §1): the embedded MQTT [`broker`], the queue and store in SQLite
-//! ([`queue`], [`store`], on threads of their own, [`db`]), the cache and fan-out in memory
-//! ([`memory`]), two [`worker`]s (critical, routine), and the same API and dashboard.
+//! The embedded backend, twin of [`crate::servers`]: `hearth up` with no server URL configured
+//! runs everything in one process on one data folder: the embedded MQTT [`broker`], the queue,
+//! store and alerts in SQLite ([`queue`], [`store`], [`alerts`], on threads of their own,
+//! [`db`]), the cache and fan-out in memory ([`memory`]); the same worker, intake, API and
+//! dashboard as on the servers, through the same seams.
+//!
+//! | seam | here |
+//! |------|------|
+//! | [`EventQueue`](crate::seam::EventQueue), [`Reader`](crate::seam::Reader) | [`queue`] |
+//! | [`Ownership`](crate::seam::Ownership) | every lane, held by the one process |
+//! | [`EventStore`](crate::seam::EventStore) | [`store`] |
+//! | [`AlertStore`](crate::seam::AlertStore) | [`alerts`] |
+//! | [`LatestCache`](crate::seam::LatestCache), [`FanOut`](crate::seam::FanOut) | [`memory`] |
 //!
 //! The guarantees are the distributed ones, scale aside: the broker acknowledges a message after
 //! the COMMIT holding it; a worker acknowledges a queue entry after the COMMIT of its rows, and
-//! the rows' dedup keys make a redelivery harmless; each lane is read in order by one worker;
-//! the critical lane has a worker of its own; bad input goes to the dead letters with a reason.
-//! A kill -9 at any point leaves every acknowledged event stored or still queued, none twice.
+//! the rows' dedup keys make a redelivery harmless; each lane is read in order by one consumer;
+//! the critical lane has a consumer of its own; bad input goes to the dead letters with a
+//! reason. A kill -9 at any point leaves every acknowledged event stored or still queued, none
+//! twice.
 
+pub mod alerts;
 pub mod broker;
 pub mod db;
 pub mod memory;
 pub mod notifier;
 pub mod queue;
 pub mod store;
-pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
 use crate::alerts::rules::RuleSet;
-use crate::seam::{Lanes, Seams};
+use crate::lane::Lane;
+use crate::seam::{Backend, EventQueue, Fence, Fut, Ownership, Parts, Pool, Seams, Unavailable};
 use crate::shutdown::Shutdown;
 
 /// Reader connections of the API's queries: one house's heavy read holds one of them, and the
@@ -77,25 +89,27 @@ pub fn lock(data_dir: &Path) -> Result<Lock, String> {
     }
 }
 
-/// The embedded backend: the four seams, and the concrete parts the workers need.
+/// The embedded backend: the seams, and the concrete parts its tasks need.
 pub struct Embedded {
     pub seams: Seams,
     pub queue: Arc<queue::SqliteQueue>,
     pub store: Arc<store::SqliteStore>,
+    pub alerts: Arc<alerts::SqliteAlerts>,
     pub cache: Arc<memory::MemoryCache>,
     pub fanout: Arc<memory::ChannelFanOut>,
+    rules: Arc<RuleSet>,
 }
 
 impl Embedded {
     /// Open the data folder (created if missing); the cache reads each sensor in from the store
-    /// when first asked for it. A sensor's
-    /// row is rewritten at most every `touch_interval_ms` (`sensor_touch_interval_ms`).
-    /// `rules` says which alert transitions get a webhook notification.
+    /// when first asked for it. A sensor's row is rewritten at most every `touch_interval_ms`
+    /// (`sensor_touch_interval_ms`). `rules` say which alert transitions get a webhook
+    /// notification, and what the offline sweep looks for.
     pub async fn open(
         data_dir: &Path,
         shards: u16,
         touch_interval_ms: u64,
-        rules: &RuleSet,
+        rules: Arc<RuleSet>,
         caps: crate::caps::Caps,
         retention: crate::dead_letter::Retention,
     ) -> Result<Embedded, String> {
@@ -109,19 +123,28 @@ impl Embedded {
         })
         .await
         .map_err(|e| e.to_string())??;
-        let queue = Arc::new(queue::SqliteQueue::new(
+        let queue = Arc::new(
+            queue::SqliteQueue::new(
+                writer.clone(),
+                reader.clone(),
+                shards,
+                data_dir.to_path_buf(),
+                retention,
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+        let store = Arc::new(store::SqliteStore::new(
             writer.clone(),
             reader.clone(),
-            shards,
-            data_dir.to_path_buf(),
-            retention,
+            touch_interval_ms,
+            caps,
         ));
-        let store = Arc::new(store::SqliteStore::new(
+        let alerts = Arc::new(alerts::SqliteAlerts::new(
             writer,
             reader,
-            touch_interval_ms,
-            rules,
-            caps,
+            rules.clone(),
+            shards,
         ));
         let cache = Arc::new(memory::MemoryCache::over(store.clone()));
         let fanout = Arc::new(memory::ChannelFanOut::default());
@@ -129,61 +152,88 @@ impl Embedded {
             seams: Seams {
                 queue: queue.clone(),
                 store: store.clone(),
+                alerts: alerts.clone(),
                 cache: cache.clone(),
                 fanout: fanout.clone(),
             },
             queue,
             store,
+            alerts,
             cache,
             fanout,
+            rules,
         })
-    }
-
-    /// Start the critical and the routine worker, and the webhook notifier if a webhook is set.
-    pub fn workers(
-        &self,
-        rules: Arc<RuleSet>,
-        batch_size: usize,
-        shutdown: &Shutdown,
-    ) -> Vec<JoinHandle<()>> {
-        let notifier = (!rules.webhooks.is_empty()).then(|| {
-            tokio::spawn(notifier::run(
-                self.store.clone(),
-                rules.clone(),
-                shutdown.clone(),
-            ))
-        });
-        let sweeper = tokio::spawn(sweep_dead_letters(self.queue.clone(), shutdown.clone()));
-        [Lanes::Critical, Lanes::Routine]
-            .into_iter()
-            .map(|lanes| {
-                let w = worker::Worker {
-                    lanes,
-                    queue: self.queue.clone(),
-                    store: self.store.clone(),
-                    cache: self.cache.clone(),
-                    fanout: self.fanout.clone(),
-                    rules: rules.clone(),
-                    batch_size,
-                };
-                tokio::spawn(w.run(shutdown.clone()))
-            })
-            .chain(notifier)
-            .chain(std::iter::once(sweeper))
-            .collect()
     }
 }
 
-/// Remove the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`].
-async fn sweep_dead_letters(queue: Arc<queue::SqliteQueue>, mut shutdown: Shutdown) {
-    loop {
-        match queue.expire_dead_letters().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
-            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
+/// One process holds every lane: ownership is trivial, and the store checks no fence.
+struct Everything {
+    lanes: Vec<Lane>,
+    taken: bool,
+}
+
+impl Ownership for Everything {
+    /// Every lane, the first time (so that what a crash left is read and pushed first).
+    fn rebalance(&mut self) -> Fut<'_, Vec<Lane>> {
+        let taken = if self.taken {
+            Vec::new()
+        } else {
+            self.taken = true;
+            self.lanes.clone()
+        };
+        Box::pin(async move { Ok(taken) })
+    }
+
+    fn held(&mut self) -> Vec<Fence> {
+        self.lanes.iter().map(|l| (*l, 0)).collect()
+    }
+
+    fn lost(&mut self, _lanes: &[Lane]) {}
+
+    fn period(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+
+    fn release(&mut self) -> Fut<'_, ()> {
+        Box::pin(async move { Ok(()) })
+    }
+}
+
+impl Backend for Embedded {
+    fn seams(&self) -> &Seams {
+        &self.seams
+    }
+
+    fn consumer(&self, pool: Pool, name: &str) -> Result<Parts, Unavailable> {
+        Ok(Parts {
+            reader: self.queue.reader(name),
+            ownership: Box::new(Everything {
+                lanes: pool.lanes(self.queue.shards()),
+                taken: false,
+            }),
+            store: self.store.clone(),
+            alerts: self.alerts.clone(),
+        })
+    }
+
+    /// One: a second would share the same lanes, and SQLite writes one transaction at a time.
+    fn routine_consumers(&self) -> usize {
+        1
+    }
+
+    /// Dead-letter retention, and the webhook notifier when a webhook is set.
+    fn background(&self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let mut tasks = vec![tokio::spawn(crate::dead_letter::sweep(
+            self.seams.queue.clone(),
+            shutdown.clone(),
+        ))];
+        if !self.rules.webhooks.is_empty() {
+            tasks.push(tokio::spawn(notifier::run(
+                self.alerts.clone(),
+                self.rules.clone(),
+                shutdown.clone(),
+            )));
         }
-        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
-            return;
-        }
+        tasks
     }
 }

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::store::SqliteStore;
+use super::alerts::SqliteAlerts;
 use crate::alerts::notify;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
 
-pub async fn run(store: Arc<SqliteStore>, rules: Arc<RuleSet>, mut shutdown: Shutdown) {
+pub async fn run(store: Arc<SqliteAlerts>, rules: Arc<RuleSet>, mut shutdown: Shutdown) {
     let breakers = notify::breakers(&rules);
     let mut backoff = Backoff::default();
     while !shutdown.is_set() {

@@ -1,8 +1,9 @@
-//! Ingest: from the MQTT broker to the lanes, acknowledging nothing before it is in Redis.
+//! Ingest: from an MQTT broker to the queue, through the one intake ([`crate::intake`]),
+//! acknowledging nothing before it is durably appended.
 //!
 //! One MQTT session (fixed client id, clean session off, QoS 1) so the broker keeps messages for
 //! hearth while it is down. Acknowledgements are manual: a message's PUBACK is sent only after
-//! the XADD pipeline holding its events (and dead letters) has been answered by Redis, and only
+//! the append holding its events (and dead letter) has returned, and only
 //! on the connection the message came on (after a reconnect the broker redelivers it instead).
 //! Until then the broker counts the message as in flight and stops sending once its in-flight
 //! window is full: that is the backpressure. When the routine lanes are deeper than
@@ -10,8 +11,7 @@
 //! rest) until the depth is back under `queue_low_watermark`; critical messages still pass.
 //!
 //! Two tasks: the session loop (read and decode publishes, write PUBACKs a batch at a time,
-//! keep-alive, reconnect) and the appender (batch, XADD, hand the PUBACKs back); plus the depth
-//! watch.
+//! keep-alive, reconnect) and the appender (batch, append, hand the PUBACKs back).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,48 +23,32 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::codec::{self, Limits};
+use crate::codec;
 use crate::config::Config;
-use crate::dead_letter::DeadLetter;
+use crate::intake::{Input, Intake};
 use crate::metrics::{self, METRICS};
 use crate::mqtt::{self, Endpoint};
-use crate::servers::queue::Queue;
 use crate::shutdown::Shutdown;
 
-/// One MQTT message, decoded, waiting for its XADD and then its PUBACK.
+/// One MQTT message, decoded, waiting for its append and then its PUBACK.
 struct Message {
     pkid: u16,
     qos: QoS,
     /// The MQTT connection it came on: a PUBACK is only valid on that one.
     generation: u64,
-    events: Vec<crate::event::Event>,
-    dead: Vec<DeadLetter>,
-}
-
-impl Message {
-    /// Only critical events (and maybe rejections): may pass while routine traffic is held.
-    fn critical_only(&self) -> bool {
-        !self.events.is_empty() && self.events.iter().all(|e| e.is_critical())
-    }
+    input: Input,
 }
 
 /// PUBACKs to send: (connection generation, packet id).
 type Acks = Vec<(u64, u16)>;
 
-pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> {
-    let queue = Queue::from_config(&config)?;
+pub async fn run(
+    config: Arc<Config>,
+    intake: Arc<Intake>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
     endpoint.clean_session = false;
-    let limits = Limits::from_config(&config);
-    let pressure = crate::intake::Gate::from_config(&config);
-    let depths: Arc<dyn crate::seam::EventQueue> = Arc::new(
-        crate::servers::seams::RedisQueue::new(queue.clone(), &config.redis_url, "ingest"),
-    );
-    let watcher = tokio::spawn(pressure.clone().watch(depths, shutdown.clone()));
-    let sweeper = tokio::spawn(crate::servers::queue::sweep_dead_letters(
-        queue.clone(),
-        shutdown.clone(),
-    ));
     // Decoded messages go to the appender in chunks (one per socket read of up to 64 KiB, some
     // 700 small messages); the bound keeps memory bounded whatever the broker sends (QoS 0
     // floods included): 16 chunks is a few batches ahead, about 10 MB at most. (256 chunks
@@ -77,21 +61,18 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> anyhow::Result<()> 
     // them in practice.
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Acks>();
     let appender = tokio::spawn(append(
-        queue,
+        intake.clone(),
         rx,
         room.clone(),
         ack_tx,
-        pressure,
         config.batch_size,
         shutdown.clone(),
     ));
     info!(url = %config.mqtt_url, client_id = %config.mqtt_client_id, "ingest started");
-    session(&endpoint, tx, &room, ack_rx, &limits, shutdown).await;
+    session(&endpoint, tx, &room, ack_rx, &intake, shutdown).await;
     if let Err(e) = appender.await {
         warn!(error = %e, "appender ended abnormally");
     }
-    watcher.abort();
-    sweeper.abort();
     info!("ingest stopped");
     Ok(())
 }
@@ -104,7 +85,7 @@ async fn session(
     tx: mpsc::Sender<Vec<Message>>,
     room: &tokio::sync::Notify,
     mut acks: mpsc::UnboundedReceiver<Acks>,
-    limits: &Limits,
+    intake: &Intake,
     mut shutdown: Shutdown,
 ) {
     let mut tx = Some(tx);
@@ -172,7 +153,12 @@ async fn session(
                         for packet in packets? {
                             match packet {
                                 Packet::Publish(p) if p.topic.starts_with("$SYS/") => broker_stat(&p),
-                                Packet::Publish(p) => messages.push(decode(&p, generation, limits)),
+                                Packet::Publish(p) => messages.push(Message {
+                                    pkid: p.pkid,
+                                    qos: p.qos,
+                                    generation,
+                                    input: intake.decode(&p.topic, &p.payload, crate::event::now_us()),
+                                }),
                                 Packet::SubAck(ack) => subscribed(&ack.return_codes),
                                 _ => {}
                             }
@@ -250,22 +236,6 @@ fn subscribed(codes: &[SubscribeReasonCode]) {
     }
 }
 
-fn decode(p: &rumqttc::mqttbytes::v4::Publish, generation: u64, limits: &Limits) -> Message {
-    let received_us = crate::event::now_us();
-    let decoded = codec::decode(&p.topic, &p.payload, received_us, limits);
-    let dead = decoded.dead_letter("mqtt", &p.topic, &p.payload, received_us / 1000);
-    if let Some(d) = &dead {
-        info!(topic = %codec::truncate(&p.topic, 128), reason = d.reason, detail = %codec::truncate(&d.detail, 256), "rejected");
-    }
-    Message {
-        pkid: p.pkid,
-        qos: p.qos,
-        generation,
-        dead: dead.into_iter().collect(),
-        events: decoded.events,
-    }
-}
-
 /// Routine messages held back at most, in batches (`batch_size` messages each).
 const HELD_BATCHES: usize = 10;
 
@@ -273,14 +243,14 @@ const HELD_BATCHES: usize = 10;
 /// loop stops sending and everything received has been appended (or on shutdown while Redis is
 /// unreachable: the broker redelivers what was not acknowledged).
 async fn append(
-    queue: Queue,
+    intake: Arc<Intake>,
     mut rx: mpsc::Receiver<Vec<Message>>,
     room: Arc<tokio::sync::Notify>,
     acks: mpsc::UnboundedSender<Acks>,
-    pressure: Arc<crate::intake::Gate>,
     batch_size: usize,
     shutdown: Shutdown,
 ) {
+    let pressure = intake.gate();
     let mut held: VecDeque<Message> = VecDeque::new();
     // Held messages are bounded here, not by the broker's in-flight window (Mosquitto was
     // measured sending 44,000 unacknowledged QoS 1 messages with `max_inflight_messages 1000`):
@@ -314,7 +284,7 @@ async fn append(
             ready.extend(held.drain(..held.len().min(batch_size)));
         }
         for m in batch {
-            if (paused || !held.is_empty()) && !m.critical_only() {
+            if (paused || !held.is_empty()) && !m.input.is_critical() {
                 held.push_back(m);
             } else {
                 ready.push(m);
@@ -330,7 +300,7 @@ async fn append(
             while chunk.len() < batch_size
                 && let Some(m) = ready.pop_front()
             {
-                if pressure.is_closed() && !m.critical_only() {
+                if intake.holds(&m.input) {
                     back.push(m);
                 } else {
                     chunk.push(m);
@@ -339,20 +309,10 @@ async fn append(
             if chunk.is_empty() {
                 continue;
             }
-            let chunk = &chunk[..];
-            crate::fault::hit("before_append");
-            if !append_chunk(&queue, chunk, &shutdown).await {
+            let inputs: Vec<&Input> = chunk.iter().map(|m| &m.input).collect();
+            if !intake.append_until_done(&inputs, &shutdown).await {
                 return;
             }
-            crate::fault::hit("after_append");
-            let received: usize = chunk.iter().map(|m| m.events.len()).sum();
-            METRICS.received.with("mqtt").add(received as u64);
-            let routine = chunk
-                .iter()
-                .flat_map(|m| &m.events)
-                .filter(|e| !e.is_critical())
-                .count();
-            pressure.appended(routine as u64);
             let pkids: Acks = chunk
                 .iter()
                 .filter(|m| m.qos != QoS::AtMostOnce)
@@ -364,27 +324,6 @@ async fn append(
         }
         for m in back.into_iter().rev() {
             held.push_front(m);
-        }
-    }
-}
-
-/// XADD one chunk, retrying until Redis answers. Returns false on shutdown.
-async fn append_chunk(queue: &Queue, chunk: &[Message], shutdown: &Shutdown) -> bool {
-    let events: Vec<&crate::event::Event> = chunk.iter().flat_map(|m| &m.events).collect();
-    let dead: Vec<&DeadLetter> = chunk.iter().flat_map(|m| &m.dead).collect();
-    let mut backoff = Backoff::default();
-    loop {
-        match queue.append(&events, &dead).await {
-            Ok(()) => return true,
-            Err(e) => {
-                metrics::dependency_error("redis");
-                if backoff.attempts().is_multiple_of(20) {
-                    warn!(error = %e, events = events.len(), "append to redis failed, retrying (nothing acknowledged)");
-                }
-                if !shutdown.clone().sleep(backoff.next_delay()).await {
-                    return false;
-                }
-            }
         }
     }
 }

@@ -1,16 +1,19 @@
-//! Alerts and rule state in PostgreSQL: what the rule engine loads and writes, what the API
-//! lists and acknowledges, and the offline sweep.
+//! Alerts and rule state in PostgreSQL: what the rules engine loads and writes, what the API
+//! lists and acknowledges, and the offline sweep; [`PgAlerts`] is the alert store seam on them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use super::store::{Store, StoreError, classify};
+use super::pg::Writer;
+use super::store::{Db, Store, StoreError, classify};
 use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};
 use crate::lane::Lane;
+use crate::seam::{AlertStore, Fence, Fut, WriteFut};
 
 /// The columns of an alert, in the order [`alert`] reads them.
 pub const ALERT_COLUMNS: &str =
@@ -94,13 +97,6 @@ JOIN unnest($1::text[], $2::int8[]) AS c(lane, token) ON f.lane = c.lane AND f.t
 FOR SHARE OF f";
 
 impl Store {
-    pub async fn load_states(
-        &self,
-        sensors: &[SensorKey],
-    ) -> Result<Vec<(SensorKey, String, State)>, StoreError> {
-        load_states(&self.client, sensors).await
-    }
-
     /// Write an evaluation's transitions and changed states, in one transaction fenced like the
     /// batch it came from. Returns the alerts as they are after each transition that took effect.
     pub async fn write_outcome(
@@ -245,10 +241,6 @@ impl Store {
         Ok(rows.iter().map(alert).collect())
     }
 
-    pub async fn mark_pushed(&self, alerts: &[Alert]) -> Result<(), StoreError> {
-        mark_pushed(&self.client, alerts).await
-    }
-
     /// Declare offline the sensors silent for longer than the offline rule allows, and return
     /// the alerts raised.
     pub async fn sweep_offline(
@@ -383,5 +375,137 @@ pub async fn acknowledge(
     match row {
         Some(row) => Ok(Some((alert(&row), true))),
         None => Ok(get(client, id).await?.map(|a| (a, false))),
+    }
+}
+
+/// The alert store seam on PostgreSQL: the worker's calls on its consumer's [`Writer`] (fenced
+/// transitions, rule state, pushes, the sweep), the API's on a shared connection.
+pub struct PgAlerts {
+    db: Db,
+    writer: Arc<Writer>,
+    rules: Arc<RuleSet>,
+    shards: u16,
+}
+
+impl PgAlerts {
+    pub fn new(url: &str, writer: Arc<Writer>, rules: Arc<RuleSet>, shards: u16) -> PgAlerts {
+        PgAlerts {
+            db: Db::new(url),
+            writer,
+            rules,
+            shards,
+        }
+    }
+
+    /// An error of the writer's session: a server error drops it (the next call reconnects).
+    async fn failed(&self, e: StoreError) -> StoreError {
+        if matches!(e, StoreError::Unavailable(_)) {
+            self.writer.reset().await;
+        }
+        e
+    }
+}
+
+impl AlertStore for PgAlerts {
+    fn load_states<'a>(
+        &'a self,
+        sensors: &'a [SensorKey],
+    ) -> Fut<'a, Vec<(SensorKey, String, State)>> {
+        Box::pin(async move {
+            let store = self.writer.get().await?;
+            match load_states(&store.client, sensors).await {
+                Ok(states) => Ok(states),
+                Err(e) => {
+                    drop(store);
+                    Err(self.failed(e).await.into())
+                }
+            }
+        })
+    }
+
+    fn write_outcome<'a>(
+        &'a self,
+        fences: &'a [Fence],
+        outcome: &'a Outcome,
+    ) -> WriteFut<'a, Vec<Alert>> {
+        Box::pin(async move {
+            let fences: Vec<(String, i64)> = fences.iter().map(|(l, t)| (l.name(), *t)).collect();
+            let mut store = self.writer.get().await?;
+            match store
+                .write_outcome(&fences, outcome, &self.rules, self.shards)
+                .await
+            {
+                Ok(alerts) => Ok(alerts),
+                Err(e) => {
+                    drop(store);
+                    Err(self.failed(e).await.into())
+                }
+            }
+        })
+    }
+
+    fn unpushed(&self, lane: Lane) -> Fut<'_, Vec<Alert>> {
+        Box::pin(async move {
+            let store = self.writer.get().await?;
+            match store.unpushed(&lane.name()).await {
+                Ok(alerts) => Ok(alerts),
+                Err(e) => {
+                    drop(store);
+                    Err(self.failed(e).await.into())
+                }
+            }
+        })
+    }
+
+    fn mark_pushed<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let store = self.writer.get().await?;
+            match mark_pushed(&store.client, alerts).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    drop(store);
+                    Err(self.failed(e).await.into())
+                }
+            }
+        })
+    }
+
+    fn sweep_offline(&self) -> Fut<'_, Vec<Alert>> {
+        Box::pin(async move {
+            let store = self.writer.get().await?;
+            match store.sweep_offline(&self.rules, self.shards).await {
+                Ok(alerts) => Ok(alerts),
+                Err(e) => {
+                    drop(store);
+                    Err(self.failed(e).await.into())
+                }
+            }
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        house: Option<&'a str>,
+        state: Option<AlertState>,
+        limit: i64,
+    ) -> Fut<'a, Vec<Alert>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(list(&*client, house, state, limit).await?)
+        })
+    }
+
+    fn get(&self, id: i64) -> Fut<'_, Option<Alert>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(get(&*client, id).await?)
+        })
+    }
+
+    fn acknowledge<'a>(&'a self, id: i64, by: &'a str) -> Fut<'a, Option<(Alert, bool)>> {
+        Box::pin(async move {
+            let client = self.db.client().await?;
+            Ok(acknowledge(&*client, id, by).await?)
+        })
     }
 }

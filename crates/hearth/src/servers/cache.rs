@@ -14,6 +14,7 @@ use std::collections::hash_map::Entry;
 use redis::aio::ConnectionManager;
 
 use crate::event::{Event, ORDER_KEY_LEN};
+use crate::seam::{Fut, LatestCache};
 use crate::servers::queue::{Keys, QueueError};
 
 /// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 5: kind, order key, the
@@ -181,6 +182,30 @@ fn unscoped_event(sensor: &str, kind: &str, json: &str) -> Option<Event> {
         received_us: v["received_us"].as_i64()?,
         ingest_id: None,
     })
+}
+
+/// The latest values in Redis (`P:latest:{house}:{sensor}`), compared and set by a Lua script.
+pub struct RedisCache {
+    pub cache: Cache,
+    pub queue: super::queue::Queue,
+}
+
+impl LatestCache for RedisCache {
+    fn offer<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            self.cache.add_update(&mut pipe, events);
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn latest<'a>(
+        &'a self,
+        house: &'a str,
+        sensors: &'a [String],
+    ) -> Fut<'a, Vec<HashMap<String, String>>> {
+        Box::pin(async move { Ok(self.cache.latest(house, sensors).await?) })
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,159 @@
-//! The servers backend: the seams on Redis (queue, cache, fan-out, leases) and PostgreSQL
-//! (store, alerts, fences), the production stack, which scales to many processes.
+//! The servers backend: the seams on Redis (the queue on Redis Streams, the latest-value cache,
+//! the fan-out on pub/sub, lane leases) and PostgreSQL (events, alerts, fencing tokens). It is
+//! the production stack: any number of ingest, worker and API processes share it.
+//!
+//! | seam | here |
+//! |------|------|
+//! | [`EventQueue`](crate::seam::EventQueue), [`Reader`](crate::seam::Reader) | [`reader`] on [`queue`] |
+//! | [`Ownership`](crate::seam::Ownership) | [`ownership`] on [`lease`] and the store's fences |
+//! | [`EventStore`](crate::seam::EventStore) | [`pg`] on [`store`] and [`schema`] |
+//! | [`AlertStore`](crate::seam::AlertStore) | [`alerts`] |
+//! | [`LatestCache`](crate::seam::LatestCache) | [`cache`] |
+//! | [`FanOut`](crate::seam::FanOut) | [`fanout`] |
 
 pub mod alerts;
 pub mod cache;
+pub mod fanout;
 pub mod lease;
+pub mod ownership;
+pub mod pg;
 pub mod queue;
+pub mod reader;
 pub mod schema;
-pub mod seams;
 pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::alerts::rules::RuleSet;
+use crate::caps::Caps;
+use crate::config::Config;
+use crate::seam::{Backend, Parts, Pool, Seams, Unavailable};
+use crate::shutdown::Shutdown;
+
+impl From<store::StoreError> for Unavailable {
+    fn from(e: store::StoreError) -> Self {
+        Unavailable(format!("database: {e}"))
+    }
+}
+
+/// The servers, as the worker, the API and the intakes use them.
+pub struct Servers {
+    config: Arc<Config>,
+    rules: Arc<RuleSet>,
+    queue: queue::Queue,
+    seams: Seams,
+}
+
+impl Servers {
+    /// Open the seams on the configured servers (connections are made on first use).
+    pub fn open(config: Arc<Config>, rules: Arc<RuleSet>) -> Result<Servers, queue::QueueError> {
+        let queue = queue::Queue::from_config(&config)?;
+        let writer = Arc::new(pg::Writer::new(
+            &config.database_url,
+            Duration::from_secs(30),
+        ));
+        let seams = Seams {
+            queue: Arc::new(reader::RedisQueue::new(queue.clone(), &config.redis_url)),
+            store: Arc::new(pg::PgStore::new(
+                &config.database_url,
+                writer.clone(),
+                Caps::from_config(&config),
+                config.sensor_touch_interval_ms,
+                Duration::from_millis(config.store_slow_ms),
+            )),
+            alerts: Arc::new(alerts::PgAlerts::new(
+                &config.database_url,
+                writer,
+                rules.clone(),
+                config.shards,
+            )),
+            cache: Arc::new(cache::RedisCache {
+                cache: cache::Cache::new(queue.conn.clone(), queue.keys.clone()),
+                queue: queue.clone(),
+            }),
+            fanout: Arc::new(fanout::RedisFanOut {
+                queue: queue.clone(),
+                redis_url: config.redis_url.clone(),
+                rules: rules.clone(),
+            }),
+        };
+        Ok(Servers {
+            config,
+            rules,
+            queue,
+            seams,
+        })
+    }
+
+    pub fn queue(&self) -> &queue::Queue {
+        &self.queue
+    }
+}
+
+impl Backend for Servers {
+    fn seams(&self) -> &Seams {
+        &self.seams
+    }
+
+    /// A consumer's own reader (its name in the consumer group), lease ownership, and one
+    /// PostgreSQL session for its events, alerts and fences.
+    fn consumer(&self, pool: Pool, name: &str) -> Result<Parts, Unavailable> {
+        let config = &self.config;
+        let ttl = Duration::from_millis(config.lease_ttl_ms);
+        // Below the lease time: a transaction of ours left open by a pause must not block the
+        // lane's next owner for longer than it takes to notice we are gone.
+        let writer = Arc::new(pg::Writer::new(&config.database_url, ttl / 2));
+        Ok(Parts {
+            reader: Box::new(reader::RedisReader::new(
+                self.queue.clone(),
+                &config.redis_url,
+                name,
+            )),
+            ownership: Box::new(ownership::LeaseOwnership::new(
+                &self.queue,
+                writer.clone(),
+                pool,
+                name,
+                ttl,
+            )),
+            store: Arc::new(pg::PgStore::new(
+                &config.database_url,
+                writer.clone(),
+                Caps::from_config(config),
+                config.sensor_touch_interval_ms,
+                Duration::from_millis(config.store_slow_ms),
+            )),
+            alerts: Arc::new(alerts::PgAlerts::new(
+                &config.database_url,
+                writer,
+                self.rules.clone(),
+                config.shards,
+            )),
+        })
+    }
+
+    fn routine_consumers(&self) -> usize {
+        usize::from(self.config.workers)
+    }
+
+    /// Dead-letter retention, this process's circuit states shared for the pipeline view, and
+    /// the webhook notifier when a webhook is set.
+    fn background(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![
+            tokio::spawn(crate::dead_letter::sweep(
+                self.seams.queue.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(crate::breaker::share(self.queue.clone(), shutdown.clone())),
+        ];
+        if !self.rules.webhooks.is_empty() {
+            tasks.push(tokio::spawn(crate::alerts::notify::run(
+                self.config.clone(),
+                self.rules.clone(),
+                shutdown.clone(),
+            )));
+        }
+        tasks
+    }
+}

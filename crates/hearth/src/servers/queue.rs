@@ -587,10 +587,12 @@ impl Queue {
             .arg(GROUP)
             .arg(consumer)
             .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS");
+            .arg(count);
+        // BLOCK 0 would wait for ever: no wait is no BLOCK.
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
         for lane in lanes {
             cmd.arg(self.stream(*lane));
         }
@@ -689,21 +691,6 @@ if n > 0 then
 end
 return n
 "#;
-
-/// Sweep the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`] until shutdown (any
-/// number of processes may: it is idempotent).
-pub async fn sweep_dead_letters(queue: Queue, mut shutdown: crate::shutdown::Shutdown) {
-    loop {
-        match queue.expire_dead_letters().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
-            Err(e) => tracing::debug!(error = %e, "dead-letter retention sweep failed"),
-        }
-        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
-            return;
-        }
-    }
-}
 
 /// Add to `pipe` the XADD of a dead letter to the stream `key`.
 pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {

@@ -18,6 +18,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::alerts::engine::SensorKey;
 use crate::caps::Known;
 use crate::event::Event;
+use crate::sensors::SensorSeen;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,18 +52,6 @@ pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
         Some(code) if code.starts_with("22") || code.starts_with("23") => StoreError::Content(e),
         _ => StoreError::Unavailable(e),
     }
-}
-
-/// A sensor seen in a batch, for the `sensors` table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SensorSeen {
-    pub sensor_id: String,
-    pub house_id: String,
-    pub kinds: Vec<String>,
-    pub first_us: i64,
-    pub last_us: i64,
-    /// The usual interval between its readings, when known.
-    pub interval_ms: Option<f64>,
 }
 
 const TAKE_FENCE: &str = "
@@ -196,19 +185,30 @@ impl Store {
         let mut known = known(&tx, unknown).await?;
         let refused = crate::caps::admit(events, &mut known, caps);
         // Reserve the admitted: each asked sensor with its kinds now known.
-        let (mut houses, mut sensors, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+        // Seen first when the batch's first reading of it was received (not now: a backlog
+        // drained late must not make a silent sensor look heard from).
+        let (mut houses, mut sensors, mut kinds, mut seen) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ((house, sensor), k) in &known.kinds_of {
             houses.push(house.as_str());
             sensors.push(sensor.as_str());
             let mut k: Vec<&str> = k.iter().map(String::as_str).collect();
             k.sort_unstable();
             kinds.push(k.join(","));
+            let first = events
+                .iter()
+                .filter(|e| e.house_id == *house && e.sensor_id == *sensor)
+                .map(|e| e.received_us)
+                .min();
+            seen.push(first.unwrap_or_else(crate::event::now_us));
         }
         tx.execute(
             "WITH s AS (
                 INSERT INTO sensors (house_id, sensor_id, kinds, first_seen, last_seen)
-                SELECT h, i, string_to_array(k, ','), now(), now()
-                FROM unnest($1::text[], $2::text[], $3::text[]) AS x(h, i, k)
+                SELECT h, i, string_to_array(k, ','),
+                       timestamptz 'epoch' + t * interval '1 microsecond',
+                       timestamptz 'epoch' + t * interval '1 microsecond'
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS x(h, i, k, t)
                 ORDER BY h, i
                 ON CONFLICT (house_id, sensor_id) DO UPDATE SET kinds = ARRAY(
                     SELECT DISTINCT k FROM unnest(sensors.kinds || EXCLUDED.kinds) AS k ORDER BY k)
@@ -217,7 +217,7 @@ impl Store {
              INSERT INTO houses (house_id)
              SELECT DISTINCT h FROM unnest($1::text[]) AS y(h) ORDER BY h
              ON CONFLICT DO NOTHING",
-            &[&houses, &sensors, &kinds],
+            &[&houses, &sensors, &kinds, &seen],
         )
         .await
         .map_err(classify)?;

@@ -1,24 +1,23 @@
-//! The consumer's part in alerting: evaluate the rules on each committed batch and write the
-//! transitions (fenced like the batch), push them (WebSocket fan-out through Redis pub/sub,
-//! webhooks through the `P:notify` stream), and mark them pushed; push again what a lane's former
-//! owner left unpushed; and, for the owner of the critical lane, sweep for silent sensors.
+//! The consumer's part in alerting: evaluate the rules on each stored batch and write the
+//! transitions (fenced like the batch), push them, and mark them pushed; push again what a
+//! lane's former owner left unpushed; for the holder of the critical lane, sweep for silent
+//! sensors; and, while the store is unreachable, warn of critical alerts before they are stored.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{Consumer, WorkerError, lock};
-use crate::alerts::Alert;
+use super::Consumer;
 use crate::alerts::rules::Condition;
+use crate::alerts::{Alert, AlertState, Severity};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::metrics::{self, METRICS};
-use crate::servers::store::StoreError;
+use crate::metrics::METRICS;
+use crate::seam::{Delivery, Unavailable, WriteError};
 
-/// How often the set of watched houses is read again (one ZRANGEBYSCORE): a new WebSocket
-/// subscription gets events within about this long.
+/// How often the set of watched houses is read again: a new WebSocket subscription gets events
+/// within about this long.
 const WATCHED_REFRESH: Duration = Duration::from_millis(500);
 
 impl Consumer {
@@ -28,26 +27,26 @@ impl Consumer {
     /// stay pending; once stored, the rules run as usual and the stored alert is pushed again
     /// with its id (the same `raised_by`, so a client can tell it is the same alert). Each entry
     /// is pushed provisionally once.
-    pub(super) async fn push_provisional(&mut self, entries: &[super::Entry]) {
-        let fresh: Vec<&super::Entry> = entries
+    pub(super) async fn push_provisional(&mut self, entries: &[Delivery]) {
+        let fresh: Vec<&Delivery> = entries
             .iter()
-            .filter(|e| e.lane == Lane::Critical && !self.provisional.contains(&e.raw.id))
+            .filter(|e| e.lane == Lane::Critical && !self.provisional.contains(&e.id))
             .collect();
         if fresh.is_empty() {
             return;
         }
         let events: Vec<&Event> = fresh.iter().flat_map(|e| &e.events).collect();
+        let rules = self.engine.rules.clone();
         let alerts: Vec<Alert> = events
             .iter()
             .filter(|e| e.value == 1.0)
             .flat_map(|e| {
-                self.engine
-                    .rules
+                rules
                     .rules
                     .iter()
                     .filter(|r| {
                         r.condition == Condition::Boolean
-                            && r.severity == crate::alerts::Severity::Critical
+                            && r.severity == Severity::Critical
                             && r.kinds.contains(&e.kind)
                     })
                     .map(move |r| Alert {
@@ -57,7 +56,7 @@ impl Consumer {
                         rule: r.name.clone(),
                         kind: e.kind.clone(),
                         severity: r.severity,
-                        state: crate::alerts::AlertState::Active,
+                        state: AlertState::Active,
                         message: r.message.clone(),
                         value: Some(e.value),
                         raised_at: e.ts_ms,
@@ -69,13 +68,14 @@ impl Consumer {
                     })
             })
             .collect();
-        let mut pipe = redis::pipe();
-        self.cache.add_update(&mut pipe, &events);
-        self.add_pushes(&mut pipe, &alerts, &[]);
-        match self.queue.exec(&pipe).await {
+        let result = async {
+            self.cache.offer(&events).await?;
+            self.fanout.push_alerts(&alerts).await
+        }
+        .await;
+        match result {
             Ok(()) => {
-                self.provisional
-                    .extend(fresh.iter().map(|e| e.raw.id.clone()));
+                self.provisional.extend(fresh.iter().map(|e| e.id.clone()));
                 if !alerts.is_empty() {
                     warn!(consumer = %self.name, alerts = alerts.len(), "store unreachable: critical alerts pushed before they are stored");
                 }
@@ -84,38 +84,40 @@ impl Consumer {
         }
     }
 
-    /// Evaluate the rules on stored `events` and write what changed. `None` on shutdown or when
-    /// a lane was lost meanwhile (the lane's next owner evaluates the batch again).
+    /// Evaluate the rules on stored `events` (of `lanes`) and write what changed. `None` on
+    /// shutdown or when a lane was lost meanwhile (the lane's next owner evaluates the batch
+    /// again).
     pub(super) async fn evaluate_rules(
         &mut self,
         events: &[&Event],
-        lanes: &BTreeSet<Lane>,
+        lanes: &[Lane],
     ) -> Option<Vec<Alert>> {
         let mut backoff = Backoff::default();
         loop {
-            let result: Result<Vec<Alert>, StoreError> = async {
+            let result: Result<Vec<Alert>, WriteError> = async {
                 let to_load = self.engine.to_load(events);
                 if !to_load.is_empty() {
-                    let states = self.store().await?.load_states(&to_load).await?;
+                    let states = self.parts.alerts.load_states(&to_load).await?;
                     self.engine.load(&to_load, states);
                 }
                 let outcome = self.engine.evaluate(events);
                 let alerts = if outcome.is_empty() {
                     Vec::new()
                 } else {
-                    let fences: Vec<(String, i64)> = lanes
-                        .iter()
-                        .filter_map(|l| self.held.get(l).map(|h| (l.name(), h.token)))
+                    let fences: Vec<crate::seam::Fence> = self
+                        .parts
+                        .ownership
+                        .held()
+                        .into_iter()
+                        .filter(|(l, _)| lanes.contains(l))
                         .collect();
-                    if fences.len() != lanes.len() {
-                        return Err(StoreError::Fenced(Vec::new()));
+                    let mut wanted: Vec<Lane> = lanes.to_vec();
+                    wanted.sort();
+                    wanted.dedup();
+                    if fences.len() != wanted.len() {
+                        return Err(WriteError::Fenced(Vec::new()));
                     }
-                    let rules = self.engine.rules.clone();
-                    let shards = self.config.shards;
-                    self.store()
-                        .await?
-                        .write_outcome(&fences, &outcome, &rules, shards)
-                        .await?
+                    self.parts.alerts.write_outcome(&fences, &outcome).await?
                 };
                 self.engine.commit(outcome, events);
                 Ok(alerts)
@@ -124,27 +126,25 @@ impl Consumer {
             match result {
                 Ok(alerts) => {
                     for a in &alerts {
-                        if a.state == crate::alerts::AlertState::Active {
+                        if a.state == AlertState::Active {
                             METRICS.alerts.with(a.severity.as_str()).add(1);
                         }
                         info!(alert = a.id, rule = %a.rule, sensor = %a.sensor_id, state = a.state.as_str(), "alert");
                     }
                     return Some(alerts);
                 }
-                Err(StoreError::Fenced(lost)) => {
+                Err(WriteError::Fenced(lost)) => {
                     warn!(consumer = %self.name, lanes = ?lost, "fenced out while writing alerts");
-                    for name in lost {
-                        if let Some(lane) = self.lanes.iter().find(|l| l.name() == name).copied() {
-                            self.held.remove(&lane);
-                            lock(&self.kept).remove(&lane);
-                        }
-                    }
+                    self.parts.ownership.lost(&lost);
+                    self.engine.forget();
                     return None;
                 }
                 Err(e) => {
-                    metrics::dependency_error("postgres");
+                    if let WriteError::Unavailable(u) = &e {
+                        crate::metrics::dependency_error(super::dependency(u));
+                    }
                     warn!(consumer = %self.name, error = %e, "writing alerts failed, retrying");
-                    self.store = None;
+                    self.engine.forget();
                     if !self.shutdown.clone().sleep(backoff.next_delay()).await {
                         return None;
                     }
@@ -153,28 +153,25 @@ impl Consumer {
         }
     }
 
-    /// Add to `pipe` the pushes of `alerts`, the webhook notifications, and the events of
-    /// watched houses.
-    pub(super) fn add_pushes(
+    /// Push `alerts`, and the events of watched houses.
+    pub(super) async fn push(
         &self,
-        pipe: &mut redis::Pipeline,
         alerts: &[Alert],
         events: &[&Event],
-    ) {
-        for alert in alerts {
-            crate::alerts::add_push(pipe, &self.queue.keys, &self.engine.rules, alert);
+    ) -> Result<(), Unavailable> {
+        if !alerts.is_empty() {
+            self.fanout.push_alerts(alerts).await?;
         }
         let watched = &self.watched.1;
         if watched.is_empty() || events.is_empty() {
-            return;
+            return Ok(());
         }
         let all = watched.contains("*");
-        for json in crate::alerts::event_messages(events, |h| all || watched.contains(h)) {
-            pipe.cmd("PUBLISH")
-                .arg(self.queue.keys.push())
-                .arg(json)
-                .ignore();
+        let messages = crate::alerts::event_messages(events, |h| all || watched.contains(h));
+        if messages.is_empty() {
+            return Ok(());
         }
+        self.fanout.publish(&messages).await
     }
 
     /// Note that `alerts` were pushed (best effort: if this fails, the lane's next owner pushes
@@ -183,47 +180,34 @@ impl Consumer {
         if alerts.is_empty() {
             return;
         }
-        let result = async { self.store().await?.mark_pushed(alerts).await }.await;
-        if let Err(e) = result {
+        if let Err(e) = self.parts.alerts.mark_pushed(alerts).await {
             warn!(consumer = %self.name, error = %e, "could not mark alerts pushed");
-            self.store = None;
         }
     }
 
     /// Between batches: refresh the watched houses, push what lanes taken over left unpushed,
-    /// and (the critical lane's owner) sweep for silent sensors.
-    pub(super) async fn housekeeping(&mut self) -> Result<(), WorkerError> {
+    /// and (the critical lane's holder) sweep for silent sensors.
+    pub(super) async fn housekeeping(&mut self) -> Result<(), Unavailable> {
         if self.watched.0.elapsed() >= WATCHED_REFRESH {
-            let now = crate::event::now_us() / 1000;
-            let mut conn = self.queue.conn.clone();
-            let houses: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(self.queue.keys.watched())
-                .arg(now)
-                .arg("+inf")
-                .query_async(&mut conn)
-                .await
-                .map_err(crate::servers::queue::QueueError::from)?;
-            self.watched = (Instant::now(), houses.into_iter().collect());
+            let houses = self.fanout.watched().await?;
+            self.watched = (Instant::now(), houses);
         }
         // Both below need the store: while its circuit is open they wait, and reading goes on
         // (the critical lane still pushes its alerts, see `push_provisional`).
-        if crate::breaker::POSTGRES.is_open() {
+        if self.parts.store.is_paused() {
             return Ok(());
         }
+        let held = self.parts.ownership.held();
         while let Some(lane) = self.repush.first().copied() {
-            if !self.held.contains_key(&lane) {
-                self.repush.remove(&lane);
-                continue;
+            if held.iter().any(|(l, _)| *l == lane) {
+                let alerts = self.parts.alerts.unpushed(lane).await?;
+                self.publish(&alerts).await?;
             }
-            let alerts = self.store().await?.unpushed(&lane.name()).await?;
-            self.publish(&alerts).await?;
             self.repush.remove(&lane);
         }
-        if self.held.contains_key(&Lane::Critical) && Instant::now() >= self.next_sweep {
+        if held.iter().any(|(l, _)| *l == Lane::Critical) && Instant::now() >= self.next_sweep {
             self.next_sweep = Instant::now() + self.engine.rules.sweep_period();
-            let rules = self.engine.rules.clone();
-            let shards = self.config.shards;
-            let alerts = self.store().await?.sweep_offline(&rules, shards).await?;
+            let alerts = self.parts.alerts.sweep_offline().await?;
             for a in &alerts {
                 METRICS.alerts.with(a.severity.as_str()).add(1);
                 info!(alert = a.id, sensor = %a.sensor_id, "sensor offline");
@@ -234,14 +218,11 @@ impl Consumer {
     }
 
     /// Push alerts outside a batch (takeover, sweep), then mark them pushed.
-    async fn publish(&mut self, alerts: &[Alert]) -> Result<(), WorkerError> {
+    async fn publish(&mut self, alerts: &[Alert]) -> Result<(), Unavailable> {
         if alerts.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        self.add_pushes(&mut pipe, alerts, &[]);
-        self.queue.exec(&pipe).await?;
-        self.store().await?.mark_pushed(alerts).await?;
-        Ok(())
+        self.fanout.push_alerts(alerts).await?;
+        self.parts.alerts.mark_pushed(alerts).await
     }
 }

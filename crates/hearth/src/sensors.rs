@@ -11,7 +11,18 @@ use std::collections::BTreeMap;
 
 use crate::alerts::engine::SensorKey;
 use crate::event::{Event, PerSensor};
-use crate::servers::store::SensorSeen;
+
+/// A sensor seen in a batch, for the `sensors` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorSeen {
+    pub sensor_id: String,
+    pub house_id: String,
+    pub kinds: Vec<String>,
+    pub first_us: i64,
+    pub last_us: i64,
+    /// The usual interval between its readings, when known.
+    pub interval_ms: Option<f64>,
+}
 
 /// Sensors remembered per consumer before the memo starts over (bounded memory).
 const MAX_REMEMBERED: usize = 200_000;

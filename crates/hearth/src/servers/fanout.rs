@@ -1,0 +1,153 @@
+//! The fan-out seam on Redis: pushes through pub/sub (`P:push`) to every API process, webhook
+//! jobs on the `P:notify` stream, and the houses WebSocket clients watch (`P:watched`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::queue::{Queue, QueueError};
+use crate::alerts::Alert;
+use crate::alerts::rules::RuleSet;
+use crate::backoff::Backoff;
+use crate::seam::{FanOut, Fut};
+
+/// Pushes through Redis pub/sub (`P:push`) to every API process; webhook jobs on `P:notify`.
+pub struct RedisFanOut {
+    pub queue: Queue,
+    pub redis_url: String,
+    /// Which alerts a webhook takes.
+    pub rules: Arc<RuleSet>,
+}
+
+impl FanOut for RedisFanOut {
+    fn publish<'a>(&'a self, messages: &'a [String]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for message in messages {
+                pipe.cmd("PUBLISH")
+                    .arg(self.queue.keys.push())
+                    .arg(message)
+                    .ignore();
+            }
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    /// To WebSocket clients (`P:push`) and, when a webhook takes an alert's severity, to the
+    /// notifier (`P:notify`), in one round trip.
+    fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for alert in alerts {
+                if let Some(json) = crate::alerts::alert_message(alert) {
+                    pipe.cmd("PUBLISH")
+                        .arg(self.queue.keys.push())
+                        .arg(json)
+                        .ignore();
+                }
+                if crate::alerts::has_webhook(&self.rules, alert)
+                    && let Ok(json) = serde_json::to_string(alert)
+                {
+                    pipe.cmd("XADD")
+                        .arg(self.queue.keys.notify())
+                        .arg("*")
+                        .arg("a")
+                        .arg(json)
+                        .ignore();
+                }
+            }
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>> {
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let channel = self.queue.keys.push();
+            let url = self.redis_url.clone();
+            // Subscribed before returning, so that nothing published after this call is missed.
+            let first = subscribe(&url, &channel).await?;
+            tokio::spawn(relay(url, channel, first, tx));
+            Ok(rx)
+        })
+    }
+
+    fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let key = self.queue.keys.watched();
+            let now = crate::event::now_us() / 1000;
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+            for h in houses {
+                pipe.cmd("ZADD").arg(&key).arg(now + ttl_ms).arg(h).ignore();
+            }
+            Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn watched(&self) -> Fut<'_, HashSet<String>> {
+        Box::pin(async move {
+            let now = crate::event::now_us() / 1000;
+            let mut conn = self.queue.conn.clone();
+            let houses: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.queue.keys.watched())
+                .arg(now)
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await
+                .map_err(QueueError::from)?;
+            Ok(houses.into_iter().collect())
+        })
+    }
+}
+
+async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSub, QueueError> {
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}
+
+/// Forward `P:push` to `tx` until the receiver is dropped, resubscribing after a failure.
+async fn relay(
+    url: String,
+    channel: String,
+    first: redis::aio::PubSub,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    use futures_util::StreamExt;
+    let mut backoff = Backoff::default();
+    let mut current = Some(first);
+    loop {
+        let pubsub = match current.take() {
+            Some(p) => Ok(p),
+            None => subscribe(&url, &channel).await,
+        };
+        match pubsub {
+            Ok(mut pubsub) => {
+                backoff.reset();
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    if let Ok(text) = msg.get_payload::<String>()
+                        && tx.send(text).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                crate::metrics::dependency_error("redis");
+                warn!(error = %e, "push subscription lost, reconnecting");
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
