@@ -43,10 +43,11 @@ pub struct Config {
     /// Deliveries after which an event that fails for its own content is dead-lettered.
     /// Server failures (Redis, PostgreSQL down) are retried without limit and never count.
     pub max_deliveries: u32,
-    /// Routine queue depth (events, all lanes) above which the ingest stops taking messages from
-    /// the broker, which then holds them.
+    /// Routine queue depth (events, all lanes) above which every intake stops taking: the MQTT
+    /// ingest and the embedded broker stop reading publishers (the broker or the client then
+    /// holds the messages), `POST /events` answers 503 with `Retry-After`.
     pub queue_high_watermark: u64,
-    /// Routine queue depth below which the ingest resumes.
+    /// Routine queue depth below which the intakes take again (the gap is the hysteresis).
     pub queue_low_watermark: u64,
     /// Largest accepted MQTT payload in bytes; larger ones are dead-lettered.
     pub max_payload_bytes: usize,
@@ -193,6 +194,18 @@ pub enum ConfigError {
     },
     #[error("bad config in {origin}: {message}")]
     Invalid { origin: String, message: String },
+}
+
+/// `--set KEY=VALUE` flags as (key, value) pairs, for [`load`]'s overrides.
+pub fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>, String> {
+    sets.iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set expects KEY=VALUE, got {kv:?}"))?;
+            Ok((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// Where the file layer comes from: an explicit `--config`, else `./hearth.toml` if present.

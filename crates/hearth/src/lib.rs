@@ -1,40 +1,47 @@
 //! hearth: the event backbone of a connected home.
 //!
-//! Follow one event through the modules, in the order it travels:
+//! One flow, written once, over seams that two backends implement:
 //!
 //! ```text
-//!  MQTT ─▶ ingest ─▶ codec ─▶ queue (Redis Streams, one lane per shard + critical) ─▶ worker
-//!                      │                                                             │
-//!                      └─▶ dead letters                          store (PostgreSQL) ◀┤
-//!                                                                 cache (Redis)     ◀┘
+//!  MQTT ingest ─┐                                     ┌─▶ EventStore   (readings, sensors, tokens)
+//!  broker ──────┼─▶ intake ─▶ EventQueue ─▶ worker ───┼─▶ AlertStore   (rules' state, alerts)
+//!  POST /events ┘   (decode,  (lanes,       (one      ├─▶ LatestCache  (latest value per sensor)
+//!                   gate)     critical 1st)  loop)    └─▶ FanOut       (WebSocket, webhooks)
 //! ```
 //!
-//! - [`ingest`] holds the MQTT session and PUBACKs a message only after the XADD holding it;
-//!   [`mqtt`] is its connection, on rumqttc's codec, writing PUBACKs a batch at a time.
-//! - [`codec`] turns a topic and payload into validated [`event::Event`]s or reasoned rejections.
-//! - [`queue`] is the durable buffer: lanes, dead letters, leases, acknowledgement and trimming.
-//! - [`worker`] owns lanes through leases, stores batches, updates the cache, then XACKs.
-//! - [`store`] is PostgreSQL: schema, idempotent batch insert, fencing tokens.
-//! - [`cache`] keeps the latest value of each sensor and kind.
-//! - [`alerts`] evaluates rules on stored readings and pushes alert transitions.
-//! - [`status`] reads it all back for `hearth status`.
-//! - [`metrics`] names every metric once; [`api`] serves them, the REST API and the dashboard.
-//! - [`bench`] measures it all end to end (`hearth bench`), against baselines; [`sim`]
-//!   plays houses full of sensors (`hearth sim`).
-//! - [`seam`] names the four places the flow meets a server (queue, store, cache, fan-out) as
-//!   traits, with the servers' backend; [`embedded`] is the other backend (its own MQTT broker,
-//!   SQLite, in-process cache and channels): `hearth up` with nothing configured.
+//! The neutral core, which knows no server:
+//! - [`event`] (a reading, its validation, its order), [`lane`] (which lane an event takes),
+//!   [`dead_letter`] (a refused message and its retention), [`caps`], [`sensors`] (which sensors
+//!   a batch records), [`alerts`] (the pure rules engine, alert types, webhook notification),
+//!   [`codec`] (topic and payload → events or reasoned rejections), [`status`] (the accounting).
+//! - [`seam`] names the seams as traits (queue and its per-consumer reader, lane ownership,
+//!   store, alert store, cache, fan-out) and [`seam::Backend`], what a backend gives a worker.
+//! - [`intake`] is the one way in: decode → dead letters → metrics → the backpressure gate →
+//!   append, used by [`ingest`] (MQTT client), the embedded broker and `POST /events`.
+//! - [`worker`] is the one loop: read (critical first) → store → rules → cache → push → ack, for
+//!   both backends; a batch is acknowledged only after it is stored.
+//!
+//! The backends, twin folders behind the seams:
+//! - [`servers`]: Redis Streams queue, leases, Redis cache and fan-out, PostgreSQL store and
+//!   alerts, fencing tokens.
+//! - [`embedded`]: its own MQTT broker, one SQLite file as queue and store, in-process cache and
+//!   channels: `hearth up` with nothing configured.
+//!
+//! Around them: [`api`] (REST, WebSocket, dashboard, metrics), [`roles`] (the processes), [`config`],
+//! [`metrics`], [`breaker`] (circuits), [`dlq`] (dead-letter tools), [`mqtt`] (the MQTT session
+//! shared by the ingest and [`sim`], the load generator). The bench is a crate of its own
+//! (`hearth-bench`); nothing here imports it.
 //!
 //! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
-//! after XADD, XACK after COMMIT), so a crash anywhere leaves work to redo, never work lost; and
-//! redoing is harmless because storing is idempotent on the dedup key. Per-sensor order comes
-//! from routing a sensor to one lane and letting one consumer at a time own a lane.
+//! after the append, the queue's acknowledgement after the store's commit), so a crash anywhere
+//! leaves work to redo, never work lost; and redoing is harmless because storing is idempotent on
+//! the dedup key. Per-sensor order comes from routing a sensor to one lane and letting one
+//! consumer at a time own a lane (a lease and a fencing token on the servers).
 
 pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod backoff;
-pub mod bench;
 pub mod breaker;
 pub mod caps;
 pub mod codec;

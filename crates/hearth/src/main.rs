@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
 use hearth::servers::store;
-use hearth::{bench, shutdown, sim};
+use hearth::{shutdown, sim};
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
@@ -81,8 +81,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// End-to-end benchmark: publish, wait until stored, check, compare with baselines.
-    Bench(BenchArgs),
+    /// End-to-end benchmark: publish, wait until stored, check, compare with baselines (runs
+    /// the `hearth-bench` program installed beside this one; `hearth bench --help` lists its
+    /// options).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Simulated houses and sensors publishing over MQTT.
     Sim(SimArgs),
 }
@@ -129,13 +135,7 @@ fn print_report<R: serde::Serialize>(
     report: &R,
     table: impl FnOnce() -> String,
 ) -> Result<(), RoleError> {
-    if json {
-        let text = serde_json::to_string_pretty(report).map_err(anyhow::Error::from)?;
-        println!("{text}");
-    } else {
-        print!("{}", table());
-    }
-    Ok(())
+    Ok(roles::print_report(json, report, table)?)
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -225,73 +225,11 @@ enum TokenAction {
     },
 }
 
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// Events to publish.
-    #[arg(long, default_value_t = 200_000)]
-    events: u64,
-    /// Distinct sensors (each with its own seq).
-    #[arg(long, default_value_t = 1_000)]
-    sensors: u64,
-    /// Target events per second; 0 publishes as fast as the broker takes them.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
-    /// hearth worker processes to start.
-    #[arg(long, default_value_t = 3)]
-    worker_processes: usize,
-    /// Routine consumers in each worker process.
-    #[arg(long, default_value_t = 1)]
-    consumers: u16,
-    /// MQTT connections publishing the load.
-    #[arg(long, default_value_t = 2)]
-    publishers: usize,
-    /// QoS of the published events (0 or 1).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-    qos: u8,
-    /// Use this broker instead of a private one started from deploy/mosquitto.conf.
-    #[arg(long)]
-    broker: Option<String>,
-    /// Measure hearth processes already running (configured URLs and prefix) instead of
-    /// starting them.
-    #[arg(long)]
-    external: bool,
-    /// Skip the raw and sync baselines.
-    #[arg(long)]
-    no_baselines: bool,
-    /// Events for the sync baseline (it is slow by design).
-    #[arg(long, default_value_t = 30_000)]
-    sync_events: u64,
-    /// Keep the bench's database, Redis keys and logs.
-    #[arg(long)]
-    keep: bool,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Measure alert latency instead (smoke publish → WebSocket alert) while telemetry flows
-    /// and a backlog is queued; uses --backlog, --telemetry-rate, --smoke, --smoke-interval-ms,
-    /// --sensors, --worker-processes, --consumers.
-    #[arg(long)]
-    alert_latency: bool,
-    /// Benchmark `hearth up` with nothing configured (embedded broker and SQLite store) instead
-    /// of the ingest and worker processes on Redis and PostgreSQL.
-    #[arg(long)]
-    embedded: bool,
-    /// Alert latency: routine events queued before the workers start.
-    #[arg(long, default_value_t = 200_000)]
-    backlog: u64,
-    /// Alert latency: routine telemetry per second while smoke events are published.
-    #[arg(long, default_value_t = 10_000)]
-    telemetry_rate: u64,
-    /// Alert latency: smoke events to publish, each on a sensor of its own.
-    #[arg(long, default_value_t = 100)]
-    smoke: u64,
-    /// Alert latency: milliseconds between smoke events.
-    #[arg(long, default_value_t = 100)]
-    smoke_interval_ms: u64,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = &cli.command {
+        return bench(&cli, args);
+    }
     let config = match load_config(&cli) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -339,14 +277,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<Config, String> {
-    let mut overrides = Vec::new();
-    for kv in &cli.set {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--set expects KEY=VALUE, got {kv:?}"))?;
-        overrides.push((k.trim().to_string(), v.to_string()));
+/// `hearth bench`: the bench is a tool of its own (the `hearth-bench` crate), installed beside
+/// this binary; it gets the same configuration (file and overrides) and finds this binary to
+/// start hearth's processes with.
+fn bench(cli: &Cli, args: &[String]) -> ExitCode {
+    let program = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("hearth-bench"),
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let overrides = match overrides(cli) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut cmd = std::process::Command::new(&program);
+    if let Some(file) = &cli.config {
+        cmd.arg("--config").arg(file);
     }
+    for (k, v) in overrides {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        cmd.env("HEARTH_BIN", exe);
+    }
+    match cmd.args(args).status() {
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!(
+                "hearth: cannot run {} ({e}); build it with `cargo build --release` at the workspace root",
+                program.display()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The `--set` pairs and the flags that stand for config keys, in the order they apply.
+fn overrides(cli: &Cli) -> Result<Vec<(String, String)>, String> {
+    let mut overrides = config::parse_sets(&cli.set)?;
     for (key, value) in [
         ("mqtt_url", &cli.mqtt_url),
         ("redis_url", &cli.redis_url),
@@ -361,6 +334,11 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
             overrides.push((key.to_string(), v.clone()));
         }
     }
+    Ok(overrides)
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let overrides = overrides(cli)?;
     config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
 }
 
@@ -536,71 +514,8 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             }
             Ok(())
         }
-        Command::Bench(args) if args.alert_latency => {
-            if args.smoke == 0 || args.sensors == 0 || args.worker_processes == 0 {
-                return Err(RoleError::Config(
-                    "bench: --smoke, --sensors and --worker-processes must be > 0".into(),
-                ));
-            }
-            let opts = bench::alerts::Options {
-                backlog: args.backlog,
-                telemetry_rate: args.telemetry_rate,
-                smoke: args.smoke,
-                smoke_interval: std::time::Duration::from_millis(args.smoke_interval_ms),
-                sensors: args.sensors,
-                worker_processes: args.worker_processes,
-                consumers: args.consumers,
-                keep: args.keep,
-            };
-            let report = bench::alerts::run(config, opts).await?;
-            print_report(args.json, &report, || report.table())?;
-            if !report.clean() {
-                return Err(anyhow::anyhow!(
-                    "alerts were missed, or events lost, duplicated or reordered (see the report)"
-                )
-                .into());
-            }
-            Ok(())
-        }
-        Command::Bench(args) => {
-            if args.events == 0
-                || args.sensors == 0
-                || args.publishers == 0
-                || args.worker_processes == 0
-            {
-                return Err(RoleError::Config(
-                    "bench: --events, --sensors, --publishers and --worker-processes must be > 0"
-                        .into(),
-                ));
-            }
-            let opts = bench::Options {
-                events: args.events,
-                sensors: args.sensors,
-                rate: args.rate,
-                worker_processes: args.worker_processes,
-                consumers: args.consumers,
-                publishers: args.publishers,
-                qos: args.qos,
-                broker: args.broker,
-                external: args.external,
-                baselines: !args.no_baselines,
-                sync_events: args.sync_events,
-                keep: args.keep,
-            };
-            let report = if args.embedded {
-                bench::embedded::run(config, opts).await?
-            } else {
-                bench::run(config, opts).await?
-            };
-            print_report(args.json, &report, || report.table())?;
-            if !report.clean() {
-                return Err(anyhow::anyhow!(
-                    "events were lost, duplicated or reordered (see the report)"
-                )
-                .into());
-            }
-            Ok(())
-        }
+        // Run by `main` before any runtime starts.
+        Command::Bench { .. } => Ok(()),
         Command::Sim(args) => {
             let profile = match (&args.stages, args.profile.as_str()) {
                 (Some(spec), _) => sim::Profile::Stages(

@@ -1,9 +1,10 @@
-//! Every metric hearth exports, each named once, here (SPEC §7), and their Prometheus text
+//! Every metric hearth exports, each named once, here (CONTRACT §7), and their Prometheus text
 //! rendering.
 //!
 //! Counters and histograms are per process (atomics, updated where the thing happens). The
 //! state of the shared queue (depth, pending, dead letters, the loss accounting) is read from
-//! Redis at scrape time by [`render`], so any role process can show it. Labels are kept to small
+//! the queue seam at scrape time (Redis on the servers, the SQLite file embedded) by
+//! [`render`], so any role process can show it. Labels are kept to small
 //! fixed sets (lane, reason, source, severity, dependency): never a sensor or a house.
 
 use std::collections::BTreeMap;
@@ -461,7 +462,7 @@ fn histogram_lines(out: &mut String, name: &str, labels: &str, h: &Histogram) {
 /// The standard process metrics, from /proc/self.
 fn process(out: &mut String) {
     let pid = std::process::id();
-    if let Some(kb) = crate::bench::rss_kb(pid) {
+    if let Some(kb) = rss_kb(pid) {
         scalar(
             out,
             "process_resident_memory_bytes",
@@ -513,6 +514,35 @@ fn process(out: &mut String) {
             fds.count() as f64,
         );
     }
+}
+
+/// User + system CPU seconds of a process, from /proc (Linux reports them in 1/100 s).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of a process in KiB (VmHWM).
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+/// Resident memory of a process in KiB (VmRSS).
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

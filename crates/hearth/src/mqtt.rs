@@ -3,7 +3,7 @@
 //! rumqttc's event loop writes and flushes each PUBACK on its own: one system call per message,
 //! which profiling showed to be most of the ingest's CPU. Here packets are encoded into a buffer
 //! and written together: a batch of PUBACKs (a whole XADD pipeline's worth) is one write. The
-//! ingest's session ([`crate::ingest`]) and the bench's load client ([`crate::bench::wire`])
+//! ingest's session ([`crate::ingest`]) and the bench's load client ([`crate::sim::wire`])
 //! are built on it.
 
 use std::time::Duration;

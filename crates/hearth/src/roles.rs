@@ -1,6 +1,6 @@
-//! The process roles (`up`, `ingest`, `worker`, `api`; docs/CONTRACT.md, "Commands"), each on
-//! a backend's seams, and what each checks before it starts: the schema is migrated, the lanes' consumer groups exist, the shard count has not
-//! changed under queued events. A server that is down at start is waited for with backoff, as it
+//! The process roles (`up`, `ingest`, `worker`, `api`; CONTRACT §4), each on a backend's
+//! seams, and what each checks before it starts: the schema is migrated, the lanes' consumer
+//! groups exist, the shard count has not changed under queued events. A server that is down at start is waited for with backoff, as it
 //! would be later: no role exits because Redis, PostgreSQL or the broker is away.
 
 use std::future::Future;
@@ -419,6 +419,20 @@ async fn finish(
 ) -> Result<(), RoleError> {
     if let Some(server) = server {
         server.await.map_err(anyhow::Error::from)??;
+    }
+    Ok(())
+}
+
+/// A command's report, as pretty JSON (`--json`) or as its table, on stdout.
+pub fn print_report<R: serde::Serialize>(
+    json: bool,
+    report: &R,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", table());
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hearth::bench::mosquitto::{running_as_root, stop_child};
+use hearth_bench::mosquitto::{running_as_root, stop_child};
 use support::*;
 
 const READY: Duration = Duration::from_secs(60);
@@ -783,7 +783,7 @@ async fn chaos_10_saturation_is_bounded() {
             .unwrap_or(0);
         max_depth = max_depth.max(depth);
         for p in workers.iter().chain(std::iter::once(&ingest)) {
-            let rss = hearth::bench::rss_kb(p.pid()).unwrap_or(0);
+            let rss = hearth::metrics::rss_kb(p.pid()).unwrap_or(0);
             if rss > max_rss_kb {
                 max_rss_kb = rss;
                 max_rss_role = p.label.clone();

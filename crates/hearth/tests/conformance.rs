@@ -73,7 +73,7 @@ async fn servers_with(test: &str, rules: Arc<RuleSet>, tune: impl FnOnce(&mut Co
         let prefix = prefix.clone();
         Box::pin(async move {
             let queue = hearth::servers::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
-            Arc::new(hearth::servers::reader::RedisQueue::new(queue, REDIS)) as Arc<dyn EventQueue>
+            Arc::new(hearth::servers::queue::RedisQueue::new(queue, REDIS)) as Arc<dyn EventQueue>
         })
     };
     Backend {
@@ -628,7 +628,9 @@ async fn dead_letters_expire_on_redis() {
     );
     queue.append(&[], &[&letter]).await.expect("new letter");
     assert_eq!(queue.expire_dead_letters().await.expect("sweep"), 1);
-    let status = hearth::status::collect(&queue).await.expect("status");
+    let status = hearth::servers::status::collect(&queue)
+        .await
+        .expect("status");
     assert_eq!((status.dead_letters, status.dead_letters_expired), (1, 1));
 }
 

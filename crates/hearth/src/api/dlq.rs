@@ -9,7 +9,7 @@ use axum::extract::{RawQuery, State};
 use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
-use super::routes::{only, query_pairs, valid_id};
+use super::params::{only, query_pairs, valid_id};
 use crate::codec::Limits;
 use crate::dlq::{Filter, Letter, Replayed};
 

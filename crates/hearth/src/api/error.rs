@@ -1,4 +1,4 @@
-//! The API's errors: one enum, each variant a status code, rendered as the JSON of SPEC §5,
+//! The API's errors: one enum, each variant a status code, rendered as the JSON of CONTRACT §5,
 //! `{"error": "...", "detail": "..."}`. A handler never answers 500 for what a client sent.
 
 use axum::Json;

@@ -1,4 +1,4 @@
-//! The HTTP side of hearth (SPEC §5): the REST API under `/api/v1`, the WebSocket push,
+//! The HTTP side of hearth (CONTRACT §5): the REST API under `/api/v1`, the WebSocket push,
 //! `/metrics`, `/healthz`, `/readyz` and `/openapi.json`.
 //!
 //! `router(state)` is separate from serving, so tests can call it directly; `serve` runs until
@@ -7,11 +7,15 @@
 //! Every `/api/v1` route and the WebSocket need a bearer token ([`auth`]); errors are JSON
 //! ([`error`]).
 
+pub mod alerts;
 pub mod auth;
 pub mod dlq;
 pub mod error;
+pub mod events;
+pub mod health;
 pub mod openapi;
-pub mod routes;
+pub mod params;
+pub mod sensors;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -74,20 +78,20 @@ impl AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
-        .route("/events", post(routes::post_events))
-        .route("/houses", get(routes::houses))
-        .route("/houses/{house}/sensors", get(routes::house_sensors))
+        .route("/events", post(events::post_events))
+        .route("/houses", get(sensors::houses))
+        .route("/houses/{house}/sensors", get(sensors::house_sensors))
         .route(
             "/houses/{house}/sensors/{sensor}/latest",
-            get(routes::sensor_latest),
+            get(sensors::sensor_latest),
         )
         .route(
             "/houses/{house}/sensors/{sensor}/events",
-            get(routes::sensor_events),
+            get(sensors::sensor_events),
         )
-        .route("/alerts", get(routes::list_alerts))
-        .route("/alerts/{id}/ack", post(routes::ack_alert))
-        .route("/pipeline", get(routes::pipeline))
+        .route("/alerts", get(alerts::list_alerts))
+        .route("/alerts/{id}/ack", post(alerts::ack_alert))
+        .route("/pipeline", get(health::pipeline))
         .route("/dlq", get(dlq::list))
         .route("/dlq/replay", post(dlq::replay))
         .route("/dlq/purge", post(dlq::purge))
@@ -95,15 +99,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .nest("/api/v1", v1)
         .route("/metrics", get(metrics))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard))
-        .fallback(routes::not_found)
+        .fallback(health::not_found)
         .with_state(state)
 }
 
-/// Only `/metrics` and `/healthz`, for processes without the API.
 /// The dashboard: one page, its script and style inline (no CDN: it works offline). It asks for
 /// a token and then uses the REST API and the WebSocket like any client.
 async fn dashboard() -> impl IntoResponse {
@@ -140,10 +143,11 @@ fn inline<'a>(page: &'a str, tag: &str) -> &'a str {
         .map_or("", |(body, _)| body)
 }
 
+/// Only `/metrics` and `/healthz`, for processes without the API.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(routes::healthz))
+        .route("/healthz", get(health::healthz))
         .with_state(state)
 }
 

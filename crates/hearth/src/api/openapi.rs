@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{dlq, error, routes, ws};
+use super::{alerts, dlq, error, events, health, sensors, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,32 +14,32 @@ use super::{dlq, error, routes, ws};
         description = "The event backbone of a connected home: ingestion, sensors, history, alerts, pipeline state, and a WebSocket push. Every /api/v1 route needs a bearer token: the admin token, or a house token from `hearth token create --house H`."
     ),
     paths(
-        routes::post_events,
-        routes::houses,
-        routes::house_sensors,
-        routes::sensor_latest,
-        routes::sensor_events,
-        routes::list_alerts,
-        routes::ack_alert,
-        routes::pipeline,
+        events::post_events,
+        sensors::houses,
+        sensors::house_sensors,
+        sensors::sensor_latest,
+        sensors::sensor_events,
+        alerts::list_alerts,
+        alerts::ack_alert,
+        health::pipeline,
         dlq::list,
         dlq::replay,
         dlq::purge,
         ws::upgrade,
-        routes::healthz,
-        routes::readyz,
+        health::healthz,
+        health::readyz,
     ),
     components(schemas(
         error::ErrorBody,
-        routes::Accepted,
-        routes::RejectedReading,
-        routes::SensorView,
-        routes::HouseView,
-        routes::LatestView,
-        routes::History,
-        routes::HistoryEvent,
-        routes::Pipeline,
-        routes::Readiness,
+        events::Accepted,
+        events::RejectedReading,
+        sensors::SensorView,
+        sensors::HouseView,
+        sensors::LatestView,
+        sensors::History,
+        sensors::HistoryEvent,
+        health::Pipeline,
+        health::Readiness,
         crate::dlq::Letter,
         crate::dlq::Replayed,
         dlq::Purged,

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
-use super::routes::query_pairs;
+use super::params::query_pairs;
 use crate::backoff::Backoff;
 use crate::seam::FanOut;
 

@@ -1,6 +1,6 @@
 //! Codecs: from an MQTT topic and payload to validated events, or to reasoned rejections.
 //!
-//! The topic picks the codec (`hearth/{house}/{sensor}` is the native format, SPEC §3;
+//! The topic picks the codec (`hearth/{house}/{sensor}` is the native format, CONTRACT §3;
 //! `maison/capteurs/{sensor}` the seed's minimal form). Every codec goes through the same
 //! [`reading`] checks, so a value, a `seq` or a `ts` means the same thing whatever the format.
 //! A decode never fails as a whole: each reading of a message is either an event or a rejection,

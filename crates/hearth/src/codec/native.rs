@@ -1,4 +1,4 @@
-//! The native format (SPEC §3): topic `hearth/{house}/{sensor}`, payload one reading object or a
+//! The native format (CONTRACT §3): topic `hearth/{house}/{sensor}`, payload one reading object or a
 //! JSON array of them. A reading may repeat `house_id` and `sensor_id`; they must then match the
 //! topic, so that a device cannot write into another house by naming it in the payload.
 

@@ -25,6 +25,7 @@ pub mod db;
 pub mod memory;
 pub mod notifier;
 pub mod queue;
+pub mod reader;
 pub mod store;
 
 use std::path::Path;

@@ -15,7 +15,8 @@ use redis::aio::ConnectionManager;
 
 use crate::event::{Event, ORDER_KEY_LEN};
 use crate::seam::{Fut, LatestCache};
-use crate::servers::queue::{Keys, QueueError};
+use crate::servers::keys::Keys;
+use crate::servers::queue::QueueError;
 
 /// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 5: kind, order key, the
 /// house's sensor-set key, sensor id, value. A stored value starts with its order key, so the

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 
-use super::queue::{Keys, QueueError};
+use super::keys::Keys;
+use super::queue::QueueError;
 use crate::lane::Lane;
 
 /// Extend a lease only if it is still ours.

@@ -13,14 +13,20 @@
 
 pub mod alerts;
 pub mod cache;
+pub mod circuits;
+pub mod dead_letters;
 pub mod fanout;
+pub mod keys;
 pub mod lease;
+pub mod notifier;
 pub mod ownership;
 pub mod pg;
 pub mod queue;
 pub mod reader;
 pub mod schema;
+pub mod status;
 pub mod store;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +60,7 @@ impl Servers {
             Duration::from_secs(30),
         ));
         let seams = Seams {
-            queue: Arc::new(reader::RedisQueue::new(queue.clone(), &config.redis_url)),
+            queue: Arc::new(queue::RedisQueue::new(queue.clone(), &config.redis_url)),
             store: Arc::new(pg::PgStore::new(
                 &config.database_url,
                 writer.clone(),
@@ -145,10 +151,10 @@ impl Backend for Servers {
                 self.seams.queue.clone(),
                 shutdown.clone(),
             )),
-            tokio::spawn(crate::breaker::share(self.queue.clone(), shutdown.clone())),
+            tokio::spawn(circuits::share(self.queue.clone(), shutdown.clone())),
         ];
         if !self.rules.webhooks.is_empty() {
-            tasks.push(tokio::spawn(crate::alerts::notify::run(
+            tasks.push(tokio::spawn(notifier::run(
                 self.config.clone(),
                 self.rules.clone(),
                 shutdown.clone(),

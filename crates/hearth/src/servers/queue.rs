@@ -1,7 +1,7 @@
-//! The durable buffer between ingest and workers: Redis Streams.
+//! The durable buffer between the intakes and the workers, on the servers: Redis Streams.
 //!
 //! Events are spread over lanes: one critical lane for the kinds of
-//! [`crate::event::CRITICAL_KINDS`], and `shards` routine lanes chosen by a hash of the sensor id,
+//! [`crate::event::CRITICAL_KINDS`], and `shards` routine lanes chosen by a hash of (house, sensor),
 //! so that all events of a sensor (in one lane) sit in one stream, in the order the ingest
 //! appended them. Each lane is one stream read by the consumer group `workers`.
 //!
@@ -18,18 +18,28 @@
 //! Rejected input goes to the dead-letter stream with its reason, topic and raw payload. It is
 //! never trimmed by hearth.
 //!
-//! Keys (all under the configured prefix `P`):
-//! `P:stream:{lane}`, `P:dead`, `P:lease:{lane}`, `P:consumers:{pool}`, `P:stats`, `P:meta`,
-//! and the cache's `P:latest:{sensor}`, `P:house:{house}:sensors`.
+//! Keys (all under the configured prefix `P`, named once in [`Keys`]): `P:stream:{lane}` (a
+//! lane), `P:dead` (dead letters), `P:lease:{lane}` and `P:consumers:{pool}` (ownership),
+//! `P:stats` (the loss accounting), `P:meta` (the shard count and schema of the keys), `P:push`
+//! (the fan-out channel), `P:notify` (webhook jobs), `P:watched` (houses someone watches),
+//! `P:circuits` (circuit states shared by the processes), `P:tokens` (house tokens cached by hash), and the
+//! cache's `P:latest:{house}:{sensor}` and `P:house:{house}:sensors`.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 
+use std::collections::BTreeMap;
+
+use super::keys::Keys;
+use super::reader::RedisReader;
+use crate::codec::Limits;
 use crate::dead_letter::{DeadLetter, Retention};
+use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
+use crate::seam::{EventQueue, Fut, Reader, Unavailable};
 use crate::status::stat;
 
 /// The consumer group every worker reads through.
@@ -68,96 +78,6 @@ impl QueueError {
 /// How events are spread over the routine lanes, recorded in `P:meta` (`route`). Version 1 (no
 /// field) hashed the sensor id alone; version 2 hashes (house, sensor).
 pub const ROUTE: &str = "house-sensor";
-
-/// Key names under one prefix.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub fn new(prefix: &str) -> Self {
-        Keys {
-            prefix: prefix.to_string(),
-        }
-    }
-    pub fn stream(&self, lane: Lane) -> String {
-        format!("{}:stream:{}", self.prefix, lane.name())
-    }
-    pub fn dead(&self) -> String {
-        format!("{}:dead", self.prefix)
-    }
-    pub fn lease(&self, lane: Lane) -> String {
-        format!("{}:lease:{}", self.prefix, lane.name())
-    }
-    pub fn consumers(&self, pool: &str) -> String {
-        format!("{}:consumers:{pool}", self.prefix)
-    }
-    pub fn stats(&self) -> String {
-        format!("{}:stats", self.prefix)
-    }
-    pub fn meta(&self) -> String {
-        format!("{}:meta", self.prefix)
-    }
-    /// Pub/sub channel of WebSocket pushes.
-    pub fn push(&self) -> String {
-        format!("{}:push", self.prefix)
-    }
-    /// Stream of alert transitions waiting for their webhooks.
-    pub fn notify(&self) -> String {
-        format!("{}:notify", self.prefix)
-    }
-    /// Houses watched by WebSocket clients (sorted set, score: until when, epoch ms).
-    pub fn watched(&self) -> String {
-        format!("{}:watched", self.prefix)
-    }
-    /// Circuit states of every process (hash: `{dependency}|{process}` → `{0|1}:{epoch ms}`).
-    pub fn circuits(&self) -> String {
-        format!("{}:circuits", self.prefix)
-    }
-    /// House tokens, cached (hash → house id).
-    pub fn tokens(&self) -> String {
-        format!("{}:tokens", self.prefix)
-    }
-    /// A sensor's latest values (hash: kind → order key + JSON).
-    pub fn latest(&self, house_id: &str, sensor_id: &str) -> String {
-        format!("{}:latest:{house_id}:{sensor_id}", self.prefix)
-    }
-    pub fn latest_prefix(&self) -> String {
-        format!("{}:latest:", self.prefix)
-    }
-    pub fn house_sensors(&self, house_id: &str) -> String {
-        format!("{}:house:{house_id}:sensors", self.prefix)
-    }
-}
-
-/// One entry read back from a lane.
-#[derive(Debug, Clone)]
-pub struct StreamEntry {
-    pub id: String,
-    /// The `e` field, or `None` when the entry has none (or was deleted while pending).
-    pub body: Option<Vec<u8>>,
-    /// The `n` field: how many events the ingest put in it (known even when `e` is unreadable).
-    pub count: Option<u64>,
-}
-
-impl StreamEntry {
-    /// The entry's events, in the order they were appended.
-    pub fn decode(&self) -> Result<Vec<Event>, String> {
-        let body = self.body.as_deref().ok_or("entry has no `e` field")?;
-        serde_json::from_slice(body).map_err(|e| e.to_string())
-    }
-}
-
-/// An entry to acknowledge, with the number of events it held.
-#[derive(Debug, Clone)]
-pub struct Done {
-    pub id: String,
-    pub events: u64,
-}
-
-/// What one read returned, per lane.
-pub type Batch = Vec<(Lane, Vec<StreamEntry>)>;
 
 /// A client whose connections send at once: redis-rs leaves Nagle's algorithm on, and a
 /// pipelined request then waits for the server's delayed ACK (40 ms on Linux), which measured
@@ -449,26 +369,6 @@ impl Queue {
             .collect())
     }
 
-    /// Add to `pipe` the acknowledgement of finished entries (each stream then trimmed below its
-    /// oldest unacknowledged entry) and the count of what was stored.
-    pub fn add_ack(
-        &self,
-        pipe: &mut redis::Pipeline,
-        acks: &[(Lane, Vec<Done>)],
-        stored: u64,
-        duplicates: u64,
-    ) {
-        for (lane, done) in acks.iter().filter(|(_, d)| !d.is_empty()) {
-            self.ack_and_trim(pipe, *lane, done);
-        }
-        let stats = self.keys.stats();
-        for (field, n) in [(stat::STORED, stored), (stat::DUPLICATES, duplicates)] {
-            if n > 0 {
-                pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(n).ignore();
-            }
-        }
-    }
-
     /// Add to `pipe` dead letters a worker writes beside an acknowledgement (events it did not
     /// store: past a cap), and the `events` they hold to the dead-lettered count.
     pub fn add_dead(&self, pipe: &mut redis::Pipeline, letters: &[DeadLetter], events: u64) {
@@ -512,167 +412,7 @@ impl Queue {
         pipe.exec_async(&mut conn).await?;
         Ok(())
     }
-
-    /// Dead-letter `letters` (a whole unreadable entry, or the events of an entry the store
-    /// refused) and acknowledge the entry, atomically.
-    pub async fn dead_letter(
-        &self,
-        lane: Lane,
-        entry: &Done,
-        letters: &[DeadLetter],
-    ) -> Result<(), QueueError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let dead = self.keys.dead();
-        for letter in letters {
-            xadd_letter(&mut pipe, &dead, letter);
-        }
-        self.ack_and_trim(&mut pipe, lane, std::slice::from_ref(entry));
-        pipe.cmd("HINCRBY")
-            .arg(self.keys.stats())
-            .arg(stat::DEAD_LETTERED)
-            .arg(letters.len())
-            .ignore();
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await?;
-        Ok(())
-    }
-
-    fn ack_and_trim(&self, pipe: &mut redis::Pipeline, lane: Lane, done: &[Done]) {
-        pipe.cmd("EVAL")
-            .arg(ACK_AND_TRIM)
-            .arg(2)
-            .arg(self.stream(lane))
-            .arg(self.keys.stats())
-            .arg(GROUP)
-            .arg(stat::finished(lane));
-        for d in done {
-            pipe.arg(&d.id).arg(d.events);
-        }
-        pipe.ignore();
-    }
-
-    /// How many times an entry has been delivered (0 when it is not pending).
-    pub async fn deliveries(&self, lane: Lane, id: &str) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(self.stream(lane))
-            .arg(GROUP)
-            .arg(id)
-            .arg(id)
-            .arg(1)
-            .query_async(&mut conn)
-            .await?;
-        match reply {
-            Value::Array(rows) => match rows.first() {
-                Some(Value::Array(row)) => Ok(row.get(3).and_then(as_u64).unwrap_or(0)),
-                _ => Ok(0),
-            },
-            _ => Err(QueueError::Reply("XPENDING")),
-        }
-    }
-
-    /// Read new entries of `lanes` for `consumer`, waiting up to `block` for some. Uses the given
-    /// connection, which a blocking read ties up.
-    pub async fn read_new(
-        &self,
-        conn: &mut MultiplexedConnection,
-        consumer: &str,
-        lanes: &[Lane],
-        count: usize,
-        block: Duration,
-    ) -> Result<Batch, QueueError> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count);
-        // BLOCK 0 would wait for ever: no wait is no BLOCK.
-        if !block.is_zero() {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-        }
-        cmd.arg("STREAMS");
-        for lane in lanes {
-            cmd.arg(self.stream(*lane));
-        }
-        for _ in lanes {
-            cmd.arg(">");
-        }
-        let reply: Value = cmd.query_async(conn).await?;
-        let mut batch = Batch::new();
-        let Value::Array(streams) = reply else {
-            return Ok(batch); // nil: the block timed out
-        };
-        for stream in streams {
-            let Value::Array(mut pair) = stream else {
-                return Err(QueueError::Reply("XREADGROUP"));
-            };
-            let (Some(entries), Some(key)) = (pair.pop(), pair.pop()) else {
-                return Err(QueueError::Reply("XREADGROUP"));
-            };
-            let key = as_string(&key).ok_or(QueueError::Reply("XREADGROUP"))?;
-            let lane = lanes
-                .iter()
-                .find(|l| self.stream(**l) == key)
-                .ok_or(QueueError::Reply("XREADGROUP"))?;
-            batch.push((*lane, parse_entries(entries)?));
-        }
-        Ok(batch)
-    }
-
-    /// Take over pending entries of a lane (every one, whoever held it: the caller owns the lane),
-    /// from `cursor` on. Returns the next cursor (`0-0` when done) and the entries. Entries
-    /// deleted while pending are dropped from the pending list by Redis itself.
-    pub async fn claim_pending(
-        &self,
-        conn: &mut MultiplexedConnection,
-        consumer: &str,
-        lane: Lane,
-        cursor: &str,
-        count: usize,
-    ) -> Result<(String, Vec<StreamEntry>), QueueError> {
-        let (next, raw) = claim(conn, self.stream(lane), GROUP, consumer, 0, cursor, count).await?;
-        Ok((next, raw.into_iter().map(StreamEntry::from).collect()))
-    }
 }
-
-/// XACK each entry and count its events as finished (only if this call acknowledged it, so a
-/// second acknowledgement counts nothing), then trim the stream below its oldest pending entry,
-/// or just past the group's last delivered id when nothing is pending. Entries below that floor
-/// were all delivered (delivery follows id order) and are not pending, so acknowledged: trimming
-/// never loses an unacknowledged entry, and entries not yet delivered are above it.
-///
-/// KEYS: stream, stats. ARGV: group, the lane's `out:` field, then (entry id, events) pairs.
-const ACK_AND_TRIM: &str = r#"
-local acked, events = 0, 0
-for i = 3, #ARGV, 2 do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    acked = acked + 1
-    events = events + tonumber(ARGV[i + 1])
-  end
-end
-if events > 0 then
-  redis.call('HINCRBY', KEYS[2], ARGV[2], events)
-end
-local floor = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
-if not floor then
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local name, last
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-    end
-    if name == ARGV[1] then
-      local ms, sq = string.match(last, '^(%d+)-(%d+)$')
-      floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1)
-    end
-  end
-end
-if floor then
-  redis.call('XTRIM', KEYS[1], 'MINID', floor)
-end
-return acked
-"#;
 
 /// Trim the dead-letter stream below a minimum id (age; 0: none) and to a length (0: none),
 /// exactly (`=`) or by whole nodes (`~`), and count what went in `dead_expired`.
@@ -712,151 +452,80 @@ pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {
         .ignore();
 }
 
-/// An entry as Redis returns it: id and fields.
-pub struct RawEntry {
-    pub id: String,
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl RawEntry {
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
+impl From<QueueError> for Unavailable {
+    fn from(e: QueueError) -> Self {
+        Unavailable(format!("redis: {e}"))
     }
 }
 
-impl From<RawEntry> for StreamEntry {
-    fn from(raw: RawEntry) -> Self {
-        let count = raw
-            .field("n")
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .and_then(|n| n.parse().ok());
-        let body = raw.field("e").map(<[u8]>::to_vec);
-        StreamEntry {
-            id: raw.id,
-            body,
-            count,
+/// The queue on Redis Streams.
+pub struct RedisQueue {
+    pub queue: Queue,
+    redis_url: String,
+}
+
+impl RedisQueue {
+    pub fn new(queue: Queue, redis_url: &str) -> RedisQueue {
+        RedisQueue {
+            queue,
+            redis_url: redis_url.to_string(),
         }
     }
 }
 
-fn parse_entries(value: Value) -> Result<Vec<StreamEntry>, QueueError> {
-    Ok(parse_raw(value)?
-        .into_iter()
-        .map(StreamEntry::from)
-        .collect())
-}
-
-pub fn parse_raw(value: Value) -> Result<Vec<RawEntry>, QueueError> {
-    let Value::Array(items) = value else {
-        return Err(QueueError::Reply("stream entries"));
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(mut parts) = item else {
-            return Err(QueueError::Reply("stream entry"));
-        };
-        if parts.len() != 2 {
-            return Err(QueueError::Reply("stream entry"));
-        }
-        let fields = parts.pop();
-        let id = parts
-            .pop()
-            .as_ref()
-            .and_then(as_string)
-            .ok_or(QueueError::Reply("stream entry id"))?;
-        let mut pairs = Vec::new();
-        if let Some(Value::Array(fields)) = fields {
-            let mut it = fields.into_iter();
-            while let (Some(Value::BulkString(k)), Some(Value::BulkString(v))) =
-                (it.next(), it.next())
-            {
-                pairs.push((k, v));
-            }
-        }
-        out.push(RawEntry { id, fields: pairs });
+impl EventQueue for RedisQueue {
+    fn name(&self) -> &'static str {
+        "redis"
     }
-    Ok(out)
-}
 
-/// XREADGROUP of one stream (new entries), for side streams such as the notifications.
-pub async fn read_group(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    count: usize,
-    block: Duration,
-) -> Result<Vec<RawEntry>, QueueError> {
-    let reply: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("BLOCK")
-        .arg(block.as_millis() as u64)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(conn)
-        .await?;
-    let Value::Array(mut streams) = reply else {
-        return Ok(Vec::new());
-    };
-    match streams.pop() {
-        Some(Value::Array(mut pair)) if pair.len() == 2 => {
-            parse_raw(pair.pop().unwrap_or(Value::Nil))
-        }
-        _ => Ok(Vec::new()),
+    fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
     }
-}
 
-/// XAUTOCLAIM entries idle for `min_idle_ms` to `consumer`; returns the next cursor and them.
-pub async fn claim(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    min_idle_ms: u64,
-    cursor: &str,
-    count: usize,
-) -> Result<(String, Vec<RawEntry>), QueueError> {
-    let reply: Value = redis::cmd("XAUTOCLAIM")
-        .arg(stream)
-        .arg(group)
-        .arg(consumer)
-        .arg(min_idle_ms)
-        .arg(cursor)
-        .arg("COUNT")
-        .arg(count)
-        .query_async(conn)
-        .await?;
-    let Value::Array(mut parts) = reply else {
-        return Err(QueueError::Reply("XAUTOCLAIM"));
-    };
-    if parts.len() < 2 {
-        return Err(QueueError::Reply("XAUTOCLAIM"));
+    fn reader(&self, consumer: &str) -> Box<dyn Reader> {
+        Box::new(RedisReader::new(
+            self.queue.clone(),
+            &self.redis_url,
+            consumer,
+        ))
     }
-    let entries = parse_raw(parts.swap_remove(1))?;
-    let next = as_string(&parts[0]).ok_or(QueueError::Reply("XAUTOCLAIM"))?;
-    Ok((next, entries))
-}
 
-pub(crate) fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
-        _ => None,
+    fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
+        Box::pin(async move { Ok(self.queue.depths().await?) })
     }
-}
 
-pub(crate) fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        other => as_string(other).and_then(|s| s.parse().ok()),
+    fn status(&self) -> Fut<'_, crate::status::Status> {
+        Box::pin(async move { Ok(super::status::collect(&self.queue).await?) })
+    }
+
+    fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
+        Box::pin(async move { Ok(super::dead_letters::list(&self.queue, filter).await?) })
+    }
+
+    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
+        Box::pin(async move { Ok(super::dead_letters::replay(&self.queue, limits, filter).await?) })
+    }
+
+    fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
+        Box::pin(async move { Ok(super::dead_letters::purge(&self.queue, filter).await?) })
+    }
+
+    fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {
+        Box::pin(async move { Ok(super::circuits::shared(&self.queue).await?) })
+    }
+
+    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
+        Box::pin(async move {
+            let mut conn = self.queue.conn.clone();
+            let ok = redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok();
+            Ok(("redis", ok))
+        })
+    }
+
+    fn expire_dead_letters(&self) -> Fut<'_, u64> {
+        Box::pin(async move { Ok(self.queue.expire_dead_letters().await?) })
     }
 }

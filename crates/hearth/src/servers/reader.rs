@@ -1,97 +1,16 @@
-//! The queue seam on Redis Streams: appends, depths, status and dead letters for everyone, and a
-//! [`RedisReader`] per consumer, reading through the `workers` consumer group under the
-//! consumer's own name.
+//! A consumer's reading of the lanes on Redis Streams ([`RedisReader`]): through the `workers`
+//! consumer group under the consumer's own name, pending entries of a lane first.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
-use super::queue::{Done, Queue, QueueError, StreamEntry};
-use crate::codec::Limits;
+use super::queue::{Queue, QueueError};
+use super::stream::{Done, StreamEntry};
 use crate::dead_letter::DeadLetter;
-use crate::dlq::{Filter, Letter, Replayed};
-use crate::event::Event;
 use crate::lane::Lane;
-use crate::seam::{Delivery, EventQueue, Fut, Reader, Unavailable, Unreadable, Written};
-
-impl From<QueueError> for Unavailable {
-    fn from(e: QueueError) -> Self {
-        Unavailable(format!("redis: {e}"))
-    }
-}
-
-/// The queue on Redis Streams.
-pub struct RedisQueue {
-    pub queue: Queue,
-    redis_url: String,
-}
-
-impl RedisQueue {
-    pub fn new(queue: Queue, redis_url: &str) -> RedisQueue {
-        RedisQueue {
-            queue,
-            redis_url: redis_url.to_string(),
-        }
-    }
-}
-
-impl EventQueue for RedisQueue {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
-    fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
-        Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
-    }
-
-    fn reader(&self, consumer: &str) -> Box<dyn Reader> {
-        Box::new(RedisReader::new(
-            self.queue.clone(),
-            &self.redis_url,
-            consumer,
-        ))
-    }
-
-    fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
-        Box::pin(async move { Ok(self.queue.depths().await?) })
-    }
-
-    fn status(&self) -> Fut<'_, crate::status::Status> {
-        Box::pin(async move { Ok(crate::status::collect(&self.queue).await?) })
-    }
-
-    fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
-        Box::pin(async move { Ok(crate::dlq::list(&self.queue, filter).await?) })
-    }
-
-    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
-        Box::pin(async move { Ok(crate::dlq::replay(&self.queue, limits, filter).await?) })
-    }
-
-    fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
-        Box::pin(async move { Ok(crate::dlq::purge(&self.queue, filter).await?) })
-    }
-
-    fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {
-        Box::pin(async move { Ok(crate::breaker::shared(&self.queue).await?) })
-    }
-
-    fn ready(&self) -> Fut<'_, (&'static str, bool)> {
-        Box::pin(async move {
-            let mut conn = self.queue.conn.clone();
-            let ok = redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .is_ok();
-            Ok(("redis", ok))
-        })
-    }
-
-    fn expire_dead_letters(&self) -> Fut<'_, u64> {
-        Box::pin(async move { Ok(self.queue.expire_dead_letters().await?) })
-    }
-}
+use crate::seam::{Delivery, Fut, Reader, Unreadable, Written};
 
 /// One consumer's reads: pending entries of a lane first (from the start of the lane's pending
 /// list, XAUTOCLAIM, when the lane is new to this reader or retaken), then new ones (XREADGROUP,

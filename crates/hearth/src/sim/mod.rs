@@ -7,6 +7,7 @@
 
 pub mod model;
 pub mod schedule;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,6 @@ use std::time::{Duration, Instant};
 use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 
-use crate::bench::wire;
 use model::Sensor;
 use schedule::{Schedule, Stage};
 

@@ -55,7 +55,7 @@ impl Drop for Scratch {
 /// A private Mosquitto configured by `deploy/mosquitto.conf` (hearth's own harness).
 pub struct Broker {
     pub port: u16,
-    inner: hearth::bench::mosquitto::Mosquitto,
+    inner: hearth_bench::mosquitto::Mosquitto,
 }
 
 impl Broker {
@@ -66,7 +66,7 @@ impl Broker {
     /// Start with `extra` lines; each replaces the base line with the same first word.
     pub fn start_with(dir: &Path, port: u16, extra: &[String]) -> Broker {
         let inner =
-            hearth::bench::mosquitto::Mosquitto::start_with(&dir.join("mosquitto"), port, extra)
+            hearth_bench::mosquitto::Mosquitto::start_with(&dir.join("mosquitto"), port, extra)
                 .expect("start mosquitto");
         Broker {
             port: inner.port,
@@ -248,19 +248,7 @@ impl Drop for Env {
             let _ = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                 .await;
-            if let Ok(client) = redis::Client::open(REDIS)
-                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-            {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{prefix}:*"))
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: Result<(), _> =
-                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                }
-            }
+            hearth_bench::process::drop_keys(REDIS, &prefix).await;
         };
         // Drop may run inside or outside a runtime.
         let _ = std::thread::spawn(move || {

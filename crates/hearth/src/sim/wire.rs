@@ -1,5 +1,6 @@
-//! The bench's load client on [`crate::mqtt`]: publishes and acknowledges in batches, one write
-//! for many packets, so that the bench's own client is never what limits the measurement.
+//! The load client of `hearth sim` and of the bench, on [`crate::mqtt`]: publishes and
+//! acknowledges in batches, one write for many packets, so that the load's own client is never
+//! what limits a measurement.
 //!
 //! QoS 1 publishes keep at most 1000 unacknowledged, packet ids cycling through 1..=65535 (with
 //! far fewer in flight, an id is never reused while pending).

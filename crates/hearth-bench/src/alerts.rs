@@ -20,7 +20,7 @@ use serde::Serialize;
 use super::mosquitto::Mosquitto;
 use super::publish::{self, Load};
 use super::{HearthRun, Machine, Percentiles, ProcessStats, Role};
-use crate::config::Config;
+use hearth::config::Config;
 
 /// What the alert-latency scenario does.
 #[derive(Debug, Clone)]
@@ -114,7 +114,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let database_url =
         super::with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
     let prefix = format!("bench-{run_id}");
-    crate::servers::store::migrate(&database_url).await?;
+    hearth::servers::store::migrate(&database_url).await?;
     let token = format!("bench-{:016x}", fastrand::u64(..));
     let api_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -154,11 +154,11 @@ async fn scenario(
 ) -> anyhow::Result<Report> {
     let host = "127.0.0.1";
     let queue =
-        crate::servers::queue::Queue::open(&config.redis_url, &child.redis_prefix, child.shards)?;
+        hearth::servers::queue::Queue::open(&config.redis_url, &child.redis_prefix, child.shards)?;
     let routine_depth = || async {
         queue.depths().await.map(|d| {
             d.iter()
-                .filter(|(lane, _)| matches!(lane, crate::lane::Lane::Routine(_)))
+                .filter(|(lane, _)| matches!(lane, hearth::lane::Lane::Routine(_)))
                 .map(|(_, n)| n)
                 .sum::<u64>()
         })
@@ -252,7 +252,7 @@ async fn scenario(
         sensor_prefix: format!("s{run_id}t"),
         topic_root: "hearth".into(),
     };
-    let started_wall = crate::event::now_us();
+    let started_wall = hearth::event::now_us();
     let telemetry_task = {
         let (load, id) = (telemetry.clone(), format!("bench-telemetry-{run_id}"));
         let port = broker.port;
@@ -273,7 +273,7 @@ async fn scenario(
     }
     let cpu_before: Vec<f64> = roles
         .iter()
-        .map(|r| super::cpu_seconds(r.pid()).unwrap_or(0.0))
+        .map(|r| hearth::metrics::cpu_seconds(r.pid()).unwrap_or(0.0))
         .collect();
 
     // 4. Smoke, one event per interval, each on its own sensor.
@@ -286,7 +286,7 @@ async fn scenario(
         let published = published.clone();
         let interval = opts.smoke_interval;
         let smoke_prefix = smoke_prefix.clone();
-        super::wire::publish(
+        hearth::sim::wire::publish(
             host,
             broker.port,
             &format!("bench-smoke-{run_id}"),
@@ -299,7 +299,7 @@ async fn scenario(
                     format!("hearth/house-smoke/{smoke_prefix}{n}"),
                     format!(
                         r#"{{"kind":"smoke","value":true,"seq":1,"ts":{}}}"#,
-                        crate::event::now_us() / 1000
+                        hearth::event::now_us() / 1000
                     )
                     .into_bytes(),
                 )
@@ -320,7 +320,7 @@ async fn scenario(
     // 5. Everything stored exactly once?
     let expected = opts.backlog + telemetry.events + opts.smoke;
     let pattern = format!("s{run_id}%");
-    let db = crate::servers::store::connect(&child.database_url).await?;
+    let db = hearth::servers::store::connect(&child.database_url).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let depth: u64 = queue.depths().await?.iter().map(|(_, n)| n).sum();
@@ -341,8 +341,8 @@ async fn scenario(
         .zip(&cpu_before)
         .map(|(r, before)| ProcessStats {
             role: r.name.clone(),
-            cpu_seconds: super::cpu_seconds(r.pid()).unwrap_or(0.0) - before,
-            peak_rss_mb: super::peak_rss_kb(r.pid()).unwrap_or(0) as f64 / 1024.0,
+            cpu_seconds: hearth::metrics::cpu_seconds(r.pid()).unwrap_or(0.0) - before,
+            peak_rss_mb: hearth::metrics::peak_rss_kb(r.pid()).unwrap_or(0) as f64 / 1024.0,
         })
         .collect();
     let hearth = super::measure(

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The project's broker configuration.
-pub const CONF: &str = include_str!("../../../../deploy/mosquitto.conf");
+pub const CONF: &str = include_str!("../../../deploy/mosquitto.conf");
 
 pub struct Mosquitto {
     pub port: u16,

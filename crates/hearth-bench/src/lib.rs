@@ -13,11 +13,10 @@ pub mod alerts;
 pub mod baseline;
 pub mod embedded;
 pub mod mosquitto;
+pub mod process;
 pub mod publish;
-pub mod wire;
+mod report;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,9 +24,12 @@ use std::time::{Duration, Instant};
 use rumqttc::QoS;
 use serde::Serialize;
 
-use crate::config::Config;
+use hearth::config::Config;
+use hearth::metrics::{cpu_seconds, peak_rss_kb};
 use mosquitto::Mosquitto;
+use process::{Role, workspace};
 use publish::Load;
+use report::machine;
 
 /// What `hearth bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -154,15 +156,6 @@ impl ProcessStats {
     }
 }
 
-/// A run's id (`tag` and the pid: keys, databases and sensors of the run carry it) and its
-/// scratch folder.
-fn workspace(tag: &str) -> anyhow::Result<(String, PathBuf)> {
-    let run_id = format!("{tag}{}x{:04x}", std::process::id(), fastrand::u16(..));
-    let dir = std::env::temp_dir().join(format!("hearth-bench-{run_id}"));
-    std::fs::create_dir_all(&dir)?;
-    Ok((run_id, dir))
-}
-
 pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let (run_id, dir) = workspace("b")?;
 
@@ -183,7 +176,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
         (None, false, Some(m)) => m.url(),
         (None, false, None) => unreachable!("a private broker is started when none is given"),
     };
-    let endpoint = crate::mqtt::Endpoint::parse(&broker_url, "bench")?;
+    let endpoint = hearth::mqtt::Endpoint::parse(&broker_url, "bench")?;
     let (host, port) = (endpoint.host, endpoint.port);
 
     let baselines = match (&private, opts.baselines) {
@@ -202,7 +195,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     };
     let mut roles = Vec::new();
     if !opts.external {
-        crate::servers::store::migrate(&database_url).await?;
+        hearth::servers::store::migrate(&database_url).await?;
         let mut child_config = (*config).clone();
         child_config.mqtt_url = broker_url.clone();
         child_config.database_url = database_url.clone();
@@ -237,10 +230,10 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
 
     let load = opts.load(&run_id);
     let pattern = format!("s{run_id}-%");
-    let db = crate::servers::store::connect(&database_url).await?;
+    let db = hearth::servers::store::connect(&database_url).await?;
     let stats = Stats::open(&config.redis_url, &prefix).await?;
     let sent = Arc::new(AtomicU64::new(0));
-    let started_wall = crate::event::now_us();
+    let started_wall = hearth::event::now_us();
     let publisher = {
         let (load, sent, host, id) = (
             load.clone(),
@@ -309,7 +302,7 @@ async fn run_baselines(
     eprintln!("bench: raw baseline, {} events", opts.events);
     let raw_events_per_s = Some(baseline::raw(port, &base("rawbench", opts.events), run_id).await?);
     let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
-    crate::servers::store::migrate(&db).await?;
+    hearth::servers::store::migrate(&db).await?;
     let sync_events = opts.sync_events.min(opts.events);
     eprintln!("bench: sync baseline, {sync_events} events");
     let sync_events_per_s =
@@ -438,11 +431,12 @@ struct Stats {
 impl Stats {
     async fn open(redis_url: &str, prefix: &str) -> anyhow::Result<Stats> {
         let mut conn =
-            crate::servers::queue::connect(redis_url, crate::servers::queue::REPLY_TIMEOUT).await?;
-        let key = crate::servers::queue::Keys::new(prefix).stats();
+            hearth::servers::queue::connect(redis_url, hearth::servers::queue::REPLY_TIMEOUT)
+                .await?;
+        let key = hearth::servers::keys::Keys::new(prefix).stats();
         let start: Option<u64> = redis::cmd("HGET")
             .arg(&key)
-            .arg(crate::status::stat::STORED)
+            .arg(hearth::status::stat::STORED)
             .query_async(&mut conn)
             .await?;
         Ok(Stats {
@@ -456,7 +450,7 @@ impl Stats {
         let mut conn = self.conn.clone();
         let now: Option<u64> = redis::cmd("HGET")
             .arg(&self.key)
-            .arg(crate::status::stat::STORED)
+            .arg(hearth::status::stat::STORED)
             .query_async(&mut conn)
             .await
             .unwrap_or(None);
@@ -605,7 +599,7 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// Drop the run's database (the sync baseline's, and hearth's unless external).
 async fn drop_database(config: &Config, run_id: &str) {
     if let Ok(admin) =
-        crate::servers::store::connect(&with_database(&config.database_url, "postgres")).await
+        hearth::servers::store::connect(&with_database(&config.database_url, "postgres")).await
     {
         let _ = admin
             .batch_execute(&format!(
@@ -620,270 +614,7 @@ async fn cleanup(config: &Config, run_id: &str, prefix: &str, external: bool) {
     if external {
         return;
     }
-    if let Ok(mut conn) =
-        crate::servers::queue::connect(&config.redis_url, crate::servers::queue::REPLY_TIMEOUT)
-            .await
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        for chunk in keys.chunks(500) {
-            let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-        }
-    }
-}
-
-/// One of hearth's role processes, started from this same binary.
-struct Role {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Role {
-    fn spawn(name: &str, args: &[&str], config: &Config, dir: &Path) -> anyhow::Result<Role> {
-        Role::spawn_skipping(name, args, config, dir, &[])
-    }
-
-    /// `hearth up` with the `skip` keys left unset (the server URLs: embedded mode).
-    fn spawn_without(
-        args: &[&str],
-        config: &Config,
-        dir: &Path,
-        skip: &[&str],
-    ) -> anyhow::Result<Role> {
-        Role::spawn_skipping("up", args, config, dir, skip)
-    }
-
-    fn spawn_skipping(
-        name: &str,
-        args: &[&str],
-        config: &Config,
-        dir: &Path,
-        skip: &[&str],
-    ) -> anyhow::Result<Role> {
-        let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(std::env::current_exe()?);
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
-            cmd.env_remove(k);
-        }
-        if let toml::Value::Table(table) = toml::Value::try_from(config)? {
-            for (key, value) in table {
-                if skip.contains(&key.as_str()) {
-                    continue;
-                }
-                let value = match value {
-                    toml::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                cmd.env(format!("HEARTH_{}", key.to_ascii_uppercase()), value);
-            }
-        }
-        let child = cmd
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        Ok(Role {
-            name: name.into(),
-            child: Some(child),
-            log,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    fn wait_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if std::fs::read_to_string(&self.log)
-                .unwrap_or_default()
-                .contains(needle)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "{} did not log {needle:?} within {timeout:?}; see {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after 5 s.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// User + system CPU seconds of a process, from /proc (Linux reports them in 1/100 s).
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-/// Peak resident memory of a process in KiB (VmHWM).
-pub fn peak_rss_kb(pid: u32) -> Option<u64> {
-    proc_status_kb(pid, "VmHWM:")
-}
-
-pub fn rss_kb(pid: u32) -> Option<u64> {
-    proc_status_kb(pid, "VmRSS:")
-}
-
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn machine() -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
-    Machine {
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        cpu,
-        memory_gib: (memory_kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
-    }
-}
-
-impl Report {
-    pub fn table(&self) -> String {
-        use std::fmt::Write;
-        let h = &self.hearth;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "hearth bench: {} events from {} sensors, QoS {}, {}, {} worker process(es) x {} consumer(s)",
-            self.events,
-            self.sensors,
-            self.qos,
-            if self.target_rate == 0 {
-                "as fast as possible".to_string()
-            } else {
-                format!("{} events/s", self.target_rate)
-            },
-            self.worker_processes,
-            self.consumers_per_process
-        );
-        let _ = writeln!(
-            out,
-            "machine: {} cores, {}, {} GiB\n",
-            self.machine.cores, self.machine.cpu, self.machine.memory_gib
-        );
-        let _ = writeln!(
-            out,
-            "{:<34} {:>12} {:>9} {:>9}",
-            "", "events/s", "vs raw", "vs sync"
-        );
-        if let Some(r) = self.baselines.raw_events_per_s {
-            let _ = writeln!(out, "{:<34} {:>12.0}", "raw (broker → QoS 1 subscriber)", r);
-        }
-        if let Some(s) = self.baselines.sync_events_per_s {
-            let _ = writeln!(
-                out,
-                "{:<34} {:>12.0}",
-                format!(
-                    "sync (INSERT per message, {} ev)",
-                    self.baselines.sync_events
-                ),
-                s
-            );
-        }
-        let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            out,
-            "{:<34} {:>12.0} {:>9} {:>9}\n",
-            "hearth (MQTT in → rows stored)",
-            h.events_per_s,
-            ratio(self.ratios.vs_raw),
-            ratio(self.ratios.vs_sync)
-        );
-        let _ = writeln!(
-            out,
-            "stored {} in {:.2} s (published in {:.2} s): lost {}, duplicated {}, out of order {}",
-            h.stored, h.seconds, h.publish_seconds, h.lost, h.duplicated, h.out_of_order
-        );
-        for (name, p) in [
-            ("receive → stored", &h.receive_to_stored_ms),
-            ("publish → stored", &h.publish_to_stored_ms),
-        ] {
-            let _ = writeln!(
-                out,
-                "latency {name:<17} p50 {:>8.1} ms  p90 {:>8.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  max {:>8.1} ms",
-                p.p50, p.p90, p.p99, p.p999, p.max
-            );
-        }
-        if let Some(cpu) = h.cpu_us_per_event {
-            let _ = writeln!(
-                out,
-                "cpu     {cpu:.1} µs per event across hearth's processes"
-            );
-        }
-        for p in &h.processes {
-            let _ = writeln!(
-                out,
-                "        {:<10} cpu {:>7.2} s   peak rss {:>7.1} MB",
-                p.role, p.cpu_seconds, p.peak_rss_mb
-            );
-        }
-        out
-    }
+    process::drop_keys(&config.redis_url, prefix).await;
 }
 
 #[cfg(test)]

@@ -14,10 +14,11 @@ use rusqlite::{Connection, OpenFlags};
 use super::mosquitto::Mosquitto;
 use super::publish;
 use super::{
-    Baselines, Checked, HearthRun, Options, ProcessStats, Report, Role, cpu_seconds, drop_database,
+    Baselines, Checked, HearthRun, Options, ProcessStats, Report, Role, drop_database,
     run_baselines, wait_until_stored, workspace,
 };
-use crate::config::{Config, SERVER_URLS};
+use hearth::config::{Config, SERVER_URLS};
+use hearth::metrics::cpu_seconds;
 
 pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let (run_id, dir) = workspace("e")?;
@@ -45,7 +46,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let cpu_before = cpu_seconds(up.pid()).unwrap_or(0.0);
 
     let sent = Arc::new(AtomicU64::new(0));
-    let started_wall = crate::event::now_us();
+    let started_wall = hearth::event::now_us();
     let publisher = {
         let load = opts.load(&run_id);
         let (sent, id) = (sent.clone(), format!("bench-pub-{run_id}"));

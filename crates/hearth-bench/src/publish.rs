@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
 
-use super::wire;
+use hearth::sim::wire;
 
 /// What to publish.
 #[derive(Debug, Clone)]
@@ -70,7 +70,7 @@ pub async fn publish(
                 .collect();
             let rate = load.rate as f64 / load.connections as f64;
             let due = |n: u64| (rate > 0.0).then(|| Duration::from_secs_f64(n as f64 / rate));
-            let make = |n: u64| load.event(mine[n as usize], crate::event::now_us() / 1000);
+            let make = |n: u64| load.event(mine[n as usize], hearth::event::now_us() / 1000);
             let count = mine.len() as u64;
             wire::publish(&host, port, &id, count, load.qos, due, make, sent).await
         });

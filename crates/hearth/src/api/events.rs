@@ -1,0 +1,122 @@
+//! `POST /api/v1/events` (CONTRACT §5): readings over HTTP, through the one intake.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::Principal;
+use super::error::ApiError;
+use crate::codec;
+use crate::intake::Input;
+
+/// What `POST /events` did with the readings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// Readings durably queued.
+    pub accepted: usize,
+    /// Readings refused (all in one dead letter).
+    pub rejected: usize,
+    /// How many were refused for each reason.
+    pub reasons: BTreeMap<String, usize>,
+    /// The first refused readings (at most 10), each with its reason.
+    pub first_rejected: Vec<RejectedReading>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RejectedReading {
+    pub index: usize,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// Refused readings listed in a `POST /events` answer (the count and reasons cover them all).
+const LISTED_REJECTIONS: usize = 10;
+
+/// Largest `POST /events` body.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Ingest readings over HTTP: one object or an array, each with `house_id` and `sensor_id`
+/// beside the fields of the MQTT payload. Answered 202 once durably queued.
+#[utoipa::path(post, path = "/api/v1/events", tag = "events",
+    request_body(content = Value, description = "A reading `{house_id, sensor_id, kind, value, unit?, seq?, ts?}` or an array of them (at most `max_readings_per_message`)", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued (and the refused ones dead-lettered, in one letter)", body = Accepted),
+        (status = 400, description = "Not a reading or an array of readings", body = super::error::ErrorBody),
+        (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+        (status = 403, description = "A reading names a house this token is not for", body = super::error::ErrorBody),
+        (status = 413, description = "More than 1 MiB, or more readings than `max_readings_per_message`", body = super::error::ErrorBody),
+        (status = 503, description = "The queue is full or Redis is down: retry", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let limits = state.intake.limits();
+    // Past axum's own limit (2 MiB) the body is not even read.
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    if body.len() > MAX_BODY {
+        return Err(ApiError::TooLarge(format!(
+            "the body is {} bytes, the limit is {MAX_BODY}",
+            body.len()
+        )));
+    }
+    let items = codec::http::readings(&body, limits).map_err(|r| match r.reason {
+        crate::event::Reason::TooManyReadings => ApiError::TooLarge(r.to_string()),
+        _ => ApiError::BadRequest(r.to_string()),
+    })?;
+    // Every reading's house first: a token writes into its own house only, or nothing at all.
+    for item in &items {
+        if let Some(house) = codec::http::house_of(item) {
+            who.check(house)?;
+        }
+    }
+    let received_us = crate::event::now_us();
+    let (decoded, refused) = codec::http::events(&items, received_us, limits);
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &decoded.rejections {
+        *reasons.entry(r.reason.as_str().to_string()).or_default() += 1;
+    }
+    let first_rejected = refused
+        .iter()
+        .zip(&decoded.rejections)
+        .take(LISTED_REJECTIONS)
+        .map(|(index, r)| RejectedReading {
+            index: *index,
+            reason: r.reason.as_str().into(),
+            detail: r.detail.clone(),
+        })
+        .collect();
+    // The letter keeps the refused readings only: replaying it sends them, not the stored ones.
+    let refused_items: Vec<&Value> = refused.iter().filter_map(|i| items.get(*i)).collect();
+    let raw = serde_json::to_vec(&refused_items).unwrap_or_default();
+    let input = Input::of(decoded, "http", "http", &raw, received_us / 1000);
+    if state.intake.holds(&input) {
+        return Err(ApiError::Unavailable(
+            "the queue is above its high watermark; retry shortly".into(),
+        ));
+    }
+    state.intake.append(&[&input]).await?;
+    let accepted = input.events.len();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            accepted,
+            rejected: refused.len(),
+            reasons,
+            first_rejected,
+        }),
+    ))
+}

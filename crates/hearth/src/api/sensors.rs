@@ -1,0 +1,260 @@
+//! Houses, their sensors, latest values and history (CONTRACT §5), each within what the caller's
+//! token may see.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::Principal;
+use super::error::ApiError;
+use super::params::{in_range, instant, only, query_pairs, valid_id};
+use crate::seam::HistoryQuery;
+
+/// A sensor with its latest value of each kind.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SensorView {
+    pub sensor_id: String,
+    pub house_id: String,
+    pub kinds: Vec<String>,
+    /// Epoch milliseconds.
+    pub first_seen: i64,
+    /// Epoch milliseconds (written at most every `sensor_touch_interval_ms`).
+    pub last_seen: i64,
+    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
+    #[schema(value_type = Object)]
+    pub latest: BTreeMap<String, Value>,
+}
+
+/// The latest values of some sensors of a house (kind → JSON value each), in one round trip.
+async fn latest(
+    state: &AppState,
+    house: &str,
+    sensors: &[String],
+) -> Result<Vec<BTreeMap<String, Value>>, ApiError> {
+    Ok(state
+        .seams
+        .cache
+        .latest(house, sensors)
+        .await?
+        .into_iter()
+        .map(|kinds| {
+            kinds
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+                .collect()
+        })
+        .collect())
+}
+
+pub use crate::seam::{HistoryEvent, HouseView};
+
+/// The houses this token may see (the admin token: every house with a sensor), by id.
+#[utoipa::path(get, path = "/api/v1/houses", tag = "sensors",
+    responses(
+        (status = 200, body = Vec<HouseView>),
+        (status = 401, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn houses(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+) -> Result<Json<Vec<HouseView>>, ApiError> {
+    let only: Option<String> = match &who {
+        Principal::Admin => None,
+        Principal::House(h) => Some(h.clone()),
+    };
+    let mut out = state.seams.store.houses(only.as_deref()).await?;
+    if let (Some(h), true) = (only, out.is_empty()) {
+        out.push(HouseView {
+            house_id: h,
+            sensors: 0,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// The sensors of a house, with their latest values.
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors", tag = "sensors",
+    params(("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$")),
+    responses(
+        (status = 200, body = Vec<SensorView>),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn house_sensors(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path(house): Path<String>,
+) -> Result<Json<Vec<SensorView>>, ApiError> {
+    valid_id("house", &house)?;
+    who.check(&house)?;
+    let rows = state.seams.store.sensors(&house).await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.sensor_id.clone()).collect();
+    let values = latest(&state, &house, &ids).await?;
+    Ok(Json(
+        rows.into_iter()
+            .zip(values)
+            .map(|(r, latest)| SensorView {
+                latest,
+                sensor_id: r.sensor_id,
+                house_id: r.house_id,
+                kinds: r.kinds,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+            })
+            .collect(),
+    ))
+}
+
+/// A sensor of a house, checked against the token: another house's is 403 (the house is in the
+/// path: nothing is told about its sensors), a sensor the house does not have is 404.
+async fn sensor_of(
+    state: &AppState,
+    who: &Principal,
+    house: &str,
+    sensor: &str,
+) -> Result<crate::seam::SensorRow, ApiError> {
+    valid_id("house", house)?;
+    valid_id("sensor", sensor)?;
+    who.check(house)?;
+    state
+        .seams
+        .store
+        .sensor(house, sensor)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("house {house:?} has no sensor {sensor:?}")))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatestView {
+    pub sensor_id: String,
+    pub house_id: String,
+    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
+    #[schema(value_type = Object)]
+    pub latest: BTreeMap<String, Value>,
+}
+
+/// The latest value of each kind of a sensor (from the cache).
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors/{sensor}/latest", tag = "sensors",
+    params(
+        ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+    ),
+    responses(
+        (status = 200, body = LatestView),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn sensor_latest(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path((house, sensor)): Path<(String, String)>,
+) -> Result<Json<LatestView>, ApiError> {
+    sensor_of(&state, &who, &house, &sensor).await?;
+    let ids = [sensor];
+    let latest = latest(&state, &house, &ids)
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let [sensor_id] = ids;
+    Ok(Json(LatestView {
+        latest,
+        sensor_id,
+        house_id: house,
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct History {
+    /// Newest first.
+    pub events: Vec<HistoryEvent>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A sensor's history, newest first, paged.
+#[utoipa::path(get, path = "/api/v1/houses/{house}/sensors/{sensor}/events", tag = "sensors",
+    params(
+        ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("kind" = Option<String>, Query, description = "Only this kind"),
+        ("from" = Option<String>, Query, description = "Readings at or after (epoch ms or RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Readings before (epoch ms or RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1..=1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = History),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn sensor_events(
+    State(state): State<Arc<AppState>>,
+    who: Principal,
+    Path((house, sensor)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<History>, ApiError> {
+    let params = query_pairs(raw)?;
+    only(&params, &["kind", "from", "to", "limit", "cursor"])?;
+    let kind = params.get("kind").cloned();
+    if let Some(k) = &kind {
+        valid_id("kind", k)?;
+    }
+    let from = params.get("from").map(|v| instant("from", v)).transpose()?;
+    let to = params.get("to").map(|v| instant("to", v)).transpose()?;
+    let limit: i64 = match params.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=1000".into()))?,
+    };
+    let cursor: Option<(i64, i64)> = params
+        .get("cursor")
+        .map(|c| {
+            c.split_once('.')
+                .and_then(|(ts, id)| Some((ts.parse().ok()?, id.parse().ok()?)))
+                .filter(|(ts, _): &(i64, i64)| in_range("cursor", *ts).is_ok())
+                .ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))
+        })
+        .transpose()?;
+    sensor_of(&state, &who, &house, &sensor).await?;
+    let mut events = state
+        .seams
+        .store
+        .history(&HistoryQuery {
+            house,
+            sensor,
+            kind,
+            from,
+            to,
+            cursor,
+            limit: limit + 1,
+        })
+        .await?;
+    let next_cursor = if events.len() as i64 > limit {
+        events.truncate(limit as usize);
+        events.last().map(|e| format!("{}.{}", e.ts, e.id))
+    } else {
+        None
+    };
+    Ok(Json(History {
+        events,
+        next_cursor,
+    }))
+}
