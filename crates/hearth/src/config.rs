@@ -37,6 +37,11 @@ pub struct Config {
     /// Most MQTT messages the ingest appends in one Redis transaction, and about how many events
     /// a worker reads at once.
     pub batch_size: usize,
+    /// About how many events the embedded worker reads and stores in one SQLite transaction
+    /// (at most what is queued: a quiet home still stores each reading at once). A commit costs
+    /// the index pages it touches, whatever their number of rows, so large batches are what let
+    /// one SQLite file keep up with a burst.
+    pub embedded_batch_size: usize,
     /// Lifetime of a worker's lease on a lane, in milliseconds. A crashed worker's lanes are taken
     /// over after at most this long; it is renewed every third of it.
     pub lease_ttl_ms: u64,
@@ -146,6 +151,7 @@ impl Default for Config {
             shards: 8,
             workers: 3,
             batch_size: 1000,
+            embedded_batch_size: 10_000,
             lease_ttl_ms: 5000,
             max_deliveries: 5,
             queue_high_watermark: 1_000_000,
@@ -323,6 +329,12 @@ impl Config {
             return bad(format!(
                 "batch_size must be 1..=10000, got {}",
                 self.batch_size
+            ));
+        }
+        if self.embedded_batch_size == 0 || self.embedded_batch_size > 50_000 {
+            return bad(format!(
+                "embedded_batch_size must be 1..=50000, got {}",
+                self.embedded_batch_size
             ));
         }
         if self.lease_ttl_ms < 300 {

@@ -366,7 +366,10 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
     .await?;
     let workers = tokio::spawn(worker::run(
         embedded,
-        worker::Settings::from_config(&config),
+        worker::Settings {
+            batch_size: config.embedded_batch_size,
+            ..worker::Settings::from_config(&config)
+        },
         rules,
         shutdown.clone(),
     ));
