@@ -582,7 +582,7 @@ fn typed(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
 }
 
 fn truncate(s: &str) -> &str {
-    crate::codec::truncate(s, 64)
+    crate::event::truncate(s, 64)
 }
 
 fn one_line(s: &str) -> String {

@@ -82,8 +82,8 @@ impl DeadLetter {
         }
         Some(DeadLetter {
             reason: first.reason.as_str(),
-            detail: crate::codec::truncate(&detail, DEAD_DETAIL_MAX + 32).to_string(),
-            topic: crate::codec::truncate(topic, 256).to_string(),
+            detail: crate::event::truncate(&detail, DEAD_DETAIL_MAX + 32).to_string(),
+            topic: crate::event::truncate(topic, 256).to_string(),
             payload: payload[..payload.len().min(DEAD_PAYLOAD_MAX)].to_vec(),
             source,
             at_ms,
@@ -134,23 +134,6 @@ impl Default for Retention {
 
 /// How often dead letters are swept for age.
 pub const RETENTION_SWEEP: Duration = Duration::from_secs(10);
-
-/// Remove the dead letters past their retention every [`RETENTION_SWEEP`], until shutdown.
-pub async fn sweep(
-    queue: std::sync::Arc<dyn crate::seam::EventQueue>,
-    mut shutdown: crate::shutdown::Shutdown,
-) {
-    loop {
-        match queue.expire_dead_letters().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
-            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
-        }
-        if !shutdown.sleep(RETENTION_SWEEP).await {
-            return;
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -316,6 +316,18 @@ pub fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// At most `max` bytes of `s`, cut on a character boundary: for details that quote input.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

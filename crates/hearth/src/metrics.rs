@@ -221,9 +221,9 @@ pub const NAMES: &[&str] = &[
     "process_open_fds",
 ];
 
-/// The process's own metrics, then the queue's (when `queue` is given and answers), in the
+/// The process's own metrics, then the queue's (its status, when it answered), in the
 /// Prometheus text format.
-pub async fn render(role: &str, queue: Option<&dyn crate::seam::EventQueue>) -> String {
+pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
     let m = metrics();
     let mut out = String::with_capacity(8 * 1024);
     family_counter(
@@ -332,11 +332,8 @@ pub async fn render(role: &str, queue: Option<&dyn crate::seam::EventQueue>) -> 
     );
     let _ = writeln!(out, "hearth_process_role{{role=\"{role}\"}} 1");
     process(&mut out);
-    if let Some(queue) = queue {
-        match queue.status().await {
-            Ok(status) => queue_metrics(&mut out, &status),
-            Err(e) => tracing::debug!(error = %e, "queue metrics unavailable"),
-        }
+    if let Some(status) = queue {
+        queue_metrics(&mut out, status);
     }
     out
 }

@@ -271,7 +271,7 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
     if !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    let sweeper = tokio::spawn(crate::dead_letter::sweep(
+    let sweeper = tokio::spawn(crate::seam::sweep_dead_letters(
         seams.queue.clone(),
         shutdown.clone(),
     ));

@@ -111,8 +111,6 @@ pub trait EventQueue: Send + Sync {
     /// The queue's name as a dependency (`redis` or `embedded`), for logs and metrics.
     fn name(&self) -> &'static str;
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()>;
-    /// A reader for one consumer, `consumer` naming it (unique among live and past ones).
-    fn reader(&self, consumer: &str) -> Box<dyn Reader>;
     /// Events appended and not yet acknowledged, per lane.
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>>;
     /// Lanes, dead letters, consumers and the loss accounting (`hearth status`).
@@ -412,6 +410,23 @@ impl Pool {
         match self {
             Pool::Critical => vec![Lane::Critical],
             Pool::Routine => Lane::routine(shards).collect(),
+        }
+    }
+}
+
+/// Remove the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`], until shutdown.
+pub async fn sweep_dead_letters(
+    queue: Arc<dyn EventQueue>,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    loop {
+        match queue.expire_dead_letters().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
+        }
+        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
+            return;
         }
     }
 }

@@ -15,7 +15,7 @@ use hearth::dead_letter::DeadLetter;
 use hearth::dlq::Filter;
 use hearth::event::{Event, Reason, Rejection};
 use hearth::lane::Lane;
-use hearth::seam::{Delivery, EventQueue, HistoryQuery, Reader, Seams, Written};
+use hearth::seam::{Delivery, HistoryQuery, Reader, Seams, Written};
 use support::*;
 
 const SHARDS: u16 = 4;
@@ -31,15 +31,25 @@ const CAPS: hearth::caps::Caps = hearth::caps::Caps {
 struct Backend {
     seams: Seams,
     backend: Arc<dyn hearth::seam::Backend>,
-    /// Open a second queue handle on the same state: a reader started after a crash.
+    /// Open the queue again on the same state, and a reader on it: a reader started after a
+    /// crash.
     reopen: Box<dyn Fn() -> futures_reopen::Reopen + Send + Sync>,
     _env: Env,
 }
 
+impl Backend {
+    /// A consumer's reader, named `name`, on the routine and critical lanes.
+    fn reader(&self, name: &str) -> Box<dyn Reader> {
+        self.backend
+            .consumer(hearth::seam::Pool::Routine, name)
+            .expect("consumer")
+            .reader
+    }
+}
+
 mod futures_reopen {
-    pub type Reopen = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::sync::Arc<dyn hearth::seam::EventQueue>> + Send>,
-    >;
+    pub type Reopen =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Box<dyn hearth::seam::Reader>> + Send>>;
 }
 
 fn servers_config(env: &Env) -> Config {
@@ -73,7 +83,9 @@ async fn servers_with(test: &str, rules: Arc<RuleSet>, tune: impl FnOnce(&mut Co
         let prefix = prefix.clone();
         Box::pin(async move {
             let queue = hearth::servers::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
-            Arc::new(hearth::servers::queue::RedisQueue::new(queue, REDIS)) as Arc<dyn EventQueue>
+            Box::new(hearth::servers::reader::RedisReader::new(
+                queue, REDIS, "second",
+            )) as Box<dyn Reader>
         })
     };
     Backend {
@@ -103,7 +115,9 @@ async fn embedded_with(test: &str, rules: Arc<RuleSet>) -> Backend {
                 hearth::embedded::Embedded::open(&dir, SHARDS, 0, rules, CAPS, Default::default())
                     .await
                     .expect("reopen");
-            again.seams.queue.clone()
+            Box::new(hearth::embedded::reader::SqliteReader::new(
+                (*again.queue).clone(),
+            )) as Box<dyn Reader>
         })
     };
     Backend {
@@ -172,7 +186,7 @@ async fn queue_suite(b: Backend) {
 
     // The critical lane alone, then the rest; the critical entry comes first either way.
     let routine: Vec<Lane> = Lane::routine(SHARDS).collect();
-    let mut r = q.reader("one");
+    let mut r = b.reader("one");
     let critical = drain(&mut r, &[Lane::Critical], 100).await;
     assert_eq!(critical.len(), 1);
     assert_eq!(critical[0].lane, Lane::Critical);
@@ -207,8 +221,7 @@ async fn queue_suite(b: Backend) {
     )
     .await
     .expect("ack");
-    let later = (b.reopen)().await;
-    let mut r2 = later.reader("second");
+    let mut r2 = (b.reopen)().await;
     let again = drain(&mut r2, &routine, 1000).await;
     let mut ids: Vec<&str> = again.iter().map(|d| d.id.as_str()).collect();
     let mut expected: Vec<&str> = rest.iter().map(|d| d.id.as_str()).collect();
@@ -628,9 +641,7 @@ async fn dead_letters_expire_on_redis() {
     );
     queue.append(&[], &[&letter]).await.expect("new letter");
     assert_eq!(queue.expire_dead_letters().await.expect("sweep"), 1);
-    let status = hearth::servers::status::collect(&queue)
-        .await
-        .expect("status");
+    let status = queue.status().await.expect("status");
     assert_eq!((status.dead_letters, status.dead_letters_expired), (1, 1));
 }
 
@@ -730,7 +741,7 @@ async fn reader_suite(b: Backend) {
         q.append(&[e], &[]).await.expect("append");
     }
     let lane = Lane::for_event(&batch[0], SHARDS);
-    let mut r = q.reader("retaker");
+    let mut r = b.reader("retaker");
     let first = drain(&mut r, &[lane], 100).await;
     assert_eq!(seqs_of(&first, "s"), [1, 2, 3]);
     assert!(first.iter().all(|d| !d.redelivered), "new entries");

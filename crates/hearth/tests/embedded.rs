@@ -562,7 +562,7 @@ async fn past_the_high_watermark_the_broker_holds_clients_and_loses_nothing() {
 /// handed out and counted, and a row that cannot be read back is dead-lettered, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_rows_are_never_stranded_or_silently_dropped() {
-    use hearth::seam::Written;
+    use hearth::seam::{Reader, Written};
     let env = Env::embedded("emb_rows");
     let dir = env.scratch.0.join("data");
     {
@@ -620,7 +620,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let q = &e.seams.queue;
     let before = q.status().await.expect("status");
     assert_eq!(before.events.in_flight, 43, "every queued event is counted");
-    let mut r = q.reader("test");
+    let mut r = hearth::embedded::reader::SqliteReader::new((*e.queue).clone());
     let lanes: Vec<hearth::lane::Lane> = hearth::lane::Lane::routine(2).collect();
     let got = r
         .read(&lanes, 1000, std::time::Duration::from_millis(100))

@@ -152,7 +152,14 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let body = crate::metrics::render(state.role, Some(&*state.seams.queue)).await;
+    let status = match state.seams.queue.status().await {
+        Ok(status) => Some(status),
+        Err(e) => {
+            tracing::debug!(error = %e, "queue metrics unavailable");
+            None
+        }
+    };
+    let body = crate::metrics::render(state.role, status.as_ref());
     (
         [(
             header::CONTENT_TYPE,

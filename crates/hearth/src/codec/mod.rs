@@ -13,6 +13,7 @@ mod minimal;
 mod native;
 pub mod reading;
 
+pub use crate::event::truncate;
 use crate::event::{Event, Reason, Rejection};
 
 /// The MQTT subscriptions that feed the codecs below.
@@ -164,18 +165,6 @@ fn check_topic_ids(house: &str, sensor: &str) -> Result<(), Decoded> {
         }
     }
     Ok(())
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary: for details that quote input.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

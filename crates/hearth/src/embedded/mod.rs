@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::alerts::rules::RuleSet;
 use crate::lane::Lane;
-use crate::seam::{Backend, EventQueue, Fence, Fut, Ownership, Parts, Pool, Seams, Unavailable};
+use crate::seam::{Backend, Fence, Fut, Ownership, Parts, Pool, Seams, Unavailable};
 use crate::shutdown::Shutdown;
 
 /// Reader connections of the API's queries: one house's heavy read holds one of them, and the
@@ -205,9 +205,10 @@ impl Backend for Embedded {
         &self.seams
     }
 
-    fn consumer(&self, pool: Pool, name: &str) -> Result<Parts, Unavailable> {
+    /// Every consumer reads the one queue (its name is the servers' affair).
+    fn consumer(&self, pool: Pool, _name: &str) -> Result<Parts, Unavailable> {
         Ok(Parts {
-            reader: self.queue.reader(name),
+            reader: Box::new(reader::SqliteReader::new((*self.queue).clone())),
             ownership: Box::new(Everything {
                 lanes: pool.lanes(self.queue.shards()),
                 taken: false,
@@ -224,7 +225,7 @@ impl Backend for Embedded {
 
     /// Dead-letter retention, and the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
-        let mut tasks = vec![tokio::spawn(crate::dead_letter::sweep(
+        let mut tasks = vec![tokio::spawn(crate::seam::sweep_dead_letters(
             self.seams.queue.clone(),
             shutdown.clone(),
         ))];

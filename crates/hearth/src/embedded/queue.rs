@@ -22,7 +22,7 @@ use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::seam::{EventQueue, Fut, Reader, Unavailable};
+use crate::seam::{EventQueue, Fut, Unavailable};
 use crate::status::stat;
 use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
@@ -277,10 +277,6 @@ impl EventQueue for SqliteQueue {
                 .await
                 .map_err(|_| Unavailable("embedded queue: the appender stopped".into()))?
         })
-    }
-
-    fn reader(&self, _consumer: &str) -> Box<dyn Reader> {
-        Box::new(super::reader::SqliteReader::new(self.clone()))
     }
 
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {

@@ -31,38 +31,41 @@ pub async fn share(queue: Queue, mut shutdown: crate::shutdown::Shutdown) {
     }
 }
 
-/// Every dependency's circuit across processes: open if any process reported it open within the
-/// last 10 s. Reports older than a minute are removed.
-pub async fn shared(queue: &Queue) -> Result<std::collections::BTreeMap<String, bool>, QueueError> {
-    let mut conn = queue.conn.clone();
-    let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(queue.keys.circuits())
-        .query_async(&mut conn)
-        .await?;
-    let now = crate::event::now_us() / 1000;
-    let mut out = std::collections::BTreeMap::new();
-    let mut stale = Vec::new();
-    for (field, value) in fields {
-        let (Some((dependency, _)), Some((open, at))) =
-            (field.split_once('|'), value.split_once(':'))
-        else {
-            continue;
-        };
-        let age = now - at.parse::<i64>().unwrap_or(0);
-        if age > 6 * SHARED_FRESH_MS {
-            stale.push(field.clone());
-        }
-        if age <= SHARED_FRESH_MS {
-            let entry = out.entry(dependency.to_string()).or_insert(false);
-            *entry |= open == "1";
-        }
-    }
-    if !stale.is_empty() {
-        let _: Result<(), _> = redis::cmd("HDEL")
+impl Queue {
+    /// Every dependency's circuit across processes: open if any process reported it open within
+    /// the last 10 s. Reports older than a minute are removed.
+    pub async fn circuits(&self) -> Result<std::collections::BTreeMap<String, bool>, QueueError> {
+        let queue = self;
+        let mut conn = queue.conn.clone();
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
             .arg(queue.keys.circuits())
-            .arg(stale)
             .query_async(&mut conn)
-            .await;
+            .await?;
+        let now = crate::event::now_us() / 1000;
+        let mut out = std::collections::BTreeMap::new();
+        let mut stale = Vec::new();
+        for (field, value) in fields {
+            let (Some((dependency, _)), Some((open, at))) =
+                (field.split_once('|'), value.split_once(':'))
+            else {
+                continue;
+            };
+            let age = now - at.parse::<i64>().unwrap_or(0);
+            if age > 6 * SHARED_FRESH_MS {
+                stale.push(field.clone());
+            }
+            if age <= SHARED_FRESH_MS {
+                let entry = out.entry(dependency.to_string()).or_insert(false);
+                *entry |= open == "1";
+            }
+        }
+        if !stale.is_empty() {
+            let _: Result<(), _> = redis::cmd("HDEL")
+                .arg(queue.keys.circuits())
+                .arg(stale)
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok(out)
     }
-    Ok(out)
 }

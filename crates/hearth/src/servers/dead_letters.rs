@@ -7,103 +7,104 @@ use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed, decode_again};
 use crate::event::Event;
 
-/// The letters `filter` selects, oldest first.
-pub async fn list(queue: &Queue, filter: &Filter) -> Result<Vec<Letter>, QueueError> {
-    let key = queue.keys.dead();
-    let now_ms = crate::event::now_us() / 1000;
-    let limit = filter.limit.unwrap_or(usize::MAX);
-    let mut out = Vec::new();
-    let mut start = "-".to_string();
-    loop {
-        let mut conn = queue.conn.clone();
-        let reply: redis::Value = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut conn)
-            .await?;
-        let page = super::stream::parse_raw(reply)?;
-        let Some(last) = page.last() else {
-            return Ok(out);
-        };
-        start = format!("({}", last.id);
-        for raw in page {
-            let letter = letter(raw);
-            if letter.matches(filter, now_ms) {
-                out.push(letter);
-                if out.len() >= limit {
-                    return Ok(out);
+impl Queue {
+    /// The letters `filter` selects, oldest first.
+    pub async fn dead_letters(&self, filter: &Filter) -> Result<Vec<Letter>, QueueError> {
+        let queue = self;
+        let key = queue.keys.dead();
+        let now_ms = crate::event::now_us() / 1000;
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut start = "-".to_string();
+        loop {
+            let mut conn = queue.conn.clone();
+            let reply: redis::Value = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await?;
+            let page = super::stream::parse_raw(reply)?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            start = format!("({}", last.id);
+            for raw in page {
+                let letter = letter(raw);
+                if letter.matches(filter, now_ms) {
+                    out.push(letter);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
                 }
             }
         }
     }
-}
 
-/// Remove the letters `filter` selects; returns how many.
-pub async fn purge(queue: &Queue, filter: &Filter) -> Result<u64, QueueError> {
-    let letters = list(queue, filter).await?;
-    let mut removed = 0;
-    for chunk in letters.chunks(500) {
-        let mut cmd = redis::cmd("XDEL");
-        cmd.arg(queue.keys.dead());
-        for l in chunk {
-            cmd.arg(&l.id);
-        }
-        let mut conn = queue.conn.clone();
-        let n: u64 = cmd.query_async(&mut conn).await?;
-        removed += n;
-    }
-    Ok(removed)
-}
-
-/// Replay the letters `filter` selects through the normal path.
-pub async fn replay(
-    queue: &Queue,
-    limits: &Limits,
-    filter: &Filter,
-) -> Result<Replayed, QueueError> {
-    let mut report = Replayed::default();
-    queue.ensure_route().await?;
-    for letter in list(queue, filter).await? {
-        let received_us = crate::event::now_us();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match letter.source.as_str() {
-            "notifier" => {
-                let Some(alert) = letter.notification() else {
-                    report.skipped += 1;
-                    continue;
-                };
-                pipe.cmd("XADD")
-                    .arg(queue.keys.notify())
-                    .arg("*")
-                    .arg("a")
-                    .arg(alert.to_string())
-                    .ignore();
+    /// Remove the letters `filter` selects; returns how many.
+    pub async fn purge(&self, filter: &Filter) -> Result<u64, QueueError> {
+        let queue = self;
+        let letters = queue.dead_letters(filter).await?;
+        let mut removed = 0;
+        for chunk in letters.chunks(500) {
+            let mut cmd = redis::cmd("XDEL");
+            cmd.arg(queue.keys.dead());
+            for l in chunk {
+                cmd.arg(&l.id);
             }
-            source => {
-                let (events, dead) = decode_again(&letter, source, received_us, limits);
-                if events.is_empty() && dead.is_empty() {
-                    report.skipped += 1;
-                    continue;
+            let mut conn = queue.conn.clone();
+            let n: u64 = cmd.query_async(&mut conn).await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    /// Replay the letters `filter` selects through the normal path.
+    pub async fn replay(&self, limits: &Limits, filter: &Filter) -> Result<Replayed, QueueError> {
+        let queue = self;
+        let mut report = Replayed::default();
+        queue.ensure_route().await?;
+        for letter in queue.dead_letters(filter).await? {
+            let received_us = crate::event::now_us();
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            match letter.source.as_str() {
+                "notifier" => {
+                    let Some(alert) = letter.notification() else {
+                        report.skipped += 1;
+                        continue;
+                    };
+                    pipe.cmd("XADD")
+                        .arg(queue.keys.notify())
+                        .arg("*")
+                        .arg("a")
+                        .arg(alert.to_string())
+                        .ignore();
                 }
-                let event_refs: Vec<&Event> = events.iter().collect();
-                let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
-                queue.add_append(&mut pipe, &event_refs, &dead_refs)?;
-                report.events += events.len() as u64;
-                report.rejected_again += u64::from(!dead.is_empty());
+                source => {
+                    let (events, dead) = decode_again(&letter, source, received_us, limits);
+                    if events.is_empty() && dead.is_empty() {
+                        report.skipped += 1;
+                        continue;
+                    }
+                    let event_refs: Vec<&Event> = events.iter().collect();
+                    let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
+                    queue.add_append(&mut pipe, &event_refs, &dead_refs)?;
+                    report.events += events.len() as u64;
+                    report.rejected_again += u64::from(!dead.is_empty());
+                }
             }
+            pipe.cmd("XDEL")
+                .arg(queue.keys.dead())
+                .arg(&letter.id)
+                .ignore();
+            queue.exec(&pipe).await?;
+            report.letters += 1;
         }
-        pipe.cmd("XDEL")
-            .arg(queue.keys.dead())
-            .arg(&letter.id)
-            .ignore();
-        queue.exec(&pipe).await?;
-        report.letters += 1;
+        Ok(report)
     }
-    Ok(report)
 }
 
 /// A letter as the dead-letter stream holds it.

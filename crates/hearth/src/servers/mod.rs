@@ -60,7 +60,9 @@ impl Servers {
             Duration::from_secs(30),
         ));
         let seams = Seams {
-            queue: Arc::new(queue::RedisQueue::new(queue.clone(), &config.redis_url)),
+            queue: Arc::new(queue::RedisQueue {
+                queue: queue.clone(),
+            }),
             store: Arc::new(pg::PgStore::new(
                 &config.database_url,
                 writer.clone(),
@@ -147,7 +149,7 @@ impl Backend for Servers {
     /// the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
-            tokio::spawn(crate::dead_letter::sweep(
+            tokio::spawn(crate::seam::sweep_dead_letters(
                 self.seams.queue.clone(),
                 shutdown.clone(),
             )),

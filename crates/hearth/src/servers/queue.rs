@@ -33,13 +33,12 @@ use redis::{AsyncConnectionConfig, Value};
 use std::collections::BTreeMap;
 
 use super::keys::Keys;
-use super::reader::RedisReader;
 use crate::codec::Limits;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::seam::{EventQueue, Fut, Reader, Unavailable};
+use crate::seam::{EventQueue, Fut, Unavailable};
 use crate::status::stat;
 
 /// The consumer group every worker reads through.
@@ -458,19 +457,9 @@ impl From<QueueError> for Unavailable {
     }
 }
 
-/// The queue on Redis Streams.
+/// The queue seam on Redis Streams (a consumer's reading is [`super::reader::RedisReader`]).
 pub struct RedisQueue {
     pub queue: Queue,
-    redis_url: String,
-}
-
-impl RedisQueue {
-    pub fn new(queue: Queue, redis_url: &str) -> RedisQueue {
-        RedisQueue {
-            queue,
-            redis_url: redis_url.to_string(),
-        }
-    }
 }
 
 impl EventQueue for RedisQueue {
@@ -482,36 +471,28 @@ impl EventQueue for RedisQueue {
         Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
     }
 
-    fn reader(&self, consumer: &str) -> Box<dyn Reader> {
-        Box::new(RedisReader::new(
-            self.queue.clone(),
-            &self.redis_url,
-            consumer,
-        ))
-    }
-
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
         Box::pin(async move { Ok(self.queue.depths().await?) })
     }
 
     fn status(&self) -> Fut<'_, crate::status::Status> {
-        Box::pin(async move { Ok(super::status::collect(&self.queue).await?) })
+        Box::pin(async move { Ok(self.queue.status().await?) })
     }
 
     fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
-        Box::pin(async move { Ok(super::dead_letters::list(&self.queue, filter).await?) })
+        Box::pin(async move { Ok(self.queue.dead_letters(filter).await?) })
     }
 
     fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
-        Box::pin(async move { Ok(super::dead_letters::replay(&self.queue, limits, filter).await?) })
+        Box::pin(async move { Ok(self.queue.replay(limits, filter).await?) })
     }
 
     fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
-        Box::pin(async move { Ok(super::dead_letters::purge(&self.queue, filter).await?) })
+        Box::pin(async move { Ok(self.queue.purge(filter).await?) })
     }
 
     fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {
-        Box::pin(async move { Ok(super::circuits::shared(&self.queue).await?) })
+        Box::pin(async move { Ok(self.queue.circuits().await?) })
     }
 
     fn ready(&self) -> Fut<'_, (&'static str, bool)> {
@@ -527,5 +508,21 @@ impl EventQueue for RedisQueue {
 
     fn expire_dead_letters(&self) -> Fut<'_, u64> {
         Box::pin(async move { Ok(self.queue.expire_dead_letters().await?) })
+    }
+}
+
+pub(crate) fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+pub(crate) fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => as_string(other).and_then(|s| s.parse().ok()),
     }
 }

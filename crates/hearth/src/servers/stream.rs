@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use super::queue::{GROUP, Queue, QueueError, xadd_letter};
+use super::queue::{GROUP, Queue, QueueError, as_string, as_u64, xadd_letter};
 use crate::dead_letter::DeadLetter;
 use crate::event::Event;
 use crate::lane::Lane;
@@ -354,20 +354,4 @@ pub async fn claim(
     let entries = parse_raw(parts.swap_remove(1))?;
     let next = as_string(&parts[0]).ok_or(QueueError::Reply("XAUTOCLAIM"))?;
     Ok((next, entries))
-}
-
-pub(crate) fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
-        _ => None,
-    }
-}
-
-pub(crate) fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        other => as_string(other).and_then(|s| s.parse().ok()),
-    }
 }
