@@ -38,11 +38,11 @@
 //! the dedup key. Per-sensor order comes from routing a sensor to one lane and letting one
 //! consumer at a time own a lane (a lease and a fencing token on the servers).
 
+// Public: what the binaries, the bench and the tests work with (the roles, the seams and their
+// two backends, the vocabulary, the tools' views). Private: the flow's machinery, whose only
+// door is `roles`.
 pub mod alerts;
 pub mod api;
-pub mod auth;
-pub mod backoff;
-pub mod breaker;
 pub mod caps;
 pub mod codec;
 pub mod config;
@@ -51,16 +51,20 @@ pub mod dlq;
 pub mod embedded;
 pub mod event;
 pub mod fault;
-pub mod ingest;
-pub mod intake;
 pub mod lane;
 pub mod metrics;
 pub mod mqtt;
 pub mod roles;
 pub mod seam;
-pub mod sensors;
 pub mod servers;
 pub mod shutdown;
 pub mod sim;
 pub mod status;
-pub mod worker;
+
+mod auth;
+mod backoff;
+mod breaker;
+mod ingest;
+mod intake;
+mod sensors;
+mod worker;
