@@ -29,9 +29,10 @@
 //! per client (`mqtt_max_subscriptions`), and what a subscriber that does not read may have
 //! waiting, in bytes (`mqtt_subscriber_buffer_bytes`).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use super::topics::{Routes, Subscriber, matches};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,91 +71,6 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
             anyhow::anyhow!("cannot listen on mqtt_listen {addr}: {e}")
         }
     })
-}
-
-struct Subscriber {
-    id: u64,
-    filters: Vec<String>,
-    tx: mpsc::UnboundedSender<(String, Bytes)>,
-    /// Bytes (topic and payload) sent to the session and not yet written to its socket.
-    queued: Arc<AtomicUsize>,
-}
-
-/// The broker's shared state: who subscribed to what, which session holds each client id.
-#[derive(Default)]
-struct Routes {
-    subscribers: Mutex<Vec<Subscriber>>,
-    /// Client id → the session holding it, and how to tell it it was taken over.
-    clients: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
-    next: AtomicU64,
-    /// Bytes a subscriber may have waiting.
-    buffer_bytes: usize,
-}
-
-impl Routes {
-    fn forward(&self, topic: &str, payload: &Bytes) {
-        let Ok(mut subs) = self.subscribers.lock() else {
-            return;
-        };
-        let size = topic.len() + payload.len();
-        subs.retain(|s| {
-            if !s.filters.iter().any(|f| matches(f, topic)) {
-                return true;
-            }
-            // A subscriber that lets its buffer fill (in bytes) is dropped, never waited for:
-            // its session ends (its receiver sees the sender gone) and the client reconnects.
-            if s.queued.load(Ordering::Relaxed) + size > self.buffer_bytes {
-                return false;
-            }
-            s.queued.fetch_add(size, Ordering::Relaxed);
-            s.tx.send((topic.to_string(), payload.clone())).is_ok()
-        });
-    }
-
-    /// Hold `client_id` for session `id`: a session that held it is told to end.
-    fn take_over(&self, client_id: &str, id: u64, kicked: Arc<Notify>) {
-        if client_id.is_empty() {
-            return;
-        }
-        if let Ok(mut clients) = self.clients.lock()
-            && let Some((old, notify)) = clients.insert(client_id.to_string(), (id, kicked))
-        {
-            debug!(client = %client_id, old, "client id taken over by a new connection");
-            notify.notify_one();
-        }
-    }
-
-    /// Forget session `id`'s subscriptions and client id (unless taken over meanwhile).
-    fn leave(&self, client_id: &str, id: u64) {
-        if let Ok(mut subs) = self.subscribers.lock() {
-            subs.retain(|s| s.id != id);
-        }
-        if let Ok(mut clients) = self.clients.lock()
-            && clients
-                .get(client_id)
-                .is_some_and(|(holder, _)| *holder == id)
-        {
-            clients.remove(client_id);
-        }
-    }
-}
-
-/// Whether an MQTT topic filter matches a topic.
-pub fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && !filter.starts_with('$') {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
 }
 
 /// What the broker needs of the configuration.

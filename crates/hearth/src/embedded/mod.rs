@@ -27,6 +27,7 @@ pub mod notifier;
 pub mod queue;
 pub mod reader;
 pub mod store;
+mod topics;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,174 @@
+//! Every setting checked once, at start, with a one-line reason naming the key: a bad value is
+//! exit code 2, never a surprise later.
+
+use super::{Config, ConfigError, MIN_ADMIN_TOKEN, is_id_char};
+
+impl Config {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |message: String| {
+            Err(ConfigError::Invalid {
+                origin: "config".into(),
+                message,
+            })
+        };
+        if self.shards == 0 || self.shards > 1024 {
+            return bad(format!("shards must be 1..=1024, got {}", self.shards));
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad(format!(
+                "batch_size must be 1..=10000, got {}",
+                self.batch_size
+            ));
+        }
+        if self.embedded_batch_size == 0 || self.embedded_batch_size > 50_000 {
+            return bad(format!(
+                "embedded_batch_size must be 1..=50000, got {}",
+                self.embedded_batch_size
+            ));
+        }
+        if self.lease_ttl_ms < 300 {
+            return bad(format!(
+                "lease_ttl_ms must be >= 300, got {}",
+                self.lease_ttl_ms
+            ));
+        }
+        if self.store_slow_ms == 0 {
+            return bad("store_slow_ms must be >= 1".into());
+        }
+        if self.data_dir.is_empty() {
+            return bad("data_dir must not be empty".into());
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return bad("shutdown_timeout_ms must be >= 1".into());
+        }
+        if self.ws_client_buffer == 0 {
+            return bad("ws_client_buffer must be >= 1".into());
+        }
+        if self.max_deliveries == 0 {
+            return bad("max_deliveries must be >= 1".into());
+        }
+        for (key, value) in [
+            (
+                "max_readings_per_message",
+                self.max_readings_per_message as u64,
+            ),
+            ("max_houses", self.max_houses),
+            ("max_sensors_per_house", self.max_sensors_per_house),
+            ("max_kinds_per_sensor", self.max_kinds_per_sensor),
+            ("mqtt_max_connections", self.mqtt_max_connections as u64),
+            ("mqtt_max_keep_alive_secs", self.mqtt_max_keep_alive_secs),
+            ("mqtt_packet_timeout_ms", self.mqtt_packet_timeout_ms),
+            ("mqtt_max_subscriptions", self.mqtt_max_subscriptions as u64),
+            (
+                "mqtt_subscriber_buffer_bytes",
+                self.mqtt_subscriber_buffer_bytes as u64,
+            ),
+            ("http_max_connections", self.http_max_connections as u64),
+            ("http_header_timeout_ms", self.http_header_timeout_ms),
+        ] {
+            if value == 0 {
+                return bad(format!("{key} must be >= 1"));
+            }
+        }
+        // Times are added to instants and multiplied: keep them where that cannot overflow.
+        for (key, value, max) in [
+            (
+                "mqtt_max_keep_alive_secs",
+                self.mqtt_max_keep_alive_secs,
+                65_535,
+            ),
+            (
+                "mqtt_packet_timeout_ms",
+                self.mqtt_packet_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "http_header_timeout_ms",
+                self.http_header_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "max_future_skew_secs",
+                self.max_future_skew_secs,
+                366 * 86_400,
+            ),
+            (
+                "dead_letter_max_age_secs",
+                self.dead_letter_max_age_secs,
+                100 * 366 * 86_400,
+            ),
+        ] {
+            if value > max {
+                return bad(format!("{key} must be at most {max}, got {value}"));
+            }
+        }
+        if !self.admin_token.is_empty() && self.admin_token.chars().count() < MIN_ADMIN_TOKEN {
+            return bad(format!(
+                "admin_token must be at least {MIN_ADMIN_TOKEN} characters (it sees every house), got {}",
+                self.admin_token.chars().count()
+            ));
+        }
+        if self.queue_low_watermark >= self.queue_high_watermark {
+            return bad(format!(
+                "queue_low_watermark ({}) must be below queue_high_watermark ({})",
+                self.queue_low_watermark, self.queue_high_watermark
+            ));
+        }
+        if !self.redis_prefix.chars().all(is_id_char) || self.redis_prefix.is_empty() {
+            return bad(format!(
+                "redis_prefix must match [A-Za-z0-9_.-]+, got {:?}",
+                self.redis_prefix
+            ));
+        }
+        for (key, url, schemes) in [
+            ("mqtt_url", &self.mqtt_url, &["mqtt", "tcp"][..]),
+            ("redis_url", &self.redis_url, &["redis"][..]),
+            (
+                "database_url",
+                &self.database_url,
+                &["postgres", "postgresql"][..],
+            ),
+        ] {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !url.contains("://") || !schemes.contains(&scheme) {
+                return bad(format!(
+                    "{key} must start with {}://, got {url:?}",
+                    schemes[0]
+                ));
+            }
+        }
+        for (key, addr) in [
+            ("api_listen", &self.api_listen),
+            ("metrics_listen", &self.metrics_listen),
+            ("mqtt_listen", &self.mqtt_listen),
+        ] {
+            if !(addr.is_empty() && key == "metrics_listen")
+                && addr.parse::<std::net::SocketAddr>().is_err()
+            {
+                return bad(format!(
+                    "{key} must be host:port with an IP address, got {addr:?}"
+                ));
+            }
+        }
+        if self
+            .log
+            .parse::<tracing_subscriber::filter::Targets>()
+            .is_err()
+        {
+            return bad(format!("log is not a valid filter: {:?}", self.log));
+        }
+        if self.embedded
+            && self.mqtt_allow_anonymous
+            && self
+                .mqtt_listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        {
+            return bad(format!(
+                "mqtt_listen {} is not a loopback address while mqtt_allow_anonymous is true: anyone on the network could publish into any house; set mqtt_allow_anonymous = false (devices then log in with their house id and a house token)",
+                self.mqtt_listen
+            ));
+        }
+        Ok(())
+    }
+}
