@@ -114,7 +114,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let database_url =
         super::with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
     let prefix = format!("bench-{run_id}");
-    hearth::servers::store::migrate(&database_url).await?;
+    hearth::servers::schema::migrate(&database_url).await?;
     let token = format!("bench-{:016x}", fastrand::u64(..));
     let api_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;

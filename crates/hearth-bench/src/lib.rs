@@ -197,7 +197,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     };
     let mut roles = Vec::new();
     if !opts.external {
-        hearth::servers::store::migrate(&database_url).await?;
+        hearth::servers::schema::migrate(&database_url).await?;
         let mut child_config = (*config).clone();
         child_config.mqtt_url = broker_url.clone();
         child_config.database_url = database_url.clone();
@@ -304,7 +304,7 @@ async fn run_baselines(
     eprintln!("bench: raw baseline, {} events", opts.events);
     let raw_events_per_s = Some(baseline::raw(port, &base("rawbench", opts.events), run_id).await?);
     let db = with_database(&config.database_url, &format!("hearth_bench_{run_id}"));
-    hearth::servers::store::migrate(&db).await?;
+    hearth::servers::schema::migrate(&db).await?;
     let sync_events = opts.sync_events.min(opts.events);
     eprintln!("bench: sync baseline, {sync_events} events");
     let sync_events_per_s =

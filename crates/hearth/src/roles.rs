@@ -15,7 +15,6 @@ use crate::intake::{Gate, Intake};
 use crate::seam::{Backend, Seams};
 use crate::servers::Servers;
 use crate::servers::queue::{Queue, QueueError};
-use crate::servers::store;
 use crate::shutdown::Shutdown;
 use crate::{api, ingest, worker};
 
@@ -59,7 +58,7 @@ where
 
 async fn prepare_store(config: &Config, shutdown: &Shutdown) -> bool {
     retry("migrating the database", shutdown, || {
-        store::migrate(&config.database_url)
+        crate::servers::schema::migrate(&config.database_url)
     })
     .await
     .is_some()

@@ -71,7 +71,7 @@ async fn servers(test: &str) -> Backend {
 
 async fn servers_with(test: &str, rules: Arc<RuleSet>, tune: impl FnOnce(&mut Config)) -> Backend {
     let env = Env::new(test);
-    hearth::servers::store::migrate(&env.database_url)
+    hearth::servers::schema::migrate(&env.database_url)
         .await
         .expect("migrate");
     let mut config = servers_config(&env);

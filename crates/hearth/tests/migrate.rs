@@ -84,7 +84,7 @@ async fn postgres_from(from: usize, name: &str) {
         .expect("version 2 data");
     }
 
-    let applied = hearth::servers::store::migrate(&env.database_url)
+    let applied = hearth::servers::schema::migrate(&env.database_url)
         .await
         .expect("migrate");
     assert_eq!(
@@ -168,7 +168,7 @@ async fn postgres_from(from: usize, name: &str) {
     .await
     .expect("a second open alarm of another house");
     assert!(
-        hearth::servers::store::migrate(&env.database_url)
+        hearth::servers::schema::migrate(&env.database_url)
             .await
             .expect("again")
             .is_empty()

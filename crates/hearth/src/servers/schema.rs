@@ -4,6 +4,11 @@
 //! that several processes starting together apply each once), and recorded in
 //! `schema_migrations`. A migration, once released, is never edited: a change is a new one.
 
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::store::{StoreError, connect};
+
 /// (version, name, SQL)
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
@@ -188,3 +193,92 @@ CREATE UNIQUE INDEX tokens_id ON tokens (id);
 "#,
     ),
 ];
+
+/// Create the database if it is missing, then apply pending migrations.
+pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
+    let client = match connect(url).await {
+        Err(StoreError::Unavailable(e)) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            create_database(url).await?;
+            connect(url).await?
+        }
+        other => other?,
+    };
+    let mut client = client;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version int PRIMARY KEY, name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .or_else(|e| {
+            // Two processes racing on a brand-new database: the other one created it.
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(e))
+            }
+        })?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7265727468)", &[])
+        .await
+        .map_err(StoreError::Unavailable)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(StoreError::Unavailable)?
+        .get(0);
+    let mut applied = Vec::new();
+    for (version, name, sql) in super::schema::MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(StoreError::Unavailable)?;
+        applied.push(*version);
+    }
+    tx.commit().await.map_err(StoreError::Unavailable)?;
+    Ok(applied)
+}
+
+async fn create_database(url: &str) -> Result<(), StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    let name = config
+        .get_dbname()
+        .ok_or_else(|| StoreError::Url("no database name".into()))?
+        .to_string();
+    if !crate::event::is_valid_id(&name) {
+        return Err(StoreError::Url(format!(
+            "database name {name:?} must match [A-Za-z0-9_.-]{{1,64}} to be created by hearth"
+        )));
+    }
+    config.dbname("postgres");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tokio::spawn(connection);
+    match client
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(database = %name, "created database");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(e)),
+    }
+}

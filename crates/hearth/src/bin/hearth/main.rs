@@ -8,7 +8,6 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
-use hearth::servers::store;
 use hearth::{shutdown, sim};
 use tools::{DlqAction, TokenAction, seams};
 
@@ -300,7 +299,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
         Command::Token { action } => tools::token(action, &config).await,
         Command::Dlq { action } => tools::dlq(action, &config).await,
         Command::Migrate => {
-            let applied = store::migrate(&config.database_url)
+            let applied = hearth::servers::schema::migrate(&config.database_url)
                 .await
                 .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
             if applied.is_empty() {

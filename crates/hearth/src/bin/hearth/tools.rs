@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::Subcommand;
 use hearth::config::Config;
 use hearth::roles::RoleError;
-use hearth::servers::store;
 
 use super::{parse_duration, print_report};
 
@@ -124,7 +123,7 @@ pub async fn seams(config: &Arc<Config>) -> Result<hearth::seam::Seams, RoleErro
 /// `hearth token create | list | revoke`.
 pub async fn token(action: TokenAction, config: &Arc<Config>) -> Result<(), RoleError> {
     if !config.embedded {
-        store::migrate(&config.database_url)
+        hearth::servers::schema::migrate(&config.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("token: {e}"))?;
     }
