@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
+# `hearth bench` runs the hearth-bench program beside hearth (tests/observe.rs runs a small
+# bench): build every binary first, which `cargo test` alone does not promise for hearth-bench.
+cargo build --workspace --locked --bins
 cargo test --workspace --locked "$@"
 if [ $# -eq 0 ]; then
   scripts/apifuzz.sh
