@@ -333,9 +333,16 @@ pub async fn api(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleErro
 /// one data folder.
 async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(), RoleError> {
     let rules = rules(&config)?;
-    let broker = crate::embedded::broker::bind(&config.mqtt_listen)
-        .await
-        .map_err(|e| RoleError::Config(e.to_string()))?;
+    // Its own broker, or the home's (`mqtt_url` set): the same intake either way.
+    let listener = if config.external_broker {
+        None
+    } else {
+        Some(
+            crate::embedded::broker::bind(&config.mqtt_listen)
+                .await
+                .map_err(|e| RoleError::Config(e.to_string()))?,
+        )
+    };
     let data_dir = std::path::Path::new(&config.data_dir);
     let _lock = crate::embedded::lock(data_dir).map_err(RoleError::Config)?;
     let embedded = crate::embedded::Embedded::open(
@@ -372,25 +379,42 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         rules,
         shutdown.clone(),
     ));
-    let broker = tokio::spawn(crate::embedded::broker::serve(
-        broker,
-        mqtt_intake(&config, &seams, gate),
-        auth,
-        crate::embedded::broker::Settings::from_config(&config),
-        shutdown.clone(),
-    ));
-    tracing::info!(
-        mqtt = %config.mqtt_listen,
-        api = %config.api_listen,
-        data_dir = %data_dir.display(),
-        "embedded: broker, store and workers in this process; subscribed"
-    );
+    let intake = mqtt_intake(&config, &seams, gate);
+    let mqtt_url = match &listener {
+        Some(_) => format!("mqtt://{}", config.mqtt_listen),
+        None => config.mqtt_url.clone(),
+    };
+    let mqtt = match listener {
+        Some(listener) => {
+            tracing::info!(
+                mqtt = %config.mqtt_listen,
+                api = %config.api_listen,
+                data_dir = %data_dir.display(),
+                "embedded: broker, store and workers in this process; subscribed"
+            );
+            let settings = crate::embedded::broker::Settings::from_config(&config);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                crate::embedded::broker::serve(listener, intake, auth, settings, stop).await;
+                Ok(())
+            })
+        }
+        None => {
+            tracing::info!(
+                mqtt = %config.mqtt_url,
+                api = %config.api_listen,
+                data_dir = %data_dir.display(),
+                "embedded: store and workers in this process, events from the home's broker"
+            );
+            tokio::spawn(ingest::run(config.clone(), intake, shutdown.clone()))
+        }
+    };
     if demo {
-        let url = format!("mqtt://{}", config.mqtt_listen);
-        tokio::spawn(demo_sim(url, shutdown.clone()));
+        tokio::spawn(demo_sim(mqtt_url, shutdown.clone()));
     }
-    let _ = broker.await;
+    let m = mqtt.await;
     let _ = workers.await;
+    m.map_err(anyhow::Error::from)??;
     finish(server).await
 }
 

@@ -821,3 +821,58 @@ async fn latest_values_survive_a_restart() {
     assert_eq!(latest["latest"]["power"]["seq"], 3);
     assert_eq!(latest["latest"]["power"]["value"], 3.0);
 }
+
+/// A home that already runs a broker keeps it: with only `mqtt_url` set, `hearth up` takes its
+/// events from that broker (a persistent session, PUBACK after the durable append) into the
+/// embedded store. Killed with -9 while the broker still holds or is delivering its messages, it
+/// loses none and stores none twice once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_s_own_broker_feeds_the_embedded_store_through_kills() {
+    let mut env = Env::embedded("emb_home_broker");
+    let broker = Broker::start(&env.scratch.0.join("broker"));
+    let client_id = format!("home-{}", env.name);
+    env.set("mqtt_url", broker.url())
+        .set("mqtt_client_id", client_id)
+        .set("batch_size", 200);
+    let mut up = env.up().await;
+    assert!(
+        up.log_text().contains("events from the home's broker"),
+        "{}",
+        up.log_text()
+    );
+    let house = "home";
+    let (sensors, per_round, rounds) = (20, 100u64, 3u64);
+    for round in 0..rounds {
+        let payloads: Vec<(String, Vec<u8>)> = (1..=per_round)
+            .flat_map(|i| {
+                let seq = round * per_round + i;
+                (0..sensors).map(move |s| {
+                    (
+                        format!("hearth/{house}/s{s}"),
+                        format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#).into_bytes(),
+                    )
+                })
+            })
+            .collect();
+        publish_all(broker.port, &format!("dev-{round}"), payloads).await;
+        up.kill9();
+        up.restart();
+    }
+    let expected = (sensors as u64 * per_round * rounds) as i64;
+    eventually("every event stored", Duration::from_secs(120), || async {
+        (scalar(&env, "SELECT count(*) FROM events") == expected
+            && scalar(&env, "SELECT count(*) FROM queue") == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
+        ),
+        expected,
+        "each (sensor, kind, seq) once"
+    );
+    assert_eq!(out_of_order(&env), 0, "per-sensor order");
+    drop(up);
+}

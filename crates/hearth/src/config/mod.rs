@@ -98,7 +98,8 @@ pub struct Config {
     /// After SIGTERM/SIGINT, how long a process may take to finish the batch in hand and hand
     /// its lanes back before it exits anyway (what it had not acknowledged stays pending).
     pub shutdown_timeout_ms: u64,
-    /// Address of the embedded MQTT broker (`hearth up` with no server URL configured).
+    /// Address of the embedded MQTT broker (`hearth up` with no server URL configured; unused
+    /// when `mqtt_url` names the home's broker).
     pub mqtt_listen: String,
     /// Embedded broker: whether clients without credentials may connect (and publish or
     /// subscribe anywhere). Allowed only while `mqtt_listen` is a loopback address: on any other
@@ -122,7 +123,7 @@ pub struct Config {
     /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
     /// included; WebSocket sessions aside) must be answered within ten times it.
     pub http_header_timeout_ms: u64,
-    /// Folder of the embedded store (`hearth up` with no server URL configured): one SQLite
+    /// Folder of the embedded store (`hearth up` with neither `redis_url` nor `database_url`): one SQLite
     /// database holding the queue, events, sensors, alerts and dead letters.
     pub data_dir: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
@@ -130,10 +131,14 @@ pub struct Config {
     /// For tests only: a fault point to crash or stall at (see `fault.rs`), e.g. `after_store`,
     /// `after_ack@3`, `pause_before_store=2000`. Empty in any real use.
     pub test_fault: String,
-    /// Whether no server URL (`mqtt_url`, `redis_url`, `database_url`) was given in any layer:
-    /// then `hearth up` runs the embedded broker and store. Not a key: it is worked out.
+    /// Whether neither `redis_url` nor `database_url` was given in any layer: then `hearth up`
+    /// keeps the queue and store in its data folder. Not a key: it is worked out.
     #[serde(skip)]
     pub embedded: bool,
+    /// Whether `mqtt_url` was given: embedded, `hearth up` then takes its events from that
+    /// broker (the home's own) instead of running one. Not a key: it is worked out.
+    #[serde(skip)]
+    pub external_broker: bool,
     /// What loading found odd but not wrong (an unknown `HEARTH_*` variable), to log once the
     /// log is set up. Not a key.
     #[serde(skip)]
@@ -185,6 +190,7 @@ impl Default for Config {
             log: "info".into(),
             test_fault: String::new(),
             embedded: false,
+            external_broker: false,
             warnings: Vec::new(),
         }
     }
@@ -283,7 +289,8 @@ pub fn load(
     }
     table.extend(flag_layer);
 
-    let embedded = !SERVER_URLS.iter().any(|k| table.contains_key(*k));
+    let embedded = !STORE_URLS.iter().any(|k| table.contains_key(*k));
+    let external_broker = table.contains_key("mqtt_url");
     let mut config: Config =
         toml::Value::Table(table)
             .try_into()
@@ -292,6 +299,7 @@ pub fn load(
                 message: one_line(&e.to_string()),
             })?;
     config.embedded = embedded;
+    config.external_broker = external_broker;
     config.warnings = warnings;
     config.validate()?;
     Ok(config)
@@ -311,10 +319,15 @@ fn is_service_link(rest: &str) -> bool {
         })
 }
 
-/// The keys that name a server; with none of them set, `hearth up` runs embedded.
+/// The keys that name a server; with none of them set, `hearth up` runs embedded with its own
+/// broker.
 mod validate;
 
 pub const SERVER_URLS: &[&str] = &["mqtt_url", "redis_url", "database_url"];
+
+/// The keys that name where the queue and store live; with neither set, `hearth up` keeps them in
+/// its data folder (with the home's broker when `mqtt_url` is set, else its own).
+pub const STORE_URLS: &[&str] = &["redis_url", "database_url"];
 
 /// A duration as people write it: `500ms`, `30s`, `5m`, `2h`, `7d` (a bare number is seconds).
 /// Anything else, or one too large to represent, is an error: it comes from flags, rules files
@@ -449,6 +462,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!((cfg.shards, cfg.workers, cfg.batch_size), (4, 5, 30));
+    }
+
+    #[test]
+    fn embedded_with_the_home_s_broker_when_only_mqtt_url_is_set() {
+        let cfg = load(
+            None,
+            env(&[("HEARTH_MQTT_URL", "mqtt://homebroker:1883")]),
+            &[],
+        )
+        .unwrap();
+        assert!(cfg.embedded && cfg.external_broker);
+        let cfg = load(None, env(&[]), &[]).unwrap();
+        assert!(cfg.embedded && !cfg.external_broker);
     }
 
     #[test]

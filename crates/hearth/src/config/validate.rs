@@ -158,6 +158,7 @@ impl Config {
             return bad(format!("log is not a valid filter: {:?}", self.log));
         }
         if self.embedded
+            && !self.external_broker
             && self.mqtt_allow_anonymous
             && self
                 .mqtt_listen
