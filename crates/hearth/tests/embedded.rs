@@ -168,6 +168,22 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     assert!(String::from_utf8_lossy(&page.stdout).contains("<html"));
 }
 
+/// Round `round` of a kill test: `per_round` readings of each of `sensors` sensors, their `seq`
+/// going on from the rounds before, interleaved.
+fn round_of(house: &str, sensors: usize, per_round: u64, round: u64) -> Vec<(String, Vec<u8>)> {
+    (1..=per_round)
+        .flat_map(|i| {
+            let seq = round * per_round + i;
+            (0..sensors).map(move |s| {
+                (
+                    format!("hearth/{house}/s{s}"),
+                    format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#).into_bytes(),
+                )
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice() {
     let mut env = Env::embedded("emb_kill");
@@ -181,17 +197,7 @@ async fn kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice() 
     let mut interrupted = Vec::new();
     for round in 0..rounds {
         // Every message of the round is PUBACKed (durable) before the kill.
-        let payloads: Vec<(String, Vec<u8>)> = (1..=per_round)
-            .flat_map(|i| {
-                let seq = round * per_round + i;
-                (0..sensors).map(move |s| {
-                    (
-                        format!("hearth/{house}/s{s}"),
-                        format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#).into_bytes(),
-                    )
-                })
-            })
-            .collect();
+        let payloads = round_of(house, sensors, per_round, round);
         publish_all(port, &format!("pub-{round}"), payloads).await;
         // Kill -9 at once, likely while workers are writing; note what was still queued.
         up.kill9();
@@ -843,17 +849,7 @@ async fn the_home_s_own_broker_feeds_the_embedded_store_through_kills() {
     let house = "home";
     let (sensors, per_round, rounds) = (20, 100u64, 3u64);
     for round in 0..rounds {
-        let payloads: Vec<(String, Vec<u8>)> = (1..=per_round)
-            .flat_map(|i| {
-                let seq = round * per_round + i;
-                (0..sensors).map(move |s| {
-                    (
-                        format!("hearth/{house}/s{s}"),
-                        format!(r#"{{"kind":"power","value":{seq},"seq":{seq}}}"#).into_bytes(),
-                    )
-                })
-            })
-            .collect();
+        let payloads = round_of(house, sensors, per_round, round);
         publish_all(broker.port, &format!("dev-{round}"), payloads).await;
         up.kill9();
         up.restart();
