@@ -34,18 +34,19 @@ struct Backend {
     /// Open the queue again on the same state, and a reader on it: a reader started after a
     /// crash.
     reopen: Box<dyn Fn() -> futures_reopen::Reopen + Send + Sync>,
+    /// A reader named so, that reads the lanes it is asked (no lease held).
+    bare: BareReader,
     _env: Env,
 }
 
 impl Backend {
-    /// A consumer's reader, named `name`, on the routine and critical lanes.
     fn reader(&self, name: &str) -> Box<dyn Reader> {
-        self.backend
-            .consumer(hearth::seam::Pool::Routine, name)
-            .expect("consumer")
-            .reader
+        (self.bare)(name)
     }
 }
+
+/// Makes a reader that holds no lease.
+type BareReader = Box<dyn Fn(&str) -> Box<dyn Reader> + Send + Sync>;
 
 mod futures_reopen {
     pub type Reopen =
@@ -88,10 +89,18 @@ async fn servers_with(test: &str, rules: Arc<RuleSet>, tune: impl FnOnce(&mut Co
             )) as Box<dyn Reader>
         })
     };
+    let prefix = env.redis_prefix.clone();
+    let bare = move |name: &str| -> Box<dyn Reader> {
+        let queue = hearth::servers::queue::Queue::open(REDIS, &prefix, SHARDS).expect("queue");
+        Box::new(hearth::servers::reader::RedisReader::new(
+            queue, REDIS, name,
+        ))
+    };
     Backend {
         seams,
         backend: Arc::new(servers),
         reopen: Box::new(reopen),
+        bare: Box::new(bare),
         _env: env,
     }
 }
@@ -120,10 +129,15 @@ async fn embedded_with(test: &str, rules: Arc<RuleSet>) -> Backend {
             )) as Box<dyn Reader>
         })
     };
+    let queue = (*opened.queue).clone();
+    let bare = move |_: &str| -> Box<dyn Reader> {
+        Box::new(hearth::embedded::reader::SqliteReader::new(queue.clone()))
+    };
     Backend {
         seams: opened.seams.clone(),
         backend: Arc::new(opened),
         reopen: Box::new(reopen),
+        bare: Box::new(bare),
         _env: env,
     }
 }

@@ -113,11 +113,9 @@ impl Backend for Servers {
         // lane's next owner for longer than it takes to notice we are gone.
         let writer = Arc::new(pg::Writer::new(&config.database_url, ttl / 2));
         Ok(Parts {
-            reader: Box::new(reader::RedisReader::new(
-                self.queue.clone(),
-                &config.redis_url,
-                name,
-            )),
+            reader: Box::new(
+                reader::RedisReader::new(self.queue.clone(), &config.redis_url, name).leased(),
+            ),
             ownership: Box::new(ownership::LeaseOwnership::new(
                 &self.queue,
                 writer.clone(),

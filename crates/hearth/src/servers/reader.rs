@@ -27,6 +27,9 @@ pub struct RedisReader {
     seen: HashSet<Lane>,
     /// Recent average of events per entry, to size reads in events.
     entry_size: f64,
+    /// Read new entries only of lanes whose lease names this consumer, checked just before each
+    /// read (a consumer of the worker; a bare reader reads what it is asked).
+    leased: bool,
 }
 
 impl RedisReader {
@@ -39,7 +42,34 @@ impl RedisReader {
             recovering: BTreeMap::new(),
             seen: HashSet::new(),
             entry_size: 1.0,
+            leased: false,
         }
+    }
+
+    /// A reader that takes new entries only from lanes it holds the lease of. Its owner learns
+    /// of a lost lease at the next renewal, a third of the lease time later; until then it would
+    /// go on reading the lane, and entries it took after the lane's new owner had looked through
+    /// the pending list would sit in its own pending list, stored by nobody (seen after a Redis
+    /// restart had expired every lease at once).
+    pub fn leased(mut self) -> RedisReader {
+        self.leased = true;
+        self
+    }
+
+    /// Of `lanes`, those whose lease names this consumer now.
+    async fn still_held(&self, lanes: &[Lane]) -> Result<Vec<Lane>, QueueError> {
+        let mut conn = self.queue.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        for lane in lanes {
+            cmd.arg(self.queue.keys.lease(*lane));
+        }
+        let owners: Vec<Option<String>> = cmd.query_async(&mut conn).await?;
+        Ok(lanes
+            .iter()
+            .zip(owners)
+            .filter(|(_, o)| o.as_deref() == Some(self.consumer.as_str()))
+            .map(|(l, _)| *l)
+            .collect())
     }
 
     async fn read_lanes(
@@ -87,6 +117,21 @@ impl RedisReader {
                     .collect());
             }
         }
+        let held;
+        let lanes = if self.leased {
+            held = self.still_held(lanes).await?;
+            if held.is_empty() {
+                // Lost them all: the owner notices at its next renewal; nothing to read until.
+                tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
+                return Ok(Vec::new());
+            }
+            &held[..]
+        } else {
+            lanes
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Vec::new());
+        };
         let batch = self
             .queue
             .read_new(conn, &self.consumer, lanes, count, wait)
