@@ -168,6 +168,26 @@ async fn seed_mosquitto_pub_is_stored_and_shown_without_any_server() {
     assert!(String::from_utf8_lossy(&page.stdout).contains("<html"));
 }
 
+/// Wait until `expected` events are stored and the queue is empty, then check each (sensor, kind,
+/// seq) is stored once, in order.
+async fn stored_once_in_order(env: &Env, expected: i64) {
+    eventually("every event stored", Duration::from_secs(120), || async {
+        (scalar(env, "SELECT count(*) FROM events") == expected
+            && scalar(env, "SELECT count(*) FROM queue") == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        scalar(
+            env,
+            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
+        ),
+        expected,
+        "each (sensor, kind, seq) once"
+    );
+    assert_eq!(out_of_order(env), 0, "per-sensor order");
+}
+
 /// Round `round` of a kill test: `per_round` readings of each of `sensors` sensors, their `seq`
 /// going on from the rounds before, interleaved.
 fn round_of(house: &str, sensors: usize, per_round: u64, round: u64) -> Vec<(String, Vec<u8>)> {
@@ -206,22 +226,8 @@ async fn kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice() 
         wait_port(port);
     }
     let expected = (sensors as u64 * per_round * rounds) as i64;
-    eventually("every event stored", Duration::from_secs(120), || async {
-        (scalar(&env, "SELECT count(*) FROM events") == expected
-            && scalar(&env, "SELECT count(*) FROM queue") == 0)
-            .then_some(())
-    })
-    .await;
+    stored_once_in_order(&env, expected).await;
     eprintln!("events still queued at each kill -9: {interrupted:?}");
-    assert_eq!(
-        scalar(
-            &env,
-            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
-        ),
-        expected,
-        "each (sensor, kind, seq) once"
-    );
-    assert_eq!(out_of_order(&env), 0, "per-sensor order");
     let stat = |name: &str| {
         db(&env)
             .query_row("SELECT value FROM stats WHERE name = ?1", [name], |r| {
@@ -855,20 +861,6 @@ async fn the_home_s_own_broker_feeds_the_embedded_store_through_kills() {
         up.restart();
     }
     let expected = (sensors as u64 * per_round * rounds) as i64;
-    eventually("every event stored", Duration::from_secs(120), || async {
-        (scalar(&env, "SELECT count(*) FROM events") == expected
-            && scalar(&env, "SELECT count(*) FROM queue") == 0)
-            .then_some(())
-    })
-    .await;
-    assert_eq!(
-        scalar(
-            &env,
-            "SELECT count(*) FROM (SELECT DISTINCT house_id, sensor_id, kind, seq FROM events)"
-        ),
-        expected,
-        "each (sensor, kind, seq) once"
-    );
-    assert_eq!(out_of_order(&env), 0, "per-sensor order");
+    stored_once_in_order(&env, expected).await;
     drop(up);
 }
