@@ -133,8 +133,8 @@ impl Consumer {
 
     /// After the rules: the cache, the pushes, then the acknowledgement, each retried until it
     /// goes through (a crash in between leaves the entries pending; a newer cached value is
-    /// never replaced by an older one, and an alert pushed twice is the same alert). False on
-    /// shutdown.
+    /// never replaced by an older one, and an alert pushed twice is the same alert). Retried
+    /// through a shutdown too: the batch in hand is finished before the worker stops.
     async fn finish(
         &mut self,
         events: &[&Event],
@@ -164,8 +164,12 @@ impl Consumer {
                 Err(e) => {
                     crate::metrics::dependency_error(super::dependency(&e));
                     warn!(consumer = %self.name, error = %e, "cache, push or ack failed after the write, retrying");
-                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
-                        return false;
+                    // The batch is written: finishing it comes before stopping, so a shutdown
+                    // does not end the retries (the process's grace period bounds them).
+                    if self.shutdown.is_set() {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    } else {
+                        let _ = self.shutdown.clone().sleep(backoff.next_delay()).await;
                     }
                 }
             }
