@@ -13,7 +13,9 @@ use std::time::Duration;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::codec::{self, Limits};
+use std::sync::Arc;
+
+use crate::codec::{self, Codecs, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::Event;
 
@@ -21,7 +23,7 @@ use crate::event::Event;
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub reason: Option<String>,
-    /// The house named by the letter's topic ([`crate::codec::topic_house`]) or payload
+    /// The house named by the letter's topic ([`crate::codec::Codecs::topic_house`]) or payload
     /// (`"house_id"`).
     pub house: Option<String>,
     /// The sensor named by the letter's topic (`.../{sensor}`) or payload (`"sensor_id"`); with
@@ -31,6 +33,8 @@ pub struct Filter {
     pub newer_than: Option<Duration>,
     /// At most this many letters (oldest first); `None`: all.
     pub limit: Option<usize>,
+    /// The sources a letter's topic is read against for its house (the defaults when none).
+    pub codecs: Option<Arc<Codecs>>,
 }
 
 /// A dead letter as listed.
@@ -97,8 +101,8 @@ impl Letter {
 
     /// Whether the letter is about `house` and `sensor` (either may be left open): by its topic,
     /// else by the readings in its payload.
-    pub fn about(&self, house: Option<&str>, sensor: Option<&str>) -> bool {
-        let topic_house = crate::codec::topic_house(&self.topic);
+    pub fn about(&self, codecs: &Codecs, house: Option<&str>, sensor: Option<&str>) -> bool {
+        let topic_house = codecs.topic_house(&self.topic);
         let topic_sensor = self
             .topic
             .contains('/')
@@ -132,12 +136,20 @@ impl Letter {
     }
 
     pub fn matches(&self, filter: &Filter, now_ms: i64) -> bool {
+        let defaults;
+        let codecs = match &filter.codecs {
+            Some(c) => c.as_ref(),
+            None => {
+                defaults = Codecs::defaults(Limits::default());
+                &defaults
+            }
+        };
         let age = Duration::from_millis((now_ms - self.at).max(0) as u64);
         filter.reason.as_deref().is_none_or(|r| self.reason == r)
             && filter.older_than.is_none_or(|d| age >= d)
             && filter.newer_than.is_none_or(|d| age < d)
             && ((filter.house.is_none() && filter.sensor.is_none())
-                || self.about(filter.house.as_deref(), filter.sensor.as_deref()))
+                || self.about(codecs, filter.house.as_deref(), filter.sensor.as_deref()))
     }
 }
 
@@ -146,7 +158,7 @@ pub fn decode_again(
     letter: &Letter,
     source: &str,
     received_us: i64,
-    limits: &Limits,
+    codecs: &Codecs,
 ) -> (Vec<Event>, Vec<DeadLetter>) {
     let at_ms = received_us / 1000;
     let mut events = Vec::new();
@@ -167,12 +179,12 @@ pub fn decode_again(
             }
         }
         "http" => {
-            let decoded = codec::http::decode(&letter.raw, received_us, limits);
+            let decoded = codec::http::decode(&letter.raw, received_us, &codecs.limits);
             dead.extend(decoded.dead_letter("http", "http", &letter.raw, at_ms));
             events = decoded.events;
         }
         _ => {
-            let decoded = codec::decode(&letter.topic, &letter.raw, received_us, limits);
+            let decoded = codecs.decode(&letter.topic, &letter.raw, received_us);
             dead.extend(decoded.dead_letter("mqtt", &letter.topic, &letter.raw, at_ms));
             events = decoded.events;
         }
@@ -210,6 +222,7 @@ mod tests {
                     older_than: older.map(Duration::from_secs),
                     newer_than: newer.map(Duration::from_secs),
                     limit: None,
+                    codecs: None,
                 }
             };
         assert!(l.matches(&f(None, None, None, None), now));
@@ -252,10 +265,16 @@ mod tests {
             "x",
             0,
         );
-        let (events, dead) = decode_again(&l, "mqtt", 1_000_000, &Limits::default());
+        let (events, dead) =
+            decode_again(&l, "mqtt", 1_000_000, &Codecs::defaults(Limits::default()));
         assert_eq!((events.len(), dead.len()), (1, 0));
         let bad = letter("hearth/h1/s1", "{nope", "malformed_json", 0);
-        let (events, dead) = decode_again(&bad, "mqtt", 1_000_000, &Limits::default());
+        let (events, dead) = decode_again(
+            &bad,
+            "mqtt",
+            1_000_000,
+            &Codecs::defaults(Limits::default()),
+        );
         assert_eq!((events.len(), dead[0].reason), (0, "malformed_json"));
     }
 }

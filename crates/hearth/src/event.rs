@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use crate::kinds::{ValueRule, value_rule};
+
 /// One validated reading. Serialised with short field names into a stream entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -20,8 +22,13 @@ pub struct Event {
     /// Booleans are stored as 1.0 and 0.0.
     #[serde(rename = "v")]
     pub value: f64,
+    /// The kind's canonical unit (°C, hPa, kWh, ...: [`crate::kinds`]), or the unit as sent for
+    /// a kind hearth does not know.
     #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// The unit the device sent, when the value was converted from it.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub source_unit: Option<String>,
     /// The device's own counter, when it sends one: then (sensor, kind, seq) is the dedup key.
     #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
@@ -194,42 +201,6 @@ pub fn is_valid_id(id: &str) -> bool {
         && id != ".."
 }
 
-/// What values a kind accepts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ValueRule {
-    /// true/false, or the numbers 0 and 1.
-    Boolean,
-    /// A finite number within the inclusive bounds.
-    Range(f64, f64),
-    /// Any finite number (unknown kinds).
-    Finite,
-}
-
-/// The accepted values of each known kind. Ranges are physical plausibility, wide enough for any
-/// real device: a value outside is a broken sensor or a broken payload, not weather.
-pub fn value_rule(kind: &str, unit: Option<&str>) -> ValueRule {
-    use ValueRule::*;
-    match kind {
-        "motion" | "door" | "window" | "smoke" | "co" | "gas" | "water_leak" | "alarm"
-        | "intrusion" | "panic" | "occupancy" | "tamper" => Boolean,
-        "temperature" => match unit {
-            Some("°F") | Some("F") | Some("degF") => Range(-130.0, 302.0),
-            Some("K") => Range(183.0, 423.0),
-            _ => Range(-90.0, 150.0),
-        },
-        "humidity" | "battery" => Range(0.0, 100.0),
-        "co2" => Range(0.0, 100_000.0),
-        // hPa and Pa are both common.
-        "pressure" => Range(0.0, 200_000.0),
-        "light" | "illuminance" => Range(0.0, 200_000.0),
-        "power" => Range(-1.0e6, 1.0e6),
-        "energy" => Range(0.0, 1.0e12),
-        "voltage" => Range(0.0, 100_000.0),
-        "current" => Range(-10_000.0, 10_000.0),
-        _ => Finite,
-    }
-}
-
 /// Why a message or one of its readings was refused. The string form is the `reason` of the
 /// dead letter and of `hearth_events_rejected_total{reason}`: a short, fixed vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -259,6 +230,8 @@ pub enum Reason {
     BadEntry,
     /// The store refused the row for its content after `max_deliveries` attempts.
     StoreRejected,
+    /// A unit hearth cannot convert into the kind's canonical one.
+    BadUnit,
 }
 
 impl Reason {
@@ -282,6 +255,7 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::BadEntry => "bad_entry",
             Reason::StoreRejected => "store_rejected",
+            Reason::BadUnit => "bad_unit",
         }
     }
 }
@@ -352,6 +326,7 @@ mod tests {
             kind: "power".into(),
             value: 1.0,
             unit: None,
+            source_unit: None,
             seq,
             ts_ms: ts,
             received_us: rcv,
@@ -405,6 +380,7 @@ mod tests {
             kind: "temperature".into(),
             value: 22.5,
             unit: Some("°C".into()),
+            source_unit: None,
             seq: Some(42),
             ts_ms: 1_764_139_200_123,
             received_us: 1_764_139_200_123_456,

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::codec::{self, Decoded, Limits};
+use crate::codec::{self, Codecs, Decoded, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
@@ -90,7 +90,7 @@ pub struct Intake {
     queue: Arc<dyn EventQueue>,
     gate: Arc<Gate>,
     source: &'static str,
-    limits: Limits,
+    codecs: Codecs,
 }
 
 impl Intake {
@@ -98,19 +98,25 @@ impl Intake {
         queue: Arc<dyn EventQueue>,
         gate: Arc<Gate>,
         source: &'static str,
-        limits: Limits,
+        codecs: Codecs,
     ) -> Intake {
         Intake {
             queue,
             gate,
             source,
-            limits,
+            codecs,
         }
     }
 
     /// One MQTT message: its events, and its refused readings as one letter.
     pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Input {
-        let decoded = codec::decode(topic, payload, received_us, &self.limits);
+        let decoded = self.codecs.decode(topic, payload, received_us);
+        if decoded.is_ignored() {
+            METRICS
+                .ignored
+                .with(self.codecs.ecosystem(topic).map_or("none", |e| e.name()))
+                .add(1);
+        }
         let input = Input::of(decoded, self.source, topic, payload, received_us / 1000);
         if let Some(d) = &input.dead {
             info!(topic = %codec::truncate(topic, 128), reason = d.reason, detail = %codec::truncate(&d.detail, 256), "rejected");
@@ -119,7 +125,12 @@ impl Intake {
     }
 
     pub fn limits(&self) -> &Limits {
-        &self.limits
+        &self.codecs.limits
+    }
+
+    /// The sources this intake reads topics as.
+    pub fn codecs(&self) -> &Codecs {
+        &self.codecs
     }
 
     pub fn gate(&self) -> &Gate {

@@ -107,6 +107,7 @@ mod tests {
             kind: kind.into(),
             value: 1.0,
             unit: None,
+            source_unit: None,
             seq: None,
             ts_ms: 0,
             received_us: 0,

@@ -51,6 +51,7 @@ pub mod dlq;
 pub mod embedded;
 pub mod event;
 pub mod fault;
+pub mod kinds;
 pub mod lane;
 pub mod metrics;
 pub mod mqtt;

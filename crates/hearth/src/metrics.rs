@@ -127,6 +127,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Messages or events refused, by reason (at ingest and by workers).
     pub rejected: Family<Counter>,
+    /// Messages that hold no reading and nothing wrong (housekeeping), by ecosystem.
+    pub ignored: Family<Counter>,
     /// Receive → stored latency, by lane kind (`critical`, `routine`).
     pub latency: Family<Histogram>,
     /// Events per batch written by a worker.
@@ -155,6 +157,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     stored: Counter::default(),
     duplicates: Counter::default(),
     rejected: Family::new("reason", Counter::default),
+    ignored: Family::new("ecosystem", Counter::default),
     latency: Family::new("lane", || Histogram::new(LATENCY_BUCKETS)),
     batch_events: Histogram::new(BATCH_BUCKETS),
     store_seconds: Histogram::new(STORE_BUCKETS),
@@ -197,6 +200,7 @@ pub const NAMES: &[&str] = &[
     "hearth_events_stored_total",
     "hearth_events_duplicate_total",
     "hearth_events_rejected_total",
+    "hearth_messages_ignored_total",
     "hearth_event_latency_seconds",
     "hearth_batch_events",
     "hearth_store_seconds",
@@ -251,6 +255,12 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "hearth_events_rejected_total",
         "Messages or events refused into the dead-letter stream, by reason.",
         &m.rejected,
+    );
+    family_counter(
+        &mut out,
+        "hearth_messages_ignored_total",
+        "Messages holding no reading and nothing wrong (bridge logs, device housekeeping), by ecosystem.",
+        &m.ignored,
     );
     family_histogram(
         &mut out,

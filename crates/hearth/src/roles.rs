@@ -208,7 +208,7 @@ fn mqtt_intake(config: &Config, seams: &Seams, gate: Arc<Gate>) -> Arc<Intake> {
         seams.queue.clone(),
         gate,
         "mqtt",
-        crate::codec::Limits::from_config(config),
+        crate::codec::Codecs::from_config(config),
     ))
 }
 
@@ -371,7 +371,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
     )
     .await?;
     let workers = tokio::spawn(worker::run(
-        embedded,
+        embedded.clone(),
         worker::Settings {
             batch_size: config.embedded_batch_size,
             ..worker::Settings::from_config(&config)
@@ -393,9 +393,13 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
                 "embedded: broker, store and workers in this process; subscribed"
             );
             let settings = crate::embedded::broker::Settings::from_config(&config);
+            let kept = embedded
+                .kept(config.mqtt_max_retained, config.mqtt_max_retained_bytes)
+                .await
+                .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                crate::embedded::broker::serve(listener, intake, auth, settings, stop).await;
+                crate::embedded::broker::serve(listener, intake, auth, settings, kept, stop).await;
                 Ok(())
             })
         }

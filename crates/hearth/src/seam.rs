@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 
 use crate::alerts::engine::{Outcome, SensorKey, State};
 use crate::alerts::{Alert, AlertState};
-use crate::codec::Limits;
+use crate::codec::Codecs;
 use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
@@ -116,7 +116,7 @@ pub trait EventQueue: Send + Sync {
     /// Lanes, dead letters, consumers and the loss accounting (`hearth status`).
     fn status(&self) -> Fut<'_, Status>;
     fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>>;
-    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed>;
+    fn replay<'a>(&'a self, codecs: &'a Codecs, filter: &'a Filter) -> Fut<'a, Replayed>;
     fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64>;
     /// Dependency → whether its circuit is open in any process.
     fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>>;
@@ -200,6 +200,9 @@ pub struct HistoryEvent {
     pub seq: Option<i64>,
     /// Reading time, epoch milliseconds.
     pub ts: i64,
+    /// The unit the device sent, when the value was converted from it into `unit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_unit: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

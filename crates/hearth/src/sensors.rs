@@ -156,6 +156,7 @@ mod tests {
             kind: kind.into(),
             value: 0.0,
             unit: None,
+            source_unit: None,
             seq: None,
             ts_ms: 0,
             received_us: at_us,

@@ -164,6 +164,7 @@ fn event(house: &str, sensor: &str, kind: &str, seq: i64, ts_ms: i64) -> Event {
         kind: kind.into(),
         value: seq as f64,
         unit: None,
+        source_unit: None,
         seq: Some(seq),
         ts_ms,
         received_us: ts_ms * 1000,

@@ -595,6 +595,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
                 kind: "power".into(),
                 value: 1.0,
                 unit: None,
+                source_unit: None,
                 seq: Some(1),
                 ts_ms: 1_000,
                 received_us: 1_000_000,

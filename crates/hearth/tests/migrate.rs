@@ -31,8 +31,8 @@ async fn postgres_from_schema_2_keeps_every_house_s_data() {
 }
 
 /// A database as version `from` of the schema left it, with data, migrated to the last.
-async fn postgres_from(from: usize, name: &str) {
-    let env = Env::new(name);
+/// A database of this test as schema version `from` left it (no data yet).
+async fn postgres_at(env: &Env, from: usize) -> tokio_postgres::Client {
     let admin = connect_pg(PG_ADMIN).await;
     admin
         .batch_execute(&format!("CREATE DATABASE \"hearth_t_{}\"", env.name))
@@ -54,6 +54,12 @@ async fn postgres_from(from: usize, name: &str) {
         .await
         .expect("record");
     }
+    pg
+}
+
+async fn postgres_from(from: usize, name: &str) {
+    let env = Env::new(name);
+    let pg = postgres_at(&env, from).await;
     // As that version left it: both houses' `kitchen` in one row, re-homed to h2.
     pg.batch_execute(&format!(
         "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_at)
@@ -175,6 +181,93 @@ async fn postgres_from(from: usize, name: &str) {
     );
 }
 
+/// Version 3 left events without the unit they were sent in: kept, with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_schema_3_keeps_its_events_without_a_source_unit() {
+    let env = Env::new("migrate_pg3");
+    let pg = postgres_at(&env, 3).await;
+    pg.batch_execute(
+        "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ts, received_at)
+         VALUES ('h1', 'kitchen', 'temperature', 20.5, '°C', 1, now(), now())",
+    )
+    .await
+    .expect("version 3 data");
+    hearth::servers::schema::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    let row = pg
+        .query_one("SELECT value, unit, source_unit FROM events", &[])
+        .await
+        .expect("the event");
+    assert_eq!(row.get::<_, f64>(0), 20.5);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("°C"));
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    let latest: i32 = pg
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(latest as usize, hearth::servers::schema::MIGRATIONS.len());
+}
+
+/// A data folder's file as schema version `from` left it (no data yet).
+fn sqlite_at(dir: &std::path::Path, from: usize) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    for (v, sql) in &hearth::embedded::db::migrations()[..from] {
+        c.execute_batch(sql).expect("old schema");
+        c.pragma_update(None, "user_version", v).expect("version");
+    }
+    c
+}
+
+/// Open (and so migrate) a data folder.
+async fn open(dir: &std::path::Path) -> hearth::embedded::Embedded {
+    hearth::embedded::Embedded::open(
+        dir,
+        8,
+        0,
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("open and migrate")
+}
+
+/// Version 5 left events without the unit they were sent in: kept, with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_5_keeps_its_events_without_a_source_unit() {
+    let env = Env::embedded("migrate_sqlite5");
+    let dir = env.scratch.0.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    {
+        let c = sqlite_at(&dir, 5);
+        c.execute_batch(&format!(
+            "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ts, received_us,
+                                 stored_us, critical)
+             VALUES ('h1', 'kitchen', 'temperature', 20.5, '°C', 1, {NOW_MS}, {us}, {us}, 0);",
+            us = NOW_MS * 1000
+        ))
+        .expect("version 5 data");
+    }
+    let e = open(&dir).await;
+    drop(e);
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    let (value, unit, source_unit): (f64, Option<String>, Option<String>) = c
+        .query_row("SELECT value, unit, source_unit FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("the event");
+    assert_eq!(
+        (value, unit.as_deref(), source_unit),
+        (20.5, Some("°C"), None)
+    );
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, hearth::embedded::db::migrations().len() as i64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_from_schema_1_keeps_every_house_s_data() {
     sqlite_from(1, "migrate_sqlite1").await;
@@ -198,11 +291,7 @@ async fn sqlite_from_schema_4_counts_its_alerts_pushed() {
     let dir = env.scratch.0.join("data");
     std::fs::create_dir_all(&dir).expect("data dir");
     {
-        let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
-        for (v, sql) in &hearth::embedded::db::migrations()[..4] {
-            c.execute_batch(sql).expect("old schema");
-            c.pragma_update(None, "user_version", v).expect("version");
-        }
+        let c = sqlite_at(&dir, 4);
         c.execute_batch(&format!(
             "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state, message,
                                  raised_at, raised_by)
@@ -211,16 +300,7 @@ async fn sqlite_from_schema_4_counts_its_alerts_pushed() {
         ))
         .expect("version 4 data");
     }
-    let e = hearth::embedded::Embedded::open(
-        &dir,
-        8,
-        0,
-        Default::default(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .expect("open and migrate");
+    let e = open(&dir).await;
     for lane in std::iter::once(hearth::lane::Lane::Critical).chain(hearth::lane::Lane::routine(8))
     {
         let left = e.seams.alerts.unpushed(lane).await.expect("unpushed");
@@ -239,7 +319,7 @@ async fn sqlite_from_schema_4_counts_its_alerts_pushed() {
     let version: i64 = c
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .expect("version");
-    assert_eq!(version, 5);
+    assert_eq!(version, hearth::embedded::db::migrations().len() as i64);
 }
 
 /// A data folder as version `from` of the schema left it, with data, opened by this version.
@@ -248,11 +328,7 @@ async fn sqlite_from(from: usize, name: &str) {
     let dir = env.scratch.0.join("data");
     std::fs::create_dir_all(&dir).expect("data dir");
     {
-        let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
-        for (v, sql) in &hearth::embedded::db::migrations()[..from] {
-            c.execute_batch(sql).expect("old schema");
-            c.pragma_update(None, "user_version", v).expect("version");
-        }
+        let c = sqlite_at(&dir, from);
         let t = NOW_MS;
         let r = NOW_MS * 1000;
         for (house, sensor, kind, value) in [
@@ -289,16 +365,7 @@ async fn sqlite_from(from: usize, name: &str) {
                 .expect("version 3 data");
         }
     }
-    let e = hearth::embedded::Embedded::open(
-        &dir,
-        8,
-        0,
-        Default::default(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .expect("open and migrate");
+    let e = open(&dir).await;
     let store = &e.seams.store;
     let h1 = store
         .sensor("h1", "kitchen")
@@ -335,7 +402,7 @@ async fn sqlite_from(from: usize, name: &str) {
     let version: i64 = c
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .expect("version");
-    assert_eq!(version, 5);
+    assert_eq!(version, hearth::embedded::db::migrations().len() as i64);
     let interval: Option<f64> = c
         .query_row(
             "SELECT interval_ms FROM sensors WHERE house_id = 'h2' AND sensor_id = 'kitchen'",
@@ -428,6 +495,7 @@ async fn redis_keys_and_routing_move_to_house_and_sensor() {
         kind: "temperature".into(),
         value: 21.0,
         unit: None,
+        source_unit: None,
         seq: Some(2),
         ts_ms: NOW_MS,
         received_us: NOW_MS * 1000,

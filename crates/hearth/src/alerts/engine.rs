@@ -175,8 +175,8 @@ impl Engine {
             // The reading's time as the rules see it: never later than its receipt.
             let at = e.at_ms();
             let rules = self.by_kind.get(&e.kind).into_iter().flatten().copied();
-            // Any reading means the sensor is back.
-            let offline = self.offline.filter(|_| e.kind != "online");
+            // Any reading means the sensor is back; an availability reading says which.
+            let offline = self.offline.filter(|_| !is_availability(&e.kind));
             for i in rules.chain(offline) {
                 let id = (e.house_id.as_str(), e.sensor_id.as_str(), i);
                 let before = changed
@@ -203,7 +203,7 @@ impl Engine {
                         None => Some(e.value < raise),
                         Some(_) => (e.value > clear).then_some(false),
                     },
-                    Condition::Offline { .. } => Some(e.kind == "online" && e.value < 0.5),
+                    Condition::Offline { .. } => Some(is_availability(&e.kind) && e.value < 0.5),
                 };
                 match (raise_now, st.open) {
                     (Some(true), None) => {
@@ -288,6 +288,12 @@ impl Engine {
     }
 }
 
+/// A device's own online/offline signal: `availability` (what every codec makes of an
+/// ecosystem's last will or availability topic), or `online`, its older name.
+pub fn is_availability(kind: &str) -> bool {
+    matches!(kind, "availability" | "online")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +353,7 @@ severity = "warning"
             kind: kind.into(),
             value,
             unit: None,
+            source_unit: None,
             seq: Some(seq),
             ts_ms: ts_s * 1000,
             received_us: ts_s * 1_000_000,
@@ -486,9 +493,18 @@ severity = "warning"
             &[&[ev("online", 0.0, 1, 1)], &[ev("online", 1.0, 2, 2)]],
         );
         assert_eq!(got, ["+offline", "-offline"]);
+        // The devices' own signal (a last will, a bridge's availability topic) likewise.
+        let got = run(
+            &mut e,
+            &[
+                &[ev("availability", 0.0, 10, 10)],
+                &[ev("availability", 1.0, 11, 11)],
+            ],
+        );
+        assert_eq!(got, ["+offline", "-offline"]);
         // Declared offline by the sweep (another consumer), then a reading arrives.
         e.note("h", "s", "offline", Some(AlertState::Active));
-        let got = run(&mut e, &[&[ev("battery", 90.0, 3, 3)]]);
+        let got = run(&mut e, &[&[ev("battery", 90.0, 12, 12)]]);
         assert_eq!(got, ["-offline"]);
     }
 

@@ -21,7 +21,7 @@ pub enum Condition {
     /// Raise below `raise`, clear above `clear`.
     Below { raise: f64, clear: f64 },
     /// Raise after `multiple` × the usual interval of silence (at least `min_silence`), or on
-    /// `online: false`; clear on any reading.
+    /// `availability: false` (or `online: false`); clear on any reading.
     Offline {
         multiple: f64,
         min_silence: Duration,
@@ -148,7 +148,7 @@ impl RuleSet {
                 }
             };
             let kinds = match condition {
-                Condition::Offline { .. } => vec!["online".to_string()],
+                Condition::Offline { .. } => vec!["availability".to_string(), "online".to_string()],
                 _ if raw.kinds.is_empty() => return Err(bad("`kinds` is required".into())),
                 _ => raw.kinds,
             };

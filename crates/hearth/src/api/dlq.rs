@@ -10,7 +10,7 @@ use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
 use super::params::{only, query_pairs, valid_id};
-use crate::codec::Limits;
+use crate::codec::Codecs;
 use crate::dlq::{Filter, Letter, Replayed};
 
 const FILTER: &[&str] = &[
@@ -41,7 +41,11 @@ struct DlqQuery {
     limit: Option<u32>,
 }
 
-fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
+fn filter(
+    who: &Principal,
+    raw: Option<String>,
+    config: &crate::config::Config,
+) -> Result<Filter, ApiError> {
     who.admin()?;
     let params = query_pairs(raw)?;
     only(&params, FILTER)?;
@@ -82,6 +86,7 @@ fn filter(who: &Principal, raw: Option<String>) -> Result<Filter, ApiError> {
         older_than: duration("older_than")?,
         newer_than: duration("newer_than")?,
         limit,
+        codecs: Some(std::sync::Arc::new(Codecs::from_config(config))),
     })
 }
 
@@ -100,7 +105,7 @@ pub async fn list(
     who: Principal,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<Letter>>, ApiError> {
-    let mut f = filter(&who, raw)?;
+    let mut f = filter(&who, raw, &state.config)?;
     f.limit.get_or_insert(100);
     Ok(Json(state.seams.queue.dead_letters(&f).await?))
 }
@@ -120,9 +125,9 @@ pub async fn replay(
     who: Principal,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Replayed>, ApiError> {
-    let f = filter(&who, raw)?;
-    let limits = Limits::from_config(&state.config);
-    Ok(Json(state.seams.queue.replay(&limits, &f).await?))
+    let f = filter(&who, raw, &state.config)?;
+    let codecs = Codecs::from_config(&state.config);
+    Ok(Json(state.seams.queue.replay(&codecs, &f).await?))
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -145,7 +150,7 @@ pub async fn purge(
     who: Principal,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Purged>, ApiError> {
-    let f = filter(&who, raw)?;
+    let f = filter(&who, raw, &state.config)?;
     Ok(Json(Purged {
         purged: state.seams.queue.purge(&f).await?,
     }))

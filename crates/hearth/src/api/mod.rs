@@ -66,7 +66,7 @@ impl AppState {
                 seams.queue.clone(),
                 gate,
                 "http",
-                crate::codec::Limits::from_config(&config),
+                crate::codec::Codecs::from_config(&config),
             ),
             seams,
             config,

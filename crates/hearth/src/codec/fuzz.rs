@@ -1,10 +1,12 @@
 //! Property tests over the codecs and topic parsing: whatever arrives, `decode` does not panic,
 //! and every message becomes events that satisfy every rule, or rejections with a reason and a
-//! detail (at least one of the two).
+//! detail (at least one of the two), or, for a device ecosystem's topic only, nothing at all
+//! (housekeeping).
 
 use proptest::prelude::*;
 
-use super::{Limits, decode, http};
+use super::sources::Ecosystem;
+use super::{Codecs, Limits, http};
 use crate::event::{ValueRule, is_valid_id, value_rule};
 
 const NOW_US: i64 = 1_764_139_200_000_000;
@@ -12,11 +14,19 @@ const NOW_US: i64 = 1_764_139_200_000_000;
 /// Events are valid; rejections are explained; nothing is silently dropped.
 fn check(topic: &str, payload: &[u8]) {
     let limits = Limits::default();
-    let d = decode(topic, payload, NOW_US, &limits);
+    let codecs = Codecs::defaults(limits.clone());
+    let d = codecs.decode(topic, payload, NOW_US);
+    let device = !matches!(
+        codecs.ecosystem(topic),
+        None | Some(Ecosystem::Native | Ecosystem::Minimal)
+    );
     assert!(
-        !d.events.is_empty() || !d.rejections.is_empty(),
+        !d.events.is_empty() || !d.rejections.is_empty() || device,
         "{topic:?} {payload:?}: neither an event nor a rejection"
     );
+    for e in d.events.iter().filter(|_| device) {
+        assert_eq!(e.house_id, "home", "{e:?}");
+    }
     for r in &d.rejections {
         assert!(
             !r.detail.is_empty(),
@@ -27,7 +37,7 @@ fn check(topic: &str, payload: &[u8]) {
     for e in &d.events {
         assert!(is_valid_id(&e.house_id) && is_valid_id(&e.sensor_id) && is_valid_id(&e.kind));
         assert!(e.value.is_finite(), "{e:?}");
-        match value_rule(&e.kind, e.unit.as_deref()) {
+        match value_rule(&e.kind) {
             ValueRule::Boolean => assert!(e.value == 0.0 || e.value == 1.0, "{e:?}"),
             ValueRule::Range(lo, hi) => assert!((lo..=hi).contains(&e.value), "{e:?}"),
             ValueRule::Finite => {}
@@ -62,6 +72,70 @@ fn topic() -> BoxedStrategy<String> {
         "\\PC{0,40}",
         Just("hearth/h1/s1/extra".to_string()),
         Just("hearth/h1/s\u{0}1".to_string()),
+        device_topic(),
+    ]
+    .boxed()
+}
+
+/// The device ecosystems' topics, with any device name.
+fn device_topic() -> BoxedStrategy<String> {
+    let name = prop_oneof!["[a-zA-Z0-9 _/.-]{0,20}", "\\PC{0,12}", id()];
+    (
+        name,
+        prop_oneof![
+            Just("zigbee2mqtt/{}"),
+            Just("zigbee2mqtt/{}/availability"),
+            Just("zigbee2mqtt/bridge/{}"),
+            Just("tele/{}/SENSOR"),
+            Just("tele/{}/LWT"),
+            Just("tele/{}/STATE"),
+            Just("stat/{}/POWER2"),
+            Just("{}/events/rpc"),
+            Just("{}/online"),
+            Just("{}/sensor/outside_temperature/state"),
+            Just("{}/binary_sensor/{}/state"),
+            Just("{}/status"),
+        ],
+    )
+        .prop_map(|(name, pattern)| pattern.replace("{}", &name))
+        .boxed()
+}
+
+/// What the ecosystems publish, with any values in their places.
+fn device_payload() -> BoxedStrategy<Vec<u8>> {
+    let text = prop_oneof![
+        Just("ON"),
+        Just("OFF"),
+        Just("online"),
+        Just("Offline"),
+        Just("nan"),
+        Just("true"),
+        Just("12.5"),
+        Just("-1e999"),
+        Just(""),
+    ];
+    prop_oneof![
+        text.prop_map(|t| t.as_bytes().to_vec()),
+        (number(), number(), number()).prop_map(|(a, b, c)| {
+            format!(
+                r#"{{"temperature":{a},"humidity":{b},"contact":{c},"occupancy":{c},"state":"ON","linkquality":{b},"state_l1":{c},"battery":{b},"voltage":{a}}}"#
+            )
+            .into_bytes()
+        }),
+        (number(), number(), any::<bool>()).prop_map(|(a, b, f)| {
+            let unit = if f { "F" } else { "C" };
+            format!(
+                r#"{{"Time":"2024-01-01T00:00:00","DS18B20-1":{{"Temperature":{a}}},"DS18B20-2":{{"Temperature":{b}}},"ENERGY":{{"Total":{b},"Power":[{a},{b}]}},"TempUnit":"{unit}"}}"#
+            )
+            .into_bytes()
+        }),
+        (number(), number(), number()).prop_map(|(a, b, ts)| {
+            format!(
+                r#"{{"src":"shelly-x","method":"NotifyStatus","params":{{"ts":{ts},"switch:0":{{"apower":{a},"aenergy":{{"total":{b}}},"output":{a}}},"temperature:100":{{"tC":{b}}},"flood:1":{{"alarm":{a}}}}}}}"#
+            )
+            .into_bytes()
+        }),
+        r#"\{"state":"[a-z]{0,8}"\}"#.prop_map(String::into_bytes),
     ]
     .boxed()
 }
@@ -132,6 +206,7 @@ fn payload() -> BoxedStrategy<Vec<u8>> {
         (number(), number())
             .prop_map(|(t, h)| format!("{{\"temp\":{t},\"hum\":{h}}}").into_bytes()),
         number().prop_map(String::into_bytes),
+        device_payload(),
         proptest::collection::vec(any::<u8>(), 0..200),
         // A valid reading cut anywhere.
         (reading(), any::<prop::sample::Index>()).prop_map(|(r, i)| {

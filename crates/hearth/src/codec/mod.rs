@@ -1,23 +1,32 @@
 //! Codecs: from an MQTT topic and payload to validated events, or to reasoned rejections.
 //!
-//! The topic picks the codec (`hearth/{house}/{sensor}` is the native format, CONTRACT §3;
-//! `maison/capteurs/{sensor}` the seed's minimal form). Every codec goes through the same
-//! [`reading`] checks, so a value, a `seq` or a `ts` means the same thing whatever the format.
-//! A decode never fails as a whole: each reading of a message is either an event or a rejection,
-//! and a message that cannot be read at all is one rejection.
+//! The topic picks the source ([`sources`]: which ecosystem's format, which house), the source
+//! its codec: the native format (`hearth/{house}/{sensor}`, CONTRACT §3), the seed's minimal form
+//! (`maison/capteurs/{sensor}`), and the device ecosystems a real home runs ([`zigbee2mqtt`],
+//! [`tasmota`], [`shelly`], [`esphome`]), each by its documented format. Every codec goes through
+//! the same [`reading`] checks and [`crate::kinds`] vocabulary, so a value, a unit, a `seq` or a
+//! `ts` means the same thing whatever the format. A decode never fails as a whole: each reading of
+//! a message is either an event or a rejection, a message that cannot be read at all is one
+//! rejection, and housekeeping (a bridge's log, a device's uptime) is neither: it is ignored.
 
+#[cfg(test)]
+mod corpus;
+mod device;
+mod esphome;
 #[cfg(test)]
 mod fuzz;
 pub mod http;
 mod minimal;
 mod native;
 pub mod reading;
+mod shelly;
+pub mod sources;
+mod tasmota;
+mod zigbee2mqtt;
 
 pub use crate::event::truncate;
 use crate::event::{Event, Reason, Rejection};
-
-/// The MQTT subscriptions that feed the codecs below.
-pub const SUBSCRIPTIONS: &[&str] = &["hearth/+/+", "maison/capteurs/+"];
+use sources::{Ecosystem, Source};
 
 /// Bounds a payload must respect.
 #[derive(Debug, Clone)]
@@ -65,6 +74,12 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// Housekeeping: a message that holds no reading and nothing wrong (a bridge's log, a
+    /// device's uptime, a sensor with no value yet).
+    pub fn is_ignored(&self) -> bool {
+        self.events.is_empty() && self.rejections.is_empty()
+    }
+
     fn rejected(reason: Reason, detail: impl Into<String>) -> Self {
         Decoded {
             events: Vec::new(),
@@ -97,59 +112,151 @@ impl Decoded {
     }
 }
 
-/// Decode one MQTT message received at `received_us` (epoch microseconds).
-pub fn decode(topic: &str, payload: &[u8], received_us: i64, limits: &Limits) -> Decoded {
-    if payload.len() > limits.max_payload_bytes {
-        return Decoded::rejected(
-            Reason::PayloadTooLarge,
-            format!(
-                "payload is {} bytes, the limit is {}",
-                payload.len(),
-                limits.max_payload_bytes
-            ),
-        );
+/// The sources hearth takes events from, and the bounds every message respects.
+#[derive(Debug, Clone)]
+pub struct Codecs {
+    pub limits: Limits,
+    sources: Vec<Source>,
+}
+
+impl Codecs {
+    pub fn new(limits: Limits, sources: Vec<Source>) -> Codecs {
+        Codecs { limits, sources }
     }
-    let levels: Vec<&str> = topic.split('/').collect();
-    let json = || -> Result<serde_json::Value, Decoded> {
-        serde_json::from_slice(payload)
-            .map_err(|e| Decoded::rejected(Reason::MalformedJson, e.to_string()))
-    };
-    let ctx = |house: &str, sensor: &str| reading::Context {
-        house_id: house.to_string(),
-        sensor_id: sensor.to_string(),
-        received_us,
-        limits,
-    };
-    match levels.as_slice() {
-        ["hearth", house, sensor] => match check_topic_ids(house, sensor).and_then(|()| json()) {
-            Ok(value) => native::decode(&ctx(house, sensor), value),
-            Err(d) => d,
-        },
-        ["maison", "capteurs", sensor] => {
-            match check_topic_ids("maison", sensor).and_then(|()| json()) {
-                Ok(value) => minimal::decode(&ctx("maison", sensor), value),
-                Err(d) => d,
+
+    /// The configured sources (checked when the config was loaded; the defaults otherwise).
+    pub fn from_config(config: &crate::config::Config) -> Codecs {
+        let sources = sources::parse(&config.sources, &config.default_house)
+            .unwrap_or_else(|_| sources::defaults(&config.default_house));
+        Codecs::new(Limits::from_config(config), sources)
+    }
+
+    /// Every ecosystem at its default topics, for the house `home`.
+    pub fn defaults(limits: Limits) -> Codecs {
+        Codecs::new(limits, sources::defaults("home"))
+    }
+
+    /// The MQTT subscriptions that bring every source's messages.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for f in self.sources.iter().flat_map(Source::filters) {
+            if !out.contains(&f) {
+                out.push(f);
             }
         }
-        _ => Decoded::rejected(
-            Reason::UnknownTopic,
-            format!("no codec for topic {:?}", truncate(topic, 128)),
-        ),
+        out
+    }
+
+    /// The source a topic (or a topic filter) belongs to, and its levels after the prefix.
+    fn route<'l, 't>(&self, levels: &'l [&'t str]) -> Option<(&Source, &'l [&'t str])> {
+        self.sources
+            .iter()
+            .find_map(|s| s.route(levels).map(|rest| (s, rest)))
+    }
+
+    /// Whether a topic is one of the sources'.
+    pub fn wants(&self, topic: &str) -> bool {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.route(&levels).is_some()
+    }
+
+    /// The ecosystem a topic's messages are read as, if any.
+    pub fn ecosystem(&self, topic: &str) -> Option<Ecosystem> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.route(&levels).map(|(s, _)| s.ecosystem)
+    }
+
+    /// Decode one MQTT message received at `received_us` (epoch microseconds).
+    pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
+        let limits = &self.limits;
+        if payload.len() > limits.max_payload_bytes {
+            return Decoded::rejected(
+                Reason::PayloadTooLarge,
+                format!(
+                    "payload is {} bytes, the limit is {}",
+                    payload.len(),
+                    limits.max_payload_bytes
+                ),
+            );
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        let Some((source, rest)) = self.route(&levels) else {
+            return Decoded::rejected(
+                Reason::UnknownTopic,
+                format!("no codec for topic {:?}", truncate(topic, 128)),
+            );
+        };
+        let json = || -> Result<serde_json::Value, Decoded> {
+            serde_json::from_slice(payload)
+                .map_err(|e| Decoded::rejected(Reason::MalformedJson, e.to_string()))
+        };
+        let ctx = |house: &str, sensor: &str| reading::Context {
+            house_id: house.to_string(),
+            sensor_id: sensor.to_string(),
+            received_us,
+            limits,
+        };
+        let house = source.house.as_deref().unwrap_or("maison");
+        match (source.ecosystem, rest) {
+            (Ecosystem::Native, [house, sensor]) => {
+                match check_topic_ids(house, sensor).and_then(|()| json()) {
+                    Ok(value) => native::decode(&ctx(house, sensor), value),
+                    Err(d) => d,
+                }
+            }
+            (Ecosystem::Minimal, [sensor]) => {
+                match check_topic_ids("maison", sensor).and_then(|()| json()) {
+                    Ok(value) => minimal::decode(&ctx("maison", sensor), value),
+                    Err(d) => d,
+                }
+            }
+            (Ecosystem::Zigbee2mqtt, rest) => zigbee2mqtt::decode(&ctx(house, "-"), rest, payload),
+            (Ecosystem::Tasmota, rest) => tasmota::decode(&ctx(house, "-"), rest, payload),
+            (Ecosystem::Shelly, rest) => shelly::decode(&ctx(house, "-"), rest, payload),
+            (Ecosystem::Esphome, rest) => esphome::decode(&ctx(house, "-"), rest, payload),
+            // Discovery configs and Home Assistant's own status: not readings.
+            (Ecosystem::HaDiscovery, _) => Decoded::default(),
+            _ => Decoded::rejected(
+                Reason::UnknownTopic,
+                format!("no codec for topic {:?}", truncate(topic, 128)),
+            ),
+        }
+    }
+
+    /// The house whose topics a topic, or every topic a filter matches, belongs to: the
+    /// native `hearth/{house}/...`, `maison/capteurs/...` for the house `maison`, a source's
+    /// house for its topics; none for anything reaching beyond one house (`#`, `hearth/+/x`)
+    /// or outside the sources. A client logged in as a house publishes and subscribes there only.
+    ///
+    /// Under a native prefix the next level names the house, whatever follows (`hearth/h1/#`,
+    /// `hearth/h1/kitchen/set`). A filter whose first level is a wildcard (`+/online`) may
+    /// match the topics of any source, hence of any house: it belongs to none.
+    pub fn topic_house<'t>(&'t self, topic: &'t str) -> Option<&'t str> {
+        let levels: Vec<&'t str> = topic.split('/').collect();
+        for s in self
+            .sources
+            .iter()
+            .filter(|s| s.ecosystem == Ecosystem::Native)
+        {
+            let n = s.prefix.len();
+            if levels.len() > n && levels[..n].iter().zip(&s.prefix).all(|(a, b)| a == b) {
+                return Some(levels[n]).filter(|h| crate::event::is_valid_id(h));
+            }
+        }
+        if matches!(levels.first(), Some(&"+" | &"#")) {
+            return None;
+        }
+        let (source, _) = self.route(&levels)?;
+        match source.ecosystem {
+            Ecosystem::Minimal => Some("maison"),
+            _ => source.house.as_deref(),
+        }
     }
 }
 
-/// The house whose topics a topic, or every topic a filter matches, belongs to:
-/// `hearth/{house}/...`, and `maison/capteurs/...` for the house `maison`; none for anything
-/// reaching beyond one house (`#`, `hearth/+/x`) or outside hearth's topics. A client logged in
-/// as a house publishes and subscribes there only.
-pub fn topic_house(topic: &str) -> Option<&str> {
-    let mut levels = topic.split('/');
-    match (levels.next(), levels.next()) {
-        // Wildcards are not ids: `hearth/+/...` and `hearth/#` belong to no house.
-        (Some("hearth"), Some(house)) if crate::event::is_valid_id(house) => Some(house),
-        (Some("maison"), Some("capteurs")) => Some("maison"),
-        _ => None,
-    }
+/// Decode with the default sources (tests, the simulator's self-check).
+pub fn decode(topic: &str, payload: &[u8], received_us: i64, limits: &Limits) -> Decoded {
+    Codecs::defaults(limits.clone()).decode(topic, payload, received_us)
 }
 
 fn check_topic_ids(house: &str, sensor: &str) -> Result<(), Decoded> {
@@ -306,11 +413,15 @@ mod tests {
 
     #[test]
     fn topics_and_filters_belong_to_a_house_or_to_none() {
+        let codecs = Codecs::defaults(Limits::default());
+        let topic_house = |t| codecs.topic_house(t);
+        assert_eq!(topic_house("zigbee2mqtt/plug"), Some("home"));
+        assert_eq!(topic_house("tele/plug/SENSOR"), Some("home"));
+        assert_eq!(topic_house("+/online"), None);
         assert_eq!(topic_house("hearth/h1/kitchen"), Some("h1"));
         assert_eq!(topic_house("hearth/h1/kitchen/set"), Some("h1"));
         assert_eq!(topic_house("maison/capteurs/temperature"), Some("maison"));
         assert_eq!(topic_house("hearth/+/x"), None);
-        assert_eq!(topic_house("zigbee2mqtt/plug"), None);
         assert_eq!(topic_house("hearth/h1/#"), Some("h1"));
         assert_eq!(topic_house("hearth/h1/+"), Some("h1"));
         for wide in [

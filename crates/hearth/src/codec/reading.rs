@@ -5,7 +5,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Limits, truncate};
-use crate::event::{Event, Reason, Rejection, ValueRule, is_valid_id, value_rule};
+use crate::event::{Event, Reason, Rejection, is_valid_id};
+use crate::kinds::{self, ValueRule, value_rule};
 
 /// Readings before this instant (2000-01-01) are a clock that was never set, or seconds sent
 /// where milliseconds belong.
@@ -30,7 +31,8 @@ pub struct Fields<'a> {
     pub ts: Option<&'a Value>,
 }
 
-/// Build a validated event, or say why not.
+/// Build a validated event, or say why not: the kind under its canonical name, the value in the
+/// kind's canonical unit ([`crate::kinds`]).
 pub fn build(ctx: &Context<'_>, f: Fields<'_>) -> Result<Event, Rejection> {
     if !is_valid_id(f.kind) {
         return Err(Rejection::new(
@@ -41,9 +43,12 @@ pub fn build(ctx: &Context<'_>, f: Fields<'_>) -> Result<Event, Rejection> {
             ),
         ));
     }
+    let kind = kinds::canonical(f.kind);
     let unit = match f.unit {
         None | Some(Value::Null) => None,
-        Some(Value::String(u)) if u.len() <= MAX_UNIT_BYTES && !u.contains('\0') => Some(u.clone()),
+        Some(Value::String(u)) if u.len() <= MAX_UNIT_BYTES && !u.contains('\0') => {
+            Some(u.as_str())
+        }
         Some(Value::String(_)) => {
             return Err(Rejection::new(
                 Reason::OutOfRange,
@@ -52,7 +57,9 @@ pub fn build(ctx: &Context<'_>, f: Fields<'_>) -> Result<Event, Rejection> {
         }
         Some(other) => return Err(wrong_type("unit", "a string", other)),
     };
-    let value = value(f.kind, unit.as_deref(), f.value)?;
+    let raw = value(kind, f.value)?;
+    let n = kinds::normalise(kind, raw, unit).map_err(|e| Rejection::new(Reason::BadUnit, e))?;
+    check_range(kind, n.value)?;
     let seq = seq(f.seq)?;
     let received_ms = ctx.received_us / 1000;
     let ts_ms = match f.ts {
@@ -62,9 +69,10 @@ pub fn build(ctx: &Context<'_>, f: Fields<'_>) -> Result<Event, Rejection> {
     Ok(Event {
         house_id: ctx.house_id.clone(),
         sensor_id: ctx.sensor_id.clone(),
-        kind: f.kind.to_string(),
-        value,
-        unit,
+        kind: kind.to_string(),
+        value: n.value,
+        unit: n.unit,
+        source_unit: n.source_unit,
         seq,
         ts_ms,
         received_us: ctx.received_us,
@@ -72,14 +80,16 @@ pub fn build(ctx: &Context<'_>, f: Fields<'_>) -> Result<Event, Rejection> {
     })
 }
 
-fn value(kind: &str, unit: Option<&str>, raw: Option<&Value>) -> Result<f64, Rejection> {
+/// The raw value: a finite number, or a boolean (1 or 0) for a binary kind or one hearth does
+/// not know; a measured kind takes no boolean.
+fn value(kind: &str, raw: Option<&Value>) -> Result<f64, Rejection> {
     let v = match raw {
         None | Some(Value::Null) => {
             return Err(Rejection::new(Reason::MissingField, "value is missing"));
         }
         Some(Value::Bool(b)) => {
-            return match value_rule(kind, unit) {
-                ValueRule::Boolean => Ok(if *b { 1.0 } else { 0.0 }),
+            return match value_rule(kind) {
+                ValueRule::Boolean | ValueRule::Finite => Ok(if *b { 1.0 } else { 0.0 }),
                 _ => Err(wrong_type(
                     "value",
                     &format!("a number for {kind}"),
@@ -96,17 +106,25 @@ fn value(kind: &str, unit: Option<&str>, raw: Option<&Value>) -> Result<f64, Rej
             format!("value {v} is not finite"),
         ));
     }
-    match value_rule(kind, unit) {
-        ValueRule::Boolean if v == 0.0 || v == 1.0 => Ok(v),
+    Ok(v)
+}
+
+/// The value, in the canonical unit, within what the kind accepts.
+fn check_range(kind: &str, v: f64) -> Result<(), Rejection> {
+    match value_rule(kind) {
+        ValueRule::Boolean if v == 0.0 || v == 1.0 => Ok(()),
         ValueRule::Boolean => Err(Rejection::new(
             Reason::OutOfRange,
             format!("{kind} is true/false (or 1/0), got {v}"),
         )),
         ValueRule::Range(lo, hi) if v < lo || v > hi => Err(Rejection::new(
             Reason::OutOfRange,
-            format!("{kind} must be within [{lo}, {hi}], got {v}"),
+            format!(
+                "{kind} must be within [{lo}, {hi}] {}, got {v}",
+                kinds::unit_of(kind).unwrap_or("")
+            ),
         )),
-        _ => Ok(v),
+        _ => Ok(()),
     }
 }
 

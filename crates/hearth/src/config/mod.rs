@@ -82,6 +82,13 @@ pub struct Config {
     pub sensor_touch_interval_ms: u64,
     /// Alert rules and webhooks (see deploy/rules.toml); empty for the built-in defaults.
     pub rules_file: String,
+    /// Where events come from: comma-separated `ecosystem[:prefix][@house]` (ecosystems:
+    /// native, minimal, zigbee2mqtt, tasmota, ha_discovery, shelly, esphome). Empty: every
+    /// ecosystem at its default topics, for `default_house`.
+    pub sources: String,
+    /// The house readings of device ecosystems go to when their source names none (a one-home
+    /// setup needs no other).
+    pub default_house: String,
     /// Address of the HTTP server of `hearth up` and `hearth api`: REST API, WebSocket, metrics.
     pub api_listen: String,
     /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
@@ -118,6 +125,11 @@ pub struct Config {
     /// Embedded broker: bytes of messages a subscriber may have waiting; one that lets more
     /// pile up (it does not read) is disconnected.
     pub mqtt_subscriber_buffer_bytes: usize,
+    /// Embedded broker: most retained messages kept (devices announce themselves and their
+    /// state with them); one more is delivered but not kept.
+    pub mqtt_max_retained: usize,
+    /// Embedded broker: most bytes (topics and payloads) of retained messages kept.
+    pub mqtt_max_retained_bytes: usize,
     /// HTTP: most connections at once; more wait in the kernel's backlog.
     pub http_max_connections: usize,
     /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
@@ -150,6 +162,8 @@ impl Default for Config {
         Config {
             mqtt_url: "mqtt://127.0.0.1:1883".into(),
             mqtt_client_id: "hearth-ingest".into(),
+            sources: String::new(),
+            default_house: "home".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "hearth".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/hearth".into(),
@@ -184,6 +198,8 @@ impl Default for Config {
             mqtt_packet_timeout_ms: 30_000,
             mqtt_max_subscriptions: 128,
             mqtt_subscriber_buffer_bytes: 4 * 1024 * 1024,
+            mqtt_max_retained: 10_000,
+            mqtt_max_retained_bytes: 64 * 1024 * 1024,
             http_max_connections: 1024,
             http_header_timeout_ms: 10_000,
             data_dir: "./hearth-data".into(),

@@ -11,6 +11,12 @@ impl Config {
                 message,
             })
         };
+        if !crate::event::is_valid_id(&self.default_house) {
+            return bad("default_house must be [A-Za-z0-9_.-]{1,64}".into());
+        }
+        if let Err(e) = crate::codec::sources::parse(&self.sources, &self.default_house) {
+            return bad(e);
+        }
         if self.shards == 0 || self.shards > 1024 {
             return bad(format!("shards must be 1..=1024, got {}", self.shards));
         }
@@ -62,6 +68,11 @@ impl Config {
             (
                 "mqtt_subscriber_buffer_bytes",
                 self.mqtt_subscriber_buffer_bytes as u64,
+            ),
+            ("mqtt_max_retained", self.mqtt_max_retained as u64),
+            (
+                "mqtt_max_retained_bytes",
+                self.mqtt_max_retained_bytes as u64,
             ),
             ("http_max_connections", self.http_max_connections as u64),
             ("http_header_timeout_ms", self.http_header_timeout_ms),

@@ -8,15 +8,17 @@
 //! (QoS 1) or PUBRECs (QoS 2) written. A device whose message was not acknowledged sends it
 //! again; storing is idempotent.
 //!
-//! Topics hearth reads (`hearth/+/+`, `maison/capteurs/+`) go to the queue (bad input to the
-//! dead letters, with its reason); every message is also forwarded, at QoS 0, to the clients
-//! subscribed to a matching filter (`+` and `#` wildcards), so `mosquitto_sub` works as with any
-//! broker. No retained messages, wills or persistent outbound sessions: nothing downstream of
-//! hearth depends on them.
+//! Topics hearth reads (its sources': [`crate::codec::sources`]) go to the queue (bad input to
+//! the dead letters, with its reason); every message is also forwarded, at QoS 0, to the clients
+//! subscribed to a matching filter (`+` and `#` wildcards), so `mosquitto_sub`, Home Assistant or
+//! Node-RED work as with any broker. Retained messages and wills are kept in the data folder
+//! ([`super::kept`]): discovery and availability rest on them. A client that sends no client id
+//! gets one (with a clean session only). Not yet: persistent sessions for subscribers (QoS 1/2
+//! out, messages kept while they are away).
 //!
 //! Who may do what: a client logs in with its house id as user name and a token of that house as
 //! password, and then publishes and subscribes under its house's topics only
-//! ([`crate::codec::topic_house`]); a publish elsewhere is acknowledged (MQTT 3.1.1 has no
+//! ([`crate::codec::Codecs::topic_house`]); a publish elsewhere is acknowledged (MQTT 3.1.1 has no
 //! refusal) but neither stored nor forwarded: it is dead-lettered as `forbidden`. The admin token
 //! as password may do anything. Clients without credentials are let in when
 //! `mqtt_allow_anonymous` (the default, allowed only while the broker listens on loopback). A
@@ -29,7 +31,7 @@
 //! per client (`mqtt_max_subscriptions`), and what a subscriber that does not read may have
 //! waiting, in bytes (`mqtt_subscriber_buffer_bytes`).
 
-use super::topics::{Routes, Subscriber, matches};
+use super::topics::{Routes, Subscriber};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,8 +47,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
+use super::kept::{Kept, Will};
 use crate::auth::{Authenticator, Principal};
-use crate::codec::{self, Limits};
+use crate::codec::{self, Codecs, Limits};
 use crate::event::{Reason, Rejection};
 use crate::intake::{Gate, Input, Intake};
 use crate::metrics::METRICS;
@@ -113,26 +116,91 @@ enum Client {
 
 impl Client {
     /// Whether it may publish to, or subscribe to, `topic` (a topic or a filter).
-    fn may(&self, topic: &str) -> bool {
+    fn may(&self, codecs: &Codecs, topic: &str) -> bool {
         match self {
             Client::Anonymous | Client::Known(Principal::Admin) => true,
-            Client::Known(Principal::House(h)) => codec::topic_house(topic) == Some(h.as_str()),
+            Client::Known(Principal::House(h)) => codecs.topic_house(topic) == Some(h.as_str()),
         }
     }
 }
 
-/// Accept connections until shutdown.
+/// What every session of the broker shares.
+struct Broker {
+    intake: Arc<Intake>,
+    auth: Arc<Authenticator>,
+    settings: Settings,
+    routes: Routes,
+    kept: Kept,
+}
+
+impl Broker {
+    /// A message published by the broker itself (a will, its own status): stored if hearth
+    /// reads its topic, kept if retained, and forwarded to subscribers. False if a shutdown
+    /// came first.
+    async fn publish(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        retain: bool,
+        shutdown: &Shutdown,
+    ) -> bool {
+        if self.intake.codecs().wants(topic) {
+            let input = self.intake.decode(topic, payload, crate::event::now_us());
+            if !self.intake.append_until_done(&[&input], shutdown).await {
+                return false;
+            }
+        }
+        if retain
+            && let Err(e) = self
+                .kept
+                .retain(vec![(topic.to_string(), payload.clone())])
+                .await
+        {
+            warn!(error = %e, topic = %codec::truncate(topic, 128), "cannot keep a retained message");
+        }
+        self.routes.forward(topic, payload);
+        true
+    }
+}
+
+/// The topic Home Assistant's birth message goes to: devices that use discovery announce
+/// themselves again when it says `online`.
+pub const HA_STATUS: &str = "homeassistant/status";
+
+/// Accept connections until shutdown. First the wills the last run left (their clients were cut
+/// off by the stop) are published, and `homeassistant/status` `online` (retained), so that
+/// devices announce themselves again.
 pub async fn serve(
     listener: TcpListener,
     intake: Arc<Intake>,
     auth: Arc<Authenticator>,
     settings: Settings,
+    (kept, left): (Kept, Vec<Will>),
     mut shutdown: Shutdown,
 ) {
-    let routes = Arc::new(Routes {
+    let routes = Routes {
         buffer_bytes: settings.subscriber_buffer_bytes,
         ..Routes::default()
+    };
+    let broker = Arc::new(Broker {
+        intake,
+        auth,
+        settings,
+        routes,
+        kept,
     });
+    for will in &left {
+        broker
+            .publish(&will.topic, &will.payload, will.retain, &shutdown)
+            .await;
+    }
+    if let Err(e) = broker.kept.clear_wills().await {
+        warn!(error = %e, "cannot clear the wills published at start");
+    }
+    broker
+        .publish(HA_STATUS, &Bytes::from_static(b"online"), true, &shutdown)
+        .await;
+    let settings = &broker.settings;
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -145,15 +213,9 @@ pub async fn serve(
                     tokio::spawn(refuse(stream, peer));
                     continue;
                 };
-                let (intake, auth, settings, routes, shutdown) = (
-                    intake.clone(),
-                    auth.clone(),
-                    settings.clone(),
-                    routes.clone(),
-                    shutdown.clone(),
-                );
+                let (broker, shutdown) = (broker.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    match session(stream, intake, auth, settings, routes, shutdown).await {
+                    match session(stream, broker, shutdown).await {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
@@ -208,14 +270,27 @@ struct Session {
     awaiting_release: HashSet<u16>,
 }
 
-/// Read a CONNECT and answer it: who the client is, and its client id and keep-alive; `None`
+/// A client let in.
+struct Login {
+    who: Client,
+    client_id: String,
+    keep_alive: Duration,
+    /// Its last will, kept under `key` until the session ends.
+    will: Option<Will>,
+    key: String,
+    /// Packets read with the CONNECT.
+    first: Vec<Packet>,
+}
+
+/// Read a CONNECT and answer it: who the client is, its client id (one is assigned to a client
+/// that sends none, MQTT 3.1.1 §3.1.3.1), keep-alive and will (kept before the CONNACK); `None`
 /// when it was refused (and told so).
 async fn login(
     reader: &mut mqtt::Reader,
     writer: &mut Writer,
-    auth: &Authenticator,
-    settings: &Settings,
-) -> Result<Option<(Client, String, Duration, Vec<Packet>)>, MqttError> {
+    broker: &Broker,
+) -> Result<Option<Login>, MqttError> {
+    let (auth, settings) = (&broker.auth, &broker.settings);
     let first = reader
         .packets_within(settings.packet_timeout, settings.packet_timeout)
         .await?;
@@ -251,9 +326,44 @@ async fn login(
         flush(writer).await?;
         return Ok(None);
     };
+    let refuse = |code, reason: &'static str| {
+        METRICS.mqtt_refused.with(reason).add(1);
+        info!(client = %codec::truncate(&c.client_id, 64), reason, "mqtt login refused");
+        ConnAck::new(code, false)
+    };
+    // A client id is needed to keep a session: an empty one only with a clean session.
+    let client_id = match c.client_id.is_empty() {
+        true if !c.clean_session => {
+            writer.queue(&refuse(ConnectReturnCode::BadClientId, "client_id"))?;
+            flush(writer).await?;
+            return Ok(None);
+        }
+        true => format!("auto-{}", uuid::Uuid::new_v4().simple()),
+        false => c.client_id.clone(),
+    };
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let will = c.last_will.as_ref().map(|w| Will {
+        topic: w.topic.clone(),
+        payload: w.message.clone(),
+        retain: w.retain,
+    });
+    if let Some(w) = &will {
+        // A will goes where its client may publish, and is kept before the client is let in.
+        if !who.may(broker.intake.codecs(), &w.topic) {
+            writer.queue(&refuse(ConnectReturnCode::NotAuthorized, "will"))?;
+            flush(writer).await?;
+            return Ok(None);
+        }
+        if let Err(e) = broker.kept.set_will(&key, w).await {
+            warn!(error = %e, "cannot keep a client's will now");
+            writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))?;
+            flush(writer).await?;
+            return Ok(None);
+        }
+    }
     writer.queue(&ConnAck::new(ConnectReturnCode::Success, false))?;
     flush(writer).await?;
-    debug!(client = %codec::truncate(&c.client_id, 64), who = ?who, "mqtt client connected");
+    debug!(client = %codec::truncate(&client_id, 64), who = ?who, "mqtt client connected");
     // Keep-alive 0 asks for none (MQTT 3.1.1 §3.1.2.10), and a client may ask for up to 18 h:
     // neither is honoured past the configured maximum.
     let asked = Duration::from_secs(u64::from(c.keep_alive));
@@ -262,21 +372,35 @@ async fn login(
     } else {
         asked.min(settings.max_keep_alive)
     };
-    Ok(Some((who, c.client_id, keep_alive, packets.collect())))
+    Ok(Some(Login {
+        who,
+        client_id,
+        keep_alive,
+        will,
+        key,
+        first: packets.collect(),
+    }))
 }
 
+/// A client's connection, from CONNECT to its end. A will is published when the connection ends
+/// without a DISCONNECT (a dropped socket, silence past the keep-alive, a protocol error, a
+/// takeover), forgotten on DISCONNECT, and kept for the next start when hearth stops.
 async fn session(
     stream: TcpStream,
-    intake: Arc<Intake>,
-    auth: Arc<Authenticator>,
-    settings: Settings,
-    routes: Arc<Routes>,
+    broker: Arc<Broker>,
     mut shutdown: Shutdown,
 ) -> Result<(), MqttError> {
     stream.set_nodelay(true)?;
+    let (intake, settings, routes) = (&broker.intake, &broker.settings, &broker.routes);
     let (mut reader, mut writer) = mqtt::split(stream, settings.max_packet());
-    let Some((who, client_id, keep_alive, first)) =
-        login(&mut reader, &mut writer, &auth, &settings).await?
+    let Some(Login {
+        who,
+        client_id,
+        keep_alive,
+        will,
+        key,
+        first,
+    }) = login(&mut reader, &mut writer, &broker).await?
     else {
         return Ok(());
     };
@@ -290,22 +414,20 @@ async fn session(
     let kicked = Arc::new(Notify::new());
     routes.take_over(&client_id, me.id, kicked.clone());
     let mut pending: Vec<Packet> = first;
-    let result = async {
+    let result: Result<bool, MqttError> = async {
         loop {
             if !pending.is_empty() {
                 let done = handle(
                     std::mem::take(&mut pending),
                     &mut writer,
-                    &intake,
-                    &settings,
-                    &routes,
+                    &broker,
                     &mut me,
                     &shutdown,
                 )
                 .await?;
                 flush(&mut writer).await?;
                 if done {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
             backpressure(intake.gate()).await;
@@ -337,13 +459,29 @@ async fn session(
                 _ = kicked.notified() => {
                     return Err(MqttError::Protocol("client id taken over by a new connection".into()));
                 }
-                _ = shutdown.wait() => return Ok(()),
+                _ = shutdown.wait() => return Ok(false),
             }
         }
     }
     .await;
     routes.leave(&client_id, me.id);
-    result
+    if let Some(will) = &will {
+        let published = match &result {
+            // DISCONNECT: the client said goodbye, no will.
+            Ok(true) => true,
+            // hearth stops: the next start publishes it.
+            Ok(false) => false,
+            Err(_) => {
+                broker
+                    .publish(&will.topic, &will.payload, will.retain, &shutdown)
+                    .await
+            }
+        };
+        if published && let Err(e) = broker.kept.clear_will(&key).await {
+            warn!(error = %e, "cannot forget a session's will");
+        }
+    }
+    result.map(|_| ())
 }
 
 /// Write what is queued; a client that does not read within 10 s is dropped.
@@ -358,13 +496,16 @@ async fn flush(writer: &mut Writer) -> Result<(), MqttError> {
 async fn handle(
     packets: Vec<Packet>,
     writer: &mut Writer,
-    intake: &Intake,
-    settings: &Settings,
-    routes: &Routes,
+    broker: &Broker,
     me: &mut Session,
     shutdown: &Shutdown,
 ) -> Result<bool, MqttError> {
+    let (intake, settings, routes) = (&broker.intake, &broker.settings, &broker.routes);
     let received_us = crate::event::now_us();
+    // Retained updates (kept before their PUBACK), and the retained messages new subscriptions
+    // receive (after their SUBACK).
+    let mut retains: Vec<(String, Bytes)> = Vec::new();
+    let mut retained_out: Vec<(String, Bytes)> = Vec::new();
     let mut inputs: Vec<Input> = Vec::new();
     let mut forward: Vec<(String, Bytes)> = Vec::new();
     let mut replies: Vec<Packet> = Vec::new();
@@ -374,7 +515,7 @@ async fn handle(
             Packet::Publish(p) => {
                 // A QoS 2 message re-sent before its PUBREL was stored already.
                 let repeat = p.qos == QoS::ExactlyOnce && !me.awaiting_release.insert(p.pkid);
-                let allowed = me.who.may(&p.topic);
+                let allowed = me.who.may(intake.codecs(), &p.topic);
                 if !allowed && !repeat {
                     METRICS.mqtt_refused.with("forbidden").add(1);
                     let why = Rejection::new(
@@ -393,13 +534,16 @@ async fn handle(
                         received_us / 1000,
                     ));
                 }
-                if allowed && !repeat && codec::SUBSCRIPTIONS.iter().any(|f| matches(f, &p.topic)) {
+                if allowed && !repeat && intake.codecs().wants(&p.topic) {
                     inputs.push(intake.decode(&p.topic, &p.payload, received_us));
                 }
                 match p.qos {
                     QoS::AtMostOnce => {}
                     QoS::AtLeastOnce => replies.push(Packet::PubAck(PubAck::new(p.pkid))),
                     QoS::ExactlyOnce => replies.push(Packet::PubRec(PubRec::new(p.pkid))),
+                }
+                if allowed && !repeat && p.retain {
+                    retains.push((p.topic.clone(), p.payload.clone()));
                 }
                 if allowed {
                     forward.push((p.topic, p.payload));
@@ -415,9 +559,10 @@ async fn handle(
                 let mut granted = Vec::new();
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for f in &s.filters {
-                    let ok = me.who.may(&f.path)
+                    let ok = me.who.may(intake.codecs(), &f.path)
                         && me.filters + granted.len() < settings.max_subscriptions;
                     if ok {
+                        retained_out.extend(broker.kept.matching(&f.path));
                         granted.push(f.path.clone());
                         codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
                     } else {
@@ -468,6 +613,14 @@ async fn handle(
             return Err(MqttError::Closed);
         }
     }
+    if !retains.is_empty()
+        && let Err(e) = broker.kept.retain(retains).await
+    {
+        // Not kept, so not acknowledged: the client sends it again.
+        return Err(MqttError::Protocol(format!(
+            "cannot keep a retained message: {e}"
+        )));
+    }
     for reply in &replies {
         match reply {
             Packet::PubAck(p) => writer.queue(p)?,
@@ -479,6 +632,11 @@ async fn handle(
             _ => {}
         }
     }
+    for (topic, payload) in retained_out {
+        let mut publish = Publish::from_bytes(topic, QoS::AtMostOnce, payload);
+        publish.retain = true;
+        writer.queue(&publish)?;
+    }
     for (topic, payload) in forward {
         routes.forward(&topic, &payload);
     }
@@ -487,7 +645,7 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use crate::embedded::topics::matches;
 
     #[test]
     fn topic_filters() {

@@ -192,12 +192,33 @@ ALTER TABLE alerts ADD COLUMN notified_state TEXT;
 UPDATE alerts SET notified_state = state;
 ";
 
+/// Values are stored in their kind's canonical unit; the unit the device sent is kept when the
+/// value was converted from it.
+const SCHEMA_6: &str = "ALTER TABLE events ADD COLUMN source_unit TEXT;";
+
+/// The broker's retained messages, and the wills of its connected clients (`kept.rs`).
+const SCHEMA_7: &str = "
+CREATE TABLE retained (
+    topic   TEXT PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+CREATE TABLE wills (
+    session TEXT PRIMARY KEY,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain  INTEGER NOT NULL,
+    at_us   INTEGER NOT NULL
+);
+";
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_1),
     (2, SCHEMA_2),
     (3, SCHEMA_3),
     (4, SCHEMA_4),
     (5, SCHEMA_5),
+    (6, SCHEMA_6),
+    (7, SCHEMA_7),
 ];
 
 /// The schema versions, for tests that build a data folder of an earlier version.

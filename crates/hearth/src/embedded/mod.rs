@@ -22,6 +22,7 @@
 pub mod alerts;
 pub mod broker;
 pub mod db;
+pub mod kept;
 pub mod memory;
 pub mod notifier;
 pub mod queue;
@@ -100,6 +101,8 @@ pub struct Embedded {
     pub cache: Arc<memory::MemoryCache>,
     pub fanout: Arc<memory::ChannelFanOut>,
     rules: Arc<RuleSet>,
+    /// The file's writer, for the broker's retained messages and wills.
+    writer: db::Sqlite,
 }
 
 impl Embedded {
@@ -143,7 +146,7 @@ impl Embedded {
             caps,
         ));
         let alerts = Arc::new(alerts::SqliteAlerts::new(
-            writer,
+            writer.clone(),
             reader,
             rules.clone(),
             shards,
@@ -164,6 +167,7 @@ impl Embedded {
             cache,
             fanout,
             rules,
+            writer,
         })
     }
 }
@@ -238,5 +242,17 @@ impl Backend for Embedded {
             )));
         }
         tasks
+    }
+}
+
+impl Embedded {
+    /// The broker's retained messages, and the wills the last run left to publish
+    /// ([`kept::Kept`]).
+    pub async fn kept(
+        &self,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(kept::Kept, Vec<kept::Will>), crate::seam::Unavailable> {
+        kept::Kept::open(self.writer.clone(), max_count, max_bytes).await
     }
 }

@@ -17,7 +17,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::db::{Sqlite, bump};
-use crate::codec::Limits;
+use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
@@ -374,7 +374,7 @@ impl EventQueue for SqliteQueue {
         })
     }
 
-    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
+    fn replay<'a>(&'a self, codecs: &'a Codecs, filter: &'a Filter) -> Fut<'a, Replayed> {
         Box::pin(async move {
             let mut report = Replayed::default();
             for letter in self.dead_letters(filter).await? {
@@ -401,7 +401,7 @@ impl EventQueue for SqliteQueue {
                 }
                 let received_us = crate::event::now_us();
                 let (events, dead) =
-                    crate::dlq::decode_again(&letter, &letter.source, received_us, limits);
+                    crate::dlq::decode_again(&letter, &letter.source, received_us, codecs);
                 if events.is_empty() && dead.is_empty() {
                     report.skipped += 1;
                     continue;

@@ -50,8 +50,8 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
     let now_us = crate::event::now_us();
     let mut insert = c.prepare_cached(
         "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts,
-                             received_us, stored_us, critical)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                             received_us, stored_us, critical, source_unit)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT DO NOTHING",
     )?;
     let mut stored = 0;
@@ -68,6 +68,7 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
             e.received_us,
             now_us,
             e.is_critical(),
+            e.source_unit,
         ])? as u64;
     }
     let mut kinds_of =
@@ -170,7 +171,7 @@ impl SqliteStore {
                     "SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2",
                 )?;
                 let mut history = c.prepare_cached(
-                    "SELECT kind, value, unit, seq, ts, received_us FROM events
+                    "SELECT kind, value, unit, seq, ts, received_us, source_unit FROM events
                      WHERE house_id = ?1 AND sensor_id = ?2
                      ORDER BY ts DESC, id DESC",
                 )?;
@@ -193,6 +194,7 @@ impl SqliteStore {
                             seq: r.get(3)?,
                             ts_ms: r.get(4)?,
                             received_us: r.get(5)?,
+                            source_unit: r.get(6)?,
                             ingest_id: None,
                         };
                         if best.len() >= wanted && best.values().all(|b| e.ts_ms < b.order().0) {
@@ -334,7 +336,7 @@ impl EventStore for SqliteStore {
             self.reader
                 .call(move |c| {
                     let mut st = c.prepare_cached(
-                        "SELECT id, kind, value, unit, seq, ts FROM events
+                        "SELECT id, kind, value, unit, seq, ts, source_unit FROM events
                          WHERE house_id = ?8 AND sensor_id = ?1
                            AND (?2 IS NULL OR kind = ?2)
                            AND (?3 IS NULL OR ts >= ?3)
@@ -362,6 +364,7 @@ impl EventStore for SqliteStore {
                                 unit: r.get(3)?,
                                 seq: r.get(4)?,
                                 ts: r.get(5)?,
+                                source_unit: r.get(6)?,
                             })
                         },
                     )?;

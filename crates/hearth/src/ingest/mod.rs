@@ -23,7 +23,6 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::codec;
 use crate::config::Config;
 use crate::intake::{Input, Intake};
 use crate::metrics::{self, METRICS};
@@ -108,7 +107,8 @@ async fn session(
         backoff.reset();
         generation += 1;
         info!(session_present = present, generation, "connected to broker");
-        let mut subscribe = Subscribe::new_many(codec::SUBSCRIPTIONS.iter().map(|t| {
+        let topics = intake.codecs().subscriptions();
+        let mut subscribe = Subscribe::new_many(topics.iter().map(|t| {
             rumqttc::mqttbytes::v4::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce)
         }));
         subscribe.pkid = 1;
@@ -159,7 +159,7 @@ async fn session(
                                     generation,
                                     input: intake.decode(&p.topic, &p.payload, crate::event::now_us()),
                                 }),
-                                Packet::SubAck(ack) => subscribed(&ack.return_codes),
+                                Packet::SubAck(ack) => subscribed(&ack.return_codes, &topics),
                                 _ => {}
                             }
                         }
@@ -223,16 +223,16 @@ fn broker_stat(p: &rumqttc::mqttbytes::v4::Publish) {
     }
 }
 
-fn subscribed(codes: &[SubscribeReasonCode]) {
+fn subscribed(codes: &[SubscribeReasonCode], topics: &[String]) {
     // The event filters come first; the broker's $SYS counter, which a broker may refuse, last.
-    let events = &codes[..codes.len().min(codec::SUBSCRIPTIONS.len())];
+    let events = &codes[..codes.len().min(topics.len())];
     if events
         .iter()
         .any(|c| matches!(c, SubscribeReasonCode::Failure))
     {
         warn!(codes = ?codes, "broker refused a subscription (ACL?)");
     } else {
-        info!(topics = ?codec::SUBSCRIPTIONS, "subscribed");
+        info!(?topics, "subscribed");
     }
 }
 

@@ -178,6 +178,7 @@ fn unscoped_event(sensor: &str, kind: &str, json: &str) -> Option<Event> {
         kind: kind.to_string(),
         value: v["value"].as_f64()?,
         unit: v["unit"].as_str().map(str::to_string),
+        source_unit: None,
         seq: v["seq"].as_i64(),
         ts_ms: v["ts"].as_i64()?,
         received_us: v["received_us"].as_i64()?,

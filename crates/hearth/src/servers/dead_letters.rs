@@ -2,7 +2,7 @@
 
 use super::queue::{Queue, QueueError};
 use super::stream::RawEntry;
-use crate::codec::Limits;
+use crate::codec::Codecs;
 use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed, decode_again};
 use crate::event::Event;
@@ -62,7 +62,7 @@ impl Queue {
     }
 
     /// Replay the letters `filter` selects through the normal path.
-    pub async fn replay(&self, limits: &Limits, filter: &Filter) -> Result<Replayed, QueueError> {
+    pub async fn replay(&self, codecs: &Codecs, filter: &Filter) -> Result<Replayed, QueueError> {
         let queue = self;
         let mut report = Replayed::default();
         queue.ensure_route().await?;
@@ -84,7 +84,7 @@ impl Queue {
                         .ignore();
                 }
                 source => {
-                    let (events, dead) = decode_again(&letter, source, received_us, limits);
+                    let (events, dead) = decode_again(&letter, source, received_us, codecs);
                     if events.is_empty() && dead.is_empty() {
                         report.skipped += 1;
                         continue;

@@ -244,7 +244,8 @@ impl EventStore for PgStore {
             let client = self.db.client().await?;
             let rows = client
                 .query(
-                    "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms
+                    "SELECT id, kind, value, unit, seq, (extract(epoch FROM ts) * 1000)::int8 AS ms,
+                            source_unit
                      FROM events
                      WHERE house_id = $8 AND sensor_id = $1
                        AND ($2::text IS NULL OR kind = $2)
@@ -275,6 +276,7 @@ impl EventStore for PgStore {
                     unit: r.get(3),
                     seq: r.get(4),
                     ts: r.get(5),
+                    source_unit: r.get(6),
                 })
                 .collect())
         })

@@ -33,7 +33,7 @@ use redis::{AsyncConnectionConfig, Value};
 use std::collections::BTreeMap;
 
 use super::keys::Keys;
-use crate::codec::Limits;
+use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
@@ -483,8 +483,8 @@ impl EventQueue for RedisQueue {
         Box::pin(async move { Ok(self.queue.dead_letters(filter).await?) })
     }
 
-    fn replay<'a>(&'a self, limits: &'a Limits, filter: &'a Filter) -> Fut<'a, Replayed> {
-        Box::pin(async move { Ok(self.queue.replay(limits, filter).await?) })
+    fn replay<'a>(&'a self, codecs: &'a Codecs, filter: &'a Filter) -> Fut<'a, Replayed> {
+        Box::pin(async move { Ok(self.queue.replay(codecs, filter).await?) })
     }
 
     fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {

@@ -192,6 +192,15 @@ ALTER TABLE tokens ALTER COLUMN id SET NOT NULL;
 CREATE UNIQUE INDEX tokens_id ON tokens (id);
 "#,
     ),
+    (
+        4,
+        "the unit a reading was sent in",
+        r#"
+-- Values are stored in their kind's canonical unit (°C, hPa, kWh, ...); the unit the device sent
+-- is kept when the value was converted from it.
+ALTER TABLE events ADD COLUMN source_unit text;
+"#,
+    ),
 ];
 
 /// Create the database if it is missing, then apply pending migrations.

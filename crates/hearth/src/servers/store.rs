@@ -85,14 +85,15 @@ WITH held AS (
 ), fence AS (
     SELECT count(*) = cardinality($11::text[]) AS ok FROM held
 ), inserted AS (
-    INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts, received_at, critical)
+    INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts, received_at,
+                        critical, source_unit)
     SELECT h, s, k, v, u, q, i,
            timestamptz 'epoch' + t * interval '1 millisecond',
            timestamptz 'epoch' + r * interval '1 microsecond',
-           c
+           c, o
     FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::int8[],
-                $7::uuid[], $8::int8[], $9::int8[], $10::bool[])
-         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, n)
+                $7::uuid[], $8::int8[], $9::int8[], $10::bool[], $19::text[])
+         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, o, n)
          CROSS JOIN fence
     WHERE fence.ok
     ORDER BY n
@@ -286,6 +287,7 @@ impl Store {
             Vec::with_capacity(n),
         );
         let mut c = Vec::with_capacity(n);
+        let mut o = Vec::with_capacity(n);
         for e in events {
             h.push(e.house_id.as_str());
             s.push(e.sensor_id.as_str());
@@ -297,6 +299,7 @@ impl Store {
             t.push(e.ts_ms);
             r.push(e.received_us);
             c.push(e.is_critical());
+            o.push(e.source_unit.as_deref());
         }
         let lanes: Vec<&str> = fences.iter().map(|(l, _)| l.as_str()).collect();
         let tokens: Vec<i64> = fences.iter().map(|(_, t)| *t).collect();
@@ -330,6 +333,7 @@ impl Store {
                     &first,
                     &last,
                     &intervals,
+                    &o,
                 ],
             )
             .await

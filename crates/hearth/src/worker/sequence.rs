@@ -71,6 +71,7 @@ mod tests {
             kind: "power".into(),
             value: 0.0,
             unit: None,
+            source_unit: None,
             seq: Some(seq),
             ts_ms: 0,
             received_us: 0,

@@ -63,6 +63,7 @@ impl From<DlqFilter> for hearth::dlq::Filter {
             older_than: f.older_than,
             newer_than: f.newer_than,
             limit: f.limit,
+            codecs: None,
         }
     }
 }
@@ -207,8 +208,10 @@ pub async fn dlq(action: DlqAction, config: &Arc<Config>) -> Result<(), RoleErro
             }
         }
         DlqAction::Replay { filter } => {
-            let limits = hearth::codec::Limits::from_config(config);
-            let r = queue.replay(&limits, &filter.into()).await.map_err(fail)?;
+            let codecs = hearth::codec::Codecs::from_config(config);
+            let mut filter: hearth::dlq::Filter = filter.into();
+            filter.codecs = Some(std::sync::Arc::new(codecs.clone()));
+            let r = queue.replay(&codecs, &filter).await.map_err(fail)?;
             println!(
                 "replayed {} letter(s): {} event(s) queued, {} rejected again, {} skipped (nothing replayable)",
                 r.letters, r.events, r.rejected_again, r.skipped

@@ -1,0 +1,190 @@
+//! What the embedded broker keeps across restarts, in the SQLite file: retained messages and
+//! the last wills of connected clients (MQTT 3.1.1 §3.3.1.3, §3.1.2.5).
+//!
+//! Home Assistant discovery and every ecosystem's availability rest on them: a device announces
+//! its entities and its `online` state as retained messages, and leaves a will (`offline`) for
+//! the broker to publish if it vanishes. Both are written before the client is acknowledged (a
+//! retained PUBLISH's PUBACK comes after its row is committed; a CONNECT's CONNACK after its will
+//! is), so a kill -9 of hearth loses neither. A will still stored when hearth starts belongs to a
+//! client that was cut off by the stop: it is published then, as the client's connection ended
+//! without a DISCONNECT.
+//!
+//! Bounded: at most `mqtt_max_retained` retained messages and `mqtt_max_retained_bytes` of them;
+//! a retained message past either is delivered to current subscribers but not kept, and counted
+//! (`hearth_mqtt_refused_total{reason="retained_full"}`).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use rusqlite::params;
+
+use super::db::Sqlite;
+use super::topics::matches;
+use crate::metrics::METRICS;
+use crate::seam::Unavailable;
+
+/// A client's last will, as the broker publishes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+/// Retained messages (kept in memory too, for subscriptions) and wills.
+pub struct Kept {
+    writer: Sqlite,
+    retained: Mutex<BTreeMap<String, Bytes>>,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+impl Kept {
+    /// Read the retained messages in; the wills left by the last run are returned, to publish.
+    pub async fn open(
+        writer: Sqlite,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(Kept, Vec<Will>), Unavailable> {
+        let (retained, wills) = writer
+            .call(|c| {
+                let mut st = c.prepare("SELECT topic, payload FROM retained")?;
+                let retained = st
+                    .query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut st =
+                    c.prepare("SELECT topic, payload, retain FROM wills ORDER BY at_us")?;
+                let wills = st
+                    .query_map([], |r| {
+                        Ok(Will {
+                            topic: r.get(0)?,
+                            payload: Bytes::from(r.get::<_, Vec<u8>>(1)?),
+                            retain: r.get(2)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((retained, wills))
+            })
+            .await?;
+        let kept = Kept {
+            writer,
+            retained: Mutex::new(
+                retained
+                    .into_iter()
+                    .map(|(t, p)| (t, Bytes::from(p)))
+                    .collect(),
+            ),
+            max_count,
+            max_bytes,
+        };
+        Ok((kept, wills))
+    }
+
+    /// Keep `updates` (topic, payload; an empty payload removes the topic's message) on disk,
+    /// then in memory. One past the bounds is not kept (and counted).
+    pub async fn retain(&self, updates: Vec<(String, Bytes)>) -> Result<(), Unavailable> {
+        let mut admitted = Vec::with_capacity(updates.len());
+        if let Ok(held) = self.retained.lock() {
+            let mut count = held.len();
+            let mut bytes: usize = held.iter().map(|(t, p)| t.len() + p.len()).sum();
+            for (topic, payload) in updates {
+                let old = held.get(&topic).map(|p| topic.len() + p.len());
+                let new = (!payload.is_empty()).then(|| topic.len() + payload.len());
+                let count_after = count - usize::from(old.is_some()) + usize::from(new.is_some());
+                let bytes_after = bytes - old.unwrap_or(0) + new.unwrap_or(0);
+                if new.is_some() && (count_after > self.max_count || bytes_after > self.max_bytes) {
+                    METRICS.mqtt_refused.with("retained_full").add(1);
+                    continue;
+                }
+                (count, bytes) = (count_after, bytes_after);
+                admitted.push((topic, payload));
+            }
+        }
+        if admitted.is_empty() {
+            return Ok(());
+        }
+        let rows = admitted.clone();
+        self.writer
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut put = tx.prepare_cached(
+                        "INSERT INTO retained (topic, payload) VALUES (?1, ?2)
+                         ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
+                    )?;
+                    let mut remove = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
+                    for (topic, payload) in &rows {
+                        match payload.is_empty() {
+                            true => remove.execute([topic])?,
+                            false => put.execute(params![topic, payload.as_ref()])?,
+                        };
+                    }
+                }
+                tx.commit()
+            })
+            .await?;
+        if let Ok(mut held) = self.retained.lock() {
+            for (topic, payload) in admitted {
+                match payload.is_empty() {
+                    true => held.remove(&topic),
+                    false => held.insert(topic, payload),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The retained messages a new subscription to `filter` receives.
+    pub fn matching(&self, filter: &str) -> Vec<(String, Bytes)> {
+        self.retained
+            .lock()
+            .map(|held| {
+                held.iter()
+                    .filter(|(t, _)| matches(filter, t))
+                    .map(|(t, p)| (t.clone(), p.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keep a connected session's will until it ends.
+    pub async fn set_will(&self, session: &str, will: &Will) -> Result<(), Unavailable> {
+        let (session, will) = (session.to_string(), will.clone());
+        self.writer
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO wills (session, topic, payload, retain, at_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        session,
+                        will.topic,
+                        will.payload.as_ref(),
+                        will.retain,
+                        crate::event::now_us()
+                    ],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    /// Forget a session's will (it disconnected, or its will was published).
+    pub async fn clear_will(&self, session: &str) -> Result<(), Unavailable> {
+        let session = session.to_string();
+        self.writer
+            .call(move |c| {
+                c.execute("DELETE FROM wills WHERE session = ?1", [session])
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    /// Forget every will (those of the last run, once published).
+    pub async fn clear_wills(&self) -> Result<(), Unavailable> {
+        self.writer
+            .call(|c| c.execute("DELETE FROM wills", []).map(|_| ()))
+            .await
+    }
+}

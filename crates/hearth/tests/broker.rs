@@ -1,0 +1,251 @@
+//! The embedded broker as a home's broker (issue 13): retained messages and last wills, kept in
+//! the data folder across a kill -9, bounded; client ids assigned to clients that send none;
+//! `homeassistant/status` `online` at start so that devices announce themselves again.
+
+mod support;
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rusqlite::{Connection, OpenFlags};
+use support::*;
+
+fn options(port: u16, client_id: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts
+}
+
+/// Subscribe to `filter` and collect what arrives within `wait`: (topic, payload, retain).
+async fn collect(port: u16, filter: &str, wait: Duration) -> Vec<(String, String, bool)> {
+    let (client, mut events) =
+        AsyncClient::new(options(port, &format!("sub-{}", free_port())), 100);
+    client
+        .subscribe(filter, QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => got.push((
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                    p.retain,
+                )),
+                Ok(_) => {}
+                // Not listening yet (a restart): the event loop connects again.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    got
+}
+
+/// Publish `(topic, payload, retain)` at QoS 1 and wait for every PUBACK.
+async fn publish(port: u16, client_id: &str, messages: &[(&str, &str, bool)]) {
+    let (client, mut events) = AsyncClient::new(options(port, client_id), 100);
+    for (topic, payload, retain) in messages {
+        client
+            .publish(
+                *topic,
+                QoS::AtLeastOnce,
+                *retain,
+                payload.as_bytes().to_vec(),
+            )
+            .await
+            .expect("publish");
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < messages.len() {
+            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.expect("poll") {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("every PUBACK");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+}
+
+fn availability(env: &Env, sensor: &str) -> Vec<f64> {
+    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the embedded store");
+    let mut st = db
+        .prepare(
+            "SELECT value FROM events WHERE sensor_id = ?1 AND kind = 'availability' ORDER BY id",
+        )
+        .unwrap();
+    st.query_map([sensor], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_later_subscribers_across_a_kill_9() {
+    let env = Env::embedded("broker_retained");
+    let port = env.embedded_port.unwrap();
+    let mut up = env.up().await;
+    publish(
+        port,
+        "device",
+        &[
+            (
+                "homeassistant/sensor/x/temperature/config",
+                r#"{"name":"t"}"#,
+                true,
+            ),
+            (
+                "zigbee2mqtt/lamp/availability",
+                r#"{"state":"online"}"#,
+                true,
+            ),
+            ("house/notes", "not retained", false),
+        ],
+    )
+    .await;
+    up.kill9();
+    up.restart();
+    up.wait_log("subscribed", Duration::from_secs(30)).await;
+    let got = collect(port, "#", Duration::from_secs(2)).await;
+    for (topic, payload) in [
+        (
+            "homeassistant/sensor/x/temperature/config",
+            r#"{"name":"t"}"#,
+        ),
+        ("zigbee2mqtt/lamp/availability", r#"{"state":"online"}"#),
+        // hearth's own birth message, so that devices announce themselves again.
+        ("homeassistant/status", "online"),
+    ] {
+        assert!(
+            got.contains(&(topic.into(), payload.into(), true)),
+            "{topic} retained: {got:?}"
+        );
+    }
+    assert!(!got.iter().any(|m| m.0 == "house/notes"), "{got:?}");
+    // An empty retained message removes the topic's.
+    publish(
+        port,
+        "device",
+        &[("homeassistant/sensor/x/temperature/config", "", true)],
+    )
+    .await;
+    let got = collect(port, "homeassistant/sensor/#", Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "{got:?}");
+    // The retained availability was read as a reading too, once.
+    assert_eq!(availability(&env, "lamp"), [1.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded() {
+    let mut env = Env::embedded("broker_retained_cap");
+    // hearth's own `homeassistant/status` is one of them.
+    env.set("mqtt_max_retained", 3);
+    let port = env.embedded_port.unwrap();
+    let up = env.up().await;
+    let topics: Vec<String> = (0..6).map(|i| format!("notes/{i}")).collect();
+    let messages: Vec<(&str, &str, bool)> =
+        topics.iter().map(|t| (t.as_str(), "x", true)).collect();
+    publish(port, "device", &messages).await;
+    let got = collect(port, "notes/#", Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 2, "kept up to the bound: {got:?}");
+    let addr = up.http_addr().await;
+    let metrics = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"hearth_mqtt_refused_total{reason="retained_full"}"#
+        ),
+        Some(4.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_are_published_when_a_client_vanishes_even_across_a_kill_9() {
+    let env = Env::embedded("broker_wills");
+    let port = env.embedded_port.unwrap();
+    let mut up = env.up().await;
+    let watcher = tokio::spawn(collect(port, "tele/+/LWT", Duration::from_secs(6)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A Tasmota plug: online, then its socket dies (no DISCONNECT).
+    let connect_with_will = |id: &str| {
+        let mut opts = options(port, id);
+        opts.set_last_will(LastWill::new(
+            format!("tele/{id}/LWT"),
+            "Offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        AsyncClient::new(opts, 10)
+    };
+    let (plug, mut events) = connect_with_will("plug1");
+    plug.publish("tele/plug1/LWT", QoS::AtLeastOnce, true, "Online")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(events.poll().await, Ok(Event::Incoming(Packet::PubAck(_)))) {}
+    })
+    .await
+    .expect("online acknowledged");
+    drop(events);
+    drop(plug);
+    // A plug that says goodbye leaves no will.
+    let (polite, mut events) = connect_with_will("plug3");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(events.poll().await, Ok(Event::Incoming(Packet::ConnAck(_)))) {}
+    })
+    .await
+    .expect("connected");
+    polite.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+    let seen = watcher.await.unwrap();
+    assert!(
+        seen.contains(&("tele/plug1/LWT".into(), "Offline".into(), false)),
+        "the will reached a subscriber: {seen:?}"
+    );
+    assert!(!seen.iter().any(|m| m.0 == "tele/plug3/LWT"), "{seen:?}");
+    eventually("plug1 offline stored", Duration::from_secs(20), || async {
+        (availability(&env, "plug1") == [1.0, 0.0]).then_some(())
+    })
+    .await;
+    // A plug connected when hearth is killed: its will is published at the next start.
+    let (_plug2, mut events) = connect_with_will("plug2");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(events.poll().await, Ok(Event::Incoming(Packet::ConnAck(_)))) {}
+    })
+    .await
+    .expect("connected");
+    up.kill9();
+    drop(events);
+    up.restart();
+    up.wait_log("subscribed", Duration::from_secs(30)).await;
+    eventually("plug2 offline stored", Duration::from_secs(20), || async {
+        (availability(&env, "plug2") == [0.0]).then_some(())
+    })
+    .await;
+    assert!(availability(&env, "plug3").is_empty());
+    // The retained will is what a newcomer sees.
+    let got = collect(port, "tele/plug1/LWT", Duration::from_secs(1)).await;
+    assert_eq!(got, [("tele/plug1/LWT".into(), "Offline".into(), true)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_an_id_gets_one_with_a_clean_session_only() {
+    let env = Env::embedded("broker_client_id");
+    let port = env.embedded_port.unwrap();
+    let _up = env.up().await;
+    let connect = |clean: bool| async move {
+        let mut ep =
+            hearth::mqtt::Endpoint::parse(&format!("mqtt://127.0.0.1:{port}"), "x").expect("url");
+        ep.client_id = String::new();
+        ep.clean_session = clean;
+        hearth::mqtt::connect(&ep).await.map(|_| ())
+    };
+    assert!(connect(true).await.is_ok());
+    let refused = connect(false).await;
+    assert!(refused.is_err(), "{refused:?}");
+}
