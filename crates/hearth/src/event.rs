@@ -232,6 +232,8 @@ pub enum Reason {
     StoreRejected,
     /// A unit hearth cannot convert into the kind's canonical one.
     BadUnit,
+    /// A discovery config whose value template is outside the subset hearth evaluates.
+    UnsupportedTemplate,
 }
 
 impl Reason {
@@ -256,6 +258,7 @@ impl Reason {
             Reason::BadEntry => "bad_entry",
             Reason::StoreRejected => "store_rejected",
             Reason::BadUnit => "bad_unit",
+            Reason::UnsupportedTemplate => "unsupported_template",
         }
     }
 }

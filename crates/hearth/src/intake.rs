@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
+use crate::codec::discovery::Announcement;
 use crate::codec::{self, Codecs, Decoded, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
@@ -39,6 +40,8 @@ pub struct Input {
     pub dead: Option<DeadLetter>,
     /// The reason of each refused reading, counted once the input is appended.
     refused: Vec<Reason>,
+    /// Discovery configs, kept with the append and then applied.
+    announcements: Vec<Announcement>,
 }
 
 impl Input {
@@ -55,6 +58,7 @@ impl Input {
             refused: decoded.rejections.iter().map(|r| r.reason).collect(),
             events: decoded.events,
             dead,
+            announcements: decoded.announcements,
         }
     }
 
@@ -72,6 +76,7 @@ impl Input {
                 &why, source, topic, payload, at_ms,
             )),
             refused: vec![why.reason],
+            announcements: Vec::new(),
         }
     }
 
@@ -148,11 +153,23 @@ impl Intake {
     pub async fn append(&self, inputs: &[&Input]) -> Result<(), Unavailable> {
         let events: Vec<&Event> = inputs.iter().flat_map(|i| &i.events).collect();
         let dead: Vec<&DeadLetter> = inputs.iter().filter_map(|i| i.dead.as_ref()).collect();
-        if events.is_empty() && dead.is_empty() {
+        let announced: Vec<Announcement> = inputs
+            .iter()
+            .flat_map(|i| i.announcements.iter().cloned())
+            .collect();
+        if events.is_empty() && dead.is_empty() && announced.is_empty() {
             return Ok(());
+        }
+        if !announced.is_empty() {
+            let configs: Vec<(String, Vec<u8>)> = announced
+                .iter()
+                .map(|a| (a.config_topic.clone(), a.payload.clone()))
+                .collect();
+            self.queue.keep_discovery(&configs).await?;
         }
         crate::fault::hit("before_append");
         self.queue.append(&events, &dead).await?;
+        self.codecs.discovery.apply(&announced);
         crate::fault::hit("after_append");
         METRICS.received.with(self.source).add(events.len() as u64);
         for reason in inputs.iter().flat_map(|i| &i.refused) {

@@ -202,14 +202,25 @@ fn authenticator(
     )))
 }
 
-/// The MQTT ingest's intake on a backend's queue.
-fn mqtt_intake(config: &Config, seams: &Seams, gate: Arc<Gate>) -> Arc<Intake> {
-    Arc::new(Intake::new(
+/// The MQTT ingest's intake on a backend's queue, knowing the entities discovered so far.
+async fn mqtt_intake(
+    config: &Config,
+    seams: &Seams,
+    gate: Arc<Gate>,
+) -> Result<Arc<Intake>, RoleError> {
+    let codecs = crate::codec::Codecs::from_config(config);
+    // Without them (the queue is down), entities are learnt again from their retained configs,
+    // which the broker sends at every subscription.
+    match seams.queue.discovery().await {
+        Ok(kept) => codecs.load_discovery(&kept),
+        Err(e) => tracing::warn!(error = %e, "cannot read the discovered entities now"),
+    }
+    Ok(Arc::new(Intake::new(
         seams.queue.clone(),
         gate,
         "mqtt",
-        crate::codec::Codecs::from_config(config),
-    ))
+        codecs,
+    )))
 }
 
 pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(), RoleError> {
@@ -238,7 +249,7 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    let intake = mqtt_intake(&config, &seams, gate);
+    let intake = mqtt_intake(&config, &seams, gate).await?;
     let ingest = tokio::spawn(ingest::run(config.clone(), intake, shutdown.clone()));
     let workers = tokio::spawn(worker::run(
         backend,
@@ -274,7 +285,12 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
         seams.queue.clone(),
         shutdown.clone(),
     ));
-    ingest::run(config.clone(), mqtt_intake(&config, &seams, gate), shutdown).await?;
+    ingest::run(
+        config.clone(),
+        mqtt_intake(&config, &seams, gate).await?,
+        shutdown,
+    )
+    .await?;
     sweeper.abort();
     finish(server).await
 }
@@ -379,7 +395,7 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
         rules,
         shutdown.clone(),
     ));
-    let intake = mqtt_intake(&config, &seams, gate);
+    let intake = mqtt_intake(&config, &seams, gate).await?;
     let mqtt_url = match &listener {
         Some(_) => format!("mqtt://{}", config.mqtt_listen),
         None => config.mqtt_url.clone(),

@@ -124,6 +124,11 @@ pub trait EventQueue: Send + Sync {
     fn ready(&self) -> Fut<'_, (&'static str, bool)>;
     /// Remove the dead letters past their retention (age, count); how many went.
     fn expire_dead_letters(&self) -> Fut<'_, u64>;
+    /// Keep Home Assistant discovery configs (config topic → payload; an empty payload forgets
+    /// the topic's), durably: called before the messages that brought them are acknowledged.
+    fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()>;
+    /// The discovery configs kept, read at start.
+    fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>>;
 }
 
 /// One consumer's reading of the queue.

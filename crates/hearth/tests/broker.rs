@@ -110,7 +110,7 @@ async fn retained_messages_reach_later_subscribers_across_a_kill_9() {
     .await;
     up.kill9();
     up.restart();
-    up.wait_log("subscribed", Duration::from_secs(30)).await;
+    wait_port(port);
     let got = collect(port, "#", Duration::from_secs(2)).await;
     for (topic, payload) in [
         (
@@ -222,7 +222,7 @@ async fn wills_are_published_when_a_client_vanishes_even_across_a_kill_9() {
     up.kill9();
     drop(events);
     up.restart();
-    up.wait_log("subscribed", Duration::from_secs(30)).await;
+    wait_port(port);
     eventually("plug2 offline stored", Duration::from_secs(20), || async {
         (availability(&env, "plug2") == [0.0]).then_some(())
     })
@@ -248,4 +248,143 @@ async fn a_client_without_an_id_gets_one_with_a_clean_session_only() {
     assert!(connect(true).await.is_ok());
     let refused = connect(false).await;
     assert!(refused.is_err(), "{refused:?}");
+}
+
+const ADMIN: &str = "admin-broker-token-012345";
+
+/// The reading pushed over the WebSocket for `sensor`, skipping others.
+async fn pushed(ws: &mut Ws, sensor: &str) -> serde_json::Value {
+    loop {
+        let m = ws_next(ws, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("a push of {sensor}"));
+        if m["type"] != "events" {
+            continue;
+        }
+        if let Some(e) = m["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["sensor_id"] == sensor)
+        {
+            return e.clone();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovered_device_is_read_through_the_api_and_kept_across_a_restart() {
+    let mut env = Env::embedded("broker_discovery");
+    env.set("admin_token", ADMIN);
+    let port = env.embedded_port.unwrap();
+    let mut up = env.up().await;
+    let addr = up.http_addr().await;
+    // A device of no built-in ecosystem announces a soil thermometer, in °F, with its
+    // availability topic, as Home Assistant's documentation shows.
+    publish(
+        port,
+        "garden-setup",
+        &[(
+            "homeassistant/sensor/garden/soil_temperature/config",
+            r#"{"name":"Soil temperature","~":"garden","stat_t":"~/soil","dev_cla":"temperature",
+                "unit_of_meas":"°F","val_tpl":"{{ value_json.t | float }}","avty_t":"~/status",
+                "dev":{"name":"garden","mf":"Acme","mdl":"S1"}}"#,
+            true,
+        )],
+    )
+    .await;
+    let mut ws = ws_connect(&addr, "house=home", Some(ADMIN))
+        .await
+        .expect("socket");
+    let hello = ws_next(&mut ws, Duration::from_secs(10))
+        .await
+        .expect("hello");
+    assert_eq!(hello["type"], "hello");
+    // Workers read who watches every half second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut opts = options(port, "garden");
+    opts.set_last_will(LastWill::new(
+        "garden/status",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (device, mut events) = AsyncClient::new(opts, 10);
+    device
+        .publish("garden/status", QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    device
+        .publish("garden/soil", QoS::AtLeastOnce, false, r#"{"t": 71.6}"#)
+        .await
+        .unwrap();
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while acked < 2 {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = events.poll().await {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("acknowledged");
+    let sensor = "garden.soil_temperature";
+    let push = pushed(&mut ws, sensor).await;
+    assert_eq!(push["kind"], "temperature", "{push}");
+    let latest = |addr: String| async move {
+        let (_, body) = http(
+            &addr,
+            "GET",
+            &format!("/api/v1/houses/home/sensors/{sensor}/latest"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()
+    };
+    let value = eventually("the reading served", Duration::from_secs(20), || {
+        let addr = addr.clone();
+        async move {
+            let v = latest(addr).await;
+            v.to_string().contains("temperature").then_some(v)
+        }
+    })
+    .await;
+    assert!(
+        value.to_string().contains("22"),
+        "71.6 °F is 22 °C: {value}"
+    );
+    // The device vanishes: its will says offline.
+    drop(events);
+    drop(device);
+    eventually("garden offline", Duration::from_secs(20), || async {
+        (availability(&env, "garden") == [1.0, 0.0]).then_some(())
+    })
+    .await;
+    // After a kill -9, the entity is known before anything is announced again.
+    up.kill9();
+    up.restart();
+    wait_port(port);
+    publish(port, "garden-2", &[("garden/soil", r#"{"t": 50}"#, false)]).await;
+    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the embedded store");
+    eventually("the second reading stored", Duration::from_secs(20), || async {
+        let values: Vec<(f64, Option<String>)> = db
+            .prepare(
+                "SELECT value, source_unit FROM events WHERE sensor_id = ?1 AND kind = 'temperature' ORDER BY id",
+            )
+            .unwrap()
+            .query_map([sensor], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (values.len() == 2).then_some(values)
+    })
+    .await
+    .iter()
+    .zip([22.0, 10.0])
+    .for_each(|((v, unit), want)| {
+        assert!((v - want).abs() < 1e-9, "{v} °C, want {want}");
+        assert_eq!(unit.as_deref(), Some("°F"));
+    });
 }

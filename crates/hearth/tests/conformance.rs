@@ -300,6 +300,24 @@ async fn queue_suite(b: Backend) {
             .is_empty()
     );
     assert!(q.ready().await.expect("ready").1);
+    // Discovery configs: kept, replaced, forgotten by an empty payload.
+    let config = |t: &str, p: &str| (t.to_string(), p.as_bytes().to_vec());
+    q.keep_discovery(&[
+        config("homeassistant/sensor/a/t/config", "{}"),
+        config("homeassistant/sensor/a/h/config", "{\"x\":1}"),
+    ])
+    .await
+    .expect("keep");
+    q.keep_discovery(&[
+        config("homeassistant/sensor/a/h/config", "{\"x\":2}"),
+        config("homeassistant/sensor/a/t/config", ""),
+    ])
+    .await
+    .expect("replace and forget");
+    assert_eq!(
+        q.discovery().await.expect("kept"),
+        [config("homeassistant/sensor/a/h/config", "{\"x\":2}")]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

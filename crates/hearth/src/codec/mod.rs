@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod corpus;
 mod device;
+pub mod discovery;
 mod esphome;
 #[cfg(test)]
 mod fuzz;
@@ -24,8 +25,11 @@ pub mod sources;
 mod tasmota;
 mod zigbee2mqtt;
 
+use std::sync::Arc;
+
 pub use crate::event::truncate;
 use crate::event::{Event, Reason, Rejection};
+use discovery::{Announcement, Registry};
 use sources::{Ecosystem, Source};
 
 /// Bounds a payload must respect.
@@ -71,19 +75,21 @@ impl Default for Limits {
 pub struct Decoded {
     pub events: Vec<Event>,
     pub rejections: Vec<Rejection>,
+    /// Discovery configs read (kept before the message is acknowledged, then applied).
+    pub announcements: Vec<Announcement>,
 }
 
 impl Decoded {
     /// Housekeeping: a message that holds no reading and nothing wrong (a bridge's log, a
     /// device's uptime, a sensor with no value yet).
     pub fn is_ignored(&self) -> bool {
-        self.events.is_empty() && self.rejections.is_empty()
+        self.events.is_empty() && self.rejections.is_empty() && self.announcements.is_empty()
     }
 
     fn rejected(reason: Reason, detail: impl Into<String>) -> Self {
         Decoded {
-            events: Vec::new(),
             rejections: vec![Rejection::new(reason, detail)],
+            ..Decoded::default()
         }
     }
 
@@ -117,11 +123,17 @@ impl Decoded {
 pub struct Codecs {
     pub limits: Limits,
     sources: Vec<Source>,
+    /// The entities Home Assistant discovery announced, shared by the clones of these codecs.
+    pub discovery: Arc<Registry>,
 }
 
 impl Codecs {
     pub fn new(limits: Limits, sources: Vec<Source>) -> Codecs {
-        Codecs { limits, sources }
+        Codecs {
+            limits,
+            sources,
+            discovery: Arc::default(),
+        }
     }
 
     /// The configured sources (checked when the config was loaded; the defaults otherwise).
@@ -136,10 +148,21 @@ impl Codecs {
         Codecs::new(limits, sources::defaults("home"))
     }
 
-    /// The MQTT subscriptions that bring every source's messages.
+    /// The MQTT subscriptions that bring every source's messages, and the topics discovered
+    /// entities are read from.
     pub fn subscriptions(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for f in self.sources.iter().flat_map(Source::filters) {
+        let discovered = self
+            .discovery
+            .topics()
+            .into_iter()
+            .filter(|t| !self.routes(t));
+        for f in self
+            .sources
+            .iter()
+            .flat_map(Source::filters)
+            .chain(discovered)
+        {
             if !out.contains(&f) {
                 out.push(f);
             }
@@ -154,15 +177,67 @@ impl Codecs {
             .find_map(|s| s.route(levels).map(|rest| (s, rest)))
     }
 
-    /// Whether a topic is one of the sources'.
+    /// Whether a topic is one of the sources' (or a discovered entity's).
     pub fn wants(&self, topic: &str) -> bool {
+        self.routes(topic) || self.discovery.reads(topic)
+    }
+
+    /// Whether a discovered topic needs a subscription of its own (no source's filter brings
+    /// it: overlapping subscriptions may bring a message twice).
+    pub fn needs_subscription(&self, topic: &str) -> bool {
+        !self.routes(topic)
+    }
+
+    fn routes(&self, topic: &str) -> bool {
         let levels: Vec<&str> = topic.split('/').collect();
         self.route(&levels).is_some()
+    }
+
+    /// Learn the entities of discovery configs kept by the queue (at start).
+    pub fn load_discovery(&self, kept: &[(String, Vec<u8>)]) {
+        let mut announced = Vec::new();
+        for (topic, payload) in kept {
+            let levels: Vec<&str> = topic.split('/').collect();
+            if let Some((s, rest)) = self.route(&levels)
+                && s.ecosystem == Ecosystem::HaDiscovery
+                && let Ok(Some(a)) = discovery::announcement(topic, rest, payload)
+            {
+                announced.push(a);
+            }
+        }
+        self.discovery.apply(&announced);
+        // Subscribed at connection, with the rest.
+        self.discovery.take_new_topics();
+    }
+
+    /// The house discovered entities' readings go to: the discovery source's.
+    fn discovery_house(&self) -> Option<&str> {
+        self.sources
+            .iter()
+            .find(|s| s.ecosystem == Ecosystem::HaDiscovery)
+            .and_then(|s| s.house.as_deref())
+    }
+
+    /// Whether discovery reads `topic` rather than the source it belongs to: codecs whose
+    /// messages name their readings (native, minimal, Zigbee2MQTT, Tasmota, Shelly) keep
+    /// theirs; ESPHome's plain states, which say nothing of their kind or unit, are read as the
+    /// node's discovery config says.
+    fn discovered(&self, levels: &[&str]) -> bool {
+        let topic = levels.join("/");
+        self.discovery.reads(&topic)
+            && self.discovery_house().is_some()
+            && match self.route(levels) {
+                None => true,
+                Some((s, _)) => s.ecosystem == Ecosystem::Esphome,
+            }
     }
 
     /// The ecosystem a topic's messages are read as, if any.
     pub fn ecosystem(&self, topic: &str) -> Option<Ecosystem> {
         let levels: Vec<&str> = topic.split('/').collect();
+        if self.discovered(&levels) {
+            return Some(Ecosystem::HaDiscovery);
+        }
         self.route(&levels).map(|(s, _)| s.ecosystem)
     }
 
@@ -180,6 +255,17 @@ impl Codecs {
             );
         }
         let levels: Vec<&str> = topic.split('/').collect();
+        if self.discovered(&levels) {
+            let house = self.discovery_house().unwrap_or("home");
+            return discovery::readings(
+                &self.discovery,
+                house,
+                topic,
+                payload,
+                received_us,
+                limits,
+            );
+        }
         let Some((source, rest)) = self.route(&levels) else {
             return Decoded::rejected(
                 Reason::UnknownTopic,
@@ -214,8 +300,17 @@ impl Codecs {
             (Ecosystem::Tasmota, rest) => tasmota::decode(&ctx(house, "-"), rest, payload),
             (Ecosystem::Shelly, rest) => shelly::decode(&ctx(house, "-"), rest, payload),
             (Ecosystem::Esphome, rest) => esphome::decode(&ctx(house, "-"), rest, payload),
-            // Discovery configs and Home Assistant's own status: not readings.
-            (Ecosystem::HaDiscovery, _) => Decoded::default(),
+            // Discovery configs; Home Assistant's own status and other components: nothing.
+            (Ecosystem::HaDiscovery, rest) => match discovery::announcement(topic, rest, payload) {
+                Ok(Some(a)) if self.discovery.differs(&a) => Decoded {
+                    rejections: a.refused.iter().cloned().collect(),
+                    announcements: vec![a],
+                    ..Decoded::default()
+                },
+                // The same config again (a retained message, at every subscription): known.
+                Ok(_) => Decoded::default(),
+                Err(why) => Decoded::rejected(why.reason, why.detail),
+            },
             _ => Decoded::rejected(
                 Reason::UnknownTopic,
                 format!("no codec for topic {:?}", truncate(topic, 128)),
@@ -245,6 +340,9 @@ impl Codecs {
         }
         if matches!(levels.first(), Some(&"+" | &"#")) {
             return None;
+        }
+        if self.discovered(&levels) {
+            return self.discovery_house();
         }
         let (source, _) = self.route(&levels)?;
         match source.ecosystem {

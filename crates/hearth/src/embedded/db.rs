@@ -209,6 +209,11 @@ CREATE TABLE wills (
     retain  INTEGER NOT NULL,
     at_us   INTEGER NOT NULL
 );
+-- Home Assistant discovery configs (config topic → payload), read by the intake at start.
+CREATE TABLE discovery (
+    topic   TEXT PRIMARY KEY,
+    payload BLOB NOT NULL
+);
 ";
 
 const MIGRATIONS: &[(i64, &str)] = &[

@@ -24,6 +24,35 @@ use super::topics::matches;
 use crate::metrics::METRICS;
 use crate::seam::Unavailable;
 
+/// Keep Home Assistant discovery configs (an empty payload forgets its topic's), in one
+/// transaction.
+pub fn keep_discovery(
+    c: &mut rusqlite::Connection,
+    configs: &[(String, Vec<u8>)],
+) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO discovery (topic, payload) VALUES (?1, ?2)
+             ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
+        )?;
+        let mut remove = tx.prepare_cached("DELETE FROM discovery WHERE topic = ?1")?;
+        for (topic, payload) in configs {
+            match payload.is_empty() {
+                true => remove.execute([topic])?,
+                false => put.execute(params![topic, payload])?,
+            };
+        }
+    }
+    tx.commit()
+}
+
+/// Every discovery config kept.
+pub fn discovery(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<(String, Vec<u8>)>> {
+    let mut st = c.prepare("SELECT topic, payload FROM discovery")?;
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+}
+
 /// A client's last will, as the broker publishes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Will {

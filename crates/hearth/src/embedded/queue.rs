@@ -258,6 +258,22 @@ impl EventQueue for SqliteQueue {
         "embedded"
     }
 
+    fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()> {
+        let configs = configs.to_vec();
+        Box::pin(async move {
+            if configs.is_empty() {
+                return Ok(());
+            }
+            self.db
+                .call(move |c| super::kept::keep_discovery(c, &configs))
+                .await
+        })
+    }
+
+    fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>> {
+        Box::pin(async move { self.db.call(super::kept::discovery).await })
+    }
+
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
         Box::pin(async move {
             if events.is_empty() && dead.is_empty() {

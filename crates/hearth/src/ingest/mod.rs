@@ -122,6 +122,7 @@ async fn session(
         let mut ping = tokio::time::interval(endpoint.keep_alive / 2);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        let mut next_subscription: u16 = 1;
         let result: Result<(), mqtt::MqttError> = async {
             writer.queue(&subscribe)?;
             writer.flush().await?;
@@ -171,6 +172,26 @@ async fn session(
                         }
                     }
                     _ = room.notified(), if tx.as_ref().is_some_and(|t| t.capacity() == 0) => {}
+                    // Entities discovered on topics no subscription brings yet.
+                    _ = intake.codecs().discovery.changed.notified() => {
+                        let codecs = intake.codecs();
+                        let fresh: Vec<String> = codecs
+                            .discovery
+                            .take_new_topics()
+                            .into_iter()
+                            .filter(|t| codecs.needs_subscription(t))
+                            .collect();
+                        if !fresh.is_empty() {
+                            next_subscription = next_subscription.wrapping_add(1).max(2);
+                            let mut more = Subscribe::new_many(fresh.iter().map(|t| {
+                                rumqttc::mqttbytes::v4::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)
+                            }));
+                            more.pkid = next_subscription;
+                            writer.queue(&more)?;
+                            writer.flush().await?;
+                            info!(topics = ?fresh, "subscribed to discovered entities");
+                        }
+                    }
                     _ = ping.tick() => {
                         if tx.as_ref().is_some_and(|t| t.capacity() == 0) {
                             // Not reading: silence from the broker says nothing.

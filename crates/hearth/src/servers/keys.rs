@@ -59,6 +59,10 @@ impl Keys {
     pub fn latest_prefix(&self) -> String {
         format!("{}:latest:", self.prefix)
     }
+    /// Home Assistant discovery configs (hash: config topic → payload).
+    pub fn discovery(&self) -> String {
+        format!("{}:discovery", self.prefix)
+    }
     pub fn house_sensors(&self, house_id: &str) -> String {
         format!("{}:house:{house_id}:sensors", self.prefix)
     }

@@ -15,6 +15,7 @@ pub mod alerts;
 pub mod cache;
 pub mod circuits;
 pub mod dead_letters;
+pub mod discovery;
 pub mod fanout;
 pub mod keys;
 pub mod lease;

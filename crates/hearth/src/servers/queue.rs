@@ -471,6 +471,14 @@ impl EventQueue for RedisQueue {
         Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
     }
 
+    fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.keep_discovery(configs).await?) })
+    }
+
+    fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>> {
+        Box::pin(async move { Ok(self.queue.discovery().await?) })
+    }
+
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
         Box::pin(async move { Ok(self.queue.depths().await?) })
     }
