@@ -57,6 +57,24 @@ try {
   await page.waitForSelector('.alert.critical.acknowledged[data-sensor="hall-smoke"]');
   step("alert acknowledged");
 
+  // A device announced by Home Assistant discovery, in °F: shown in °C, its availability in words.
+  const raw = (topic, payload, retain) => execFileSync("mosquitto_pub", ["-h", "127.0.0.1", "-p", port,
+    "-q", "1", ...(retain ? ["-r"] : []), "-t", topic, "-m", payload]);
+  raw("homeassistant/sensor/garden/soil_temperature/config", JSON.stringify({
+    name: "Soil temperature", "~": "garden", stat_t: "~/soil", dev_cla: "temperature",
+    unit_of_meas: "°F", val_tpl: "{{ value_json.t | float }}", avty_t: "~/status",
+    dev: { name: "garden", mf: "Acme", mdl: "S1" },
+  }), true);
+  // The ingest subscribes to a discovered state topic once the config is kept: publish until seen.
+  const soil = page.locator('tr[data-key="garden.soil_temperature/temperature"] .value').filter({ hasText: /^22/ });
+  for (let i = 0; ; i++) {
+    raw("garden/status", "online", true);
+    raw("garden/soil", JSON.stringify({ t: 71.6 }), false);
+    try { await soil.waitFor({ timeout: 1000 }); break; } catch (e) { if (i >= 8) throw e; }
+  }
+  await page.locator('tr[data-key="garden/availability"] .value').filter({ hasText: /^online/ }).waitFor(PUSHED);
+  step("discovered device shown");
+
   // The pipeline panel fills in (every 2 s).
   await page.locator("#lanes tr").first().waitFor();
   await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });

@@ -1,5 +1,6 @@
 //! The dashboard end to end in Debian's Chromium, driven by Playwright (`tests/browser/`):
-//! a value changes after an MQTT publish, a smoke alarm appears, Acknowledge changes its state.
+//! a value changes after an MQTT publish, a smoke alarm appears, Acknowledge changes its state,
+//! a device announced by Home Assistant discovery shows its readings and availability.
 //! Once on the servers (Mosquitto, Redis, PostgreSQL) and once embedded (no server at all).
 //! The screenshots go to `target/dashboard.png` and `target/dashboard-embedded.png`
 //! (`docs/dashboard.png` is a copy of one).
@@ -42,10 +43,11 @@ async fn in_a_browser(mut env: Env, mqtt_port: u16, screenshot: &str) {
         assert!(status.success(), "npm ci in tests/browser");
     }
     drop(installing);
-    env.set("admin_token", ADMIN);
+    let house = format!("house-{}", std::process::id());
+    // Devices of the ecosystems (discovery among them) feed the test's house.
+    env.set("admin_token", ADMIN).set("default_house", &house);
     let up = env.up().await;
     let addr = up.http_addr().await;
-    let house = format!("house-{}", std::process::id());
     publish_all(
         mqtt_port,
         &format!("pub-{}", env.name),
@@ -79,6 +81,7 @@ async fn in_a_browser(mut env: Env, mqtt_port: u16, screenshot: &str) {
         "value changed after an MQTT publish",
         "smoke alert shown",
         "alert acknowledged",
+        "discovered device shown",
         "screenshot saved",
     ] {
         assert!(said.contains(step), "{step}");

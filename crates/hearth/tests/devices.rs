@@ -221,3 +221,86 @@ async fn device_messages_are_read_as_documented_on_the_servers() {
     env.set("mqtt_url", broker.url());
     the_corpus_is_read_as_documented(&mut env, broker.port, true).await;
 }
+
+/// Home Assistant discovery on the servers: the ingest subscribes to a discovered state topic
+/// as it appears, and after a restart knows the entity from Redis (the config was not even
+/// retained by the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_entities_are_subscribed_and_kept_on_the_servers() {
+    let mut env = Env::new("dev_discovery");
+    let broker = Broker::start(&env.scratch.0.join("broker"));
+    env.set("mqtt_url", broker.url());
+    let mut up = env.up().await;
+    let pg = env.pg().await;
+    let config = (
+        "homeassistant/sensor/Oregon-1/Oregon-1-T/config".to_string(),
+        br#"{"device_class":"temperature","unit_of_measurement":"\u00b0F","stat_t":"rtl_433/host/devices/Oregon/1/temperature_F","val_tpl":"{{ value|float|round(1) }}","dev":{"name":"Oregon-1","mdl":"THGR810","mf":"Oregon Scientific"}}"#.to_vec(),
+    );
+    publish_all(broker.port, "discovery-1", vec![config]).await;
+    let stored = |n: i64| {
+        let pg = &pg;
+        async move {
+            let c: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM events WHERE house_id = 'home' AND sensor_id = 'Oregon-1.Oregon-1-T' AND kind = 'temperature'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (c >= n).then_some(())
+        }
+    };
+    // Published until the ingest, subscribed once the config is kept, takes it.
+    for i in 0.. {
+        publish_all(
+            broker.port,
+            "rtl",
+            vec![(
+                "rtl_433/host/devices/Oregon/1/temperature_F".into(),
+                b"71.6".to_vec(),
+            )],
+        )
+        .await;
+        if stored(1).await.is_some() {
+            break;
+        }
+        assert!(i < 40, "the discovered state topic was never read");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    up.kill9();
+    up.restart();
+    up.wait_log("subscribed", Duration::from_secs(60)).await;
+    let before: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM events WHERE sensor_id = 'Oregon-1.Oregon-1-T'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publish_all(
+        broker.port,
+        "rtl-2",
+        vec![(
+            "rtl_433/host/devices/Oregon/1/temperature_F".into(),
+            b"50".to_vec(),
+        )],
+    )
+    .await;
+    eventually("read after the restart", Duration::from_secs(30), || {
+        stored(before + 1)
+    })
+    .await;
+    let row = pg
+        .query_one(
+            "SELECT value, unit, source_unit FROM events WHERE sensor_id = 'Oregon-1.Oregon-1-T' ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!((row.get::<_, f64>(0) - 10.0).abs() < 1e-9);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("°C"));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("°F"));
+}

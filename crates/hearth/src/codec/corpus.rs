@@ -102,3 +102,77 @@ fn every_corpus_message_gives_its_expected_readings() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(readings >= 63, "{readings} expected readings in the corpus");
 }
+
+/// Home Assistant discovery: each case's config read by the codecs and applied as the intake
+/// applies it (one registry per case: several cases describe the same device), then its
+/// messages give exactly their readings.
+#[test]
+fn every_discovered_entity_reads_as_documented() {
+    let cases: Vec<Value> = serde_json::from_str(include_str!(
+        "../../tests/fixtures/devices/ha_discovery.json"
+    ))
+    .expect("corpus is JSON");
+    let mut failures = Vec::new();
+    let mut readings = 0;
+    for case in &cases {
+        let codecs = Codecs::defaults(Limits::default());
+        let config_topic = case["config_topic"].as_str().unwrap_or_default();
+        let config = case["config"].as_str().unwrap_or_default();
+        let d = codecs.decode(config_topic, config.as_bytes(), NOW_US);
+        let refused: Vec<&str> = d.rejections.iter().map(|r| r.reason.as_str()).collect();
+        let expect = case["expect"].as_str().unwrap_or_default();
+        let as_expected = match expect {
+            "entity" => refused.is_empty() && d.announcements.len() == 1,
+            "unsupported" => refused == ["unsupported_template"],
+            _ => refused.is_empty() && d.events.is_empty(),
+        };
+        if !as_expected {
+            failures.push(format!(
+                "{config_topic}: expected {expect}, got {refused:?}"
+            ));
+        }
+        codecs.discovery.apply(&d.announcements);
+        for m in case["messages"].as_array().into_iter().flatten() {
+            let topic = m["topic"].as_str().unwrap_or_default();
+            let payload = m["payload"].as_str().unwrap_or_default();
+            // A topic nothing subscribes to never reaches a codec.
+            if !codecs.wants(topic) {
+                if !expected(m).is_empty() {
+                    failures.push(format!("{topic} is not subscribed"));
+                }
+                continue;
+            }
+            let d = codecs.decode(topic, payload.as_bytes(), NOW_US);
+            codecs.discovery.apply(&d.announcements);
+            let mut got: Vec<Reading> = d
+                .events
+                .iter()
+                .map(|e| {
+                    (
+                        e.sensor_id.clone(),
+                        e.kind.clone(),
+                        e.value,
+                        e.unit.clone(),
+                        e.source_unit.clone(),
+                    )
+                })
+                .collect();
+            got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            let want = expected(m);
+            readings += want.len();
+            let same = got.len() == want.len()
+                && got.iter().zip(&want).all(|(g, w)| {
+                    (&g.0, &g.1, &g.3, &g.4) == (&w.0, &w.1, &w.3, &w.4)
+                        && (g.2 - w.2).abs() <= 1e-6 * w.2.abs().max(1.0)
+                });
+            if !same || !d.rejections.is_empty() {
+                failures.push(format!(
+                    "{config_topic} then {topic} {payload}\n  want {want:?}\n  got  {got:?}\n  rejections {:?}",
+                    d.rejections
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(readings >= 30, "{readings} expected readings");
+}

@@ -12,8 +12,8 @@
 //! `switch` entities; other components are ignored. An empty config removes the entity.
 //!
 //! Templates: the subset devices actually send, `{{ value }}`, `{{ value_json.a.b }}`,
-//! `{{ value_json['a'] }}`, with the filters `float`, `int` (each with an optional default) and
-//! `round(n)`. Anything else (conditions, arithmetic, Home Assistant's own functions) makes the
+//! `{{ value_json['a'] }}`, with the filters `float`, `int` (each with an optional default),
+//! `round(n)` and `is_defined`. Anything else (conditions, arithmetic, Home Assistant's own functions) makes the
 //! config one dead letter (`unsupported_template`), and its entity's states are then ignored,
 //! never dead-lettered one by one.
 //!
@@ -485,6 +485,8 @@ enum Filter {
     Float(Option<f64>),
     Int(Option<f64>),
     Round(u32),
+    /// `is_defined`: the value as it is (a missing one is no reading already).
+    Defined,
 }
 
 impl Template {
@@ -568,6 +570,7 @@ impl Template {
             };
             filters.push(match name {
                 "float" => Filter::Float(number(arg)?),
+                "is_defined" if arg.is_none() => Filter::Defined,
                 "int" => Filter::Int(number(arg)?),
                 "round" => Filter::Round(number(arg)?.map_or(Ok(0), |n| {
                     ((0.0..=10.0).contains(&n) && n.fract() == 0.0)
@@ -604,6 +607,9 @@ impl Template {
             }
         }
         for f in &self.filters {
+            if *f == Filter::Defined {
+                continue;
+            }
             let n = match &v {
                 Value::Number(n) => n.as_f64(),
                 Value::String(s) => s.trim().parse::<f64>().ok(),
@@ -618,6 +624,7 @@ impl Template {
                     let p = 10f64.powi(*digits as i32);
                     (n * p).round() / p
                 }),
+                Filter::Defined => n,
             };
             v = match out.and_then(serde_json::Number::from_f64) {
                 Some(n) => Value::Number(n),

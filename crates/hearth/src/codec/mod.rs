@@ -228,7 +228,8 @@ impl Codecs {
             && self.discovery_house().is_some()
             && match self.route(levels) {
                 None => true,
-                Some((s, _)) => s.ecosystem == Ecosystem::Esphome,
+                // A state topic under the discovery prefix is no config.
+                Some((s, _)) => matches!(s.ecosystem, Ecosystem::Esphome | Ecosystem::HaDiscovery),
             }
     }
 
