@@ -73,6 +73,9 @@ try {
     try { await soil.waitFor({ timeout: 1000 }); break; } catch (e) { if (i >= 8) throw e; }
   }
   await page.locator('tr[data-key="garden/availability"] .value').filter({ hasText: /^online/ }).waitFor(PUSHED);
+  // Its model and maker, from the sensors' list (re-read every 15 s).
+  await page.locator('tr[data-key="garden.soil_temperature/temperature"]').filter({ hasText: "S1" })
+    .waitFor({ timeout: 20000 });
   step("discovered device shown");
 
   // The pipeline panel fills in (every 2 s).

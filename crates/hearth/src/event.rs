@@ -22,8 +22,9 @@ pub struct Event {
     /// Booleans are stored as 1.0 and 0.0.
     #[serde(rename = "v")]
     pub value: f64,
-    /// The kind's canonical unit (°C, hPa, kWh, ...: [`crate::kinds`]), or the unit as sent for
-    /// a kind hearth does not know.
+    /// The kind's canonical unit (°C, hPa, kWh, ...: [`crate::kinds`]) when the device sent a
+    /// unit, the unit as sent for a kind hearth does not know; none when the device sent none
+    /// (the value is then in the canonical unit, which readers show).
     #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
     /// The unit the device sent, when the value was converted from it.

@@ -16,8 +16,9 @@
 //! before the gate closes, however fast it comes. Critical events are never held back by it
 //! (they have their own lane). One gate per process, shared by its intakes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -29,7 +30,7 @@ use crate::codec::{self, Codecs, Decoded, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
-use crate::seam::{EventQueue, Unavailable};
+use crate::seam::{DeviceInfo, EventQueue, Unavailable};
 use crate::shutdown::Shutdown;
 
 /// One message (or request) as an intake takes it: its events, and one dead letter for what of
@@ -42,6 +43,8 @@ pub struct Input {
     refused: Vec<Reason>,
     /// Discovery configs, kept with the append and then applied.
     announcements: Vec<Announcement>,
+    /// The device the events come from (device ecosystems).
+    device: Option<Box<DeviceInfo>>,
 }
 
 impl Input {
@@ -59,6 +62,7 @@ impl Input {
             events: decoded.events,
             dead,
             announcements: decoded.announcements,
+            device: decoded.device,
         }
     }
 
@@ -77,6 +81,7 @@ impl Input {
             )),
             refused: vec![why.reason],
             announcements: Vec::new(),
+            device: None,
         }
     }
 
@@ -96,7 +101,13 @@ pub struct Intake {
     gate: Arc<Gate>,
     source: &'static str,
     codecs: Codecs,
+    /// (house, sensor) → the device already recorded for it by this process.
+    devices: Mutex<HashMap<(String, String), String>>,
 }
+
+/// Most (house, sensor) an intake remembers the device of (then it forgets them all, and writes
+/// them again as they come).
+const DEVICES_REMEMBERED: usize = 100_000;
 
 impl Intake {
     pub fn new(
@@ -110,6 +121,7 @@ impl Intake {
             gate,
             source,
             codecs,
+            devices: Mutex::new(HashMap::new()),
         }
     }
 
@@ -167,8 +179,13 @@ impl Intake {
                 .collect();
             self.queue.keep_discovery(&configs).await?;
         }
+        let devices = self.new_devices(inputs);
+        if !devices.is_empty() {
+            self.queue.keep_devices(&devices).await?;
+        }
         crate::fault::hit("before_append");
         self.queue.append(&events, &dead).await?;
+        self.remember_devices(devices);
         self.codecs.discovery.apply(&announced);
         crate::fault::hit("after_append");
         METRICS.received.with(self.source).add(events.len() as u64);
@@ -195,6 +212,39 @@ impl Intake {
                         return false;
                     }
                 }
+            }
+        }
+    }
+
+    /// The (house, sensor, device) of `inputs` not recorded by this process yet.
+    fn new_devices(&self, inputs: &[&Input]) -> Vec<(String, String, DeviceInfo)> {
+        let Ok(known) = self.devices.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, String, DeviceInfo)> = Vec::new();
+        for input in inputs {
+            let Some(device) = &input.device else {
+                continue;
+            };
+            for e in &input.events {
+                let key = (e.house_id.clone(), e.sensor_id.clone());
+                let seen = known.get(&key) == Some(&device.device_id)
+                    || out.iter().any(|(h, s, _)| (h, s) == (&key.0, &key.1));
+                if !seen {
+                    out.push((key.0, key.1, device.as_ref().clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn remember_devices(&self, devices: Vec<(String, String, DeviceInfo)>) {
+        if let Ok(mut known) = self.devices.lock() {
+            if known.len() + devices.len() > DEVICES_REMEMBERED {
+                known.clear();
+            }
+            for (house, sensor, d) in devices {
+                known.insert((house, sensor), d.device_id);
             }
         }
     }

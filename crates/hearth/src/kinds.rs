@@ -47,6 +47,8 @@ pub const BINARY: &[&str] = &[
 /// A measured kind: its canonical unit, the units it converts from, and its plausible range in
 /// the canonical unit (a broken sensor or payload beyond it, not weather).
 struct Measure {
+    /// The kinds measured so; [`measure`] is the lookup (a test keeps the two in step).
+    #[cfg_attr(not(test), allow(dead_code))]
     kinds: &'static [&'static str],
     unit: &'static str,
     /// (spelling, factor, offset): canonical = value × factor + offset.
@@ -56,7 +58,7 @@ struct Measure {
 
 const F_TO_C: (f64, f64) = (5.0 / 9.0, -32.0 * 5.0 / 9.0);
 
-const MEASURES: &[Measure] = &[
+static MEASURES: &[Measure] = &[
     Measure {
         kinds: &["temperature", "dew_point", "device_temperature"],
         unit: "°C",
@@ -132,8 +134,44 @@ const MEASURES: &[Measure] = &[
     },
 ];
 
+/// The measure of a kind: a `match` (it runs for every reading), kept in step with
+/// [`MEASURES`] by a test.
 fn measure(kind: &str) -> Option<&'static Measure> {
-    MEASURES.iter().find(|m| m.kinds.contains(&kind))
+    let i = match kind {
+        "temperature" | "dew_point" | "device_temperature" => 0,
+        "humidity" | "battery" | "moisture_level" => 1,
+        "pressure" => 2,
+        "light" => 3,
+        "co2" | "co_level" => 4,
+        "power" => 5,
+        "energy" => 6,
+        "voltage" => 7,
+        "current" => 8,
+        _ => return None,
+    };
+    MEASURES.get(i)
+}
+
+fn is_binary(kind: &str) -> bool {
+    matches!(
+        kind,
+        "motion"
+            | "door"
+            | "window"
+            | "smoke"
+            | "co"
+            | "gas"
+            | "water_leak"
+            | "alarm"
+            | "intrusion"
+            | "panic"
+            | "tamper"
+            | "vibration"
+            | "battery_low"
+            | "switch"
+            | "input"
+            | "availability"
+    )
 }
 
 /// hearth's name for a kind an ecosystem (or Home Assistant) names otherwise, or the name
@@ -157,9 +195,14 @@ pub fn unit_of(kind: &str) -> Option<&'static str> {
     measure(kind).map(|m| m.unit)
 }
 
+/// A reading's unit as shown: the one stored, else its kind's canonical one.
+pub fn unit_or_canonical(kind: &str, unit: Option<String>) -> Option<String> {
+    unit.or_else(|| unit_of(kind).map(str::to_string))
+}
+
 /// The accepted values of each known kind, in its canonical unit.
 pub fn value_rule(kind: &str) -> ValueRule {
-    if BINARY.contains(&kind) {
+    if is_binary(kind) {
         return ValueRule::Boolean;
     }
     match measure(kind) {
@@ -172,7 +215,8 @@ pub fn value_rule(kind: &str) -> ValueRule {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Normalised {
     pub value: f64,
-    /// The canonical unit of a measured kind; the unit as sent for any other.
+    /// The canonical unit of a measured kind sent with a unit, the unit as sent for any
+    /// other; none when none was sent (the value is then in the canonical unit).
     pub unit: Option<String>,
     /// The unit the device sent, when it is not the canonical spelling.
     pub source_unit: Option<String>,
@@ -189,7 +233,15 @@ pub fn normalise(kind: &str, value: f64, unit: Option<&str>) -> Result<Normalise
         });
     };
     let (factor, offset, source_unit) = match unit {
-        None => (1.0, 0.0, None),
+        // None sent: the value is in the canonical unit already, and the unit is left out of
+        // the row (readers fill it in, [`unit_or_canonical`]): every byte counts per event.
+        None => {
+            return Ok(Normalised {
+                value,
+                unit: None,
+                source_unit: None,
+            });
+        }
         Some(u) if u == m.unit => (1.0, 0.0, None),
         Some(u) => match m.from.iter().find(|(s, _, _)| *s == u) {
             Some((_, f, o)) => (*f, *o, Some(u.to_string())),
@@ -222,7 +274,6 @@ mod tests {
         for (kind, value, unit, want, canonical) in [
             ("temperature", 71.6, Some("°F"), 22.0, "°C"),
             ("temperature", 295.15, Some("K"), 22.0, "°C"),
-            ("temperature", 22.0, None, 22.0, "°C"),
             ("pressure", 101_325.0, Some("Pa"), 1013.25, "hPa"),
             ("pressure", 29.92, Some("inHg"), 1_013.207_588_8, "hPa"),
             ("energy", 1234.5, Some("Wh"), 1.2345, "kWh"),
@@ -242,11 +293,35 @@ mod tests {
     }
 
     #[test]
+    fn a_value_sent_without_a_unit_is_in_the_canonical_one() {
+        let n = normalise("temperature", 22.0, None).unwrap();
+        assert_eq!((n.value, n.unit, n.source_unit), (22.0, None, None));
+        assert_eq!(
+            unit_or_canonical("temperature", None).as_deref(),
+            Some("°C")
+        );
+        assert_eq!(unit_or_canonical("pm25", None), None);
+    }
+
+    #[test]
     fn an_unknown_unit_is_refused_and_an_unknown_kind_kept_as_sent() {
         let err = normalise("temperature", 20.0, Some("bananas")).unwrap_err();
         assert!(err.contains("°F"), "{err}");
         let n = normalise("pm25", 12.0, Some("µg/m³")).unwrap();
         assert_eq!((n.value, n.unit.as_deref()), (12.0, Some("µg/m³")));
+    }
+
+    #[test]
+    fn the_lookups_agree_with_the_tables() {
+        for (i, m) in MEASURES.iter().enumerate() {
+            for k in m.kinds {
+                assert!(std::ptr::eq(measure(k).unwrap(), &MEASURES[i]), "{k}");
+                assert!(!is_binary(k));
+            }
+        }
+        for k in BINARY {
+            assert!(is_binary(k) && measure(k).is_none(), "{k}");
+        }
     }
 
     #[test]

@@ -129,6 +129,10 @@ pub trait EventQueue: Send + Sync {
     fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()>;
     /// The discovery configs kept, read at start.
     fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>>;
+    /// Keep which device each (house, sensor) belongs to.
+    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()>;
+    /// A house's sensors' devices: sensor id → device.
+    fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>>;
 }
 
 /// One consumer's reading of the queue.
@@ -192,6 +196,19 @@ pub struct Written {
     /// Events not stored because they would pass a cap (houses, sensors per house, kinds per
     /// sensor): their index in the batch, and why. The caller dead-letters them.
     pub capped: Vec<(usize, crate::event::Rejection)>,
+}
+
+/// What hearth knows of the device a sensor belongs to (device ecosystems only).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
+pub struct DeviceInfo {
+    /// The device's id: its own sensor's; its channels' sensors are `{device_id}.{channel}`.
+    pub device_id: String,
+    /// `zigbee2mqtt`, `tasmota`, `shelly`, `esphome`, `ha_discovery`.
+    pub ecosystem: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manufacturer: Option<String>,
 }
 
 /// A stored reading.
@@ -443,7 +460,7 @@ pub async fn sweep_dead_letters(
 pub fn latest_json(e: &Event) -> String {
     serde_json::json!({
         "value": e.value,
-        "unit": e.unit,
+        "unit": e.unit.as_deref().or(crate::kinds::unit_of(&e.kind)),
         "ts": e.ts_ms,
         "seq": e.seq,
         "received_us": e.received_us,

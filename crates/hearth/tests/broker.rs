@@ -354,6 +354,24 @@ async fn a_discovered_device_is_read_through_the_api_and_kept_across_a_restart()
         value.to_string().contains("22"),
         "71.6 °F is 22 °C: {value}"
     );
+    // The device as announced: its model and maker.
+    let (_, body) = http(
+        &addr,
+        "GET",
+        "/api/v1/houses/home/sensors",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    let sensors: Vec<serde_json::Value> = serde_json::from_str(&body).expect("sensors");
+    let soil = sensors
+        .iter()
+        .find(|s| s["sensor_id"] == sensor)
+        .expect("listed");
+    assert_eq!(soil["device"]["device_id"], "garden", "{soil}");
+    assert_eq!(soil["device"]["ecosystem"], "ha_discovery");
+    assert_eq!(soil["device"]["model"], "S1");
+    assert_eq!(soil["device"]["manufacturer"], "Acme");
     // The device vanishes: its will says offline.
     drop(events);
     drop(device);

@@ -318,6 +318,31 @@ async fn queue_suite(b: Backend) {
         q.discovery().await.expect("kept"),
         [config("homeassistant/sensor/a/h/config", "{\"x\":2}")]
     );
+    // Devices: by house and sensor, replaced, never across houses.
+    let device = |id: &str, model: Option<&str>| hearth::seam::DeviceInfo {
+        device_id: id.into(),
+        ecosystem: "zigbee2mqtt".into(),
+        model: model.map(Into::into),
+        manufacturer: None,
+    };
+    q.keep_devices(&[
+        ("h1".into(), "lamp".into(), device("lamp", None)),
+        ("h1".into(), "lamp.l1".into(), device("lamp", None)),
+        ("h2".into(), "lamp".into(), device("other", None)),
+    ])
+    .await
+    .expect("keep devices");
+    q.keep_devices(&[("h1".into(), "lamp".into(), device("lamp", Some("TS011F")))])
+        .await
+        .expect("replace");
+    let h1 = q.devices("h1").await.expect("devices");
+    assert_eq!(h1.len(), 2);
+    assert_eq!(h1["lamp"], device("lamp", Some("TS011F")));
+    assert_eq!(
+        q.devices("h2").await.expect("devices")["lamp"].device_id,
+        "other"
+    );
+    assert!(q.devices("h3").await.expect("devices").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,8 +94,12 @@ fn sqlite_readings(env: &Env) -> Readings {
         })
         .unwrap();
     for row in rows {
-        let (key, v) = row.unwrap();
-        out.entry(key).or_default().push(micro(v));
+        let ((sensor, kind, unit, source_unit), v): ((String, String, Option<String>, _), f64) =
+            row.unwrap();
+        let unit = hearth::kinds::unit_or_canonical(&kind, unit);
+        out.entry((sensor, kind, unit, source_unit))
+            .or_default()
+            .push(micro(v));
     }
     for values in out.values_mut() {
         values.sort();
@@ -114,7 +118,9 @@ async fn pg_readings(env: &Env) -> Readings {
         .await
         .unwrap()
     {
-        out.entry((row.get(0), row.get(1), row.get(2), row.get(3)))
+        let kind: String = row.get(1);
+        let unit = hearth::kinds::unit_or_canonical(&kind, row.get(2));
+        out.entry((row.get(0), kind, unit, row.get(3)))
             .or_default()
             .push(micro(row.get(4)));
     }
@@ -194,6 +200,33 @@ async fn the_corpus_is_read_as_documented(env: &mut Env, port: u16, servers: boo
         latest.to_string().contains("door"),
         "the API serves the device's readings: {latest}"
     );
+    // Every sensor knows its device: its own, or the one it is a channel of.
+    let (_, body) = http(
+        &addr,
+        "GET",
+        "/api/v1/houses/home/sensors",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    let sensors: Vec<Value> = serde_json::from_str(&body).expect("sensors");
+    assert!(!sensors.is_empty());
+    for s in &sensors {
+        let id = s["sensor_id"].as_str().unwrap();
+        let device = &s["device"];
+        let of = device["device_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{id}: no device: {s}"));
+        assert!(
+            id == of || id.starts_with(&format!("{of}.")),
+            "{id} of {of}"
+        );
+        assert!(
+            ["zigbee2mqtt", "tasmota", "shelly", "esphome"]
+                .contains(&device["ecosystem"].as_str().unwrap_or("")),
+            "{s}"
+        );
+    }
     drop(up);
 }
 

@@ -182,7 +182,7 @@ impl From<&crate::event::Event> for PushedEvent {
             sensor_id: e.sensor_id.clone(),
             kind: e.kind.clone(),
             value: e.value,
-            unit: e.unit.clone(),
+            unit: crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
             seq: e.seq,
             ts: e.ts_ms,
         }

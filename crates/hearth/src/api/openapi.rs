@@ -34,6 +34,7 @@ use super::{alerts, dlq, error, events, health, sensors, ws};
         events::Accepted,
         events::RejectedReading,
         sensors::SensorView,
+        crate::seam::DeviceInfo,
         sensors::HouseView,
         sensors::LatestView,
         sensors::History,

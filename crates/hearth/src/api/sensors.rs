@@ -29,6 +29,9 @@ pub struct SensorView {
     /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
     #[schema(value_type = Object)]
     pub latest: BTreeMap<String, Value>,
+    /// The device it belongs to, for sensors of a device ecosystem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::seam::DeviceInfo>,
 }
 
 /// The latest values of some sensors of a house (kind → JSON value each), in one round trip.
@@ -99,11 +102,13 @@ pub async fn house_sensors(
     let rows = state.seams.store.sensors(&house).await?;
     let ids: Vec<String> = rows.iter().map(|r| r.sensor_id.clone()).collect();
     let values = latest(&state, &house, &ids).await?;
+    let mut devices = state.seams.queue.devices(&house).await?;
     Ok(Json(
         rows.into_iter()
             .zip(values)
             .map(|(r, latest)| SensorView {
                 latest,
+                device: devices.remove(&r.sensor_id),
                 sensor_id: r.sensor_id,
                 house_id: r.house_id,
                 kinds: r.kinds,

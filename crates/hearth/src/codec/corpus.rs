@@ -78,7 +78,7 @@ fn every_corpus_message_gives_its_expected_readings() {
                         e.sensor_id.clone(),
                         e.kind.clone(),
                         e.value,
-                        e.unit.clone(),
+                        crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
                         e.source_unit.clone(),
                     )
                 })
@@ -152,7 +152,7 @@ fn every_discovered_entity_reads_as_documented() {
                         e.sensor_id.clone(),
                         e.kind.clone(),
                         e.value,
-                        e.unit.clone(),
+                        crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
                         e.source_unit.clone(),
                     )
                 })

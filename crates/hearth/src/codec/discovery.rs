@@ -640,6 +640,8 @@ impl Template {
 #[derive(Default)]
 pub struct Registry {
     inner: RwLock<Inner>,
+    /// Entities held, readable without the lock: most homes have none, and every message asks.
+    count: std::sync::atomic::AtomicUsize,
     /// Woken when an entity brings a topic not subscribed yet.
     pub changed: tokio::sync::Notify,
 }
@@ -693,6 +695,8 @@ impl Registry {
                 .by_config
                 .insert(a.config_topic.clone(), entity.clone());
         }
+        self.count
+            .store(inner.by_config.len(), std::sync::atomic::Ordering::Relaxed);
         drop(inner);
         if fresh {
             self.changed.notify_one();
@@ -700,7 +704,7 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.read().map_or(0, |i| i.by_config.len())
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -716,9 +720,11 @@ impl Registry {
 
     /// Whether entities are read from `topic`.
     pub fn reads(&self, topic: &str) -> bool {
-        self.inner
-            .read()
-            .is_ok_and(|i| i.by_topic.contains_key(topic))
+        !self.is_empty()
+            && self
+                .inner
+                .read()
+                .is_ok_and(|i| i.by_topic.contains_key(topic))
     }
 
     /// The entities read from `topic`.

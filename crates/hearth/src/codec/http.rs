@@ -87,9 +87,8 @@ pub fn decode(body: &[u8], received_us: i64, limits: &Limits) -> Decoded {
     match readings(body, limits) {
         Ok(items) => events(&items, received_us, limits).0,
         Err(r) => Decoded {
-            announcements: Vec::new(),
-            events: Vec::new(),
             rejections: vec![r],
+            ..Decoded::default()
         },
     }
 }

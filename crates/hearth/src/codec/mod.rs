@@ -77,6 +77,8 @@ pub struct Decoded {
     pub rejections: Vec<Rejection>,
     /// Discovery configs read (kept before the message is acknowledged, then applied).
     pub announcements: Vec<Announcement>,
+    /// The device the message's readings come from (device ecosystems).
+    pub device: Option<Box<crate::seam::DeviceInfo>>,
 }
 
 impl Decoded {
@@ -222,9 +224,8 @@ impl Codecs {
     /// messages name their readings (native, minimal, Zigbee2MQTT, Tasmota, Shelly) keep
     /// theirs; ESPHome's plain states, which say nothing of their kind or unit, are read as the
     /// node's discovery config says.
-    fn discovered(&self, levels: &[&str]) -> bool {
-        let topic = levels.join("/");
-        self.discovery.reads(&topic)
+    fn discovered(&self, topic: &str, levels: &[&str]) -> bool {
+        self.discovery.reads(topic)
             && self.discovery_house().is_some()
             && match self.route(levels) {
                 None => true,
@@ -236,7 +237,7 @@ impl Codecs {
     /// The ecosystem a topic's messages are read as, if any.
     pub fn ecosystem(&self, topic: &str) -> Option<Ecosystem> {
         let levels: Vec<&str> = topic.split('/').collect();
-        if self.discovered(&levels) {
+        if self.discovered(topic, &levels) {
             return Some(Ecosystem::HaDiscovery);
         }
         self.route(&levels).map(|(s, _)| s.ecosystem)
@@ -256,16 +257,21 @@ impl Codecs {
             );
         }
         let levels: Vec<&str> = topic.split('/').collect();
-        if self.discovered(&levels) {
+        if self.discovered(topic, &levels) {
             let house = self.discovery_house().unwrap_or("home");
-            return discovery::readings(
-                &self.discovery,
-                house,
-                topic,
-                payload,
-                received_us,
-                limits,
-            );
+            let mut d =
+                discovery::readings(&self.discovery, house, topic, payload, received_us, limits);
+            if !d.events.is_empty() {
+                d.device = self.discovery.entities(topic).first().map(|e| {
+                    Box::new(crate::seam::DeviceInfo {
+                        device_id: e.device.clone(),
+                        ecosystem: Ecosystem::HaDiscovery.name().to_string(),
+                        model: e.model.clone(),
+                        manufacturer: e.manufacturer.clone(),
+                    })
+                });
+            }
+            return d;
         }
         let Some((source, rest)) = self.route(&levels) else {
             return Decoded::rejected(
@@ -297,10 +303,26 @@ impl Codecs {
                     Err(d) => d,
                 }
             }
-            (Ecosystem::Zigbee2mqtt, rest) => zigbee2mqtt::decode(&ctx(house, "-"), rest, payload),
-            (Ecosystem::Tasmota, rest) => tasmota::decode(&ctx(house, "-"), rest, payload),
-            (Ecosystem::Shelly, rest) => shelly::decode(&ctx(house, "-"), rest, payload),
-            (Ecosystem::Esphome, rest) => esphome::decode(&ctx(house, "-"), rest, payload),
+            (e @ Ecosystem::Zigbee2mqtt, rest) => with_device(
+                e,
+                zigbee2mqtt::device_name(rest),
+                zigbee2mqtt::decode(&ctx(house, "-"), rest, payload),
+            ),
+            (e @ Ecosystem::Tasmota, rest) => with_device(
+                e,
+                rest.get(1).copied(),
+                tasmota::decode(&ctx(house, "-"), rest, payload),
+            ),
+            (e @ Ecosystem::Shelly, rest) => with_device(
+                e,
+                shelly::device_name(rest, payload),
+                shelly::decode(&ctx(house, "-"), rest, payload),
+            ),
+            (e @ Ecosystem::Esphome, rest) => with_device(
+                e,
+                rest.first().copied(),
+                esphome::decode(&ctx(house, "-"), rest, payload),
+            ),
             // Discovery configs; Home Assistant's own status and other components: nothing.
             (Ecosystem::HaDiscovery, rest) => match discovery::announcement(topic, rest, payload) {
                 Ok(Some(a)) if self.discovery.differs(&a) => Decoded {
@@ -342,7 +364,7 @@ impl Codecs {
         if matches!(levels.first(), Some(&"+" | &"#")) {
             return None;
         }
-        if self.discovered(&levels) {
+        if self.discovered(topic, &levels) {
             return self.discovery_house();
         }
         let (source, _) = self.route(&levels)?;
@@ -351,6 +373,23 @@ impl Codecs {
             _ => source.house.as_deref(),
         }
     }
+}
+
+/// The device a message of an ecosystem comes from, named by its topic.
+fn with_device(ecosystem: Ecosystem, name: Option<impl AsRef<str>>, mut d: Decoded) -> Decoded {
+    if !d.events.is_empty() {
+        d.device = name
+            .and_then(|n| sources::slug(n.as_ref()))
+            .map(|device_id| {
+                Box::new(crate::seam::DeviceInfo {
+                    device_id,
+                    ecosystem: ecosystem.name().to_string(),
+                    model: None,
+                    manufacturer: None,
+                })
+            });
+    }
+    d
 }
 
 /// Decode with the default sources (tests, the simulator's self-check).

@@ -49,6 +49,17 @@ pub fn decode(ctx: &Context<'_>, rest: &[&str], payload: &[u8]) -> Decoded {
     r.done()
 }
 
+/// The device a message is about: the notification's `src`, else the topic's id.
+pub fn device_name(rest: &[&str], payload: &[u8]) -> Option<String> {
+    let src = match rest {
+        [_, "events", "rpc"] => serde_json::from_slice::<Value>(payload)
+            .ok()
+            .and_then(|v| v.get("src").and_then(Value::as_str).map(str::to_string)),
+        _ => None,
+    };
+    src.or_else(|| rest.first().map(|id| id.to_string()))
+}
+
 fn notification(r: &mut Readings<'_>, topic_id: &str, n: &Map<String, Value>) {
     let method = n.get("method").and_then(Value::as_str);
     if !matches!(method, Some("NotifyStatus" | "NotifyFullStatus")) {

@@ -101,6 +101,15 @@ pub fn decode(ctx: &Context<'_>, rest: &[&str], payload: &[u8]) -> Decoded {
     }
 }
 
+/// The friendly name of the device a topic is about.
+pub fn device_name(rest: &[&str]) -> Option<String> {
+    let name = match rest {
+        [name @ .., "availability"] => name,
+        name => name,
+    };
+    (!name.is_empty()).then(|| name.join("/"))
+}
+
 fn device(name: &[&str]) -> Result<String, Rejection> {
     slug(&name.join("/")).ok_or_else(|| {
         Rejection::new(

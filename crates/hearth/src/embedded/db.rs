@@ -214,6 +214,13 @@ CREATE TABLE discovery (
     topic   TEXT PRIMARY KEY,
     payload BLOB NOT NULL
 );
+-- Which device each sensor of a device ecosystem belongs to (JSON: id, ecosystem, model, maker).
+CREATE TABLE devices (
+    house_id  TEXT NOT NULL,
+    sensor_id TEXT NOT NULL,
+    info      TEXT NOT NULL,
+    PRIMARY KEY (house_id, sensor_id)
+);
 ";
 
 const MIGRATIONS: &[(i64, &str)] = &[

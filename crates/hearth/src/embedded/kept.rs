@@ -53,6 +53,47 @@ pub fn discovery(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<(String, 
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }
 
+/// Keep which device each (house, sensor) belongs to.
+pub fn keep_devices(
+    c: &mut rusqlite::Connection,
+    devices: &[(String, String, crate::seam::DeviceInfo)],
+) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO devices (house_id, sensor_id, info) VALUES (?1, ?2, ?3)
+             ON CONFLICT (house_id, sensor_id) DO UPDATE SET info = excluded.info",
+        )?;
+        for (house, sensor, info) in devices {
+            put.execute(params![
+                house,
+                sensor,
+                serde_json::to_string(info).unwrap_or_default()
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// A house's sensors' devices.
+pub fn devices(
+    c: &mut rusqlite::Connection,
+    house: &str,
+) -> rusqlite::Result<std::collections::HashMap<String, crate::seam::DeviceInfo>> {
+    let mut st = c.prepare_cached("SELECT sensor_id, info FROM devices WHERE house_id = ?1")?;
+    let rows = st.query_map([house], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let (sensor, json) = row?;
+        if let Ok(info) = serde_json::from_str(&json) {
+            out.insert(sensor, info);
+        }
+    }
+    Ok(out)
+}
+
 /// A client's last will, as the broker publishes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Will {

@@ -22,7 +22,7 @@ use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::seam::{EventQueue, Fut, Unavailable};
+use crate::seam::{DeviceInfo, EventQueue, Fut, Unavailable};
 use crate::status::stat;
 use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
@@ -272,6 +272,27 @@ impl EventQueue for SqliteQueue {
 
     fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>> {
         Box::pin(async move { self.db.call(super::kept::discovery).await })
+    }
+
+    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()> {
+        let devices = devices.to_vec();
+        Box::pin(async move {
+            if devices.is_empty() {
+                return Ok(());
+            }
+            self.db
+                .call(move |c| super::kept::keep_devices(c, &devices))
+                .await
+        })
+    }
+
+    fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
+        let house = house.to_string();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| super::kept::devices(c, &house))
+                .await
+        })
     }
 
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {

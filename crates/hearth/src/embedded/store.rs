@@ -357,11 +357,12 @@ impl EventStore for SqliteStore {
                             q.house
                         ],
                         |r| {
+                            let kind: String = r.get(1)?;
                             Ok(HistoryEvent {
                                 id: r.get(0)?,
-                                kind: r.get(1)?,
+                                unit: crate::kinds::unit_or_canonical(&kind, r.get(3)?),
+                                kind,
                                 value: r.get(2)?,
-                                unit: r.get(3)?,
                                 seq: r.get(4)?,
                                 ts: r.get(5)?,
                                 source_unit: r.get(6)?,

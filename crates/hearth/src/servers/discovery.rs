@@ -1,10 +1,14 @@
-//! Home Assistant discovery configs on the servers: one Redis hash, `P:discovery` (config topic
-//! → payload), written before the messages that brought them are acknowledged, read by every
-//! ingest at start.
+//! What the intakes learn about devices, on the servers: Home Assistant discovery configs in one
+//! Redis hash, `P:discovery` (config topic → payload), written before the messages that brought
+//! them are acknowledged and read by every ingest at start; which device each sensor belongs to
+//! in `P:devices:{house}` (sensor → JSON), read by the API.
+
+use std::collections::HashMap;
 
 use redis::AsyncCommands;
 
 use super::queue::{Queue, QueueError};
+use crate::seam::DeviceInfo;
 
 impl Queue {
     /// Keep configs (an empty payload forgets its topic's), in one transaction.
@@ -31,5 +35,33 @@ impl Queue {
         let mut conn = self.conn.clone();
         let all: Vec<(String, Vec<u8>)> = conn.hgetall(self.keys.discovery()).await?;
         Ok(all)
+    }
+
+    /// Keep which device each (house, sensor) belongs to.
+    pub async fn keep_devices(
+        &self,
+        devices: &[(String, String, DeviceInfo)],
+    ) -> Result<(), QueueError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (house, sensor, info) in devices {
+            let json = serde_json::to_string(info).unwrap_or_default();
+            pipe.hset(self.keys.devices(house), sensor, json).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// A house's sensors' devices.
+    pub async fn devices(&self, house: &str) -> Result<HashMap<String, DeviceInfo>, QueueError> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, String> = conn.hgetall(self.keys.devices(house)).await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(s, j)| Some((s, serde_json::from_str(&j).ok()?)))
+            .collect())
     }
 }

@@ -59,6 +59,10 @@ impl Keys {
     pub fn latest_prefix(&self) -> String {
         format!("{}:latest:", self.prefix)
     }
+    /// Which device each sensor of a house belongs to (hash: sensor → JSON).
+    pub fn devices(&self, house_id: &str) -> String {
+        format!("{}:devices:{house_id}", self.prefix)
+    }
     /// Home Assistant discovery configs (hash: config topic → payload).
     pub fn discovery(&self) -> String {
         format!("{}:discovery", self.prefix)

@@ -271,9 +271,9 @@ impl EventStore for PgStore {
                 .iter()
                 .map(|r| HistoryEvent {
                     id: r.get(0),
+                    unit: crate::kinds::unit_or_canonical(r.get(1), r.get(3)),
                     kind: r.get(1),
                     value: r.get(2),
-                    unit: r.get(3),
                     seq: r.get(4),
                     ts: r.get(5),
                     source_unit: r.get(6),

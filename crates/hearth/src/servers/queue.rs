@@ -30,7 +30,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::keys::Keys;
 use crate::codec::Codecs;
@@ -38,7 +38,7 @@ use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
 use crate::event::Event;
 use crate::lane::Lane;
-use crate::seam::{EventQueue, Fut, Unavailable};
+use crate::seam::{DeviceInfo, EventQueue, Fut, Unavailable};
 use crate::status::stat;
 
 /// The consumer group every worker reads through.
@@ -477,6 +477,14 @@ impl EventQueue for RedisQueue {
 
     fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>> {
         Box::pin(async move { Ok(self.queue.discovery().await?) })
+    }
+
+    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.keep_devices(devices).await?) })
+    }
+
+    fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
+        Box::pin(async move { Ok(self.queue.devices(house).await?) })
     }
 
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
