@@ -202,6 +202,18 @@ fn authenticator(
     )))
 }
 
+/// The fan-out's pushes, whose alert transitions go back to the broker; none if the fan-out
+/// cannot be subscribed to now (alerts still reach WebSocket clients and webhooks).
+async fn alert_pushes(seams: &Seams) -> Option<tokio::sync::mpsc::Receiver<String>> {
+    match seams.fanout.subscribe().await {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %e, "alerts will not be published over MQTT");
+            None
+        }
+    }
+}
+
 /// The MQTT ingest's intake on a backend's queue, knowing the entities discovered so far.
 async fn mqtt_intake(
     config: &Config,
@@ -250,7 +262,13 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
         return Ok(());
     }
     let intake = mqtt_intake(&config, &seams, gate).await?;
-    let ingest = tokio::spawn(ingest::run(config.clone(), intake, shutdown.clone()));
+    let alerts = alert_pushes(&seams).await;
+    let ingest = tokio::spawn(ingest::run(
+        config.clone(),
+        intake,
+        alerts,
+        shutdown.clone(),
+    ));
     let workers = tokio::spawn(worker::run(
         backend,
         worker::Settings::from_config(&config),
@@ -288,6 +306,7 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
     ingest::run(
         config.clone(),
         mqtt_intake(&config, &seams, gate).await?,
+        alert_pushes(&seams).await,
         shutdown,
     )
     .await?;
@@ -414,8 +433,12 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
                 .await
                 .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;
             let stop = shutdown.clone();
+            let alerts = alert_pushes(&seams).await;
             tokio::spawn(async move {
-                crate::embedded::broker::serve(listener, intake, auth, settings, kept, stop).await;
+                crate::embedded::broker::serve(
+                    listener, intake, auth, settings, kept, alerts, stop,
+                )
+                .await;
                 Ok(())
             })
         }
@@ -426,7 +449,13 @@ async fn up_embedded(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Res
                 data_dir = %data_dir.display(),
                 "embedded: store and workers in this process, events from the home's broker"
             );
-            tokio::spawn(ingest::run(config.clone(), intake, shutdown.clone()))
+            let alerts = alert_pushes(&seams).await;
+            tokio::spawn(ingest::run(
+                config.clone(),
+                intake,
+                alerts,
+                shutdown.clone(),
+            ))
         }
     };
     if demo {

@@ -406,3 +406,86 @@ async fn a_discovered_device_is_read_through_the_api_and_kept_across_a_restart()
         assert_eq!(unit.as_deref(), Some("°F"));
     });
 }
+
+/// A smoke alarm, as the home's automations see it: its state retained on
+/// `hearth/{house}/alerts/…` and announced by discovery; no client may forge it.
+async fn alerts_reach_the_broker(env: Env, port: u16) {
+    let _up = env.up().await;
+    publish(
+        port,
+        "smoke-detector",
+        &[(
+            "hearth/h1/hall-smoke",
+            r#"{"kind":"smoke","value":true,"seq":1}"#,
+            false,
+        )],
+    )
+    .await;
+    let state_topic = "hearth/h1/alerts/hall-smoke/smoke";
+    let got = eventually(
+        "the alert retained on the broker",
+        Duration::from_secs(30),
+        || async {
+            let got = collect(port, "hearth/h1/alerts/#", Duration::from_millis(500)).await;
+            got.iter()
+                .find(|m| m.0 == state_topic)
+                .map(|m| serde_json::from_str::<serde_json::Value>(&m.1).unwrap())
+        },
+    )
+    .await;
+    assert_eq!(got["problem"], "ON", "{got}");
+    assert_eq!(got["state"], "active");
+    assert_eq!(got["severity"], "critical");
+    let config = collect(
+        port,
+        "homeassistant/binary_sensor/hearth_h1_hall-smoke_smoke/config",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(config.len(), 1, "announced once, retained: {config:?}");
+    assert!(config[0].1.contains(state_topic), "{config:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_published_by_the_embedded_broker() {
+    let env = Env::embedded("broker_alerts");
+    let port = env.embedded_port.unwrap();
+    alerts_reach_the_broker(env, port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_published_to_the_home_s_broker_on_the_servers() {
+    let mut env = Env::new("broker_alerts_servers");
+    let broker = Broker::start(&env.scratch.0.join("broker"));
+    env.set("mqtt_url", broker.url());
+    alerts_reach_the_broker(env, broker.port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_may_publish_a_house_s_alerts() {
+    let env = Env::embedded("broker_alert_forge");
+    let port = env.embedded_port.unwrap();
+    let _up = env.up().await;
+    publish(
+        port,
+        "forger",
+        &[(
+            "hearth/h1/alerts/hall-smoke/smoke",
+            r#"{"problem":"OFF"}"#,
+            true,
+        )],
+    )
+    .await;
+    let got = collect(port, "hearth/h1/alerts/#", Duration::from_millis(500)).await;
+    assert!(got.is_empty(), "neither kept nor forwarded: {got:?}");
+    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the embedded store");
+    let reasons: Vec<String> = db
+        .prepare("SELECT reason FROM dead")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(reasons, ["forbidden"]);
+}

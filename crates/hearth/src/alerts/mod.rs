@@ -12,6 +12,7 @@
 //! last transition of that (house, sensor, rule).
 
 pub mod engine;
+pub mod mqtt;
 pub mod notify;
 pub mod rules;
 

@@ -176,6 +176,7 @@ pub async fn serve(
     auth: Arc<Authenticator>,
     settings: Settings,
     (kept, left): (Kept, Vec<Will>),
+    mut alerts: Option<mpsc::Receiver<String>>,
     mut shutdown: Shutdown,
 ) {
     let routes = Routes {
@@ -205,6 +206,20 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
+                match pushed {
+                    // Alert transitions, to the home's automations (retained).
+                    Some(p) => {
+                        if let Some(alert) = crate::alerts::mqtt::alert_of(&p) {
+                            for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
+                                broker.publish(&topic, &Bytes::from(payload), true, &shutdown).await;
+                            }
+                        }
+                    }
+                    None => alerts = None,
+                }
+                continue;
+            }
             _ = shutdown.wait() => return,
         };
         match accepted {
@@ -515,7 +530,9 @@ async fn handle(
             Packet::Publish(p) => {
                 // A QoS 2 message re-sent before its PUBREL was stored already.
                 let repeat = p.qos == QoS::ExactlyOnce && !me.awaiting_release.insert(p.pkid);
-                let allowed = me.who.may(intake.codecs(), &p.topic);
+                // A house's alert topics are hearth's word alone.
+                let allowed = me.who.may(intake.codecs(), &p.topic)
+                    && !crate::alerts::mqtt::is_alert_topic(&p.topic);
                 if !allowed && !repeat {
                     METRICS.mqtt_refused.with("forbidden").add(1);
                     let why = Rejection::new(

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Disconnect, Packet, PingReq, PubAck, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{
+    Disconnect, Packet, PingReq, PubAck, Publish, Subscribe, SubscribeReasonCode,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -41,9 +43,12 @@ struct Message {
 /// PUBACKs to send: (connection generation, packet id).
 type Acks = Vec<(u64, u16)>;
 
+/// Run the ingest; `alerts` (the fan-out's pushes) are published back to the broker, retained
+/// ([`crate::alerts::mqtt`]).
 pub async fn run(
     config: Arc<Config>,
     intake: Arc<Intake>,
+    alerts: Option<mpsc::Receiver<String>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
@@ -68,7 +73,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     info!(url = %config.mqtt_url, client_id = %config.mqtt_client_id, "ingest started");
-    session(&endpoint, tx, &room, ack_rx, &intake, shutdown).await;
+    session(&endpoint, tx, &room, ack_rx, &intake, alerts, shutdown).await;
     if let Err(e) = appender.await {
         warn!(error = %e, "appender ended abnormally");
     }
@@ -85,8 +90,10 @@ async fn session(
     room: &tokio::sync::Notify,
     mut acks: mpsc::UnboundedReceiver<Acks>,
     intake: &Intake,
+    mut alerts: Option<mpsc::Receiver<String>>,
     mut shutdown: Shutdown,
 ) {
+    let mut next_publish: u16 = 0;
     let mut tx = Some(tx);
     let mut generation = 0u64;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -172,6 +179,24 @@ async fn session(
                         }
                     }
                     _ = room.notified(), if tx.as_ref().is_some_and(|t| t.capacity() == 0) => {}
+                    // Alert transitions, to the home's automations (retained, QoS 1; one missed
+                    // while the connection is down is made up by the next transition).
+                    pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
+                        match pushed.as_deref().and_then(crate::alerts::mqtt::alert_of) {
+                            Some(alert) => {
+                                for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
+                                    next_publish = next_publish.wrapping_add(1).max(1);
+                                    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+                                    publish.retain = true;
+                                    publish.pkid = next_publish;
+                                    writer.queue(&publish)?;
+                                }
+                                writer.flush().await?;
+                            }
+                            None if pushed.is_none() => alerts = None,
+                            None => {}
+                        }
+                    }
                     // Entities discovered on topics no subscription brings yet.
                     _ = intake.codecs().discovery.changed.notified() => {
                         let codecs = intake.codecs();

@@ -210,6 +210,13 @@ pub fn announcement(
     };
     let base = raw.get("~").and_then(Value::as_str).map(str::to_string);
     let c = expand(&raw, base.as_deref());
+    // hearth's own alerts, announced to Home Assistant: not read back.
+    if c.get("unique_id")
+        .and_then(Value::as_str)
+        .is_some_and(|u| u.starts_with(crate::alerts::mqtt::OWN_PREFIX))
+    {
+        return Ok(None);
+    }
     let device_info = c.get("device").and_then(Value::as_object);
     let device_name = device_info
         .and_then(|d| d.get("name"))
