@@ -204,9 +204,12 @@ fn authenticator(
 
 /// The fan-out's pushes, whose alert transitions go back to the broker; none if the fan-out
 /// cannot be subscribed to now (alerts still reach WebSocket clients and webhooks).
-async fn alert_pushes(seams: &Seams) -> Option<tokio::sync::mpsc::Receiver<String>> {
+async fn alert_pushes(seams: &Seams) -> Option<crate::alerts::mqtt::AlertFeed> {
     match seams.fanout.subscribe().await {
-        Ok(rx) => Some(rx),
+        Ok(pushes) => Some(crate::alerts::mqtt::AlertFeed {
+            pushes,
+            store: seams.alerts.clone(),
+        }),
         Err(e) => {
             tracing::warn!(error = %e, "alerts will not be published over MQTT");
             None

@@ -409,8 +409,8 @@ async fn a_discovered_device_is_read_through_the_api_and_kept_across_a_restart()
 
 /// A smoke alarm, as the home's automations see it: its state retained on
 /// `hearth/{house}/alerts/…` and announced by discovery; no client may forge it.
-async fn alerts_reach_the_broker(env: Env, port: u16) {
-    let _up = env.up().await;
+async fn alerts_reach_the_broker(env: &Env, port: u16) -> Hearth {
+    let up = env.up().await;
     publish(
         port,
         "smoke-detector",
@@ -444,21 +444,45 @@ async fn alerts_reach_the_broker(env: Env, port: u16) {
     .await;
     assert_eq!(config.len(), 1, "announced once, retained: {config:?}");
     assert!(config[0].1.contains(state_topic), "{config:?}");
+    up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_are_published_by_the_embedded_broker() {
     let env = Env::embedded("broker_alerts");
     let port = env.embedded_port.unwrap();
-    alerts_reach_the_broker(env, port).await;
+    let _up = alerts_reach_the_broker(&env, port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_are_published_to_the_home_s_broker_on_the_servers() {
     let mut env = Env::new("broker_alerts_servers");
-    let broker = Broker::start(&env.scratch.0.join("broker"));
+    // A broker that forgets everything when it dies.
+    let mut broker = Broker::start_with(
+        &env.scratch.0.join("broker"),
+        0,
+        &["persistence false".to_string()],
+    );
     env.set("mqtt_url", broker.url());
-    alerts_reach_the_broker(env, broker.port).await;
+    let up = alerts_reach_the_broker(&env, broker.port).await;
+    // It comes back empty; the ingest, reconnecting, publishes the alert's state again.
+    broker.restart("KILL");
+    let got = eventually(
+        "the alert published again",
+        Duration::from_secs(30),
+        || async {
+            let got = collect(
+                broker.port,
+                "hearth/h1/alerts/#",
+                Duration::from_millis(500),
+            )
+            .await;
+            (!got.is_empty()).then_some(got)
+        },
+    )
+    .await;
+    assert!(got[0].1.contains(r#""problem":"ON""#), "{got:?}");
+    drop(up);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

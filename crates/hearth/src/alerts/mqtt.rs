@@ -25,10 +25,34 @@ pub fn is_alert_topic(topic: &str) -> bool {
     )
 }
 
-/// The next pushed message of a subscription (never, without one).
-pub async fn next(pushes: &mut Option<tokio::sync::mpsc::Receiver<String>>) -> Option<String> {
-    match pushes.as_mut() {
-        Some(rx) => rx.recv().await,
+/// Where the alerts a broker connection publishes come from: the fan-out's pushes as they
+/// happen, and the store, for the latest state of the recent ones at every (re)connection (a
+/// transition pushed while the connection was down is not lost for long).
+pub struct AlertFeed {
+    pub pushes: tokio::sync::mpsc::Receiver<String>,
+    pub store: std::sync::Arc<dyn crate::seam::AlertStore>,
+}
+
+/// The alerts whose state is published again at a (re)connection: the most recent ones.
+pub const REPUBLISHED: i64 = 1000;
+
+impl AlertFeed {
+    /// The messages of the recent alerts, oldest first (so the newest state of a topic wins).
+    pub async fn recent(&self) -> Vec<(String, Vec<u8>)> {
+        match self.store.list(None, None, REPUBLISHED).await {
+            Ok(list) => list.iter().rev().flat_map(messages).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the recent alerts to publish them");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The next pushed message of a feed (never, without one).
+pub async fn next(feed: &mut Option<AlertFeed>) -> Option<String> {
+    match feed.as_mut() {
+        Some(f) => f.pushes.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -176,7 +176,7 @@ pub async fn serve(
     auth: Arc<Authenticator>,
     settings: Settings,
     (kept, left): (Kept, Vec<Will>),
-    mut alerts: Option<mpsc::Receiver<String>>,
+    mut alerts: Option<crate::alerts::mqtt::AlertFeed>,
     mut shutdown: Shutdown,
 ) {
     let routes = Routes {
@@ -201,6 +201,14 @@ pub async fn serve(
     broker
         .publish(HA_STATUS, &Bytes::from_static(b"online"), true, &shutdown)
         .await;
+    // The recent alerts' state, in case a transition was not published before a stop.
+    if let Some(feed) = &alerts {
+        for (topic, payload) in feed.recent().await {
+            broker
+                .publish(&topic, &Bytes::from(payload), true, &shutdown)
+                .await;
+        }
+    }
     let settings = &broker.settings;
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {

@@ -24,6 +24,7 @@ use rumqttc::mqttbytes::v4::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::alerts::mqtt::AlertFeed;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::intake::{Input, Intake};
@@ -48,7 +49,7 @@ type Acks = Vec<(u64, u16)>;
 pub async fn run(
     config: Arc<Config>,
     intake: Arc<Intake>,
-    alerts: Option<mpsc::Receiver<String>>,
+    alerts: Option<AlertFeed>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut endpoint = Endpoint::parse(&config.mqtt_url, &config.mqtt_client_id)?;
@@ -90,7 +91,7 @@ async fn session(
     room: &tokio::sync::Notify,
     mut acks: mpsc::UnboundedReceiver<Acks>,
     intake: &Intake,
-    mut alerts: Option<mpsc::Receiver<String>>,
+    mut alerts: Option<AlertFeed>,
     mut shutdown: Shutdown,
 ) {
     let mut next_publish: u16 = 0;
@@ -132,6 +133,13 @@ async fn session(
         let mut next_subscription: u16 = 1;
         let result: Result<(), mqtt::MqttError> = async {
             writer.queue(&subscribe)?;
+            // The recent alerts' state, in case a transition happened while disconnected.
+            if let Some(feed) = &alerts {
+                for (topic, payload) in feed.recent().await {
+                    next_publish = next_publish.wrapping_add(1).max(1);
+                    writer.queue(&alert_publish(topic, payload, next_publish))?;
+                }
+            }
             writer.flush().await?;
             loop {
                 tokio::select! {
@@ -186,10 +194,7 @@ async fn session(
                             Some(alert) => {
                                 for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
                                     next_publish = next_publish.wrapping_add(1).max(1);
-                                    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
-                                    publish.retain = true;
-                                    publish.pkid = next_publish;
-                                    writer.queue(&publish)?;
+                                    writer.queue(&alert_publish(topic, payload, next_publish))?;
                                 }
                                 writer.flush().await?;
                             }
@@ -267,6 +272,14 @@ fn broker_stat(p: &rumqttc::mqttbytes::v4::Publish) {
         }
         METRICS.broker_dropped.set(n);
     }
+}
+
+/// An alert's message to the broker: QoS 1, retained.
+fn alert_publish(topic: String, payload: Vec<u8>, pkid: u16) -> Publish {
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+    publish.retain = true;
+    publish.pkid = pkid;
+    publish
 }
 
 fn subscribed(codes: &[SubscribeReasonCode], topics: &[String]) {
