@@ -1,37 +1,7 @@
-//! The embedded MQTT broker (MQTT 3.1.1 on rumqttc's codec): devices publish to hearth itself.
-//!
-//! Why not an off-the-shelf broker crate in-process: a broker acknowledges a QoS 1 PUBLISH when
-//! it holds the message, in memory (rumqttd keeps no disk state), and hearth would take it from
-//! there: a kill -9 between the two loses acknowledged messages. Here the broker *is* the
-//! ingest: the messages of one socket read are decoded by the same codecs as `hearth ingest`,
-//! appended to the embedded queue (one group commit, on disk), and only then are their PUBACKs
-//! (QoS 1) or PUBRECs (QoS 2) written. A device whose message was not acknowledged sends it
-//! again; storing is idempotent.
-//!
-//! Topics hearth reads (its sources': [`crate::codec::sources`]) go to the queue (bad input to
-//! the dead letters, with its reason); every message is also forwarded, at QoS 0, to the clients
-//! subscribed to a matching filter (`+` and `#` wildcards), so `mosquitto_sub`, Home Assistant or
-//! Node-RED work as with any broker. Retained messages and wills are kept in the data folder
-//! ([`super::kept`]): discovery and availability rest on them. A client that sends no client id
-//! gets one (with a clean session only). Not yet: persistent sessions for subscribers (QoS 1/2
-//! out, messages kept while they are away).
-//!
-//! Who may do what: a client logs in with its house id as user name and a token of that house as
-//! password, and then publishes and subscribes under its house's topics only
-//! ([`crate::codec::Codecs::topic_house`]); a publish elsewhere is acknowledged (MQTT 3.1.1 has no
-//! refusal) but neither stored nor forwarded: it is dead-lettered as `forbidden`. The admin token
-//! as password may do anything. Clients without credentials are let in when
-//! `mqtt_allow_anonymous` (the default, allowed only while the broker listens on loopback). A
-//! second CONNECT with a client id in use takes the session over and closes the first (MQTT
-//! 3.1.1 §3.1.4).
-//!
-//! Every way in is bounded: connections (`mqtt_max_connections`), the time to CONNECT and to
-//! finish a packet begun (`mqtt_packet_timeout_ms`), silence (the client's keep-alive, at most
-//! `mqtt_max_keep_alive_secs`, and that when it asks for none), packet size, subscription filters
-//! per client (`mqtt_max_subscriptions`), and what a subscriber that does not read may have
-//! waiting, in bytes (`mqtt_subscriber_buffer_bytes`).
+//! One client's connection to the embedded broker: its login (credentials, client id, will), its
+//! packets (publishes appended before they are acknowledged, retained ones kept, subscriptions
+//! and the retained messages they receive), its outbound messages, and its end (the will).
 
-use super::topics::{Routes, Subscriber};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,238 +13,20 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubComp, PubRec, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
-use super::kept::{Kept, Will};
-use crate::auth::{Authenticator, Principal};
-use crate::codec::{self, Codecs, Limits};
+use super::super::kept::Will;
+use super::super::topics::Subscriber;
+use super::{Broker, Client, backpressure};
+use crate::auth::Principal;
+use crate::codec;
 use crate::event::{Reason, Rejection};
-use crate::intake::{Gate, Input, Intake};
+use crate::intake::Input;
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
 use crate::shutdown::Shutdown;
-
-/// Room for the topic and the packet's other fields beside the largest payload accepted: a
-/// payload over `max_payload_bytes` is still dead-lettered with its size up to this much more;
-/// a larger packet ends the connection.
-const PACKET_OVERHEAD: usize = 64 * 1024;
-
-/// Bind the broker's address, with an error that says what to do when it is taken.
-pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!(
-                "mqtt_listen {addr} is already in use (another MQTT broker?): set HEARTH_MQTT_LISTEN \
-                 to a free address, or use that broker with HEARTH_MQTT_URL (and Redis and \
-                 PostgreSQL URLs)"
-            )
-        } else {
-            anyhow::anyhow!("cannot listen on mqtt_listen {addr}: {e}")
-        }
-    })
-}
-
-/// What the broker needs of the configuration.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub limits: Limits,
-    pub allow_anonymous: bool,
-    pub max_connections: usize,
-    pub max_keep_alive: Duration,
-    pub packet_timeout: Duration,
-    pub max_subscriptions: usize,
-    pub subscriber_buffer_bytes: usize,
-}
-
-impl Settings {
-    pub fn from_config(config: &crate::config::Config) -> Settings {
-        Settings {
-            limits: Limits::from_config(config),
-            allow_anonymous: config.mqtt_allow_anonymous,
-            max_connections: config.mqtt_max_connections,
-            max_keep_alive: Duration::from_secs(config.mqtt_max_keep_alive_secs),
-            packet_timeout: Duration::from_millis(config.mqtt_packet_timeout_ms),
-            max_subscriptions: config.mqtt_max_subscriptions,
-            subscriber_buffer_bytes: config.mqtt_subscriber_buffer_bytes,
-        }
-    }
-
-    fn max_packet(&self) -> usize {
-        self.limits.max_payload_bytes + PACKET_OVERHEAD
-    }
-}
-
-/// Who a connected client is.
-#[derive(Debug, Clone, PartialEq)]
-enum Client {
-    /// No credentials (let in by `mqtt_allow_anonymous`): anywhere, as before logins existed.
-    Anonymous,
-    Known(Principal),
-}
-
-impl Client {
-    /// Whether it may publish to, or subscribe to, `topic` (a topic or a filter).
-    fn may(&self, codecs: &Codecs, topic: &str) -> bool {
-        match self {
-            Client::Anonymous | Client::Known(Principal::Admin) => true,
-            Client::Known(Principal::House(h)) => codecs.topic_house(topic) == Some(h.as_str()),
-        }
-    }
-}
-
-/// What every session of the broker shares.
-struct Broker {
-    intake: Arc<Intake>,
-    auth: Arc<Authenticator>,
-    settings: Settings,
-    routes: Routes,
-    kept: Kept,
-}
-
-impl Broker {
-    /// A message published by the broker itself (a will, its own status): stored if hearth
-    /// reads its topic, kept if retained, and forwarded to subscribers. False if a shutdown
-    /// came first.
-    async fn publish(
-        &self,
-        topic: &str,
-        payload: &Bytes,
-        retain: bool,
-        shutdown: &Shutdown,
-    ) -> bool {
-        if self.intake.codecs().wants(topic) {
-            let input = self.intake.decode(topic, payload, crate::event::now_us());
-            if !self.intake.append_until_done(&[&input], shutdown).await {
-                return false;
-            }
-        }
-        if retain
-            && let Err(e) = self
-                .kept
-                .retain(vec![(topic.to_string(), payload.clone())])
-                .await
-        {
-            warn!(error = %e, topic = %codec::truncate(topic, 128), "cannot keep a retained message");
-        }
-        self.routes.forward(topic, payload);
-        true
-    }
-}
-
-/// The topic Home Assistant's birth message goes to: devices that use discovery announce
-/// themselves again when it says `online`.
-pub const HA_STATUS: &str = "homeassistant/status";
-
-/// Accept connections until shutdown. First the wills the last run left (their clients were cut
-/// off by the stop) are published, and `homeassistant/status` `online` (retained), so that
-/// devices announce themselves again.
-pub async fn serve(
-    listener: TcpListener,
-    intake: Arc<Intake>,
-    auth: Arc<Authenticator>,
-    settings: Settings,
-    (kept, left): (Kept, Vec<Will>),
-    mut alerts: Option<crate::alerts::mqtt::AlertFeed>,
-    mut shutdown: Shutdown,
-) {
-    let routes = Routes {
-        buffer_bytes: settings.subscriber_buffer_bytes,
-        ..Routes::default()
-    };
-    let broker = Arc::new(Broker {
-        intake,
-        auth,
-        settings,
-        routes,
-        kept,
-    });
-    for will in &left {
-        broker
-            .publish(&will.topic, &will.payload, will.retain, &shutdown)
-            .await;
-    }
-    if let Err(e) = broker.kept.clear_wills().await {
-        warn!(error = %e, "cannot clear the wills published at start");
-    }
-    broker
-        .publish(HA_STATUS, &Bytes::from_static(b"online"), true, &shutdown)
-        .await;
-    // The recent alerts' state, in case a transition was not published before a stop.
-    if let Some(feed) = &alerts {
-        for (topic, payload) in feed.recent().await {
-            broker
-                .publish(&topic, &Bytes::from(payload), true, &shutdown)
-                .await;
-        }
-    }
-    let settings = &broker.settings;
-    let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
-                match pushed {
-                    // Alert transitions, to the home's automations (retained).
-                    Some(p) => {
-                        if let Some(alert) = crate::alerts::mqtt::alert_of(&p) {
-                            for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
-                                broker.publish(&topic, &Bytes::from(payload), true, &shutdown).await;
-                            }
-                        }
-                    }
-                    None => alerts = None,
-                }
-                continue;
-            }
-            _ = shutdown.wait() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    tokio::spawn(refuse(stream, peer));
-                    continue;
-                };
-                let (broker, shutdown) = (broker.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    match session(stream, broker, shutdown).await {
-                        Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
-                        Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
-                    }
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting an MQTT connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// A connection past `mqtt_max_connections`: told the server is unavailable, and closed.
-async fn refuse(stream: TcpStream, peer: std::net::SocketAddr) {
-    METRICS.mqtt_refused.with("too_many_connections").add(1);
-    debug!(%peer, "mqtt connection refused: too many connections");
-    let (_, mut writer) = mqtt::split(stream, 0);
-    if writer
-        .queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))
-        .is_ok()
-    {
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer.flush()).await;
-    }
-}
-
-/// Wait while the gate is closed (the routine lanes reached the high watermark, until they are
-/// down to the low one): the client's unread packets stay in its socket, and TCP slows it down.
-/// Critical events already queued are not behind the routine ones (their own lane and worker).
-async fn backpressure(gate: &Gate) {
-    if gate.is_closed() {
-        debug!("queue above its high watermark: holding the client");
-        gate.open().await;
-    }
-}
 
 /// The messages sent to a subscriber's session, (topic, payload).
 type Outbound = mpsc::UnboundedReceiver<(String, Bytes)>;
@@ -408,7 +160,7 @@ async fn login(
 /// A client's connection, from CONNECT to its end. A will is published when the connection ends
 /// without a DISCONNECT (a dropped socket, silence past the keep-alive, a protocol error, a
 /// takeover), forgotten on DISCONNECT, and kept for the next start when hearth stops.
-async fn session(
+pub(super) async fn session(
     stream: TcpStream,
     broker: Arc<Broker>,
     mut shutdown: Shutdown,
@@ -666,21 +418,4 @@ async fn handle(
         routes.forward(&topic, &payload);
     }
     Ok(disconnect)
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::embedded::topics::matches;
-
-    #[test]
-    fn topic_filters() {
-        assert!(matches("hearth/+/+", "hearth/h1/s1"));
-        assert!(!matches("hearth/+/+", "hearth/h1"));
-        assert!(!matches("hearth/+/+", "hearth/h1/s1/x"));
-        assert!(matches("#", "a/b/c"));
-        assert!(matches("a/#", "a"));
-        assert!(matches("a/#", "a/b/c"));
-        assert!(!matches("#", "$SYS/broker"));
-        assert!(matches("maison/capteurs/+", "maison/capteurs/temperature"));
-    }
 }
