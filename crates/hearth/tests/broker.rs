@@ -12,7 +12,8 @@ use support::*;
 
 fn options(port: u16, client_id: &str) -> MqttOptions {
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
     opts
 }
 
@@ -512,4 +513,50 @@ async fn no_client_may_publish_a_house_s_alerts() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(reasons, ["forbidden"]);
+}
+
+/// A Zigbee2MQTT bridge's device list is larger than any reading: relayed (retained) to whoever
+/// reads it, ignored by hearth, not dead-lettered; a reading that large still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_s_big_state_is_relayed_not_refused() {
+    let env = Env::embedded("broker_big_bridge");
+    let port = env.embedded_port.unwrap();
+    let up = env.up().await;
+    let devices = format!(
+        r#"[{}]"#,
+        vec![r#"{"friendly_name":"lamp","definition":{"model":"TS011F","vendor":"TuYa"}}"#; 4000]
+            .join(",")
+    );
+    assert!(devices.len() > 256 * 1024);
+    let big_reading = format!(r#"{{"temperature":21,"pad":"{}"}}"#, "x".repeat(70_000));
+    publish(
+        port,
+        "zigbee2mqtt-bridge",
+        &[
+            ("zigbee2mqtt/bridge/devices", devices.as_str(), true),
+            ("zigbee2mqtt/lamp", big_reading.as_str(), false),
+        ],
+    )
+    .await;
+    let got = collect(port, "zigbee2mqtt/bridge/devices", Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.len(), devices.len());
+    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the embedded store");
+    let reasons: Vec<String> = db
+        .prepare("SELECT reason FROM dead")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(reasons, ["payload_too_large"], "the oversize reading only");
+    let metrics = http_get(&up.http_addr().await, "/metrics").await;
+    assert!(
+        metric(
+            &metrics,
+            r#"hearth_messages_ignored_total{ecosystem="zigbee2mqtt"}"#
+        ) >= Some(1.0),
+        "counted as ignored"
+    );
 }

@@ -195,6 +195,16 @@ impl Codecs {
         self.route(&levels).is_some()
     }
 
+    /// Topics whose messages are never readings, whatever they hold: a Zigbee2MQTT bridge's own
+    /// state and logs, and the commands sent to its devices.
+    fn housekeeping(&self, levels: &[&str]) -> bool {
+        matches!(
+            self.route(levels),
+            Some((s, rest)) if s.ecosystem == Ecosystem::Zigbee2mqtt
+                && matches!(rest, ["bridge", ..] | [.., "set" | "get"] | [_, "set" | "get", ..])
+        )
+    }
+
     /// Learn the entities of discovery configs kept by the queue (at start).
     pub fn load_discovery(&self, kept: &[(String, Vec<u8>)]) {
         let mut announced = Vec::new();
@@ -246,6 +256,11 @@ impl Codecs {
     /// Decode one MQTT message received at `received_us` (epoch microseconds).
     pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
         let limits = &self.limits;
+        let levels: Vec<&str> = topic.split('/').collect();
+        // Housekeeping whatever it holds, read by no one: no bound to check.
+        if self.housekeeping(&levels) {
+            return Decoded::default();
+        }
         if payload.len() > limits.max_payload_bytes {
             return Decoded::rejected(
                 Reason::PayloadTooLarge,
@@ -256,7 +271,6 @@ impl Codecs {
                 ),
             );
         }
-        let levels: Vec<&str> = topic.split('/').collect();
         if self.discovered(topic, &levels) {
             let house = self.discovery_house().unwrap_or("home");
             let mut d =

@@ -55,6 +55,11 @@ use crate::shutdown::Shutdown;
 /// a larger packet ends the connection.
 const PACKET_OVERHEAD: usize = 64 * 1024;
 
+/// The largest message relayed whatever `max_payload_bytes`: the bridges' own state is bigger
+/// than any reading (Zigbee2MQTT's retained `bridge/devices` lists every device with its
+/// definition, some 4 KiB each), and Home Assistant and the bridge's frontend read it here.
+const MIN_RELAYED: usize = 1024 * 1024;
+
 /// Bind the broker's address, with an error that says what to do when it is taken.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -96,7 +101,7 @@ impl Settings {
     }
 
     fn max_packet(&self) -> usize {
-        self.limits.max_payload_bytes + PACKET_OVERHEAD
+        self.limits.max_payload_bytes.max(MIN_RELAYED) + PACKET_OVERHEAD
     }
 }
 
