@@ -467,7 +467,7 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
 
     // The sleeper's connection was closed by the server: reading it now ends. What the server
     // had queued for it drains through its 2 KiB window first, a round trip per window: on a
-    // loaded machine that alone took more than 30 s once (a clean-clone CI run), so it gets 2 min.
+    // loaded machine that alone took more than 30 s once (a full test run), so it gets 2 min.
     let mut sink = vec![0u8; 64 * 1024];
     let closed = tokio::time::timeout(4 * WAIT, async {
         loop {
