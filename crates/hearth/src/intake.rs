@@ -45,6 +45,8 @@ pub struct Input {
     announcements: Vec<Announcement>,
     /// The device the events come from (device ecosystems).
     device: Option<Box<DeviceInfo>>,
+    /// What a bridge said of its devices.
+    catalog: Vec<(String, DeviceInfo)>,
 }
 
 impl Input {
@@ -63,6 +65,7 @@ impl Input {
             dead,
             announcements: decoded.announcements,
             device: decoded.device,
+            catalog: decoded.catalog,
         }
     }
 
@@ -82,6 +85,7 @@ impl Input {
             refused: vec![why.reason],
             announcements: Vec::new(),
             device: None,
+            catalog: Vec::new(),
         }
     }
 
@@ -169,6 +173,13 @@ impl Intake {
             .iter()
             .flat_map(|i| i.announcements.iter().cloned())
             .collect();
+        let catalog: Vec<(String, DeviceInfo)> = inputs
+            .iter()
+            .flat_map(|i| i.catalog.iter().cloned())
+            .collect();
+        if !catalog.is_empty() {
+            self.queue.keep_catalog(&catalog).await?;
+        }
         if events.is_empty() && dead.is_empty() && announced.is_empty() {
             return Ok(());
         }

@@ -133,6 +133,10 @@ pub trait EventQueue: Send + Sync {
     fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()>;
     /// A house's sensors' devices: sensor id → device.
     fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>>;
+    /// Keep what bridges say of their devices (model, maker), by (house, device).
+    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()>;
+    /// What bridges said of a house's devices: device id → device.
+    fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>>;
 }
 
 /// One consumer's reading of the queue.

@@ -343,6 +343,20 @@ async fn queue_suite(b: Backend) {
         "other"
     );
     assert!(q.devices("h3").await.expect("devices").is_empty());
+    // What bridges say of their devices: by house and device.
+    q.keep_catalog(&[
+        ("h1".into(), device("lamp", Some("TS011F"))),
+        ("h2".into(), device("lamp", Some("other"))),
+    ])
+    .await
+    .expect("keep catalog");
+    assert_eq!(
+        q.catalog("h1").await.expect("catalog")["lamp"]
+            .model
+            .as_deref(),
+        Some("TS011F")
+    );
+    assert_eq!(q.catalog("h2").await.expect("catalog").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

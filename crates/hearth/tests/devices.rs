@@ -200,6 +200,41 @@ async fn the_corpus_is_read_as_documented(env: &mut Env, port: u16, servers: boo
         latest.to_string().contains("door"),
         "the API serves the device's readings: {latest}"
     );
+    // What the bridge says of its devices (its retained `bridge/devices`, as documented at
+    // https://www.zigbee2mqtt.io/guide/usage/mqtt_topics_and_messages.html): model and vendor.
+    let bridge_devices = br#"[{"ieee_address":"0x00124b0000000000","type":"Coordinator","friendly_name":"Coordinator","definition":null},
+        {"ieee_address":"0x00158d0001a2b3c4","type":"EndDevice","friendly_name":"Aqara WindowSensorHome","model_id":"lumi.sensor_magnet.aq2",
+         "definition":{"model":"MCCGQ11LM","vendor":"Aqara","description":"Door and window sensor"}}]"#;
+    publish_all(
+        port,
+        &format!("bridge-{}", env.name),
+        vec![("zigbee2mqtt/bridge/devices".into(), bridge_devices.to_vec())],
+    )
+    .await;
+    let window = eventually(
+        "the bridge's word on a device",
+        Duration::from_secs(20),
+        || {
+            let addr = addr.clone();
+            async move {
+                let (_, body) = http(
+                    &addr,
+                    "GET",
+                    "/api/v1/houses/home/sensors",
+                    Some(ADMIN),
+                    None,
+                )
+                .await;
+                let sensors: Vec<Value> = serde_json::from_str(&body).ok()?;
+                sensors.into_iter().find(|s| {
+                    s["sensor_id"] == "Aqara_WindowSensorHome"
+                        && s["device"]["model"] == "MCCGQ11LM"
+                })
+            }
+        },
+    )
+    .await;
+    assert_eq!(window["device"]["manufacturer"], "Aqara", "{window}");
     // Every sensor knows its device: its own, or the one it is a channel of.
     let (_, body) = http(
         &addr,

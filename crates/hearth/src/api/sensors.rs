@@ -103,6 +103,14 @@ pub async fn house_sensors(
     let ids: Vec<String> = rows.iter().map(|r| r.sensor_id.clone()).collect();
     let values = latest(&state, &house, &ids).await?;
     let mut devices = state.seams.queue.devices(&house).await?;
+    // A bridge's word on a device (its model, maker) where its readings said nothing of it.
+    let catalog = state.seams.queue.catalog(&house).await?;
+    for d in devices.values_mut() {
+        if let Some(known) = catalog.get(&d.device_id) {
+            d.model = d.model.take().or_else(|| known.model.clone());
+            d.manufacturer = d.manufacturer.take().or_else(|| known.manufacturer.clone());
+        }
+    }
     Ok(Json(
         rows.into_iter()
             .zip(values)

@@ -79,6 +79,8 @@ pub struct Decoded {
     pub announcements: Vec<Announcement>,
     /// The device the message's readings come from (device ecosystems).
     pub device: Option<Box<crate::seam::DeviceInfo>>,
+    /// What a bridge says of its devices (model, maker), by house.
+    pub catalog: Vec<(String, crate::seam::DeviceInfo)>,
 }
 
 impl Decoded {
@@ -257,9 +259,19 @@ impl Codecs {
     pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
         let limits = &self.limits;
         let levels: Vec<&str> = topic.split('/').collect();
-        // Housekeeping whatever it holds, read by no one: no bound to check.
+        // Housekeeping whatever it holds, read by no one: no bound to check. But for what a
+        // Zigbee2MQTT bridge says of its devices (its retained list, with models and makers).
         if self.housekeeping(&levels) {
-            return Decoded::default();
+            return match self.route(&levels) {
+                Some((s, ["bridge", "devices"])) => Decoded {
+                    catalog: zigbee2mqtt::catalog(payload)
+                        .into_iter()
+                        .map(|d| (s.house.clone().unwrap_or_default(), d))
+                        .collect(),
+                    ..Decoded::default()
+                },
+                _ => Decoded::default(),
+            };
         }
         if payload.len() > limits.max_payload_bytes {
             return Decoded::rejected(

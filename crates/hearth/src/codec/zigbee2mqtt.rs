@@ -101,6 +101,44 @@ pub fn decode(ctx: &Context<'_>, rest: &[&str], payload: &[u8]) -> Decoded {
     }
 }
 
+/// Most bytes of a bridge's device list read, and most devices taken from it.
+const CATALOG_MAX_BYTES: usize = 4 * 1024 * 1024;
+const CATALOG_MAX_DEVICES: usize = 5_000;
+
+/// What the bridge's retained `bridge/devices` says of each device: its model and vendor
+/// (<https://www.zigbee2mqtt.io/guide/usage/mqtt_topics_and_messages.html#zigbee2mqtt-bridge-devices>).
+/// The coordinator is not a device of the home; anything unreadable gives nothing.
+pub fn catalog(payload: &[u8]) -> Vec<crate::seam::DeviceInfo> {
+    if payload.len() > CATALOG_MAX_BYTES {
+        return Vec::new();
+    }
+    let Ok(Value::Array(devices)) = serde_json::from_slice::<Value>(payload) else {
+        return Vec::new();
+    };
+    let text = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(|s| crate::event::truncate(s, 64).to_string())
+    };
+    devices
+        .iter()
+        .filter(|d| d.get("type").and_then(Value::as_str) != Some("Coordinator"))
+        .filter_map(|d| {
+            let device_id = slug(d.get("friendly_name")?.as_str()?)?;
+            let definition = d.get("definition");
+            Some(crate::seam::DeviceInfo {
+                device_id,
+                ecosystem: "zigbee2mqtt".into(),
+                model: text(definition.and_then(|x| x.get("model")))
+                    .or_else(|| text(d.get("model_id"))),
+                manufacturer: text(definition.and_then(|x| x.get("vendor")))
+                    .or_else(|| text(d.get("manufacturer"))),
+            })
+        })
+        .take(CATALOG_MAX_DEVICES)
+        .collect()
+}
+
 /// The friendly name of the device a topic is about.
 pub fn device_name(rest: &[&str]) -> Option<String> {
     let name = match rest {

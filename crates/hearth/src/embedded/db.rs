@@ -221,6 +221,13 @@ CREATE TABLE devices (
     info      TEXT NOT NULL,
     PRIMARY KEY (house_id, sensor_id)
 );
+-- What bridges say of their devices (Zigbee2MQTT's bridge/devices): model and maker.
+CREATE TABLE catalog (
+    house_id  TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    info      TEXT NOT NULL,
+    PRIMARY KEY (house_id, device_id)
+);
 ";
 
 const MIGRATIONS: &[(i64, &str)] = &[

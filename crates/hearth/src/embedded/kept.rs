@@ -53,21 +53,29 @@ pub fn discovery(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<(String, 
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }
 
-/// Keep which device each (house, sensor) belongs to.
-pub fn keep_devices(
+/// Keep which device each (house, sensor) belongs to (`devices`), or what bridges say of each
+/// (house, device) (`catalog`): rows of (house, key, device).
+pub fn keep_infos(
     c: &mut rusqlite::Connection,
-    devices: &[(String, String, crate::seam::DeviceInfo)],
+    table: Infos,
+    rows: &[(String, String, crate::seam::DeviceInfo)],
 ) -> rusqlite::Result<()> {
     let tx = c.transaction()?;
     {
-        let mut put = tx.prepare_cached(
-            "INSERT INTO devices (house_id, sensor_id, info) VALUES (?1, ?2, ?3)
-             ON CONFLICT (house_id, sensor_id) DO UPDATE SET info = excluded.info",
-        )?;
-        for (house, sensor, info) in devices {
+        let mut put = tx.prepare_cached(match table {
+            Infos::Devices => {
+                "INSERT INTO devices (house_id, sensor_id, info) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (house_id, sensor_id) DO UPDATE SET info = excluded.info"
+            }
+            Infos::Catalog => {
+                "INSERT INTO catalog (house_id, device_id, info) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (house_id, device_id) DO UPDATE SET info = excluded.info"
+            }
+        })?;
+        for (house, key, info) in rows {
             put.execute(params![
                 house,
-                sensor,
+                key,
                 serde_json::to_string(info).unwrap_or_default()
             ])?;
         }
@@ -75,20 +83,31 @@ pub fn keep_devices(
     tx.commit()
 }
 
-/// A house's sensors' devices.
-pub fn devices(
+/// Which of the two device tables.
+#[derive(Debug, Clone, Copy)]
+pub enum Infos {
+    Devices,
+    Catalog,
+}
+
+/// A house's rows of one device table: key → device.
+pub fn infos(
     c: &mut rusqlite::Connection,
+    table: Infos,
     house: &str,
 ) -> rusqlite::Result<std::collections::HashMap<String, crate::seam::DeviceInfo>> {
-    let mut st = c.prepare_cached("SELECT sensor_id, info FROM devices WHERE house_id = ?1")?;
+    let mut st = c.prepare_cached(match table {
+        Infos::Devices => "SELECT sensor_id, info FROM devices WHERE house_id = ?1",
+        Infos::Catalog => "SELECT device_id, info FROM catalog WHERE house_id = ?1",
+    })?;
     let rows = st.query_map([house], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
     })?;
     let mut out = std::collections::HashMap::new();
     for row in rows {
-        let (sensor, json) = row?;
+        let (key, json) = row?;
         if let Ok(info) = serde_json::from_str(&json) {
-            out.insert(sensor, info);
+            out.insert(key, info);
         }
     }
     Ok(out)

@@ -17,6 +17,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::db::{Sqlite, bump};
+use super::kept::Infos;
 use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
@@ -253,6 +254,28 @@ async fn appender(
     }
 }
 
+impl SqliteQueue {
+    fn keep_infos(&self, table: Infos, rows: Vec<(String, String, DeviceInfo)>) -> Fut<'_, ()> {
+        Box::pin(async move {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            self.db
+                .call(move |c| super::kept::keep_infos(c, table, &rows))
+                .await
+        })
+    }
+
+    fn infos<'a>(&'a self, table: Infos, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
+        let house = house.to_string();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| super::kept::infos(c, table, &house))
+                .await
+        })
+    }
+}
+
 impl EventQueue for SqliteQueue {
     fn name(&self) -> &'static str {
         "embedded"
@@ -275,24 +298,23 @@ impl EventQueue for SqliteQueue {
     }
 
     fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()> {
-        let devices = devices.to_vec();
-        Box::pin(async move {
-            if devices.is_empty() {
-                return Ok(());
-            }
-            self.db
-                .call(move |c| super::kept::keep_devices(c, &devices))
-                .await
-        })
+        self.keep_infos(Infos::Devices, devices.to_vec())
     }
 
     fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
-        let house = house.to_string();
-        Box::pin(async move {
-            self.reader
-                .call(move |c| super::kept::devices(c, &house))
-                .await
-        })
+        self.infos(Infos::Devices, house)
+    }
+
+    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()> {
+        let rows = devices
+            .iter()
+            .map(|(house, d)| (house.clone(), d.device_id.clone(), d.clone()))
+            .collect();
+        self.keep_infos(Infos::Catalog, rows)
+    }
+
+    fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
+        self.infos(Infos::Catalog, house)
     }
 
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {

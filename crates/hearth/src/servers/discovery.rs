@@ -42,23 +42,50 @@ impl Queue {
         &self,
         devices: &[(String, String, DeviceInfo)],
     ) -> Result<(), QueueError> {
-        if devices.is_empty() {
+        let rows: Vec<(String, &str, &DeviceInfo)> = devices
+            .iter()
+            .map(|(house, sensor, info)| (self.keys.devices(house), sensor.as_str(), info))
+            .collect();
+        self.keep_infos(&rows).await
+    }
+
+    /// A house's sensors' devices.
+    pub async fn devices(&self, house: &str) -> Result<HashMap<String, DeviceInfo>, QueueError> {
+        self.infos(self.keys.devices(house)).await
+    }
+
+    /// Keep what bridges say of their devices.
+    pub async fn keep_catalog(&self, devices: &[(String, DeviceInfo)]) -> Result<(), QueueError> {
+        let rows: Vec<(String, &str, &DeviceInfo)> = devices
+            .iter()
+            .map(|(house, info)| (self.keys.catalog(house), info.device_id.as_str(), info))
+            .collect();
+        self.keep_infos(&rows).await
+    }
+
+    /// What bridges said of a house's devices.
+    pub async fn catalog(&self, house: &str) -> Result<HashMap<String, DeviceInfo>, QueueError> {
+        self.infos(self.keys.catalog(house)).await
+    }
+
+    /// (hash, field, device) rows, in one round trip.
+    async fn keep_infos(&self, rows: &[(String, &str, &DeviceInfo)]) -> Result<(), QueueError> {
+        if rows.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (house, sensor, info) in devices {
+        for (key, field, info) in rows {
             let json = serde_json::to_string(info).unwrap_or_default();
-            pipe.hset(self.keys.devices(house), sensor, json).ignore();
+            pipe.hset(key, *field, json).ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
-    /// A house's sensors' devices.
-    pub async fn devices(&self, house: &str) -> Result<HashMap<String, DeviceInfo>, QueueError> {
+    async fn infos(&self, key: String) -> Result<HashMap<String, DeviceInfo>, QueueError> {
         let mut conn = self.conn.clone();
-        let all: HashMap<String, String> = conn.hgetall(self.keys.devices(house)).await?;
+        let all: HashMap<String, String> = conn.hgetall(key).await?;
         Ok(all
             .into_iter()
             .filter_map(|(s, j)| Some((s, serde_json::from_str(&j).ok()?)))

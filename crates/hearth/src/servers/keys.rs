@@ -59,6 +59,10 @@ impl Keys {
     pub fn latest_prefix(&self) -> String {
         format!("{}:latest:", self.prefix)
     }
+    /// What bridges say of a house's devices (hash: device → JSON).
+    pub fn catalog(&self, house_id: &str) -> String {
+        format!("{}:catalog:{house_id}", self.prefix)
+    }
     /// Which device each sensor of a house belongs to (hash: sensor → JSON).
     pub fn devices(&self, house_id: &str) -> String {
         format!("{}:devices:{house_id}", self.prefix)

@@ -487,6 +487,14 @@ impl EventQueue for RedisQueue {
         Box::pin(async move { Ok(self.queue.devices(house).await?) })
     }
 
+    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.keep_catalog(devices).await?) })
+    }
+
+    fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
+        Box::pin(async move { Ok(self.queue.catalog(house).await?) })
+    }
+
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>> {
         Box::pin(async move { Ok(self.queue.depths().await?) })
     }
