@@ -356,15 +356,7 @@ async fn a_discovered_device_is_read_through_the_api_and_kept_across_a_restart()
         "71.6 °F is 22 °C: {value}"
     );
     // The device as announced: its model and maker.
-    let (_, body) = http(
-        &addr,
-        "GET",
-        "/api/v1/houses/home/sensors",
-        Some(ADMIN),
-        None,
-    )
-    .await;
-    let sensors: Vec<serde_json::Value> = serde_json::from_str(&body).expect("sensors");
+    let sensors = house_sensors(&addr, ADMIN, "home").await;
     let soil = sensors
         .iter()
         .find(|s| s["sensor_id"] == sensor)

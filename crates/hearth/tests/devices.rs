@@ -217,34 +217,20 @@ async fn the_corpus_is_read_as_documented(env: &mut Env, port: u16, servers: boo
         || {
             let addr = addr.clone();
             async move {
-                let (_, body) = http(
-                    &addr,
-                    "GET",
-                    "/api/v1/houses/home/sensors",
-                    Some(ADMIN),
-                    None,
-                )
-                .await;
-                let sensors: Vec<Value> = serde_json::from_str(&body).ok()?;
-                sensors.into_iter().find(|s| {
-                    s["sensor_id"] == "Aqara_WindowSensorHome"
-                        && s["device"]["model"] == "MCCGQ11LM"
-                })
+                house_sensors(&addr, ADMIN, "home")
+                    .await
+                    .into_iter()
+                    .find(|s| {
+                        s["sensor_id"] == "Aqara_WindowSensorHome"
+                            && s["device"]["model"] == "MCCGQ11LM"
+                    })
             }
         },
     )
     .await;
     assert_eq!(window["device"]["manufacturer"], "Aqara", "{window}");
     // Every sensor knows its device: its own, or the one it is a channel of.
-    let (_, body) = http(
-        &addr,
-        "GET",
-        "/api/v1/houses/home/sensors",
-        Some(ADMIN),
-        None,
-    )
-    .await;
-    let sensors: Vec<Value> = serde_json::from_str(&body).expect("sensors");
+    let sensors = house_sensors(&addr, ADMIN, "home").await;
     assert!(!sensors.is_empty());
     for s in &sensors {
         let id = s["sensor_id"].as_str().unwrap();

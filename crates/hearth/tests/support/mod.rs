@@ -842,3 +842,17 @@ pub fn publish_paced(
         }
     })
 }
+
+/// `GET /api/v1/houses/{house}/sensors` with `token`: the sensors listed (none if the answer is
+/// not a list).
+pub async fn house_sensors(addr: &str, token: &str, house: &str) -> Vec<Value> {
+    let (_, body) = http(
+        addr,
+        "GET",
+        &format!("/api/v1/houses/{house}/sensors"),
+        Some(token),
+        None,
+    )
+    .await;
+    serde_json::from_str(&body).unwrap_or_default()
+}
