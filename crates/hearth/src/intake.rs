@@ -229,6 +229,10 @@ impl Intake {
 
     /// The (house, sensor, device) of `inputs` not recorded by this process yet.
     fn new_devices(&self, inputs: &[&Input]) -> Vec<(String, String, DeviceInfo)> {
+        // Native readings name no device: no lock for them.
+        if inputs.iter().all(|i| i.device.is_none()) {
+            return Vec::new();
+        }
         let Ok(known) = self.devices.lock() else {
             return Vec::new();
         };

@@ -72,6 +72,18 @@ async fn publish(port: u16, client_id: &str, messages: &[(&str, &str, bool)]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
 }
 
+/// The reasons of the embedded store's dead letters, oldest first.
+fn dead_reasons(env: &Env) -> Vec<String> {
+    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the embedded store");
+    db.prepare("SELECT reason FROM dead ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 fn availability(env: &Env, sensor: &str) -> Vec<f64> {
     let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("open the embedded store");
@@ -495,15 +507,7 @@ async fn no_client_may_publish_a_house_s_alerts() {
     .await;
     let got = collect(port, "hearth/h1/alerts/#", Duration::from_millis(500)).await;
     assert!(got.is_empty(), "neither kept nor forwarded: {got:?}");
-    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open the embedded store");
-    let reasons: Vec<String> = db
-        .prepare("SELECT reason FROM dead")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let reasons = dead_reasons(&env);
     assert_eq!(reasons, ["forbidden"]);
 }
 
@@ -533,15 +537,7 @@ async fn a_bridge_s_big_state_is_relayed_not_refused() {
     let got = collect(port, "zigbee2mqtt/bridge/devices", Duration::from_secs(1)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1.len(), devices.len());
-    let db = Connection::open_with_flags(env.data_file(), OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open the embedded store");
-    let reasons: Vec<String> = db
-        .prepare("SELECT reason FROM dead")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let reasons = dead_reasons(&env);
     assert_eq!(reasons, ["payload_too_large"], "the oversize reading only");
     let metrics = http_get(&up.http_addr().await, "/metrics").await;
     assert!(

@@ -52,6 +52,34 @@ fn expected(case: &Value) -> Vec<Reading> {
     out
 }
 
+/// What a decode gave, as the corpus states it, sorted.
+fn readings_of(d: &super::Decoded) -> Vec<Reading> {
+    let mut got: Vec<Reading> = d
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.sensor_id.clone(),
+                e.kind.clone(),
+                e.value,
+                crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
+                e.source_unit.clone(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    got
+}
+
+/// The same readings, values at a millionth.
+fn same(got: &[Reading], want: &[Reading]) -> bool {
+    got.len() == want.len()
+        && got.iter().zip(want).all(|(g, w)| {
+            (&g.0, &g.1, &g.3, &g.4) == (&w.0, &w.1, &w.3, &w.4)
+                && (g.2 - w.2).abs() <= 1e-6 * w.2.abs().max(1.0)
+        })
+}
+
 #[test]
 fn every_corpus_message_gives_its_expected_readings() {
     let codecs = Codecs::defaults(Limits::default());
@@ -69,28 +97,11 @@ fn every_corpus_message_gives_its_expected_readings() {
                 e => assert_eq!(e.map(|e| e.name()), Some(*ecosystem), "{topic}"),
             }
             let d = codecs.decode(topic, payload.as_bytes(), NOW_US);
-            let mut got: Vec<Reading> = d
-                .events
-                .iter()
-                .map(|e| {
-                    assert_eq!(e.house_id, "home");
-                    (
-                        e.sensor_id.clone(),
-                        e.kind.clone(),
-                        e.value,
-                        crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
-                        e.source_unit.clone(),
-                    )
-                })
-                .collect();
-            got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            assert!(d.events.iter().all(|e| e.house_id == "home"));
+            let got = readings_of(&d);
             let want = expected(case);
             readings += want.len();
-            let same = got.len() == want.len()
-                && got.iter().zip(&want).all(|(g, w)| {
-                    (&g.0, &g.1, &g.3, &g.4) == (&w.0, &w.1, &w.3, &w.4)
-                        && (g.2 - w.2).abs() <= 1e-6 * w.2.abs().max(1.0)
-                });
+            let same = same(&got, &want);
             if !same || !d.rejections.is_empty() || (ignored != d.is_ignored()) {
                 failures.push(format!(
                     "{topic} {payload}\n  want {want:?}\n  got  {got:?}\n  rejections {:?}",
@@ -144,27 +155,10 @@ fn every_discovered_entity_reads_as_documented() {
             }
             let d = codecs.decode(topic, payload.as_bytes(), NOW_US);
             codecs.discovery.apply(&d.announcements);
-            let mut got: Vec<Reading> = d
-                .events
-                .iter()
-                .map(|e| {
-                    (
-                        e.sensor_id.clone(),
-                        e.kind.clone(),
-                        e.value,
-                        crate::kinds::unit_or_canonical(&e.kind, e.unit.clone()),
-                        e.source_unit.clone(),
-                    )
-                })
-                .collect();
-            got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            let got = readings_of(&d);
             let want = expected(m);
             readings += want.len();
-            let same = got.len() == want.len()
-                && got.iter().zip(&want).all(|(g, w)| {
-                    (&g.0, &g.1, &g.3, &g.4) == (&w.0, &w.1, &w.3, &w.4)
-                        && (g.2 - w.2).abs() <= 1e-6 * w.2.abs().max(1.0)
-                });
+            let same = same(&got, &want);
             if !same || !d.rejections.is_empty() {
                 failures.push(format!(
                     "{config_topic} then {topic} {payload}\n  want {want:?}\n  got  {got:?}\n  rejections {:?}",

@@ -199,9 +199,9 @@ impl Codecs {
 
     /// Topics whose messages are never readings, whatever they hold: a Zigbee2MQTT bridge's own
     /// state and logs, and the commands sent to its devices.
-    fn housekeeping(&self, levels: &[&str]) -> bool {
+    fn housekeeping(routed: Option<(&Source, &[&str])>) -> bool {
         matches!(
-            self.route(levels),
+            routed,
             Some((s, rest)) if s.ecosystem == Ecosystem::Zigbee2mqtt
                 && matches!(rest, ["bridge", ..] | [.., "set" | "get"] | [_, "set" | "get", ..])
         )
@@ -236,10 +236,10 @@ impl Codecs {
     /// messages name their readings (native, minimal, Zigbee2MQTT, Tasmota, Shelly) keep
     /// theirs; ESPHome's plain states, which say nothing of their kind or unit, are read as the
     /// node's discovery config says.
-    fn discovered(&self, topic: &str, levels: &[&str]) -> bool {
+    fn discovered(&self, topic: &str, routed: Option<(&Source, &[&str])>) -> bool {
         self.discovery.reads(topic)
             && self.discovery_house().is_some()
-            && match self.route(levels) {
+            && match routed {
                 None => true,
                 // A state topic under the discovery prefix is no config.
                 Some((s, _)) => matches!(s.ecosystem, Ecosystem::Esphome | Ecosystem::HaDiscovery),
@@ -249,20 +249,22 @@ impl Codecs {
     /// The ecosystem a topic's messages are read as, if any.
     pub fn ecosystem(&self, topic: &str) -> Option<Ecosystem> {
         let levels: Vec<&str> = topic.split('/').collect();
-        if self.discovered(topic, &levels) {
+        let routed = self.route(&levels);
+        if self.discovered(topic, routed) {
             return Some(Ecosystem::HaDiscovery);
         }
-        self.route(&levels).map(|(s, _)| s.ecosystem)
+        routed.map(|(s, _)| s.ecosystem)
     }
 
     /// Decode one MQTT message received at `received_us` (epoch microseconds).
     pub fn decode(&self, topic: &str, payload: &[u8], received_us: i64) -> Decoded {
         let limits = &self.limits;
         let levels: Vec<&str> = topic.split('/').collect();
+        let routed = self.route(&levels);
         // Housekeeping whatever it holds, read by no one: no bound to check. But for what a
         // Zigbee2MQTT bridge says of its devices (its retained list, with models and makers).
-        if self.housekeeping(&levels) {
-            return match self.route(&levels) {
+        if Codecs::housekeeping(routed) {
+            return match routed {
                 Some((s, ["bridge", "devices"])) => Decoded {
                     catalog: zigbee2mqtt::catalog(payload)
                         .into_iter()
@@ -283,7 +285,7 @@ impl Codecs {
                 ),
             );
         }
-        if self.discovered(topic, &levels) {
+        if self.discovered(topic, routed) {
             let house = self.discovery_house().unwrap_or("home");
             let mut d =
                 discovery::readings(&self.discovery, house, topic, payload, received_us, limits);
@@ -299,7 +301,7 @@ impl Codecs {
             }
             return d;
         }
-        let Some((source, rest)) = self.route(&levels) else {
+        let Some((source, rest)) = routed else {
             return Decoded::rejected(
                 Reason::UnknownTopic,
                 format!("no codec for topic {:?}", truncate(topic, 128)),
@@ -351,6 +353,14 @@ impl Codecs {
             ),
             // Discovery configs; Home Assistant's own status and other components: nothing.
             (Ecosystem::HaDiscovery, rest) => match discovery::announcement(topic, rest, payload) {
+                // Neither kept nor applied: the store holds no more than the registry.
+                Ok(Some(a)) if !self.discovery.admits(&a) => Decoded::rejected(
+                    Reason::TooManySensors,
+                    format!(
+                        "{} entities are discovered already, the most kept",
+                        discovery::MAX_ENTITIES
+                    ),
+                ),
                 Ok(Some(a)) if self.discovery.differs(&a) => Decoded {
                     rejections: a.refused.iter().cloned().collect(),
                     announcements: vec![a],
@@ -390,10 +400,11 @@ impl Codecs {
         if matches!(levels.first(), Some(&"+" | &"#")) {
             return None;
         }
-        if self.discovered(topic, &levels) {
+        let routed = self.route(&levels);
+        if self.discovered(topic, routed) {
             return self.discovery_house();
         }
-        let (source, _) = self.route(&levels)?;
+        let (source, _) = routed?;
         match source.ecosystem {
             Ecosystem::Minimal => Some("maison"),
             _ => source.house.as_deref(),

@@ -30,14 +30,44 @@ pub fn keep_discovery(
     c: &mut rusqlite::Connection,
     configs: &[(String, Vec<u8>)],
 ) -> rusqlite::Result<()> {
-    let tx = c.transaction()?;
-    {
-        let mut put = tx.prepare_cached(
+    put_or_remove(
+        c,
+        Topics::Discovery,
+        configs.iter().map(|(t, p)| (t, p.as_slice())),
+    )
+}
+
+/// The two tables of (topic, payload) rows.
+#[derive(Debug, Clone, Copy)]
+enum Topics {
+    Retained,
+    Discovery,
+}
+
+/// Put each (topic, payload), or remove the topic's row where the payload is empty, in one
+/// transaction.
+fn put_or_remove<'r>(
+    c: &mut rusqlite::Connection,
+    table: Topics,
+    rows: impl Iterator<Item = (&'r String, &'r [u8])>,
+) -> rusqlite::Result<()> {
+    let (put, remove) = match table {
+        Topics::Retained => (
+            "INSERT INTO retained (topic, payload) VALUES (?1, ?2)
+             ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
+            "DELETE FROM retained WHERE topic = ?1",
+        ),
+        Topics::Discovery => (
             "INSERT INTO discovery (topic, payload) VALUES (?1, ?2)
              ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
-        )?;
-        let mut remove = tx.prepare_cached("DELETE FROM discovery WHERE topic = ?1")?;
-        for (topic, payload) in configs {
+            "DELETE FROM discovery WHERE topic = ?1",
+        ),
+    };
+    let tx = c.transaction()?;
+    {
+        let mut put = tx.prepare_cached(put)?;
+        let mut remove = tx.prepare_cached(remove)?;
+        for (topic, payload) in rows {
             match payload.is_empty() {
                 true => remove.execute([topic])?,
                 false => put.execute(params![topic, payload])?,
@@ -198,21 +228,11 @@ impl Kept {
         let rows = admitted.clone();
         self.writer
             .call(move |c| {
-                let tx = c.transaction()?;
-                {
-                    let mut put = tx.prepare_cached(
-                        "INSERT INTO retained (topic, payload) VALUES (?1, ?2)
-                         ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
-                    )?;
-                    let mut remove = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
-                    for (topic, payload) in &rows {
-                        match payload.is_empty() {
-                            true => remove.execute([topic])?,
-                            false => put.execute(params![topic, payload.as_ref()])?,
-                        };
-                    }
-                }
-                tx.commit()
+                put_or_remove(
+                    c,
+                    Topics::Retained,
+                    rows.iter().map(|(t, p)| (t, p.as_ref())),
+                )
             })
             .await?;
         if let Ok(mut held) = self.retained.lock() {

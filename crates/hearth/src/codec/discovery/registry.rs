@@ -81,6 +81,17 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Whether a config may be kept: a removal, or a config of an entity held, always; a new
+    /// entity while fewer than [`MAX_ENTITIES`] are held.
+    pub fn admits(&self, a: &Announcement) -> bool {
+        a.entity.is_none()
+            || self.len() < MAX_ENTITIES
+            || self
+                .inner
+                .read()
+                .is_ok_and(|i| i.by_config.contains_key(&a.config_topic))
+    }
+
     /// Whether a config is new, or says something else than the one kept.
     pub fn differs(&self, a: &Announcement) -> bool {
         self.inner.read().map_or(true, |i| {

@@ -123,3 +123,40 @@ fn the_registry_indexes_topics_and_forgets_removed_entities() {
     r.apply(&[removed]);
     assert!(!r.reads("n/t") && r.is_empty());
 }
+
+#[test]
+fn past_the_most_entities_a_new_config_is_refused_and_not_kept() {
+    let codecs = crate::codec::Codecs::defaults(crate::codec::Limits::default());
+    let announced: Vec<Announcement> = (0..MAX_ENTITIES)
+        .map(|i| {
+            let topic = format!("homeassistant/sensor/n/e{i}/config");
+            let levels = ["sensor", "n", "x", "config"];
+            announcement(&topic, &levels, br#"{"stat_t":"n/state"}"#)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    codecs.discovery.apply(&announced);
+    assert_eq!(codecs.discovery.len(), MAX_ENTITIES);
+    let config = br#"{"stat_t":"n/other","dev_cla":"temperature"}"#;
+    let d = codecs.decode(
+        "homeassistant/sensor/n/new/config",
+        config,
+        1_764_139_200_000_000,
+    );
+    assert!(d.announcements.is_empty(), "not kept");
+    assert_eq!(d.rejections[0].reason, Reason::TooManySensors);
+    // A held entity may still change, and go.
+    let d = codecs.decode(
+        "homeassistant/sensor/n/e7/config",
+        config,
+        1_764_139_200_000_000,
+    );
+    assert_eq!((d.announcements.len(), d.rejections.len()), (1, 0));
+    let d = codecs.decode(
+        "homeassistant/sensor/n/e8/config",
+        b"",
+        1_764_139_200_000_000,
+    );
+    assert_eq!(d.announcements.len(), 1);
+}
