@@ -178,7 +178,9 @@ impl Intake {
             .flat_map(|i| i.catalog.iter().cloned())
             .collect();
         if !catalog.is_empty() {
-            self.queue.keep_catalog(&catalog).await?;
+            self.queue
+                .keep_catalog(&catalog, self.codecs.limits.max_devices_per_house)
+                .await?;
         }
         if events.is_empty() && dead.is_empty() && announced.is_empty() {
             return Ok(());
@@ -192,7 +194,9 @@ impl Intake {
         }
         let devices = self.new_devices(inputs);
         if !devices.is_empty() {
-            self.queue.keep_devices(&devices).await?;
+            self.queue
+                .keep_devices(&devices, self.codecs.limits.max_devices_per_house)
+                .await?;
         }
         crate::fault::hit("before_append");
         self.queue.append(&events, &dead).await?;

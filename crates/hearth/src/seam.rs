@@ -129,12 +129,22 @@ pub trait EventQueue: Send + Sync {
     fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()>;
     /// The discovery configs kept, read at start.
     fn discovery(&self) -> Fut<'_, Vec<(String, Vec<u8>)>>;
-    /// Keep which device each (house, sensor) belongs to.
-    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()>;
+    /// Keep which device each (house, sensor) belongs to; a house holding `max_per_house` rows
+    /// takes no new sensor (its known ones are still updated).
+    fn keep_devices<'a>(
+        &'a self,
+        devices: &'a [(String, String, DeviceInfo)],
+        max_per_house: u64,
+    ) -> Fut<'a, ()>;
     /// A house's sensors' devices: sensor id → device.
     fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>>;
-    /// Keep what bridges say of their devices (model, maker), by (house, device).
-    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()>;
+    /// Keep what bridges say of their devices (model, maker), by (house, device), bounded as
+    /// [`EventQueue::keep_devices`].
+    fn keep_catalog<'a>(
+        &'a self,
+        devices: &'a [(String, DeviceInfo)],
+        max_per_house: u64,
+    ) -> Fut<'a, ()>;
     /// What bridges said of a house's devices: device id → device.
     fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>>;
 }

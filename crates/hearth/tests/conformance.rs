@@ -318,23 +318,34 @@ async fn queue_suite(b: Backend) {
         q.discovery().await.expect("kept"),
         [config("homeassistant/sensor/a/h/config", "{\"x\":2}")]
     );
-    // Devices: by house and sensor, replaced, never across houses.
+    // Devices: by house and sensor, replaced, never across houses, bounded per house.
+    const MAX: u64 = 1_000;
     let device = |id: &str, model: Option<&str>| hearth::seam::DeviceInfo {
         device_id: id.into(),
         ecosystem: "zigbee2mqtt".into(),
         model: model.map(Into::into),
         manufacturer: None,
     };
-    q.keep_devices(&[
-        ("h1".into(), "lamp".into(), device("lamp", None)),
-        ("h1".into(), "lamp.l1".into(), device("lamp", None)),
-        ("h2".into(), "lamp".into(), device("other", None)),
-    ])
+    q.keep_devices(
+        &[
+            ("h1".into(), "lamp".into(), device("lamp", None)),
+            ("h1".into(), "lamp.l1".into(), device("lamp", None)),
+            ("h2".into(), "lamp".into(), device("other", None)),
+        ],
+        MAX,
+    )
     .await
     .expect("keep devices");
-    q.keep_devices(&[("h1".into(), "lamp".into(), device("lamp", Some("TS011F")))])
-        .await
-        .expect("replace");
+    // A house at its bound takes no new sensor; its known ones are still replaced.
+    q.keep_devices(
+        &[
+            ("h1".into(), "lamp".into(), device("lamp", Some("TS011F"))),
+            ("h1".into(), "made_up".into(), device("made_up", None)),
+        ],
+        2,
+    )
+    .await
+    .expect("replace");
     let h1 = q.devices("h1").await.expect("devices");
     assert_eq!(h1.len(), 2);
     assert_eq!(h1["lamp"], device("lamp", Some("TS011F")));
@@ -344,10 +355,14 @@ async fn queue_suite(b: Backend) {
     );
     assert!(q.devices("h3").await.expect("devices").is_empty());
     // What bridges say of their devices: by house and device.
-    q.keep_catalog(&[
-        ("h1".into(), device("lamp", Some("TS011F"))),
-        ("h2".into(), device("lamp", Some("other"))),
-    ])
+    q.keep_catalog(
+        &[
+            ("h1".into(), device("lamp", Some("TS011F"))),
+            ("h2".into(), device("lamp", Some("other"))),
+            ("h2".into(), device("made_up", Some("other"))),
+        ],
+        1,
+    )
     .await
     .expect("keep catalog");
     assert_eq!(

@@ -39,6 +39,9 @@ pub struct Limits {
     /// Most readings in one message (or HTTP request): more is refused whole.
     pub max_readings: usize,
     pub max_future_skew_ms: i64,
+    /// Most devices recorded per house, in the sensors' device map and in a bridge's catalog
+    /// each (`max_sensors_per_house`: a device past it could have no stored sensor anyway).
+    pub max_devices_per_house: u64,
 }
 
 impl Limits {
@@ -47,6 +50,7 @@ impl Limits {
             max_payload_bytes: config.max_payload_bytes,
             max_readings: config.max_readings_per_message,
             max_future_skew_ms: config.max_future_skew_secs.saturating_mul(1000) as i64,
+            max_devices_per_house: config.max_sensors_per_house,
         }
     }
 

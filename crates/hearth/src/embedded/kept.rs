@@ -84,21 +84,31 @@ pub fn discovery(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<(String, 
 }
 
 /// Keep which device each (house, sensor) belongs to (`devices`), or what bridges say of each
-/// (house, device) (`catalog`): rows of (house, key, device).
+/// (house, device) (`catalog`): rows of (house, key, device). A house holding `max` rows takes
+/// no new key (its known ones are still updated).
 pub fn keep_infos(
     c: &mut rusqlite::Connection,
     table: Infos,
     rows: &[(String, String, crate::seam::DeviceInfo)],
+    max: u64,
 ) -> rusqlite::Result<()> {
     let tx = c.transaction()?;
     {
+        // `WHERE true` keeps SQLite from reading `ON CONFLICT` as a join's (its documented
+        // parsing ambiguity of INSERT … SELECT … ON CONFLICT).
         let mut put = tx.prepare_cached(match table {
             Infos::Devices => {
-                "INSERT INTO devices (house_id, sensor_id, info) VALUES (?1, ?2, ?3)
+                "INSERT INTO devices (house_id, sensor_id, info)
+                 SELECT ?1, ?2, ?3 WHERE true AND (
+                   EXISTS (SELECT 1 FROM devices WHERE house_id = ?1 AND sensor_id = ?2)
+                   OR (SELECT COUNT(*) FROM devices WHERE house_id = ?1) < ?4)
                  ON CONFLICT (house_id, sensor_id) DO UPDATE SET info = excluded.info"
             }
             Infos::Catalog => {
-                "INSERT INTO catalog (house_id, device_id, info) VALUES (?1, ?2, ?3)
+                "INSERT INTO catalog (house_id, device_id, info)
+                 SELECT ?1, ?2, ?3 WHERE true AND (
+                   EXISTS (SELECT 1 FROM catalog WHERE house_id = ?1 AND device_id = ?2)
+                   OR (SELECT COUNT(*) FROM catalog WHERE house_id = ?1) < ?4)
                  ON CONFLICT (house_id, device_id) DO UPDATE SET info = excluded.info"
             }
         })?;
@@ -106,7 +116,8 @@ pub fn keep_infos(
             put.execute(params![
                 house,
                 key,
-                serde_json::to_string(info).unwrap_or_default()
+                serde_json::to_string(info).unwrap_or_default(),
+                i64::try_from(max).unwrap_or(i64::MAX)
             ])?;
         }
     }

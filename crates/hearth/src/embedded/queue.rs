@@ -255,13 +255,18 @@ async fn appender(
 }
 
 impl SqliteQueue {
-    fn keep_infos(&self, table: Infos, rows: Vec<(String, String, DeviceInfo)>) -> Fut<'_, ()> {
+    fn keep_infos(
+        &self,
+        table: Infos,
+        rows: Vec<(String, String, DeviceInfo)>,
+        max: u64,
+    ) -> Fut<'_, ()> {
         Box::pin(async move {
             if rows.is_empty() {
                 return Ok(());
             }
             self.db
-                .call(move |c| super::kept::keep_infos(c, table, &rows))
+                .call(move |c| super::kept::keep_infos(c, table, &rows, max))
                 .await
         })
     }
@@ -297,20 +302,24 @@ impl EventQueue for SqliteQueue {
         Box::pin(async move { self.db.call(super::kept::discovery).await })
     }
 
-    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()> {
-        self.keep_infos(Infos::Devices, devices.to_vec())
+    fn keep_devices<'a>(
+        &'a self,
+        devices: &'a [(String, String, DeviceInfo)],
+        max: u64,
+    ) -> Fut<'a, ()> {
+        self.keep_infos(Infos::Devices, devices.to_vec(), max)
     }
 
     fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
         self.infos(Infos::Devices, house)
     }
 
-    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()> {
+    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)], max: u64) -> Fut<'a, ()> {
         let rows = devices
             .iter()
             .map(|(house, d)| (house.clone(), d.device_id.clone(), d.clone()))
             .collect();
-        self.keep_infos(Infos::Catalog, rows)
+        self.keep_infos(Infos::Catalog, rows, max)
     }
 
     fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {

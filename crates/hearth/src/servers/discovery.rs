@@ -10,6 +10,15 @@ use redis::AsyncCommands;
 use super::queue::{Queue, QueueError};
 use crate::seam::DeviceInfo;
 
+/// HSET KEYS[1] ARGV[1] ARGV[2] if the field is there already or the hash holds fewer than
+/// ARGV[3] fields.
+const PUT_BOUNDED: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+"#;
+
 impl Queue {
     /// Keep configs (an empty payload forgets its topic's), in one transaction.
     pub async fn keep_discovery(&self, configs: &[(String, Vec<u8>)]) -> Result<(), QueueError> {
@@ -37,16 +46,17 @@ impl Queue {
         Ok(all)
     }
 
-    /// Keep which device each (house, sensor) belongs to.
+    /// Keep which device each (house, sensor) belongs to, at most `max` sensors per house.
     pub async fn keep_devices(
         &self,
         devices: &[(String, String, DeviceInfo)],
+        max: u64,
     ) -> Result<(), QueueError> {
         let rows: Vec<(String, &str, &DeviceInfo)> = devices
             .iter()
             .map(|(house, sensor, info)| (self.keys.devices(house), sensor.as_str(), info))
             .collect();
-        self.keep_infos(&rows).await
+        self.keep_infos(&rows, max).await
     }
 
     /// A house's sensors' devices.
@@ -54,13 +64,17 @@ impl Queue {
         self.infos(self.keys.devices(house)).await
     }
 
-    /// Keep what bridges say of their devices.
-    pub async fn keep_catalog(&self, devices: &[(String, DeviceInfo)]) -> Result<(), QueueError> {
+    /// Keep what bridges say of their devices, at most `max` devices per house.
+    pub async fn keep_catalog(
+        &self,
+        devices: &[(String, DeviceInfo)],
+        max: u64,
+    ) -> Result<(), QueueError> {
         let rows: Vec<(String, &str, &DeviceInfo)> = devices
             .iter()
             .map(|(house, info)| (self.keys.catalog(house), info.device_id.as_str(), info))
             .collect();
-        self.keep_infos(&rows).await
+        self.keep_infos(&rows, max).await
     }
 
     /// What bridges said of a house's devices.
@@ -68,15 +82,27 @@ impl Queue {
         self.infos(self.keys.catalog(house)).await
     }
 
-    /// (hash, field, device) rows, in one round trip.
-    async fn keep_infos(&self, rows: &[(String, &str, &DeviceInfo)]) -> Result<(), QueueError> {
+    /// (hash, field, device) rows, in one round trip; a hash holding `max` fields takes no new
+    /// one (the names come from devices: a hostile one could make up names without end).
+    async fn keep_infos(
+        &self,
+        rows: &[(String, &str, &DeviceInfo)],
+        max: u64,
+    ) -> Result<(), QueueError> {
         if rows.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for (key, field, info) in rows {
             let json = serde_json::to_string(info).unwrap_or_default();
-            pipe.hset(key, *field, json).ignore();
+            pipe.cmd("EVAL")
+                .arg(PUT_BOUNDED)
+                .arg(1)
+                .arg(key)
+                .arg(*field)
+                .arg(json)
+                .arg(max)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;

@@ -479,16 +479,20 @@ impl EventQueue for RedisQueue {
         Box::pin(async move { Ok(self.queue.discovery().await?) })
     }
 
-    fn keep_devices<'a>(&'a self, devices: &'a [(String, String, DeviceInfo)]) -> Fut<'a, ()> {
-        Box::pin(async move { Ok(self.queue.keep_devices(devices).await?) })
+    fn keep_devices<'a>(
+        &'a self,
+        devices: &'a [(String, String, DeviceInfo)],
+        max: u64,
+    ) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.keep_devices(devices, max).await?) })
     }
 
     fn devices<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
         Box::pin(async move { Ok(self.queue.devices(house).await?) })
     }
 
-    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)]) -> Fut<'a, ()> {
-        Box::pin(async move { Ok(self.queue.keep_catalog(devices).await?) })
+    fn keep_catalog<'a>(&'a self, devices: &'a [(String, DeviceInfo)], max: u64) -> Fut<'a, ()> {
+        Box::pin(async move { Ok(self.queue.keep_catalog(devices, max).await?) })
     }
 
     fn catalog<'a>(&'a self, house: &'a str) -> Fut<'a, HashMap<String, DeviceInfo>> {
