@@ -268,6 +268,48 @@ async fn sqlite_from_schema_5_keeps_its_events_without_a_source_unit() {
     assert_eq!(version, hearth::embedded::db::migrations().len() as i64);
 }
 
+/// Versions 6 and 7 had no broker sessions: what the broker kept (retained messages, discovery
+/// configs) and the events stay, and no session is made up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_schema_7_keeps_what_the_broker_kept() {
+    let env = Env::embedded("migrate_sqlite7");
+    let dir = env.scratch.0.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    {
+        let c = sqlite_at(&dir, 7);
+        c.execute_batch(&format!(
+            "INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ts, received_us,
+                                 stored_us, critical, source_unit)
+             VALUES ('h1', 'kitchen', 'temperature', 20.5, NULL, 1, {NOW_MS}, {us}, {us}, 0, '°F');
+             INSERT INTO retained (topic, payload) VALUES ('zigbee2mqtt/lamp/availability', x'6f6e');
+             INSERT INTO discovery (topic, payload) VALUES ('homeassistant/sensor/a/t/config', x'7b7d');",
+            us = NOW_MS * 1000
+        ))
+        .expect("version 7 data");
+    }
+    let e = open(&dir).await;
+    drop(e);
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    let count = |table: &str| -> i64 {
+        c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .expect(table)
+    };
+    assert_eq!(
+        [
+            count("events"),
+            count("retained"),
+            count("discovery"),
+            count("mqtt_sessions"),
+            count("mqtt_outbox"),
+        ],
+        [1, 1, 1, 0, 0]
+    );
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, hearth::embedded::db::migrations().len() as i64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_from_schema_1_keeps_every_house_s_data() {
     sqlite_from(1, "migrate_sqlite1").await;

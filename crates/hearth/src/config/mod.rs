@@ -130,6 +130,14 @@ pub struct Config {
     pub mqtt_max_retained: usize,
     /// Embedded broker: most bytes (topics and payloads) of retained messages kept.
     pub mqtt_max_retained_bytes: usize,
+    /// Embedded broker: most persistent sessions (clients connecting with clean session off)
+    /// kept; a new one past it is refused.
+    pub mqtt_max_sessions: usize,
+    /// Embedded broker: most QoS 1 and 2 messages queued for one persistent session (while its
+    /// client is away, or not acknowledged yet); one more is not queued for it.
+    pub mqtt_max_queued_messages: usize,
+    /// Embedded broker: most bytes of messages queued for one persistent session.
+    pub mqtt_max_queued_bytes: usize,
     /// HTTP: most connections at once; more wait in the kernel's backlog.
     pub http_max_connections: usize,
     /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
@@ -200,6 +208,9 @@ impl Default for Config {
             mqtt_subscriber_buffer_bytes: 4 * 1024 * 1024,
             mqtt_max_retained: 10_000,
             mqtt_max_retained_bytes: 64 * 1024 * 1024,
+            mqtt_max_sessions: 100,
+            mqtt_max_queued_messages: 1_000,
+            mqtt_max_queued_bytes: 16 * 1024 * 1024,
             http_max_connections: 1024,
             http_header_timeout_ms: 10_000,
             data_dir: "./hearth-data".into(),

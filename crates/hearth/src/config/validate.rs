@@ -74,6 +74,12 @@ impl Config {
                 "mqtt_max_retained_bytes",
                 self.mqtt_max_retained_bytes as u64,
             ),
+            ("mqtt_max_sessions", self.mqtt_max_sessions as u64),
+            (
+                "mqtt_max_queued_messages",
+                self.mqtt_max_queued_messages as u64,
+            ),
+            ("mqtt_max_queued_bytes", self.mqtt_max_queued_bytes as u64),
             ("http_max_connections", self.http_max_connections as u64),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
         ] {

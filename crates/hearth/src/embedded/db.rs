@@ -196,6 +196,32 @@ UPDATE alerts SET notified_state = state;
 /// value was converted from it.
 const SCHEMA_6: &str = "ALTER TABLE events ADD COLUMN source_unit TEXT;";
 
+/// The broker's persistent sessions (clean session off): their subscriptions, and the messages
+/// waiting for their clients, in the order they came (`sessions.rs`).
+const SCHEMA_8: &str = "
+CREATE TABLE mqtt_sessions (
+    client_id TEXT PRIMARY KEY,
+    at_us     INTEGER NOT NULL
+);
+CREATE TABLE mqtt_subscriptions (
+    client_id TEXT NOT NULL,
+    filter    TEXT NOT NULL,
+    qos       INTEGER NOT NULL,
+    PRIMARY KEY (client_id, filter)
+);
+-- AUTOINCREMENT: ids only grow (never reused), so a session reads its outbox in publish order
+-- and the packet id a message goes out with follows from its row.
+CREATE TABLE mqtt_outbox (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    payload   BLOB NOT NULL,
+    qos       INTEGER NOT NULL,
+    released  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX mqtt_outbox_by_client ON mqtt_outbox (client_id, id);
+";
+
 /// The broker's retained messages, and the wills of its connected clients (`kept.rs`).
 const SCHEMA_7: &str = "
 CREATE TABLE retained (
@@ -238,6 +264,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, SCHEMA_5),
     (6, SCHEMA_6),
     (7, SCHEMA_7),
+    (8, SCHEMA_8),
 ];
 
 /// The schema versions, for tests that build a data folder of an earlier version.

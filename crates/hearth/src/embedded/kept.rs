@@ -162,7 +162,15 @@ pub struct Will {
     pub retain: bool,
 }
 
-/// Retained messages (kept in memory too, for subscriptions) and wills.
+/// What the last run left to the broker: wills to publish, persistent sessions to restore.
+#[derive(Debug, Default)]
+pub struct Left {
+    pub wills: Vec<Will>,
+    pub sessions: Vec<super::sessions::Stored>,
+}
+
+/// Retained messages (kept in memory too, for subscriptions), wills and persistent sessions
+/// (`sessions.rs`).
 pub struct Kept {
     writer: Sqlite,
     retained: Mutex<BTreeMap<String, Bytes>>,
@@ -171,13 +179,14 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// Read the retained messages in; the wills left by the last run are returned, to publish.
+    /// Read the retained messages in; the wills left by the last run are returned, to publish,
+    /// and the persistent sessions, to restore.
     pub async fn open(
         writer: Sqlite,
         max_count: usize,
         max_bytes: usize,
-    ) -> Result<(Kept, Vec<Will>), Unavailable> {
-        let (retained, wills) = writer
+    ) -> Result<(Kept, Left), Unavailable> {
+        let (retained, left) = writer
             .call(|c| {
                 let mut st = c.prepare("SELECT topic, payload FROM retained")?;
                 let retained = st
@@ -196,7 +205,8 @@ impl Kept {
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((retained, wills))
+                let sessions = super::sessions::load(c)?;
+                Ok((retained, Left { wills, sessions }))
             })
             .await?;
         let kept = Kept {
@@ -210,7 +220,11 @@ impl Kept {
             max_count,
             max_bytes,
         };
-        Ok((kept, wills))
+        Ok((kept, left))
+    }
+
+    pub(super) fn writer(&self) -> &Sqlite {
+        &self.writer
     }
 
     /// Keep `updates` (topic, payload; an empty payload removes the topic's message) on disk,

@@ -27,6 +27,7 @@ pub mod memory;
 pub mod notifier;
 pub mod queue;
 pub mod reader;
+pub mod sessions;
 pub mod store;
 mod topics;
 
@@ -246,13 +247,13 @@ impl Backend for Embedded {
 }
 
 impl Embedded {
-    /// The broker's retained messages, and the wills the last run left to publish
+    /// The broker's retained messages, and the wills and sessions the last run left
     /// ([`kept::Kept`]).
     pub async fn kept(
         &self,
         max_count: usize,
         max_bytes: usize,
-    ) -> Result<(kept::Kept, Vec<kept::Will>), crate::seam::Unavailable> {
+    ) -> Result<(kept::Kept, kept::Left), crate::seam::Unavailable> {
         kept::Kept::open(self.writer.clone(), max_count, max_bytes).await
     }
 }

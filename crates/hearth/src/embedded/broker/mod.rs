@@ -9,12 +9,14 @@
 //! again; storing is idempotent.
 //!
 //! Topics hearth reads (its sources': [`crate::codec::sources`]) go to the queue (bad input to
-//! the dead letters, with its reason); every message is also forwarded, at QoS 0, to the clients
-//! subscribed to a matching filter (`+` and `#` wildcards), so `mosquitto_sub`, Home Assistant or
+//! the dead letters, with its reason); every message is also forwarded to the clients subscribed
+//! to a matching filter (`+` and `#` wildcards; at the lower of its QoS and the highest their
+//! matching filters were granted: [`outbound`]), so `mosquitto_sub`, Home Assistant or
 //! Node-RED work as with any broker. Retained messages and wills are kept in the data folder
 //! ([`super::kept`]): discovery and availability rest on them. A client that sends no client id
-//! gets one (with a clean session only). Not yet: persistent sessions for subscribers (QoS 1/2
-//! out, messages kept while they are away).
+//! gets one (with a clean session only). A client with clean session off keeps its session
+//! ([`super::sessions`]): its subscriptions, and the QoS 1 and 2 messages for it, queued while
+//! it is away and re-sent when it comes back until it acknowledges them, across restarts.
 //!
 //! Who may do what: a client logs in with its house id as user name and a token of that house as
 //! password, and then publishes and subscribes under its house's topics only
@@ -28,26 +30,32 @@
 //! Every way in is bounded: connections (`mqtt_max_connections`), the time to CONNECT and to
 //! finish a packet begun (`mqtt_packet_timeout_ms`), silence (the client's keep-alive, at most
 //! `mqtt_max_keep_alive_secs`, and that when it asks for none), packet size, subscription filters
-//! per client (`mqtt_max_subscriptions`), and what a subscriber that does not read may have
-//! waiting, in bytes (`mqtt_subscriber_buffer_bytes`).
+//! per client (`mqtt_max_subscriptions`), what a subscriber that does not read may have
+//! waiting, in bytes (`mqtt_subscriber_buffer_bytes`), and persistent sessions: how many
+//! (`mqtt_max_sessions`) and what each may have queued (`mqtt_max_queued_messages`,
+//! `mqtt_max_queued_bytes`; past them a message is not queued for it, and counted as
+//! `hearth_mqtt_refused_total{reason="session_full"}`).
 
+mod outbound;
 mod session;
 
-use super::topics::Routes;
+use super::topics::{Message, Routes};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::kept::{Kept, Will};
+use super::kept::{Kept, Left};
 use crate::auth::{Authenticator, Principal};
 use crate::codec::{self, Codecs, Limits};
 use crate::intake::{Gate, Intake};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError};
+use crate::seam::Unavailable;
 use crate::shutdown::Shutdown;
 
 /// Room for the topic and the packet's other fields beside the largest payload accepted: a
@@ -85,6 +93,10 @@ pub struct Settings {
     pub packet_timeout: Duration,
     pub max_subscriptions: usize,
     pub subscriber_buffer_bytes: usize,
+    /// Persistent sessions kept; messages and bytes waiting in each.
+    pub max_sessions: usize,
+    pub max_queued_messages: usize,
+    pub max_queued_bytes: usize,
 }
 
 impl Settings {
@@ -97,6 +109,9 @@ impl Settings {
             packet_timeout: Duration::from_millis(config.mqtt_packet_timeout_ms),
             max_subscriptions: config.mqtt_max_subscriptions,
             subscriber_buffer_bytes: config.mqtt_subscriber_buffer_bytes,
+            max_sessions: config.mqtt_max_sessions,
+            max_queued_messages: config.mqtt_max_queued_messages,
+            max_queued_bytes: config.mqtt_max_queued_bytes,
         }
     }
 
@@ -157,8 +172,46 @@ impl Broker {
         {
             warn!(error = %e, topic = %codec::truncate(topic, 128), "cannot keep a retained message");
         }
-        self.routes.forward(topic, payload);
+        let message = Message {
+            topic: topic.to_string(),
+            payload: payload.clone(),
+            qos: QoS::AtLeastOnce,
+        };
+        if let Err(e) = self.relay(&[message]).await {
+            warn!(error = %e, topic = %codec::truncate(topic, 128), "cannot queue a message for a session");
+        }
         true
+    }
+
+    /// Hand messages to the sessions they reach: first into the outboxes of the persistent ones
+    /// (one transaction), then to the connected ones.
+    async fn relay(&self, messages: &[Message]) -> Result<(), Unavailable> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let rows = self.routes.outbox(messages);
+        let mut by_message: Vec<std::collections::HashMap<&str, i64>> =
+            vec![std::collections::HashMap::new(); messages.len()];
+        if !rows.is_empty() {
+            let ids = match self
+                .kept
+                .enqueue(rows.iter().map(|(_, e)| e.clone()).collect())
+                .await
+            {
+                Ok(ids) => ids,
+                Err(e) => {
+                    self.routes.unqueue(&rows);
+                    return Err(e);
+                }
+            };
+            for ((i, e), id) in rows.iter().zip(ids) {
+                by_message[*i].insert(e.client_id.as_str(), id);
+            }
+        }
+        for (m, rows) in messages.iter().zip(&by_message) {
+            self.routes.forward(m, rows);
+        }
+        Ok(())
     }
 }
 
@@ -174,14 +227,17 @@ pub async fn serve(
     intake: Arc<Intake>,
     auth: Arc<Authenticator>,
     settings: Settings,
-    (kept, left): (Kept, Vec<Will>),
+    (kept, left): (Kept, Left),
     mut alerts: Option<crate::alerts::mqtt::AlertFeed>,
     mut shutdown: Shutdown,
 ) {
     let routes = Routes {
         buffer_bytes: settings.subscriber_buffer_bytes,
+        max_waiting: settings.max_queued_messages,
+        max_waiting_bytes: settings.max_queued_bytes,
         ..Routes::default()
     };
+    routes.restore(left.sessions);
     let broker = Arc::new(Broker {
         intake,
         auth,
@@ -189,7 +245,7 @@ pub async fn serve(
         routes,
         kept,
     });
-    for will in &left {
+    for will in &left.wills {
         broker
             .publish(&will.topic, &will.payload, will.retain, &shutdown)
             .await;

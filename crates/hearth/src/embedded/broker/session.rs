@@ -1,24 +1,27 @@
-//! One client's connection to the embedded broker: its login (credentials, client id, will), its
-//! packets (publishes appended before they are acknowledged, retained ones kept, subscriptions
-//! and the retained messages they receive), its outbound messages, and its end (the will).
+//! One client's connection to the embedded broker: its login (credentials, client id, will,
+//! session), its packets (publishes appended, kept if retained and queued for persistent
+//! sessions before they are acknowledged; subscriptions and the retained messages they receive;
+//! acknowledgements of what it was sent), its outbound messages ([`super::outbound`]), and its
+//! end (the will).
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubComp, PubRec, Publish, SubAck,
+    ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::super::kept::Will;
-use super::super::topics::Subscriber;
+use super::super::topics::Message;
+use super::outbound::{Outbound, Settled};
 use super::{Broker, Client, backpressure};
 use crate::auth::Principal;
 use crate::codec;
@@ -28,17 +31,16 @@ use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
 use crate::shutdown::Shutdown;
 
-/// The messages sent to a subscriber's session, (topic, payload).
-type Outbound = mpsc::UnboundedReceiver<(String, Bytes)>;
-
-/// A client's session: its packets, and what it subscribed to.
+/// A client's connection: who, its session, what it is sent.
 struct Session {
     id: u64,
     who: Client,
-    /// Messages for the client's subscriptions, and the bytes of them not yet written; made at
-    /// its first SUBSCRIBE. The broker's routes hold the only sender: when they drop a client
-    /// that does not keep up, this ends.
-    outbound: Option<(Outbound, Arc<AtomicUsize>)>,
+    client_id: String,
+    /// Clean session off: kept while the client is away.
+    persistent: bool,
+    /// Messages for the client's subscriptions. The broker's routes hold the only sender: when
+    /// they cut off a client that does not keep up, this ends.
+    outbound: Outbound,
     /// Subscription filters held.
     filters: usize,
     /// QoS 2 packet ids received and not released yet: a re-sent PUBLISH is not stored again.
@@ -50,6 +52,9 @@ struct Login {
     who: Client,
     client_id: String,
     keep_alive: Duration,
+    /// Clean session off, and whether its session was kept from before.
+    persistent: bool,
+    present: bool,
     /// Its last will, kept under `key` until the session ends.
     will: Option<Will>,
     key: String,
@@ -116,6 +121,27 @@ async fn login(
         true => format!("auto-{}", uuid::Uuid::new_v4().simple()),
         false => c.client_id.clone(),
     };
+    // A persistent session is kept (or a kept one forgotten, by a clean one) before the CONNACK.
+    let persistent = !c.clean_session;
+    let (present, sessions) = broker.routes.persistent(&client_id);
+    if persistent && !present && sessions >= settings.max_sessions {
+        writer.queue(&refuse(
+            ConnectReturnCode::ServiceUnavailable,
+            "sessions_full",
+        ))?;
+        flush(writer).await?;
+        return Ok(None);
+    }
+    // A new persistent session, or a clean one where one was kept.
+    if persistent != present
+        && let Err(e) = broker.kept.start_session(&client_id, persistent).await
+    {
+        warn!(error = %e, "cannot keep a client's session now");
+        writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))?;
+        flush(writer).await?;
+        return Ok(None);
+    }
+    let present = persistent && present;
     let key = uuid::Uuid::new_v4().simple().to_string();
     let will = c.last_will.as_ref().map(|w| Will {
         topic: w.topic.clone(),
@@ -136,7 +162,7 @@ async fn login(
             return Ok(None);
         }
     }
-    writer.queue(&ConnAck::new(ConnectReturnCode::Success, false))?;
+    writer.queue(&ConnAck::new(ConnectReturnCode::Success, present))?;
     flush(writer).await?;
     debug!(client = %codec::truncate(&client_id, 64), who = ?who, "mqtt client connected");
     // Keep-alive 0 asks for none (MQTT 3.1.1 §3.1.2.10), and a client may ask for up to 18 h:
@@ -151,6 +177,8 @@ async fn login(
         who,
         client_id,
         keep_alive,
+        persistent,
+        present,
         will,
         key,
         first: packets.collect(),
@@ -172,6 +200,8 @@ pub(super) async fn session(
         who,
         client_id,
         keep_alive,
+        persistent,
+        present,
         will,
         key,
         first,
@@ -179,17 +209,30 @@ pub(super) async fn session(
     else {
         return Ok(());
     };
+    let id = routes.next.fetch_add(1, Ordering::Relaxed);
+    let kicked = Arc::new(Notify::new());
+    let mut attached = routes.attach(&client_id, id, kicked.clone(), persistent);
     let mut me = Session {
-        id: routes.next.fetch_add(1, Ordering::Relaxed),
+        id,
         who,
-        outbound: None,
-        filters: 0,
+        client_id,
+        persistent,
+        outbound: Outbound::new(&mut attached),
+        filters: attached.filters,
         awaiting_release: HashSet::new(),
     };
-    let kicked = Arc::new(Notify::new());
-    routes.take_over(&client_id, me.id, kicked.clone());
+    let client_id = me.client_id.clone();
     let mut pending: Vec<Packet> = first;
     let result: Result<bool, MqttError> = async {
+        // What a kept session's client was owed, first (read after taking the session, so
+        // nothing queued meanwhile is missed).
+        if present {
+            let waiting = broker.kept.waiting(&me.client_id).await.map_err(|e| {
+                MqttError::Protocol(format!("cannot read the session's messages: {e}"))
+            })?;
+            me.outbound.resume(waiting, &mut writer)?;
+            flush(&mut writer).await?;
+        }
         loop {
             if !pending.is_empty() {
                 let done = handle(
@@ -206,27 +249,13 @@ pub(super) async fn session(
                 }
             }
             backpressure(intake.gate()).await;
-            let outbound = async {
-                match me.outbound.as_mut() {
-                    Some((rx, _)) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout) => {
                     pending = read?;
                 }
-                message = outbound => match message {
+                message = me.outbound.recv() => match message {
                     Some(first) => {
-                        let Some((rx, queued)) = me.outbound.as_mut() else {
-                            continue;
-                        };
-                        let mut next = Some(first);
-                        while let Some((topic, payload)) = next {
-                            queued.fetch_sub(topic.len() + payload.len(), Ordering::Relaxed);
-                            writer.queue(&Publish::from_bytes(topic, QoS::AtMostOnce, payload))?;
-                            next = rx.try_recv().ok();
-                        }
+                        me.outbound.take(first, &mut writer)?;
                         flush(&mut writer).await?;
                     }
                     None => return Err(MqttError::Protocol("subscriber too slow".into())),
@@ -239,7 +268,7 @@ pub(super) async fn session(
         }
     }
     .await;
-    routes.leave(&client_id, me.id);
+    routes.detach(&client_id, me.id);
     if let Some(will) = &will {
         let published = match &result {
             // DISCONNECT: the client said goodbye, no will.
@@ -266,8 +295,8 @@ async fn flush(writer: &mut Writer) -> Result<(), MqttError> {
         .map_err(|_| MqttError::Protocol("client not reading".into()))?
 }
 
-/// Handle the packets of one read. Their publishes are appended together, acknowledged after.
-/// Returns true on DISCONNECT.
+/// Handle the packets of one read. Their publishes are appended together, kept (retained) and
+/// queued for persistent sessions, then acknowledged. Returns true on DISCONNECT.
 async fn handle(
     packets: Vec<Packet>,
     writer: &mut Writer,
@@ -282,8 +311,10 @@ async fn handle(
     let mut retains: Vec<(String, Bytes)> = Vec::new();
     let mut retained_out: Vec<(String, Bytes)> = Vec::new();
     let mut inputs: Vec<Input> = Vec::new();
-    let mut forward: Vec<(String, Bytes)> = Vec::new();
+    let mut forward: Vec<Message> = Vec::new();
     let mut replies: Vec<Packet> = Vec::new();
+    let (mut added, mut removed): (Vec<(String, QoS)>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut settled = Settled::default();
     let mut disconnect = false;
     for packet in packets {
         match packet {
@@ -322,63 +353,53 @@ async fn handle(
                 if allowed && !repeat && p.retain {
                     retains.push((p.topic.clone(), p.payload.clone()));
                 }
-                if allowed {
-                    forward.push((p.topic, p.payload));
+                if allowed && !repeat {
+                    forward.push(Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: p.qos,
+                    });
                 }
             }
             Packet::PubRel(r) => {
                 me.awaiting_release.remove(&r.pkid);
                 replies.push(Packet::PubComp(PubComp::new(r.pkid)));
             }
+            // Acknowledgements of what the client was sent.
+            Packet::PubAck(a) => me.outbound.completed(a.pkid, &mut settled),
+            Packet::PubRec(r) => me.outbound.received(r.pkid, &mut settled),
+            Packet::PubComp(c) => me.outbound.completed(c.pkid, &mut settled),
             Packet::Subscribe(s) => {
-                // Each filter is granted (QoS 0) if the client may read what it matches and
-                // holds fewer than `mqtt_max_subscriptions`; refused (0x80) otherwise.
-                let mut granted = Vec::new();
+                // Each filter is granted (at the QoS asked) if the client may read what it
+                // matches and holds fewer than `mqtt_max_subscriptions`; refused (0x80)
+                // otherwise.
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for f in &s.filters {
+                    let new = !added.iter().any(|(a, _)| *a == f.path);
                     let ok = me.who.may(intake.codecs(), &f.path)
-                        && me.filters + granted.len() < settings.max_subscriptions;
+                        && (me.filters + added.len() < settings.max_subscriptions || !new);
                     if ok {
                         retained_out.extend(broker.kept.matching(&f.path));
-                        granted.push(f.path.clone());
-                        codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
+                        added.retain(|(a, _)| *a != f.path);
+                        removed.retain(|r| *r != f.path);
+                        added.push((f.path.clone(), f.qos));
+                        codes.push(SubscribeReasonCode::Success(f.qos));
                     } else {
                         METRICS.mqtt_refused.with("subscription").add(1);
                         codes.push(SubscribeReasonCode::Failure);
                     }
                 }
-                me.filters += granted.len();
-                if !granted.is_empty()
-                    && let Ok(mut subs) = routes.subscribers.lock()
-                {
-                    match subs.iter_mut().find(|x| x.id == me.id) {
-                        Some(x) => x.filters.extend(granted),
-                        None => {
-                            let (tx, rx) = mpsc::unbounded_channel();
-                            let queued = Arc::new(AtomicUsize::new(0));
-                            me.outbound = Some((rx, queued.clone()));
-                            subs.push(Subscriber {
-                                id: me.id,
-                                filters: granted,
-                                tx,
-                                queued,
-                            });
-                        }
-                    }
-                }
                 replies.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
             }
             Packet::Unsubscribe(u) => {
-                if let Ok(mut subs) = routes.subscribers.lock()
-                    && let Some(x) = subs.iter_mut().find(|x| x.id == me.id)
-                {
-                    x.filters.retain(|f| !u.topics.contains(f));
-                    me.filters = x.filters.len();
-                }
+                added.retain(|(a, _)| !u.topics.contains(a));
+                removed.extend(u.topics);
                 replies.push(Packet::UnsubAck(UnsubAck::new(u.pkid)));
             }
             Packet::PingReq => replies.push(Packet::PingResp),
             Packet::Disconnect => disconnect = true,
+            // MQTT 3.1.1 §3.1.0-2: a second CONNECT is a protocol violation.
+            Packet::Connect(_) => return Err(MqttError::Protocol("second CONNECT".into())),
             _ => {}
         }
     }
@@ -398,6 +419,34 @@ async fn handle(
             "cannot keep a retained message: {e}"
         )));
     }
+    // Kept sessions' subscriptions and deliveries, before the SUBACKs and PUBRELs.
+    if me.persistent && (!added.is_empty() || !removed.is_empty()) {
+        let (a, r) = (added.clone(), removed.clone());
+        if let Err(e) = broker.kept.subscriptions(&me.client_id, a, r).await {
+            return Err(MqttError::Protocol(format!(
+                "cannot keep a subscription: {e}"
+            )));
+        }
+    }
+    if !added.is_empty() || !removed.is_empty() {
+        me.filters = routes.subscribe(&me.client_id, &added, &removed);
+    }
+    if me.persistent && !(settled.done.is_empty() && settled.released.is_empty()) {
+        let (done, released) = (settled.done.clone(), settled.released.clone());
+        let n = done.len();
+        if let Err(e) = broker.kept.delivered(done, released).await {
+            return Err(MqttError::Protocol(format!(
+                "cannot mark messages delivered: {e}"
+            )));
+        }
+        routes.delivered(&me.client_id, n, settled.bytes);
+    }
+    // Other sessions' copies (queued for the persistent ones) before the PUBACKs.
+    if let Err(e) = broker.relay(&forward).await {
+        return Err(MqttError::Protocol(format!(
+            "cannot queue a message for a session: {e}"
+        )));
+    }
     for reply in &replies {
         match reply {
             Packet::PubAck(p) => writer.queue(p)?,
@@ -409,13 +458,14 @@ async fn handle(
             _ => {}
         }
     }
+    for pkid in settled.pubrels {
+        writer.queue(&PubRel::new(pkid))?;
+    }
     for (topic, payload) in retained_out {
         let mut publish = Publish::from_bytes(topic, QoS::AtMostOnce, payload);
         publish.retain = true;
         writer.queue(&publish)?;
     }
-    for (topic, payload) in forward {
-        routes.forward(&topic, &payload);
-    }
+    me.outbound.fill(writer)?;
     Ok(disconnect)
 }
