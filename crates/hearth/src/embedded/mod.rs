@@ -22,6 +22,7 @@
 pub mod alerts;
 pub mod broker;
 pub mod db;
+mod dead_letters;
 pub mod kept;
 pub mod memory;
 pub mod notifier;

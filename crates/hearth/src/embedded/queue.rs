@@ -28,7 +28,7 @@ use crate::status::stat;
 use crate::status::{Accounting, LaneStatus, Status, lane_depth};
 
 /// A lane's rows to insert: (lane, number of events, JSON body).
-type Entries = Vec<(Lane, u64, String)>;
+pub(super) type Entries = Vec<(Lane, u64, String)>;
 
 struct Append {
     entries: Entries,
@@ -43,7 +43,7 @@ const GROUP_COMMIT_MAX: usize = 256;
 pub struct SqliteQueue {
     pub(super) db: Sqlite,
     /// For `status` and the dead letters: a scan there never delays an append or an ack.
-    reader: Sqlite,
+    pub(super) reader: Sqlite,
     pub(super) shards: u16,
     /// Rows handed out and not acknowledged yet: id → lane.
     pub(super) in_flight: Arc<Mutex<HashMap<i64, Lane>>>,
@@ -55,7 +55,7 @@ pub struct SqliteQueue {
     appends: mpsc::Sender<Append>,
     /// Woken after each append, so that readers need not poll.
     pub appended: Arc<Notify>,
-    retention: Retention,
+    pub(super) retention: Retention,
 }
 
 impl SqliteQueue {
@@ -87,26 +87,6 @@ impl SqliteQueue {
         })
     }
 
-    /// Remove the dead letters past their retention (age and count), counted in
-    /// `dead_expired`; returns how many.
-    pub async fn expire_dead_letters(&self) -> Result<u64, Unavailable> {
-        let retention = self.retention;
-        self.db
-            .call(move |c| {
-                let tx = c.transaction()?;
-                let mut n = 0;
-                if retention.max_age_ms > 0 {
-                    let oldest = crate::event::now_us() / 1000 - retention.max_age_ms as i64;
-                    n += tx.execute("DELETE FROM dead WHERE at < ?1", [oldest])? as u64;
-                }
-                n += cap_dead(&tx, retention.max_count)?;
-                bump(&tx, stat::DEAD_EXPIRED, n)?;
-                tx.commit()?;
-                Ok(n)
-            })
-            .await
-    }
-
     /// `in:` and `out:` counters, from the reader.
     async fn counters(&self) -> Result<HashMap<String, u64>, Unavailable> {
         self.reader
@@ -131,7 +111,7 @@ impl SqliteQueue {
     }
 
     /// The events grouped into one entry per lane, in arrival order.
-    fn entries(&self, events: &[&Event]) -> Result<Entries, Unavailable> {
+    pub(super) fn entries(&self, events: &[&Event]) -> Result<Entries, Unavailable> {
         Lane::group(events, self.shards)
             .into_iter()
             .map(|(lane, list)| {
@@ -140,28 +120,6 @@ impl SqliteQueue {
                 Ok((lane, list.len() as u64, body))
             })
             .collect()
-    }
-
-    async fn all_letters(&self) -> Result<Vec<Letter>, Unavailable> {
-        self.reader
-            .call(|c| {
-                let mut st = c.prepare_cached(
-                    "SELECT id, reason, detail, topic, source, at, payload FROM dead ORDER BY id",
-                )?;
-                let rows = st.query_map([], |r| {
-                    Ok(Letter::new(
-                        r.get::<_, i64>(0)?.to_string(),
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
-                })?;
-                rows.collect()
-            })
-            .await
     }
 }
 
@@ -430,90 +388,15 @@ impl EventQueue for SqliteQueue {
     }
 
     fn dead_letters<'a>(&'a self, filter: &'a Filter) -> Fut<'a, Vec<Letter>> {
-        Box::pin(async move {
-            let now_ms = crate::event::now_us() / 1000;
-            Ok(self
-                .all_letters()
-                .await?
-                .into_iter()
-                .filter(|l| l.matches(filter, now_ms))
-                .take(filter.limit.unwrap_or(usize::MAX))
-                .collect())
-        })
+        Box::pin(self.letters(filter))
     }
 
     fn replay<'a>(&'a self, codecs: &'a Codecs, filter: &'a Filter) -> Fut<'a, Replayed> {
-        Box::pin(async move {
-            let mut report = Replayed::default();
-            for letter in self.dead_letters(filter).await? {
-                let id: i64 = letter.id.parse().unwrap_or(-1);
-                if letter.source == "notifier" {
-                    // A webhook that failed: its notification is queued for the notifier again.
-                    let Some(alert) = letter.notification() else {
-                        report.skipped += 1;
-                        continue;
-                    };
-                    self.db
-                        .call(move |c| {
-                            let tx = c.transaction()?;
-                            tx.execute(
-                                "INSERT INTO notify (alert) VALUES (?1)",
-                                [alert.to_string()],
-                            )?;
-                            tx.execute("DELETE FROM dead WHERE id = ?1", [id])?;
-                            tx.commit()
-                        })
-                        .await?;
-                    report.letters += 1;
-                    continue;
-                }
-                let received_us = crate::event::now_us();
-                let (events, dead) =
-                    crate::dlq::decode_again(&letter, &letter.source, received_us, codecs);
-                if events.is_empty() && dead.is_empty() {
-                    report.skipped += 1;
-                    continue;
-                }
-                let refs: Vec<&Event> = events.iter().collect();
-                let entries = self.entries(&refs)?;
-                report.events += events.len() as u64;
-                report.rejected_again += u64::from(!dead.is_empty());
-                report.letters += 1;
-                // The letter's events and its removal: one transaction.
-                self.db
-                    .call(move |c| {
-                        let tx = c.transaction()?;
-                        insert(&tx, &entries, &dead)?;
-                        tx.execute("DELETE FROM dead WHERE id = ?1", [id])?;
-                        tx.commit()
-                    })
-                    .await?;
-                self.appended.notify_waiters();
-            }
-            Ok(report)
-        })
+        Box::pin(self.replay_letters(codecs, filter))
     }
 
     fn purge<'a>(&'a self, filter: &'a Filter) -> Fut<'a, u64> {
-        Box::pin(async move {
-            let ids: Vec<i64> = self
-                .dead_letters(filter)
-                .await?
-                .iter()
-                .filter_map(|l| l.id.parse().ok())
-                .collect();
-            self.db
-                .call(move |c| {
-                    let tx = c.transaction()?;
-                    let mut removed = 0;
-                    for id in &ids {
-                        removed += tx.execute("DELETE FROM dead WHERE id = ?1", [id])? as u64;
-                    }
-                    tx.commit()?;
-                    Ok(removed)
-                })
-                .await
-        })
+        Box::pin(self.purge_letters(filter))
     }
 
     fn circuits(&self) -> Fut<'_, BTreeMap<String, bool>> {

@@ -32,6 +32,7 @@ use redis::{AsyncConnectionConfig, Value};
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::dead_letters::xadd_letter;
 use super::keys::Keys;
 use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
@@ -156,27 +157,6 @@ impl Queue {
             routed: Default::default(),
             retention: Retention::default(),
         }
-    }
-
-    /// Remove the dead letters past their retention (age and count); returns how many.
-    pub async fn expire_dead_letters(&self) -> Result<u64, QueueError> {
-        let now_ms = crate::event::now_us() as u64 / 1000;
-        let min_id = match self.retention.max_age_ms {
-            0 => 0,
-            age => now_ms.saturating_sub(age),
-        };
-        let mut conn = self.conn.clone();
-        let n: u64 = redis::cmd("EVAL")
-            .arg(EXPIRE_DEAD)
-            .arg(2)
-            .arg(self.keys.dead())
-            .arg(self.keys.stats())
-            .arg(min_id)
-            .arg(self.retention.max_count)
-            .arg("=")
-            .query_async(&mut conn)
-            .await?;
-        Ok(n)
     }
 
     /// Make sure appends may route by [`ROUTE`]: an installation upgraded from a version that
@@ -368,40 +348,6 @@ impl Queue {
             .collect())
     }
 
-    /// Add to `pipe` dead letters a worker writes beside an acknowledgement (events it did not
-    /// store: past a cap), and the `events` they hold to the dead-lettered count.
-    pub fn add_dead(&self, pipe: &mut redis::Pipeline, letters: &[DeadLetter], events: u64) {
-        let dead = self.keys.dead();
-        for letter in letters {
-            xadd_letter(pipe, &dead, letter);
-        }
-        self.add_dead_cap(pipe, letters.len());
-        if events > 0 {
-            pipe.cmd("HINCRBY")
-                .arg(self.keys.stats())
-                .arg(stat::DEAD_LETTERED)
-                .arg(events)
-                .ignore();
-        }
-    }
-
-    /// After `letters` new dead letters, hold the stream to its count (approximately: whole
-    /// nodes of the stream, cheap), counting what goes.
-    fn add_dead_cap(&self, pipe: &mut redis::Pipeline, letters: usize) {
-        if letters == 0 || self.retention.max_count == 0 {
-            return;
-        }
-        pipe.cmd("EVAL")
-            .arg(EXPIRE_DEAD)
-            .arg(2)
-            .arg(self.keys.dead())
-            .arg(self.keys.stats())
-            .arg(0)
-            .arg(self.retention.max_count)
-            .arg("~")
-            .ignore();
-    }
-
     /// Send a pipeline (nothing if it is empty).
     pub async fn exec(&self, pipe: &redis::Pipeline) -> Result<(), QueueError> {
         if pipe.cmd_iter().next().is_none() {
@@ -411,44 +357,6 @@ impl Queue {
         pipe.exec_async(&mut conn).await?;
         Ok(())
     }
-}
-
-/// Trim the dead-letter stream below a minimum id (age; 0: none) and to a length (0: none),
-/// exactly (`=`) or by whole nodes (`~`), and count what went in `dead_expired`.
-///
-/// KEYS: dead stream, stats. ARGV: min id (epoch ms), max length, `=` or `~`.
-const EXPIRE_DEAD: &str = r#"
-local n = 0
-if tonumber(ARGV[1]) > 0 then
-  n = n + redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
-end
-if tonumber(ARGV[2]) > 0 then
-  n = n + redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[3], ARGV[2])
-end
-if n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'dead_expired', n)
-end
-return n
-"#;
-
-/// Add to `pipe` the XADD of a dead letter to the stream `key`.
-pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {
-    pipe.cmd("XADD")
-        .arg(key)
-        .arg("*")
-        .arg("reason")
-        .arg(letter.reason)
-        .arg("detail")
-        .arg(&letter.detail)
-        .arg("topic")
-        .arg(&letter.topic)
-        .arg("payload")
-        .arg(&letter.payload)
-        .arg("source")
-        .arg(letter.source)
-        .arg("at")
-        .arg(letter.at_ms)
-        .ignore();
 }
 
 impl From<QueueError> for Unavailable {
