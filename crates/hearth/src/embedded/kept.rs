@@ -173,6 +173,7 @@ pub struct Left {
 /// (`sessions.rs`).
 pub struct Kept {
     writer: Sqlite,
+    pub sessions: super::sessions::Sessions,
     retained: Mutex<BTreeMap<String, Bytes>>,
     max_count: usize,
     max_bytes: usize,
@@ -210,6 +211,7 @@ impl Kept {
             })
             .await?;
         let kept = Kept {
+            sessions: super::sessions::Sessions::new(writer.clone()),
             writer,
             retained: Mutex::new(
                 retained
@@ -221,10 +223,6 @@ impl Kept {
             max_bytes,
         };
         Ok((kept, left))
-    }
-
-    pub(super) fn writer(&self) -> &Sqlite {
-        &self.writer
     }
 
     /// Keep `updates` (topic, payload; an empty payload removes the topic's message) on disk,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rusqlite::params;
 
-use super::kept::Kept;
+use super::db::Sqlite;
 use crate::seam::Unavailable;
 
 /// A persistent session as kept: its subscriptions, and the size of its outbox.
@@ -102,13 +102,23 @@ pub fn load(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Stored>> {
     Ok(sessions.into_values().collect())
 }
 
-impl Kept {
+/// The persistent sessions' rows, written on the broker's SQLite writer.
+#[derive(Clone)]
+pub struct Sessions {
+    writer: Sqlite,
+}
+
+impl Sessions {
+    pub fn new(writer: Sqlite) -> Sessions {
+        Sessions { writer }
+    }
+
+    fn writer(&self) -> &Sqlite {
+        &self.writer
+    }
+
     /// Start a persistent session for `client_id`, or (`persistent` false) forget the one it had.
-    pub async fn start_session(
-        &self,
-        client_id: &str,
-        persistent: bool,
-    ) -> Result<(), Unavailable> {
+    pub async fn start(&self, client_id: &str, persistent: bool) -> Result<(), Unavailable> {
         let id = client_id.to_string();
         self.writer()
             .call(move |c| {

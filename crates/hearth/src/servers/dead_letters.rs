@@ -1,7 +1,7 @@
 //! The dead letters on Redis (`P:dead`): written (beside an append or an acknowledgement),
 //! held to their retention, listed, replayed through the normal path, purged.
 
-use super::queue::{Queue, QueueError};
+use super::queue::{Queue, QueueError, xadd_letter};
 use super::stream::RawEntry;
 use crate::codec::Codecs;
 use crate::dead_letter::DeadLetter;
@@ -200,23 +200,3 @@ if n > 0 then
 end
 return n
 "#;
-
-/// Add to `pipe` the XADD of a dead letter to the stream `key`.
-pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {
-    pipe.cmd("XADD")
-        .arg(key)
-        .arg("*")
-        .arg("reason")
-        .arg(letter.reason)
-        .arg("detail")
-        .arg(&letter.detail)
-        .arg("topic")
-        .arg(&letter.topic)
-        .arg("payload")
-        .arg(&letter.payload)
-        .arg("source")
-        .arg(letter.source)
-        .arg("at")
-        .arg(letter.at_ms)
-        .ignore();
-}

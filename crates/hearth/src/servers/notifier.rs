@@ -104,7 +104,7 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
 
 async fn dead_letter(queue: &Queue, letter: DeadLetter) {
     let mut pipe = redis::pipe();
-    super::dead_letters::xadd_letter(&mut pipe, &queue.keys.dead(), &letter);
+    queue::xadd_letter(&mut pipe, &queue.keys.dead(), &letter);
     let mut conn = queue.conn.clone();
     if let Err(e) = pipe.exec_async(&mut conn).await {
         warn!(error = %e, "could not dead-letter a failed webhook");

@@ -32,7 +32,6 @@ use redis::{AsyncConnectionConfig, Value};
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::dead_letters::xadd_letter;
 use super::keys::Keys;
 use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
@@ -357,6 +356,26 @@ impl Queue {
         pipe.exec_async(&mut conn).await?;
         Ok(())
     }
+}
+
+/// Add to `pipe` the XADD of a dead letter to the stream `key`.
+pub fn xadd_letter(pipe: &mut redis::Pipeline, key: &str, letter: &DeadLetter) {
+    pipe.cmd("XADD")
+        .arg(key)
+        .arg("*")
+        .arg("reason")
+        .arg(letter.reason)
+        .arg("detail")
+        .arg(&letter.detail)
+        .arg("topic")
+        .arg(&letter.topic)
+        .arg("payload")
+        .arg(&letter.payload)
+        .arg("source")
+        .arg(letter.source)
+        .arg("at")
+        .arg(letter.at_ms)
+        .ignore();
 }
 
 impl From<QueueError> for Unavailable {

@@ -7,8 +7,7 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use super::dead_letters::xadd_letter;
-use super::queue::{GROUP, Queue, QueueError, as_string, as_u64};
+use super::queue::{GROUP, Queue, QueueError, as_string, as_u64, xadd_letter};
 use crate::dead_letter::DeadLetter;
 use crate::event::Event;
 use crate::lane::Lane;

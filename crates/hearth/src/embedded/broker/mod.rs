@@ -195,6 +195,7 @@ impl Broker {
         if !rows.is_empty() {
             let ids = match self
                 .kept
+                .sessions
                 .enqueue(rows.iter().map(|(_, e)| e.clone()).collect())
                 .await
             {

@@ -134,7 +134,7 @@ async fn login(
     }
     // A new persistent session, or a clean one where one was kept.
     if persistent != present
-        && let Err(e) = broker.kept.start_session(&client_id, persistent).await
+        && let Err(e) = broker.kept.sessions.start(&client_id, persistent).await
     {
         warn!(error = %e, "cannot keep a client's session now");
         writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))?;
@@ -227,7 +227,7 @@ pub(super) async fn session(
         // What a kept session's client was owed, first (read after taking the session, so
         // nothing queued meanwhile is missed).
         if present {
-            let waiting = broker.kept.waiting(&me.client_id).await.map_err(|e| {
+            let waiting = broker.kept.sessions.waiting(&me.client_id).await.map_err(|e| {
                 MqttError::Protocol(format!("cannot read the session's messages: {e}"))
             })?;
             me.outbound.resume(waiting, &mut writer)?;
@@ -422,7 +422,12 @@ async fn handle(
     // Kept sessions' subscriptions and deliveries, before the SUBACKs and PUBRELs.
     if me.persistent && (!added.is_empty() || !removed.is_empty()) {
         let (a, r) = (added.clone(), removed.clone());
-        if let Err(e) = broker.kept.subscriptions(&me.client_id, a, r).await {
+        if let Err(e) = broker
+            .kept
+            .sessions
+            .subscriptions(&me.client_id, a, r)
+            .await
+        {
             return Err(MqttError::Protocol(format!(
                 "cannot keep a subscription: {e}"
             )));
@@ -434,7 +439,7 @@ async fn handle(
     if me.persistent && !(settled.done.is_empty() && settled.released.is_empty()) {
         let (done, released) = (settled.done.clone(), settled.released.clone());
         let n = done.len();
-        if let Err(e) = broker.kept.delivered(done, released).await {
+        if let Err(e) = broker.kept.sessions.delivered(done, released).await {
             return Err(MqttError::Protocol(format!(
                 "cannot mark messages delivered: {e}"
             )));
