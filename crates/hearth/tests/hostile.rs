@@ -789,6 +789,11 @@ async fn the_embedded_broker_lets_no_connection_hold_it() {
     let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
     let granted = greedy.subscribe(&refs, 1).await;
     assert_eq!(granted.iter().filter(|g| **g).count(), 16, "filters capped");
+    // At the cap, a filter held is granted again (a client re-subscribing), a new one is not.
+    assert_eq!(
+        greedy.subscribe(&[refs[0], refs[39]], 1).await,
+        [true, false]
+    );
 
     // A subscriber to everything that never reads, while 40 MB are published.
     let (mut sleeper, _) = Mqtt::connect(port, "sleeper", None, 60).await;

@@ -159,6 +159,14 @@ impl Routes {
         }
     }
 
+    /// Whether `client_id`'s session holds `filter`.
+    pub(super) fn holds(&self, client_id: &str, filter: &str) -> bool {
+        self.sessions.lock().is_ok_and(|s| {
+            s.get(client_id)
+                .is_some_and(|x| x.filters.iter().any(|(f, _)| f == filter))
+        })
+    }
+
     /// Add (or regrant) and remove a session's filters; how many it holds then.
     pub(super) fn subscribe(
         &self,

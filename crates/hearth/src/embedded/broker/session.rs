@@ -315,6 +315,8 @@ async fn handle(
     let mut replies: Vec<Packet> = Vec::new();
     let (mut added, mut removed): (Vec<(String, QoS)>, Vec<String>) = (Vec::new(), Vec::new());
     let mut settled = Settled::default();
+    // Filters this read subscribes to that the session did not hold.
+    let mut fresh = 0;
     let mut disconnect = false;
     for packet in packets {
         match packet {
@@ -371,14 +373,16 @@ async fn handle(
             Packet::PubComp(c) => me.outbound.completed(c.pkid, &mut settled),
             Packet::Subscribe(s) => {
                 // Each filter is granted (at the QoS asked) if the client may read what it
-                // matches and holds fewer than `mqtt_max_subscriptions`; refused (0x80)
-                // otherwise.
+                // matches and holds it already or fewer than `mqtt_max_subscriptions`; refused
+                // (0x80) otherwise.
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for f in &s.filters {
-                    let new = !added.iter().any(|(a, _)| *a == f.path);
+                    let held = added.iter().any(|(a, _)| *a == f.path)
+                        || routes.holds(&me.client_id, &f.path);
                     let ok = me.who.may(intake.codecs(), &f.path)
-                        && (me.filters + added.len() < settings.max_subscriptions || !new);
+                        && (held || me.filters + fresh < settings.max_subscriptions);
                     if ok {
+                        fresh += usize::from(!held);
                         retained_out.extend(broker.kept.matching(&f.path));
                         added.retain(|(a, _)| *a != f.path);
                         removed.retain(|r| *r != f.path);
