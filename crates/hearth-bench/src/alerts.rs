@@ -158,7 +158,7 @@ async fn scenario(
     let routine_depth = || async {
         queue.depths().await.map(|d| {
             d.iter()
-                .filter(|(lane, _)| matches!(lane, hearth::lane::Lane::Routine(_)))
+                .filter(|(lane, _)| matches!(lane, hearth::Lane::Routine(_)))
                 .map(|(_, n)| n)
                 .sum::<u64>()
         })

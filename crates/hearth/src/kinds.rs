@@ -25,6 +25,7 @@ pub enum ValueRule {
 }
 
 /// The binary kinds: true = detected, open, on, low, online.
+#[cfg(test)]
 pub const BINARY: &[&str] = &[
     "motion",
     "door",

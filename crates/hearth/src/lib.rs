@@ -38,21 +38,15 @@
 //! the dedup key. Per-sensor order comes from routing a sensor to one lane and letting one
 //! consumer at a time own a lane (a lease and a fencing token on the servers).
 
-// Public: what the binaries, the bench and the tests work with (the roles, the seams and their
-// two backends, the vocabulary, the tools' views). Private: the flow's machinery, whose only
-// door is `roles`.
+// Public: what the binaries, the bench and the tests work with: the roles, the seams and their
+// two backends, the event and alert vocabulary, the tools' views (status, dead letters,
+// metrics), the MQTT session the simulator and the bench share.
 pub mod alerts;
 pub mod api;
-pub mod caps;
-pub mod codec;
 pub mod config;
-pub mod dead_letter;
 pub mod dlq;
 pub mod embedded;
 pub mod event;
-pub mod fault;
-pub mod kinds;
-pub mod lane;
 pub mod metrics;
 pub mod mqtt;
 pub mod roles;
@@ -62,10 +56,25 @@ pub mod shutdown;
 pub mod sim;
 pub mod status;
 
+// Private: the flow's machinery, whose door is `roles`, and the vocabulary modules, of which
+// the few names the tools and tests need are re-exported here.
 mod auth;
 mod backoff;
 mod breaker;
+mod caps;
+mod codec;
+mod dead_letter;
+mod fault;
 mod ingest;
 mod intake;
+mod kinds;
+mod lane;
 mod sensors;
 mod worker;
+
+pub use caps::Caps;
+pub use codec::{Codecs, Limits};
+pub use dead_letter::{DeadLetter, Retention};
+pub use fault::arm as arm_fault;
+pub use kinds::unit_or_canonical;
+pub use lane::Lane;

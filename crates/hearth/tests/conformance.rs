@@ -9,19 +9,19 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth::DeadLetter;
+use hearth::Lane;
 use hearth::alerts::rules::RuleSet;
 use hearth::config::Config;
-use hearth::dead_letter::DeadLetter;
 use hearth::dlq::Filter;
 use hearth::event::{Event, Reason, Rejection};
-use hearth::lane::Lane;
 use hearth::seam::{Delivery, HistoryQuery, Reader, Seams, Written};
 use support::*;
 
 const SHARDS: u16 = 4;
 
 /// Small caps, so that the store suite can pass them.
-const CAPS: hearth::caps::Caps = hearth::caps::Caps {
+const CAPS: hearth::Caps = hearth::Caps {
     houses: 3,
     sensors_per_house: 3,
     kinds_per_sensor: 3,
@@ -704,7 +704,7 @@ async fn dead_letters_expire_on_redis() {
     let env = Env::new("conf_retention");
     let mut queue =
         hearth::servers::queue::Queue::open(REDIS, &env.redis_prefix, SHARDS).expect("queue");
-    queue.retention = hearth::dead_letter::Retention {
+    queue.retention = hearth::Retention {
         max_age_ms: 3_600_000,
         max_count: 0,
     };
@@ -741,7 +741,7 @@ async fn dead_letters_expire_embedded() {
         0,
         Default::default(),
         CAPS,
-        hearth::dead_letter::Retention {
+        hearth::Retention {
             max_age_ms: 3_600_000,
             max_count: 3,
         },

@@ -33,7 +33,7 @@ struct Corpus {
 
 fn corpus() -> Corpus {
     let dir = repo_root().join("crates/hearth/tests/fixtures/devices");
-    let codecs = hearth::codec::Codecs::defaults(hearth::codec::Limits::default());
+    let codecs = hearth::Codecs::defaults(hearth::Limits::default());
     let mut c = Corpus {
         messages: Vec::new(),
         readings: Readings::new(),
@@ -96,7 +96,7 @@ fn sqlite_readings(env: &Env) -> Readings {
     for row in rows {
         let ((sensor, kind, unit, source_unit), v): ((String, String, Option<String>, _), f64) =
             row.unwrap();
-        let unit = hearth::kinds::unit_or_canonical(&kind, unit);
+        let unit = hearth::unit_or_canonical(&kind, unit);
         out.entry((sensor, kind, unit, source_unit))
             .or_default()
             .push(micro(v));
@@ -119,7 +119,7 @@ async fn pg_readings(env: &Env) -> Readings {
         .unwrap()
     {
         let kind: String = row.get(1);
-        let unit = hearth::kinds::unit_or_canonical(&kind, row.get(2));
+        let unit = hearth::unit_or_canonical(&kind, row.get(2));
         out.entry((row.get(0), kind, unit, row.get(3)))
             .or_default()
             .push(micro(row.get(4)));

@@ -634,7 +634,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
     let before = q.status().await.expect("status");
     assert_eq!(before.events.in_flight, 43, "every queued event is counted");
     let mut r = hearth::embedded::reader::SqliteReader::new((*e.queue).clone());
-    let lanes: Vec<hearth::lane::Lane> = hearth::lane::Lane::routine(2).collect();
+    let lanes: Vec<hearth::Lane> = hearth::Lane::routine(2).collect();
     let got = r
         .read(&lanes, 1000, std::time::Duration::from_millis(100))
         .await

@@ -6,8 +6,8 @@
 
 mod support;
 
+use hearth::Lane;
 use hearth::event::Event;
-use hearth::lane::Lane;
 use hearth::servers::queue::Queue;
 use rusqlite::params;
 use support::*;
@@ -343,8 +343,7 @@ async fn sqlite_from_schema_4_counts_its_alerts_pushed() {
         .expect("version 4 data");
     }
     let e = open(&dir).await;
-    for lane in std::iter::once(hearth::lane::Lane::Critical).chain(hearth::lane::Lane::routine(8))
-    {
+    for lane in std::iter::once(hearth::Lane::Critical).chain(hearth::Lane::routine(8)) {
         let left = e.seams.alerts.unpushed(lane).await.expect("unpushed");
         assert!(left.is_empty(), "{lane}: {left:?}");
     }

@@ -433,7 +433,8 @@ fn with_device(ecosystem: Ecosystem, name: Option<impl AsRef<str>>, mut d: Decod
     d
 }
 
-/// Decode with the default sources (tests, the simulator's self-check).
+/// Decode with the default sources (tests).
+#[cfg(test)]
 pub fn decode(topic: &str, payload: &[u8], received_us: i64, limits: &Limits) -> Decoded {
     Codecs::defaults(limits.clone()).decode(topic, payload, received_us)
 }

@@ -160,7 +160,7 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    if let Err(e) = hearth::fault::arm(&config.test_fault) {
+    if let Err(e) = hearth::arm_fault(&config.test_fault) {
         eprintln!("hearth: {e}");
         return ExitCode::from(2);
     }

@@ -113,8 +113,8 @@ pub async fn seams(config: &Arc<Config>) -> Result<hearth::seam::Seams, RoleErro
         config.shards,
         config.sensor_touch_interval_ms,
         Default::default(),
-        hearth::caps::Caps::from_config(config),
-        hearth::dead_letter::Retention::from_config(config),
+        hearth::Caps::from_config(config),
+        hearth::Retention::from_config(config),
     )
     .await
     .map(|e| e.seams)
@@ -208,7 +208,7 @@ pub async fn dlq(action: DlqAction, config: &Arc<Config>) -> Result<(), RoleErro
             }
         }
         DlqAction::Replay { filter } => {
-            let codecs = hearth::codec::Codecs::from_config(config);
+            let codecs = hearth::Codecs::from_config(config);
             let mut filter: hearth::dlq::Filter = filter.into();
             filter.codecs = Some(std::sync::Arc::new(codecs.clone()));
             let r = queue.replay(&codecs, &filter).await.map_err(fail)?;
