@@ -31,6 +31,14 @@ use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
 use crate::shutdown::Shutdown;
 
+/// The longest client id taken, in bytes (MQTT 3.1.1 asks servers to take 23 at least;
+/// Mosquitto takes 65,535): it is a persistent session's key on disk.
+const MAX_CLIENT_ID: usize = 256;
+
+/// The longest subscription filter taken, in bytes (kept on disk for a persistent session;
+/// the ecosystems' longest topics are under 200).
+const MAX_FILTER: usize = 1024;
+
 /// A client's connection: who, its session, what it is sent.
 struct Session {
     id: u64,
@@ -111,6 +119,12 @@ async fn login(
         info!(client = %codec::truncate(&c.client_id, 64), reason, "mqtt login refused");
         ConnAck::new(code, false)
     };
+    // A client id is kept (a session's key, in the data folder): a long one is refused.
+    if c.client_id.len() > MAX_CLIENT_ID {
+        writer.queue(&refuse(ConnectReturnCode::BadClientId, "client_id"))?;
+        flush(writer).await?;
+        return Ok(None);
+    }
     // A client id is needed to keep a session: an empty one only with a clean session.
     let client_id = match c.client_id.is_empty() {
         true if !c.clean_session => {
@@ -373,13 +387,14 @@ async fn handle(
             Packet::PubComp(c) => me.outbound.completed(c.pkid, &mut settled),
             Packet::Subscribe(s) => {
                 // Each filter is granted (at the QoS asked) if the client may read what it
-                // matches and holds it already or fewer than `mqtt_max_subscriptions`; refused
-                // (0x80) otherwise.
+                // matches, it is at most MAX_FILTER bytes, and the client holds it already or
+                // fewer than `mqtt_max_subscriptions`; refused (0x80) otherwise.
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for f in &s.filters {
                     let held = added.iter().any(|(a, _)| *a == f.path)
                         || routes.holds(&me.client_id, &f.path);
                     let ok = me.who.may(intake.codecs(), &f.path)
+                        && f.path.len() <= MAX_FILTER
                         && (held || me.filters + fresh < settings.max_subscriptions);
                     if ok {
                         fresh += usize::from(!held);
