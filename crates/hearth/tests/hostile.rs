@@ -863,7 +863,8 @@ fn anonymous_clients_are_refused_off_loopback() {
 async fn tokens_list_revoke_expire_and_the_admin_token_is_kept() {
     use std::os::unix::fs::PermissionsExt;
     let mut env = Env::embedded("hostile_tokens");
-    let api = format!("127.0.0.1:{}", free_port());
+    let api_port = free_port();
+    let api = format!("127.0.0.1:{api_port}");
     env.set("api_listen", &api);
     let mut up = env.up().await;
     let admin_file = env.scratch.0.join("data/admin_token");
@@ -876,7 +877,9 @@ async fn tokens_list_revoke_expire_and_the_admin_token_is_kept() {
     assert_eq!(mode(&env.scratch.0.join("data")), 0o700);
     assert_eq!(mode(&env.data_file()), 0o600);
     up.restart();
+    // The broker and the API listen at their own pace after a restart: wait for both.
     wait_port(env.embedded_port.expect("port"));
+    wait_port(api_port);
     eventually(
         "the API, same admin token, after the restart",
         WAIT,

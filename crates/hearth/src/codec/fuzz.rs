@@ -6,7 +6,8 @@
 use proptest::prelude::*;
 
 use super::sources::Ecosystem;
-use super::{Codecs, Limits, http};
+use super::{Codecs, Decoded, Limits, http, native, reading};
+use crate::event::Reason;
 use crate::event::{ValueRule, is_valid_id, value_rule};
 
 const NOW_US: i64 = 1_764_139_200_000_000;
@@ -224,6 +225,39 @@ proptest! {
     #[test]
     fn any_message_is_events_or_reasoned_rejections(topic in topic(), payload in payload()) {
         check(&topic, &payload);
+    }
+
+    /// The native codec's direct read of the plain shape gives what the JSON tree gives.
+    #[test]
+    fn the_plain_native_read_agrees_with_the_tree(payload in payload(), dup in any::<bool>()) {
+        // A duplicated field (the tree keeps the last; the direct read refuses and falls back).
+        let payload = match (dup, payload.strip_suffix(b"}")) {
+            (true, Some(head)) if payload.starts_with(b"{") => {
+                [head, b",\"kind\":\"power\"}"].concat()
+            }
+            _ => payload,
+        };
+        let ctx = reading::Context {
+            house_id: "h1".into(),
+            sensor_id: "s1".into(),
+            received_us: NOW_US,
+            limits: &Limits::default(),
+        };
+        let direct = native::decode_payload(&ctx, &payload);
+        let tree = match serde_json::from_slice(&payload) {
+            Ok(v) => native::decode(&ctx, v),
+            Err(e) => Decoded::rejected(Reason::MalformedJson, e.to_string()),
+        };
+        // Events without seq get a random ingest id: not compared.
+        let plain = |d: &Decoded| {
+            let events: Vec<_> = d.events.iter().cloned().map(|mut e| {
+                e.ingest_id = None;
+                e
+            }).collect();
+            format!("{events:?}")
+        };
+        prop_assert_eq!(plain(&direct), plain(&tree));
+        prop_assert_eq!(format!("{:?}", direct.rejections), format!("{:?}", tree.rejections));
     }
 
     #[test]

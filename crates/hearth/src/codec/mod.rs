@@ -323,12 +323,10 @@ impl Codecs {
         };
         let house = source.house.as_deref().unwrap_or("maison");
         match (source.ecosystem, rest) {
-            (Ecosystem::Native, [house, sensor]) => {
-                match check_topic_ids(house, sensor).and_then(|()| json()) {
-                    Ok(value) => native::decode(&ctx(house, sensor), value),
-                    Err(d) => d,
-                }
-            }
+            (Ecosystem::Native, [house, sensor]) => match check_topic_ids(house, sensor) {
+                Ok(()) => native::decode_payload(&ctx(house, sensor), payload),
+                Err(d) => d,
+            },
             (Ecosystem::Minimal, [sensor]) => {
                 match check_topic_ids("maison", sensor).and_then(|()| json()) {
                     Ok(value) => minimal::decode(&ctx("maison", sensor), value),
