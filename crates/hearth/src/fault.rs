@@ -15,6 +15,7 @@
 //! | `after_store` | a worker committed a batch, before rules, cache, pushes and acknowledgement |
 //! | `after_rules` | a worker wrote the batch's alert transitions, before pushing and acknowledging |
 //! | `after_ack` | a worker acknowledged a batch |
+//! | `after_relay` | the embedded broker queued a client's messages for the persistent sessions they reach, before its PUBACKs |
 //! | `pause_before_store=MS` | a worker holds a batch MS milliseconds before writing it |
 //!
 //! With these a kill lands on work in flight by construction, not by timing.
@@ -76,6 +77,7 @@ fn parse(spec: &str) -> Result<Option<Armed>, String> {
         "after_store",
         "after_rules",
         "after_ack",
+        "after_relay",
     ];
     let known = match pause {
         Some(_) => point == "pause_before_store",

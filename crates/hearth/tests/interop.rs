@@ -654,3 +654,52 @@ async fn persistent_sessions_keep_their_messages_across_a_kill_9() {
     assert!(!ack.session_present);
     c.disconnect().await;
 }
+
+/// A message is in the outbox of a persistent session before its publisher is acknowledged:
+/// hearth stopped dead between the two (a fault point, not a timed kill) loses nothing for the
+/// session that was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_queued_for_a_session_before_its_puback() {
+    let mut env = Env::embedded("interop_relay");
+    env.set("test_fault", "after_relay");
+    let port = env.embedded_port.unwrap();
+    let mut up = env.up().await;
+    let (mut away, _) = Client::connect(port, "away", kept())
+        .await
+        .expect("connect");
+    away.subscribe(&[("home/#", QoS::AtLeastOnce)]).await;
+    away.disconnect().await;
+    let (mut publisher, _) = Client::connect(port, "publisher", clean())
+        .await
+        .expect("connect");
+    let mut p = Publish::new("home/door", QoS::AtLeastOnce, b"open".to_vec());
+    p.pkid = 1;
+    publisher.send(Packet::Publish(p)).await;
+    let answer = publisher
+        .pump(Duration::from_secs(10), |p| matches!(p, Packet::PubAck(_)))
+        .await;
+    assert!(
+        answer.is_none(),
+        "no PUBACK: hearth stopped at the fault point"
+    );
+    assert!(
+        up.ended_within(Duration::from_secs(10)).await,
+        "hearth aborted"
+    );
+    env.settings.retain(|(k, _)| k != "test_fault");
+    let mut up = env.hearth("up-again", &["up"]);
+    up.wait_log("subscribed", Duration::from_secs(60)).await;
+    let (mut away, ack) = Client::connect(port, "away", kept())
+        .await
+        .expect("reconnect");
+    assert!(ack.session_present);
+    let got = take(&mut away, 2.0).await;
+    assert_eq!(
+        got.iter()
+            .map(|(t, p, _)| (t.as_str(), p.as_str()))
+            .collect::<Vec<_>>(),
+        [("home/door", "open")]
+    );
+    away.disconnect().await;
+    up.kill9();
+}

@@ -471,6 +471,9 @@ async fn handle(
             "cannot queue a message for a session: {e}"
         )));
     }
+    if !forward.is_empty() {
+        crate::fault::hit("after_relay");
+    }
     for reply in &replies {
         match reply {
             Packet::PubAck(p) => writer.queue(p)?,
