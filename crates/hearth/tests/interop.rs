@@ -703,3 +703,44 @@ async fn a_message_is_queued_for_a_session_before_its_puback() {
     away.disconnect().await;
     up.kill9();
 }
+
+/// What waits for one persistent session is bounded in bytes too (`mqtt_max_queued_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_s_queue_is_bounded_in_bytes() {
+    let mut env = Env::embedded("interop_bytes");
+    env.set("mqtt_max_queued_bytes", 1000);
+    let port = env.embedded_port.unwrap();
+    let _up = env.up().await;
+    let (mut away, _) = Client::connect(port, "away", kept())
+        .await
+        .expect("connect");
+    away.subscribe(&[("home/#", QoS::AtLeastOnce)]).await;
+    away.disconnect().await;
+    let (mut publisher, _) = Client::connect(port, "publisher", clean())
+        .await
+        .expect("connect");
+    // Each message is 9 bytes of topic and 400 of payload: two fit in 1,000 bytes, not three.
+    for i in 0..5 {
+        let payload = format!("{i}").repeat(400);
+        publisher
+            .publish(
+                &format!("home/m{i:03}"),
+                payload.as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await;
+    }
+    publisher.disconnect().await;
+    let (mut away, ack) = Client::connect(port, "away", kept())
+        .await
+        .expect("reconnect");
+    assert!(ack.session_present);
+    let got: Vec<String> = take(&mut away, 2.0)
+        .await
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    assert_eq!(got, ["home/m000", "home/m001"]);
+    away.disconnect().await;
+}
