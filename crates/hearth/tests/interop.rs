@@ -655,6 +655,19 @@ async fn persistent_sessions_keep_their_messages_across_a_kill_9() {
     c.disconnect().await;
 }
 
+/// Session `away` subscribes to `home/#` at QoS 1 and leaves; a clean `publisher` connects.
+async fn away_and_publisher(port: u16) -> Client {
+    let (mut away, _) = Client::connect(port, "away", kept())
+        .await
+        .expect("connect");
+    away.subscribe(&[("home/#", QoS::AtLeastOnce)]).await;
+    away.disconnect().await;
+    let (publisher, _) = Client::connect(port, "publisher", clean())
+        .await
+        .expect("connect");
+    publisher
+}
+
 /// A message is in the outbox of a persistent session before its publisher is acknowledged:
 /// hearth stopped dead between the two (a fault point, not a timed kill) loses nothing for the
 /// session that was away.
@@ -664,14 +677,7 @@ async fn a_message_is_queued_for_a_session_before_its_puback() {
     env.set("test_fault", "after_relay");
     let port = env.embedded_port.unwrap();
     let mut up = env.up().await;
-    let (mut away, _) = Client::connect(port, "away", kept())
-        .await
-        .expect("connect");
-    away.subscribe(&[("home/#", QoS::AtLeastOnce)]).await;
-    away.disconnect().await;
-    let (mut publisher, _) = Client::connect(port, "publisher", clean())
-        .await
-        .expect("connect");
+    let mut publisher = away_and_publisher(port).await;
     let mut p = Publish::new("home/door", QoS::AtLeastOnce, b"open".to_vec());
     p.pkid = 1;
     publisher.send(Packet::Publish(p)).await;
@@ -711,14 +717,7 @@ async fn a_session_s_queue_is_bounded_in_bytes() {
     env.set("mqtt_max_queued_bytes", 1000);
     let port = env.embedded_port.unwrap();
     let _up = env.up().await;
-    let (mut away, _) = Client::connect(port, "away", kept())
-        .await
-        .expect("connect");
-    away.subscribe(&[("home/#", QoS::AtLeastOnce)]).await;
-    away.disconnect().await;
-    let (mut publisher, _) = Client::connect(port, "publisher", clean())
-        .await
-        .expect("connect");
+    let mut publisher = away_and_publisher(port).await;
     // Each message is 9 bytes of topic and 400 of payload: two fit in 1,000 bytes, not three.
     for i in 0..5 {
         let payload = format!("{i}").repeat(400);
