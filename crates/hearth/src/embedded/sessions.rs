@@ -113,14 +113,10 @@ impl Sessions {
         Sessions { writer }
     }
 
-    fn writer(&self) -> &Sqlite {
-        &self.writer
-    }
-
     /// Start a persistent session for `client_id`, or (`persistent` false) forget the one it had.
     pub async fn start(&self, client_id: &str, persistent: bool) -> Result<(), Unavailable> {
         let id = client_id.to_string();
-        self.writer()
+        self.writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 tx.execute("DELETE FROM mqtt_sessions WHERE client_id = ?1", [&id])?;
@@ -145,7 +141,7 @@ impl Sessions {
         removed: Vec<String>,
     ) -> Result<(), Unavailable> {
         let id = client_id.to_string();
-        self.writer()
+        self.writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 {
@@ -170,7 +166,7 @@ impl Sessions {
 
     /// Put messages in their sessions' outboxes, in one transaction: their rows, in order.
     pub async fn enqueue(&self, messages: Vec<Enqueue>) -> Result<Vec<i64>, Unavailable> {
-        self.writer()
+        self.writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 let mut rows = Vec::with_capacity(messages.len());
@@ -192,7 +188,7 @@ impl Sessions {
     /// A session's outbox, oldest first.
     pub async fn waiting(&self, client_id: &str) -> Result<Vec<Waiting>, Unavailable> {
         let id = client_id.to_string();
-        self.writer()
+        self.writer
             .call(move |c| {
                 let mut st = c.prepare_cached(
                     "SELECT id, topic, payload, qos, released FROM mqtt_outbox
@@ -217,7 +213,7 @@ impl Sessions {
         if done.is_empty() && released.is_empty() {
             return Ok(());
         }
-        self.writer()
+        self.writer
             .call(move |c| {
                 let tx = c.transaction()?;
                 {

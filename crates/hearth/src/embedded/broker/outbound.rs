@@ -6,6 +6,7 @@
 //! message re-sent after a reconnect or a restart goes with the packet id it first had (§4.4);
 //! the ones of a clean session take the next free id.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -175,11 +176,11 @@ impl Outbound {
 
     /// The client's PUBACK (QoS 1) or PUBCOMP (QoS 2) for `pkid`.
     pub fn completed(&mut self, pkid: u16, settled: &mut Settled) {
-        let done = self
-            .inflight
-            .get(&pkid)
-            .is_some_and(|f| f.qos == QoS::AtLeastOnce || f.released);
-        if done && let Some(f) = self.inflight.remove(&pkid) {
+        // A PUBCOMP before the PUBREC, or a PUBACK for a QoS 2 message, settles nothing.
+        if let Entry::Occupied(f) = self.inflight.entry(pkid)
+            && (f.get().qos == QoS::AtLeastOnce || f.get().released)
+        {
+            let f = f.remove();
             settled.bytes += f.size;
             settled.done.extend(f.row);
         }

@@ -95,86 +95,67 @@ async fn login(
             Ok(_) => None,
             Err(e) => {
                 warn!(error = %e, "cannot check MQTT credentials now");
-                let _ = writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false));
-                flush(writer).await?;
-                return Ok(None);
+                return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
             }
         },
         None if settings.allow_anonymous => Some(Client::Anonymous),
         None => None,
     };
-    let Some(who) = who else {
-        let (code, reason) = match &c.login {
-            Some(_) => (ConnectReturnCode::BadUserNamePassword, "bad_credentials"),
-            None => (ConnectReturnCode::NotAuthorized, "anonymous"),
-        };
-        METRICS.mqtt_refused.with(reason).add(1);
-        info!(client = %codec::truncate(&c.client_id, 64), reason, "mqtt login refused");
-        writer.queue(&ConnAck::new(code, false))?;
-        flush(writer).await?;
-        return Ok(None);
-    };
+    // Counted and logged; the CONNACK says why.
     let refuse = |code, reason: &'static str| {
         METRICS.mqtt_refused.with(reason).add(1);
         info!(client = %codec::truncate(&c.client_id, 64), reason, "mqtt login refused");
-        ConnAck::new(code, false)
+        code
     };
-    // A client id is kept (a session's key, in the data folder): a long one is refused.
-    if c.client_id.len() > MAX_CLIENT_ID {
-        writer.queue(&refuse(ConnectReturnCode::BadClientId, "client_id"))?;
-        flush(writer).await?;
-        return Ok(None);
+    let Some(who) = who else {
+        let code = match &c.login {
+            Some(_) => refuse(ConnectReturnCode::BadUserNamePassword, "bad_credentials"),
+            None => refuse(ConnectReturnCode::NotAuthorized, "anonymous"),
+        };
+        return not_let_in(writer, code).await;
+    };
+    // A client id is kept (a session's key, in the data folder): a long one is refused; one is
+    // needed to keep a session: an empty one only with a clean session.
+    if c.client_id.len() > MAX_CLIENT_ID || (c.client_id.is_empty() && !c.clean_session) {
+        return not_let_in(writer, refuse(ConnectReturnCode::BadClientId, "client_id")).await;
     }
-    // A client id is needed to keep a session: an empty one only with a clean session.
     let client_id = match c.client_id.is_empty() {
-        true if !c.clean_session => {
-            writer.queue(&refuse(ConnectReturnCode::BadClientId, "client_id"))?;
-            flush(writer).await?;
-            return Ok(None);
-        }
         true => format!("auto-{}", uuid::Uuid::new_v4().simple()),
         false => c.client_id.clone(),
     };
-    // A persistent session is kept (or a kept one forgotten, by a clean one) before the CONNACK.
-    let persistent = !c.clean_session;
-    let (present, sessions) = broker.routes.persistent(&client_id);
-    if persistent && !present && sessions >= settings.max_sessions {
-        writer.queue(&refuse(
-            ConnectReturnCode::ServiceUnavailable,
-            "sessions_full",
-        ))?;
-        flush(writer).await?;
-        return Ok(None);
-    }
-    // A new persistent session, or a clean one where one was kept.
-    if persistent != present
-        && let Err(e) = broker.kept.sessions.start(&client_id, persistent).await
-    {
-        warn!(error = %e, "cannot keep a client's session now");
-        writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))?;
-        flush(writer).await?;
-        return Ok(None);
-    }
-    let present = persistent && present;
-    let key = uuid::Uuid::new_v4().simple().to_string();
     let will = c.last_will.as_ref().map(|w| Will {
         topic: w.topic.clone(),
         payload: w.message.clone(),
         retain: w.retain,
     });
-    if let Some(w) = &will {
-        // A will goes where its client may publish, and is kept before the client is let in.
-        if !who.may(broker.intake.codecs(), &w.topic) {
-            writer.queue(&refuse(ConnectReturnCode::NotAuthorized, "will"))?;
-            flush(writer).await?;
-            return Ok(None);
-        }
-        if let Err(e) = broker.kept.set_will(&key, w).await {
-            warn!(error = %e, "cannot keep a client's will now");
-            writer.queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))?;
-            flush(writer).await?;
-            return Ok(None);
-        }
+    // A will goes where its client may publish.
+    if will
+        .as_ref()
+        .is_some_and(|w| !who.may(broker.intake.codecs(), &w.topic))
+    {
+        return not_let_in(writer, refuse(ConnectReturnCode::NotAuthorized, "will")).await;
+    }
+    let persistent = !c.clean_session;
+    let (present, sessions) = broker.routes.persistent(&client_id);
+    if persistent && !present && sessions >= settings.max_sessions {
+        let code = refuse(ConnectReturnCode::ServiceUnavailable, "sessions_full");
+        return not_let_in(writer, code).await;
+    }
+    // Kept before the CONNACK: a new persistent session (or a kept one forgotten, by a clean
+    // one), and the will.
+    if persistent != present
+        && let Err(e) = broker.kept.sessions.start(&client_id, persistent).await
+    {
+        warn!(error = %e, "cannot keep a client's session now");
+        return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
+    }
+    let present = persistent && present;
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    if let Some(w) = &will
+        && let Err(e) = broker.kept.set_will(&key, w).await
+    {
+        warn!(error = %e, "cannot keep a client's will now");
+        return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
     }
     writer.queue(&ConnAck::new(ConnectReturnCode::Success, present))?;
     flush(writer).await?;
@@ -197,6 +178,16 @@ async fn login(
         key,
         first: packets.collect(),
     }))
+}
+
+/// Answer a CONNECT that is not let in with `code`.
+async fn not_let_in(
+    writer: &mut Writer,
+    code: ConnectReturnCode,
+) -> Result<Option<Login>, MqttError> {
+    writer.queue(&ConnAck::new(code, false))?;
+    flush(writer).await?;
+    Ok(None)
 }
 
 /// A client's connection, from CONNECT to its end. A will is published when the connection ends
