@@ -41,6 +41,8 @@ pub struct Options {
     pub rate: u64,
     pub worker_processes: usize,
     pub consumers: u16,
+    /// `hearth ingest` processes sharing the broker (`ingest_slots` = this number when > 1).
+    pub ingest_processes: usize,
     pub publishers: usize,
     pub qos: u8,
     pub broker: Option<String>,
@@ -60,6 +62,7 @@ pub struct Report {
     pub qos: u8,
     pub worker_processes: usize,
     pub consumers_per_process: u16,
+    pub ingest_processes: usize,
     pub hearth: HearthRun,
     pub baselines: Baselines,
     pub ratios: Ratios,
@@ -213,9 +216,19 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
                 &dir,
             )?);
         }
-        roles.push(Role::spawn("ingest", &["ingest"], &child_config, &dir)?);
+        let ingests = opts.ingest_processes.max(1);
+        child_config.ingest_slots = ingests as u16;
+        for i in 0..ingests {
+            let name = if ingests == 1 {
+                "ingest".to_string()
+            } else {
+                format!("ingest-{}", i + 1)
+            };
+            roles.push(Role::spawn(&name, &["ingest"], &child_config, &dir)?);
+        }
         for role in &roles {
-            let needle = if role.name == "ingest" {
+            // With several, each logs it once the first has handed it a slot.
+            let needle = if role.name.starts_with("ingest") {
                 "subscribed"
             } else {
                 "worker started"
@@ -333,6 +346,7 @@ impl Report {
             qos: opts.qos,
             worker_processes,
             consumers_per_process,
+            ingest_processes: opts.ingest_processes.max(1),
             ratios: Ratios {
                 vs_raw: baselines.raw_events_per_s.map(|r| hearth.events_per_s / r),
                 vs_sync: baselines.sync_events_per_s.map(|s| hearth.events_per_s / s),

@@ -41,6 +41,10 @@ struct BenchArgs {
     /// Routine consumers in each worker process.
     #[arg(long, default_value_t = 1)]
     consumers: u16,
+    /// `hearth ingest` processes sharing the broker's messages (shared subscriptions, one
+    /// ingest slot each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    ingest_processes: u64,
     /// MQTT connections publishing the load.
     #[arg(long, default_value_t = 2)]
     publishers: usize,
@@ -196,6 +200,7 @@ async fn run(args: BenchArgs, config: Arc<Config>) -> Result<(), Failure> {
             rate: args.rate,
             worker_processes: args.worker_processes,
             consumers: args.consumers,
+            ingest_processes: args.ingest_processes as usize,
             publishers: args.publishers,
             qos: args.qos,
             broker: args.broker,

@@ -30,7 +30,7 @@ use crate::codec::{self, Codecs, Decoded, Limits};
 use crate::dead_letter::DeadLetter;
 use crate::event::{Event, Reason, Rejection};
 use crate::metrics::METRICS;
-use crate::seam::{DeviceInfo, EventQueue, Unavailable};
+use crate::seam::{DeviceInfo, EventQueue, Head, Unavailable};
 use crate::shutdown::Shutdown;
 
 /// One message (or request) as an intake takes it: its events, and one dead letter for what of
@@ -92,6 +92,24 @@ impl Input {
     /// Only critical events: passes a closed gate.
     pub fn is_critical(&self) -> bool {
         !self.events.is_empty() && self.events.iter().all(Event::is_critical)
+    }
+
+    /// Its place in its sensor's order: the first sensor of it with a `seq`.
+    fn head(&self) -> Option<Head> {
+        let first = self.events.iter().find(|e| e.seq.is_some())?;
+        let (lo, hi) = self
+            .events
+            .iter()
+            .filter(|e| e.house_id == first.house_id && e.sensor_id == first.sensor_id)
+            .filter_map(|e| e.seq)
+            .fold((i64::MAX, i64::MIN), |(l, h), s| (l.min(s), h.max(s)));
+        Some(Head {
+            house_id: first.house_id.clone(),
+            sensor_id: first.sensor_id.clone(),
+            first: lo,
+            last: hi,
+            waited_ms: 0,
+        })
     }
 
     fn routine(&self) -> u64 {
@@ -209,6 +227,29 @@ impl Intake {
         }
         self.gate.appended(inputs.iter().map(|i| i.routine()).sum());
         Ok(())
+    }
+
+    /// Which of `inputs` may be appended now in their sensors' order, each with how long it has
+    /// waited (`u64::MAX`: it may wait no more). One without `seq` may; one holding a critical
+    /// reading never waits.
+    pub async fn admit(&self, inputs: &[(&Input, u64)]) -> Result<Vec<bool>, Unavailable> {
+        let mut out = vec![true; inputs.len()];
+        let mut heads = Vec::new();
+        let mut at = Vec::new();
+        for (i, (input, waited)) in inputs.iter().enumerate() {
+            if let Some(mut head) = input.head() {
+                let critical = input.events.iter().any(Event::is_critical);
+                head.waited_ms = if critical { u64::MAX } else { *waited };
+                heads.push(head);
+                at.push(i);
+            }
+        }
+        if !heads.is_empty() {
+            for (i, ok) in at.into_iter().zip(self.queue.admit(&heads).await?) {
+                out[i] = ok;
+            }
+        }
+        Ok(out)
     }
 
     /// [`Intake::append`], retried with backoff until the queue takes it (nothing is

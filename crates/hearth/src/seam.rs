@@ -111,6 +111,11 @@ pub trait EventQueue: Send + Sync {
     /// The queue's name as a dependency (`redis` or `embedded`), for logs and metrics.
     fn name(&self) -> &'static str;
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()>;
+    /// Which messages may be appended now when ingest processes share the broker's messages: one
+    /// whose sensor's `seq` runs ahead of what was appended waits (one writer: all may).
+    fn admit<'a>(&'a self, heads: &'a [Head]) -> Fut<'a, Vec<bool>> {
+        Box::pin(async move { Ok(vec![true; heads.len()]) })
+    }
     /// Events appended and not yet acknowledged, per lane.
     fn depths(&self) -> Fut<'_, Vec<(Lane, u64)>>;
     /// Lanes, dead letters, consumers and the loss accounting (`hearth status`).
@@ -417,6 +422,17 @@ pub struct Parts {
     pub ownership: Box<dyn Ownership>,
     pub store: Arc<dyn EventStore>,
     pub alerts: Arc<dyn AlertStore>,
+}
+
+/// A message's place in its sensor's order: its first and last `seq`, how long it has waited
+/// (`u64::MAX`: it may not wait, a critical one), for [`EventQueue::admit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub house_id: String,
+    pub sensor_id: String,
+    pub first: i64,
+    pub last: i64,
+    pub waited_ms: u64,
 }
 
 /// A backend: its seams, and a consumer's own parts.

@@ -98,7 +98,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         let address = if state.config.embedded {
             Some(state.config.mqtt_listen.clone())
         } else {
-            crate::mqtt::Endpoint::parse(&state.config.mqtt_url, "readyz")
+            crate::mqtt::Endpoint::parse(&state.config.first_mqtt_url(), "readyz")
                 .ok()
                 .map(|ep| format!("{}:{}", ep.host, ep.port))
         };

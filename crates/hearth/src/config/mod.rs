@@ -16,11 +16,23 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// MQTT broker the ingest subscribes to, `mqtt://host:port` (user and password may be given
-    /// as `mqtt://user:pass@host:port`).
+    /// as `mqtt://user:pass@host:port`). Several brokers, comma-separated, for a fleet split
+    /// across brokers: the ingest holds sessions on each.
     pub mqtt_url: String,
     /// MQTT client id of the ingest. It must be stable across restarts: the broker keeps the
-    /// persistent session (and the messages queued while hearth was down) under this id.
+    /// persistent session (and the messages queued while hearth was down) under this id. With
+    /// `ingest_slots` above 1, slot `k` is `{mqtt_client_id}-{k}`.
     pub mqtt_client_id: String,
+    /// Broker sessions the ingest processes share, per broker (1..=64). Each is held by one
+    /// `hearth ingest` at a time (a lease in Redis), and every process started the same way takes
+    /// a fair share: set it to at least the most ingest processes that will run. With 1, one
+    /// process ingests and the others stand by; above 1 the sessions subscribe through a shared
+    /// subscription (`$share/hearth/…`), and each sensor's readings are put back in `seq` order
+    /// across processes before they are appended (see `ingest_order_wait_ms`).
+    pub ingest_slots: u16,
+    /// Longest a reading waits at the ingest for the readings of its sensor before it (a `seq`
+    /// gap) when ingest slots are shared; past it, it is appended anyway (a lost reading).
+    pub ingest_order_wait_ms: u64,
     /// Redis server holding the streams, leases, counters and the latest-value cache.
     pub redis_url: String,
     /// Prefix of every Redis key hearth writes, so that several installations (or tests) can share
@@ -170,6 +182,8 @@ impl Default for Config {
         Config {
             mqtt_url: "mqtt://127.0.0.1:1883".into(),
             mqtt_client_id: "hearth-ingest".into(),
+            ingest_slots: 1,
+            ingest_order_wait_ms: 15_000,
             sources: String::new(),
             default_house: "home".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
@@ -220,6 +234,23 @@ impl Default for Config {
             external_broker: false,
             warnings: Vec::new(),
         }
+    }
+}
+
+impl Config {
+    /// The brokers of `mqtt_url`, in order (one, or several comma-separated).
+    pub fn mqtt_urls(&self) -> Vec<String> {
+        self.mqtt_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The first broker of `mqtt_url`: the one the simulator and the readiness probe use.
+    pub fn first_mqtt_url(&self) -> String {
+        self.mqtt_urls().into_iter().next().unwrap_or_default()
     }
 }
 

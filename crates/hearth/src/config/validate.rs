@@ -137,15 +137,31 @@ impl Config {
                 self.redis_prefix
             ));
         }
-        for (key, url, schemes) in [
-            ("mqtt_url", &self.mqtt_url, &["mqtt", "tcp"][..]),
+        if self.ingest_slots == 0 || self.ingest_slots > 64 {
+            return bad(format!(
+                "ingest_slots must be 1..=64, got {}",
+                self.ingest_slots
+            ));
+        }
+        let brokers = self.mqtt_urls();
+        if brokers.is_empty() || brokers.len() > 16 {
+            return bad(format!(
+                "mqtt_url must name 1..=16 brokers, got {}",
+                brokers.len()
+            ));
+        }
+        let mqtt: Vec<(&str, &String, &[&str])> = brokers
+            .iter()
+            .map(|u| ("mqtt_url", u, &["mqtt", "tcp"][..]))
+            .collect();
+        for (key, url, schemes) in mqtt.into_iter().chain([
             ("redis_url", &self.redis_url, &["redis"][..]),
             (
                 "database_url",
                 &self.database_url,
                 &["postgres", "postgresql"][..],
             ),
-        ] {
+        ]) {
             let scheme = url.split("://").next().unwrap_or_default();
             if !url.contains("://") || !schemes.contains(&scheme) {
                 return bad(format!(

@@ -145,6 +145,12 @@ pub struct Metrics {
     pub broker_dropped: Gauge,
     /// 1 while the ingest holds routine messages at the broker.
     pub ingest_paused: Gauge,
+    /// Broker sessions (ingest slots) this process holds.
+    pub ingest_slots: Gauge,
+    /// Messages the ingest held back for their sensor's order (a `seq` gap), and of them the
+    /// ones appended after `ingest_order_wait_ms` without the readings before them.
+    pub order_waits: Counter,
+    pub order_gave_up: Counter,
     /// Alerts raised, by severity.
     pub alerts: Family<Counter>,
     /// 1 while the circuit to a dependency is open.
@@ -167,6 +173,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     sequence_gaps: Counter::default(),
     broker_dropped: Gauge::default(),
     ingest_paused: Gauge::default(),
+    ingest_slots: Gauge::default(),
+    order_waits: Counter::default(),
+    order_gave_up: Counter::default(),
     alerts: Family::new("severity", Counter::default),
     circuit_open: Family::new("dependency", Gauge::default),
     mqtt_refused: Family::new("reason", Counter::default),
@@ -210,6 +219,9 @@ pub const NAMES: &[&str] = &[
     "hearth_sequence_gaps_total",
     "hearth_broker_dropped_messages_total",
     "hearth_ingest_paused",
+    "hearth_ingest_slots",
+    "hearth_ingest_order_waits_total",
+    "hearth_ingest_order_gave_up_total",
     "hearth_alerts_total",
     "hearth_circuit_open",
     "hearth_mqtt_refused_total",

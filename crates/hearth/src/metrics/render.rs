@@ -89,6 +89,27 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "1 while the ingest holds routine messages at the broker.",
         m.ingest_paused.get(),
     );
+    scalar(
+        &mut out,
+        "hearth_ingest_slots",
+        "gauge",
+        "Broker sessions (ingest slots) this process holds.",
+        m.ingest_slots.get(),
+    );
+    scalar(
+        &mut out,
+        "hearth_ingest_order_waits_total",
+        "counter",
+        "Messages held back at the ingest until the readings before them (seq) were appended.",
+        m.order_waits.get() as f64,
+    );
+    scalar(
+        &mut out,
+        "hearth_ingest_order_gave_up_total",
+        "counter",
+        "Messages appended after ingest_order_wait_ms without the readings before them.",
+        m.order_gave_up.get() as f64,
+    );
     family_counter(
         &mut out,
         "hearth_alerts_total",

@@ -65,7 +65,7 @@ pub(super) async fn up_embedded(
     let intake = mqtt_intake(&config, &seams, gate).await?;
     let mqtt_url = match &listener {
         Some(_) => format!("mqtt://{}", config.mqtt_listen),
-        None => config.mqtt_url.clone(),
+        None => config.first_mqtt_url(),
     };
     let mqtt = match listener {
         Some(listener) => {
@@ -97,11 +97,13 @@ pub(super) async fn up_embedded(
                 data_dir = %data_dir.display(),
                 "embedded: store and workers in this process, events from the home's broker"
             );
-            let alerts = alert_pushes(&seams).await;
+            // One process holds every session: the data folder is its alone.
+            let count = config.mqtt_urls().len() as u32 * u32::from(config.ingest_slots);
             tokio::spawn(ingest::run(
                 config.clone(),
                 intake,
-                alerts,
+                alert_feeds(&config, &seams).await,
+                Box::new(ingest::AllSlots(count)),
                 shutdown.clone(),
             ))
         }

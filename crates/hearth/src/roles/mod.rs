@@ -220,6 +220,18 @@ async fn alert_pushes(seams: &Seams) -> Option<crate::alerts::mqtt::AlertFeed> {
     }
 }
 
+/// One alert feed per broker of `mqtt_url`.
+async fn alert_feeds(
+    config: &Config,
+    seams: &Seams,
+) -> Vec<Option<crate::alerts::mqtt::AlertFeed>> {
+    let mut feeds = Vec::new();
+    for _ in config.mqtt_urls() {
+        feeds.push(alert_pushes(seams).await);
+    }
+    feeds
+}
+
 /// The MQTT ingest's intake on a backend's queue, knowing the entities discovered so far.
 async fn mqtt_intake(
     config: &Config,
@@ -262,17 +274,17 @@ pub async fn up(config: Arc<Config>, shutdown: Shutdown, demo: bool) -> Result<(
     )
     .await?;
     if demo {
-        tokio::spawn(demo_sim(config.mqtt_url.clone(), shutdown.clone()));
+        tokio::spawn(demo_sim(config.first_mqtt_url(), shutdown.clone()));
     }
     if !prepare_store(&config, &shutdown).await || !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
     let intake = mqtt_intake(&config, &seams, gate).await?;
-    let alerts = alert_pushes(&seams).await;
     let ingest = tokio::spawn(ingest::run(
         config.clone(),
         intake,
-        alerts,
+        alert_feeds(&config, &seams).await,
+        backend.ingest_slots(),
         shutdown.clone(),
     ));
     let workers = tokio::spawn(worker::run(
@@ -312,7 +324,8 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
     ingest::run(
         config.clone(),
         mqtt_intake(&config, &seams, gate).await?,
-        alert_pushes(&seams).await,
+        alert_feeds(&config, &seams).await,
+        backend.ingest_slots(),
         shutdown,
     )
     .await?;

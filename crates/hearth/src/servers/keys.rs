@@ -21,7 +21,16 @@ impl Keys {
         format!("{}:dead", self.prefix)
     }
     pub fn lease(&self, lane: Lane) -> String {
-        format!("{}:lease:{}", self.prefix, lane.name())
+        self.lease_of(&lane.name())
+    }
+    /// The lease on anything named (a lane, an ingest slot `ingest-{n}`).
+    pub fn lease_of(&self, name: &str) -> String {
+        format!("{}:lease:{name}", self.prefix)
+    }
+    /// The last `seq` appended per sensor of a lane (hash: `{house}/{sensor}` → seq), kept when
+    /// ingest slots are shared ([`super::order`]).
+    pub fn order(&self, lane: Lane) -> String {
+        format!("{}:order:{}", self.prefix, lane.name())
     }
     pub fn consumers(&self, pool: &str) -> String {
         format!("{}:consumers:{pool}", self.prefix)

@@ -33,6 +33,17 @@ end
 return 0
 "#;
 
+/// What a lease can be taken on: a lane, an ingest slot.
+pub trait Leased: Copy {
+    fn lease_name(&self) -> String;
+}
+
+impl Leased for Lane {
+    fn lease_name(&self) -> String {
+        self.name()
+    }
+}
+
 #[derive(Clone)]
 pub struct Leases {
     conn: ConnectionManager,
@@ -67,11 +78,11 @@ impl Leases {
         self.ttl.as_millis() as u64
     }
 
-    /// Take the lane if nobody holds it.
-    pub async fn acquire(&self, lane: Lane) -> Result<bool, QueueError> {
+    /// Take the lane (or slot) if nobody holds it.
+    pub async fn acquire(&self, lane: impl Leased) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
         let reply: Option<String> = redis::cmd("SET")
-            .arg(self.keys.lease(lane))
+            .arg(self.keys.lease_of(&lane.lease_name()))
             .arg(&self.owner)
             .arg("NX")
             .arg("PX")
@@ -82,7 +93,7 @@ impl Leases {
     }
 
     /// Renew our leases on `lanes` and our heartbeat; returns the lanes we no longer hold.
-    pub async fn renew(&self, lanes: &[Lane]) -> Result<Vec<Lane>, QueueError> {
+    pub async fn renew<T: Leased>(&self, lanes: &[T]) -> Result<Vec<T>, QueueError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(self.keys.consumers(&self.pool))
@@ -93,7 +104,7 @@ impl Leases {
             pipe.cmd("EVAL")
                 .arg(RENEW)
                 .arg(1)
-                .arg(self.keys.lease(*lane))
+                .arg(self.keys.lease_of(&lane.lease_name()))
                 .arg(&self.owner)
                 .arg(self.ttl_ms());
         }
@@ -107,12 +118,12 @@ impl Leases {
             .collect())
     }
 
-    pub async fn release(&self, lane: Lane) -> Result<(), QueueError> {
+    pub async fn release(&self, lane: impl Leased) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         redis::cmd("EVAL")
             .arg(RELEASE)
             .arg(1)
-            .arg(self.keys.lease(lane))
+            .arg(self.keys.lease_of(&lane.lease_name()))
             .arg(&self.owner)
             .exec_async(&mut conn)
             .await?;

@@ -20,11 +20,13 @@ pub mod fanout;
 pub mod keys;
 pub mod lease;
 pub mod notifier;
+pub mod order;
 pub mod ownership;
 pub mod pg;
 pub mod queue;
 pub mod reader;
 pub mod schema;
+pub mod slots;
 pub mod status;
 pub mod store;
 pub mod stream;
@@ -93,6 +95,25 @@ impl Servers {
             queue,
             seams,
         })
+    }
+
+    /// The ingest's slots (every broker's `ingest_slots`), leased among the ingest processes.
+    pub fn ingest_slots(&self) -> Box<dyn crate::ingest::Slots> {
+        let count = self.config.mqtt_urls().len() as u32 * u32::from(self.config.ingest_slots);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        let owner = format!(
+            "{host}-{}-ingest-{:04x}",
+            std::process::id(),
+            fastrand::u16(..)
+        );
+        Box::new(slots::LeasedSlots::new(
+            &self.queue,
+            count,
+            &owner,
+            Duration::from_millis(self.config.lease_ttl_ms),
+        ))
     }
 
     pub fn queue(&self) -> &queue::Queue {

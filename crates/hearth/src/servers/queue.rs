@@ -128,6 +128,8 @@ pub struct Queue {
     routed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// How long and how many dead letters are kept.
     pub retention: Retention,
+    /// Whether appends keep each sensor's last `seq` (ingest slots shared: [`super::order`]).
+    pub sequenced: bool,
 }
 
 impl Queue {
@@ -140,6 +142,7 @@ impl Queue {
     pub fn from_config(config: &crate::config::Config) -> Result<Queue, QueueError> {
         let mut queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
         queue.retention = Retention::from_config(config);
+        queue.sequenced = config.ingest_slots > 1;
         Ok(queue)
     }
 
@@ -155,6 +158,7 @@ impl Queue {
             streams: std::sync::Arc::new(streams),
             routed: Default::default(),
             retention: Retention::default(),
+            sequenced: false,
         }
     }
 
@@ -304,6 +308,13 @@ impl Queue {
                 .arg(list.len())
                 .ignore();
         }
+        if self.sequenced {
+            super::order::add_advance(
+                super::order::Order::of(&self.keys, self.shards),
+                pipe,
+                events,
+            );
+        }
         let dead_key = self.keys.dead();
         for d in dead {
             xadd_letter(pipe, &dead_key, d);
@@ -396,6 +407,12 @@ impl EventQueue for RedisQueue {
 
     fn append<'a>(&'a self, events: &'a [&'a Event], dead: &'a [&'a DeadLetter]) -> Fut<'a, ()> {
         Box::pin(async move { Ok(self.queue.append(events, dead).await?) })
+    }
+
+    fn admit<'a>(&'a self, heads: &'a [crate::seam::Head]) -> Fut<'a, Vec<bool>> {
+        let q = &self.queue;
+        let admit = super::order::admit(super::order::Order::of(&q.keys, q.shards), &q.conn, heads);
+        Box::pin(async move { Ok(admit.await.map_err(QueueError::from)?) })
     }
 
     fn keep_discovery<'a>(&'a self, configs: &'a [(String, Vec<u8>)]) -> Fut<'a, ()> {

@@ -340,7 +340,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
                 connections: args.connections.max(1),
                 seed: args.seed,
             };
-            let summary = sim::run(&config.mqtt_url, &opts).await?;
+            let summary = sim::run(&config.first_mqtt_url(), &opts).await?;
             print_report(args.json, &summary, || summary.table())
         }
         Command::Status { json } => {
