@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod roles;
 pub mod seam;
+pub mod series;
 pub mod servers;
 pub mod shutdown;
 pub mod sim;

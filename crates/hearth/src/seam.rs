@@ -105,8 +105,7 @@ impl Delivery {
 /// letters are durable; readers hand out each appended entry to one of them, the critical
 /// lane's before any routine lane's, each lane in append order (so a sensor's events in order);
 /// an entry stays pending until acknowledged, and a reader opened later (after a crash) gets
-/// the pending entries again before anything new; the depths count the events appended and not
-/// acknowledged.
+/// the pending entries again before anything new; the depths count events not acknowledged.
 pub trait EventQueue: Send + Sync {
     /// The queue's name as a dependency (`redis` or `embedded`), for logs and metrics.
     fn name(&self) -> &'static str;
@@ -312,6 +311,11 @@ pub trait EventStore: Send + Sync {
     fn sensor<'a>(&'a self, house: &'a str, sensor: &'a str) -> Fut<'a, Option<SensorRow>>;
     /// Up to `limit` rows, newest first.
     fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>>;
+    /// A sensor's kind, bucket by bucket, from the rollups ([`crate::series`]), oldest first.
+    fn series<'a>(
+        &'a self,
+        q: &'a crate::series::SeriesQuery,
+    ) -> Fut<'a, Vec<crate::series::Point>>;
     /// The house of a token, by its SHA-256 (none once expired or revoked).
     fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>>;
     /// Keep a token (its hash) for `house`, under the public id `id`, until `expires_at` (epoch
@@ -424,8 +428,7 @@ pub struct Parts {
     pub alerts: Arc<dyn AlertStore>,
 }
 
-/// A message's place in its sensor's order: its first and last `seq`, how long it has waited
-/// (`u64::MAX`: it may not wait, a critical one), for [`EventQueue::admit`].
+/// A message's place in its sensor's order, for [`EventQueue::admit`] (`waited_ms` `u64::MAX`: no wait).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Head {
     pub house_id: String,

@@ -187,6 +187,10 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
         ("GET", "/api/v1/houses/h1/sensors"),
         ("GET", "/api/v1/houses/h1/sensors/s1/latest"),
         ("GET", "/api/v1/houses/h1/sensors/s1/events"),
+        (
+            "GET",
+            "/api/v1/houses/h1/sensors/s1/series?kind=temperature",
+        ),
         ("GET", "/api/v1/alerts"),
         ("POST", "/api/v1/alerts/1/ack"),
         ("GET", "/api/v1/pipeline"),
@@ -210,6 +214,16 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
         ("GET", "/api/v1/houses/h2/sensors/s2/events", 403),
         ("GET", "/api/v1/houses/h1/sensors/s2/latest", 404),
         ("GET", "/api/v1/houses/h1/sensors/s2/events", 404),
+        (
+            "GET",
+            "/api/v1/houses/h2/sensors/s2/series?kind=temperature",
+            403,
+        ),
+        (
+            "GET",
+            "/api/v1/houses/h1/sensors/s2/series?kind=temperature",
+            404,
+        ),
         ("GET", "/api/v1/alerts?house=h2", 403),
         ("GET", "/api/v1/pipeline", 403),
     ];
@@ -258,6 +272,11 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
         "/api/v1/houses/h1/sensors/s1/events?bogus=1",
         "/api/v1/houses/h1/sensors/s1/events?limit=%ZZ",
         "/api/v1/houses/h1/sensors/bad%24id/events",
+        "/api/v1/houses/h1/sensors/s1/series",
+        "/api/v1/houses/h1/sensors/s1/series?kind=temperature&step=week",
+        "/api/v1/houses/h1/sensors/s1/series?kind=temperature&step=minute&from=0",
+        "/api/v1/houses/h1/sensors/s1/series?kind=temperature&from=2000&to=1000",
+        "/api/v1/houses/h1/sensors/s1/series?kind=temperature&bogus=1",
         "/api/v1/alerts?state=done",
         "/api/v1/houses/bad%24id/sensors",
     ];
@@ -354,12 +373,31 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     assert_eq!(rest["events"].as_array().unwrap().len(), 2);
     assert!(rest["next_cursor"].is_null());
 
+    // The series: the six stored readings of s1 (21.5, then 3..=7), by minute, hour and day
+    // over the default span (the 1,000 steps before now); a span past 10,000 steps is refused.
+    for step in ["minute", "hour", "day"] {
+        let path = format!("/api/v1/houses/h1/sensors/s1/series?kind=temperature&step={step}");
+        let (status, body) = http(&addr, "GET", &path, Some(&t1), None).await;
+        assert_eq!(status, 200, "{step}: {body}");
+        let series: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let points = series["points"].as_array().expect("points");
+        let count: i64 = points.iter().map(|p| p["count"].as_i64().unwrap()).sum();
+        let high = points
+            .iter()
+            .map(|p| p["max"].as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!((count, high), (6, 21.5), "{step}: {body}");
+        let wide = format!("{path}&from=0&to=95617584000000");
+        assert_eq!(http(&addr, "GET", &wide, Some(&t1), None).await.0, 400);
+    }
+
     let (status, doc) = http(&addr, "GET", "/openapi.json", None, None).await;
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&doc).expect("openapi json");
     for path in [
         "/api/v1/events",
         "/api/v1/alerts/{id}/ack",
+        "/api/v1/houses/{house}/sensors/{sensor}/series",
         "/api/v1/ws",
         "/readyz",
     ] {

@@ -582,6 +582,221 @@ async fn store_embedded() {
     store_suite(embedded("conf_store_e").await).await;
 }
 
+// ---- the rollups -----------------------------------------------------------------------------
+
+/// Rollups equal the aggregates of the raw rows they summarise, whatever the batches, the
+/// redeliveries and the order of the readings' times: a property, sampled by proptest (cases
+/// accumulate in one store, against a model of every distinct reading written so far).
+/// A bucket as the model sums it: count, sum, min, max, (time, order) of the last, last value.
+type Bucket = (i64, f64, f64, f64, (i64, usize), f64);
+
+async fn rollup_suite(b: Backend) {
+    use hearth::series::{SeriesQuery, Step};
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config as PtConfig, TestRunner};
+    let s = &b.seams.store;
+    // (sensor, kind, seq offset, ts in ms within 3 days, value in thousandths); then batches.
+    // Half the times on a quarter-hour grid, so that readings of one bucket often share a time
+    // (the last value is then the one stored last).
+    let ts = prop_oneof![(0..288i64).prop_map(|q| q * 900_000), 0..3 * 86_400_000i64];
+    let reading = (0..2usize, 0..2usize, 0..40i64, ts, -500_000..500_000i64);
+    let case = (
+        prop::collection::vec(reading, 1..60),
+        prop::collection::vec(1..20usize, 1..6),
+        any::<bool>(),
+    );
+    let mut runner = TestRunner::new(PtConfig {
+        cases: 12,
+        ..PtConfig::default()
+    });
+    // Dedup key → (event, order of its first write).
+    let mut model: std::collections::BTreeMap<(String, String, i64), (Event, usize)> =
+        std::collections::BTreeMap::new();
+    for round in 0..12i64 {
+        let (readings, cuts, redeliver) = case.new_tree(&mut runner).expect("case").current();
+        let events: Vec<Event> = readings
+            .iter()
+            .map(|(sensor, kind, seq, ts, milli)| {
+                let mut e = event(
+                    "house-r",
+                    ["s0", "s1"][*sensor],
+                    ["temperature", "humidity"][*kind],
+                    round * 40 + seq,
+                    *ts,
+                );
+                e.value = *milli as f64 / 1000.0;
+                e
+            })
+            .collect();
+        let mut rest: &[Event] = &events;
+        let mut cut = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*cut.next().expect("cut")).min(rest.len());
+            let (batch, tail) = rest.split_at(n);
+            let refs: Vec<&Event> = batch.iter().collect();
+            s.write(&[], &refs, true).await.expect("write");
+            if redeliver {
+                s.write(&[], &refs, true).await.expect("write again");
+            }
+            for e in batch {
+                let key = (e.sensor_id.clone(), e.kind.clone(), e.seq.expect("seq"));
+                let order = model.len();
+                model.entry(key).or_insert((e.clone(), order));
+            }
+            rest = tail;
+        }
+        for sensor in ["s0", "s1"] {
+            for kind in ["temperature", "humidity"] {
+                for step in Step::ALL {
+                    let mut expected: std::collections::BTreeMap<i64, Bucket> =
+                        std::collections::BTreeMap::new();
+                    for (e, order) in model
+                        .values()
+                        .filter(|(e, _)| e.sensor_id == sensor && e.kind == kind)
+                    {
+                        let b = expected.entry(step.bucket(e.ts_ms)).or_insert((
+                            0,
+                            0.0,
+                            f64::MAX,
+                            f64::MIN,
+                            (i64::MIN, 0),
+                            0.0,
+                        ));
+                        b.0 += 1;
+                        b.1 += e.value;
+                        b.2 = b.2.min(e.value);
+                        b.3 = b.3.max(e.value);
+                        if (e.ts_ms, *order) >= b.4 {
+                            b.4 = (e.ts_ms, *order);
+                            b.5 = e.value;
+                        }
+                    }
+                    let got = s
+                        .series(&SeriesQuery {
+                            house: "house-r".into(),
+                            sensor: sensor.into(),
+                            kind: kind.into(),
+                            step,
+                            from: 0,
+                            to: 4 * 86_400_000,
+                        })
+                        .await
+                        .expect("series");
+                    assert_eq!(
+                        got.len(),
+                        expected.len(),
+                        "{sensor} {kind} {step:?}: buckets"
+                    );
+                    for (p, (bucket, (n, sum, min, max, _, last))) in got.iter().zip(&expected) {
+                        let what = format!("{sensor} {kind} {step:?} bucket {bucket}");
+                        assert_eq!((p.bucket, p.count), (*bucket, *n), "{what}");
+                        assert_eq!((p.min, p.max, p.last), (*min, *max, *last), "{what}");
+                        assert!((p.avg - sum / *n as f64).abs() < 1e-6, "{what}: avg");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_on_postgres() {
+    rollup_suite(servers("conf_rollups").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_embedded() {
+    rollup_suite(embedded("conf_rollups_e").await).await;
+}
+
+/// A year of one sensor at one reading a minute (525,600 rows), then the series a dashboard
+/// asks for, timed (printed, not asserted): `cargo test --release --test conformance --
+/// --ignored a_year --nocapture`.
+async fn a_year_of_one_sensor(b: Backend, name: &str) {
+    use hearth::series::{SeriesQuery, Step};
+    let s = &b.seams.store;
+    let minutes = 365 * 24 * 60i64;
+    let started = std::time::Instant::now();
+    for chunk in (0..minutes).collect::<Vec<_>>().chunks(10_000) {
+        let batch: Vec<Event> = chunk
+            .iter()
+            .map(|m| {
+                let mut e = event(
+                    "house-y",
+                    "meter",
+                    "power",
+                    m + 1,
+                    1_700_000_000_000 + m * 60_000,
+                );
+                e.value = (m % 1440) as f64;
+                e
+            })
+            .collect();
+        let refs: Vec<&Event> = batch.iter().collect();
+        s.write(&[], &refs, false).await.expect("write");
+    }
+    eprintln!(
+        "{name}: {minutes} readings written in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let end = 1_700_000_000_000 + minutes * 60_000;
+    for (label, step, span) in [
+        ("the last 6 hours per minute", Step::Minute, 6 * 3_600_000),
+        ("the last week per hour", Step::Hour, 7 * 86_400_000),
+        ("the last 30 days per hour", Step::Hour, 30 * 86_400_000),
+        ("the year per day", Step::Day, 365 * 86_400_000),
+    ] {
+        let q = SeriesQuery {
+            house: "house-y".into(),
+            sensor: "meter".into(),
+            kind: "power".into(),
+            step,
+            from: end - span,
+            to: end,
+        };
+        s.series(&q).await.expect("warm");
+        let t = std::time::Instant::now();
+        let runs = 20;
+        let mut points = 0;
+        for _ in 0..runs {
+            points = s.series(&q).await.expect("series").len();
+        }
+        eprintln!(
+            "{name}: {label}: {points} points in {:.2} ms",
+            t.elapsed().as_secs_f64() * 1000.0 / runs as f64
+        );
+    }
+    let t = std::time::Instant::now();
+    let rows = s
+        .history(&HistoryQuery {
+            house: "house-y".into(),
+            sensor: "meter".into(),
+            from: Some(end - 6 * 3_600_000),
+            limit: 1000,
+            ..HistoryQuery::default()
+        })
+        .await
+        .expect("history")
+        .len();
+    eprintln!(
+        "{name}: raw rows of the last 6 hours (history, one page): {rows} rows in {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (a year of data): run it by name"]
+async fn a_year_on_postgres() {
+    a_year_of_one_sensor(servers("conf_year").await, "postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (a year of data): run it by name"]
+async fn a_year_embedded() {
+    a_year_of_one_sensor(embedded("conf_year_e").await, "embedded").await;
+}
+
 // ---- the cache ------------------------------------------------------------------------------
 
 async fn cache_suite(b: Backend) {

@@ -564,3 +564,97 @@ async fn redis_keys_and_routing_move_to_house_and_sensor() {
     let depth: Vec<(Lane, u64)> = queue.depths().await.expect("depths");
     assert_eq!(depth.iter().find(|(l, _)| *l == lane).map(|d| d.1), Some(1));
 }
+
+/// Readings stored before the rollups (PostgreSQL 4, SQLite 8) are summed into them by the
+/// migration: counts, min, max, sums and last values per minute, hour and day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_are_built_from_the_readings_already_stored() {
+    // (seq, ms after 2026-01-01, value): two in one minute (the later one last), one an hour on.
+    let readings = [(1, 0, 20.0), (2, 30_000, 22.0), (3, 3_600_000, 18.0)];
+    let start: i64 = 1_767_225_600_000;
+    let expected = [
+        (
+            "minute",
+            vec![
+                (start, 2, 20.0, 22.0, 42.0, 22.0),
+                (start + 3_600_000, 1, 18.0, 18.0, 18.0, 18.0),
+            ],
+        ),
+        (
+            "hour",
+            vec![
+                (start, 2, 20.0, 22.0, 42.0, 22.0),
+                (start + 3_600_000, 1, 18.0, 18.0, 18.0, 18.0),
+            ],
+        ),
+        ("day", vec![(start, 3, 18.0, 22.0, 60.0, 18.0)]),
+    ];
+
+    let env = Env::new("migrate_pg_rollups");
+    let pg = postgres_at(&env, 4).await;
+    for (seq, at, value) in readings {
+        pg.execute(
+            "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_at)
+             VALUES ('h1', 'kitchen', 'temperature', $1, $2,
+                     timestamptz 'epoch' + $3::int8 * interval '1 millisecond', now())",
+            &[&value, &(seq as i64), &(start + at)],
+        )
+        .await
+        .expect("version 4 data");
+    }
+    hearth::servers::schema::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    for (step, rows) in &expected {
+        let got: Vec<(i64, i64, f64, f64, f64, f64)> = pg
+            .query(
+                "SELECT (extract(epoch FROM bucket) * 1000)::int8, n, low, high, total, last
+                 FROM rollups WHERE step = $1 ORDER BY bucket",
+                &[step],
+            )
+            .await
+            .expect("rollups")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect();
+        assert_eq!(&got, rows, "postgres {step}");
+    }
+
+    let env = Env::embedded("migrate_sqlite_rollups");
+    let dir = env.scratch.0.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    {
+        let c = sqlite_at(&dir, 8);
+        for (seq, at, value) in readings {
+            c.execute(
+                "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_us,
+                                     stored_us, critical)
+                 VALUES ('h1', 'kitchen', 'temperature', ?1, ?2, ?3, 0, 0, 0)",
+                rusqlite::params![value, seq, start + at],
+            )
+            .expect("version 8 data");
+        }
+    }
+    drop(open(&dir).await);
+    let c = rusqlite::Connection::open(dir.join("hearth.sqlite3")).expect("sqlite");
+    for (step, rows) in &expected {
+        let mut st = c
+            .prepare("SELECT bucket, n, low, high, total, last FROM rollups WHERE step = ?1 ORDER BY bucket")
+            .expect("prepare");
+        let got: Vec<(i64, i64, f64, f64, f64, f64)> = st
+            .query_map([step], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .expect("rollups")
+            .map(|r| r.expect("row"))
+            .collect();
+        assert_eq!(&got, rows, "sqlite {step}");
+    }
+}

@@ -16,6 +16,7 @@ pub mod health;
 pub mod openapi;
 pub mod params;
 pub mod sensors;
+pub mod series;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -88,6 +89,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/houses/{house}/sensors/{sensor}/events",
             get(sensors::sensor_events),
+        )
+        .route(
+            "/houses/{house}/sensors/{sensor}/series",
+            get(series::sensor_series),
         )
         .route("/alerts", get(alerts::list_alerts))
         .route("/alerts/{id}/ack", post(alerts::ack_alert))

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{alerts, dlq, error, events, health, sensors, ws};
+use super::{alerts, dlq, error, events, health, sensors, series, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,7 @@ use super::{alerts, dlq, error, events, health, sensors, ws};
         sensors::house_sensors,
         sensors::sensor_latest,
         sensors::sensor_events,
+        series::sensor_series,
         alerts::list_alerts,
         alerts::ack_alert,
         health::pipeline,
@@ -39,6 +40,8 @@ use super::{alerts, dlq, error, events, health, sensors, ws};
         sensors::LatestView,
         sensors::History,
         sensors::HistoryEvent,
+        series::Series,
+        crate::series::Point,
         health::Pipeline,
         health::Readiness,
         crate::dlq::Letter,

@@ -129,7 +129,7 @@ pub async fn house_sensors(
 
 /// A sensor of a house, checked against the token: another house's is 403 (the house is in the
 /// path: nothing is told about its sensors), a sensor the house does not have is 404.
-async fn sensor_of(
+pub(super) async fn sensor_of(
     state: &AppState,
     who: &Principal,
     house: &str,

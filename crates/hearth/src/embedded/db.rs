@@ -256,6 +256,41 @@ CREATE TABLE catalog (
 );
 ";
 
+/// Rollups per minute, hour and day ([`crate::series`]), built from the events already stored.
+const SCHEMA_9: &str = r"
+CREATE TABLE rollups (
+    house_id  TEXT NOT NULL,
+    sensor_id TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    step      TEXT NOT NULL,
+    -- The bucket's start, epoch ms (UTC).
+    bucket    INTEGER NOT NULL,
+    n         INTEGER NOT NULL,
+    total     REAL NOT NULL,
+    low       REAL NOT NULL,
+    high      REAL NOT NULL,
+    last_ts   INTEGER NOT NULL,
+    last_id   INTEGER NOT NULL,
+    last      REAL NOT NULL,
+    PRIMARY KEY (house_id, sensor_id, kind, step, bucket)
+) WITHOUT ROWID;
+WITH steps (step, ms) AS (VALUES ('minute', 60000), ('hour', 3600000), ('day', 86400000)),
+b AS (
+    SELECT e.house_id, e.sensor_id, e.kind, e.value, e.ts, e.id, s.step,
+           e.ts - ((e.ts % s.ms) + s.ms) % s.ms AS bucket
+    FROM events e, steps s
+),
+r AS (
+    SELECT *, row_number() OVER (PARTITION BY house_id, sensor_id, kind, step, bucket
+                                 ORDER BY ts DESC, id DESC) AS rn
+    FROM b
+)
+INSERT INTO rollups
+SELECT house_id, sensor_id, kind, step, bucket, count(*), sum(value), min(value), max(value),
+       max(ts), max(CASE WHEN rn = 1 THEN id END), max(CASE WHEN rn = 1 THEN value END)
+FROM r GROUP BY house_id, sensor_id, kind, step, bucket;
+";
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_1),
     (2, SCHEMA_2),
@@ -265,6 +300,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, SCHEMA_6),
     (7, SCHEMA_7),
     (8, SCHEMA_8),
+    (9, SCHEMA_9),
 ];
 
 /// The schema versions, for tests that build a data folder of an earlier version.

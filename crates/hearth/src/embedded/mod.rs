@@ -28,6 +28,7 @@ pub mod memory;
 pub mod notifier;
 pub mod queue;
 pub mod reader;
+mod rollups;
 pub mod sessions;
 pub mod store;
 mod topics;

@@ -18,6 +18,7 @@ use crate::seam::{
     Written,
 };
 use crate::sensors::{SensorMemo, SensorSeen};
+use crate::series::{Point, SeriesQuery};
 
 pub struct SqliteStore {
     writer: Sqlite,
@@ -55,8 +56,9 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
          ON CONFLICT DO NOTHING",
     )?;
     let mut stored = 0;
+    let mut inserted: Vec<(&Event, i64)> = Vec::new();
     for e in events {
-        stored += insert.execute(params![
+        let n = insert.execute(params![
             e.house_id,
             e.sensor_id,
             e.kind,
@@ -70,7 +72,12 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
             e.is_critical(),
             e.source_unit,
         ])? as u64;
+        if n > 0 {
+            inserted.push((e, c.last_insert_rowid()));
+        }
+        stored += n;
     }
+    super::rollups::add(c, &inserted)?;
     let mut kinds_of =
         c.prepare_cached("SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2")?;
     let mut upsert = c.prepare_cached(
@@ -326,6 +333,15 @@ impl EventStore for SqliteStore {
                     .query_row([house, sensor], sensor_row)
                     .optional()
                 })
+                .await
+        })
+    }
+
+    fn series<'a>(&'a self, q: &'a SeriesQuery) -> Fut<'a, Vec<Point>> {
+        let q = q.clone();
+        Box::pin(async move {
+            self.reader
+                .call(move |c| super::rollups::series(c, &q))
                 .await
         })
     }

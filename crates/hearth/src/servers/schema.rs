@@ -201,6 +201,36 @@ CREATE UNIQUE INDEX tokens_id ON tokens (id);
 ALTER TABLE events ADD COLUMN source_unit text;
 "#,
     ),
+    (
+        5,
+        "rollups per minute, hour and day",
+        r#"
+-- Per (house, sensor, kind) and bucket (UTC): what the series endpoint reads. Kept by the
+-- worker's insert, from the rows it actually inserted, in the same statement.
+CREATE TABLE rollups (
+    house_id    text COLLATE "C" NOT NULL,
+    sensor_id   text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL,
+    step        text NOT NULL CHECK (step IN ('minute', 'hour', 'day')),
+    bucket      timestamptz NOT NULL,
+    n           bigint NOT NULL,
+    total       double precision NOT NULL,
+    low         double precision NOT NULL,
+    high        double precision NOT NULL,
+    last_ts     timestamptz NOT NULL,
+    last_id     bigint NOT NULL,
+    last        double precision NOT NULL,
+    PRIMARY KEY (house_id, sensor_id, kind, step, bucket)
+);
+INSERT INTO rollups
+SELECT e.house_id, e.sensor_id, e.kind, st.step, date_trunc(st.step, e.ts, 'UTC'),
+       count(*), sum(e.value), min(e.value), max(e.value), max(e.ts),
+       (array_agg(e.id ORDER BY e.ts DESC, e.id DESC))[1],
+       (array_agg(e.value ORDER BY e.ts DESC, e.id DESC))[1]
+FROM events e CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
+GROUP BY 1, 2, 3, 4, 5;
+"#,
+    ),
 ];
 
 /// Create the database if it is missing, then apply pending migrations.

@@ -98,6 +98,25 @@ WITH held AS (
     WHERE fence.ok
     ORDER BY n
     {conflict}
+    RETURNING house_id, sensor_id, kind, value, ts, id
+), rolled AS (
+    INSERT INTO rollups AS r (house_id, sensor_id, kind, step, bucket, n, total, low, high,
+                              last_ts, last_id, last)
+    SELECT house_id, sensor_id, kind, st.step, date_trunc(st.step, ts, 'UTC'), count(*),
+           sum(value), min(value), max(value), max(ts),
+           (array_agg(id ORDER BY ts DESC, id DESC))[1],
+           (array_agg(value ORDER BY ts DESC, id DESC))[1]
+    FROM inserted CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
+    GROUP BY 1, 2, 3, 4, 5
+    ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (house_id, sensor_id, kind, step, bucket) DO UPDATE SET
+        n = r.n + EXCLUDED.n, total = r.total + EXCLUDED.total,
+        low = LEAST(r.low, EXCLUDED.low), high = GREATEST(r.high, EXCLUDED.high),
+        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_id) >= (r.last_ts, r.last_id)
+                    THEN EXCLUDED.last ELSE r.last END,
+        last_id = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_id) >= (r.last_ts, r.last_id)
+                       THEN EXCLUDED.last_id ELSE r.last_id END,
+        last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)
     RETURNING 1
 ), seen AS (
     INSERT INTO sensors (house_id, sensor_id, kinds, first_seen, last_seen, interval_ms)
