@@ -43,6 +43,8 @@ pub struct Options {
     pub consumers: u16,
     /// `hearth ingest` processes sharing the broker (`ingest_slots` = this number when > 1).
     pub ingest_processes: usize,
+    /// Private brokers the load is split across (one `mqtt_url` naming them all).
+    pub brokers: usize,
     pub publishers: usize,
     pub qos: u8,
     pub broker: Option<String>,
@@ -63,6 +65,7 @@ pub struct Report {
     pub worker_processes: usize,
     pub consumers_per_process: u16,
     pub ingest_processes: usize,
+    pub brokers: usize,
     pub hearth: HearthRun,
     pub baselines: Baselines,
     pub ratios: Ratios,
@@ -183,6 +186,20 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     };
     let endpoint = hearth::mqtt::Endpoint::parse(&broker_url, "bench")?;
     let (host, port) = (endpoint.host, endpoint.port);
+    // More private brokers, for a fleet split across them.
+    let mut more = Vec::new();
+    for b in 1..opts.brokers.max(1) {
+        if private.is_none() {
+            anyhow::bail!("--brokers above 1 needs the bench's private brokers");
+        }
+        more.push(Mosquitto::start(&dir.join(format!("mosquitto-{b}")), 0)?);
+    }
+    let brokers: Vec<(String, u16)> = std::iter::once((host.clone(), port))
+        .chain(more.iter().map(|m| ("127.0.0.1".to_string(), m.port)))
+        .collect();
+    let all_urls: Vec<String> = std::iter::once(broker_url.clone())
+        .chain(more.iter().map(Mosquitto::url))
+        .collect();
 
     let baselines = match (&private, opts.baselines) {
         (Some(broker), true) => run_baselines(&config, &opts, &run_id, broker.port).await?,
@@ -202,7 +219,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     if !opts.external {
         hearth::servers::schema::migrate(&database_url).await?;
         let mut child_config = (*config).clone();
-        child_config.mqtt_url = broker_url.clone();
+        child_config.mqtt_url = all_urls.join(",");
         child_config.database_url = database_url.clone();
         child_config.redis_prefix = prefix.clone();
         child_config.mqtt_client_id = format!("bench-ingest-{run_id}");
@@ -250,13 +267,14 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
     let sent = Arc::new(AtomicU64::new(0));
     let started_wall = hearth::event::now_us();
     let publisher = {
-        let (load, sent, host, id) = (
+        let (mut load, sent, brokers, id) = (
             load.clone(),
             sent.clone(),
-            host.clone(),
+            brokers.clone(),
             format!("bench-pub-{run_id}"),
         );
-        tokio::spawn(async move { publish::publish(&host, port, &id, &load, sent).await })
+        load.connections = load.connections.max(brokers.len());
+        tokio::spawn(async move { publish::publish_to(&brokers, &id, &load, sent).await })
     };
     let stored = wait_stored(&db, &stats, &pattern, opts.events, &publisher, &sent).await?;
     let publish_seconds = publisher.await??.as_secs_f64();
@@ -347,6 +365,7 @@ impl Report {
             worker_processes,
             consumers_per_process,
             ingest_processes: opts.ingest_processes.max(1),
+            brokers: opts.brokers.max(1),
             ratios: Ratios {
                 vs_raw: baselines.raw_events_per_s.map(|r| hearth.events_per_s / r),
                 vs_sync: baselines.sync_events_per_s.map(|s| hearth.events_per_s / s),

@@ -45,6 +45,10 @@ struct BenchArgs {
     /// ingest slot each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     ingest_processes: u64,
+    /// Private brokers the load is split across (a fleet split across brokers; hearth's
+    /// `mqtt_url` names them all).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    brokers: u64,
     /// MQTT connections publishing the load.
     #[arg(long, default_value_t = 2)]
     publishers: usize,
@@ -201,6 +205,7 @@ async fn run(args: BenchArgs, config: Arc<Config>) -> Result<(), Failure> {
             worker_processes: args.worker_processes,
             consumers: args.consumers,
             ingest_processes: args.ingest_processes as usize,
+            brokers: args.brokers as usize,
             publishers: args.publishers,
             qos: args.qos,
             broker: args.broker,

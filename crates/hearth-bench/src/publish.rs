@@ -57,12 +57,23 @@ pub async fn publish(
     load: &Load,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<Duration> {
+    publish_to(&[(host.to_string(), port)], client_prefix, load, sent).await
+}
+
+/// [`publish`] to several brokers: connection `c` (and so its sensors) to broker `c % n`, as a
+/// fleet split across brokers.
+pub async fn publish_to(
+    brokers: &[(String, u16)],
+    client_prefix: &str,
+    load: &Load,
+    sent: Arc<AtomicU64>,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..load.connections {
         let load = load.clone();
         let sent = sent.clone();
-        let host = host.to_string();
+        let (host, port) = brokers[c % brokers.len()].clone();
         let id = format!("{client_prefix}-{c}");
         tasks.spawn(async move {
             let mine: Vec<u64> = (0..load.events)

@@ -36,7 +36,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "hearth bench: {} events from {} sensors, QoS {}, {}, {} ingest process(es), {} worker process(es) x {} consumer(s)",
+            "hearth bench: {} events from {} sensors, QoS {}, {}, {} broker(s), {} ingest process(es), {} worker process(es) x {} consumer(s)",
             self.events,
             self.sensors,
             self.qos,
@@ -45,6 +45,7 @@ impl Report {
             } else {
                 format!("{} events/s", self.target_rate)
             },
+            self.brokers,
             self.ingest_processes,
             self.worker_processes,
             self.consumers_per_process

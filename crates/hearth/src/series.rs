@@ -1,13 +1,13 @@
 //! Rollups: per (house, sensor, kind), the count, sum, min, max and last value of the readings
-//! of each minute, hour and day (UTC), kept by the store in the transaction that inserts the
-//! readings (only rows actually inserted count, so a redelivery adds nothing), and read as a
-//! series by `GET /houses/{house}/sensors/{sensor}/series`. They do not depend on the raw rows
-//! once written: retention of raw rows leaves them.
+//! of each minute, hour and day (UTC), read as a series by
+//! `GET /houses/{house}/sensors/{sensor}/series`. Each stored row counts once: PostgreSQL adds
+//! the rows a worker's insert actually inserted, in that statement; SQLite, whose one writer
+//! stores rows in id order, adds the rows past a mark, mark and rollups in one transaction, off
+//! the insert's path (every second, and before every series read). They do not depend on the raw
+//! rows once written: retention of raw rows leaves them.
 
 use serde::Serialize;
 use utoipa::ToSchema;
-
-use crate::event::Event;
 
 /// A rollup's width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,46 +93,56 @@ pub struct Rollup {
     pub last: f64,
 }
 
-impl Rollup {
-    /// Add another part of the same bucket.
-    pub fn merge(&mut self, other: &Rollup) {
-        self.count += other.count;
-        self.sum += other.sum;
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
-        if (other.last_ts, other.last_id) >= (self.last_ts, self.last_id) {
-            self.last_ts = other.last_ts;
-            self.last_id = other.last_id;
-            self.last = other.last;
-        }
-    }
+/// A stored reading, as the rollups see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub house_id: &'a str,
+    pub sensor_id: &'a str,
+    pub kind: &'a str,
+    pub value: f64,
+    pub ts_ms: i64,
+    /// Its storage id: the later of two readings at one time is the one stored last.
+    pub id: i64,
 }
 
-/// The rollups of `inserted` (each with its storage id), one per (house, sensor, kind, step,
-/// bucket).
-pub fn fold(inserted: &[(&Event, i64)]) -> Vec<Rollup> {
-    let mut out: std::collections::BTreeMap<(&str, &str, &str, Step, i64), Rollup> =
-        std::collections::BTreeMap::new();
-    for (e, id) in inserted {
+/// The rollups of `stored`, one per (house, sensor, kind, step, bucket).
+pub fn fold(stored: &[Stored<'_>]) -> Vec<Rollup> {
+    type Key<'a> = (&'a str, &'a str, &'a str, Step, i64);
+    let mut out: std::collections::HashMap<Key<'_>, Rollup> = std::collections::HashMap::new();
+    for e in stored {
         for step in Step::ALL {
             let bucket = step.bucket(e.ts_ms);
-            let one = Rollup {
-                house_id: e.house_id.clone(),
-                sensor_id: e.sensor_id.clone(),
-                kind: e.kind.clone(),
-                step,
-                bucket,
-                count: 1,
-                sum: e.value,
-                min: e.value,
-                max: e.value,
-                last_ts: e.ts_ms,
-                last_id: *id,
-                last: e.value,
-            };
-            out.entry((&e.house_id, &e.sensor_id, &e.kind, step, bucket))
-                .and_modify(|r| r.merge(&one))
-                .or_insert(one);
+            let key = (e.house_id, e.sensor_id, e.kind, step, bucket);
+            match out.get_mut(&key) {
+                Some(r) => {
+                    r.count += 1;
+                    r.sum += e.value;
+                    r.min = r.min.min(e.value);
+                    r.max = r.max.max(e.value);
+                    if (e.ts_ms, e.id) >= (r.last_ts, r.last_id) {
+                        (r.last_ts, r.last_id, r.last) = (e.ts_ms, e.id, e.value);
+                    }
+                }
+                None => {
+                    out.insert(
+                        key,
+                        Rollup {
+                            house_id: e.house_id.to_string(),
+                            sensor_id: e.sensor_id.to_string(),
+                            kind: e.kind.to_string(),
+                            step,
+                            bucket,
+                            count: 1,
+                            sum: e.value,
+                            min: e.value,
+                            max: e.value,
+                            last_ts: e.ts_ms,
+                            last_id: e.id,
+                            last: e.value,
+                        },
+                    );
+                }
+            }
         }
     }
     out.into_values().collect()

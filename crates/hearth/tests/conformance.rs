@@ -597,9 +597,9 @@ async fn rollup_suite(b: Backend) {
     use proptest::test_runner::{Config as PtConfig, TestRunner};
     let s = &b.seams.store;
     // (sensor, kind, seq offset, ts in ms within 3 days, value in thousandths); then batches.
-    // Half the times on a quarter-hour grid, so that readings of one bucket often share a time
+    // Half the times on an hour grid, so that readings of one bucket often share a time
     // (the last value is then the one stored last).
-    let ts = prop_oneof![(0..288i64).prop_map(|q| q * 900_000), 0..3 * 86_400_000i64];
+    let ts = prop_oneof![(0..72i64).prop_map(|q| q * 3_600_000), 0..3 * 86_400_000i64];
     let reading = (0..2usize, 0..2usize, 0..40i64, ts, -500_000..500_000i64);
     let case = (
         prop::collection::vec(reading, 1..60),

@@ -289,6 +289,9 @@ INSERT INTO rollups
 SELECT house_id, sensor_id, kind, step, bucket, count(*), sum(value), min(value), max(value),
        max(ts), max(CASE WHEN rn = 1 THEN id END), max(CASE WHEN rn = 1 THEN value END)
 FROM r GROUP BY house_id, sensor_id, kind, step, bucket;
+-- The last event summed into the rollups: the rows past it are the ones to add.
+CREATE TABLE rollup_mark (id INTEGER NOT NULL);
+INSERT INTO rollup_mark SELECT coalesce(max(id), 0) FROM events;
 ";
 
 const MIGRATIONS: &[(i64, &str)] = &[

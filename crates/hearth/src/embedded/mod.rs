@@ -237,6 +237,10 @@ impl Backend for Embedded {
             self.seams.queue.clone(),
             shutdown.clone(),
         ))];
+        tasks.push(tokio::spawn(rollups::keep_up(
+            self.writer.clone(),
+            shutdown.clone(),
+        )));
         if !self.rules.webhooks.is_empty() {
             tasks.push(tokio::spawn(notifier::run(
                 self.alerts.clone(),

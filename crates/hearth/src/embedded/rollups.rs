@@ -1,16 +1,76 @@
-//! The rollups on SQLite ([`crate::series`]): added to in the writer's transaction, from the
-//! rows it inserted, and read as a series.
+//! The rollups on SQLite ([`crate::series`]). The one writer stores events in id order, so the
+//! rows past `rollup_mark` are exactly those not summed yet: [`catch_up`] sums them and moves the
+//! mark in one transaction (exact, resumable, off the insert's path), every second and before a
+//! series is read.
+
+use std::time::Duration;
 
 use rusqlite::{Connection, params};
 
-use crate::event::Event;
-use crate::series::{Point, SeriesQuery, fold};
+use super::db::Sqlite;
+use crate::series::{Point, SeriesQuery, Stored, fold};
+use crate::shutdown::Shutdown;
 
-/// Add the rows just inserted (each with its id) to their buckets.
-pub fn add(c: &Connection, inserted: &[(&Event, i64)]) -> rusqlite::Result<()> {
-    if inserted.is_empty() {
-        return Ok(());
+/// Rows summed per transaction.
+const CHUNK: i64 = 50_000;
+
+/// Sum the rows stored since the mark into their buckets; returns how many.
+pub fn catch_up(c: &mut Connection) -> rusqlite::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let tx = c.transaction()?;
+        let mark: i64 = tx.query_row("SELECT id FROM rollup_mark", [], |r| r.get(0))?;
+        let rows: Vec<(String, String, String, f64, i64, i64)> = {
+            let mut st = tx.prepare_cached(
+                "SELECT house_id, sensor_id, kind, value, ts, id FROM events
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            st.query_map(params![mark, CHUNK], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        let Some(last) = rows.last().map(|r| r.5) else {
+            return Ok(total);
+        };
+        let stored: Vec<Stored<'_>> = rows
+            .iter()
+            .map(|(h, s, k, v, ts, id)| Stored {
+                house_id: h,
+                sensor_id: s,
+                kind: k,
+                value: *v,
+                ts_ms: *ts,
+                id: *id,
+            })
+            .collect();
+        add(&tx, &stored)?;
+        tx.execute("UPDATE rollup_mark SET id = ?1", [last])?;
+        tx.commit()?;
+        total += rows.len() as u64;
+        if (rows.len() as i64) < CHUNK {
+            return Ok(total);
+        }
     }
+}
+
+/// [`catch_up`] every second until shutdown.
+pub async fn keep_up(writer: Sqlite, mut shutdown: Shutdown) {
+    while shutdown.sleep(Duration::from_secs(1)).await {
+        if let Err(e) = writer.call(catch_up).await {
+            tracing::warn!(error = %e, "rollups: cannot catch up now");
+        }
+    }
+}
+
+fn add(c: &Connection, stored: &[Stored<'_>]) -> rusqlite::Result<()> {
     let mut upsert = c.prepare_cached(
         "INSERT INTO rollups (house_id, sensor_id, kind, step, bucket, n, total, low, high,
                               last_ts, last_id, last)
@@ -26,7 +86,7 @@ pub fn add(c: &Connection, inserted: &[(&Event, i64)]) -> rusqlite::Result<()> {
                             THEN excluded.last_id ELSE last_id END,
              last_ts = max(last_ts, excluded.last_ts)",
     )?;
-    for r in fold(inserted) {
+    for r in fold(stored) {
         upsert.execute(params![
             r.house_id,
             r.sensor_id,

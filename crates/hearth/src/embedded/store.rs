@@ -56,9 +56,8 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
          ON CONFLICT DO NOTHING",
     )?;
     let mut stored = 0;
-    let mut inserted: Vec<(&Event, i64)> = Vec::new();
     for e in events {
-        let n = insert.execute(params![
+        stored += insert.execute(params![
             e.house_id,
             e.sensor_id,
             e.kind,
@@ -72,12 +71,7 @@ fn write_events(c: &Connection, events: &[Event], sensors: &[SensorSeen]) -> rus
             e.is_critical(),
             e.source_unit,
         ])? as u64;
-        if n > 0 {
-            inserted.push((e, c.last_insert_rowid()));
-        }
-        stored += n;
     }
-    super::rollups::add(c, &inserted)?;
     let mut kinds_of =
         c.prepare_cached("SELECT kinds FROM sensors WHERE house_id = ?1 AND sensor_id = ?2")?;
     let mut upsert = c.prepare_cached(
@@ -340,6 +334,8 @@ impl EventStore for SqliteStore {
     fn series<'a>(&'a self, q: &'a SeriesQuery) -> Fut<'a, Vec<Point>> {
         let q = q.clone();
         Box::pin(async move {
+            // What was stored since the last second counts too.
+            self.writer.call(super::rollups::catch_up).await?;
             self.reader
                 .call(move |c| super::rollups::series(c, &q))
                 .await

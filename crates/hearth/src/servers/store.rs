@@ -104,8 +104,9 @@ WITH held AS (
                               last_ts, last_id, last)
     SELECT house_id, sensor_id, kind, st.step, date_trunc(st.step, ts, 'UTC'), count(*),
            sum(value), min(value), max(value), max(ts),
-           (array_agg(id ORDER BY ts DESC, id DESC))[1],
-           (array_agg(value ORDER BY ts DESC, id DESC))[1]
+           -- The latest row by (ts, id), without a sort: float8 holds both exactly.
+           (max(ARRAY[extract(epoch FROM ts) * 1e6, id::float8, value]))[2]::int8,
+           (max(ARRAY[extract(epoch FROM ts) * 1e6, id::float8, value]))[3]
     FROM inserted CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
     GROUP BY 1, 2, 3, 4, 5
     ORDER BY 1, 2, 3, 4, 5
