@@ -351,8 +351,10 @@ impl EventStore for SqliteStore {
                         "SELECT id, kind, value, unit, seq, ts, source_unit FROM events
                          WHERE house_id = ?8 AND sensor_id = ?1
                            AND (?2 IS NULL OR kind = ?2)
-                           AND (?3 IS NULL OR ts >= ?3)
-                           AND (?4 IS NULL OR ts < ?4)
+                           -- Bounds as plain ranges, so that the history index serves them.
+                           AND ts >= coalesce(?3, -9223372036854775808)
+                           AND ts < coalesce(?4, 9223372036854775807)
+                           AND ts <= coalesce(?5, 9223372036854775807)
                            AND (?5 IS NULL OR ts < ?5 OR (ts = ?5 AND id < ?6))
                          ORDER BY ts DESC, id DESC
                          LIMIT ?7",
