@@ -224,8 +224,6 @@ impl Codecs {
             }
         }
         self.discovery.apply(&announced);
-        // Subscribed at connection, with the rest.
-        self.discovery.take_new_topics();
     }
 
     /// The house discovered entities' readings go to: the discovery source's.

@@ -162,7 +162,7 @@ pub async fn run(
         order_wait,
         shutdown.clone(),
     ));
-    let topics = discovered_topics(&intake);
+    let topics = intake.codecs().discovery.watch();
     info!(brokers = endpoints.len(), slots = per_broker, client_id = %config.mqtt_client_id, "ingest started");
     let mut running: BTreeMap<u32, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> =
         BTreeMap::new();
@@ -224,7 +224,6 @@ pub async fn run(
             ));
             running.insert(slot, (stop_tx, task));
         }
-        running.retain(|_, (stop, task)| !(*stop.borrow() && task.is_finished()));
         METRICS.ingest_slots.set(running.len() as f64);
     }
     // Shutdown: the sessions stop reading and wait for their PUBACKs; the appender appends what
@@ -242,23 +241,4 @@ pub async fn run(
     METRICS.ingest_slots.set(0.0);
     info!("ingest stopped");
     Ok(())
-}
-
-/// A counter that moves whenever discovery finds topics no subscription brings yet: every
-/// session subscribes to them.
-fn discovered_topics(intake: &Arc<Intake>) -> watch::Receiver<u64> {
-    let (tx, rx) = watch::channel(0u64);
-    let intake = intake.clone();
-    tokio::spawn(async move {
-        loop {
-            intake.codecs().discovery.changed.notified().await;
-            // The sessions compare the subscriptions with theirs; the list is not needed.
-            let _ = intake.codecs().discovery.take_new_topics();
-            if tx.is_closed() {
-                return;
-            }
-            tx.send_modify(|v| *v = v.wrapping_add(1));
-        }
-    });
-    rx
 }

@@ -7,13 +7,23 @@ use super::{Announcement, Entity};
 
 /// The entities discovered so far, by the topics they are read from. Shared by a process's
 /// intakes; filled at start from what the queue kept, and as configs are appended.
-#[derive(Default)]
 pub struct Registry {
     inner: RwLock<Inner>,
     /// Entities held, readable without the lock: most homes have none, and every message asks.
     count: std::sync::atomic::AtomicUsize,
-    /// Woken when an entity brings a topic not subscribed yet.
-    pub changed: tokio::sync::Notify,
+    /// Moves when an entity brings a topic no entity had: the ingest's sessions compare their
+    /// subscriptions then ([`Registry::watch`]).
+    fresh: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            inner: RwLock::default(),
+            count: Default::default(),
+            fresh: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -21,8 +31,6 @@ struct Inner {
     by_config: HashMap<String, Arc<Entity>>,
     /// State and availability topic → config topics.
     by_topic: HashMap<String, Vec<String>>,
-    /// Topics that appeared since the last [`Registry::take_new_topics`].
-    new_topics: Vec<String>,
 }
 
 /// Most entities one installation keeps.
@@ -54,7 +62,6 @@ impl Registry {
                 let inner = &mut *inner;
                 let list = inner.by_topic.entry(t.clone()).or_default();
                 if list.is_empty() {
-                    inner.new_topics.push(t);
                     fresh = true;
                 }
                 if !list.contains(&a.config_topic) {
@@ -69,7 +76,7 @@ impl Registry {
             .store(inner.by_config.len(), std::sync::atomic::Ordering::Relaxed);
         drop(inner);
         if fresh {
-            self.changed.notify_one();
+            self.fresh.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
 
@@ -130,12 +137,9 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The topics that appeared since the last call (to subscribe to).
-    pub fn take_new_topics(&self) -> Vec<String> {
-        self.inner
-            .write()
-            .map(|mut i| std::mem::take(&mut i.new_topics))
-            .unwrap_or_default()
+    /// Changes whenever an entity brings a topic no entity had.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.fresh.subscribe()
     }
 }
 
