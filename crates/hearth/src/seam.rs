@@ -333,6 +333,9 @@ pub trait EventStore: Send + Sync {
     fn revoke<'a>(&'a self, id: &'a str) -> Fut<'a, bool>;
     /// Whether the store answers, by name (`postgres` or `embedded`).
     fn ready(&self) -> Fut<'_, (&'static str, bool)>;
+    /// Remove what [`crate::keep::Keep`] expired at `now_us` (readings, cleared alerts; never
+    /// rollups), and make ahead what the next readings need.
+    fn expire(&self, now_us: i64) -> Fut<'_, crate::keep::Expired>;
     /// Whether writes are paused for now (a circuit open): work that needs the store waits.
     fn is_paused(&self) -> bool {
         false

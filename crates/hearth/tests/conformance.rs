@@ -110,20 +110,38 @@ async fn embedded(test: &str) -> Backend {
 }
 
 async fn embedded_with(test: &str, rules: Arc<RuleSet>) -> Backend {
+    embedded_keeping(test, rules, Default::default()).await
+}
+
+async fn embedded_keeping(test: &str, rules: Arc<RuleSet>, keep: hearth::Keep) -> Backend {
     let env = Env::embedded(test);
     let dir = env.scratch.0.join("data");
-    let opened =
-        hearth::embedded::Embedded::open(&dir, SHARDS, 0, rules.clone(), CAPS, Default::default())
-            .await
-            .expect("open");
+    let opened = hearth::embedded::Embedded::open(
+        &dir,
+        SHARDS,
+        0,
+        rules.clone(),
+        CAPS,
+        Default::default(),
+        keep,
+    )
+    .await
+    .expect("open");
     let reopen = move || -> futures_reopen::Reopen {
         let dir = dir.clone();
         let rules = rules.clone();
         Box::pin(async move {
-            let again =
-                hearth::embedded::Embedded::open(&dir, SHARDS, 0, rules, CAPS, Default::default())
-                    .await
-                    .expect("reopen");
+            let again = hearth::embedded::Embedded::open(
+                &dir,
+                SHARDS,
+                0,
+                rules,
+                CAPS,
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("reopen");
             Box::new(hearth::embedded::reader::SqliteReader::new(
                 (*again.queue).clone(),
             )) as Box<dyn Reader>
@@ -960,6 +978,7 @@ async fn dead_letters_expire_embedded() {
             max_age_ms: 3_600_000,
             max_count: 3,
         },
+        Default::default(),
     )
     .await
     .expect("open");
@@ -1000,6 +1019,7 @@ async fn latest_values_read_in_from_the_embedded_store_keep_the_order() {
             0,
             Default::default(),
             CAPS,
+            Default::default(),
             Default::default(),
         )
         .await
@@ -1338,4 +1358,213 @@ async fn alerts_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_embedded() {
     alerts_suite(embedded_with("conf_alerts_e", alert_rules()).await).await;
+}
+
+// ---- retention ------------------------------------------------------------------------------
+
+/// Raw access to a backend's tables, for what the seams do not show (rows, partitions, alerts).
+enum Raw {
+    Pg(tokio_postgres::Client),
+    Sqlite(std::path::PathBuf),
+}
+
+impl Raw {
+    async fn count(&self, sql: &str) -> i64 {
+        match self {
+            Raw::Pg(c) => c.query_one(sql, &[]).await.expect(sql).get(0),
+            Raw::Sqlite(p) => rusqlite::Connection::open(p)
+                .expect("open")
+                .query_row(sql, [], |r| r.get(0))
+                .expect(sql),
+        }
+    }
+
+    /// The partitions holding readings (none on SQLite).
+    async fn partitions(&self) -> Vec<String> {
+        match self {
+            Raw::Pg(c) => c
+                .query(
+                    "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                     WHERE c.relkind = 'r' AND c.relname LIKE 'events_k%' ORDER BY 1",
+                    &[],
+                )
+                .await
+                .expect("partitions")
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+            Raw::Sqlite(_) => Vec::new(),
+        }
+    }
+
+    /// A cleared alert, cleared `ago_days` before `now_ms`.
+    async fn cleared_alert(&self, sensor: &str, now_ms: i64, ago_days: i64) {
+        let at = now_ms - ago_days * 86_400_000;
+        match self {
+            Raw::Pg(c) => {
+                c.execute(
+                    "INSERT INTO alerts (house_id, sensor_id, lane, rule, kind, severity, state,
+                                         message, raised_at, raised_by, cleared_at)
+                     VALUES ('house-r', $1, 'routine-0', 'r', 'smoke', 'critical', 'cleared', 'm',
+                             to_timestamp($2::float8 / 1000), 'k', to_timestamp($2::float8 / 1000))",
+                    &[&sensor, &(at as f64)],
+                )
+                .await
+                .expect("alert");
+            }
+            Raw::Sqlite(p) => {
+                rusqlite::Connection::open(p)
+                    .expect("open")
+                    .execute(
+                        "INSERT INTO alerts (house_id, sensor_id, rule, kind, severity, state,
+                                             message, raised_at, raised_by, cleared_at)
+                         VALUES ('house-r', ?1, 'r', 'smoke', 'critical', 'cleared', 'm', ?2, 'k', ?2)",
+                        rusqlite::params![sensor, at],
+                    )
+                    .expect("alert");
+            }
+        }
+    }
+}
+
+/// Readings of two classes (`power` 1 day, the rest 7), received 40, 10 and 3 days and an hour
+/// ago, and cleared alerts (kept 1 day): the sweep removes exactly what expired, and the
+/// rollups still count every reading; what is left is read back; a reading of an expired time
+/// received late is stored again (its partition made anew). On PostgreSQL the expired
+/// partitions are dropped whole and the others left; a copy of a reading received again within
+/// `dedup_window_hours` is stored once.
+async fn retention_suite(b: Backend, raw: Raw) {
+    use hearth::series::{SeriesQuery, Step};
+    let s = &b.seams.store;
+    let now_us = hearth::event::now_us();
+    let day_us = 86_400_000_000i64;
+    let ages = [40 * day_us, 10 * day_us, 3 * day_us, 3_600_000_000];
+    let mut batch = Vec::new();
+    for kind in ["temperature", "power"] {
+        for (i, age) in ages.iter().enumerate() {
+            let mut e = event("house-r", "meter", kind, i as i64 + 1, 0);
+            e.received_us = now_us - age;
+            e.ts_ms = e.received_us / 1000;
+            batch.push(e);
+        }
+    }
+    let refs: Vec<&Event> = batch.iter().collect();
+    assert_eq!(s.write(&[], &refs, false).await.expect("write").stored, 8);
+    // The newest again, received an hour later (a broker's redelivery): one row.
+    let mut again = batch[3].clone();
+    again.received_us += 3_600_000_000;
+    assert_eq!(
+        s.write(&[], &[&again], false).await.expect("again").stored,
+        0
+    );
+    let now_ms = now_us / 1000;
+    raw.cleared_alert("old", now_ms, 3).await;
+    raw.cleared_alert("new", now_ms, 0).await;
+    let before = raw.partitions().await;
+    let expired = s.expire(now_us).await.expect("expire");
+    assert_eq!(expired.alerts, 1, "{expired:?}");
+    let kept = |kind: &'static str| {
+        let raw = &raw;
+        async move {
+            raw.count(&format!(
+                "SELECT count(*) FROM events WHERE house_id = 'house-r' AND kind = '{kind}'"
+            ))
+            .await
+        }
+    };
+    // temperature: the 3-day and 1-hour readings; power: the 1-hour one.
+    assert_eq!(kept("temperature").await, 2, "{expired:?}");
+    assert_eq!(kept("power").await, 1, "{expired:?}");
+    assert_eq!(
+        raw.count("SELECT count(*) FROM alerts WHERE house_id = 'house-r'")
+            .await,
+        1
+    );
+    match &raw {
+        Raw::Pg(_) => {
+            // 40 and 10 days of class 7, 40, 10 and 3 days of class 1.
+            assert_eq!(expired.partitions.len(), 5, "{expired:?}");
+            let after = raw.partitions().await;
+            for p in &before {
+                assert_eq!(
+                    after.contains(p),
+                    !expired.partitions.contains(p),
+                    "{p}: {before:?} → {after:?}"
+                );
+            }
+            assert!(expired.partitions.iter().all(|p| before.contains(p)));
+        }
+        Raw::Sqlite(_) => assert_eq!(expired.readings, 5, "{expired:?}"),
+    }
+    // Read back: history holds what is left, the rollups everything.
+    let history = s
+        .history(&hearth::seam::HistoryQuery {
+            house: "house-r".into(),
+            sensor: "meter".into(),
+            kind: Some("temperature".into()),
+            from: None,
+            to: None,
+            cursor: None,
+            limit: 100,
+        })
+        .await
+        .expect("history");
+    assert_eq!(history.len(), 2);
+    for kind in ["temperature", "power"] {
+        let points = s
+            .series(&SeriesQuery {
+                house: "house-r".into(),
+                sensor: "meter".into(),
+                kind: kind.into(),
+                step: Step::Day,
+                from: now_ms - 41 * 86_400_000,
+                to: now_ms + 86_400_000,
+            })
+            .await
+            .expect("series");
+        assert_eq!(points.iter().map(|p| p.count).sum::<i64>(), 4, "{kind}");
+    }
+    // Again: nothing more to remove.
+    let second = s.expire(now_us).await.expect("expire again");
+    assert_eq!(second, Default::default());
+    // A late reading of an expired time is stored (and goes at the next sweep), beside a new
+    // one (SQLite keeps the newest row whatever its age: see embedded::retention).
+    let mut late = event("house-r", "meter", "power", 99, 0);
+    late.received_us = now_us - 20 * day_us;
+    late.ts_ms = late.received_us / 1000;
+    let mut fresh = event("house-r", "meter", "temperature", 100, 0);
+    fresh.received_us = now_us;
+    fresh.ts_ms = now_us / 1000;
+    let written = s.write(&[], &[&late, &fresh], false).await.expect("late");
+    assert_eq!(written.stored, 2);
+    assert_eq!(kept("power").await, 2);
+    s.expire(now_us).await.expect("expire the late one");
+    assert_eq!(kept("power").await, 1);
+}
+
+fn keep_for_tests() -> hearth::Keep {
+    hearth::Keep {
+        days: 7,
+        by_kind: [("power".to_string(), 1)].into(),
+        alert_days: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_postgres() {
+    let b = servers_with("conf_keep", Default::default(), |c| {
+        c.retention_days = 7;
+        c.retention_by_kind = "power=1".into();
+        c.alert_retention_days = 1;
+    })
+    .await;
+    let raw = Raw::Pg(b._env.pg().await);
+    retention_suite(b, raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_embedded() {
+    let b = embedded_keeping("conf_keep_e", Default::default(), keep_for_tests()).await;
+    let raw = Raw::Sqlite(b._env.data_file());
+    retention_suite(b, raw).await;
 }

@@ -585,6 +585,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
             Default::default(),
             Default::default(),
             Default::default(),
+            Default::default(),
         )
         .await
         .expect("open");
@@ -624,6 +625,7 @@ async fn queue_rows_are_never_stranded_or_silently_dropped() {
         &dir,
         2,
         0,
+        Default::default(),
         Default::default(),
         Default::default(),
         Default::default(),

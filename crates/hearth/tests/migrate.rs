@@ -229,6 +229,7 @@ async fn open(dir: &std::path::Path) -> hearth::embedded::Embedded {
         Default::default(),
         Default::default(),
         Default::default(),
+        Default::default(),
     )
     .await
     .expect("open and migrate")
@@ -657,4 +658,84 @@ async fn rollups_are_built_from_the_readings_already_stored() {
             .collect();
         assert_eq!(&got, rows, "sqlite {step}");
     }
+}
+
+/// Version 5 kept `events` as one table: it becomes the partition `events_legacy` of the
+/// partitioned table, read as before; the next rows take ids after its own, a reading it holds
+/// received again is stored once, and retention (90 days) leaves it while it is younger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_schema_5_keeps_its_events_as_a_partition() {
+    let env = Env::new("migrate_pg5");
+    let pg = postgres_at(&env, 5).await;
+    let now_us = hearth::event::now_us();
+    pg.execute(
+        "INSERT INTO events (house_id, sensor_id, kind, value, seq, ts, received_at)
+         SELECT 'h1', 'kitchen', 'temperature', g, g, now(),
+                timestamptz 'epoch' + $1::int8 * interval '1 microsecond'
+         FROM generate_series(1, 100) g",
+        &[&now_us],
+    )
+    .await
+    .expect("version 5 data");
+    hearth::servers::schema::migrate(&env.database_url)
+        .await
+        .expect("migrate");
+    let count = |sql: &'static str| {
+        let pg = &pg;
+        async move { pg.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM events").await, 100);
+    assert_eq!(count("SELECT count(*) FROM events_legacy").await, 100);
+    let config = hearth::config::Config {
+        database_url: env.database_url.clone(),
+        redis_url: REDIS.into(),
+        redis_prefix: env.redis_prefix.clone(),
+        retention_days: 90,
+        ..Default::default()
+    };
+    let servers = hearth::servers::Servers::open(std::sync::Arc::new(config), Default::default())
+        .expect("open");
+    let store = hearth::seam::Backend::seams(&servers).store.clone();
+    let reading = |seq: i64, received_us: i64| Event {
+        house_id: "h1".into(),
+        sensor_id: "kitchen".into(),
+        kind: "temperature".into(),
+        value: seq as f64,
+        unit: None,
+        source_unit: None,
+        seq: Some(seq),
+        ts_ms: received_us / 1000,
+        received_us,
+        ingest_id: None,
+    };
+    // seq 100 again, an hour later (a broker's redelivery), and seq 101.
+    let again = reading(100, now_us + 3_600_000_000);
+    let next = reading(101, now_us + 3_600_000_000);
+    let written = store
+        .write(&[], &[&again, &next], false)
+        .await
+        .expect("write after the upgrade");
+    assert_eq!(written.stored, 1);
+    assert_eq!(count("SELECT count(*) FROM events").await, 101);
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE seq = 101 AND keep_days = 90 AND id > 100").await,
+        1
+    );
+    let expired = store.expire(now_us).await.expect("expire");
+    assert!(expired.partitions.is_empty(), "{expired:?}");
+    assert_eq!(count("SELECT count(*) FROM events_legacy").await, 100);
+    // Four months on (90 days after its partition's end), the legacy rows (class 0, which the
+    // configuration no longer names) follow the longest retention configured: dropped.
+    let later = store
+        .expire(now_us + 121 * 86_400_000_000)
+        .await
+        .expect("expire later");
+    assert!(
+        later.partitions.contains(&"events_legacy".to_string()),
+        "{later:?}"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE seq <= 100").await,
+        0
+    );
 }

@@ -89,6 +89,18 @@ pub struct Config {
     pub dead_letter_max_age_secs: u64,
     /// Most dead letters kept: past it the oldest are removed, and counted; 0 for no limit.
     pub dead_letter_max_count: u64,
+    /// Days readings are kept (by when they were received); 0 keeps them forever. Rollups are
+    /// kept whatever this says. PostgreSQL drops whole partitions (a reading may stay up to a
+    /// partition's width longer: 1 day up to 31, 7 up to 400, else 30); SQLite deletes rows.
+    pub retention_days: u32,
+    /// Kinds kept for days of their own, `kind=days` comma-separated (`power=30,motion=7`; 0:
+    /// forever); the others keep `retention_days`.
+    pub retention_by_kind: String,
+    /// Days a cleared alert is kept after it cleared; 0 keeps them forever.
+    pub alert_retention_days: u32,
+    /// PostgreSQL: how far apart (hours of receipt) two copies of a reading with the same dedup
+    /// key are still known as one. A broker's redelivery comes within the ingest's restart.
+    pub dedup_window_hours: u32,
     /// Minimum interval between two writes of a sensor's `last_seen` in PostgreSQL, in
     /// milliseconds (the exact latest reading is always in the Redis cache).
     pub sensor_touch_interval_ms: u64,
@@ -205,6 +217,10 @@ impl Default for Config {
             max_kinds_per_sensor: 64,
             dead_letter_max_age_secs: 7 * 24 * 3600,
             dead_letter_max_count: 100_000,
+            retention_days: 0,
+            retention_by_kind: String::new(),
+            alert_retention_days: 0,
+            dedup_window_hours: 48,
             sensor_touch_interval_ms: 10_000,
             rules_file: String::new(),
             api_listen: "127.0.0.1:8080".into(),

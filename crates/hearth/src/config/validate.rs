@@ -17,6 +17,26 @@ impl Config {
         if let Err(e) = crate::codec::sources::parse(&self.sources, &self.default_house) {
             return bad(e);
         }
+        if let Err(e) = crate::keep::parse_by_kind(&self.retention_by_kind) {
+            return bad(e);
+        }
+        for (key, days) in [
+            ("retention_days", self.retention_days),
+            ("alert_retention_days", self.alert_retention_days),
+        ] {
+            if days > crate::keep::MAX_DAYS {
+                return bad(format!(
+                    "{key} must be 0..={}, got {days}",
+                    crate::keep::MAX_DAYS
+                ));
+            }
+        }
+        if self.dedup_window_hours == 0 || self.dedup_window_hours > 24 * 31 {
+            return bad(format!(
+                "dedup_window_hours must be 1..=744, got {}",
+                self.dedup_window_hours
+            ));
+        }
         if self.shards == 0 || self.shards > 1024 {
             return bad(format!("shards must be 1..=1024, got {}", self.shards));
         }

@@ -28,6 +28,7 @@ pub mod memory;
 pub mod notifier;
 pub mod queue;
 pub mod reader;
+pub mod retention;
 mod rollups;
 pub mod sessions;
 pub mod store;
@@ -120,6 +121,7 @@ impl Embedded {
         rules: Arc<RuleSet>,
         caps: crate::caps::Caps,
         retention: crate::dead_letter::Retention,
+        keep: crate::keep::Keep,
     ) -> Result<Embedded, String> {
         // Opening creates or migrates the schema: file work, off the executor.
         let dir = data_dir.to_path_buf();
@@ -147,6 +149,7 @@ impl Embedded {
             reader.clone(),
             touch_interval_ms,
             caps,
+            keep,
         ));
         let alerts = Arc::new(alerts::SqliteAlerts::new(
             writer.clone(),
@@ -237,6 +240,10 @@ impl Backend for Embedded {
             self.seams.queue.clone(),
             shutdown.clone(),
         ))];
+        tasks.push(tokio::spawn(crate::keep::sweep(
+            self.seams.store.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(rollups::keep_up(
             self.writer.clone(),
             shutdown.clone(),

@@ -26,6 +26,7 @@ pub struct SqliteStore {
     /// Which sensors were recorded when, so that a batch touches only the ones that need it.
     memo: Mutex<SensorMemo>,
     caps: Caps,
+    keep: crate::keep::Keep,
 }
 
 fn sensor_row(r: &Row) -> rusqlite::Result<SensorRow> {
@@ -146,12 +147,19 @@ fn known(c: &Connection, sensors: &[SensorKey]) -> rusqlite::Result<Known> {
 }
 
 impl SqliteStore {
-    pub fn new(writer: Sqlite, reader: Sqlite, touch_interval_ms: u64, caps: Caps) -> SqliteStore {
+    pub fn new(
+        writer: Sqlite,
+        reader: Sqlite,
+        touch_interval_ms: u64,
+        caps: Caps,
+        keep: crate::keep::Keep,
+    ) -> SqliteStore {
         SqliteStore {
             writer,
             reader,
             memo: Mutex::new(SensorMemo::new(touch_interval_ms)),
             caps,
+            keep,
         }
     }
 
@@ -455,6 +463,29 @@ impl EventStore for SqliteStore {
             self.writer
                 .call(move |c| Ok(c.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0))
                 .await
+        })
+    }
+
+    /// A chunk per writer call: the batches in between go on.
+    fn expire(&self, now_us: i64) -> Fut<'_, crate::keep::Expired> {
+        Box::pin(async move {
+            let mut expired = crate::keep::Expired::default();
+            let mut cursor = Some(0);
+            while let Some(from) = cursor {
+                let keep = self.keep.clone();
+                let (n, next) = self
+                    .writer
+                    .call(move |c| super::retention::expire_chunk(c, &keep, now_us, from))
+                    .await?;
+                expired.readings += n;
+                cursor = next;
+            }
+            let keep = self.keep.clone();
+            expired.alerts = self
+                .writer
+                .call(move |c| super::retention::expire_alerts(c, &keep, now_us))
+                .await?;
+            Ok(expired)
         })
     }
 

@@ -151,6 +151,8 @@ pub struct Metrics {
     /// ones appended after `ingest_order_wait_ms` without the readings before them.
     pub order_waits: Counter,
     pub order_gave_up: Counter,
+    /// What retention removed, by what (`partitions` dropped, `readings` deleted, `alerts`).
+    pub expired: Family<Counter>,
     /// Alerts raised, by severity.
     pub alerts: Family<Counter>,
     /// 1 while the circuit to a dependency is open.
@@ -176,6 +178,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ingest_slots: Gauge::default(),
     order_waits: Counter::default(),
     order_gave_up: Counter::default(),
+    expired: Family::new("what", Counter::default),
     alerts: Family::new("severity", Counter::default),
     circuit_open: Family::new("dependency", Gauge::default),
     mqtt_refused: Family::new("reason", Counter::default),
@@ -222,6 +225,7 @@ pub const NAMES: &[&str] = &[
     "hearth_ingest_slots",
     "hearth_ingest_order_waits_total",
     "hearth_ingest_order_gave_up_total",
+    "hearth_expired_total",
     "hearth_alerts_total",
     "hearth_circuit_open",
     "hearth_mqtt_refused_total",

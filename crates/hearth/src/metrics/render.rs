@@ -112,6 +112,12 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
     );
     family_counter(
         &mut out,
+        "hearth_expired_total",
+        "What retention removed: partitions of readings dropped, readings deleted, cleared alerts.",
+        &m.expired,
+    );
+    family_counter(
+        &mut out,
         "hearth_alerts_total",
         "Alerts raised, by severity.",
         &m.alerts,

@@ -35,6 +35,7 @@ pub(super) async fn up_embedded(
         rules.clone(),
         crate::caps::Caps::from_config(&config),
         crate::dead_letter::Retention::from_config(&config),
+        crate::keep::Keep::from_config(&config),
     )
     .await
     .map_err(|e| anyhow::anyhow!("embedded store: {e}"))?;

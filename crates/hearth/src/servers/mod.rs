@@ -25,6 +25,7 @@ pub mod ownership;
 pub mod pg;
 pub mod queue;
 pub mod reader;
+pub mod retention;
 pub mod schema;
 pub mod slots;
 pub mod status;
@@ -35,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::alerts::rules::RuleSet;
-use crate::caps::Caps;
 use crate::config::Config;
 use crate::seam::{Backend, Parts, Pool, Seams, Unavailable};
 use crate::shutdown::Shutdown;
@@ -66,13 +66,7 @@ impl Servers {
             queue: Arc::new(queue::RedisQueue {
                 queue: queue.clone(),
             }),
-            store: Arc::new(pg::PgStore::new(
-                &config.database_url,
-                writer.clone(),
-                Caps::from_config(&config),
-                config.sensor_touch_interval_ms,
-                Duration::from_millis(config.store_slow_ms),
-            )),
+            store: Arc::new(pg::PgStore::new(&config, writer.clone())),
             alerts: Arc::new(alerts::PgAlerts::new(
                 &config.database_url,
                 writer,
@@ -145,13 +139,7 @@ impl Backend for Servers {
                 name,
                 ttl,
             )),
-            store: Arc::new(pg::PgStore::new(
-                &config.database_url,
-                writer.clone(),
-                Caps::from_config(config),
-                config.sensor_touch_interval_ms,
-                Duration::from_millis(config.store_slow_ms),
-            )),
+            store: Arc::new(pg::PgStore::new(config, writer.clone())),
             alerts: Arc::new(alerts::PgAlerts::new(
                 &config.database_url,
                 writer,
@@ -165,7 +153,7 @@ impl Backend for Servers {
         usize::from(self.config.workers)
     }
 
-    /// Dead-letter retention, this process's circuit states shared for the pipeline view, and
+    /// Dead-letter retention, readings' and alerts' retention, this process's circuit states shared for the pipeline view, and
     /// the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
@@ -174,6 +162,10 @@ impl Backend for Servers {
                 shutdown.clone(),
             )),
             tokio::spawn(circuits::share(self.queue.clone(), shutdown.clone())),
+            tokio::spawn(crate::keep::sweep(
+                self.seams.store.clone(),
+                shutdown.clone(),
+            )),
         ];
         if !self.rules.webhooks.is_empty() {
             tasks.push(tokio::spawn(notifier::run(

@@ -6,10 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{MappedMutexGuard, MutexGuard};
+use tokio_postgres::{Client, NoTls};
 
-use super::store::{Db, Store, StoreError, describe};
+use super::store::{Batch, Store, StoreError, describe};
 use crate::caps::Caps;
+use crate::config::Config;
 use crate::event::Event;
+use crate::keep::Keep;
 use crate::lane::Lane;
 use crate::seam::{
     EventStore, Fence, Fut, HistoryEvent, HistoryQuery, HouseView, SensorRow, TokenInfo,
@@ -71,28 +74,29 @@ impl Writer {
 /// Events, sensors, houses and tokens in PostgreSQL: reads on a shared connection, writes on
 /// the [`Writer`].
 pub struct PgStore {
+    url: String,
     db: Db,
     writer: Arc<Writer>,
     caps: Caps,
+    keep: Keep,
+    /// `dedup_window_hours`, in microseconds.
+    window_us: i64,
     memo: Mutex<SensorMemo>,
     /// A write slower than this counts against PostgreSQL's circuit breaker.
     slow: Duration,
 }
 
 impl PgStore {
-    pub fn new(
-        url: &str,
-        writer: Arc<Writer>,
-        caps: Caps,
-        touch_interval_ms: u64,
-        slow: Duration,
-    ) -> PgStore {
+    pub fn new(config: &Config, writer: Arc<Writer>) -> PgStore {
         PgStore {
-            db: Db::new(url),
+            url: config.database_url.clone(),
+            db: Db::new(&config.database_url),
             writer,
-            caps,
-            memo: Mutex::new(SensorMemo::new(touch_interval_ms)),
-            slow,
+            caps: Caps::from_config(config),
+            keep: Keep::from_config(config),
+            window_us: i64::from(config.dedup_window_hours) * 3_600_000_000,
+            memo: Mutex::new(SensorMemo::new(config.sensor_touch_interval_ms)),
+            slow: Duration::from_millis(config.store_slow_ms),
         }
     }
 
@@ -123,7 +127,14 @@ impl PgStore {
             .collect();
         let seen = self.memo().to_record(&kept);
         let fences: Vec<(String, i64)> = fences.iter().map(|(l, t)| (l.name(), *t)).collect();
-        let stored = store.write(&fences, &kept, &seen, redelivered).await?;
+        let batch = Batch {
+            fences: &fences,
+            events: &kept,
+            sensors: &seen,
+            keep: &self.keep,
+            window_us: self.window_us,
+        };
+        let stored = store.write(batch, redelivered).await?;
         drop(store);
         let mut memo = self.memo();
         memo.recorded(seen);
@@ -383,6 +394,14 @@ impl EventStore for PgStore {
         })
     }
 
+    /// On a session of its own: its transactions must not take in the shared session's reads.
+    fn expire(&self, now_us: i64) -> Fut<'_, crate::keep::Expired> {
+        Box::pin(async move {
+            let client = connect(&self.url).await?;
+            Ok(super::retention::sweep(&client, &self.keep, now_us).await?)
+        })
+    }
+
     fn ready(&self) -> Fut<'_, (&'static str, bool)> {
         Box::pin(async move {
             let ok = match self.db.client().await {
@@ -392,4 +411,49 @@ impl EventStore for PgStore {
             Ok(("postgres", ok))
         })
     }
+}
+
+/// A shared connection for request handlers (the API): queries from concurrent requests are
+/// pipelined on it. Reopened when it breaks.
+pub struct Db {
+    url: String,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl Db {
+    pub fn new(url: &str) -> Db {
+        Db {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(connect(&self.url).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// Open a connection, its I/O driven by a task of its own.
+pub async fn connect(url: &str) -> Result<Client, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    config.connect_timeout(Duration::from_secs(5));
+    config.application_name("hearth");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %describe(&e), "postgres connection closed");
+        }
+    });
+    Ok(client)
 }

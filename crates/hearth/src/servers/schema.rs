@@ -7,7 +7,8 @@
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use super::store::{StoreError, connect};
+use super::pg::connect;
+use super::store::StoreError;
 
 /// (version, name, SQL)
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -231,6 +232,62 @@ SELECT e.house_id, e.sensor_id, e.kind, st.step, date_trunc(st.step, e.ts, 'UTC'
        (array_agg(e.value ORDER BY e.ts DESC, e.id DESC))[1]
 FROM events e CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
 GROUP BY 1, 2, 3, 4, 5;
+"#,
+    ),
+    (
+        6,
+        "events partitioned by retention class and time of receipt",
+        r#"
+-- Readings are partitioned by the days their class keeps them (`keep_days`, the days of their
+-- kind when stored; 0: forever), then by when they were received: retention drops whole
+-- partitions, which hearth makes ahead of time (crate::keep). The rows stored before are
+-- `events_legacy`, in class 0 up to the end of its current partition.
+ALTER TABLE events RENAME TO events_legacy;
+ALTER TABLE events_legacy ALTER COLUMN id DROP IDENTITY;
+ALTER TABLE events_legacy ADD COLUMN keep_days int NOT NULL DEFAULT 0;
+ALTER TABLE events_legacy RENAME CONSTRAINT events_pkey TO events_legacy_pkey;
+-- A partitioned table's unique index must hold its partition keys: the seq key is probed
+-- within `dedup_window_hours` of receipt instead (crate::servers::store).
+DROP INDEX events_dedup_seq;
+DROP INDEX events_dedup_ingest;
+
+CREATE SEQUENCE events_id_seq AS bigint;
+SELECT setval('events_id_seq', coalesce((SELECT max(id) FROM events_legacy), 0) + 1, false);
+
+CREATE TABLE events (
+    -- Grows in the order rows are stored: within one sensor, ORDER BY id is processing order.
+    id          bigint NOT NULL DEFAULT nextval('events_id_seq'),
+    house_id    text COLLATE "C" NOT NULL,
+    sensor_id   text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL,
+    value       double precision NOT NULL,
+    unit        text,
+    seq         bigint,
+    ingest_id   uuid,
+    ts          timestamptz NOT NULL,
+    received_at timestamptz NOT NULL,
+    stored_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    critical    boolean NOT NULL DEFAULT false,
+    source_unit text,
+    keep_days   int NOT NULL,
+    CONSTRAINT events_one_dedup_key CHECK ((seq IS NULL) <> (ingest_id IS NULL))
+) PARTITION BY LIST (keep_days);
+ALTER SEQUENCE events_id_seq OWNED BY events.id;
+CREATE TABLE events_k0 PARTITION OF events FOR VALUES IN (0) PARTITION BY RANGE (received_at);
+
+CREATE INDEX events_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
+CREATE UNIQUE INDEX events_ingest ON events (ingest_id, keep_days, received_at)
+    WHERE ingest_id IS NOT NULL;
+-- History of a sensor, newest first, paged by (ts, id): the legacy table's index is taken as is.
+CREATE INDEX events_by_sensor ON events (house_id, sensor_id, ts DESC, id DESC);
+
+DO $$ BEGIN
+    EXECUTE format(
+        'ALTER TABLE events_k0 ATTACH PARTITION events_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
+        -- The end of the class's current partition (30 days wide, from the epoch), so that the
+        -- next one hearth makes starts where this one ends.
+        to_timestamp((floor(extract(epoch FROM now()) / 2592000) + 1) * 2592000));
+END $$;
 "#,
     ),
 ];

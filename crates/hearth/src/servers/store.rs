@@ -13,11 +13,12 @@
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::alerts::engine::SensorKey;
 use crate::caps::Known;
 use crate::event::Event;
+use crate::keep::Keep;
 use crate::sensors::SensorSeen;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,12 +66,16 @@ RETURNING token";
 /// 1. lock the batch's lanes' fence rows (shared) and check they still hold our tokens; a
 ///    takeover (which increments a token) waits for this statement, and any later write of the
 ///    former owner finds its token stale;
-/// 2. insert the events in array order. The plain variant is a bare INSERT: duplicates are rare
-///    (a broker redelivery, a device publishing twice), and when one is there the unique index
-///    refuses the whole statement, which is then run again as the `safe` variant, `ON CONFLICT
-///    DO NOTHING`. Speculative insertion costs half as much again as a plain insert, and a
-///    probe before each insert a sixth: both are paid only when needed. Entries delivered again
-///    (after a crash, a retry) go straight to the safe variant;
+/// 2. insert the events in array order, each in the partition of its class (`keep_days`) and
+///    time of receipt. A reading with a `seq` is skipped when its key is stored with a receipt
+///    within `dedup_window_hours` (one index probe per reading, in the partitions of that window
+///    only: a partitioned table cannot hold a unique index without its partition keys, and a
+///    broker's redelivery is received anew). A reading without `seq` is keyed by its ingest id,
+///    whose unique index holds its time of receipt (an entry of the stream delivered again
+///    carries both): the plain variant is a bare INSERT, which that index refuses whole when one
+///    is there; it is then run again as the `safe` variant, `ON CONFLICT DO NOTHING`
+///    (speculative insertion costs half as much again, paid only when needed). Entries
+///    delivered again (after a crash, a retry) go straight to the safe variant;
 /// 3. record the sensors seen.
 ///
 /// Returns whether the fences held, the rows inserted, and the lanes whose fence held.
@@ -86,16 +91,25 @@ WITH held AS (
     SELECT count(*) = cardinality($11::text[]) AS ok FROM held
 ), inserted AS (
     INSERT INTO events (house_id, sensor_id, kind, value, unit, seq, ingest_id, ts, received_at,
-                        critical, source_unit)
+                        critical, source_unit, keep_days)
     SELECT h, s, k, v, u, q, i,
            timestamptz 'epoch' + t * interval '1 millisecond',
            timestamptz 'epoch' + r * interval '1 microsecond',
-           c, o
+           c, o, d
     FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::int8[],
-                $7::uuid[], $8::int8[], $9::int8[], $10::bool[], $19::text[])
-         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, o, n)
+                $7::uuid[], $8::int8[], $9::int8[], $10::bool[], $19::text[], $20::int4[])
+         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, o, d, n)
          CROSS JOIN fence
-    WHERE fence.ok
+         -- LATERAL with LIMIT: one probe per reading, in the partitions its window reaches.
+         LEFT JOIN LATERAL (
+             SELECT true AS hit FROM events e
+             WHERE x.q IS NOT NULL
+               AND e.house_id = x.h AND e.sensor_id = x.s AND e.kind = x.k AND e.seq = x.q
+               AND e.received_at >= timestamptz 'epoch' + (x.r - $21) * interval '1 microsecond'
+               AND e.received_at <= timestamptz 'epoch' + (x.r + $21) * interval '1 microsecond'
+             LIMIT 1
+         ) stored ON true
+    WHERE fence.ok AND stored.hit IS NULL
     ORDER BY n
     {conflict}
     RETURNING house_id, sensor_id, kind, value, ts, id
@@ -150,6 +164,8 @@ SELECT (SELECT ok FROM fence), (SELECT count(*) FROM inserted), ARRAY(SELECT lan
 
 pub struct Store {
     pub(crate) client: Client,
+    /// The partitions this session made or saw made.
+    made: super::retention::Made,
     take_fence: Statement,
     write: Statement,
     write_safe: Statement,
@@ -160,7 +176,7 @@ impl Store {
     /// paused (SIGSTOP) process holds its locks: it must be below the lease TTL, so that the
     /// lane's next owner is not blocked behind it.
     pub async fn connect(url: &str, idle_in_tx: Duration) -> Result<Store, StoreError> {
-        let client = connect(url).await?;
+        let client = super::pg::connect(url).await?;
         // Plans are made again at each batch: a plan cached while `events` was small would
         // keep scanning the whole table for duplicates (a hashed subplan) as it grows, where
         // one index probe per row is what a large table needs.
@@ -180,6 +196,7 @@ impl Store {
             take_fence: prepare(TAKE_FENCE.into()).await?,
             write: prepare(write_statement(false)).await?,
             write_safe: prepare(write_statement(true)).await?,
+            made: Default::default(),
             client,
         })
     }
@@ -260,36 +277,47 @@ impl Store {
     /// Write one batch if every `(lane, token)` still holds. Returns the rows inserted (the rest
     /// were already there, or repeated within the batch). `redelivered` says some of it may have
     /// been written before.
-    pub async fn write(
-        &mut self,
-        fences: &[(String, i64)],
-        events: &[&Event],
-        sensors: &[SensorSeen],
-        redelivered: bool,
-    ) -> Result<u64, StoreError> {
+    pub async fn write(&mut self, batch: Batch<'_>, redelivered: bool) -> Result<u64, StoreError> {
         // A key twice in one batch (a broker redelivery next to its original) is written once.
-        let mut seen = std::collections::HashSet::with_capacity(events.len());
-        let events: Vec<&Event> = events
+        let mut seen = std::collections::HashSet::with_capacity(batch.events.len());
+        let events: Vec<&Event> = batch
+            .events
             .iter()
             .copied()
             .filter(|e| seen.insert(dedup_key(e)))
             .collect();
-        match self.write_with(redelivered, fences, &events, sensors).await {
+        let batch = Batch {
+            events: &events,
+            ..batch
+        };
+        self.made.make(&self.client, &batch).await?;
+        let written = match self.write_with(redelivered, &batch).await {
+            // A partition this session saw was dropped since (a late reading of an expired
+            // time): made again.
+            Err(StoreError::Content(e)) if super::retention::is_unpartitioned(&e) => {
+                self.made.forget();
+                self.made.make(&self.client, &batch).await?;
+                self.write_with(redelivered, &batch).await
+            }
+            other => other,
+        };
+        match written {
             Err(StoreError::Content(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 tracing::debug!("duplicate in the batch; writing it again with ON CONFLICT");
-                self.write_with(true, fences, &events, sensors).await
+                self.write_with(true, &batch).await
             }
             other => other,
         }
     }
 
-    async fn write_with(
-        &mut self,
-        safe: bool,
-        fences: &[(String, i64)],
-        events: &[&Event],
-        sensors: &[SensorSeen],
-    ) -> Result<u64, StoreError> {
+    async fn write_with(&mut self, safe: bool, batch: &Batch<'_>) -> Result<u64, StoreError> {
+        let Batch {
+            fences,
+            events,
+            sensors,
+            keep,
+            window_us,
+        } = *batch;
         let n = events.len();
         let (mut h, mut s, mut k) = (
             Vec::with_capacity(n),
@@ -308,7 +336,9 @@ impl Store {
         );
         let mut c = Vec::with_capacity(n);
         let mut o = Vec::with_capacity(n);
+        let mut d = Vec::with_capacity(n);
         for e in events {
+            d.push(keep.days_of(&e.kind) as i32);
             h.push(e.house_id.as_str());
             s.push(e.sensor_id.as_str());
             k.push(e.kind.as_str());
@@ -354,6 +384,8 @@ impl Store {
                     &last,
                     &intervals,
                     &o,
+                    &d,
+                    &window_us,
                 ],
             )
             .await
@@ -370,6 +402,17 @@ impl Store {
         }
         Ok(inserted as u64)
     }
+}
+
+/// One batch to write, and how: the fences it is written under, the sensors it records, the
+/// retention class of each reading, how far apart two copies of a reading are still one.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub fences: &'a [(String, i64)],
+    pub events: &'a [&'a Event],
+    pub sensors: &'a [SensorSeen],
+    pub keep: &'a Keep,
+    pub window_us: i64,
 }
 
 /// The dedup key: (house, sensor, kind, seq) when the device sent a seq, else the id the ingest
@@ -433,49 +476,4 @@ pub async fn known(
             })
             .collect(),
     })
-}
-
-/// A shared connection for request handlers (the API): queries from concurrent requests are
-/// pipelined on it. Reopened when it breaks.
-pub struct Db {
-    url: String,
-    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
-}
-
-impl Db {
-    pub fn new(url: &str) -> Db {
-        Db {
-            url: url.to_string(),
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = std::sync::Arc::new(connect(&self.url).await?);
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-}
-
-/// Open a connection, its I/O driven by a task of its own.
-pub async fn connect(url: &str) -> Result<Client, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
-    config.connect_timeout(Duration::from_secs(5));
-    config.application_name("hearth");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %describe(&e), "postgres connection closed");
-        }
-    });
-    Ok(client)
 }

@@ -115,6 +115,7 @@ pub async fn seams(config: &Arc<Config>) -> Result<hearth::seam::Seams, RoleErro
         Default::default(),
         hearth::Caps::from_config(config),
         hearth::Retention::from_config(config),
+        hearth::Keep::from_config(config),
     )
     .await
     .map(|e| e.seams)
