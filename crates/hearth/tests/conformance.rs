@@ -644,6 +644,9 @@ async fn rollup_suite(b: Backend) {
                     *ts,
                 );
                 e.value = *milli as f64 / 1000.0;
+                // Received when the round runs (a key's copies come within the dedup window,
+                // as a redelivery does), whatever the time the device stamped.
+                e.received_us = 1_000_000_000_000_000 + round * 1_000_000;
                 e
             })
             .collect();

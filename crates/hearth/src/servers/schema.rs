@@ -276,7 +276,8 @@ ALTER SEQUENCE events_id_seq OWNED BY events.id;
 CREATE TABLE events_k0 PARTITION OF events FOR VALUES IN (0) PARTITION BY RANGE (received_at);
 
 CREATE INDEX events_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
-CREATE UNIQUE INDEX events_ingest ON events (ingest_id, keep_days, received_at)
+-- With house_id, which a table distributed by house (Citus) needs in its unique indexes.
+CREATE UNIQUE INDEX events_ingest ON events (ingest_id, house_id, keep_days, received_at)
     WHERE ingest_id IS NOT NULL;
 -- History of a sensor, newest first, paged by (ts, id): the legacy table's index is taken as is.
 CREATE INDEX events_by_sensor ON events (house_id, sensor_id, ts DESC, id DESC);
