@@ -320,7 +320,7 @@ async fn scenario(
     // 5. Everything stored exactly once?
     let expected = opts.backlog + telemetry.events + opts.smoke;
     let pattern = format!("s{run_id}%");
-    let db = hearth::servers::pg::connect(&child.database_url).await?;
+    let db = hearth::servers::postgres::connect(&child.database_url).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let depth: u64 = queue.depths().await?.iter().map(|(_, n)| n).sum();

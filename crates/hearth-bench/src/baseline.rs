@@ -45,7 +45,7 @@ pub async fn raw(port: u16, load: &Load, tag: &str) -> anyhow::Result<f64> {
 
 /// Events per second stored by a subscriber doing one INSERT per message.
 pub async fn sync(port: u16, load: &Load, tag: &str, database_url: &str) -> anyhow::Result<f64> {
-    let db = hearth::servers::pg::connect(database_url).await?;
+    let db = hearth::servers::postgres::connect(database_url).await?;
     db.batch_execute(
         "DROP TABLE IF EXISTS sync_events;
          CREATE TABLE sync_events (id bigserial PRIMARY KEY, topic text NOT NULL, kind text NOT NULL,

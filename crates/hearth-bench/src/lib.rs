@@ -262,7 +262,7 @@ pub async fn run(config: Arc<Config>, opts: Options) -> anyhow::Result<Report> {
 
     let load = opts.load(&run_id);
     let pattern = format!("s{run_id}-%");
-    let db = hearth::servers::pg::connect(&database_url).await?;
+    let db = hearth::servers::postgres::connect(&database_url).await?;
     let stats = Stats::open(&config.redis_url, &prefix).await?;
     let sent = Arc::new(AtomicU64::new(0));
     let started_wall = hearth::event::now_us();
@@ -398,7 +398,7 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// Drop the run's database (the sync baseline's, and hearth's unless external).
 async fn drop_database(config: &Config, run_id: &str) {
     if let Ok(admin) =
-        hearth::servers::pg::connect(&with_database(&config.database_url, "postgres")).await
+        hearth::servers::postgres::connect(&with_database(&config.database_url, "postgres")).await
     {
         let _ = admin
             .batch_execute(&format!(

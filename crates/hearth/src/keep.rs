@@ -12,12 +12,8 @@
 //! by the current policy, in bounded chunks.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::Config;
-use crate::seam::EventStore;
-use crate::shutdown::Shutdown;
 
 /// Microseconds in a day.
 pub const DAY_US: i64 = 86_400_000_000;
@@ -120,32 +116,6 @@ pub struct Expired {
     pub readings: u64,
     /// Cleared alerts deleted.
     pub alerts: u64,
-}
-
-/// How often a worker process sweeps (and makes the next partitions ahead).
-pub const SWEEP: Duration = Duration::from_secs(3600);
-
-/// Sweep at start, then every [`SWEEP`], until shutdown; what goes is logged and counted
-/// (`hearth_expired_total`).
-pub async fn sweep(store: Arc<dyn EventStore>, mut shutdown: Shutdown) {
-    loop {
-        match store.expire(crate::event::now_us()).await {
-            Ok(e) => {
-                let m = crate::metrics::metrics();
-                m.expired.with("partitions").add(e.partitions.len() as u64);
-                m.expired.with("readings").add(e.readings);
-                m.expired.with("alerts").add(e.alerts);
-                if e != Expired::default() {
-                    tracing::info!(partitions = ?e.partitions, readings = e.readings,
-                        alerts = e.alerts, "retention removed what expired");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "retention sweep failed; tried again later"),
-        }
-        if !shutdown.sleep(SWEEP).await {
-            return;
-        }
-    }
 }
 
 /// `kind=days,kind=days` (whitespace allowed around each).

@@ -72,6 +72,7 @@ mod keep;
 mod kinds;
 mod lane;
 mod sensors;
+mod sweeps;
 mod worker;
 
 pub use caps::Caps;

@@ -475,23 +475,6 @@ impl Pool {
     }
 }
 
-/// Remove the dead letters past their retention every [`crate::dead_letter::RETENTION_SWEEP`], until shutdown.
-pub async fn sweep_dead_letters(
-    queue: Arc<dyn EventQueue>,
-    mut shutdown: crate::shutdown::Shutdown,
-) {
-    loop {
-        match queue.expire_dead_letters().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(letters = n, "dead letters past their retention removed"),
-            Err(e) => tracing::warn!(error = %e, "dead-letter retention sweep failed"),
-        }
-        if !shutdown.sleep(crate::dead_letter::RETENTION_SWEEP).await {
-            return;
-        }
-    }
-}
-
 /// The cached JSON of an event, as both caches store it.
 pub fn latest_json(e: &Event) -> String {
     serde_json::json!({

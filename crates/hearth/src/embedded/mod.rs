@@ -236,11 +236,11 @@ impl Backend for Embedded {
 
     /// Dead-letter retention, and the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
-        let mut tasks = vec![tokio::spawn(crate::seam::sweep_dead_letters(
+        let mut tasks = vec![tokio::spawn(crate::sweeps::dead_letters(
             self.seams.queue.clone(),
             shutdown.clone(),
         ))];
-        tasks.push(tokio::spawn(crate::keep::sweep(
+        tasks.push(tokio::spawn(crate::sweeps::retention(
             self.seams.store.clone(),
             shutdown.clone(),
         )));

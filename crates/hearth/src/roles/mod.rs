@@ -317,7 +317,7 @@ pub async fn ingest(config: Arc<Config>, shutdown: Shutdown) -> Result<(), RoleE
     if !prepare_queue(&config, &shutdown).await? {
         return Ok(());
     }
-    let sweeper = tokio::spawn(crate::seam::sweep_dead_letters(
+    let sweeper = tokio::spawn(crate::sweeps::dead_letters(
         seams.queue.clone(),
         shutdown.clone(),
     ));

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use super::pg::Db;
 use super::pg::Writer;
-use super::store::{Store, StoreError, classify};
+use super::postgres::Db;
+use super::postgres::classify;
+use super::store::{Store, StoreError};
 use crate::alerts::engine::{Outcome, SensorKey, State, Transition};
 use crate::alerts::rules::RuleSet;
 use crate::alerts::{Alert, AlertState, Severity};

@@ -23,6 +23,7 @@ pub mod notifier;
 pub mod order;
 pub mod ownership;
 pub mod pg;
+pub mod postgres;
 pub mod queue;
 pub mod reader;
 pub mod retention;
@@ -157,12 +158,12 @@ impl Backend for Servers {
     /// the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
-            tokio::spawn(crate::seam::sweep_dead_letters(
+            tokio::spawn(crate::sweeps::dead_letters(
                 self.seams.queue.clone(),
                 shutdown.clone(),
             )),
             tokio::spawn(circuits::share(self.queue.clone(), shutdown.clone())),
-            tokio::spawn(crate::keep::sweep(
+            tokio::spawn(crate::sweeps::retention(
                 self.seams.store.clone(),
                 shutdown.clone(),
             )),

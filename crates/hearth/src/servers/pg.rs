@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{MappedMutexGuard, MutexGuard};
-use tokio_postgres::{Client, NoTls};
 
+use super::postgres::{Db, connect};
 use super::store::{Batch, Store, StoreError, describe};
 use crate::caps::Caps;
 use crate::config::Config;
@@ -411,49 +411,4 @@ impl EventStore for PgStore {
             Ok(("postgres", ok))
         })
     }
-}
-
-/// A shared connection for request handlers (the API): queries from concurrent requests are
-/// pipelined on it. Reopened when it breaks.
-pub struct Db {
-    url: String,
-    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
-}
-
-impl Db {
-    pub fn new(url: &str) -> Db {
-        Db {
-            url: url.to_string(),
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = std::sync::Arc::new(connect(&self.url).await?);
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-}
-
-/// Open a connection, its I/O driven by a task of its own.
-pub async fn connect(url: &str) -> Result<Client, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
-    config.connect_timeout(Duration::from_secs(5));
-    config.application_name("hearth");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %describe(&e), "postgres connection closed");
-        }
-    });
-    Ok(client)
 }

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::store::{Batch, StoreError, classify};
+use super::postgres::{StoreError, classify};
 use crate::keep::{DAY_US, Expired, Keep};
 
 /// The advisory lock partitions are changed under.
@@ -44,17 +44,14 @@ fn timestamp(us: i64) -> String {
 pub struct Made(HashSet<(u32, i64)>);
 
 impl Made {
-    /// Make the partitions of the batch's readings not known to be made.
-    pub async fn make(&mut self, client: &Client, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let missing: BTreeSet<(u32, i64)> = batch
-            .events
-            .iter()
-            .map(|e| {
-                let class = batch.keep.days_of(&e.kind);
-                (class, Keep::partition_of(class, e.received_us).0)
-            })
-            .filter(|p| !self.0.contains(p))
-            .collect();
+    /// Make those of `wanted` (class, start µs) not known to be made.
+    pub async fn make(
+        &mut self,
+        client: &Client,
+        wanted: impl IntoIterator<Item = (u32, i64)>,
+    ) -> Result<(), StoreError> {
+        let missing: BTreeSet<(u32, i64)> =
+            wanted.into_iter().filter(|p| !self.0.contains(p)).collect();
         if !missing.is_empty() {
             let missing: Vec<(u32, i64)> = missing.into_iter().collect();
             make(client, &missing).await?;

@@ -7,7 +7,7 @@
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use super::pg::connect;
+use super::postgres::connect;
 use super::store::StoreError;
 
 /// (version, name, SQL)

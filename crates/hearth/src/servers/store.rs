@@ -21,39 +21,8 @@ use crate::event::Event;
 use crate::keep::Keep;
 use crate::sensors::SensorSeen;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("postgres unavailable: {}", describe(.0))]
-    Unavailable(tokio_postgres::Error),
-    #[error("postgres refused the rows: {}", describe(.0))]
-    Content(tokio_postgres::Error),
-    #[error("lanes taken over by another worker: {0:?}")]
-    Fenced(Vec<String>),
-    #[error("bad database_url: {0}")]
-    Url(String),
-    /// PostgreSQL failed repeatedly: calls are not attempted until the breaker's next probe.
-    #[error("postgres circuit open")]
-    CircuitOpen,
-}
-
-/// tokio-postgres prints only "db error"; the server's message is what an operator needs.
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
-}
-
-pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
-    match e.code().map(|c| c.code()) {
-        // data exceptions and integrity violations: the row is at fault
-        Some(code) if code.starts_with("22") || code.starts_with("23") => StoreError::Content(e),
-        _ => StoreError::Unavailable(e),
-    }
-}
+use super::postgres::classify;
+pub use super::postgres::{StoreError, describe};
 
 const TAKE_FENCE: &str = "
 INSERT INTO lane_fences (lane, token, owner) VALUES ($1, 1, $2)
@@ -176,7 +145,7 @@ impl Store {
     /// paused (SIGSTOP) process holds its locks: it must be below the lease TTL, so that the
     /// lane's next owner is not blocked behind it.
     pub async fn connect(url: &str, idle_in_tx: Duration) -> Result<Store, StoreError> {
-        let client = super::pg::connect(url).await?;
+        let client = super::postgres::connect(url).await?;
         // Plans are made again at each batch: a plan cached while `events` was small would
         // keep scanning the whole table for duplicates (a hashed subplan) as it grows, where
         // one index probe per row is what a large table needs.
@@ -290,13 +259,13 @@ impl Store {
             events: &events,
             ..batch
         };
-        self.made.make(&self.client, &batch).await?;
+        self.made.make(&self.client, batch.partitions()).await?;
         let written = match self.write_with(redelivered, &batch).await {
             // A partition this session saw was dropped since (a late reading of an expired
             // time): made again.
             Err(StoreError::Content(e)) if super::retention::is_unpartitioned(&e) => {
                 self.made.forget();
-                self.made.make(&self.client, &batch).await?;
+                self.made.make(&self.client, batch.partitions()).await?;
                 self.write_with(redelivered, &batch).await
             }
             other => other,
@@ -413,6 +382,16 @@ pub struct Batch<'a> {
     pub sensors: &'a [SensorSeen],
     pub keep: &'a Keep,
     pub window_us: i64,
+}
+
+impl Batch<'_> {
+    /// The partitions (class, start µs) its readings go to.
+    fn partitions(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
+        self.events.iter().map(|e| {
+            let class = self.keep.days_of(&e.kind);
+            (class, Keep::partition_of(class, e.received_us).0)
+        })
+    }
 }
 
 /// The dedup key: (house, sensor, kind, seq) when the device sent a seq, else the id the ingest

@@ -1,0 +1,85 @@
+//! The PostgreSQL client both the store and the alerts use: sessions (a shared one for reads,
+//! [`Db`]), and errors sorted by whose fault they are ([`StoreError`]).
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres unavailable: {}", describe(.0))]
+    Unavailable(tokio_postgres::Error),
+    #[error("postgres refused the rows: {}", describe(.0))]
+    Content(tokio_postgres::Error),
+    #[error("lanes taken over by another worker: {0:?}")]
+    Fenced(Vec<String>),
+    #[error("bad database_url: {0}")]
+    Url(String),
+    /// PostgreSQL failed repeatedly: calls are not attempted until the breaker's next probe.
+    #[error("postgres circuit open")]
+    CircuitOpen,
+}
+
+/// tokio-postgres prints only "db error"; the server's message is what an operator needs.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
+    match e.code().map(|c| c.code()) {
+        // data exceptions and integrity violations: the row is at fault
+        Some(code) if code.starts_with("22") || code.starts_with("23") => StoreError::Content(e),
+        _ => StoreError::Unavailable(e),
+    }
+}
+
+/// A shared connection for request handlers (the API): queries from concurrent requests are
+/// pipelined on it. Reopened when it breaks.
+pub struct Db {
+    url: String,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl Db {
+    pub fn new(url: &str) -> Db {
+        Db {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(connect(&self.url).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// Open a connection, its I/O driven by a task of its own.
+pub async fn connect(url: &str) -> Result<Client, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    config.connect_timeout(Duration::from_secs(5));
+    config.application_name("hearth");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(StoreError::Unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %describe(&e), "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
