@@ -98,6 +98,17 @@ impl Keep {
             .is_some_and(|days| end_us <= now_us - i64::from(days) * DAY_US)
     }
 
+    /// The readings' part of the policy as one string (`days;kind=days,...`): two writers with
+    /// the same one put every kind in the same class.
+    pub fn canonical(&self) -> String {
+        let kinds: Vec<String> = self
+            .by_kind
+            .iter()
+            .map(|(k, d)| format!("{k}={d}"))
+            .collect();
+        format!("{};{}", self.days, kinds.join(","))
+    }
+
     /// The time before which a reading of `kind` is expired at `now_us` (`None`: never).
     pub fn cutoff_us(&self, kind: &str, now_us: i64) -> Option<i64> {
         match self.days_of(kind) {
@@ -170,6 +181,8 @@ mod tests {
         assert_eq!(k.days_of("temperature"), 90);
         assert_eq!(k.classes(), vec![7, 30, 90]);
         assert_eq!(k.longest(), Some(90));
+        assert_eq!(k.canonical(), "90;motion=7,power=30");
+        assert_eq!(Keep::default().canonical(), "0;");
         assert_eq!(keep(0, "power=30").longest(), None);
     }
 

@@ -1460,6 +1460,23 @@ async fn retention_suite(b: Backend, raw: Raw) {
         s.write(&[], &[&again], false).await.expect("again").stored,
         0
     );
+    // One received an hour after its original, and one two hours after, past midnight
+    // (PostgreSQL: in the next day's partition, found by the probe within dedup_window_hours):
+    // none stored.
+    let mut twice = batch[1].clone();
+    twice.received_us += 3_600_000_000;
+    let mut late_evening = event("house-e", "meter", "temperature", 1, 0);
+    late_evening.received_us = (now_us - 2 * day_us) / day_us * day_us - 3_600_000_000;
+    late_evening.ts_ms = late_evening.received_us / 1000;
+    let stored = s
+        .write(&[], &[&late_evening], false)
+        .await
+        .expect("evening");
+    assert_eq!(stored.stored, 1);
+    let mut next_day = late_evening.clone();
+    next_day.received_us += 2 * 3_600_000_000;
+    let written = s.write(&[], &[&next_day, &twice], false).await;
+    assert_eq!(written.expect("next day").stored, 0);
     let now_ms = now_us / 1000;
     raw.cleared_alert("old", now_ms, 3).await;
     raw.cleared_alert("new", now_ms, 0).await;

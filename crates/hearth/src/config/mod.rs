@@ -220,7 +220,7 @@ impl Default for Config {
             retention_days: 0,
             retention_by_kind: String::new(),
             alert_retention_days: 0,
-            dedup_window_hours: 48,
+            dedup_window_hours: 6,
             sensor_touch_interval_ms: 10_000,
             rules_file: String::new(),
             api_listen: "127.0.0.1:8080".into(),

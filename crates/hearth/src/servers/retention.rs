@@ -3,14 +3,15 @@
 //!
 //! `events` is partitioned by class (`keep_days`, LIST) and then by time of receipt (RANGE,
 //! [`Keep::partition_days`] wide, from the epoch): `events_k{class}` and
-//! `events_k{class}_{yyyymmdd}` (the day it starts). A partition is made as a table of its own
-//! and then attached, which locks its parent `SHARE UPDATE EXCLUSIVE` only (reads and inserts go
+//! `events_k{class}_{yyyymmdd}` (the day it starts). A partition is made as a table of its own,
+//! with the unique indexes of the dedup keys (a partitioned table cannot have them: they lack
+//! its partition keys), and then attached, which locks its parent `SHARE UPDATE EXCLUSIVE` only (reads and inserts go
 //! on); an expired one is detached and dropped, which waits at most `lock_timeout` for the
 //! statements in flight and is tried again at the next sweep when it could not. Every change
 //! happens under one advisory lock, so the processes that sweep (every worker) take turns, and
 //! any of them may make a partition a batch needs when the sweep has not yet.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -38,32 +39,149 @@ fn timestamp(us: i64) -> String {
         .expect("a time within the years 0..9999")
 }
 
-/// The partitions (class, start µs) a writer's session made or saw made: a batch asks for the
-/// others only.
-#[derive(Default)]
-pub struct Made(HashSet<(u32, i64)>);
+/// A partition of `events`: its table, class and range of receipt (µs; the legacy table's
+/// start is unbounded).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partition {
+    pub name: String,
+    pub class: u32,
+    pub start: i64,
+    pub end: i64,
+}
 
-impl Made {
-    /// Make those of `wanted` (class, start µs) not known to be made.
-    pub async fn make(
+/// Every partition of `events`, from the catalog.
+pub async fn list(client: &Client) -> Result<Vec<Partition>, StoreError> {
+    let rows = client
+        .query(
+            r"SELECT c.relname::text,
+                     substring(pg_get_expr(p.relpartbound, p.oid) FROM 'IN \((\d+)\)')::int,
+                     (extract(epoch FROM substring(pg_get_expr(c.relpartbound, c.oid)
+                                        FROM 'FROM \(''([^'']+)''\)')::timestamptz) * 1e6)::int8,
+                     (extract(epoch FROM substring(pg_get_expr(c.relpartbound, c.oid)
+                                        FROM 'TO \(''([^'']+)''\)')::timestamptz) * 1e6)::int8
+              FROM pg_inherits ip
+              JOIN pg_class p ON p.oid = ip.inhrelid
+              JOIN pg_inherits i ON i.inhparent = p.oid
+              JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE ip.inhparent = 'events'::regclass",
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let class: Option<i32> = r.get(1);
+            let end: Option<i64> = r.get(3);
+            Some(Partition {
+                name: r.get(0),
+                class: u32::try_from(class?).ok()?,
+                start: r.get::<_, Option<i64>>(2).unwrap_or(i64::MIN),
+                end: end?,
+            })
+        })
+        .collect())
+}
+
+/// The partitions a writer's session knows, read from the catalog again at least every
+/// [`REFRESH`] (another process may have made or dropped one) and whenever one was missing.
+#[derive(Default)]
+pub struct Partitions {
+    known: Vec<Partition>,
+    read: Option<std::time::Instant>,
+    /// When the retention policy last changed while readings were stored (µs; `None`: not
+    /// read yet).
+    changed_at: Option<i64>,
+}
+
+/// How much later than its copy a reading's original may have been received (two ingest
+/// processes stamp the copies of one message apart by far less).
+pub const AHEAD_US: i64 = 300_000_000;
+
+/// How long a writer trusts its list of partitions.
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Partitions {
+    /// Make sure readings of (class, received µs) each have their partition; on the first
+    /// call, record `keep` as the policy the writers run with.
+    pub async fn ready(
         &mut self,
         client: &Client,
-        wanted: impl IntoIterator<Item = (u32, i64)>,
+        keep: &Keep,
+        readings: impl IntoIterator<Item = (u32, i64)>,
     ) -> Result<(), StoreError> {
-        let missing: BTreeSet<(u32, i64)> =
-            wanted.into_iter().filter(|p| !self.0.contains(p)).collect();
+        if self.changed_at.is_none() {
+            self.changed_at = Some(policy(client, keep).await?);
+        }
+        if self.read.is_none_or(|at| at.elapsed() > REFRESH) {
+            self.known = list(client).await?;
+            self.read = Some(std::time::Instant::now());
+        }
+        let missing: BTreeSet<(u32, i64)> = readings
+            .into_iter()
+            .filter(|&(class, at)| self.own(class, at).is_none())
+            .map(|(class, at)| (class, Keep::partition_of(class, at).0))
+            .collect();
         if !missing.is_empty() {
-            let missing: Vec<(u32, i64)> = missing.into_iter().collect();
-            make(client, &missing).await?;
-            self.0.extend(missing);
+            make(client, &missing.into_iter().collect::<Vec<_>>()).await?;
+            self.known = list(client).await?;
+            self.read = Some(std::time::Instant::now());
         }
         Ok(())
     }
 
-    /// Forget them all (one was dropped since).
+    /// Read the catalog again at the next batch (a partition was dropped since).
     pub fn forget(&mut self) {
-        self.0.clear();
+        self.read = None;
     }
+
+    fn own(&self, class: u32, at: i64) -> Option<&Partition> {
+        self.known
+            .iter()
+            .find(|p| p.class == class && p.start <= at && at < p.end)
+    }
+
+    /// Whether the original of a reading of `class` received at `at` could be stored, within
+    /// `window` before it (or [`AHEAD_US`] after), in another partition of its class than its
+    /// own (whose unique indexes see the rest).
+    pub fn reach_out(&self, class: u32, at: i64, window: i64) -> bool {
+        let own = self.own(class, at);
+        self.known.iter().any(|p| {
+            p.class == class
+                && Some(p) != own
+                && p.start <= at.saturating_add(AHEAD_US)
+                && p.end > at - window
+        })
+    }
+
+    /// Whether the original of a reading received at `at` could be in another class: the
+    /// policy changed within `window` of it.
+    pub fn other_class(&self, at: i64, window: i64) -> bool {
+        self.changed_at.is_some_and(|c| at - window < c)
+    }
+}
+
+/// Record `keep` as the writers' policy; when it differs from the last one recorded while
+/// readings are stored, it changed now. Returns when it last changed (µs).
+async fn policy(client: &Client, keep: &Keep) -> Result<i64, StoreError> {
+    let row = client
+        .query_one(
+            "WITH changed AS (
+                UPDATE retention_policy SET policy = $1,
+                    changed_at = CASE WHEN EXISTS (SELECT 1 FROM events) THEN now()
+                                      ELSE changed_at END
+                WHERE policy <> $1
+                RETURNING changed_at
+             )
+             SELECT CASE WHEN at = '-infinity' THEN NULL
+                         ELSE (extract(epoch FROM at) * 1e6)::int8 END
+             FROM (SELECT coalesce((SELECT changed_at FROM changed),
+                                   (SELECT changed_at FROM retention_policy)) AS at) t",
+            &[&keep.canonical()],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(row.get::<_, Option<i64>>(0).unwrap_or(i64::MIN))
 }
 
 /// Whether PostgreSQL found no partition for a row.
@@ -88,6 +206,10 @@ pub async fn make(client: &Client, wanted: &[(u32, i64)]) -> Result<(), StoreErr
                 IF to_regclass('{part}') IS NULL THEN
                     CREATE TABLE {part}
                         (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                    CREATE UNIQUE INDEX {part}_dedup_seq ON {part}
+                        (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
+                    CREATE UNIQUE INDEX {part}_dedup_ingest ON {part}
+                        (ingest_id, house_id) WHERE ingest_id IS NOT NULL;
                     BEGIN
                         ALTER TABLE events_k{class} ATTACH PARTITION {part}
                             FOR VALUES FROM ('{from}') TO ('{to}');
@@ -114,28 +236,16 @@ pub async fn sweep(client: &Client, keep: &Keep, now_us: i64) -> Result<Expired,
         wanted.push((class, end));
     }
     make(client, &wanted).await?;
-    let rows = client
-        .query(
-            r"SELECT c.relname::text, substring(pg_get_expr(p.relpartbound, p.oid) FROM 'IN \((\d+)\)')::int,
-                     (extract(epoch FROM substring(pg_get_expr(c.relpartbound, c.oid)
-                                        FROM 'TO \(''([^'']+)''\)')::timestamptz) * 1e6)::int8
-              FROM pg_inherits ip
-              JOIN pg_class p ON p.oid = ip.inhrelid
-              JOIN pg_inherits i ON i.inhparent = p.oid
-              JOIN pg_class c ON c.oid = i.inhrelid
-              WHERE ip.inhparent = 'events'::regclass",
-            &[],
-        )
-        .await
-        .map_err(classify)?;
+    let partitions = list(client).await?;
     let mut expired = Expired::default();
-    for row in rows {
-        let (part, class, end): (String, Option<i32>, Option<i64>) =
-            (row.get(0), row.get(1), row.get(2));
-        let (Some(class), Some(end)) = (class, end) else {
-            continue;
-        };
-        if !keep.expired(class as u32, end, now_us) {
+    for Partition {
+        name: part,
+        class,
+        end,
+        ..
+    } in partitions
+    {
+        if !keep.expired(class, end, now_us) {
             continue;
         }
         let sql = format!(

@@ -245,11 +245,17 @@ GROUP BY 1, 2, 3, 4, 5;
 ALTER TABLE events RENAME TO events_legacy;
 ALTER TABLE events_legacy ALTER COLUMN id DROP IDENTITY;
 ALTER TABLE events_legacy ADD COLUMN keep_days int NOT NULL DEFAULT 0;
-ALTER TABLE events_legacy RENAME CONSTRAINT events_pkey TO events_legacy_pkey;
--- A partitioned table's unique index must hold its partition keys: the seq key is probed
--- within `dedup_window_hours` of receipt instead (crate::servers::store).
-DROP INDEX events_dedup_seq;
+-- Nothing looks a row up by id alone: one index less to keep on the inserts it still takes.
+ALTER TABLE events_legacy DROP CONSTRAINT events_pkey;
+-- A partitioned table's unique index must hold its partition keys, which the dedup keys do
+-- not: each partition has its own unique indexes on them (made with it by
+-- crate::servers::retention; the legacy table keeps its seq key's, and its ingest key's gains
+-- house_id, which a table distributed by house (Citus) needs), and a reading whose
+-- `dedup_window_hours` reach another partition is probed there (crate::servers::store).
+ALTER INDEX events_dedup_seq RENAME TO events_legacy_dedup_seq;
 DROP INDEX events_dedup_ingest;
+CREATE UNIQUE INDEX events_legacy_dedup_ingest ON events_legacy (ingest_id, house_id)
+    WHERE ingest_id IS NOT NULL;
 
 CREATE SEQUENCE events_id_seq AS bigint;
 SELECT setval('events_id_seq', coalesce((SELECT max(id) FROM events_legacy), 0) + 1, false);
@@ -275,19 +281,30 @@ CREATE TABLE events (
 ALTER SEQUENCE events_id_seq OWNED BY events.id;
 CREATE TABLE events_k0 PARTITION OF events FOR VALUES IN (0) PARTITION BY RANGE (received_at);
 
-CREATE INDEX events_seq ON events (house_id, sensor_id, kind, seq) WHERE seq IS NOT NULL;
--- With house_id, which a table distributed by house (Citus) needs in its unique indexes.
-CREATE UNIQUE INDEX events_ingest ON events (ingest_id, house_id, keep_days, received_at)
-    WHERE ingest_id IS NOT NULL;
 -- History of a sensor, newest first, paged by (ts, id): the legacy table's index is taken as is.
 CREATE INDEX events_by_sensor ON events (house_id, sensor_id, ts DESC, id DESC);
 
+-- The retention policy the writers last ran with (crate::keep::Keep::canonical), and when it
+-- changed while readings were stored: until `dedup_window_hours` after that, a copy of a
+-- reading may be in the partitions of another class, and is looked for there too.
+CREATE TABLE retention_policy (
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    policy      text NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO retention_policy (policy) VALUES ('0;');
+
+-- A new database has no rows to keep: its class-0 partitions are made like any other.
 DO $$ BEGIN
-    EXECUTE format(
-        'ALTER TABLE events_k0 ATTACH PARTITION events_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
-        -- The end of the class's current partition (30 days wide, from the epoch), so that the
-        -- next one hearth makes starts where this one ends.
-        to_timestamp((floor(extract(epoch FROM now()) / 2592000) + 1) * 2592000));
+    IF EXISTS (SELECT 1 FROM events_legacy) THEN
+        EXECUTE format(
+            'ALTER TABLE events_k0 ATTACH PARTITION events_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
+            -- The end of the class's current partition (30 days wide, from the epoch), so that
+            -- the next one hearth makes starts where this one ends.
+            to_timestamp((floor(extract(epoch FROM now()) / 2592000) + 1) * 2592000));
+    ELSE
+        DROP TABLE events_legacy;
+    END IF;
 END $$;
 "#,
     ),

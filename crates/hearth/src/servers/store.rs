@@ -36,15 +36,16 @@ RETURNING token";
 ///    takeover (which increments a token) waits for this statement, and any later write of the
 ///    former owner finds its token stale;
 /// 2. insert the events in array order, each in the partition of its class (`keep_days`) and
-///    time of receipt. A reading with a `seq` is skipped when its key is stored with a receipt
-///    within `dedup_window_hours` (one index probe per reading, in the partitions of that window
-///    only: a partitioned table cannot hold a unique index without its partition keys, and a
-///    broker's redelivery is received anew). A reading without `seq` is keyed by its ingest id,
-///    whose unique index holds its time of receipt (an entry of the stream delivered again
-///    carries both): the plain variant is a bare INSERT, which that index refuses whole when one
-///    is there; it is then run again as the `safe` variant, `ON CONFLICT DO NOTHING`
-///    (speculative insertion costs half as much again, paid only when needed). Entries
-///    delivered again (after a crash, a retry) go straight to the safe variant;
+///    time of receipt. Each partition has unique indexes on the dedup keys (a partitioned table
+///    cannot: they lack its partition keys); a reading with a `seq` whose `dedup_window_hours`
+///    of receipt reach another partition is also looked for there (an index probe of the
+///    partitions in reach; a broker's redelivery is received anew, maybe past midnight). The
+///    plain variant is a bare INSERT: duplicates are rare (a broker redelivery, a device
+///    publishing twice), and when one is there a unique index refuses the whole statement,
+///    which is then run again as the `safe` variant, `ON CONFLICT DO NOTHING`. Speculative
+///    insertion costs half as much again as a plain insert, and a probe before each insert a
+///    sixth: both are paid only when needed. Entries delivered again (after a crash, a retry) go
+///    straight to the safe variant;
 /// 3. record the sensors seen.
 ///
 /// Returns whether the fences held, the rows inserted, and the lanes whose fence held.
@@ -66,19 +67,29 @@ WITH held AS (
            timestamptz 'epoch' + r * interval '1 microsecond',
            c, o, d
     FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::int8[],
-                $7::uuid[], $8::int8[], $9::int8[], $10::bool[], $19::text[], $20::int4[])
-         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, o, d, n)
+                $7::uuid[], $8::int8[], $9::int8[], $10::bool[], $19::text[], $20::int4[],
+                $21::bool[], $24::bool[])
+         WITH ORDINALITY AS x(h, s, k, v, u, q, i, t, r, c, o, d, p, a, n)
          CROSS JOIN fence
-         -- LATERAL with LIMIT: one probe per reading, in the partitions its window reaches.
-         LEFT JOIN LATERAL (
-             SELECT true AS hit FROM events e
-             WHERE x.q IS NOT NULL
-               AND e.house_id = x.h AND e.sensor_id = x.s AND e.kind = x.k AND e.seq = x.q
-               AND e.received_at >= timestamptz 'epoch' + (x.r - $21) * interval '1 microsecond'
-               AND e.received_at <= timestamptz 'epoch' + (x.r + $21) * interval '1 microsecond'
-             LIMIT 1
-         ) stored ON true
-    WHERE fence.ok AND stored.hit IS NULL
+    WHERE fence.ok
+      -- A reading with a seq whose window reaches out of its own partition (whose unique
+      -- index covers the rest) is looked for there: an index probe of the partitions in
+      -- reach, of its class, or of any class while a change of policy is that recent.
+      AND NOT (p AND EXISTS (
+          SELECT FROM events e
+          WHERE e.keep_days = x.d
+            AND e.house_id = x.h AND e.sensor_id = x.s AND e.kind = x.k AND e.seq = x.q
+            AND e.received_at >= timestamptz 'epoch' + (x.r - $22) * interval '1 microsecond'
+            AND e.received_at <= timestamptz 'epoch' + (x.r + $23) * interval '1 microsecond'
+            -- The batch's reach, as constants: the plan holds only the partitions in it.
+            AND e.received_at >= $25::timestamptz AND e.received_at <= $26::timestamptz))
+      AND NOT (a AND EXISTS (
+          SELECT FROM events e
+          WHERE e.house_id = x.h AND e.sensor_id = x.s AND e.kind = x.k AND e.seq = x.q
+            AND e.received_at >= timestamptz 'epoch' + (x.r - $22) * interval '1 microsecond'
+            AND e.received_at <= timestamptz 'epoch' + (x.r + $23) * interval '1 microsecond'
+            -- The batch's reach, as constants: the plan holds only the partitions in it.
+            AND e.received_at >= $25::timestamptz AND e.received_at <= $26::timestamptz))
     ORDER BY n
     {conflict}
     RETURNING house_id, sensor_id, kind, value, ts, id
@@ -133,8 +144,8 @@ SELECT (SELECT ok FROM fence), (SELECT count(*) FROM inserted), ARRAY(SELECT lan
 
 pub struct Store {
     pub(crate) client: Client,
-    /// The partitions this session made or saw made.
-    made: super::retention::Made,
+    /// The partitions this session knows.
+    partitions: super::retention::Partitions,
     take_fence: Statement,
     write: Statement,
     write_safe: Statement,
@@ -165,7 +176,7 @@ impl Store {
             take_fence: prepare(TAKE_FENCE.into()).await?,
             write: prepare(write_statement(false)).await?,
             write_safe: prepare(write_statement(true)).await?,
-            made: Default::default(),
+            partitions: Default::default(),
             client,
         })
     }
@@ -259,13 +270,17 @@ impl Store {
             events: &events,
             ..batch
         };
-        self.made.make(&self.client, batch.partitions()).await?;
+        self.partitions
+            .ready(&self.client, batch.keep, batch.readings())
+            .await?;
         let written = match self.write_with(redelivered, &batch).await {
             // A partition this session saw was dropped since (a late reading of an expired
             // time): made again.
             Err(StoreError::Content(e)) if super::retention::is_unpartitioned(&e) => {
-                self.made.forget();
-                self.made.make(&self.client, batch.partitions()).await?;
+                self.partitions.forget();
+                self.partitions
+                    .ready(&self.client, batch.keep, batch.readings())
+                    .await?;
                 self.write_with(redelivered, &batch).await
             }
             other => other,
@@ -306,8 +321,13 @@ impl Store {
         let mut c = Vec::with_capacity(n);
         let mut o = Vec::with_capacity(n);
         let mut d = Vec::with_capacity(n);
+        let (mut p, mut a) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for e in events {
-            d.push(keep.days_of(&e.kind) as i32);
+            let class = keep.days_of(&e.kind);
+            d.push(class as i32);
+            let seq = e.seq.is_some();
+            p.push(seq && self.partitions.reach_out(class, e.received_us, window_us));
+            a.push(seq && self.partitions.other_class(e.received_us, window_us));
             h.push(e.house_id.as_str());
             s.push(e.sensor_id.as_str());
             k.push(e.kind.as_str());
@@ -320,6 +340,7 @@ impl Store {
             c.push(e.is_critical());
             o.push(e.source_unit.as_deref());
         }
+        let reach = reach(events, window_us);
         let lanes: Vec<&str> = fences.iter().map(|(l, _)| l.as_str()).collect();
         let tokens: Vec<i64> = fences.iter().map(|(_, t)| *t).collect();
         let sensor_ids: Vec<&str> = sensors.iter().map(|x| x.sensor_id.as_str()).collect();
@@ -354,7 +375,12 @@ impl Store {
                     &intervals,
                     &o,
                     &d,
+                    &p,
                     &window_us,
+                    &super::retention::AHEAD_US,
+                    &a,
+                    &reach.0,
+                    &reach.1,
                 ],
             )
             .await
@@ -373,6 +399,21 @@ impl Store {
     }
 }
 
+/// From `window_us` before the batch's first receipt to [`super::retention::AHEAD_US`] after
+/// its last.
+fn reach(events: &[&Event], window_us: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let at = |us: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    let first = events.iter().map(|e| e.received_us).min().unwrap_or(0);
+    let last = events.iter().map(|e| e.received_us).max().unwrap_or(0);
+    (
+        at(first.saturating_sub(window_us)),
+        at(last.saturating_add(super::retention::AHEAD_US)),
+    )
+}
+
 /// One batch to write, and how: the fences it is written under, the sensors it records, the
 /// retention class of each reading, how far apart two copies of a reading are still one.
 #[derive(Clone, Copy)]
@@ -385,12 +426,11 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    /// The partitions (class, start µs) its readings go to.
-    fn partitions(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
-        self.events.iter().map(|e| {
-            let class = self.keep.days_of(&e.kind);
-            (class, Keep::partition_of(class, e.received_us).0)
-        })
+    /// Its readings' (class, time of receipt).
+    fn readings(&self) -> impl Iterator<Item = (u32, i64)> + '_ {
+        self.events
+            .iter()
+            .map(|e| (self.keep.days_of(&e.kind), e.received_us))
     }
 }
 
