@@ -392,6 +392,44 @@ async fn queue_suite(b: Backend) {
     assert_eq!(q.catalog("h2").await.expect("catalog").len(), 1);
 }
 
+/// A lane's order hash (ingest slots shared) records at most its cap of sensors: a device
+/// making up sensor ids grows it no further, and a sensor it did not record is admitted as it
+/// comes (there is nothing to wait on), while a recorded one's gap still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_of_sensors_is_bounded_on_redis() {
+    use hearth::seam::{EventQueue, Head};
+    let env = Env::new("conf_order_cap");
+    let mut queue =
+        hearth::servers::queue::Queue::open(REDIS, &env.redis_prefix, 1).expect("queue");
+    queue.sequenced = Some(3);
+    let q = hearth::servers::queue::RedisQueue { queue };
+    let events: Vec<Event> = (0..10)
+        .map(|i| event("house-o", &format!("s{i}"), "temperature", 5, 1_000))
+        .collect();
+    for e in &events {
+        q.append(&[e], &[]).await.expect("append");
+    }
+    let mut redis = env.redis().await;
+    let recorded: u64 = redis::cmd("HLEN")
+        .arg(format!("{}:order:routine-0", env.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("HLEN");
+    assert_eq!(recorded, 3);
+    let head = |sensor: &str| Head {
+        house_id: "house-o".into(),
+        sensor_id: sensor.into(),
+        first: 7,
+        last: 7,
+        waited_ms: 0,
+    };
+    let admitted = q
+        .admit(&[head("s0"), head("s9"), head("made-up")])
+        .await
+        .expect("admit");
+    assert_eq!(admitted, vec![false, true, true]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_on_redis() {
     queue_suite(servers("conf_queue").await).await;

@@ -10,6 +10,11 @@
 //! (`ingest_order_wait_ms`: a reading really lost upstream). A reading at or below the last
 //! `seq` (a redelivery, a device that restarted its count) never waits; critical ones never
 //! wait either, but they advance the count.
+//!
+//! A lane's hash holds at most [`Order::cap`] sensors (twice its share of what the caps let the
+//! store keep, `max_houses` × `max_sensors_per_house`): a device making up sensor ids, whose
+//! readings the workers dead-letter past the caps, cannot grow it further. Past it, a sensor not
+//! recorded yet is appended as it comes, without waiting (nothing to wait on).
 
 use std::collections::BTreeMap;
 
@@ -27,13 +32,13 @@ pub const FIRST_WAIT_MS: u64 = 500;
 /// Days a sensor's last `seq` is kept after its last append.
 const KEPT_SECS: u64 = 7 * 24 * 3600;
 
-/// KEYS: the order hashes. ARGV: first-wait ms, then per message: key index (1-based), field,
-/// first, last, waited ms, forced (1/0). Returns 1 (may be appended) or 0 per message, reading
-/// them in order as if each admitted one were appended.
+/// KEYS: the order hashes. ARGV: first-wait ms, cap, then per message: key index (1-based),
+/// field, first, last, waited ms, forced (1/0). Returns 1 (may be appended) or 0 per message,
+/// reading them in order as if each admitted one were appended.
 const ADMIT: &str = r#"
-local first_wait = tonumber(ARGV[1])
+local first_wait, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local seen, out = {}, {}
-for i = 2, #ARGV, 6 do
+for i = 3, #ARGV, 6 do
   local key = KEYS[tonumber(ARGV[i])]
   local id = key .. '\n' .. ARGV[i + 1]
   local first, last = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -46,7 +51,7 @@ for i = 2, #ARGV, 6 do
   if forced then
     ok = true
   elseif cur < 0 then
-    ok = first <= 1 or waited >= first_wait
+    ok = first <= 1 or waited >= first_wait or redis.call('HLEN', key) >= cap
   else
     ok = first <= cur + 1
   end
@@ -61,12 +66,17 @@ end
 return out
 "#;
 
-/// KEYS[1]: an order hash. ARGV: keep seconds, then field, seq pairs: each field raised to its
-/// seq (never lowered).
+/// KEYS[1]: an order hash. ARGV: keep seconds, cap, then field, seq pairs: each field raised to
+/// its seq (never lowered); a new field only while the hash holds fewer than `cap`.
 const ADVANCE: &str = r#"
-for i = 2, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) > cur then
+local cap = tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if cur == false then
+    if redis.call('HLEN', KEYS[1]) < cap then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  elseif tonumber(ARGV[i + 1]) > tonumber(cur) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -78,11 +88,24 @@ return 0
 pub struct Order<'a> {
     pub keys: &'a Keys,
     pub shards: u16,
+    /// Most sensors a lane's hash records.
+    pub cap: u64,
 }
 
 impl Order<'_> {
-    pub fn of(keys: &Keys, shards: u16) -> Order<'_> {
-        Order { keys, shards }
+    pub fn of(keys: &Keys, shards: u16, cap: u64) -> Order<'_> {
+        Order { keys, shards, cap }
+    }
+
+    /// Twice a lane's share of the sensors the caps let the store keep (lanes are a hash of the
+    /// sensor: some get more than their share).
+    pub fn cap(config: &crate::config::Config) -> u64 {
+        let sensors = config
+            .max_houses
+            .saturating_mul(config.max_sensors_per_house);
+        (sensors / u64::from(config.shards.max(1)))
+            .saturating_mul(2)
+            .max(1)
     }
 
     /// The order hash of a sensor: its routine lane's, whatever the kind.
@@ -107,7 +130,7 @@ pub async fn admit(
     }
     let mut keys: Vec<String> = Vec::new();
     let mut cmd = redis::cmd("EVAL");
-    let mut args: Vec<String> = vec![FIRST_WAIT_MS.to_string()];
+    let mut args: Vec<String> = vec![FIRST_WAIT_MS.to_string(), order.cap.to_string()];
     for h in heads {
         let key = order.key(&h.house_id, &h.sensor_id);
         let index = match keys.iter().position(|k| *k == key) {
@@ -147,7 +170,12 @@ pub fn add_advance(order: Order<'_>, pipe: &mut redis::Pipeline, events: &[&Even
         *top = (*top).max(seq);
     }
     for (key, fields) in by_key {
-        pipe.cmd("EVAL").arg(ADVANCE).arg(1).arg(key).arg(KEPT_SECS);
+        pipe.cmd("EVAL")
+            .arg(ADVANCE)
+            .arg(1)
+            .arg(key)
+            .arg(KEPT_SECS)
+            .arg(order.cap);
         for (f, seq) in fields {
             pipe.arg(f).arg(seq);
         }

@@ -15,8 +15,8 @@
 //! transaction as its XADD, and the acknowledgement adds them to `out:{lane}` in the same script
 //! as its XACK, so `in - out` is exactly the events of unacknowledged entries.
 //!
-//! Rejected input goes to the dead-letter stream with its reason, topic and raw payload. It is
-//! never trimmed by hearth.
+//! Rejected input goes to the dead-letter stream with its reason, topic and raw payload, kept
+//! `dead_letter_max_age_secs` and `dead_letter_max_count`.
 //!
 //! Keys (all under the configured prefix `P`, named once in [`Keys`]): `P:stream:{lane}` (a
 //! lane), `P:dead` (dead letters), `P:lease:{lane}` and `P:consumers:{pool}` (ownership),
@@ -25,14 +25,14 @@
 //! `P:circuits` (circuit states shared by the processes), `P:tokens` (house tokens cached by hash), and the
 //! cache's `P:latest:{house}:{sensor}` and `P:house:{house}:sensors`.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 
-use std::collections::{BTreeMap, HashMap};
-
 use super::keys::Keys;
+use super::order::{self, Order};
 use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
@@ -128,8 +128,9 @@ pub struct Queue {
     routed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// How long and how many dead letters are kept.
     pub retention: Retention,
-    /// Whether appends keep each sensor's last `seq` (ingest slots shared: [`super::order`]).
-    pub sequenced: bool,
+    /// With ingest slots shared, appends keep each sensor's last `seq` ([`super::order`]), for
+    /// at most this many sensors per lane.
+    pub sequenced: Option<u64>,
 }
 
 impl Queue {
@@ -142,7 +143,7 @@ impl Queue {
     pub fn from_config(config: &crate::config::Config) -> Result<Queue, QueueError> {
         let mut queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
         queue.retention = Retention::from_config(config);
-        queue.sequenced = config.ingest_slots > 1;
+        queue.sequenced = (config.ingest_slots > 1).then(|| Order::cap(config));
         Ok(queue)
     }
 
@@ -158,7 +159,7 @@ impl Queue {
             streams: std::sync::Arc::new(streams),
             routed: Default::default(),
             retention: Retention::default(),
-            sequenced: false,
+            sequenced: None,
         }
     }
 
@@ -308,12 +309,8 @@ impl Queue {
                 .arg(list.len())
                 .ignore();
         }
-        if self.sequenced {
-            super::order::add_advance(
-                super::order::Order::of(&self.keys, self.shards),
-                pipe,
-                events,
-            );
+        if let Some(cap) = self.sequenced {
+            order::add_advance(Order::of(&self.keys, self.shards, cap), pipe, events);
         }
         let dead_key = self.keys.dead();
         for d in dead {
@@ -411,7 +408,8 @@ impl EventQueue for RedisQueue {
 
     fn admit<'a>(&'a self, heads: &'a [crate::seam::Head]) -> Fut<'a, Vec<bool>> {
         let q = &self.queue;
-        let admit = super::order::admit(super::order::Order::of(&q.keys, q.shards), &q.conn, heads);
+        let sensors = Order::of(&q.keys, q.shards, q.sequenced.unwrap_or(u64::MAX));
+        let admit = order::admit(sensors, &q.conn, heads);
         Box::pin(async move { Ok(admit.await.map_err(QueueError::from)?) })
     }
 
