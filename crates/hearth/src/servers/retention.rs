@@ -33,9 +33,15 @@ pub fn name(class: u32, start_us: i64) -> String {
     )
 }
 
+/// A time in µs since the epoch (the epoch itself past the years `time` holds).
+pub fn at(us: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
 fn timestamp(us: i64) -> String {
-    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::microseconds(us);
-    t.format(&time::format_description::well_known::Rfc3339)
+    at(us)
+        .format(&time::format_description::well_known::Rfc3339)
         .expect("a time within the years 0..9999")
 }
 

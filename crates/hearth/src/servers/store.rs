@@ -402,10 +402,7 @@ impl Store {
 /// From `window_us` before the batch's first receipt to [`super::retention::AHEAD_US`] after
 /// its last.
 fn reach(events: &[&Event], window_us: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
-    let at = |us: i64| {
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-    };
+    let at = super::retention::at;
     let first = events.iter().map(|e| e.received_us).min().unwrap_or(0);
     let last = events.iter().map(|e| e.received_us).max().unwrap_or(0);
     (
