@@ -89,7 +89,7 @@ where
 
 /// hearth's `stored` counter, relative to its value when the run started.
 pub(crate) struct Stats {
-    pub(crate) conn: redis::aio::MultiplexedConnection,
+    pub(crate) conn: hearth::servers::conn::Conn,
     pub(crate) key: String,
     pub(crate) start: u64,
 }

@@ -33,8 +33,16 @@ pub struct Config {
     /// Longest a reading waits at the ingest for the readings of its sensor before it (a `seq`
     /// gap) when ingest slots are shared; past it, it is appended anyway (a lost reading).
     pub ingest_order_wait_ms: u64,
-    /// Redis server holding the streams, leases, counters and the latest-value cache.
+    /// Redis server holding the streams, leases, counters and the latest-value cache; a Redis
+    /// Cluster as `redis+cluster://host:port,host:port…` (seed nodes).
     pub redis_url: String,
+    /// Replicas that must hold an append before the intake acknowledges it (Redis `WAIT`): with
+    /// 1 or more, a master's failover loses nothing acknowledged; 0 (the default) acknowledges on
+    /// the master's answer.
+    pub redis_wait_replicas: u32,
+    /// Longest the intake waits for those replicas; past it the append counts as failed and the
+    /// message is taken again (its copy is not stored twice).
+    pub redis_wait_timeout_ms: u64,
     /// Prefix of every Redis key hearth writes, so that several installations (or tests) can share
     /// one Redis.
     pub redis_prefix: String,
@@ -199,6 +207,8 @@ impl Default for Config {
             sources: String::new(),
             default_house: "home".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 1_000,
             redis_prefix: "hearth".into(),
             database_url: "postgres://postgres@127.0.0.1:5432/hearth".into(),
             shards: 8,

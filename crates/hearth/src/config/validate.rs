@@ -102,6 +102,7 @@ impl Config {
             ("mqtt_max_queued_bytes", self.mqtt_max_queued_bytes as u64),
             ("http_max_connections", self.http_max_connections as u64),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
+            ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
         ] {
             if value == 0 {
                 return bad(format!("{key} must be >= 1"));
@@ -124,6 +125,7 @@ impl Config {
                 self.http_header_timeout_ms,
                 3_600_000,
             ),
+            ("redis_wait_timeout_ms", self.redis_wait_timeout_ms, 60_000),
             (
                 "max_future_skew_secs",
                 self.max_future_skew_secs,
@@ -175,7 +177,11 @@ impl Config {
             .map(|u| ("mqtt_url", u, &["mqtt", "tcp"][..]))
             .collect();
         for (key, url, schemes) in mqtt.into_iter().chain([
-            ("redis_url", &self.redis_url, &["redis"][..]),
+            (
+                "redis_url",
+                &self.redis_url,
+                &["redis", "redis+cluster"][..],
+            ),
             (
                 "database_url",
                 &self.database_url,

@@ -8,15 +8,15 @@
 //! script, so a redelivered, stale or future-stamped event never pins or moves the cache
 //! backwards, whichever worker writes it and in whatever order.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-
-use redis::aio::ConnectionManager;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::event::{Event, ORDER_KEY_LEN};
 use crate::seam::{Fut, LatestCache};
-use crate::servers::keys::Keys;
+use crate::servers::conn::Conn;
+use crate::servers::keys::{Group, Keys};
 use crate::servers::queue::QueueError;
+use crate::servers::txn::Txn;
 
 /// For each reading: KEYS[i] the sensor's hash, ARGV in groups of 5: kind, order key, the
 /// house's sensor-set key, sensor id, value. A stored value starts with its order key, so the
@@ -45,18 +45,18 @@ pub fn cached_json(raw: &str) -> Option<&str> {
 
 #[derive(Clone)]
 pub struct Cache {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
 }
 
 impl Cache {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: Conn, keys: Keys) -> Self {
         Cache { conn, keys }
     }
 
-    /// Add to `pipe` the offer of these events as latest values (only the newest of each
-    /// (sensor, kind) is sent).
-    pub fn add_update(&self, pipe: &mut redis::Pipeline, events: &[&Event]) {
+    /// Add to `txn` the offer of these events as latest values (only the newest of each
+    /// (sensor, kind) is sent): one script for all on one server, one per house on a cluster.
+    pub fn add_update(&self, txn: &mut Txn, events: &[&Event]) {
         let mut newest: HashMap<(&str, &str, &str), (&Event, String)> = HashMap::new();
         for e in events {
             let key = e.order_key();
@@ -70,22 +70,27 @@ impl Cache {
                 Entry::Occupied(_) => {}
             }
         }
-        if newest.is_empty() {
-            return;
+        let mut by_group: BTreeMap<Group, Vec<&(&Event, String)>> = BTreeMap::new();
+        for value in newest.values() {
+            let group = self.keys.group(Group::House(value.0.house_id.clone()));
+            by_group.entry(group).or_default().push(value);
         }
-        pipe.cmd("EVAL").arg(UPDATE_LATEST).arg(newest.len());
-        for (e, _) in newest.values() {
-            pipe.arg(self.keys.latest(&e.house_id, &e.sensor_id));
+        for (group, values) in by_group {
+            let pipe = txn.on(group);
+            pipe.cmd("EVAL").arg(UPDATE_LATEST).arg(values.len());
+            for (e, _) in &values {
+                pipe.arg(self.keys.latest(&e.house_id, &e.sensor_id));
+            }
+            for (e, order) in &values {
+                let json = crate::seam::latest_json(e);
+                pipe.arg(&e.kind)
+                    .arg(order)
+                    .arg(self.keys.house_sensors(&e.house_id))
+                    .arg(&e.sensor_id)
+                    .arg(format!("{order}{json}"));
+            }
+            pipe.ignore();
         }
-        for (e, order) in newest.values() {
-            let json = crate::seam::latest_json(e);
-            pipe.arg(&e.kind)
-                .arg(order)
-                .arg(self.keys.house_sensors(&e.house_id))
-                .arg(&e.sensor_id)
-                .arg(format!("{order}{json}"));
-        }
-        pipe.ignore();
     }
 
     /// The cached latest values of some sensors of a house (kind → JSON each), in one round
@@ -120,6 +125,9 @@ impl Cache {
     /// the house named in it, through the same compare-and-set. Idempotent: several processes
     /// may run it at once. Returns the old keys moved.
     pub async fn migrate_unscoped(&self) -> Result<u64, QueueError> {
+        if self.keys.is_cluster() {
+            return Ok(0); // no version before this one ran on a cluster
+        }
         let mut conn = self.conn.clone();
         let pattern = format!("{}*", self.keys.latest_prefix());
         let mut cursor: u64 = 0;
@@ -150,11 +158,10 @@ impl Cache {
                     .filter_map(|(kind, v)| unscoped_event(sensor, kind, cached_json(v)?))
                     .collect();
                 let refs: Vec<&Event> = events.iter().collect();
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                self.add_update(&mut pipe, &refs);
-                pipe.cmd("DEL").arg(&key).ignore();
-                pipe.exec_async(&mut conn).await?;
+                let mut txn = Txn::new(&self.keys);
+                self.add_update(&mut txn, &refs);
+                txn.on(Group::Global).cmd("DEL").arg(&key).ignore();
+                txn.exec(&self.conn).await?;
                 moved += 1;
             }
             if next == 0 {
@@ -195,9 +202,9 @@ pub struct RedisCache {
 impl LatestCache for RedisCache {
     fn offer<'a>(&'a self, events: &'a [&'a Event]) -> Fut<'a, ()> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            self.cache.add_update(&mut pipe, events);
-            Ok(self.queue.exec(&pipe).await?)
+            let mut txn = Txn::pipelined(&self.cache.keys);
+            self.cache.add_update(&mut txn, events);
+            Ok(txn.exec(&self.queue.conn).await.map_err(QueueError::from)?)
         })
     }
 

@@ -1,8 +1,10 @@
 //! The dead letters on Redis (`P:dead`): written (beside an append or an acknowledgement),
 //! held to their retention, listed, replayed through the normal path, purged.
 
+use super::keys::Group;
 use super::queue::{Queue, QueueError, xadd_letter};
 use super::stream::RawEntry;
+use super::txn::Txn;
 use crate::codec::Codecs;
 use crate::dead_letter::DeadLetter;
 use crate::dlq::{Filter, Letter, Replayed, decode_again};
@@ -125,15 +127,16 @@ impl Queue {
         queue.ensure_route().await?;
         for letter in queue.dead_letters(filter).await? {
             let received_us = crate::event::now_us();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+            // On a cluster the letter's removal comes after its events' lanes.
+            let mut txn = Txn::new(&queue.keys);
             match letter.source.as_str() {
                 "notifier" => {
                     let Some(alert) = letter.notification() else {
                         report.skipped += 1;
                         continue;
                     };
-                    pipe.cmd("XADD")
+                    txn.on(Group::Global)
+                        .cmd("XADD")
                         .arg(queue.keys.notify())
                         .arg("*")
                         .arg("a")
@@ -148,16 +151,17 @@ impl Queue {
                     }
                     let event_refs: Vec<&Event> = events.iter().collect();
                     let dead_refs: Vec<&DeadLetter> = dead.iter().collect();
-                    queue.add_append(&mut pipe, &event_refs, &dead_refs)?;
+                    queue.add_append(&mut txn, &event_refs, &dead_refs)?;
                     report.events += events.len() as u64;
                     report.rejected_again += u64::from(!dead.is_empty());
                 }
             }
-            pipe.cmd("XDEL")
+            txn.on(Group::Global)
+                .cmd("XDEL")
                 .arg(queue.keys.dead())
                 .arg(&letter.id)
                 .ignore();
-            queue.exec(&pipe).await?;
+            txn.exec(&queue.conn).await?;
             report.letters += 1;
         }
         Ok(report)

@@ -106,11 +106,25 @@ impl FanOut for RedisFanOut {
     }
 }
 
+/// Subscribe on the server, or on the first cluster node that answers (a cluster delivers every
+/// message published on any node to the subscribers of every node).
 async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSub, QueueError> {
-    let client = redis::Client::open(url)?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub)
+    let mut last = None;
+    for node in super::conn::nodes(url) {
+        let attempt = async {
+            let client = redis::Client::open(node.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match attempt.await {
+            Ok(pubsub) => return Ok(pubsub),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(QueueError::from)
+        .unwrap_or(QueueError::Reply("no redis node")))
 }
 
 /// Forward `P:push` to `tx` until the receiver is dropped, resubscribing after a failure.

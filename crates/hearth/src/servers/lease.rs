@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
+
+use super::conn::Conn;
 
 use super::keys::Keys;
 use super::queue::QueueError;
@@ -46,7 +48,7 @@ impl Leased for Lane {
 
 #[derive(Clone)]
 pub struct Leases {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     ttl: Duration,
     pool: String,
@@ -54,13 +56,7 @@ pub struct Leases {
 }
 
 impl Leases {
-    pub fn new(
-        conn: ConnectionManager,
-        keys: Keys,
-        ttl: Duration,
-        pool: &str,
-        owner: &str,
-    ) -> Self {
+    pub fn new(conn: Conn, keys: Keys, ttl: Duration, pool: &str, owner: &str) -> Self {
         Leases {
             conn,
             keys,

@@ -14,6 +14,7 @@
 pub mod alerts;
 pub mod cache;
 pub mod circuits;
+pub mod conn;
 pub mod dead_letters;
 pub mod discovery;
 pub mod fanout;
@@ -32,6 +33,7 @@ pub mod slots;
 pub mod status;
 pub mod store;
 pub mod stream;
+pub mod txn;
 
 use std::sync::Arc;
 use std::time::Duration;

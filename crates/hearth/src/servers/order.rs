@@ -18,9 +18,9 @@
 
 use std::collections::BTreeMap;
 
-use redis::aio::ConnectionManager;
-
-use super::keys::Keys;
+use super::conn::Conn;
+use super::keys::{Group, Keys};
+use super::txn::Txn;
 use crate::event::Event;
 use crate::lane::Lane;
 use crate::seam::Head;
@@ -32,20 +32,20 @@ pub const FIRST_WAIT_MS: u64 = 500;
 /// Days a sensor's last `seq` is kept after its last append.
 const KEPT_SECS: u64 = 7 * 24 * 3600;
 
-/// KEYS: the order hashes. ARGV: first-wait ms, cap, then per message: key index (1-based),
+/// KEYS[1]: a lane's order hash. ARGV: first-wait ms, cap, then per message of its sensors:
 /// field, first, last, waited ms, forced (1/0). Returns 1 (may be appended) or 0 per message,
 /// reading them in order as if each admitted one were appended.
 const ADMIT: &str = r#"
 local first_wait, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local key = KEYS[1]
 local seen, out = {}, {}
-for i = 3, #ARGV, 6 do
-  local key = KEYS[tonumber(ARGV[i])]
-  local id = key .. '\n' .. ARGV[i + 1]
-  local first, last = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local waited, forced = tonumber(ARGV[i + 4]), ARGV[i + 5] == '1'
+for i = 3, #ARGV, 5 do
+  local id = ARGV[i]
+  local first, last = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local waited, forced = tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
   local cur = seen[id]
   if cur == nil then
-    cur = tonumber(redis.call('HGET', key, ARGV[i + 1]) or '-1')
+    cur = tonumber(redis.call('HGET', key, id) or '-1')
   end
   local ok
   if forced then
@@ -108,10 +108,9 @@ impl Order<'_> {
             .max(1)
     }
 
-    /// The order hash of a sensor: its routine lane's, whatever the kind.
-    fn key(&self, house_id: &str, sensor_id: &str) -> String {
-        self.keys
-            .order(Lane::of(house_id, sensor_id, "", self.shards))
+    /// The routine lane whose hash holds a sensor's order, whatever the kind.
+    fn lane(&self, house_id: &str, sensor_id: &str) -> Lane {
+        Lane::of(house_id, sensor_id, "", self.shards)
     }
 }
 
@@ -119,61 +118,70 @@ fn field(house_id: &str, sensor_id: &str) -> String {
     format!("{house_id}/{sensor_id}")
 }
 
-/// Which of `heads` may be appended now, in order.
+/// Which of `heads` may be appended now, in order: one script per lane (its hash), in one
+/// round trip.
 pub async fn admit(
     order: Order<'_>,
-    conn: &ConnectionManager,
+    conn: &Conn,
     heads: &[Head],
 ) -> Result<Vec<bool>, redis::RedisError> {
     if heads.is_empty() {
         return Ok(Vec::new());
     }
-    let mut keys: Vec<String> = Vec::new();
-    let mut cmd = redis::cmd("EVAL");
-    let mut args: Vec<String> = vec![FIRST_WAIT_MS.to_string(), order.cap.to_string()];
-    for h in heads {
-        let key = order.key(&h.house_id, &h.sensor_id);
-        let index = match keys.iter().position(|k| *k == key) {
-            Some(i) => i + 1,
-            None => {
-                keys.push(key);
-                keys.len()
-            }
-        };
-        args.extend([
-            index.to_string(),
-            field(&h.house_id, &h.sensor_id),
-            h.first.to_string(),
-            h.last.to_string(),
-            h.waited_ms.min(i64::MAX as u64).to_string(),
-            if h.waited_ms == u64::MAX { "1" } else { "0" }.to_string(),
-        ]);
+    let mut by_lane: BTreeMap<Lane, Vec<usize>> = BTreeMap::new();
+    for (i, h) in heads.iter().enumerate() {
+        by_lane
+            .entry(order.lane(&h.house_id, &h.sensor_id))
+            .or_default()
+            .push(i);
     }
-    cmd.arg(ADMIT).arg(keys.len()).arg(&keys).arg(&args);
+    let mut pipe = redis::pipe();
+    for (lane, indexes) in &by_lane {
+        let cmd = pipe
+            .cmd("EVAL")
+            .arg(ADMIT)
+            .arg(1)
+            .arg(order.keys.order(*lane))
+            .arg(FIRST_WAIT_MS)
+            .arg(order.cap);
+        for h in indexes.iter().map(|&i| &heads[i]) {
+            cmd.arg(field(&h.house_id, &h.sensor_id))
+                .arg(h.first)
+                .arg(h.last)
+                .arg(h.waited_ms.min(i64::MAX as u64))
+                .arg(if h.waited_ms == u64::MAX { "1" } else { "0" });
+        }
+    }
     let mut conn = conn.clone();
-    let out: Vec<i64> = cmd.query_async(&mut conn).await?;
-    Ok(out.into_iter().map(|v| v == 1).collect())
+    let replies: Vec<Vec<i64>> = pipe.query_async(&mut conn).await?;
+    let mut out = vec![false; heads.len()];
+    for ((_, indexes), reply) in by_lane.iter().zip(replies) {
+        for (&i, v) in indexes.iter().zip(reply) {
+            out[i] = v == 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Add to an append's transaction the advance of each sensor's last `seq` to its highest in
-/// `events`.
-pub fn add_advance(order: Order<'_>, pipe: &mut redis::Pipeline, events: &[&Event]) {
-    let mut by_key: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+/// `events` (in the part of the sensor's routine lane).
+pub fn add_advance(order: Order<'_>, txn: &mut Txn, events: &[&Event]) {
+    let mut by_lane: BTreeMap<Lane, BTreeMap<String, i64>> = BTreeMap::new();
     for e in events {
         let Some(seq) = e.seq else { continue };
-        let key = order.key(&e.house_id, &e.sensor_id);
-        let top = by_key
-            .entry(key)
+        let top = by_lane
+            .entry(order.lane(&e.house_id, &e.sensor_id))
             .or_default()
             .entry(field(&e.house_id, &e.sensor_id))
             .or_insert(seq);
         *top = (*top).max(seq);
     }
-    for (key, fields) in by_key {
+    for (lane, fields) in by_lane {
+        let pipe = txn.on(Group::Lane(lane));
         pipe.cmd("EVAL")
             .arg(ADVANCE)
             .arg(1)
-            .arg(key)
+            .arg(order.keys.order(lane))
             .arg(KEPT_SECS)
             .arg(order.cap);
         for (f, seq) in fields {

@@ -28,11 +28,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
 
-use super::keys::Keys;
+use super::conn::{self, Conn};
+use super::keys::{Group, Keys};
 use super::order::{self, Order};
+use super::txn::{NotReplicated, Replicas, Txn, Unwritten};
 use crate::codec::Codecs;
 use crate::dead_letter::{DeadLetter, Retention};
 use crate::dlq::{Filter, Letter, Replayed};
@@ -64,6 +65,17 @@ pub enum QueueError {
         "{queued} routine events are queued as an earlier hearth version spread them over the lanes (by sensor id alone); appends wait until the workers have stored them (stop the earlier version's ingest processes)"
     )]
     Rerouting { queued: u64 },
+    #[error("redis: {0}")]
+    NotReplicated(#[from] NotReplicated),
+}
+
+impl From<Unwritten> for QueueError {
+    fn from(e: Unwritten) -> Self {
+        match e {
+            Unwritten::Redis(e) => QueueError::Redis(e),
+            Unwritten::NotReplicated(e) => QueueError::NotReplicated(e),
+        }
+    }
 }
 
 impl QueueError {
@@ -78,38 +90,15 @@ impl QueueError {
 /// field) hashed the sensor id alone; version 2 hashes (house, sensor).
 pub const ROUTE: &str = "house-sensor";
 
-/// A client whose connections send at once: redis-rs leaves Nagle's algorithm on, and a
-/// pipelined request then waits for the server's delayed ACK (40 ms on Linux), which measured
-/// as most of the receive → stored latency.
-fn client(url: &str) -> Result<redis::Client, QueueError> {
-    use redis::IntoConnectionInfo;
-    let info = url
-        .into_connection_info()?
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    Ok(redis::Client::open(info)?)
-}
-
 /// Connect with timeouts fit for hearth: a reply may take up to `response` (blocking reads ask
 /// for more than the default half second).
-pub async fn connect(url: &str, response: Duration) -> Result<MultiplexedConnection, QueueError> {
-    let client = client(url)?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(3)))
-        .set_response_timeout(Some(response));
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?)
+pub async fn connect(url: &str, response: Duration) -> Result<Conn, QueueError> {
+    Ok(conn::connect(url, response).await?)
 }
 
-/// A self-healing connection for everything but blocking reads: after Redis went away, the call
-/// that noticed fails (the caller retries) and the manager reconnects in the background.
-pub fn manager(url: &str) -> Result<ConnectionManager, QueueError> {
-    let client = client(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(3)))
-        .set_response_timeout(Some(REPLY_TIMEOUT))
-        .set_max_delay(Duration::from_secs(2));
-    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+/// A self-healing connection for everything but blocking reads ([`conn::manager`]).
+pub fn manager(url: &str) -> Result<Conn, QueueError> {
+    Ok(conn::manager(url, REPLY_TIMEOUT)?)
 }
 
 /// Default reply timeout of non-blocking commands. Generous: a timeout makes the caller retry,
@@ -119,7 +108,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The queue operations shared by ingest, workers and `hearth status`.
 #[derive(Clone)]
 pub struct Queue {
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     pub keys: Keys,
     pub shards: u16,
     /// Stream keys of every lane, critical first: built once, used for every event.
@@ -131,12 +120,18 @@ pub struct Queue {
     /// With ingest slots shared, appends keep each sensor's last `seq` ([`super::order`]), for
     /// at most this many sensors per lane.
     pub sequenced: Option<u64>,
+    /// Replicas an append must reach before the intake acknowledges it (`redis_wait_replicas`).
+    pub replicas: Option<Replicas>,
 }
 
 impl Queue {
     /// A queue handle; it connects on first use and reconnects by itself.
     pub fn open(url: &str, prefix: &str, shards: u16) -> Result<Queue, QueueError> {
-        Ok(Queue::open_with(manager(url)?, &Keys::new(prefix), shards))
+        Ok(Queue::open_with(
+            manager(url)?,
+            &Keys::for_url(prefix, url),
+            shards,
+        ))
     }
 
     /// The configured installation's queue (its URL, prefix, shards and retention).
@@ -144,10 +139,14 @@ impl Queue {
         let mut queue = Queue::open(&config.redis_url, &config.redis_prefix, config.shards)?;
         queue.retention = Retention::from_config(config);
         queue.sequenced = (config.ingest_slots > 1).then(|| Order::cap(config));
+        queue.replicas = (config.redis_wait_replicas > 0).then(|| Replicas {
+            count: config.redis_wait_replicas,
+            timeout: Duration::from_millis(config.redis_wait_timeout_ms),
+        });
         Ok(queue)
     }
 
-    fn open_with(conn: ConnectionManager, keys: &Keys, shards: u16) -> Queue {
+    fn open_with(conn: Conn, keys: &Keys, shards: u16) -> Queue {
         let streams = std::iter::once(Lane::Critical)
             .chain(Lane::routine(shards))
             .map(|l| keys.stream(l))
@@ -160,6 +159,7 @@ impl Queue {
             routed: Default::default(),
             retention: Retention::default(),
             sequenced: None,
+            replicas: None,
         }
     }
 
@@ -268,26 +268,24 @@ impl Queue {
     }
 
     /// Append events to their lanes (one entry per lane, events in order) and rejections to the
-    /// dead-letter stream, in one transaction. Returns once Redis has answered for all of them:
-    /// only then may the caller PUBACK.
+    /// dead-letter stream, in one transaction (one per lane on a cluster). Returns once Redis has
+    /// answered for all of them, and `redis_wait_replicas` replicas hold them: only then may the
+    /// caller PUBACK.
     pub async fn append(&self, events: &[&Event], dead: &[&DeadLetter]) -> Result<(), QueueError> {
         if events.is_empty() && dead.is_empty() {
             return Ok(());
         }
         self.ensure_route().await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        self.add_append(&mut pipe, events, dead)?;
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await?;
-        Ok(())
+        let mut txn = Txn::new(&self.keys);
+        self.add_append(&mut txn, events, dead)?;
+        Ok(txn.exec_replicated(&self.conn, self.replicas).await?)
     }
 
-    /// Add to `pipe` what [`Queue::append`] sends: the lanes' entries, their counters, the dead
+    /// Add to `txn` what [`Queue::append`] sends: the lanes' entries, their counters, the dead
     /// letters and theirs.
     pub fn add_append(
         &self,
-        pipe: &mut redis::Pipeline,
+        txn: &mut Txn,
         events: &[&Event],
         dead: &[&DeadLetter],
     ) -> Result<(), QueueError> {
@@ -295,6 +293,7 @@ impl Queue {
         let stats = self.keys.stats();
         for (lane, list) in &by_lane {
             let body = serde_json::to_vec(list).map_err(|_| QueueError::Reply("encode"))?;
+            let pipe = txn.on(Group::Lane(*lane));
             pipe.cmd("XADD")
                 .arg(self.stream(*lane))
                 .arg("*")
@@ -304,32 +303,34 @@ impl Queue {
                 .arg(body)
                 .ignore();
             pipe.cmd("HINCRBY")
-                .arg(&stats)
+                .arg(self.keys.stats_of(*lane))
                 .arg(stat::appended(*lane))
                 .arg(list.len())
                 .ignore();
         }
         if let Some(cap) = self.sequenced {
-            order::add_advance(Order::of(&self.keys, self.shards, cap), pipe, events);
+            order::add_advance(Order::of(&self.keys, self.shards, cap), txn, events);
         }
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let pipe = txn.on(Group::Global);
         let dead_key = self.keys.dead();
         for d in dead {
             xadd_letter(pipe, &dead_key, d);
         }
         self.add_dead_cap(pipe, dead.len());
-        if !dead.is_empty() {
+        pipe.cmd("HINCRBY")
+            .arg(&stats)
+            .arg(stat::REJECTED)
+            .arg(dead.len())
+            .ignore();
+        for d in dead {
             pipe.cmd("HINCRBY")
                 .arg(&stats)
-                .arg(stat::REJECTED)
-                .arg(dead.len())
+                .arg(format!("rejected:{}", d.reason))
+                .arg(1)
                 .ignore();
-            for d in dead {
-                pipe.cmd("HINCRBY")
-                    .arg(&stats)
-                    .arg(format!("rejected:{}", d.reason))
-                    .arg(1)
-                    .ignore();
-            }
         }
         Ok(())
     }
@@ -337,19 +338,20 @@ impl Queue {
     /// Events queued per lane: appended and not yet acknowledged.
     pub async fn depths(&self) -> Result<Vec<(Lane, u64)>, QueueError> {
         let lanes = self.lanes();
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.keys.stats());
+        let mut pipe = redis::pipe();
         for lane in &lanes {
-            cmd.arg(stat::appended(*lane)).arg(stat::finished(*lane));
+            pipe.cmd("HMGET")
+                .arg(self.keys.stats_of(*lane))
+                .arg(stat::appended(*lane))
+                .arg(stat::finished(*lane));
         }
         let mut conn = self.conn.clone();
-        let counts: Vec<Option<u64>> = cmd.query_async(&mut conn).await?;
+        let counts: Vec<(Option<u64>, Option<u64>)> = pipe.query_async(&mut conn).await?;
         Ok(lanes
             .into_iter()
-            .zip(counts.chunks(2))
-            .map(|(lane, c)| {
-                let (appended, finished) =
-                    (c[0].unwrap_or(0), c.get(1).copied().flatten().unwrap_or(0));
+            .zip(counts)
+            .map(|(lane, (appended, finished))| {
+                let (appended, finished) = (appended.unwrap_or(0), finished.unwrap_or(0));
                 (lane, appended.saturating_sub(finished))
             })
             .collect())

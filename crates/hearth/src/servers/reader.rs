@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-
+use super::conn::Conn;
+use super::keys::Group;
 use super::queue::{Queue, QueueError};
 use super::stream::{Done, StreamEntry};
+use super::txn::Txn;
 use crate::dead_letter::DeadLetter;
 use crate::lane::Lane;
 use crate::seam::{Delivery, Fut, Reader, Unreadable, Written};
@@ -20,7 +21,7 @@ pub struct RedisReader {
     redis_url: String,
     consumer: String,
     /// The connection blocking reads tie up (a reader's own); reopened after an error.
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     /// Lanes whose pending entries are being taken, and from which cursor.
     recovering: BTreeMap<Lane, String>,
     /// Lanes this reader has read.
@@ -222,13 +223,15 @@ impl Reader for RedisReader {
                 });
             }
             let acks: Vec<(Lane, Vec<Done>)> = by_lane.into_iter().collect();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+            // Dead letters first: on a cluster, where they are a transaction of their own, a
+            // crash between the two leaves them written and the entries pending (delivered
+            // again), never the entries acknowledged and their letters lost.
+            let mut txn = Txn::new(&self.queue.keys);
             self.queue
-                .add_dead(&mut pipe, dead, written.capped.len() as u64);
+                .add_dead(txn.on(Group::Global), dead, written.capped.len() as u64);
             self.queue
-                .add_ack(&mut pipe, &acks, written.stored, written.duplicates);
-            Ok(self.queue.exec(&pipe).await?)
+                .add_ack(&mut txn, &acks, written.stored, written.duplicates);
+            Ok(txn.exec(&self.queue.conn).await.map_err(QueueError::from)?)
         })
     }
 

@@ -23,7 +23,10 @@ impl Queue {
             pipe.cmd("XINFO").arg("CONSUMERS").arg(key).arg(GROUP);
         }
         pipe.cmd("XLEN").arg(queue.keys.dead());
-        pipe.cmd("HGETALL").arg(queue.keys.stats());
+        let counters = queue.keys.all_stats(&lanes);
+        for key in &counters {
+            pipe.cmd("HGETALL").arg(key);
+        }
         let now = crate::event::now_us() / 1000;
         for pool in ["routine", "critical"] {
             pipe.cmd("ZCOUNT")
@@ -43,17 +46,24 @@ impl Queue {
             raw_lanes.push((*lane, owner, entries, groups, consumers));
         }
         let dead_letters = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);
-        let stats: HashMap<String, u64> = match it.next() {
-            Some(Value::Array(kv)) => kv
-                .chunks(2)
-                .filter_map(|p| Some((queue::as_string(&p[0])?, queue::as_u64(p.get(1)?)?)))
-                .collect(),
-            Some(Value::Map(kv)) => kv
-                .iter()
-                .filter_map(|(k, v)| Some((queue::as_string(k)?, queue::as_u64(v)?)))
-                .collect(),
-            _ => HashMap::new(),
-        };
+        // On a cluster, counters are kept per lane as well: added up.
+        let mut stats: HashMap<String, u64> = HashMap::new();
+        for _ in &counters {
+            let pairs: Vec<(String, u64)> = match it.next() {
+                Some(Value::Array(kv)) => kv
+                    .chunks(2)
+                    .filter_map(|p| Some((queue::as_string(&p[0])?, queue::as_u64(p.get(1)?)?)))
+                    .collect(),
+                Some(Value::Map(kv)) => kv
+                    .iter()
+                    .filter_map(|(k, v)| Some((queue::as_string(k)?, queue::as_u64(v)?)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for (k, v) in pairs {
+                *stats.entry(k).or_default() += v;
+            }
+        }
         let mut consumers_alive = HashMap::new();
         for pool in ["routine", "critical"] {
             let n = it.next().as_ref().and_then(queue::as_u64).unwrap_or(0);

@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 
+use super::conn::Conn;
+use super::keys::Group;
 use super::queue::{GROUP, Queue, QueueError, as_string, as_u64, xadd_letter};
+use super::txn::Txn;
 use crate::dead_letter::DeadLetter;
 use crate::event::Event;
 use crate::lane::Lane;
@@ -38,53 +40,61 @@ pub struct Done {
     pub events: u64,
 }
 
+/// On a cluster, how long a read waits on one lane before it looks at the others again.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(10);
+
 /// What one read returned, per lane.
 pub type Batch = Vec<(Lane, Vec<StreamEntry>)>;
 
 impl Queue {
     /// Add to `pipe` the acknowledgement of finished entries (each stream then trimmed below its
     /// oldest unacknowledged entry) and the count of what was stored.
-    pub fn add_ack(
-        &self,
-        pipe: &mut redis::Pipeline,
-        acks: &[(Lane, Vec<Done>)],
-        stored: u64,
-        duplicates: u64,
-    ) {
+    ///
+    /// On a cluster each lane is a transaction of its own; the counts of what was stored go with
+    /// the first lane's.
+    pub fn add_ack(&self, txn: &mut Txn, acks: &[(Lane, Vec<Done>)], stored: u64, duplicates: u64) {
+        let mut first = None;
         for (lane, done) in acks.iter().filter(|(_, d)| !d.is_empty()) {
-            self.ack_and_trim(pipe, *lane, done);
+            first.get_or_insert(*lane);
+            self.ack_and_trim(txn.on(Group::Lane(*lane)), *lane, done);
         }
-        let stats = self.keys.stats();
+        let (group, stats) = match first {
+            Some(lane) => (Group::Lane(lane), self.keys.stats_of(lane)),
+            None => (Group::Global, self.keys.stats()),
+        };
         for (field, n) in [(stat::STORED, stored), (stat::DUPLICATES, duplicates)] {
             if n > 0 {
-                pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(n).ignore();
+                txn.on(group.clone())
+                    .cmd("HINCRBY")
+                    .arg(&stats)
+                    .arg(field)
+                    .arg(n)
+                    .ignore();
             }
         }
     }
 
     /// Dead-letter `letters` (a whole unreadable entry, or the events of an entry the store
-    /// refused) and acknowledge the entry, atomically.
+    /// refused) and acknowledge the entry, atomically (on a cluster: the letters first).
     pub async fn dead_letter(
         &self,
         lane: Lane,
         entry: &Done,
         letters: &[DeadLetter],
     ) -> Result<(), QueueError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut txn = Txn::new(&self.keys);
+        let pipe = txn.on(Group::Global);
         let dead = self.keys.dead();
         for letter in letters {
-            xadd_letter(&mut pipe, &dead, letter);
+            xadd_letter(pipe, &dead, letter);
         }
-        self.ack_and_trim(&mut pipe, lane, std::slice::from_ref(entry));
         pipe.cmd("HINCRBY")
             .arg(self.keys.stats())
             .arg(stat::DEAD_LETTERED)
             .arg(letters.len())
             .ignore();
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await?;
-        Ok(())
+        self.ack_and_trim(txn.on(Group::Lane(lane)), lane, std::slice::from_ref(entry));
+        Ok(txn.exec(&self.conn).await?)
     }
 
     fn ack_and_trim(&self, pipe: &mut redis::Pipeline, lane: Lane, done: &[Done]) {
@@ -92,7 +102,7 @@ impl Queue {
             .arg(ACK_AND_TRIM)
             .arg(2)
             .arg(self.stream(lane))
-            .arg(self.keys.stats())
+            .arg(self.keys.stats_of(lane))
             .arg(GROUP)
             .arg(stat::finished(lane));
         for d in done {
@@ -123,14 +133,57 @@ impl Queue {
 
     /// Read new entries of `lanes` for `consumer`, waiting up to `block` for some. Uses the given
     /// connection, which a blocking read ties up.
+    ///
+    /// On a cluster one read may name only one slot's streams: the lanes are read each on its
+    /// own, at once, without waiting; when none had anything, the first lane (the critical one,
+    /// when held) is waited on for at most [`CLUSTER_POLL`], so that the others are looked at
+    /// again that often.
     pub async fn read_new(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         consumer: &str,
         lanes: &[Lane],
         count: usize,
         block: Duration,
     ) -> Result<Batch, QueueError> {
+        if !self.keys.is_cluster() || lanes.len() < 2 {
+            let reply: Value = self
+                .xreadgroup(consumer, lanes, count, block)
+                .query_async(conn)
+                .await?;
+            return self.parse_read(reply, lanes);
+        }
+        let mut pipe = redis::pipe();
+        for lane in lanes {
+            pipe.add_command(self.xreadgroup(
+                consumer,
+                std::slice::from_ref(lane),
+                count,
+                Duration::ZERO,
+            ));
+        }
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let mut batch = Batch::new();
+        for reply in replies {
+            batch.extend(self.parse_read(reply, lanes)?);
+        }
+        if !batch.is_empty() || block.is_zero() {
+            return Ok(batch);
+        }
+        let reply: Value = self
+            .xreadgroup(consumer, &lanes[..1], count, block.min(CLUSTER_POLL))
+            .query_async(conn)
+            .await?;
+        self.parse_read(reply, lanes)
+    }
+
+    fn xreadgroup(
+        &self,
+        consumer: &str,
+        lanes: &[Lane],
+        count: usize,
+        block: Duration,
+    ) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
@@ -148,7 +201,11 @@ impl Queue {
         for _ in lanes {
             cmd.arg(">");
         }
-        let reply: Value = cmd.query_async(conn).await?;
+        cmd
+    }
+
+    /// The entries of an XREADGROUP reply, by lane.
+    fn parse_read(&self, reply: Value, lanes: &[Lane]) -> Result<Batch, QueueError> {
         let mut batch = Batch::new();
         let Value::Array(streams) = reply else {
             return Ok(batch); // nil: the block timed out
@@ -175,7 +232,7 @@ impl Queue {
     /// deleted while pending are dropped from the pending list by Redis itself.
     pub async fn claim_pending(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         consumer: &str,
         lane: Lane,
         cursor: &str,
@@ -294,7 +351,7 @@ pub fn parse_raw(value: Value) -> Result<Vec<RawEntry>, QueueError> {
 
 /// XREADGROUP of one stream (new entries), for side streams such as the notifications.
 pub async fn read_group(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -327,7 +384,7 @@ pub async fn read_group(
 
 /// XAUTOCLAIM entries idle for `min_idle_ms` to `consumer`; returns the next cursor and them.
 pub async fn claim(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
