@@ -16,7 +16,7 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value,
 };
@@ -133,19 +133,60 @@ impl Conn {
         matches!(self, Conn::Cluster(_))
     }
 
-    /// Wait until `replicas` replicas of the server holding `key` have every write this
-    /// connection sent it, for at most `timeout`; returns how many have.
-    pub async fn wait(&mut self, key: &str, replicas: u32, timeout: Duration) -> RedisResult<u32> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout.as_millis() as u64);
-        match self {
+    /// Run `commands` as one transaction on the master of `key`'s slot, then `WAIT` there for
+    /// `replicas` replicas, for at most `timeout`, in one pipeline on one connection (a `WAIT`
+    /// counts only the writes of the connection it is sent on: sent apart, it could reach
+    /// another node than the write did while a failover moves the slot, and vouch for writes
+    /// it never saw). Returns how many replicas hold the transaction; an error if it did not
+    /// run (a queued command refused, `MOVED` included: the caller retries).
+    pub async fn exec_waiting(
+        &mut self,
+        key: &str,
+        commands: &Pipeline,
+        replicas: u32,
+        timeout: Duration,
+    ) -> RedisResult<u32> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI");
+        for cmd in commands.cmd_iter() {
+            pipe.add_command(cmd.clone());
+        }
+        pipe.cmd("EXEC");
+        pipe.cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis() as u64);
+        let replies: Vec<Value> = match self {
             Conn::Cluster(c) => {
                 let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let reply = c.get().await?.route_command(cmd, routing).await?;
-                Ok(u32::from_redis_value(reply)?)
+                let n = pipe.len();
+                c.get()
+                    .await?
+                    .route_pipeline(pipe, 0, n, SingleNodeRoutingInfo::SpecificNode(route))
+                    .await?
             }
-            _ => cmd.query_async(self).await,
+            _ => pipe.query_async(self).await?,
+        };
+        let mut tail = replies.into_iter().rev();
+        let (waited, executed, queued) = (tail.next(), tail.next(), tail);
+        // A command refused when queued (MOVED, CROSSSLOT…) aborts the transaction; one that
+        // failed when run leaves its error in EXEC's reply.
+        let refused = queued.chain(match &executed {
+            Some(Value::Array(results)) => results.clone(),
+            _ => Vec::new(),
+        });
+        if let Some(Value::ServerError(e)) = refused
+            .into_iter()
+            .find(|v| matches!(v, Value::ServerError(_)))
+        {
+            return Err(e.into());
+        }
+        match executed {
+            Some(Value::Array(_)) => Ok(u32::from_redis_value(waited.unwrap_or(Value::Nil))?),
+            Some(Value::ServerError(e)) => Err(e.into()),
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "transaction not executed",
+            ))),
         }
     }
 }

@@ -93,21 +93,24 @@ impl Txn {
         Ok(())
     }
 
-    /// Send every part, then wait for `replicas` to hold each of them.
+    /// Send every part, each followed by a wait for `replicas` to hold it (on the same
+    /// connection: [`Conn::exec_waiting`]).
     pub async fn exec_replicated(
         &self,
         conn: &Conn,
         replicas: Option<Replicas>,
     ) -> Result<(), Unwritten> {
-        self.exec(conn).await?;
         let Some(r) = replicas.filter(|r| r.count > 0) else {
-            return Ok(());
+            return Ok(self.exec(conn).await?);
         };
         let mut conn = conn.clone();
-        for (group, _) in &self.parts {
-            let acked = conn
-                .wait(&self.keys.key_of(group), r.count, r.timeout)
-                .await?;
+        for (group, pipe) in self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.cmd_iter().next().is_some())
+        {
+            let key = self.keys.key_of(group);
+            let acked = conn.exec_waiting(&key, pipe, r.count, r.timeout).await?;
             if acked < r.count {
                 return Err(NotReplicated {
                     acked,
