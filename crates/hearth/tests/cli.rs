@@ -87,3 +87,82 @@ fn readme_documents_every_config_key() {
         );
     }
 }
+
+/// The config file is found (`--config`, then `HEARTH_CONFIG`, then `./hearth.toml`), any key
+/// may come from a file (`{key}_file`, `HEARTH_{KEY}_FILE`), and `hearth config check|print`
+/// say what was loaded without printing a secret; a secret file too large, missing, or set
+/// beside its key is one line and exit code 2.
+#[test]
+fn config_files_secret_files_check_and_print() {
+    let env = Env::embedded("cli_config");
+    let dir = &env.scratch.0;
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write("hearth.toml", "shards = 5\n");
+    write(
+        "other.toml",
+        "shards = 6\nadmin_token_file = \"token.txt\"\n",
+    );
+    write("token.txt", "a-secret-admin-token-0123\n");
+    write("db.txt", "postgres://hearth:s3cr3t-pw@127.0.0.1:5432/x\n");
+    write("big.txt", &"x".repeat(70_000));
+    let run = |args: &[&str], vars: &[(&str, &str)]| {
+        let mut cmd = env.command(args);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run hearth");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+
+    let (code, out, err) = run(&["config", "print"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("shards = 5"), "./hearth.toml read: {out}");
+
+    let other = [("HEARTH_CONFIG", "other.toml")];
+    let (code, out, err) = run(&["config", "print"], &other);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("shards = 6"), "HEARTH_CONFIG wins: {out}");
+    assert!(out.contains("admin_token = \"********\""), "{out}");
+    assert!(!out.contains("a-secret"), "the token printed: {out}");
+    let (code, out, _) = run(&["config", "check"], &other);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("config ok") && out.contains("other.toml"),
+        "{out}"
+    );
+    let (_, out, _) = run(&["--config", "hearth.toml", "config", "print"], &other);
+    assert!(out.contains("shards = 5"), "--config wins: {out}");
+
+    let (code, out, err) = run(
+        &["config", "print"],
+        &[("HEARTH_DATABASE_URL_FILE", "db.txt")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("postgres://hearth:********@127.0.0.1:5432/x"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cr3t"), "the password printed: {out}");
+
+    for (vars, needle) in [
+        (
+            vec![
+                ("HEARTH_DATABASE_URL_FILE", "db.txt"),
+                ("HEARTH_DATABASE_URL", "postgres://x@h/d"),
+            ],
+            "both",
+        ),
+        (vec![("HEARTH_ADMIN_TOKEN_FILE", "big.txt")], "more than"),
+        (
+            vec![("HEARTH_ADMIN_TOKEN_FILE", "missing.txt")],
+            "missing.txt",
+        ),
+        (vec![("HEARTH_CONFIG", "absent.toml")], "absent.toml"),
+    ] {
+        let (code, _, err) = run(&["config", "check"], &vars);
+        assert_eq!(code, Some(2), "{vars:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{vars:?}: {err}");
+        assert!(err.contains(needle), "{vars:?}: {err}");
+    }
+}

@@ -347,13 +347,19 @@ async fn discovered_entities_are_subscribed_and_kept_on_the_servers() {
         stored(before + 1)
     })
     .await;
-    let row = pg
-        .query_one(
-            "SELECT value, unit, source_unit FROM events WHERE sensor_id = 'Oregon-1.Oregon-1-T' ORDER BY id DESC LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap();
+    // The 50 °F reading (a 71.6 °F one redelivered after the kill may be stored after it).
+    let row = eventually("50 °F stored as 10 °C", Duration::from_secs(30), || {
+        let pg = &pg;
+        async move {
+            pg.query_opt(
+                "SELECT value, unit, source_unit FROM events WHERE sensor_id = 'Oregon-1.Oregon-1-T' AND abs(value - 10.0) < 1e-9",
+                &[],
+            )
+            .await
+            .unwrap()
+        }
+    })
+    .await;
     assert!((row.get::<_, f64>(0) - 10.0).abs() < 1e-9);
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("°C"));
     assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("°F"));

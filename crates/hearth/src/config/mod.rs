@@ -1,5 +1,8 @@
-//! Configuration: one struct, filled from `hearth.toml`, then `HEARTH_*` environment variables,
-//! then `--set key=value` flags and the named flags (later layers win).
+//! Configuration: one struct, filled from a file, then `HEARTH_*` environment variables, then
+//! `--set key=value` flags and the named flags (later layers win). The file is `--config`, else
+//! `HEARTH_CONFIG`, else the first of [`SEARCH_PATH`] that exists. Any string key may be given as
+//! `{key}_file` instead (`admin_token_file`, `HEARTH_DATABASE_URL_FILE`): the value is the
+//! file's content, for secrets kept out of the environment and the config.
 //!
 //! Every layer is turned into the same TOML table before it is deserialised, so a key has one
 //! name everywhere (`shards` in the file, `HEARTH_SHARDS` in the environment, `--shards` or
@@ -195,6 +198,9 @@ pub struct Config {
     /// log is set up. Not a key.
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// The config file read, if any. Not a key.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -259,6 +265,7 @@ impl Default for Config {
             embedded: false,
             external_broker: false,
             warnings: Vec::new(),
+            file: None,
         }
     }
 }
@@ -304,20 +311,19 @@ pub fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-/// Where the file layer comes from: an explicit `--config`, else `./hearth.toml` if present.
+/// Load the configuration: the file ([`files::config_file`]), then the environment, then `overrides`.
 pub fn load(
     explicit_file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &[(String, String)],
 ) -> Result<Config, ConfigError> {
     let mut table = toml::Table::new();
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let defaults = default_table();
 
-    let file = match explicit_file {
-        Some(p) => Some(p.to_path_buf()),
-        None => Some(PathBuf::from("hearth.toml")).filter(|p| p.exists()),
-    };
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+    let file = config_file(explicit_file, &env);
+    if let Some(path) = &file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
@@ -326,6 +332,7 @@ pub fn load(
             origin: origin.clone(),
             message: one_line(&e.to_string()),
         })?;
+        let parsed = resolve_files(parsed, &defaults, &origin, |k| k.to_string())?;
         check_layer(&parsed, &origin, |k| k.to_string())?;
         table.extend(parsed);
     }
@@ -333,14 +340,21 @@ pub fn load(
     // The environment is shared with everything else in the process's world: a variable hearth
     // does not know is warned about, not fatal (Kubernetes' service links, which a Service named
     // `hearth` injects as HEARTH_PORT, HEARTH_SERVICE_HOST..., are not even warned about).
-    let defaults = default_table();
     let mut warnings = Vec::new();
     let mut env_layer = toml::Table::new();
+    let mut env_files = toml::Table::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("HEARTH_") else {
             continue;
         };
         let key = rest.to_ascii_lowercase();
+        if key == "config" {
+            continue; // the file's name, read above
+        }
+        if file_variant(&key, &defaults).is_some() {
+            env_files.insert(key, toml::Value::String(value));
+            continue;
+        }
         match defaults.get(&key) {
             Some(default) => {
                 let value = typed(default, &value).map_err(|message| ConfigError::Invalid {
@@ -355,12 +369,32 @@ pub fn load(
             )),
         }
     }
+    for (key, value) in env_files {
+        let stem = file_variant(&key, &defaults)
+            .unwrap_or_default()
+            .to_string();
+        let env_name = |k: &str| format!("HEARTH_{}", k.to_ascii_uppercase());
+        if env_layer.contains_key(&stem) {
+            return Err(ConfigError::Invalid {
+                origin: "environment".into(),
+                message: format!("both {} and {} are set", env_name(&stem), env_name(&key)),
+            });
+        }
+        let path = value.as_str().unwrap_or_default();
+        let content = read_value_file(path, "environment", &env_name(&key))?;
+        env_layer.insert(stem, toml::Value::String(content));
+    }
     table.extend(env_layer);
 
     let mut flag_layer = toml::Table::new();
     for (key, value) in overrides {
         let key = key.replace('-', "_");
         let spelled = format!("--{}", key.replace('_', "-"));
+        if let Some(stem) = file_variant(&key, &defaults) {
+            let content = read_value_file(value, "flags", &spelled)?;
+            flag_layer.insert(stem.to_string(), toml::Value::String(content));
+            continue;
+        }
         let default = defaults.get(&key).ok_or_else(|| ConfigError::Invalid {
             origin: "flags".into(),
             message: format!("unknown key {spelled}"),
@@ -385,6 +419,7 @@ pub fn load(
     config.embedded = embedded;
     config.external_broker = external_broker;
     config.warnings = warnings;
+    config.file = file;
     config.validate()?;
     Ok(config)
 }
@@ -405,7 +440,12 @@ fn is_service_link(rest: &str) -> bool {
 
 /// The keys that name a server; with none of them set, `hearth up` runs embedded with its own
 /// broker.
+mod files;
+mod mask;
 mod validate;
+
+pub use files::SEARCH_PATH;
+use files::{config_file, file_variant, read_value_file, resolve_files};
 
 pub const SERVER_URLS: &[&str] = &["mqtt_url", "redis_url", "database_url"];
 

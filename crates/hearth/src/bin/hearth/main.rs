@@ -9,14 +9,15 @@ use clap::{Parser, Subcommand};
 use hearth::config::{self, Config};
 use hearth::roles::{self, RoleError};
 use hearth::{shutdown, sim};
-use tools::{DlqAction, TokenAction, seams};
+use tools::{ConfigAction, DlqAction, TokenAction, seams};
 
 mod tools;
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "Event backbone for connected homes")]
 struct Cli {
-    /// Config file [default: ./hearth.toml when it exists].
+    /// Config file [default: $HEARTH_CONFIG, else the first of ./hearth.toml and
+    /// /etc/hearth/hearth.toml that exists].
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Set any config key, e.g. `--set batch_size=500` (repeatable; wins over file and env).
@@ -74,6 +75,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// The configuration: check it, or print it as loaded (secrets masked).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Create or upgrade the database schema.
     Migrate,
@@ -298,6 +304,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
         }
         Command::Token { action } => tools::token(action, &config).await,
         Command::Dlq { action } => tools::dlq(action, &config).await,
+        Command::Config { action } => tools::config(action, &config),
         Command::Migrate => {
             let applied = hearth::servers::schema::migrate(&config.database_url)
                 .await

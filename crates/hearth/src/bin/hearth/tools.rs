@@ -69,6 +69,42 @@ impl From<DlqFilter> for hearth::dlq::Filter {
 }
 
 #[derive(Subcommand)]
+pub enum ConfigAction {
+    /// Load and check the configuration (file, environment, flags); exit 2 with one line naming
+    /// the key if anything is wrong.
+    Check,
+    /// Print the configuration as loaded, every key, as TOML (secrets masked).
+    Print,
+}
+
+/// `hearth config check|print`: the configuration was loaded (and checked) before this runs.
+pub fn config(action: ConfigAction, config: &Config) -> Result<(), RoleError> {
+    match action {
+        ConfigAction::Check => {
+            let file = match &config.file {
+                Some(f) => f.display().to_string(),
+                None => "none (defaults, environment and flags)".into(),
+            };
+            let mode = match (config.embedded, config.external_broker) {
+                (true, false) => "embedded (broker and store in the data folder)",
+                (true, true) => "embedded store, the home's broker",
+                (false, _) => "servers",
+            };
+            println!("config ok\nfile: {file}\nmode: {mode}");
+            for warning in &config.warnings {
+                println!("warning: {warning}");
+            }
+        }
+        ConfigAction::Print => {
+            let text = toml::to_string(&config.masked())
+                .map_err(|e| RoleError::Config(format!("config print: {e}")))?;
+            print!("{text}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum TokenAction {
     /// Make a token for one house; prints the token alone on stdout (it is stored hashed and
     /// cannot be shown again; its id is on stderr).
