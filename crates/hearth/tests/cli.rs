@@ -166,3 +166,40 @@ fn config_files_secret_files_check_and_print() {
         assert!(err.contains(needle), "{vars:?}: {err}");
     }
 }
+
+/// `log_format = "json"`: every log line is one JSON object (here the warning about an unknown
+/// variable); `hearth completions bash` prints a completion script without any config.
+#[test]
+fn json_logs_and_shell_completions() {
+    let env = Env::embedded("cli_json");
+    let out = env
+        .command(&["config", "check"])
+        .env("HEARTH_LOG_FORMAT", "json")
+        .env("HEARTH_BATCH_SIZ", "4")
+        .output()
+        .expect("run hearth");
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("HEARTH_BATCH_SIZ"))),
+        "{stderr}"
+    );
+    let out = env
+        .command(&["completions", "bash"])
+        .env("HEARTH_SHARDS", "not a number")
+        .output()
+        .expect("run hearth");
+    assert_eq!(out.status.code(), Some(0));
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_hearth()") && script.contains("completions"),
+        "{script}"
+    );
+}

@@ -183,6 +183,9 @@ pub struct Config {
     pub data_dir: String,
     /// Log filter, e.g. `info` or `warn,hearth=debug`.
     pub log: String,
+    /// `text` (one line per event, for people) or `json` (one JSON object per line, for log
+    /// collectors: `timestamp`, `level`, `target`, `fields`).
+    pub log_format: String,
     /// For tests only: a fault point to crash or stall at (see `fault.rs`), e.g. `after_store`,
     /// `after_ack@3`, `pause_before_store=2000`. Empty in any real use.
     pub test_fault: String,
@@ -261,6 +264,7 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             data_dir: "./hearth-data".into(),
             log: "info".into(),
+            log_format: "text".into(),
             test_fault: String::new(),
             embedded: false,
             external_broker: false,

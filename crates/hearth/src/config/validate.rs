@@ -216,6 +216,12 @@ impl Config {
         {
             return bad(format!("log is not a valid filter: {:?}", self.log));
         }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(format!(
+                "log_format must be text or json, got {:?}",
+                self.log_format
+            ));
+        }
         if self.embedded
             && !self.external_broker
             && self.mqtt_allow_anonymous

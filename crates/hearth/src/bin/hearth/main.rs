@@ -76,6 +76,12 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// A completion script for a shell, on stdout (e.g. `hearth completions bash >
+    /// /etc/bash_completion.d/hearth`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// The configuration: check it, or print it as loaded (secrets masked).
     Config {
         #[command(subcommand)]
@@ -155,6 +161,14 @@ fn main() -> ExitCode {
     if let Command::Bench { args } = &cli.command {
         return bench(&cli, args);
     }
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "hearth", &mut script);
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return ExitCode::SUCCESS;
+    }
     let config = match load_config(&cli) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -162,7 +176,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log);
+    init_logging(&config.log, &config.log_format);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -267,19 +281,20 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     // Validated with the rest of the config.
     let targets: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_default();
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(targets)
-        .init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(targets);
+    if format == "json" {
+        registry.with(fmt.json()).init();
+    } else {
+        registry
+            .with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .init();
+    }
 }
 
 async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
@@ -317,7 +332,7 @@ async fn run(command: Command, config: Arc<Config>) -> Result<(), RoleError> {
             Ok(())
         }
         // Run by `main` before any runtime starts.
-        Command::Bench { .. } => Ok(()),
+        Command::Bench { .. } | Command::Completions { .. } => Ok(()),
         Command::Sim(args) => {
             let profile = match (&args.stages, args.profile.as_str()) {
                 (Some(spec), _) => sim::Profile::Stages(
