@@ -236,6 +236,7 @@ pub const NAMES: &[&str] = &[
     "hearth_accounting_events",
     "hearth_consumers",
     "hearth_process_role",
+    "hearth_build_info",
     "process_resident_memory_bytes",
     "process_virtual_memory_bytes",
     "process_cpu_seconds_total",

@@ -148,6 +148,17 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "The role of this process (join on instance).",
     );
     let _ = writeln!(out, "hearth_process_role{{role=\"{role}\"}} 1");
+    header(
+        &mut out,
+        "hearth_build_info",
+        "gauge",
+        "The build of this process: its version and role, as labels (the value is 1).",
+    );
+    let _ = writeln!(
+        out,
+        "hearth_build_info{{version=\"{}\",role=\"{role}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     process(&mut out);
     if let Some(status) = queue {
         queue_metrics(&mut out, status);
