@@ -136,6 +136,32 @@ fn alert_rules_pass_promtool_check_and_their_tests() {
     );
 }
 
+/// Every alert rule points to its section of the runbook, and the section exists.
+#[test]
+fn every_alert_has_a_runbook_section() {
+    let root = repo_root();
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).expect("rules");
+    let runbook = std::fs::read_to_string(root.join("docs/RUNBOOK.md")).expect("runbook");
+    let sections: Vec<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for alert in alerts {
+        let anchor = alert.to_ascii_lowercase();
+        assert!(
+            rules.contains(&format!("runbook_url: \"docs/RUNBOOK.md#{anchor}\"")),
+            "{alert} has no runbook_url"
+        );
+        assert!(sections.contains(&anchor), "no runbook section for {alert}");
+    }
+}
+
 #[test]
 fn dashboard_and_alerts_only_use_exported_metrics() {
     let root = repo_root();
