@@ -112,6 +112,21 @@ impl Node {
         }
     }
 
+    /// Until this master has exactly `n` replicas connected.
+    async fn wait_replicas(&self, n: usize) {
+        let line = format!("connected_slaves:{n}");
+        eventually(
+            &format!(":{} to have {n} replicas", self.port),
+            READY,
+            || async {
+                self.cli(&["info", "replication"])
+                    .contains(&line)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
@@ -337,13 +352,7 @@ async fn failover(test: &str, wait_replicas: u32) -> Run {
     cluster.nodes[r].signal("STOP");
     // Until the master has dropped the paused replica, what it appends could still reach the
     // replica's socket buffer (and be read when it resumes): wait for the link to go.
-    eventually("the master to drop its paused replica", READY, || async {
-        cluster.nodes[m]
-            .cli(&["info", "replication"])
-            .contains("connected_slaves:0")
-            .then_some(())
-    })
-    .await;
+    cluster.nodes[m].wait_replicas(0).await;
     let per_sensor = 30;
     let second = interleaved("h2", sensors, per_sensor);
     let second_n = second.len() as i64;
@@ -511,13 +520,7 @@ async fn one_server_waits_for_its_replica_too() {
         &env.scratch.0,
         &["--replicaof", "127.0.0.1", &primary.port.to_string()],
     );
-    eventually("the replica to sync", READY, || async {
-        primary
-            .cli(&["info", "replication"])
-            .contains("connected_slaves:1")
-            .then_some(())
-    })
-    .await;
+    primary.wait_replicas(1).await;
     env.set("mqtt_url", broker.url())
         .set("redis_url", format!("redis://127.0.0.1:{}", primary.port))
         .set("redis_wait_replicas", 1);
@@ -535,13 +538,7 @@ async fn one_server_waits_for_its_replica_too() {
     wait_rows(&pg, 100, READY).await;
 
     replica.signal("STOP");
-    eventually("the primary to drop its paused replica", READY, || async {
-        primary
-            .cli(&["info", "replication"])
-            .contains("connected_slaves:0")
-            .then_some(())
-    })
-    .await;
+    primary.wait_replicas(0).await;
     publish_all(
         broker.port,
         &format!("pub-b-{}", env.name),

@@ -337,23 +337,36 @@ impl Queue {
 
     /// Events queued per lane: appended and not yet acknowledged.
     pub async fn depths(&self) -> Result<Vec<(Lane, u64)>, QueueError> {
+        // One HMGET per hash the counters are in: one on a server, one per lane on a cluster.
         let lanes = self.lanes();
-        let mut pipe = redis::pipe();
+        let mut keys: Vec<String> = Vec::new();
         for lane in &lanes {
-            pipe.cmd("HMGET")
-                .arg(self.keys.stats_of(*lane))
-                .arg(stat::appended(*lane))
-                .arg(stat::finished(*lane));
+            let key = self.keys.stats_of(*lane);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            let cmd = pipe.cmd("HMGET").arg(key);
+            for lane in lanes.iter().filter(|l| self.keys.stats_of(**l) == *key) {
+                cmd.arg(stat::appended(*lane)).arg(stat::finished(*lane));
+            }
         }
         let mut conn = self.conn.clone();
-        let counts: Vec<(Option<u64>, Option<u64>)> = pipe.query_async(&mut conn).await?;
+        let replies: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+        let mut counts = HashMap::new();
+        for (key, reply) in keys.iter().zip(replies) {
+            let fields = lanes.iter().filter(|l| self.keys.stats_of(**l) == *key);
+            for (lane, c) in fields.zip(reply.chunks(2)) {
+                let (appended, finished) =
+                    (c[0].unwrap_or(0), c.get(1).copied().flatten().unwrap_or(0));
+                counts.insert(*lane, appended.saturating_sub(finished));
+            }
+        }
         Ok(lanes
             .into_iter()
-            .zip(counts)
-            .map(|(lane, (appended, finished))| {
-                let (appended, finished) = (appended.unwrap_or(0), finished.unwrap_or(0));
-                (lane, appended.saturating_sub(finished))
-            })
+            .map(|lane| (lane, counts.get(&lane).copied().unwrap_or(0)))
             .collect())
     }
 
