@@ -29,8 +29,8 @@
 //!
 //! Around them: [`api`] (REST, WebSocket, dashboard, metrics), [`roles`] (the processes), [`config`],
 //! [`metrics`], [`breaker`] (circuits), [`dlq`] (dead-letter tools), [`mqtt`] (the MQTT session
-//! shared by the ingest and [`sim`], the load generator). The bench is a crate of its own
-//! (`hearth-bench`); nothing here imports it.
+//! shared by the ingest and [`sim`], the load generator), [`tls`] (rustls for every link). The
+//! bench is a crate of its own (`hearth-bench`); nothing here imports it.
 //!
 //! Why this shape: every hop acknowledges upstream only after its own durable write (PUBACK
 //! after the append, the queue's acknowledgement after the store's commit), so a crash anywhere
@@ -56,6 +56,7 @@ pub mod servers;
 pub mod shutdown;
 pub mod sim;
 pub mod status;
+pub mod tls;
 
 // Private: the flow's machinery, whose door is `roles`, and the vocabulary modules, of which
 // the few names the tools and tests need are re-exported here.

@@ -6,13 +6,15 @@
 //! ingest's session ([`crate::ingest`]) and the bench's load client ([`crate::sim::wire`])
 //! are built on it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::tls::{self, ClientFiles, Verify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -26,6 +28,32 @@ pub enum MqttError {
     Refused(String),
     #[error("bad packet: {0}")]
     Protocol(String),
+    #[error("mqtt_url: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A connection's socket: plain TCP, or TLS over it.
+pub enum Socket {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl Socket {
+    fn halves(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Socket::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Socket::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
 }
 
 /// Where and who to connect as.
@@ -40,16 +68,37 @@ pub struct Endpoint {
     pub keep_alive: Duration,
     /// Largest packet accepted from the broker.
     pub max_packet: usize,
+    /// TLS (`mqtts://`): what the connection checks and presents.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Endpoint {
-    /// Parse `mqtt://[user[:password]@]host[:port]`.
+    /// Parse `mqtt://[user[:password]@]host[:port]`, or `mqtts://…[?ca=FILE&cert=FILE&key=FILE]`
+    /// for TLS (port 8883 by default; the system's roots when no `ca` is given).
     pub fn parse(url: &str, client_id: &str) -> Result<Endpoint, MqttError> {
-        let rest = url
+        let (url, files) = ClientFiles::from_url(url)?;
+        let url = url.as_str();
+        let (secure, rest) = if let Some(rest) = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
+            (true, rest)
+        } else if let Some(rest) = url
             .strip_prefix("mqtt://")
             .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| MqttError::Url(format!("must start with mqtt://, got {url:?}")))?
-            .trim_end_matches('/');
+        {
+            (false, rest)
+        } else {
+            return Err(MqttError::Url(format!(
+                "must start with mqtt:// or mqtts://, got {url:?}"
+            )));
+        };
+        if !secure && !files.is_empty() {
+            return Err(MqttError::Url(format!(
+                "ca=, cert= and key= are for mqtts:// only, got {url:?}"
+            )));
+        }
+        let rest = rest.trim_end_matches('/');
         let (credentials, hostport) = match rest.rsplit_once('@') {
             Some((c, h)) => {
                 let (user, pass) = c.split_once(':').unwrap_or((c, ""));
@@ -63,7 +112,7 @@ impl Endpoint {
                 p.parse::<u16>()
                     .map_err(|_| MqttError::Url(format!("bad port in {url:?}")))?,
             ),
-            _ => (hostport, 1883),
+            _ => (hostport, if secure { 8883 } else { 1883 }),
         };
         if host.is_empty() {
             return Err(MqttError::Url(format!("no host in {url:?}")));
@@ -76,13 +125,17 @@ impl Endpoint {
             clean_session: true,
             keep_alive: Duration::from_secs(30),
             max_packet: 256 * 1024 * 1024,
+            tls: match secure {
+                true => Some(tls::client_config(&files, Verify::Full)?),
+                false => None,
+            },
         })
     }
 }
 
 /// The reading half: decodes whatever arrived, keeps partial packets for the next read.
 pub struct Reader {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     buf: BytesMut,
     max_packet: usize,
     /// Since when the buffer holds the beginning of a packet not yet whole.
@@ -175,7 +228,7 @@ impl Reader {
 
 /// The writing half: packets are queued into a buffer and sent by [`Writer::flush`].
 pub struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     buf: BytesMut,
 }
 
@@ -210,8 +263,8 @@ encode_via_write!(
 );
 
 /// The halves of an accepted connection (the embedded broker's side).
-pub fn split(stream: TcpStream, max_packet: usize) -> (Reader, Writer) {
-    let (read, write) = stream.into_split();
+pub fn split(socket: Socket, max_packet: usize) -> (Reader, Writer) {
+    let (read, write) = socket.halves();
     (
         Reader {
             half: read,
@@ -259,7 +312,19 @@ pub async fn connect(ep: &Endpoint) -> Result<(Reader, Writer, bool), MqttError>
     .await
     .map_err(|_| MqttError::Io(std::io::ErrorKind::TimedOut.into()))??;
     stream.set_nodelay(true)?;
-    let (read, write) = stream.into_split();
+    let socket = match &ep.tls {
+        None => Socket::Tcp(stream),
+        Some(config) => {
+            let name = tls::server_name(&ep.host)?;
+            let connector = tls::TlsConnector::from(config.clone());
+            let stream =
+                tokio::time::timeout(Duration::from_secs(10), connector.connect(name, stream))
+                    .await
+                    .map_err(|_| MqttError::Refused("no TLS handshake within 10 s".into()))??;
+            Socket::Tls(Box::new(stream.into()))
+        }
+    };
+    let (read, write) = socket.halves();
     let mut reader = Reader {
         half: read,
         buf: BytesMut::with_capacity(64 * 1024),
@@ -324,5 +389,9 @@ mod tests {
         assert!(Endpoint::parse("http://x", "id").is_err());
         assert!(Endpoint::parse("mqtt://x:notaport", "id").is_err());
         assert!(Endpoint::parse("mqtt://", "id").is_err());
+        let e = Endpoint::parse("mqtts://broker", "id").unwrap();
+        assert_eq!((e.port, e.tls.is_some()), (8883, true));
+        assert!(Endpoint::parse("mqtt://broker?ca=/etc/ca.pem", "id").is_err());
+        assert!(Endpoint::parse("mqtts://broker?ca=/nonexistent.pem", "id").is_err());
     }
 }

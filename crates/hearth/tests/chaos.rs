@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hearth_bench::mosquitto::{running_as_root, stop_child};
+use hearth_bench::mosquitto::stop_child;
 use support::*;
 
 const READY: Duration = Duration::from_secs(60);
@@ -93,111 +93,6 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.down("KILL");
-    }
-}
-
-/// A PostgreSQL cluster of our own (`initdb` + `pg_ctl`, run as the `postgres` user when the
-/// tests run as root, since PostgreSQL refuses to run as root).
-struct Postgres {
-    port: u16,
-    data: PathBuf,
-    bin: PathBuf,
-}
-
-fn pg_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server package (/usr/lib/postgresql)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("pg_ctl").exists())
-        .collect();
-    versions.sort();
-    versions.pop().expect("pg_ctl")
-}
-
-fn as_postgres(program: &Path) -> Command {
-    if running_as_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-impl Postgres {
-    fn start(dir: &Path) -> Postgres {
-        let base = dir.join("pg");
-        std::fs::create_dir_all(&base).expect("pg dir");
-        let pg = Postgres {
-            port: free_port(),
-            data: base.join("data"),
-            bin: pg_bin(),
-        };
-        if running_as_root() {
-            // The scratch directory and this one must be reachable by the postgres user.
-            let _ = Command::new("chmod").arg("755").arg(dir).status();
-            let _ = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&base)
-                .status();
-        }
-        let out = as_postgres(&pg.bin.join("initdb"))
-            .args(["-D"])
-            .arg(&pg.data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .expect("initdb");
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pg.up();
-        pg
-    }
-
-    fn ctl(&self, args: &[&str]) {
-        let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
-            self.port,
-            self.data.display()
-        );
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-o", &opts, "-l"])
-            .arg(self.data.join("log"))
-            .args(args)
-            .output()
-            .expect("pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn up(&self) {
-        self.ctl(&["-w", "start"]);
-    }
-
-    /// Stop: `fast` rolls back open transactions and disconnects everyone.
-    fn down(&self) {
-        self.ctl(&["-w", "-m", "fast", "stop"]);
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"])
-            .output();
     }
 }
 

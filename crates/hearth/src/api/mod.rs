@@ -210,16 +210,20 @@ impl Limits {
 
 /// Serve until shutdown: each connection on hyper's HTTP/1 with a header-read timeout, at most
 /// `max_connections` at once, every request (WebSocket upgrades aside) answered within its time
-/// or 408. On shutdown, connections finish their request in hand (at most the request time).
+/// or 408. With `tls`, every connection is HTTPS (its handshake within the header time; a client
+/// speaking plain HTTP fails it). On shutdown, connections finish their request in hand (at
+/// most the request time).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<crate::tls::TlsAcceptor>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioTimer;
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "http listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, %scheme, "http listening");
     let router = router.layer(axum::middleware::from_fn_with_state(
         limits.request_timeout,
         deadline,
@@ -250,18 +254,17 @@ pub async fn serve(
         let _ = sock.set_tcp_nodelay(true);
         let _ = sock.set_send_buffer_size(SEND_BUFFER);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let conn = http
-            .serve_connection(TokioIo::new(tcp), service)
-            .with_upgrades();
-        let mut stop = shutdown.clone();
+        let (http, stop, tls) = (http.clone(), shutdown.clone(), tls.clone());
+        let handshake = limits.header_timeout;
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.wait() => {
-                    // Finish the request in hand, then close.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => connection(&http, tcp, service, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => connection(&http, stream, service, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
+                        Err(_) => tracing::debug!("no tls handshake in time"),
+                    }
                 }
             }
             drop(permit);
@@ -272,6 +275,29 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(limits.request_timeout, permits.acquire_many(all)).await;
     Ok(())
+}
+
+/// One connection, served until its client leaves or shutdown (then its request in hand is
+/// finished first).
+async fn connection<S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: S,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    mut stop: Shutdown,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let conn = http
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Answer a request within `limit` (its body read included), or 408; the WebSocket upgrade is

@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// MQTT broker the ingest subscribes to, `mqtt://host:port` (user and password may be given
-    /// as `mqtt://user:pass@host:port`). Several brokers, comma-separated, for a fleet split
-    /// across brokers: the ingest holds sessions on each.
+    /// as `mqtt://user:pass@host:port`); over TLS `mqtts://host:port` (8883 by default), with
+    /// `?ca=FILE` (the system's roots otherwise) and `&cert=FILE&key=FILE` for a client
+    /// certificate, PEM files. Several brokers, comma-separated, for a fleet split across
+    /// brokers: the ingest holds sessions on each.
     pub mqtt_url: String,
     /// MQTT client id of the ingest. It must be stable across restarts: the broker keeps the
     /// persistent session (and the messages queued while hearth was down) under this id. With
@@ -36,8 +38,10 @@ pub struct Config {
     /// Longest a reading waits at the ingest for the readings of its sensor before it (a `seq`
     /// gap) when ingest slots are shared; past it, it is appended anyway (a lost reading).
     pub ingest_order_wait_ms: u64,
-    /// Redis server holding the streams, leases, counters and the latest-value cache; a Redis
-    /// Cluster as `redis+cluster://host:port,host:port…` (seed nodes).
+    /// Redis server holding the streams, leases, counters and the latest-value cache; over TLS
+    /// `rediss://host:port` with `?ca=FILE` (the system's roots otherwise) and
+    /// `&cert=FILE&key=FILE` for a client certificate; a Redis Cluster as
+    /// `redis+cluster://host:port,host:port…` (seed nodes).
     pub redis_url: String,
     /// Replicas that must hold an append before the intake acknowledges it (Redis `WAIT`): with
     /// 1 or more, a master's failover loses nothing acknowledged; 0 (the default) acknowledges on
@@ -49,7 +53,9 @@ pub struct Config {
     /// Prefix of every Redis key hearth writes, so that several installations (or tests) can share
     /// one Redis.
     pub redis_prefix: String,
-    /// PostgreSQL database holding events, sensors and the lane fences. Created if missing.
+    /// PostgreSQL database holding events, sensors and the lane fences. Created if missing. TLS
+    /// as libpq spells it: `?sslmode=require|verify-ca|verify-full` with `sslrootcert=FILE`
+    /// (the system's roots otherwise) and `sslcert=FILE&sslkey=FILE`; without `sslmode`, no TLS.
     pub database_url: String,
     /// Number of routine lanes (Redis streams) events are spread over by a hash of the sensor id.
     /// It bounds how many workers can store in parallel. Changing it is refused while events are
@@ -126,6 +132,11 @@ pub struct Config {
     pub default_house: String,
     /// Address of the HTTP server of `hearth up` and `hearth api`: REST API, WebSocket, metrics.
     pub api_listen: String,
+    /// PEM certificate chain of the API's server: with `api_tls_key`, `api_listen` speaks HTTPS
+    /// only (and `metrics_listen` too).
+    pub api_tls_cert: String,
+    /// PEM private key of `api_tls_cert`.
+    pub api_tls_key: String,
     /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
     pub metrics_listen: String,
     /// Messages a WebSocket client may have waiting; one that lets more pile up (it does not
@@ -143,6 +154,13 @@ pub struct Config {
     /// Address of the embedded MQTT broker (`hearth up` with no server URL configured; unused
     /// when `mqtt_url` names the home's broker).
     pub mqtt_listen: String,
+    /// Address of the embedded broker's TLS listener (MQTT over TLS, usually port 8883); empty
+    /// for none. With it, `mqtt_listen` may be empty: TLS only.
+    pub mqtt_tls_listen: String,
+    /// PEM certificate chain of the embedded broker's TLS listener.
+    pub mqtt_tls_cert: String,
+    /// PEM private key of `mqtt_tls_cert`.
+    pub mqtt_tls_key: String,
     /// Embedded broker: whether clients without credentials may connect (and publish or
     /// subscribe anywhere). Allowed only while `mqtt_listen` is a loopback address: on any other
     /// address, clients log in with their house id and a token of that house.
@@ -243,12 +261,17 @@ impl Default for Config {
             sensor_touch_interval_ms: 10_000,
             rules_file: String::new(),
             api_listen: "127.0.0.1:8080".into(),
+            api_tls_cert: String::new(),
+            api_tls_key: String::new(),
             metrics_listen: String::new(),
             ws_client_buffer: 256,
             admin_token: String::new(),
             store_slow_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             mqtt_listen: "127.0.0.1:1883".into(),
+            mqtt_tls_listen: String::new(),
+            mqtt_tls_cert: String::new(),
+            mqtt_tls_key: String::new(),
             mqtt_allow_anonymous: true,
             mqtt_max_connections: 1024,
             mqtt_max_keep_alive_secs: 300,

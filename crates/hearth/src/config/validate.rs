@@ -174,13 +174,13 @@ impl Config {
         }
         let mqtt: Vec<(&str, &String, &[&str])> = brokers
             .iter()
-            .map(|u| ("mqtt_url", u, &["mqtt", "tcp"][..]))
+            .map(|u| ("mqtt_url", u, &["mqtt", "tcp", "mqtts", "ssl"][..]))
             .collect();
         for (key, url, schemes) in mqtt.into_iter().chain([
             (
                 "redis_url",
                 &self.redis_url,
-                &["redis", "redis+cluster"][..],
+                &["redis", "rediss", "redis+cluster"][..],
             ),
             (
                 "database_url",
@@ -196,14 +196,14 @@ impl Config {
                 ));
             }
         }
-        for (key, addr) in [
-            ("api_listen", &self.api_listen),
-            ("metrics_listen", &self.metrics_listen),
-            ("mqtt_listen", &self.mqtt_listen),
+        let tls_listener = !self.mqtt_tls_listen.is_empty();
+        for (key, addr, optional) in [
+            ("api_listen", &self.api_listen, false),
+            ("metrics_listen", &self.metrics_listen, true),
+            ("mqtt_listen", &self.mqtt_listen, tls_listener),
+            ("mqtt_tls_listen", &self.mqtt_tls_listen, true),
         ] {
-            if !(addr.is_empty() && key == "metrics_listen")
-                && addr.parse::<std::net::SocketAddr>().is_err()
-            {
+            if !(addr.is_empty() && optional) && addr.parse::<std::net::SocketAddr>().is_err() {
                 return bad(format!(
                     "{key} must be host:port with an IP address, got {addr:?}"
                 ));
@@ -222,18 +222,50 @@ impl Config {
                 self.log_format
             ));
         }
-        if self.embedded
-            && !self.external_broker
-            && self.mqtt_allow_anonymous
-            && self
-                .mqtt_listen
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| !a.ip().is_loopback())
-        {
-            return bad(format!(
-                "mqtt_listen {} is not a loopback address while mqtt_allow_anonymous is true: anyone on the network could publish into any house; set mqtt_allow_anonymous = false (devices then log in with their house id and a house token)",
-                self.mqtt_listen
-            ));
+        for (key, addr) in [
+            ("mqtt_listen", &self.mqtt_listen),
+            ("mqtt_tls_listen", &self.mqtt_tls_listen),
+        ] {
+            if self.embedded
+                && !self.external_broker
+                && self.mqtt_allow_anonymous
+                && addr
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| !a.ip().is_loopback())
+            {
+                return bad(format!(
+                    "{key} {addr} is not a loopback address while mqtt_allow_anonymous is true: anyone on the network could publish into any house; set mqtt_allow_anonymous = false (devices then log in with their house id and a house token)"
+                ));
+            }
+        }
+        for (cert_key, cert, key_key, key) in [
+            (
+                "api_tls_cert",
+                &self.api_tls_cert,
+                "api_tls_key",
+                &self.api_tls_key,
+            ),
+            (
+                "mqtt_tls_cert",
+                &self.mqtt_tls_cert,
+                "mqtt_tls_key",
+                &self.mqtt_tls_key,
+            ),
+        ] {
+            if cert.is_empty() != key.is_empty() {
+                return bad(format!(
+                    "{cert_key} and {key_key} go together: set both or neither"
+                ));
+            }
+        }
+        if tls_listener && self.mqtt_tls_cert.is_empty() {
+            return bad("mqtt_tls_listen needs mqtt_tls_cert and mqtt_tls_key".into());
+        }
+        if self.redis_url.starts_with("rediss+cluster://") {
+            return bad(
+                "redis_url: a Redis Cluster over TLS is not supported yet (rediss+cluster://)"
+                    .into(),
+            );
         }
         Ok(())
     }

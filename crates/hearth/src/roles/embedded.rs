@@ -21,7 +21,7 @@ pub(super) async fn up_embedded(
         None
     } else {
         Some(
-            crate::embedded::broker::bind(&config.mqtt_listen)
+            crate::embedded::broker::Listeners::bind(&config)
                 .await
                 .map_err(|e| RoleError::Config(e.to_string()))?,
         )
@@ -65,6 +65,7 @@ pub(super) async fn up_embedded(
     ));
     let intake = mqtt_intake(&config, &seams, gate).await?;
     let mqtt_url = match &listener {
+        Some(_) if config.mqtt_listen.is_empty() => format!("mqtts://{}", config.mqtt_tls_listen),
         Some(_) => format!("mqtt://{}", config.mqtt_listen),
         None => config.first_mqtt_url(),
     };
@@ -72,6 +73,7 @@ pub(super) async fn up_embedded(
         Some(listener) => {
             tracing::info!(
                 mqtt = %config.mqtt_listen,
+                mqtt_tls = %config.mqtt_tls_listen,
                 api = %config.api_listen,
                 data_dir = %data_dir.display(),
                 "embedded: broker, store and workers in this process; subscribed"

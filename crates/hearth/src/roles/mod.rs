@@ -168,10 +168,13 @@ async fn http(
         Http::Api => api::router(state),
         Http::Metrics => api::metrics_router(state),
     };
+    let tls = crate::tls::acceptor(&config.api_tls_cert, &config.api_tls_key, &[b"http/1.1"])
+        .map_err(|e| RoleError::Config(format!("api_tls_cert: {e}")))?;
     Ok(Some(tokio::spawn(api::serve(
         listener,
         router,
         api::Limits::from_config(config),
+        tls,
         shutdown.clone(),
     ))))
 }

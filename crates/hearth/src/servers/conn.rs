@@ -79,9 +79,51 @@ fn tcp() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
-fn client(url: &str) -> RedisResult<redis::Client> {
+/// A client of one server: `rediss://` is TLS, checked against `?ca=FILE` (the system's roots
+/// otherwise), with `&cert=FILE&key=FILE` when the server asks for a client certificate.
+pub(super) fn client(url: &str) -> RedisResult<redis::Client> {
     use redis::IntoConnectionInfo;
-    redis::Client::open(url.into_connection_info()?.set_tcp_settings(tcp()))
+    let bad = |e: crate::tls::TlsError| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "redis_url",
+            e.to_string(),
+        ))
+    };
+    let (url, files) = crate::tls::ClientFiles::from_url(url).map_err(bad)?;
+    let info = url.as_str().into_connection_info()?.set_tcp_settings(tcp());
+    if !url.starts_with("rediss://") {
+        if !files.is_empty() {
+            return Err(bad(crate::tls::TlsError::Config(
+                "ca=, cert= and key= are for rediss:// only".into(),
+            )));
+        }
+        return redis::Client::open(info);
+    }
+    let read = |path: &Option<std::path::PathBuf>| {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| {
+                    bad(crate::tls::TlsError::File {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })
+                })
+            })
+            .transpose()
+    };
+    let client_tls = match (read(&files.cert)?, read(&files.key)?) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    let certificates = redis::TlsCertificates {
+        client_tls,
+        root_cert: read(&files.ca)?,
+    };
+    redis::Client::build_with_tls(info, certificates)
 }
 
 fn cluster(url: &str, response: Duration) -> RedisResult<Conn> {

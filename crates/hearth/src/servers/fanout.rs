@@ -112,7 +112,7 @@ async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSub, Queue
     let mut last = None;
     for node in super::conn::nodes(url) {
         let attempt = async {
-            let client = redis::Client::open(node.as_str())?;
+            let client = super::conn::client(&node)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)

@@ -24,6 +24,7 @@ pub mod notifier;
 pub mod order;
 pub mod ownership;
 pub mod pg;
+pub mod pg_tls;
 pub mod postgres;
 pub mod queue;
 pub mod reader;

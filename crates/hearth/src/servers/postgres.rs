@@ -65,21 +65,38 @@ impl Db {
     }
 }
 
-/// Open a connection, its I/O driven by a task of its own.
+/// Open a connection, its I/O driven by a task of its own (over TLS when `database_url`'s
+/// `sslmode` asks for it: [`super::pg_tls`]).
 pub async fn connect(url: &str) -> Result<Client, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    let (mut config, tls) = super::pg_tls::parse(url)?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name("hearth");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
+    open(&config, tls).await
+}
+
+/// Open a connection configured by `config`.
+pub(super) async fn open(
+    config: &tokio_postgres::Config,
+    tls: Option<super::pg_tls::Rustls>,
+) -> Result<Client, StoreError> {
+    async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(conn: F) {
+        if let Err(e) = conn.await {
             tracing::debug!(error = %describe(&e), "postgres connection closed");
         }
-    });
-    Ok(client)
+    }
+    Ok(match tls {
+        None => {
+            let (client, conn) = config
+                .connect(NoTls)
+                .await
+                .map_err(StoreError::Unavailable)?;
+            tokio::spawn(drive(conn));
+            client
+        }
+        Some(tls) => {
+            let (client, conn) = config.connect(tls).await.map_err(StoreError::Unavailable)?;
+            tokio::spawn(drive(conn));
+            client
+        }
+    })
 }

@@ -4,7 +4,6 @@
 //! that several processes starting together apply each once), and recorded in
 //! `schema_migrations`. A migration, once released, is never edited: a change is a new one.
 
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::postgres::connect;
@@ -368,9 +367,7 @@ pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
 }
 
 async fn create_database(url: &str) -> Result<(), StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    let (mut config, tls) = super::pg_tls::parse(url)?;
     let name = config
         .get_dbname()
         .ok_or_else(|| StoreError::Url("no database name".into()))?
@@ -381,11 +378,8 @@ async fn create_database(url: &str) -> Result<(), StoreError> {
         )));
     }
     config.dbname("postgres");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(StoreError::Unavailable)?;
-    tokio::spawn(connection);
+    config.connect_timeout(std::time::Duration::from_secs(5));
+    let client = super::postgres::open(&config, tls).await?;
     match client
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await

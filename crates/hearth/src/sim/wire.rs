@@ -28,6 +28,7 @@ fn endpoint(host: &str, port: u16, client_id: &str) -> Endpoint {
         clean_session: true,
         keep_alive: Duration::ZERO,
         max_packet: 1 << 20,
+        tls: None,
     }
 }
 

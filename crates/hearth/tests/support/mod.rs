@@ -856,3 +856,114 @@ pub async fn house_sensors(addr: &str, token: &str, house: &str) -> Vec<Value> {
     .await;
     serde_json::from_str(&body).unwrap_or_default()
 }
+
+/// A PostgreSQL cluster of our own (`initdb` + `pg_ctl`, run as the `postgres` user when the
+/// tests run as root, since PostgreSQL refuses to run as root).
+pub struct Postgres {
+    pub port: u16,
+    pub data: PathBuf,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server package (/usr/lib/postgresql)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("pg_ctl")
+}
+
+pub fn as_postgres(program: &Path) -> Command {
+    if hearth_bench::mosquitto::running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub fn start(dir: &Path) -> Postgres {
+        let pg = Postgres::init(dir);
+        pg.up();
+        pg
+    }
+
+    /// `initdb` only: the cluster is configured by the caller, then started with [`Postgres::up`].
+    pub fn init(dir: &Path) -> Postgres {
+        let base = dir.join("pg");
+        std::fs::create_dir_all(&base).expect("pg dir");
+        let pg = Postgres {
+            port: free_port(),
+            data: base.join("data"),
+            bin: pg_bin(),
+        };
+        if hearth_bench::mosquitto::running_as_root() {
+            // The scratch directory and this one must be reachable by the postgres user.
+            let _ = Command::new("chmod").arg("755").arg(dir).status();
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&base)
+                .status();
+        }
+        let out = as_postgres(&pg.bin.join("initdb"))
+            .args(["-D"])
+            .arg(&pg.data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &opts, "-l"])
+            .arg(self.data.join("log"))
+            .args(args)
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn up(&self) {
+        self.ctl(&["-w", "start"]);
+    }
+
+    /// Stop: `fast` rolls back open transactions and disconnects everyone.
+    pub fn down(&self) {
+        self.ctl(&["-w", "-m", "fast", "stop"]);
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

@@ -68,8 +68,62 @@ const PACKET_OVERHEAD: usize = 64 * 1024;
 /// definition, some 4 KiB each), and Home Assistant and the bridge's frontend read it here.
 const MIN_RELAYED: usize = 1024 * 1024;
 
-/// Bind the broker's address, with an error that says what to do when it is taken.
-pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+/// Where the broker accepts clients: `mqtt_listen` (plain), `mqtt_tls_listen` (TLS), or both.
+pub struct Listeners {
+    plain: Option<TcpListener>,
+    tls: Option<(TcpListener, crate::tls::TlsAcceptor)>,
+}
+
+impl Listeners {
+    /// Bind the configured addresses (an empty one is not listened on).
+    pub async fn bind(config: &crate::config::Config) -> anyhow::Result<Listeners> {
+        let plain = match config.mqtt_listen.as_str() {
+            "" => None,
+            addr => Some(bind(addr).await?),
+        };
+        let tls = match config.mqtt_tls_listen.as_str() {
+            "" => None,
+            addr => {
+                let acceptor =
+                    crate::tls::acceptor(&config.mqtt_tls_cert, &config.mqtt_tls_key, &[b"mqtt"])
+                        .map_err(|e| anyhow::anyhow!("mqtt_tls_cert: {e}"))?
+                        .ok_or_else(|| anyhow::anyhow!("mqtt_tls_listen needs mqtt_tls_cert"))?;
+                Some((bind(addr).await?, acceptor))
+            }
+        };
+        Ok(Listeners { plain, tls })
+    }
+
+    /// The next client, and whether it came through the TLS listener (its handshake is still
+    /// to do, in the client's own task).
+    async fn accept(
+        &self,
+    ) -> std::io::Result<(
+        TcpStream,
+        std::net::SocketAddr,
+        Option<crate::tls::TlsAcceptor>,
+    )> {
+        let plain = async {
+            match &self.plain {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tls = async {
+            match &self.tls {
+                Some((l, acceptor)) => l.accept().await.map(|a| (a, acceptor.clone())),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            a = plain => a.map(|(s, peer)| (s, peer, None)),
+            a = tls => a.map(|((s, peer), acceptor)| (s, peer, Some(acceptor))),
+        }
+    }
+}
+
+/// Bind a broker's address, with an error that says what to do when it is taken.
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(
@@ -224,7 +278,7 @@ pub const HA_STATUS: &str = "homeassistant/status";
 /// off by the stop) are published, and `homeassistant/status` `online` (retained), so that
 /// devices announce themselves again.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     intake: Arc<Intake>,
     auth: Arc<Authenticator>,
     settings: Settings,
@@ -269,7 +323,7 @@ pub async fn serve(
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = listeners.accept() => a,
             pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
                 match pushed {
                     // Alert transitions, to the home's automations (retained).
@@ -287,14 +341,19 @@ pub async fn serve(
             _ = shutdown.wait() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((stream, peer, tls)) => {
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    tokio::spawn(refuse(stream, peer));
+                    tokio::spawn(refuse(stream, peer, tls, settings.packet_timeout));
                     continue;
                 };
                 let (broker, shutdown) = (broker.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    match session::session(stream, broker, shutdown).await {
+                    let timeout = broker.settings.packet_timeout;
+                    let outcome = match handshake(stream, tls, timeout).await {
+                        Ok(socket) => session::session(socket, broker, shutdown).await,
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
                         Ok(()) | Err(MqttError::Closed) => debug!(%peer, "mqtt client left"),
                         Err(e) => debug!(%peer, error = %e, "mqtt client dropped"),
                     }
@@ -309,11 +368,44 @@ pub async fn serve(
     }
 }
 
+/// The client's socket, after its TLS handshake when it came through the TLS listener: a
+/// handshake not done within `timeout` (the time to finish a packet) ends the connection, and a
+/// client speaking plain MQTT there is refused by the handshake itself.
+async fn handshake(
+    stream: TcpStream,
+    tls: Option<crate::tls::TlsAcceptor>,
+    timeout: Duration,
+) -> Result<mqtt::Socket, MqttError> {
+    stream.set_nodelay(true)?;
+    let Some(acceptor) = tls else {
+        return Ok(mqtt::Socket::Tcp(stream));
+    };
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Ok(mqtt::Socket::Tls(Box::new(s.into()))),
+        Ok(Err(e)) => {
+            METRICS.mqtt_refused.with("tls_handshake").add(1);
+            Err(MqttError::Protocol(format!("TLS handshake failed: {e}")))
+        }
+        Err(_) => {
+            METRICS.mqtt_refused.with("tls_handshake").add(1);
+            Err(MqttError::Protocol("no TLS handshake in time".into()))
+        }
+    }
+}
+
 /// A connection past `mqtt_max_connections`: told the server is unavailable, and closed.
-async fn refuse(stream: TcpStream, peer: std::net::SocketAddr) {
+async fn refuse(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Option<crate::tls::TlsAcceptor>,
+    timeout: Duration,
+) {
     METRICS.mqtt_refused.with("too_many_connections").add(1);
     debug!(%peer, "mqtt connection refused: too many connections");
-    let (_, mut writer) = mqtt::split(stream, 0);
+    let Ok(socket) = handshake(stream, tls, timeout.min(Duration::from_secs(1))).await else {
+        return;
+    };
+    let (_, mut writer) = mqtt::split(socket, 0);
     if writer
         .queue(&ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))
         .is_ok()

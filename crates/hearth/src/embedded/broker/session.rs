@@ -15,7 +15,6 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -194,13 +193,12 @@ async fn not_let_in(
 /// without a DISCONNECT (a dropped socket, silence past the keep-alive, a protocol error, a
 /// takeover), forgotten on DISCONNECT, and kept for the next start when hearth stops.
 pub(super) async fn session(
-    stream: TcpStream,
+    socket: mqtt::Socket,
     broker: Arc<Broker>,
     mut shutdown: Shutdown,
 ) -> Result<(), MqttError> {
-    stream.set_nodelay(true)?;
     let (intake, settings, routes) = (&broker.intake, &broker.settings, &broker.routes);
-    let (mut reader, mut writer) = mqtt::split(stream, settings.max_packet());
+    let (mut reader, mut writer) = mqtt::split(socket, settings.max_packet());
     let Some(Login {
         who,
         client_id,
