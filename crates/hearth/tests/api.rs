@@ -17,14 +17,7 @@ fn rules_with_webhook(env: &Env, url: &str) -> String {
     std::fs::write(
         &path,
         format!(
-            r#"
-[[rule]]
-name = "smoke"
-type = "boolean"
-kinds = ["smoke"]
-severity = "critical"
-message = "Smoke detected"
-
+            r#"{SMOKE_RULE}
 [[webhook]]
 url = "{url}"
 severities = ["critical"]
@@ -616,8 +609,9 @@ async fn a_failing_webhook_is_dead_lettered() {
         }
     };
     let letter = smoke_letter("hall-smoke").await;
-    assert_eq!(letter["topic"], url);
-    assert!(letter["detail"].contains("circuit open"), "{letter:?}");
+    assert_eq!(letter["topic"], "webhook-1", "named, never by its URL");
+    assert!(!letter["detail"].contains(&url), "{letter:?}");
+    assert!(letter["detail"].contains("circuit now open"), "{letter:?}");
     let second = smoke_letter("attic-smoke").await;
     assert!(second["detail"].contains("circuit open"), "{second:?}");
     assert!(

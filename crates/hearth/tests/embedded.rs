@@ -776,7 +776,10 @@ async fn webhooks_are_posted_and_failures_dead_lettered() {
     )
     .await;
     assert_eq!(letters[0]["source"], "notifier");
-    assert_eq!(letters[0]["topic"], nowhere);
+    assert_eq!(
+        letters[0]["topic"], "webhook-2",
+        "a webhook is named by its position when unnamed"
+    );
     let replayed = post(&addr, "/api/v1/dlq/replay?reason=webhook_failed");
     assert_eq!(replayed["letters"], 2, "{replayed}");
     // Queued for the notifier again, failing again: two new letters.

@@ -39,11 +39,37 @@ pub struct Rule {
     pub message: String,
 }
 
+/// Where alert transitions are POSTed. Known by its name everywhere hearth speaks of it (logs,
+/// metrics, dead letters, breaker keys): its URL often holds a secret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Webhook {
+    pub name: String,
     pub url: String,
+    pub format: Format,
+    /// Sent with every request (an `Authorization`, say).
+    pub headers: Vec<(String, String)>,
+    /// A PEM CA the receiver's certificate must chain to (the system's roots otherwise).
+    pub ca: Option<std::path::PathBuf>,
     pub severities: Vec<Severity>,
 }
+
+/// The body a webhook is sent ([`super::notify`] writes each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `{"type": "alert", "alert": {…}}`, the alert as the API shows it.
+    Generic,
+    /// ntfy: the text as the body, `Title`, `Priority` and `Tags` headers.
+    Ntfy,
+    /// Slack's incoming webhooks and Discord's (`text` and `content`).
+    #[serde(alias = "discord")]
+    Slack,
+    /// Alertmanager's `/api/v2/alerts`: a list of one alert, its labels and annotations.
+    Alertmanager,
+}
+
+/// Headers a webhook may set, at most.
+const MAX_HEADERS: usize = 32;
 
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -81,9 +107,19 @@ struct RawRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWebhook {
+    name: Option<String>,
     url: String,
+    #[serde(default = "generic")]
+    format: Format,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    ca: Option<std::path::PathBuf>,
     #[serde(default = "all_severities")]
     severities: Vec<Severity>,
+}
+
+fn generic() -> Format {
+    Format::Generic
 }
 
 fn all_severities() -> Vec<Severity> {
@@ -97,7 +133,10 @@ impl RuleSet {
             return RuleSet::parse(DEFAULT_RULES).map_err(|e| format!("built-in rules: {e}"));
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("rules_file {path}: {e}"))?;
-        RuleSet::parse(&text).map_err(|e| format!("rules_file {path}: {e}"))
+        let set = RuleSet::parse(&text).map_err(|e| format!("rules_file {path}: {e}"))?;
+        // Each webhook's client, made once here so that an unreadable CA fails the start.
+        super::notify::Notifier::new(&set).map_err(|e| format!("rules_file {path}: {e}"))?;
+        Ok(set)
     }
 
     pub fn parse(text: &str) -> Result<RuleSet, String> {
@@ -161,16 +200,41 @@ impl RuleSet {
                 severity: raw.severity,
             });
         }
-        let mut webhooks = Vec::new();
-        for w in file.webhook {
-            if !w.url.starts_with("http://") {
+        let mut webhooks: Vec<Webhook> = Vec::new();
+        for (i, w) in file.webhook.into_iter().enumerate() {
+            let name = w.name.unwrap_or_else(|| format!("webhook-{}", i + 1));
+            if !crate::event::is_valid_id(&name) {
                 return Err(format!(
-                    "webhook {:?}: only http:// URLs are supported",
-                    w.url
+                    "webhook {name:?}: a name must be [A-Za-z0-9_.-]{{1,64}}"
                 ));
             }
+            if webhooks.iter().any(|h| h.name == name) {
+                return Err(format!("webhook {name:?} is named twice"));
+            }
+            // The URL is not repeated in the message: it may hold a secret.
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                || reqwest::Url::parse(&w.url).is_err()
+            {
+                return Err(format!(
+                    "webhook {name:?}: url must be an http:// or https:// URL"
+                ));
+            }
+            if w.headers.len() > MAX_HEADERS {
+                return Err(format!("webhook {name:?}: at most {MAX_HEADERS} headers"));
+            }
+            for (header, value) in &w.headers {
+                if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(value).is_err()
+                {
+                    return Err(format!("webhook {name:?}: bad header {header:?}"));
+                }
+            }
             webhooks.push(Webhook {
+                name,
                 url: w.url,
+                format: w.format,
+                headers: w.headers.into_iter().collect(),
+                ca: w.ca,
                 severities: w.severities,
             });
         }
@@ -251,6 +315,23 @@ mod tests {
             RuleSet::parse("[[rule]]\nname='x'\ntype='boolean'\nkinds=['t']\nseverity='dire'")
                 .unwrap_err();
         assert!(err.contains("dire"), "{err}");
-        assert!(RuleSet::parse("[[webhook]]\nurl='https://x'").is_err());
+        assert!(RuleSet::parse("[[webhook]]\nurl='ftp://x'").is_err());
+        let two = "[[webhook]]\nname='a'\nurl='https://x'\n[[webhook]]\nname='a'\nurl='http://y'";
+        assert!(RuleSet::parse(two).unwrap_err().contains("twice"));
+        let secret =
+            RuleSet::parse("[[webhook]]\nurl='https://h/s3cret path'\nformat='carrier-pigeon'");
+        assert!(secret.is_err_and(|e| !e.contains("s3cret")));
+        let set = RuleSet::parse(
+            "[[webhook]]\nurl='https://ntfy.sh/t'\nformat='ntfy'\nheaders={Authorization='Bearer x'}\n[[webhook]]\nurl='http://x'\nformat='discord'",
+        )
+        .unwrap();
+        assert_eq!(set.webhooks[0].name, "webhook-1");
+        assert_eq!(set.webhooks[0].format, Format::Ntfy);
+        assert_eq!(
+            set.webhooks[0].headers,
+            vec![("Authorization".into(), "Bearer x".into())]
+        );
+        assert_eq!(set.webhooks[1].format, Format::Slack);
+        assert!(RuleSet::parse("[[webhook]]\nurl='http://x'\nheaders={'bad header'='v'}").is_err());
     }
 }

@@ -16,7 +16,13 @@ use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
 
 pub async fn run(store: Arc<SqliteAlerts>, rules: Arc<RuleSet>, mut shutdown: Shutdown) {
-    let breakers = notify::breakers(&rules);
+    let notifier = match notify::Notifier::new(&rules) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "webhooks cannot be delivered");
+            return;
+        }
+    };
     let mut backoff = Backoff::default();
     while !shutdown.is_set() {
         let written = store.jobs.notified();
@@ -37,7 +43,7 @@ pub async fn run(store: Arc<SqliteAlerts>, rules: Arc<RuleSet>, mut shutdown: Sh
             continue;
         }
         for (id, alert) in jobs {
-            let failed = notify::deliver(&rules, &breakers, alert.as_bytes()).await;
+            let failed = notifier.deliver(alert.as_bytes()).await;
             while let Err(e) = store.notified(id, failed.clone()).await {
                 warn!(error = %e, "recording a webhook notification failed, retrying");
                 tokio::time::sleep(backoff.next_delay()).await;

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::queue::{self, Queue};
 use super::stream;
-use crate::alerts::notify::{breakers, deliver};
+use crate::alerts::notify::Notifier;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -32,7 +32,13 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
         }
     };
     let name = format!("notifier-{}-{:04x}", std::process::id(), fastrand::u16(..));
-    let breakers = breakers(&rules);
+    let notifier = match Notifier::new(&rules) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "webhooks cannot be delivered");
+            return;
+        }
+    };
     let stream = queue.keys.notify();
     let mut backoff = Backoff::default();
     while !shutdown.is_set() {
@@ -64,9 +70,7 @@ pub async fn run(config: Arc<Config>, rules: Arc<RuleSet>, mut shutdown: Shutdow
                 }
                 for entry in entries {
                     let id = entry.id.clone();
-                    for letter in
-                        deliver(&rules, &breakers, entry.field("a").unwrap_or_default()).await
-                    {
+                    for letter in notifier.deliver(entry.field("a").unwrap_or_default()).await {
                         dead_letter(&queue, letter).await;
                     }
                     let mut c = queue.conn.clone();

@@ -19,6 +19,9 @@ use serde_json::Value;
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const REDIS: &str = "redis://127.0.0.1:6379";
 
+/// A rules file's smoke rule (critical, raised on `true`), for tests that add webhooks to it.
+pub const SMOKE_RULE: &str = "[[rule]]\nname = \"smoke\"\ntype = \"boolean\"\nkinds = [\"smoke\"]\nseverity = \"critical\"\nmessage = \"Smoke detected\"\n";
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn free_port() -> u16 {
@@ -711,11 +714,35 @@ pub async fn ws_next(ws: &mut Ws, wait: Duration) -> Option<Value> {
     }
 }
 
-/// A local HTTP server that records the bodies POSTed to it (a webhook receiver).
+/// A local HTTP (or HTTPS) server that records what is POSTed to it (a webhook receiver).
 pub struct Hook {
+    /// `{base}/hook`.
     pub url: String,
+    /// `http://127.0.0.1:PORT` (or `https://`).
+    pub base: String,
+    /// The bodies that were JSON.
     pub bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    /// Every request answered 200.
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     attempts: std::sync::Arc<AtomicU32>,
+}
+
+/// A request a [`Hook`] accepted.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    /// Names lowercase.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl Hook {
@@ -725,69 +752,50 @@ impl Hook {
 
     /// A receiver that answers 500 to its first `failures` requests, then 200.
     pub async fn failing(failures: u32) -> Hook {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Hook::serve(failures, None).await
+    }
+
+    /// The same over HTTPS, with `acceptor`'s certificate.
+    pub async fn https(failures: u32, acceptor: hearth::tls::TlsAcceptor) -> Hook {
+        Hook::serve(failures, Some(acceptor)).await
+    }
+
+    async fn serve(failures: u32, tls: Option<hearth::tls::TlsAcceptor>) -> Hook {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let attempts = std::sync::Arc::new(AtomicU32::new(0));
-        let store = bodies.clone();
-        let tries = attempts.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().expect("addr"));
+        let hook = Hook {
+            url: format!("{base}/hook"),
+            base,
+            bodies: Default::default(),
+            requests: Default::default(),
+            attempts: Default::default(),
+        };
+        let (bodies, requests, tries) = (
+            hook.bodies.clone(),
+            hook.requests.clone(),
+            hook.attempts.clone(),
+        );
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let store = store.clone();
-                let tries = tries.clone();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (bodies, requests, tries, tls) =
+                    (bodies.clone(), requests.clone(), tries.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 8192];
-                    loop {
-                        let n = stream.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            break;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let text = String::from_utf8_lossy(&buf).to_string();
-                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                            let len = head
-                                .lines()
-                                .find_map(|l| {
-                                    l.to_ascii_lowercase()
-                                        .strip_prefix("content-length:")
-                                        .map(|v| v.trim().to_string())
-                                })
-                                .and_then(|v| v.parse::<usize>().ok())
-                                .unwrap_or(0);
-                            if body.len() >= len {
-                                let n = tries.fetch_add(1, Ordering::SeqCst);
-                                if n < failures {
-                                    let _ = stream
-                                        .write_all(
-                                            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                                        )
-                                        .await;
-                                    return;
-                                }
-                                if let Ok(v) = serde_json::from_str(&body[..len]) {
-                                    store.lock().unwrap().push(v);
-                                }
-                                break;
+                    let answer = |n: u32| n >= failures;
+                    match tls {
+                        None => hook_exchange(stream, &tries, answer, &bodies, &requests).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                hook_exchange(stream, &tries, answer, &bodies, &requests).await
                             }
                         }
                     }
-                    let _ = stream
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                        )
-                        .await;
                 });
             }
         });
-        Hook {
-            url,
-            bodies,
-            attempts,
-        }
+        hook
     }
 
     pub fn received(&self) -> Vec<Value> {
@@ -798,6 +806,73 @@ impl Hook {
     pub fn attempts(&self) -> u32 {
         self.attempts.load(Ordering::SeqCst)
     }
+}
+
+/// Read one request; answer 200 (recording it) when `ok(attempt)`, else 500.
+async fn hook_exchange<S>(
+    mut stream: S,
+    tries: &AtomicU32,
+    ok: impl Fn(u32) -> bool,
+    bodies: &std::sync::Mutex<Vec<Value>>,
+    requests: &std::sync::Mutex<Vec<Received>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let mut lines = head.lines();
+        let path = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("")
+            .to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if body.len() < len {
+            continue;
+        }
+        if !ok(tries.fetch_add(1, Ordering::SeqCst)) {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        let body = body[..len].to_string();
+        if let Ok(v) = serde_json::from_str(&body) {
+            bodies.lock().unwrap().push(v);
+        }
+        requests.lock().unwrap().push(Received {
+            path,
+            headers,
+            body,
+        });
+        break;
+    }
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await;
+    let _ = stream.shutdown().await;
 }
 
 /// Publish `payloads` from a task of its own, so the test can act while they flow.
@@ -965,5 +1040,143 @@ impl Drop for Postgres {
             .arg(&self.data)
             .args(["-m", "immediate", "-w", "stop"])
             .output();
+    }
+}
+
+/// A new P-256 key, unencrypted.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A test PKI, made with the `openssl` command: a CA; a server certificate for `localhost` and 127.0.0.1; one for `localhost`
+/// only (PostgreSQL's, to show the name check); a client certificate; a CA nobody trusts.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+        };
+        pki.ca("ca");
+        pki.ca("other-ca");
+        pki.leaf("server", "DNS:localhost,IP:127.0.0.1", "serverAuth");
+        pki.leaf("pg", "DNS:localhost", "serverAuth");
+        pki.leaf("client", "DNS:hearth-client", "clientAuth");
+        // Mosquitto drops to its own user: it must read them (a test's throwaway keys).
+        for entry in std::fs::read_dir(dir).expect("pki").flatten() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+        }
+        pki
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        self.openssl(
+            &[
+                &["req", "-x509"][..],
+                &NEW_KEY,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.pem"),
+                ],
+                &[
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=hearth test {name}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        );
+    }
+
+    fn leaf(&self, name: &str, san: &str, usage: &str) {
+        self.openssl(
+            &[
+                &["req"][..],
+                &NEW_KEY,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ],
+                &["-subj", &format!("/CN={name}")],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!(
+                "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .expect("ext file");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+
+    /// `ca=…&cert=…&key=…` for a client link.
+    pub fn client_query(&self) -> String {
+        format!(
+            "ca={}&cert={}&key={}",
+            self.path("ca.pem"),
+            self.path("client.pem"),
+            self.path("client.key")
+        )
+    }
+}
+
+impl Pki {
+    /// An acceptor serving the `server` certificate (for `localhost` and 127.0.0.1).
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> hearth::tls::TlsAcceptor {
+        hearth::tls::acceptor(&self.path("server.pem"), &self.path("server.key"), alpn)
+            .expect("acceptor")
+            .expect("certificate given")
     }
 }
