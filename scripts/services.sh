@@ -26,6 +26,9 @@ command -v chromium >/dev/null || missing+=(chromium)   # the dashboard's browse
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v runuser >/dev/null || missing+=(util-linux)   # the chaos tests run PostgreSQL as its user
+command -v openssl >/dev/null || missing+=(openssl)   # the TLS tests make their certificates
+command -v objcopy >/dev/null || missing+=(binutils)   # scripts/deb.sh strips the binaries
+command -v systemd-analyze >/dev/null || missing+=(systemd)   # the package test verifies the unit
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq
