@@ -32,8 +32,11 @@ for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
   sleep 0.2
 done
+# The WebSocket route is documented but not fuzzed: schemathesis speaks HTTP requests, and
+# without an upgrade the route can only answer 400 (tests/api.rs and tests/safety.rs drive it).
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
   -H "Authorization: Bearer $token" \
+  --exclude-path /api/v1/ws \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --max-examples 50 \
   "$@"

@@ -10,7 +10,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 /// A rollup's width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Step {
     Minute,
     Hour,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Status {
     pub lanes: Vec<LaneStatus>,
     pub dead_letters: u64,
@@ -16,7 +16,7 @@ pub struct Status {
     pub events: Accounting,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LaneStatus {
     pub lane: String,
     /// Events appended and not yet acknowledged (stored or dead-lettered).
@@ -32,7 +32,7 @@ pub struct LaneStatus {
     pub consumers: Vec<ConsumerStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ConsumerStatus {
     pub name: String,
     pub pending: u64,
@@ -42,7 +42,7 @@ pub struct ConsumerStatus {
 /// The loss accounting: every event appended is either finished (stored, found already stored,
 /// or dead-lettered) or in flight. After a run has drained, `in_flight` is 0 and `stored` is the
 /// rows in `events`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Accounting {
     /// Events appended to the lanes by the ingest.
     pub received: u64,

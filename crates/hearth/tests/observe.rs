@@ -47,15 +47,18 @@ async fn metrics_agree_with_the_rows_stored_and_pass_promtool() {
         Some(rows)
     );
     assert_eq!(
-        metric(&text, "hearth_accounting_events{state=\"received\"}"),
+        metric(
+            &text,
+            "hearth_accounting_events_total{outcome=\"received\"}"
+        ),
         Some(rows)
     );
     assert_eq!(
-        metric(&text, "hearth_accounting_events{state=\"stored\"}"),
+        metric(&text, "hearth_accounting_events_total{outcome=\"stored\"}"),
         Some(rows)
     );
     assert_eq!(
-        metric(&text, "hearth_accounting_events{state=\"in_flight\"}"),
+        metric(&text, "hearth_accounting_in_flight_events"),
         Some(0.0)
     );
     assert_eq!(

@@ -15,9 +15,9 @@ use crate::alerts::{Alert, AlertState};
 /// Alerts, newest first.
 #[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts",
     params(
-        ("house" = Option<String>, Query, description = "Only this house (a house token sees only its own)"),
-        ("state" = Option<String>, Query, description = "active, acknowledged or cleared"),
-        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+        ("house" = Option<String>, Query, description = "Only this house (a house token sees only its own)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("state" = Option<AlertState>, Query, description = "Only alerts in this state"),
+        ("limit" = Option<u32>, Query, description = "Most alerts, newest first; default 100", minimum = 1, maximum = 1000),
     ),
     responses(
         (status = 200, body = Vec<Alert>),
@@ -68,7 +68,7 @@ pub async fn list_alerts(
 
 /// Acknowledge an alert; the change is pushed to WebSocket clients and webhooks.
 #[utoipa::path(post, path = "/api/v1/alerts/{id}/ack", tag = "alerts",
-    params(("id" = i64, Path, description = "Alert id")),
+    params(("id" = i64, Path, description = "Alert id", minimum = 1)),
     responses(
         (status = 200, description = "Acknowledged (or already)", body = Alert),
         (status = 400, body = super::error::ErrorBody),

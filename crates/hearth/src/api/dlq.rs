@@ -28,16 +28,22 @@ const FILTER: &[&str] = &[
 #[allow(dead_code)]
 struct DlqQuery {
     /// Only this reason.
+    #[param(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
     reason: Option<String>,
     /// Only letters about this house.
+    #[param(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
     house: Option<String>,
     /// Only letters about this sensor (of any house, unless `house` is given too).
+    #[param(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
     sensor: Option<String>,
     /// At least this old: 30s, 10m, 1h.
+    #[param(pattern = r"^[0-9]{1,9}(ms|s|m|h|d)$")]
     older_than: Option<String>,
     /// Younger than this.
+    #[param(pattern = r"^[0-9]{1,9}(ms|s|m|h|d)$")]
     newer_than: Option<String>,
-    /// 1..=10000 (listing: default 100; replay and purge: default all).
+    /// Listing: default 100; replay and purge: default all.
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<u32>,
 }
 

@@ -37,6 +37,39 @@ pub struct RejectedReading {
     pub detail: String,
 }
 
+/// One reading sent to `POST /events` (the schema of what the route reads; the native MQTT
+/// payload with its house and sensor).
+#[derive(serde::Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ReadingIn {
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
+    pub house_id: String,
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
+    pub sensor_id: String,
+    /// temperature, humidity, motion, door, smoke… (a kind hearth knows, or any id).
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$")]
+    pub kind: String,
+    /// The reading (`true`/`false` are accepted for binary kinds, as 1/0).
+    pub value: f64,
+    /// The unit sent; converted to the kind's canonical unit when hearth knows both.
+    pub unit: Option<String>,
+    /// The device's counter: with (house, sensor, kind) the dedup key.
+    #[schema(minimum = 0)]
+    pub seq: Option<i64>,
+    /// Reading time, epoch milliseconds (or an RFC 3339 instant); default: when received.
+    #[schema(minimum = 0)]
+    pub ts: Option<i64>,
+}
+
+/// A reading, or an array of them (at most `max_readings_per_message`).
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum ReadingsIn {
+    One(ReadingIn),
+    Many(Vec<ReadingIn>),
+}
+
 /// Refused readings listed in a `POST /events` answer (the count and reasons cover them all).
 const LISTED_REJECTIONS: usize = 10;
 
@@ -46,7 +79,7 @@ const MAX_BODY: usize = 1024 * 1024;
 /// Ingest readings over HTTP: one object or an array, each with `house_id` and `sensor_id`
 /// beside the fields of the MQTT payload. Answered 202 once durably queued.
 #[utoipa::path(post, path = "/api/v1/events", tag = "events",
-    request_body(content = Value, description = "A reading `{house_id, sensor_id, kind, value, unit?, seq?, ts?}` or an array of them (at most `max_readings_per_message`)", content_type = "application/json"),
+    request_body(content = ReadingsIn, description = "A reading or an array of them (at most `max_readings_per_message`)", content_type = "application/json"),
     responses(
         (status = 202, description = "Queued (and the refused ones dead-lettered, in one letter)", body = Accepted),
         (status = 400, description = "Not a reading or an array of readings", body = super::error::ErrorBody),

@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Serialize;
-use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -18,9 +17,9 @@ use super::error::ApiError;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Pipeline {
-    /// Per lane: depth (events), entries, pending, lag, owner, consumers.
-    #[schema(value_type = Object)]
-    pub queue: Value,
+    /// Per lane: depth (events), entries, pending, lag, owner, consumers; dead letters and the
+    /// loss accounting.
+    pub queue: crate::status::Status,
     /// Events per second since the previous call (over all processes).
     pub received_per_s: f64,
     pub stored_per_s: f64,
@@ -60,7 +59,7 @@ pub async fn pipeline(
         *circuits.entry(dependency).or_insert(false) |= open;
     }
     Ok(Json(Pipeline {
-        queue: serde_json::to_value(&status).unwrap_or(Value::Null),
+        queue: status,
         received_per_s,
         stored_per_s,
         circuits,
@@ -96,7 +95,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     };
     let broker = async {
         let address = if state.config.embedded {
-            Some(state.config.mqtt_listen.clone())
+            // Its own broker: the plain listener, or the TLS one when there is no plain one.
+            Some(match state.config.mqtt_listen.as_str() {
+                "" => state.config.mqtt_tls_listen.clone(),
+                plain => plain.to_string(),
+            })
         } else {
             crate::mqtt::Endpoint::parse(&state.config.first_mqtt_url(), "readyz")
                 .ok()

@@ -42,6 +42,7 @@ use super::{alerts, dlq, error, events, health, sensors, series, ws};
         sensors::HistoryEvent,
         series::Series,
         crate::series::Point,
+        crate::series::Step,
         health::Pipeline,
         health::Readiness,
         crate::dlq::Letter,

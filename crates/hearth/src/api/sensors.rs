@@ -26,8 +26,8 @@ pub struct SensorView {
     pub first_seen: i64,
     /// Epoch milliseconds (written at most every `sensor_touch_interval_ms`).
     pub last_seen: i64,
-    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
-    #[schema(value_type = Object)]
+    /// Kind → its latest value.
+    #[schema(value_type = BTreeMap<String, LatestValue>)]
     pub latest: BTreeMap<String, Value>,
     /// The device it belongs to, for sensors of a device ecosystem.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,9 +150,24 @@ pub(super) async fn sensor_of(
 pub struct LatestView {
     pub sensor_id: String,
     pub house_id: String,
-    /// Kind → `{value, unit, ts, seq, received_us, house_id}`.
-    #[schema(value_type = Object)]
+    /// Kind → its latest value.
+    #[schema(value_type = BTreeMap<String, LatestValue>)]
     pub latest: BTreeMap<String, Value>,
+}
+
+/// A sensor's latest value of one kind, as the cache keeps it ([`crate::seam::latest_json`]).
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // the schema of what the cache holds as JSON
+pub struct LatestValue {
+    pub value: f64,
+    /// The canonical unit of the kind, if it has one.
+    pub unit: Option<String>,
+    /// Reading time, epoch milliseconds.
+    pub ts: i64,
+    pub seq: Option<i64>,
+    /// When hearth received it, epoch microseconds.
+    pub received_us: i64,
+    pub house_id: String,
 }
 
 /// The latest value of each kind of a sensor (from the cache).
@@ -201,11 +216,11 @@ pub struct History {
     params(
         ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
         ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
-        ("kind" = Option<String>, Query, description = "Only this kind"),
-        ("from" = Option<String>, Query, description = "Readings at or after (epoch ms or RFC 3339)"),
-        ("to" = Option<String>, Query, description = "Readings before (epoch ms or RFC 3339)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1..=1000, default 100"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("kind" = Option<String>, Query, description = "Only this kind", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("from" = Option<i64>, Query, description = "Readings at or after: epoch milliseconds (or an RFC 3339 instant)", minimum = 0, maximum = 95_617_584_000_000_i64),
+        ("to" = Option<i64>, Query, description = "Readings before: epoch milliseconds (or an RFC 3339 instant)", minimum = 0, maximum = 95_617_584_000_000_i64),
+        ("limit" = Option<u32>, Query, description = "Page size, default 100", minimum = 1, maximum = 1000),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", pattern = r"^[0-9]{1,14}\.[0-9]{1,19}$"),
     ),
     responses(
         (status = 200, body = History),

@@ -32,10 +32,10 @@ pub struct Series {
     params(
         ("house" = String, Path, description = "House id", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
         ("sensor" = String, Path, description = "Sensor id (within the house)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
-        ("kind" = String, Query, description = "The kind (a sensor may have several)"),
-        ("step" = Option<String>, Query, description = "`minute`, `hour` (default) or `day`"),
-        ("from" = Option<String>, Query, description = "Buckets starting at or after (epoch ms or RFC 3339); default: 1,000 steps before `to`"),
-        ("to" = Option<String>, Query, description = "Buckets starting before (epoch ms or RFC 3339); default: now"),
+        ("kind" = String, Query, description = "The kind (a sensor may have several)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
+        ("step" = Option<Step>, Query, description = "Bucket width, default `hour`"),
+        ("from" = Option<i64>, Query, description = "Buckets starting at or after: epoch milliseconds (or an RFC 3339 instant); default: 1,000 steps before `to`, and never more than 1,000 steps before it", minimum = 0, maximum = 95_617_584_000_000_i64),
+        ("to" = Option<i64>, Query, description = "Buckets starting before: epoch milliseconds (or an RFC 3339 instant); default: now", minimum = 0, maximum = 95_617_584_000_000_i64),
     ),
     responses(
         (status = 200, body = Series),
@@ -71,8 +71,16 @@ pub async fn sensor_series(
         Some(v) => instant("from", v)?,
         None => (to - 1_000 * step.ms()).max(0),
     };
+    sensor_of(&state, &who, &house, &sensor).await?;
     if from >= to {
-        return Err(ApiError::BadRequest("from must be before to".into()));
+        // An empty range, as the history route answers it.
+        return Ok(Json(Series {
+            house_id: house,
+            sensor_id: sensor,
+            kind,
+            step: step.name().into(),
+            points: Vec::new(),
+        }));
     }
     if (to - from) / step.ms() > MAX_POINTS {
         return Err(ApiError::BadRequest(format!(
@@ -80,7 +88,6 @@ pub async fn sensor_series(
             step.name()
         )));
     }
-    sensor_of(&state, &who, &house, &sensor).await?;
     let q = SeriesQuery {
         house,
         sensor,

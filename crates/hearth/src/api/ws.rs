@@ -176,7 +176,7 @@ impl Hub {
 /// Upgrade to a WebSocket, after checking the token and the subscription.
 #[utoipa::path(get, path = "/api/v1/ws", tag = "push",
     params(
-        ("house" = Option<String>, Query, description = "The house to follow (a house token: its own; admin without it: all)"),
+        ("house" = Option<String>, Query, description = "The house to follow (a house token: its own; admin without it: all)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
         ("events" = Option<bool>, Query, description = "Push stored events (default true)"),
         ("alerts" = Option<bool>, Query, description = "Push alert transitions (default true)"),
         ("token" = Option<String>, Query, description = "The bearer token, for clients that cannot set headers"),

@@ -203,23 +203,34 @@ fn queue_metrics(out: &mut String, s: &crate::status::Status) {
         "Dead letters removed by their retention (dead_letter_max_age_secs, dead_letter_max_count).",
         s.dead_letters_expired as f64,
     );
+    // The installation's loss accounting (every process's, from the shared counters): totals
+    // apart from the one gauge, received = stored + duplicates + dead_lettered + in_flight.
     header(
         out,
-        "hearth_accounting_events",
-        "gauge",
-        "Loss accounting of all processes: received = stored + duplicates + dead_lettered + in_flight.",
+        "hearth_accounting_events_total",
+        "counter",
+        "Events of all processes by outcome: received = stored + duplicates + dead_lettered + hearth_accounting_in_flight_events.",
     );
     let e = &s.events;
-    for (state, v) in [
+    for (outcome, v) in [
         ("received", e.received),
         ("stored", e.stored),
         ("duplicates", e.duplicates),
         ("dead_lettered", e.dead_lettered),
-        ("in_flight", e.in_flight),
         ("rejected_at_ingest", e.rejected_at_ingest),
     ] {
-        let _ = writeln!(out, "hearth_accounting_events{{state=\"{state}\"}} {v}");
+        let _ = writeln!(
+            out,
+            "hearth_accounting_events_total{{outcome=\"{outcome}\"}} {v}"
+        );
     }
+    scalar(
+        out,
+        "hearth_accounting_in_flight_events",
+        "gauge",
+        "Events of all processes received and not yet stored, duplicate or dead-lettered.",
+        e.in_flight as f64,
+    );
     header(
         out,
         "hearth_consumers",
