@@ -17,6 +17,7 @@
 //! | `after_ack` | a worker acknowledged a batch |
 //! | `after_relay` | the embedded broker queued a client's messages for the persistent sessions they reach, before its PUBACKs |
 //! | `pause_before_store=MS` | a worker holds a batch MS milliseconds before writing it |
+//! | `pause_before_replay=MS` | a reconnecting WebSocket client is registered for live pushes MS milliseconds before its missed alerts are read (so that pushes land in both) |
 //!
 //! With these a kill lands on work in flight by construction, not by timing.
 
@@ -52,7 +53,7 @@ fn parse(spec: &str) -> Result<Option<Armed>, String> {
     }
     let bad = || {
         format!(
-            "test_fault {spec:?} is not POINT, POINT@N, pause_before_store=MS or pause_before_store=MS@N"
+            "test_fault {spec:?} is not POINT, POINT@N, PAUSE=MS or PAUSE=MS@N (PAUSE: pause_before_store, pause_before_replay)"
         )
     };
     let (head, at) = match spec.split_once('@') {
@@ -80,7 +81,7 @@ fn parse(spec: &str) -> Result<Option<Armed>, String> {
         "after_relay",
     ];
     let known = match pause {
-        Some(_) => point == "pause_before_store",
+        Some(_) => ["pause_before_store", "pause_before_replay"].contains(&point),
         None => POINTS.contains(&point),
     };
     if !known {

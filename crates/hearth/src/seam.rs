@@ -403,13 +403,38 @@ pub trait FanOut: Send + Sync {
     /// Publish messages, in order.
     fn publish<'a>(&'a self, messages: &'a [String]) -> Fut<'a, ()>;
     /// Push alert transitions: to WebSocket clients, and to the webhooks of their severity.
+    /// Each alert message carries a `seq`, greater than every earlier one's (across restarts),
+    /// in publish order, and is kept for [`FanOut::alerts_since`] (the last
+    /// [`KEPT_ALERT_PUSHES`]).
     fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()>;
+    /// The alert messages pushed after the one whose `seq` is `since`, in order, for a client
+    /// that reconnects; `None` when some of them are no longer kept (or `since` was never
+    /// given out here): the client must re-read the alerts.
+    fn alerts_since(&self, since: u64) -> Fut<'_, Option<Vec<String>>>;
     /// A receiver of every message published from now on (it reconnects as needed).
     fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>>;
     /// Tell the workers which houses' events someone watches (`*`: all), for `ttl_ms`.
     fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()>;
     /// The houses someone watches now (`*`: all).
     fn watched(&self) -> Fut<'_, std::collections::HashSet<String>>;
+}
+
+/// Alert pushes each backend keeps for clients that reconnect ([`FanOut::alerts_since`]).
+pub const KEPT_ALERT_PUSHES: usize = 10_000;
+
+/// Whether the alert pushes after `since` are all still kept: `since` was given out (not past
+/// the `last` number), and nothing after it was trimmed (the `oldest` kept is at most the next).
+pub fn resumable(since: u64, last: u64, oldest: Option<u64>) -> bool {
+    since <= last && (since == last || oldest.is_some_and(|o| o <= since + 1))
+}
+
+/// `message` (a push's JSON object) with `"seq": seq` first.
+pub fn with_seq(message: &str, seq: u64) -> String {
+    match message.strip_prefix('{') {
+        Some(rest) if rest.trim_start().starts_with('}') => format!("{{\"seq\":{seq}}}"),
+        Some(rest) => format!("{{\"seq\":{seq},{rest}"),
+        None => message.to_string(),
+    }
 }
 
 /// The shared seams of one backend, as the API, the intakes and the tools hold them.

@@ -405,6 +405,40 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
     }
     assert_eq!(http(&addr, "GET", "/readyz", None, None).await.0, 200);
     assert_eq!(http(&addr, "GET", "/healthz", None, None).await.0, 200);
+
+    // Concurrent reads spread over the API's pool of PostgreSQL connections.
+    let reads: Vec<_> = (0..32)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                http(
+                    &addr,
+                    "GET",
+                    "/api/v1/houses/h1/sensors/s1/events",
+                    Some(ADMIN),
+                    None,
+                )
+                .await
+            })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.expect("read").0, 200);
+    }
+    let pool: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'hearth-api'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert_eq!(
+        pool as usize,
+        hearth::servers::postgres::POOL,
+        "the API's connections"
+    );
 }
 
 /// A client that never reads is disconnected once its buffer is full, while another client of

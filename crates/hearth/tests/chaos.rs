@@ -426,13 +426,7 @@ impl Watch {
     async fn start(env: &Env) -> Watch {
         let api = env.hearth("api", &["api", "--set", &format!("admin_token={ADMIN}")]);
         let addr = api.http_addr().await;
-        let mut ws = ws_connect(&addr, "events=false", Some(ADMIN))
-            .await
-            .expect("websocket");
-        let hello = ws_next(&mut ws, Duration::from_secs(10))
-            .await
-            .expect("hello");
-        assert_eq!(hello["type"], "hello");
+        let ws = ws_hello(&addr, "events=false", Some(ADMIN)).await;
         Watch {
             api,
             addr,

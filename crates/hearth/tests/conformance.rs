@@ -940,7 +940,12 @@ async fn fanout_suite(b: Backend) {
         cleared_at: None,
         cleared_by: None,
     };
-    f.push_alerts(&[alert]).await.expect("push");
+    let (mut acked, mut cleared) = (alert.clone(), alert.clone());
+    acked.state = hearth::alerts::AlertState::Acknowledged;
+    cleared.state = hearth::alerts::AlertState::Cleared;
+    f.push_alerts(std::slice::from_ref(&alert))
+        .await
+        .expect("push");
     for rx in [&mut one, &mut two] {
         let mut got = Vec::new();
         for _ in 0..4 {
@@ -956,6 +961,39 @@ async fn fanout_suite(b: Backend) {
         assert_eq!(got[3]["house_id"], "h");
         assert_eq!(got[3]["alert"]["id"], 7);
     }
+    // Alert pushes are numbered in order and kept for clients that reconnect.
+    let since: u64 = {
+        f.push_alerts(&[acked, cleared]).await.expect("push");
+        let mut seqs = Vec::new();
+        for _ in 0..2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), two.recv())
+                .await
+                .expect("a push")
+                .expect("open");
+            let v: serde_json::Value = serde_json::from_str(&m).expect("json");
+            seqs.push(v["seq"].as_u64().expect("a seq"));
+        }
+        assert_eq!(seqs[1], seqs[0] + 1, "numbered in order");
+        seqs[0] - 1
+    };
+    let kept = f.alerts_since(since).await.expect("since").expect("kept");
+    let states: Vec<String> = kept
+        .iter()
+        .map(|m| serde_json::from_str::<serde_json::Value>(m).expect("json"))
+        .map(|v| v["alert"]["state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        states,
+        ["acknowledged", "cleared"],
+        "after `since`, in order"
+    );
+    let last = since + 2;
+    assert_eq!(f.alerts_since(last).await.expect("since"), Some(vec![]));
+    assert_eq!(
+        f.alerts_since(last + 1000).await.expect("since"),
+        None,
+        "never given out"
+    );
     f.watch(&["h".to_string()], 1_000).await.expect("watch");
 }
 

@@ -12,50 +12,9 @@ use support::*;
 const ADMIN: &str = "hostile-admin-token";
 const WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Servers,
-    Embedded,
-}
-
-/// A running `hearth up` on one backend: its API address and its MQTT port.
-struct Target {
-    env: Env,
-    up: Hearth,
-    addr: String,
-    mqtt_port: u16,
-    _broker: Option<Broker>,
-}
-
+/// `hearth up` on `backend` with this suite's admin token.
 async fn start(backend: Backend, name: &str, settings: &[(&str, &str)]) -> Target {
-    let (mut env, broker) = match backend {
-        Backend::Servers => {
-            let env = Env::new(name);
-            let broker = Broker::start(&env.scratch.0);
-            (env, Some(broker))
-        }
-        Backend::Embedded => (Env::embedded(name), None),
-    };
-    if let Some(b) = &broker {
-        env.set("mqtt_url", b.url());
-    }
-    env.set("admin_token", ADMIN);
-    for (k, v) in settings {
-        env.set(k, v);
-    }
-    let up = env.up().await;
-    let addr = up.http_addr().await;
-    let mqtt_port = match &broker {
-        Some(b) => b.port,
-        None => env.embedded_port.expect("embedded port"),
-    };
-    Target {
-        env,
-        up,
-        addr,
-        mqtt_port,
-        _broker: broker,
-    }
+    Target::start(backend, name, ADMIN, settings).await
 }
 
 impl Target {

@@ -121,6 +121,7 @@ pub fn has_webhook(rules: &rules::RuleSet, alert: &Alert) -> bool {
 /// The push message of an alert transition.
 pub fn alert_message(alert: &Alert) -> Option<String> {
     serde_json::to_string(&Push::Alert {
+        seq: None,
         house_id: alert.house_id.clone(),
         alert: Box::new(alert.clone()),
     })
@@ -156,8 +157,14 @@ pub fn event_messages(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Push {
-    /// An alert was raised, acknowledged or cleared.
-    Alert { house_id: String, alert: Box<Alert> },
+    /// An alert was raised, acknowledged or cleared. `seq` orders alert pushes (a client
+    /// that reconnects asks for those after the last it saw: `?since=`).
+    Alert {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        house_id: String,
+        alert: Box<Alert>,
+    },
     /// Events stored for a house that has subscribers.
     Events {
         house_id: String,

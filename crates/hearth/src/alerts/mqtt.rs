@@ -143,6 +143,7 @@ mod tests {
             (Some("ON"), Some("active"))
         );
         let push = serde_json::to_string(&Push::Alert {
+            seq: Some(3),
             house_id: "h1".into(),
             alert: Box::new(a),
         })

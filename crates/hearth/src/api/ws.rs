@@ -1,5 +1,13 @@
-//! WebSocket push: `GET /api/v1/ws?house=H&events=true&alerts=true` (token in the
+//! WebSocket push: `GET /api/v1/ws?house=H&events=true&alerts=true&since=SEQ` (token in the
 //! `Authorization` header or `?token=`).
+//!
+//! Alert messages carry a `seq`; a client that reconnects with `since=` the last `seq` it saw
+//! gets the alert pushes it missed, in order, then the live ones, none twice (a message it is
+//! sent live is skipped when the replay already had it); when they are no longer kept it is
+//! told `{"type": "resync"}` and re-reads `/api/v1/alerts`. Events are pushed live only. On an
+//! open socket a client sends `{"type": "subscribe", "house": H, "events": …, "alerts": …}` or
+//! `{"type": "unsubscribe", "house": H}` (at most [`MAX_SUBSCRIPTIONS`], each checked against
+//! its token), answered `subscribed`, `unsubscribed` or `error`.
 //!
 //! Workers publish alert transitions and the events of watched houses on the Redis channel
 //! `P:push`; every API process subscribes to it and fans messages out to its clients, so the API
@@ -34,6 +42,8 @@ const SEND_WITHIN: Duration = Duration::from_secs(10);
 const MAX_INBOUND: usize = 4 * 1024;
 /// How long a watched house stays watched without being advertised again.
 const WATCH_TTL_MS: i64 = 15_000;
+/// Subscriptions one socket may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 32;
 
 /// What a client listens to.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,8 +54,18 @@ pub struct Subscription {
     pub alerts: bool,
 }
 
+impl Subscription {
+    fn wants(&self, kind: &str, house: &str) -> bool {
+        let wanted = match kind {
+            "alert" => self.alerts,
+            _ => self.events,
+        };
+        wanted && self.house.as_deref().is_none_or(|h| h == house)
+    }
+}
+
 struct Client {
-    sub: Subscription,
+    subs: Vec<Subscription>,
     tx: mpsc::Sender<Arc<str>>,
 }
 
@@ -64,6 +84,28 @@ struct Head {
     #[serde(rename = "type")]
     kind: String,
     house_id: String,
+    /// Alert pushes' number.
+    seq: Option<u64>,
+}
+
+/// What a client may send on an open socket.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum Request {
+    Subscribe {
+        house: Option<String>,
+        #[serde(default = "yes")]
+        events: bool,
+        #[serde(default = "yes")]
+        alerts: bool,
+    },
+    Unsubscribe {
+        house: Option<String>,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Hub {
@@ -81,16 +123,25 @@ impl Hub {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
 
-    fn add(self: &Arc<Self>, sub: Subscription, tx: mpsc::Sender<Arc<str>>) -> u64 {
+    fn add(self: &Arc<Self>, subs: Vec<Subscription>, tx: mpsc::Sender<Arc<str>>) -> u64 {
         if !self.running.swap(true, Ordering::SeqCst) {
             tokio::spawn(self.clone().relay());
             tokio::spawn(self.clone().advertise());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut clients) = self.clients.lock() {
-            clients.insert(id, Client { sub, tx });
+            clients.insert(id, Client { subs, tx });
         }
         id
+    }
+
+    /// A client's subscriptions changed.
+    fn set(&self, id: u64, subs: Vec<Subscription>) {
+        if let Ok(mut clients) = self.clients.lock()
+            && let Some(c) = clients.get_mut(&id)
+        {
+            c.subs = subs;
+        }
     }
 
     fn remove(&self, id: u64) {
@@ -110,12 +161,8 @@ impl Hub {
         };
         let mut slow = Vec::new();
         for (id, c) in clients.iter() {
-            let wants = match head.kind.as_str() {
-                "alert" => c.sub.alerts,
-                _ => c.sub.events,
-            };
-            let house = c.sub.house.as_deref().is_none_or(|h| h == head.house_id);
-            if wants && house && c.tx.try_send(text.clone()).is_err() {
+            let wants = c.subs.iter().any(|s| s.wants(&head.kind, &head.house_id));
+            if wants && c.tx.try_send(text.clone()).is_err() {
                 slow.push(*id);
             }
         }
@@ -151,8 +198,9 @@ impl Hub {
             let houses: HashSet<String> = match self.clients.lock() {
                 Ok(c) => c
                     .values()
-                    .filter(|c| c.sub.events)
-                    .map(|c| c.sub.house.clone().unwrap_or_else(|| "*".into()))
+                    .flat_map(|c| c.subs.iter())
+                    .filter(|s| s.events)
+                    .map(|s| s.house.clone().unwrap_or_else(|| "*".into()))
                     .collect(),
                 Err(_) => continue,
             };
@@ -179,6 +227,7 @@ impl Hub {
         ("house" = Option<String>, Query, description = "The house to follow (a house token: its own; admin without it: all)", pattern = r"^[A-Za-z0-9_.-]{1,64}$"),
         ("events" = Option<bool>, Query, description = "Push stored events (default true)"),
         ("alerts" = Option<bool>, Query, description = "Push alert transitions (default true)"),
+        ("since" = Option<u64>, Query, description = "The `seq` of the last alert message seen: the alert pushes after it are sent first (or `resync` when they are no longer kept)"),
         ("token" = Option<String>, Query, description = "The bearer token, for clients that cannot set headers"),
     ),
     responses(
@@ -197,7 +246,7 @@ pub async fn upgrade(
     let params = query_pairs(raw)?;
     if let Some(k) = params
         .keys()
-        .find(|k| !["house", "events", "alerts", "token"].contains(&k.as_str()))
+        .find(|k| !["house", "events", "alerts", "since", "token"].contains(&k.as_str()))
     {
         return Err(ApiError::BadRequest(format!("unknown parameter {k:?}")));
     }
@@ -228,6 +277,14 @@ pub async fn upgrade(
         events: flag("events")?,
         alerts: flag("alerts")?,
     };
+    let since = params
+        .get("since")
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest("since must be the seq of an alert message".into())
+            })
+        })
+        .transpose()?;
     let ws = ws.map_err(|_| {
         ApiError::BadRequest("this route is a WebSocket: send an upgrade request".into())
     })?;
@@ -243,13 +300,21 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(MAX_INBOUND)
         .max_frame_size(MAX_INBOUND)
-        .on_upgrade(move |socket| serve(hub, socket, sub)))
+        .on_upgrade(move |socket| serve(hub, socket, who, sub, since)))
 }
 
-async fn serve(hub: Arc<Hub>, socket: WebSocket, sub: Subscription) {
+async fn serve(
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    who: Principal,
+    sub: Subscription,
+    since: Option<u64>,
+) {
     let (tx, mut rx) = mpsc::channel::<Arc<str>>(hub.buffer);
     hub.advertise_now(&sub).await;
-    let id = hub.add(sub.clone(), tx);
+    let mut subs = vec![sub.clone()];
+    // Registered before the replay is read: nothing pushed meanwhile is missed.
+    let id = hub.add(subs.clone(), tx);
     let (mut sender, mut receiver) = socket.split();
     let hello = serde_json::json!({
         "type": "hello",
@@ -257,18 +322,54 @@ async fn serve(hub: Arc<Hub>, socket: WebSocket, sub: Subscription) {
         "events": sub.events,
         "alerts": sub.alerts,
     });
-    let _ = sender.send(Message::Text(hello.to_string().into())).await;
+    let mut outbox: Vec<String> = vec![hello.to_string()];
+    // The alert pushes this client missed, and the last `seq` it has been sent.
+    let mut last_seq = since.unwrap_or(0);
+    if let Some(since) = since {
+        crate::fault::pause("pause_before_replay").await;
+        match hub.fanout.alerts_since(since).await {
+            Ok(Some(missed)) => {
+                for message in missed {
+                    let Ok(head) = serde_json::from_str::<Head>(&message) else {
+                        continue;
+                    };
+                    last_seq = last_seq.max(head.seq.unwrap_or(0));
+                    if subs.iter().any(|s| s.wants(&head.kind, &head.house_id)) {
+                        outbox.push(message);
+                    }
+                }
+            }
+            Ok(None) | Err(_) => {
+                outbox.push(r#"{"type":"resync","reason":"the alert pushes after since are no longer kept: re-read /api/v1/alerts"}"#.into());
+            }
+        }
+    }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut last_pong = Instant::now();
-    loop {
+    'session: loop {
+        for text in outbox.drain(..) {
+            let send = sender.send(Message::Text(text.into()));
+            if !matches!(tokio::time::timeout(SEND_WITHIN, send).await, Ok(Ok(()))) {
+                info!(
+                    client = id,
+                    "websocket client too slow (send stalled), disconnecting"
+                );
+                break 'session;
+            }
+        }
         tokio::select! {
             message = rx.recv() => match message {
                 Some(text) => {
-                    let send = sender.send(Message::Text(text.as_ref().into()));
-                    if !matches!(tokio::time::timeout(SEND_WITHIN, send).await, Ok(Ok(()))) {
-                        info!(client = id, "websocket client too slow (send stalled), disconnecting");
-                        break;
+                    // Already sent by the replay?
+                    let seq = serde_json::from_str::<Head>(&text).ok().and_then(|h| h.seq);
+                    match seq {
+                        Some(seq) if seq <= last_seq => {}
+                        Some(seq) => {
+                            last_seq = seq;
+                            outbox.push(text.as_ref().into());
+                        }
+                        None => outbox.push(text.as_ref().into()),
                     }
                 }
                 None => {
@@ -292,10 +393,75 @@ async fn serve(hub: Arc<Hub>, socket: WebSocket, sub: Subscription) {
             incoming = receiver.next() => match incoming {
                 Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Text(text))) => {
+                    last_pong = Instant::now();
+                    let answer = request(&hub, &who, &mut subs, &text).await;
+                    hub.set(id, subs.clone());
+                    outbox.push(answer.to_string());
+                }
                 Some(Ok(_)) => last_pong = Instant::now(),
             },
         }
     }
     hub.remove(id);
     debug!(client = id, "websocket closed");
+}
+
+/// A client's `subscribe` or `unsubscribe`, applied to `subs`; the answer to send it.
+async fn request(
+    hub: &Hub,
+    who: &Principal,
+    subs: &mut Vec<Subscription>,
+    text: &str,
+) -> serde_json::Value {
+    let error = |message: String| serde_json::json!({"type": "error", "error": message});
+    let request = match serde_json::from_str::<Request>(text) {
+        Ok(r) => r,
+        Err(e) => return error(format!("not a subscribe or unsubscribe request: {e}")),
+    };
+    let house_of = |house: Option<String>| -> Result<Option<String>, String> {
+        match (house, who) {
+            (Some(h), _) => {
+                if !crate::event::is_valid_id(&h) {
+                    return Err("house must match [A-Za-z0-9_.-]{1,64}".into());
+                }
+                who.check(&h).map_err(|e| e.to_string())?;
+                Ok(Some(h))
+            }
+            (None, Principal::House(own)) => Ok(Some(own.clone())),
+            (None, Principal::Admin) => Ok(None),
+        }
+    };
+    match request {
+        Request::Subscribe {
+            house,
+            events,
+            alerts,
+        } => {
+            let house = match house_of(house) {
+                Ok(h) => h,
+                Err(e) => return error(e),
+            };
+            subs.retain(|s| s.house != house);
+            if subs.len() >= MAX_SUBSCRIPTIONS {
+                return error(format!("at most {MAX_SUBSCRIPTIONS} subscriptions"));
+            }
+            let sub = Subscription {
+                house: house.clone(),
+                events,
+                alerts,
+            };
+            hub.advertise_now(&sub).await;
+            subs.push(sub);
+            serde_json::json!({"type": "subscribed", "house": house, "events": events, "alerts": alerts})
+        }
+        Request::Unsubscribe { house } => {
+            let house = match house_of(house) {
+                Ok(h) => h,
+                Err(e) => return error(e),
+            };
+            subs.retain(|s| s.house != house);
+            serde_json::json!({"type": "unsubscribed", "house": house})
+        }
+    }
 }

@@ -107,12 +107,25 @@ const BACKLOG: usize = 4096;
 
 pub struct ChannelFanOut {
     tx: broadcast::Sender<String>,
+    /// The last alert pushes, numbered from this start's clock in microseconds (so a number is
+    /// greater than any a previous run gave), for clients that reconnect.
+    kept: std::sync::Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    last: u64,
+    pushes: std::collections::VecDeque<(u64, String)>,
 }
 
 impl Default for ChannelFanOut {
     fn default() -> Self {
         ChannelFanOut {
             tx: broadcast::channel(BACKLOG).0,
+            kept: std::sync::Mutex::new(Kept {
+                last: u64::try_from(crate::event::now_us()).unwrap_or(0),
+                pushes: Default::default(),
+            }),
         }
     }
 }
@@ -135,12 +148,36 @@ impl FanOut for ChannelFanOut {
 
     /// To WebSocket clients; the webhook jobs were written with the transitions.
     fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
-        for alert in alerts {
-            if let Some(json) = crate::alerts::alert_message(alert) {
-                let _ = self.tx.send(json);
+        // Numbered, kept and sent under one lock: numbers in the order of sending.
+        if let Ok(mut kept) = self.kept.lock() {
+            for alert in alerts {
+                if let Some(json) = crate::alerts::alert_message(alert) {
+                    kept.last += 1;
+                    let message = crate::seam::with_seq(&json, kept.last);
+                    let seq = kept.last;
+                    kept.pushes.push_back((seq, message.clone()));
+                    if kept.pushes.len() > crate::seam::KEPT_ALERT_PUSHES {
+                        kept.pushes.pop_front();
+                    }
+                    let _ = self.tx.send(message);
+                }
             }
         }
         Box::pin(async move { Ok(()) })
+    }
+
+    fn alerts_since(&self, since: u64) -> Fut<'_, Option<Vec<String>>> {
+        let found = self.kept.lock().ok().and_then(|kept| {
+            let oldest = kept.pushes.front().map(|(seq, _)| *seq);
+            crate::seam::resumable(since, kept.last, oldest).then(|| {
+                kept.pushes
+                    .iter()
+                    .filter(|(seq, _)| *seq > since)
+                    .map(|(_, m)| m.clone())
+                    .collect()
+            })
+        });
+        Box::pin(async move { Ok(found) })
     }
 
     fn subscribe(&self) -> Fut<'_, mpsc::Receiver<String>> {

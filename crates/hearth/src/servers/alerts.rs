@@ -383,16 +383,16 @@ pub async fn acknowledge(
 /// The alert store seam on PostgreSQL: the worker's calls on its consumer's [`Writer`] (fenced
 /// transitions, rule state, pushes, the sweep), the API's on a shared connection.
 pub struct PgAlerts {
-    db: Db,
+    db: Arc<Db>,
     writer: Arc<Writer>,
     rules: Arc<RuleSet>,
     shards: u16,
 }
 
 impl PgAlerts {
-    pub fn new(url: &str, writer: Arc<Writer>, rules: Arc<RuleSet>, shards: u16) -> PgAlerts {
+    pub fn new(db: Arc<Db>, writer: Arc<Writer>, rules: Arc<RuleSet>, shards: u16) -> PgAlerts {
         PgAlerts {
-            db: Db::new(url),
+            db,
             writer,
             rules,
             shards,

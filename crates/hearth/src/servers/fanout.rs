@@ -34,16 +34,23 @@ impl FanOut for RedisFanOut {
         })
     }
 
-    /// To WebSocket clients (`P:push`) and, when a webhook takes an alert's severity, to the
-    /// notifier (`P:notify`), in one round trip.
+    /// To WebSocket clients (`P:push`, numbered and kept in `P:pushlog` by one script, so that
+    /// the order of the numbers is the order of publication) and, when a webhook takes an
+    /// alert's severity, to the notifier (`P:notify`), in one round trip.
     fn push_alerts<'a>(&'a self, alerts: &'a [Alert]) -> Fut<'a, ()> {
         Box::pin(async move {
+            let keys = &self.queue.keys;
             let mut pipe = redis::pipe();
             for alert in alerts {
                 if let Some(json) = crate::alerts::alert_message(alert) {
-                    pipe.cmd("PUBLISH")
-                        .arg(self.queue.keys.push())
+                    pipe.cmd("EVAL")
+                        .arg(PUSH_ALERT)
+                        .arg(2)
+                        .arg(keys.push_seq())
+                        .arg(keys.push_log())
+                        .arg(keys.push())
                         .arg(json)
+                        .arg(crate::seam::KEPT_ALERT_PUSHES)
                         .ignore();
                 }
                 if crate::alerts::has_webhook(&self.rules, alert)
@@ -58,6 +65,42 @@ impl FanOut for RedisFanOut {
                 }
             }
             Ok(self.queue.exec(&pipe).await?)
+        })
+    }
+
+    fn alerts_since(&self, since: u64) -> Fut<'_, Option<Vec<String>>> {
+        Box::pin(async move {
+            let keys = &self.queue.keys;
+            let mut conn = self.queue.conn.clone();
+            type Entries = Vec<(String, Vec<(String, String)>)>;
+            let (last, first, after): (Option<u64>, Entries, Entries) = redis::pipe()
+                .cmd("GET")
+                .arg(keys.push_seq())
+                .cmd("XRANGE")
+                .arg(keys.push_log())
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .cmd("XRANGE")
+                .arg(keys.push_log())
+                .arg(format!("({since}-0"))
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .map_err(QueueError::from)?;
+            let seq_of = |id: &str| id.split('-').next().and_then(|s| s.parse::<u64>().ok());
+            let oldest = first.first().and_then(|(id, _)| seq_of(id));
+            if !crate::seam::resumable(since, last.unwrap_or(0), oldest) {
+                return Ok(None);
+            }
+            Ok(Some(
+                after
+                    .into_iter()
+                    .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "m"))
+                    .map(|(_, m)| m)
+                    .collect(),
+            ))
         })
     }
 
@@ -105,6 +148,17 @@ impl FanOut for RedisFanOut {
         })
     }
 }
+
+/// Number an alert push (`INCR`), keep it (`XADD` with the number as its id, the log capped at
+/// about ARGV[2] entries) and publish it, with `"seq"` first in its JSON, all at once.
+/// KEYS: the counter, the log; ARGV: the channel, the message, the cap.
+const PUSH_ALERT: &str = r#"
+local seq = redis.call('INCR', KEYS[1])
+local message = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', message)
+redis.call('PUBLISH', ARGV[1], message)
+return seq
+"#;
 
 /// Subscribe on the server, or on the first cluster node that answers (a cluster delivers every
 /// message published on any node to the subscribers of every node).

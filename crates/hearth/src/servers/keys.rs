@@ -145,6 +145,14 @@ impl Keys {
     pub fn push(&self) -> String {
         self.global("push")
     }
+    /// The alert pushes kept for clients that reconnect (stream, entry id `{seq}-0`).
+    pub fn push_log(&self) -> String {
+        self.global("pushlog")
+    }
+    /// The last alert push's `seq`.
+    pub fn push_seq(&self) -> String {
+        self.global("pushseq")
+    }
     /// Stream of alert transitions waiting for their webhooks.
     pub fn notify(&self) -> String {
         self.global("notify")

@@ -66,13 +66,15 @@ impl Servers {
             &config.database_url,
             Duration::from_secs(30),
         ));
+        // One pool of read connections for the store and the alerts (the API's reads).
+        let reads = Arc::new(postgres::Db::new(&config.database_url));
         let seams = Seams {
             queue: Arc::new(queue::RedisQueue {
                 queue: queue.clone(),
             }),
-            store: Arc::new(pg::PgStore::new(&config, writer.clone())),
+            store: Arc::new(pg::PgStore::new(&config, writer.clone(), reads.clone())),
             alerts: Arc::new(alerts::PgAlerts::new(
-                &config.database_url,
+                reads,
                 writer,
                 rules.clone(),
                 config.shards,
@@ -132,6 +134,8 @@ impl Backend for Servers {
         // Below the lease time: a transaction of ours left open by a pause must not block the
         // lane's next owner for longer than it takes to notice we are gone.
         let writer = Arc::new(pg::Writer::new(&config.database_url, ttl / 2));
+        // A consumer reads little (rule states at a lane's takeover): one connection.
+        let reads = Arc::new(postgres::Db::sized(&config.database_url, 1));
         Ok(Parts {
             reader: Box::new(
                 reader::RedisReader::new(self.queue.clone(), &config.redis_url, name).leased(),
@@ -143,9 +147,9 @@ impl Backend for Servers {
                 name,
                 ttl,
             )),
-            store: Arc::new(pg::PgStore::new(config, writer.clone())),
+            store: Arc::new(pg::PgStore::new(config, writer.clone(), reads.clone())),
             alerts: Arc::new(alerts::PgAlerts::new(
-                &config.database_url,
+                reads,
                 writer,
                 self.rules.clone(),
                 config.shards,

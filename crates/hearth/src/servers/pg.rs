@@ -75,7 +75,7 @@ impl Writer {
 /// the [`Writer`].
 pub struct PgStore {
     url: String,
-    db: Db,
+    db: Arc<Db>,
     writer: Arc<Writer>,
     caps: Caps,
     keep: Keep,
@@ -87,10 +87,10 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    pub fn new(config: &Config, writer: Arc<Writer>) -> PgStore {
+    pub fn new(config: &Config, writer: Arc<Writer>, db: Arc<Db>) -> PgStore {
         PgStore {
             url: config.database_url.clone(),
-            db: Db::new(&config.database_url),
+            db,
             writer,
             caps: Caps::from_config(config),
             keep: Keep::from_config(config),

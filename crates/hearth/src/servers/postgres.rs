@@ -39,27 +39,42 @@ pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// A shared connection for request handlers (the API): queries from concurrent requests are
-/// pipelined on it. Reopened when it breaks.
+/// Connections request handlers (the API) share.
+pub const POOL: usize = 4;
+
+/// The connections of request handlers (the API): [`POOL`] of them, opened on first use and
+/// again when one breaks, taken in turn; queries of concurrent requests are pipelined on each,
+/// so one slow query holds up only those behind it on its connection. They say `hearth-api` in
+/// `pg_stat_activity`.
 pub struct Db {
     url: String,
-    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+    slots: Vec<tokio::sync::Mutex<Option<std::sync::Arc<Client>>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Db {
     pub fn new(url: &str) -> Db {
+        Db::sized(url, POOL)
+    }
+
+    /// A pool of `size` connections (at least one).
+    pub fn sized(url: &str, size: usize) -> Db {
         Db {
             url: url.to_string(),
-            client: tokio::sync::Mutex::new(None),
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: Default::default(),
         }
     }
 
     pub async fn client(&self) -> Result<std::sync::Arc<Client>, StoreError> {
-        let mut slot = self.client.lock().await;
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[turn].lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let c = std::sync::Arc::new(connect(&self.url).await?);
+        let c = std::sync::Arc::new(connect_as(&self.url, "hearth-api").await?);
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -68,9 +83,14 @@ impl Db {
 /// Open a connection, its I/O driven by a task of its own (over TLS when `database_url`'s
 /// `sslmode` asks for it: [`super::pg_tls`]).
 pub async fn connect(url: &str) -> Result<Client, StoreError> {
+    connect_as(url, "hearth").await
+}
+
+/// [`connect`], named `application` in `pg_stat_activity`.
+async fn connect_as(url: &str, application: &str) -> Result<Client, StoreError> {
     let (mut config, tls) = super::pg_tls::parse(url)?;
     config.connect_timeout(Duration::from_secs(5));
-    config.application_name("hearth");
+    config.application_name(application);
     open(&config, tls).await
 }
 

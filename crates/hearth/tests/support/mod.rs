@@ -698,6 +698,16 @@ pub async fn ws_connect(addr: &str, query: &str, token: Option<&str>) -> Result<
     }
 }
 
+/// Open the WebSocket and read its `hello`.
+pub async fn ws_hello(addr: &str, query: &str, token: Option<&str>) -> Ws {
+    let mut ws = ws_connect(addr, query, token).await.expect("websocket");
+    let hello = ws_next(&mut ws, Duration::from_secs(10))
+        .await
+        .expect("hello");
+    assert_eq!(hello["type"], "hello");
+    ws
+}
+
 /// The next JSON text message, skipping pings; `None` after `wait`.
 pub async fn ws_next(ws: &mut Ws, wait: Duration) -> Option<Value> {
     use futures_util::StreamExt;
@@ -1178,5 +1188,61 @@ impl Pki {
         hearth::tls::acceptor(&self.path("server.pem"), &self.path("server.key"), alpn)
             .expect("acceptor")
             .expect("certificate given")
+    }
+}
+
+/// Which backend a test runs `hearth up` on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    Servers,
+    Embedded,
+}
+
+/// A running `hearth up` on one backend (a private Mosquitto on the servers): its API address
+/// and its MQTT port.
+pub struct Target {
+    pub env: Env,
+    pub up: Hearth,
+    pub addr: String,
+    pub mqtt_port: u16,
+    pub broker: Option<Broker>,
+}
+
+impl Target {
+    /// `hearth up` on `backend` with the admin token `admin` and `settings`.
+    pub async fn start(
+        backend: Backend,
+        name: &str,
+        admin: &str,
+        settings: &[(&str, &str)],
+    ) -> Target {
+        let (mut env, broker) = match backend {
+            Backend::Servers => {
+                let env = Env::new(name);
+                let broker = Broker::start(&env.scratch.0);
+                (env, Some(broker))
+            }
+            Backend::Embedded => (Env::embedded(name), None),
+        };
+        if let Some(b) = &broker {
+            env.set("mqtt_url", b.url());
+        }
+        env.set("admin_token", admin);
+        for (k, v) in settings {
+            env.set(k, v);
+        }
+        let up = env.up().await;
+        let addr = up.http_addr().await;
+        let mqtt_port = match &broker {
+            Some(b) => b.port,
+            None => env.embedded_port.expect("embedded port"),
+        };
+        Target {
+            env,
+            up,
+            addr,
+            mqtt_port,
+            broker,
+        }
     }
 }
