@@ -32,7 +32,16 @@ pub async fn list_alerts(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<Alert>>, ApiError> {
     let params = query_pairs(raw)?;
-    only(&params, &["house", "state", "limit"])?;
+    Ok(Json(alerts_of(&state, &who, &params).await?))
+}
+
+/// The alerts `params` (the REST query's) select, within what `who` may see (REST and gRPC).
+pub(crate) async fn alerts_of(
+    state: &AppState,
+    who: &Principal,
+    params: &std::collections::HashMap<String, String>,
+) -> Result<Vec<Alert>, ApiError> {
+    only(params, &["house", "state", "limit"])?;
     let mut house = params.get("house").cloned();
     if let Some(h) = &house {
         valid_id("house", h)?;
@@ -57,13 +66,11 @@ pub async fn list_alerts(
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| ApiError::BadRequest("limit must be an integer in 1..=1000".into()))?,
     };
-    Ok(Json(
-        state
-            .seams
-            .alerts
-            .list(house.as_deref(), alert_state, limit)
-            .await?,
-    ))
+    Ok(state
+        .seams
+        .alerts
+        .list(house.as_deref(), alert_state, limit)
+        .await?)
 }
 
 /// Acknowledge an alert; the change is pushed to WebSocket clients and webhooks.
@@ -82,6 +89,15 @@ pub async fn ack_alert(
     who: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<Alert>, ApiError> {
+    Ok(Json(acknowledge(&state, &who, &id).await?))
+}
+
+/// Acknowledge alert `id` for `who`, and push the change (REST and gRPC).
+pub(crate) async fn acknowledge(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+) -> Result<Alert, ApiError> {
     let id: i64 = id
         .parse()
         .ok()
@@ -104,5 +120,5 @@ pub async fn ack_alert(
         state.seams.fanout.push_alerts(pushed).await?;
         store.mark_pushed(std::slice::from_ref(&alert)).await?;
     }
-    Ok(Json(alert))
+    Ok(alert)
 }

@@ -94,19 +94,30 @@ pub async fn post_events(
     who: Principal,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let limits = state.intake.limits();
     // Past axum's own limit (2 MiB) the body is not even read.
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
         _ => ApiError::BadRequest(e.body_text()),
     })?;
+    let accepted = ingest(&state, &who, &body).await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// Readings (a JSON reading or an array of them) through the one intake, within what `who`
+/// may write: the core of `POST /events`, and of gRPC's `Ingest` and `IngestStream`.
+pub(crate) async fn ingest(
+    state: &AppState,
+    who: &Principal,
+    body: &[u8],
+) -> Result<Accepted, ApiError> {
+    let limits = state.intake.limits();
     if body.len() > MAX_BODY {
         return Err(ApiError::TooLarge(format!(
             "the body is {} bytes, the limit is {MAX_BODY}",
             body.len()
         )));
     }
-    let items = codec::http::readings(&body, limits).map_err(|r| match r.reason {
+    let items = codec::http::readings(body, limits).map_err(|r| match r.reason {
         crate::event::Reason::TooManyReadings => ApiError::TooLarge(r.to_string()),
         _ => ApiError::BadRequest(r.to_string()),
     })?;
@@ -142,14 +153,10 @@ pub async fn post_events(
         ));
     }
     state.intake.append(&[&input]).await?;
-    let accepted = input.events.len();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            accepted,
-            rejected: refused.len(),
-            reasons,
-            first_rejected,
-        }),
-    ))
+    Ok(Accepted {
+        accepted: input.events.len(),
+        rejected: refused.len(),
+        reasons,
+        first_rejected,
+    })
 }

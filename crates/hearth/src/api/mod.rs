@@ -12,6 +12,7 @@ pub mod auth;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod grpc;
 pub mod health;
 pub mod openapi;
 pub mod params;

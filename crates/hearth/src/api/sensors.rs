@@ -189,18 +189,25 @@ pub async fn sensor_latest(
     who: Principal,
     Path((house, sensor)): Path<(String, String)>,
 ) -> Result<Json<LatestView>, ApiError> {
-    sensor_of(&state, &who, &house, &sensor).await?;
+    Ok(Json(latest_of(&state, &who, house, sensor).await?))
+}
+
+/// A sensor's latest values, within what `who` may see (REST and gRPC).
+pub(crate) async fn latest_of(
+    state: &AppState,
+    who: &Principal,
+    house: String,
+    sensor: String,
+) -> Result<LatestView, ApiError> {
+    sensor_of(state, who, &house, &sensor).await?;
     let ids = [sensor];
-    let latest = latest(&state, &house, &ids)
-        .await?
-        .pop()
-        .unwrap_or_default();
+    let latest = latest(state, &house, &ids).await?.pop().unwrap_or_default();
     let [sensor_id] = ids;
-    Ok(Json(LatestView {
+    Ok(LatestView {
         latest,
         sensor_id,
         house_id: house,
-    }))
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -237,7 +244,20 @@ pub async fn sensor_events(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<History>, ApiError> {
     let params = query_pairs(raw)?;
-    only(&params, &["kind", "from", "to", "limit", "cursor"])?;
+    Ok(Json(
+        history_of(&state, &who, house, sensor, &params).await?,
+    ))
+}
+
+/// A sensor's history page for `params` (the REST query's), within what `who` may see.
+pub(crate) async fn history_of(
+    state: &AppState,
+    who: &Principal,
+    house: String,
+    sensor: String,
+    params: &std::collections::HashMap<String, String>,
+) -> Result<History, ApiError> {
+    only(params, &["kind", "from", "to", "limit", "cursor"])?;
     let kind = params.get("kind").cloned();
     if let Some(k) = &kind {
         valid_id("kind", k)?;
@@ -261,7 +281,7 @@ pub async fn sensor_events(
                 .ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))
         })
         .transpose()?;
-    sensor_of(&state, &who, &house, &sensor).await?;
+    sensor_of(state, who, &house, &sensor).await?;
     let mut events = state
         .seams
         .store
@@ -281,8 +301,8 @@ pub async fn sensor_events(
     } else {
         None
     };
-    Ok(Json(History {
+    Ok(History {
         events,
         next_cursor,
-    }))
+    })
 }

@@ -88,6 +88,31 @@ struct Head {
     seq: Option<u64>,
 }
 
+/// A client registered with the hub: its id, its live pushes, the alert pushes it missed, and
+/// the last alert `seq` among them.
+pub(crate) struct Attached {
+    pub id: u64,
+    pub rx: mpsc::Receiver<Arc<str>>,
+    pub missed: Vec<String>,
+    pub last_seq: u64,
+}
+
+/// Sent when the pushes a client missed are no longer kept.
+pub(crate) const RESYNC: &str = r#"{"type":"resync","reason":"the alert pushes after since are no longer kept: re-read the alerts"}"#;
+
+/// Whether a live push should go out: not an alert push the replay already sent (by `seq`);
+/// `last_seq` follows what went out.
+pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
+    match serde_json::from_str::<Head>(text).ok().and_then(|h| h.seq) {
+        Some(seq) if seq <= *last_seq => false,
+        Some(seq) => {
+            *last_seq = seq;
+            true
+        }
+        None => true,
+    }
+}
+
 /// What a client may send on an open socket.
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -211,6 +236,51 @@ impl Hub {
         }
     }
 
+    /// Register a client for live pushes, then read the alert pushes it missed since `since`
+    /// (registered first: nothing pushed meanwhile is missed; [`fresh`] skips what both bring).
+    /// When they are no longer kept, `missed` ends with a `resync` message.
+    pub(crate) async fn attach(
+        self: &Arc<Self>,
+        subs: Vec<Subscription>,
+        since: Option<u64>,
+    ) -> Attached {
+        let (tx, rx) = mpsc::channel::<Arc<str>>(self.buffer);
+        for sub in &subs {
+            self.advertise_now(sub).await;
+        }
+        let id = self.add(subs.clone(), tx);
+        let mut missed = Vec::new();
+        let mut last_seq = since.unwrap_or(0);
+        if let Some(since) = since {
+            crate::fault::pause("pause_before_replay").await;
+            match self.fanout.alerts_since(since).await {
+                Ok(Some(kept)) => {
+                    for message in kept {
+                        let Ok(head) = serde_json::from_str::<Head>(&message) else {
+                            continue;
+                        };
+                        last_seq = last_seq.max(head.seq.unwrap_or(0));
+                        if subs.iter().any(|s| s.wants(&head.kind, &head.house_id)) {
+                            missed.push(message);
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => missed.push(RESYNC.into()),
+            }
+        }
+        Attached {
+            id,
+            rx,
+            missed,
+            last_seq,
+        }
+    }
+
+    /// A client left.
+    pub(crate) fn detach(&self, id: u64) {
+        self.remove(id);
+    }
+
     /// Advertise one subscription at once (a new client should not wait for the next round).
     async fn advertise_now(&self, sub: &Subscription) {
         if !sub.events {
@@ -310,11 +380,13 @@ async fn serve(
     sub: Subscription,
     since: Option<u64>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Arc<str>>(hub.buffer);
-    hub.advertise_now(&sub).await;
     let mut subs = vec![sub.clone()];
-    // Registered before the replay is read: nothing pushed meanwhile is missed.
-    let id = hub.add(subs.clone(), tx);
+    let Attached {
+        id,
+        mut rx,
+        missed,
+        mut last_seq,
+    } = hub.attach(subs.clone(), since).await;
     let (mut sender, mut receiver) = socket.split();
     let hello = serde_json::json!({
         "type": "hello",
@@ -323,27 +395,7 @@ async fn serve(
         "alerts": sub.alerts,
     });
     let mut outbox: Vec<String> = vec![hello.to_string()];
-    // The alert pushes this client missed, and the last `seq` it has been sent.
-    let mut last_seq = since.unwrap_or(0);
-    if let Some(since) = since {
-        crate::fault::pause("pause_before_replay").await;
-        match hub.fanout.alerts_since(since).await {
-            Ok(Some(missed)) => {
-                for message in missed {
-                    let Ok(head) = serde_json::from_str::<Head>(&message) else {
-                        continue;
-                    };
-                    last_seq = last_seq.max(head.seq.unwrap_or(0));
-                    if subs.iter().any(|s| s.wants(&head.kind, &head.house_id)) {
-                        outbox.push(message);
-                    }
-                }
-            }
-            Ok(None) | Err(_) => {
-                outbox.push(r#"{"type":"resync","reason":"the alert pushes after since are no longer kept: re-read /api/v1/alerts"}"#.into());
-            }
-        }
-    }
+    outbox.extend(missed);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut last_pong = Instant::now();
@@ -361,15 +413,8 @@ async fn serve(
         tokio::select! {
             message = rx.recv() => match message {
                 Some(text) => {
-                    // Already sent by the replay?
-                    let seq = serde_json::from_str::<Head>(&text).ok().and_then(|h| h.seq);
-                    match seq {
-                        Some(seq) if seq <= last_seq => {}
-                        Some(seq) => {
-                            last_seq = seq;
-                            outbox.push(text.as_ref().into());
-                        }
-                        None => outbox.push(text.as_ref().into()),
+                    if fresh(&mut last_seq, &text) {
+                        outbox.push(text.as_ref().into());
                     }
                 }
                 None => {

@@ -137,6 +137,9 @@ pub struct Config {
     pub api_tls_cert: String,
     /// PEM private key of `api_tls_cert`.
     pub api_tls_key: String,
+    /// Address of the gRPC API (`proto/hearth/v1/hearth.proto`) of `hearth up` and `hearth api`;
+    /// empty for none.
+    pub grpc_listen: String,
     /// Address where `hearth ingest` and `hearth worker` serve `/metrics`; empty for none.
     pub metrics_listen: String,
     /// Messages a WebSocket client may have waiting; one that lets more pile up (it does not
@@ -263,6 +266,7 @@ impl Default for Config {
             api_listen: "127.0.0.1:8080".into(),
             api_tls_cert: String::new(),
             api_tls_key: String::new(),
+            grpc_listen: String::new(),
             metrics_listen: String::new(),
             ws_client_buffer: 256,
             admin_token: String::new(),

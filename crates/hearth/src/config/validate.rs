@@ -200,6 +200,7 @@ impl Config {
         for (key, addr, optional) in [
             ("api_listen", &self.api_listen, false),
             ("metrics_listen", &self.metrics_listen, true),
+            ("grpc_listen", &self.grpc_listen, true),
             ("mqtt_listen", &self.mqtt_listen, tls_listener),
             ("mqtt_tls_listen", &self.mqtt_tls_listen, true),
         ] {

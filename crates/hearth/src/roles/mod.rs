@@ -164,6 +164,15 @@ async fn http(
     }
     let listener = api::bind(addr).await?;
     let state = api::AppState::new(role, config.clone(), auth, seams.clone(), gate);
+    if matches!(kind, Http::Api) && !config.grpc_listen.is_empty() {
+        let grpc = api::bind(&config.grpc_listen).await?;
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = api::grpc::serve(grpc, state, shutdown).await {
+                tracing::error!(error = %e, "grpc server failed");
+            }
+        });
+    }
     let router = match kind {
         Http::Api => api::router(state),
         Http::Metrics => api::metrics_router(state),
@@ -180,9 +189,11 @@ async fn http(
 }
 
 fn rules(config: &Config) -> Result<Arc<RuleSet>, RoleError> {
-    RuleSet::load(&config.rules_file)
-        .map(Arc::new)
-        .map_err(RoleError::Config)
+    let rules = RuleSet::load(&config.rules_file).map_err(RoleError::Config)?;
+    // Each webhook's client, made once here so that an unreadable CA fails the start.
+    crate::alerts::notify::Notifier::new(&rules)
+        .map_err(|e| RoleError::Config(format!("rules_file {}: {e}", config.rules_file)))?;
+    Ok(Arc::new(rules))
 }
 
 fn servers(config: &Arc<Config>, rules: Arc<RuleSet>) -> Result<Arc<Servers>, RoleError> {

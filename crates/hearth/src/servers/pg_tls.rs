@@ -16,11 +16,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
-use super::postgres::StoreError;
 use crate::tls::{self, ClientFiles, Verify};
 
 /// A `database_url` read: tokio-postgres's settings and, when TLS is asked for, rustls's.
-pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<Rustls>), StoreError> {
+/// A bad URL is a one-line reason.
+pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<Rustls>), String> {
     let (rest, params) = tls::take_params(url, &["sslmode", "sslrootcert", "sslcert", "sslkey"]);
     let mut mode = "disable".to_string();
     let mut files = ClientFiles::default();
@@ -36,7 +36,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<Rustls>), Stor
     }
     let mut config: tokio_postgres::Config = rest
         .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+        .map_err(|e: tokio_postgres::Error| e.to_string())?;
     let (ssl, verify) = match mode.as_str() {
         "disable" => (SslMode::Disable, None),
         "prefer" => (SslMode::Prefer, Some(Verify::Nothing)),
@@ -45,24 +45,22 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<Rustls>), Stor
         "verify-ca" => (SslMode::Require, Some(Verify::Chain)),
         "verify-full" => (SslMode::Require, Some(Verify::Full)),
         other => {
-            return Err(StoreError::Url(format!(
+            return Err(format!(
                 "sslmode must be disable, prefer, require, verify-ca or verify-full, got {other:?}"
-            )));
+            ));
         }
     };
     if verify.is_none() && !files.is_empty() {
-        return Err(StoreError::Url(
-            "sslrootcert, sslcert and sslkey need an sslmode other than disable".into(),
-        ));
+        return Err("sslrootcert, sslcert and sslkey need an sslmode other than disable".into());
     }
     if files.cert.is_some() != files.key.is_some() {
-        return Err(StoreError::Url("sslcert and sslkey go together".into()));
+        return Err("sslcert and sslkey go together".into());
     }
     config.ssl_mode(ssl);
     let tls = match verify {
         None => None,
         Some(verify) => Some(Rustls(
-            tls::client_config(&files, verify).map_err(|e| StoreError::Url(e.to_string()))?,
+            tls::client_config(&files, verify).map_err(|e| e.to_string())?,
         )),
     };
     Ok((config, tls))

@@ -88,7 +88,7 @@ pub async fn connect(url: &str) -> Result<Client, StoreError> {
 
 /// [`connect`], named `application` in `pg_stat_activity`.
 async fn connect_as(url: &str, application: &str) -> Result<Client, StoreError> {
-    let (mut config, tls) = super::pg_tls::parse(url)?;
+    let (mut config, tls) = super::pg_tls::parse(url).map_err(StoreError::Url)?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name(application);
     open(&config, tls).await

@@ -367,7 +367,7 @@ pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
 }
 
 async fn create_database(url: &str) -> Result<(), StoreError> {
-    let (mut config, tls) = super::pg_tls::parse(url)?;
+    let (mut config, tls) = super::pg_tls::parse(url).map_err(StoreError::Url)?;
     let name = config
         .get_dbname()
         .ok_or_else(|| StoreError::Url("no database name".into()))?
