@@ -144,6 +144,7 @@ async fn servers_over_tls_on_every_link() {
     let pg = tls_postgres(&env.scratch.0, &pki);
     let client = pki.client_query();
     let ca = pki.path("ca.pem");
+    let grpc_port = free_port();
     env.database_url = format!(
         "postgres://postgres@localhost:{}/hearth?sslmode=verify-full&sslrootcert={ca}",
         pg.port
@@ -158,6 +159,7 @@ async fn servers_over_tls_on_every_link() {
     )
     .set("api_tls_cert", pki.path("server.pem"))
     .set("api_tls_key", pki.path("server.key"))
+    .set("grpc_listen", format!("127.0.0.1:{grpc_port}"))
     .set("admin_token", ADMIN);
 
     let up = env.up().await;
@@ -206,6 +208,53 @@ async fn servers_over_tls_on_every_link() {
     assert!(!ok, "a client that does not trust hearth's CA must fail");
     let (status, _) = http(&addr, "GET", "/healthz", None, None).await;
     assert_eq!(status, 0, "plain HTTP on the HTTPS port");
+
+    // gRPC over TLS with the API's certificate; a plaintext gRPC client gets nowhere.
+    use hearth::api::grpc::proto;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&ca).expect("ca"),
+        ))
+        .domain_name("localhost");
+    let channel = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{grpc_port}"))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("gRPC over TLS");
+    let mut grpc = proto::hearth_client::HearthClient::new(channel);
+    let mut request = tonic::Request::new(proto::SensorRef {
+        house_id: "h1".into(),
+        sensor_id: "sensor-3".into(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN}").parse().expect("metadata"),
+    );
+    let latest = grpc
+        .latest(request)
+        .await
+        .expect("latest over TLS")
+        .into_inner();
+    assert_eq!(
+        (latest.house_id.as_str(), latest.sensor_id.as_str()),
+        ("h1", "sensor-3")
+    );
+    let plain = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+        .expect("url")
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut grpc = proto::hearth_client::HearthClient::new(channel);
+        let answer = grpc
+            .latest(proto::SensorRef {
+                house_id: "h1".into(),
+                sensor_id: "sensor-3".into(),
+            })
+            .await;
+        assert!(answer.is_err(), "plaintext gRPC on the TLS port");
+    }
 
     // PostgreSQL: each sslmode checks what it says.
     let pg_url = |host: &str, query: &str| {

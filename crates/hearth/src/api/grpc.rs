@@ -44,14 +44,25 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "grpc listening");
+    let tls = !state.config.api_tls_cert.is_empty();
+    tracing::info!(%addr, tls, "grpc listening");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HearthServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
         .build_v1()?;
     let limits = super::Limits::from_config(&state.config);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    // HTTPS's certificate, when the API has one: gRPC over TLS too.
+    let (cert, key) = (&state.config.api_tls_cert, &state.config.api_tls_key);
+    if !cert.is_empty() && !key.is_empty() {
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(cert).map_err(|e| anyhow::anyhow!("api_tls_cert {cert}: {e}"))?,
+            std::fs::read(key).map_err(|e| anyhow::anyhow!("api_tls_key {key}: {e}"))?,
+        );
+        server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    server
         .timeout(limits.request_timeout)
         .concurrency_limit_per_connection(256)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

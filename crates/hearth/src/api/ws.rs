@@ -428,10 +428,12 @@ async fn serve(
             },
             _ = ping.tick() => {
                 if last_pong.elapsed() > PONG_WITHIN {
+                    info!(client = id, "websocket client too slow (no pong within 60 s), disconnecting");
                     break;
                 }
                 let sent = tokio::time::timeout(SEND_WITHIN, sender.send(Message::Ping(Vec::new().into()))).await;
                 if !matches!(sent, Ok(Ok(()))) {
+                    info!(client = id, "websocket client too slow (ping not sent), disconnecting");
                     break;
                 }
             }

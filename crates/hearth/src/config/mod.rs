@@ -133,7 +133,7 @@ pub struct Config {
     /// Address of the HTTP server of `hearth up` and `hearth api`: REST API, WebSocket, metrics.
     pub api_listen: String,
     /// PEM certificate chain of the API's server: with `api_tls_key`, `api_listen` speaks HTTPS
-    /// only (and `metrics_listen` too).
+    /// only (and `metrics_listen` too), and `grpc_listen` TLS.
     pub api_tls_cert: String,
     /// PEM private key of `api_tls_cert`.
     pub api_tls_key: String,
