@@ -91,12 +91,18 @@ impl Letter {
         }
     }
 
-    /// The alert of a failed webhook notification (`source` `notifier`), to queue again.
+    /// The alert of a failed webhook notification (`source` `notifier`), to queue again: for
+    /// the webhook that failed only (its name, the letter's topic, under
+    /// [`crate::alerts::notify::ONLY`]), not those that had it already.
     pub fn notification(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice::<serde_json::Value>(&self.raw)
+        let mut alert = serde_json::from_slice::<serde_json::Value>(&self.raw)
             .ok()
             .map(|v| v["alert"].clone())
-            .filter(|a| a.is_object())
+            .filter(|a| a.is_object())?;
+        if !self.topic.is_empty() {
+            alert[crate::alerts::notify::ONLY] = self.topic.clone().into();
+        }
+        Some(alert)
     }
 
     /// Whether the letter is about `house` and `sensor` (either may be left open): by its topic,

@@ -780,6 +780,7 @@ async fn webhooks_are_posted_and_failures_dead_lettered() {
         letters[0]["topic"], "webhook-2",
         "a webhook is named by its position when unnamed"
     );
+    let delivered = hook.received().len();
     let replayed = post(&addr, "/api/v1/dlq/replay?reason=webhook_failed");
     assert_eq!(replayed["letters"], 2, "{replayed}");
     // Queued for the notifier again, failing again: two new letters.
@@ -803,6 +804,12 @@ async fn webhooks_are_posted_and_failures_dead_lettered() {
         },
     )
     .await;
+    // Replayed to the webhook that failed only: the one that had them gets nothing twice.
+    assert_eq!(
+        hook.received().len(),
+        delivered,
+        "no duplicate to the working webhook"
+    );
 }
 
 /// The latest values are the store's: after a restart (the in-memory cache starts empty) a

@@ -349,3 +349,37 @@ async fn grpc_ingest_subscribe_and_walls() {
         "{list:?}"
     );
 }
+
+/// Past `http_max_connections`, a gRPC client waits in the backlog and is served once another
+/// leaves (embedded: the same server code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_are_capped() {
+    let mut env = Env::embedded("grpc_cap");
+    let port = free_port();
+    env.set("admin_token", ADMIN)
+        .set("http_max_connections", 1)
+        .set("grpc_listen", format!("127.0.0.1:{port}"));
+    let up = env.up().await;
+    up.wait_log("grpc listening", Duration::from_secs(30)).await;
+    let ask = |mut grpc: HearthClient<Channel>| async move {
+        grpc.alerts(authed(proto::AlertsRequest::default(), ADMIN))
+            .await
+            .map(|r| r.into_inner().alerts.len())
+    };
+    let first = client(port).await;
+    assert_eq!(ask(first.clone()).await.expect("the first client"), 0);
+    let url = format!("http://127.0.0.1:{port}");
+    let second = HearthClient::new(Channel::from_shared(url).expect("url").connect_lazy());
+    let waiting = tokio::spawn(ask(second));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a connection past the cap is not served"
+    );
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("served once the first left")
+        .expect("task");
+    assert_eq!(served.expect("the second client"), 0);
+}

@@ -21,6 +21,10 @@ use crate::dead_letter::DeadLetter;
 use crate::metrics::METRICS;
 use crate::tls::{self, ClientFiles, Verify};
 
+/// The key a notification's JSON (an alert's) may carry to go to that one webhook only: a
+/// replayed dead letter goes back to the webhook that failed, not to every one of its severity.
+pub const ONLY: &str = "only_webhook";
+
 /// Attempts per webhook before a notification is dead-lettered.
 const ATTEMPTS: u32 = 4;
 
@@ -86,13 +90,15 @@ impl Notifier {
             warn!("unreadable notification dropped into the dead letters");
             return vec![letter("", body, "unreadable notification".into())];
         };
+        let only = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v[ONLY].as_str().map(str::to_string));
         let generic = serde_json::json!({"type": "alert", "alert": alert}).to_string();
         let mut failed = Vec::new();
-        for target in self
-            .targets
-            .iter()
-            .filter(|t| t.hook.severities.contains(&alert.severity))
-        {
+        for target in self.targets.iter().filter(|t| {
+            t.hook.severities.contains(&alert.severity)
+                && only.as_deref().is_none_or(|name| name == t.hook.name)
+        }) {
             let name = &target.hook.name;
             match target.deliver(&alert, &generic).await {
                 Ok(()) => {

@@ -5,6 +5,8 @@
 //! same house walls; REST's errors map to gRPC codes (400 → INVALID_ARGUMENT, 401 →
 //! UNAUTHENTICATED, 403 → PERMISSION_DENIED, 404 → NOT_FOUND, 503 → UNAVAILABLE…). The health
 //! (`grpc.health.v1`) and reflection (`grpc.reflection.v1`) services are served beside it.
+//! Bounds: `http_max_connections` connections, 256 calls at once on each, a 64 KiB message, a
+//! call within the HTTP request time.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -73,12 +75,89 @@ pub async fn serve(
                 .max_decoding_message_size(64 * 1024)
                 .max_encoding_message_size(4 * 1024 * 1024),
         )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move { shutdown.wait().await },
-        )
+        .serve_with_incoming_shutdown(incoming(listener, limits.max_connections), async move {
+            shutdown.wait().await
+        })
         .await?;
     Ok(())
+}
+
+/// Accepted connections, at most `max` at once (`http_max_connections`, as the HTTP server):
+/// each holds a permit until it closes, and past `max` the next ones wait in the kernel's
+/// backlog.
+fn incoming(
+    listener: TcpListener,
+    max: usize,
+) -> impl Stream<Item = std::io::Result<Counted>> + Send + 'static {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let counted = Counted {
+                        stream,
+                        _permit: permit,
+                    };
+                    return Some((Ok(counted), (listener, permits)));
+                }
+                Err(e) => {
+                    // Out of descriptors, say: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// A connection counted against the cap while it lives.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 pub struct Service {

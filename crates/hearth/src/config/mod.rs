@@ -194,7 +194,7 @@ pub struct Config {
     pub mqtt_max_queued_messages: usize,
     /// Embedded broker: most bytes of messages queued for one persistent session.
     pub mqtt_max_queued_bytes: usize,
-    /// HTTP: most connections at once; more wait in the kernel's backlog.
+    /// HTTP and gRPC: most connections at once, each; more wait in the kernel's backlog.
     pub http_max_connections: usize,
     /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
     /// included; WebSocket sessions aside) must be answered within ten times it.
