@@ -76,6 +76,23 @@ impl Endpoint {
     /// Parse `mqtt://[user[:password]@]host[:port]`, or `mqtts://…[?ca=FILE&cert=FILE&key=FILE]`
     /// for TLS (port 8883 by default; the system's roots when no `ca` is given).
     pub fn parse(url: &str, client_id: &str) -> Result<Endpoint, MqttError> {
+        let (mut endpoint, files) = Endpoint::unsecured(url, client_id)?;
+        if let Some(files) = files {
+            endpoint.tls = Some(tls::client_config(&files, Verify::Full)?);
+        }
+        Ok(endpoint)
+    }
+
+    /// Host and port of `url`, without reading its certificate files (a readiness probe's
+    /// question, asked on every request).
+    pub fn address(url: &str) -> Result<(String, u16), MqttError> {
+        let (endpoint, _) = Endpoint::unsecured(url, "")?;
+        Ok((endpoint.host, endpoint.port))
+    }
+
+    /// The endpoint without its TLS configuration, and the files to make it from for
+    /// `mqtts://`.
+    fn unsecured(url: &str, client_id: &str) -> Result<(Endpoint, Option<ClientFiles>), MqttError> {
         let (url, files) = ClientFiles::from_url(url)?;
         let url = url.as_str();
         let (secure, rest) = if let Some(rest) = url
@@ -117,7 +134,7 @@ impl Endpoint {
         if host.is_empty() {
             return Err(MqttError::Url(format!("no host in {url:?}")));
         }
-        Ok(Endpoint {
+        let endpoint = Endpoint {
             host: host.trim_matches(['[', ']']).to_string(),
             port,
             client_id: client_id.to_string(),
@@ -125,11 +142,9 @@ impl Endpoint {
             clean_session: true,
             keep_alive: Duration::from_secs(30),
             max_packet: 256 * 1024 * 1024,
-            tls: match secure {
-                true => Some(tls::client_config(&files, Verify::Full)?),
-                false => None,
-            },
-        })
+            tls: None,
+        };
+        Ok((endpoint, secure.then_some(files)))
     }
 }
 

@@ -72,13 +72,11 @@ async fn grpc_ingest_subscribe_and_walls() {
     let mut env = Env::new("grpc");
     let rules = env.scratch.0.join("rules.toml");
     std::fs::write(&rules, SMOKE_RULE).expect("rules");
-    let port = free_port();
     env.set("admin_token", ADMIN)
         .set("rules_file", rules.display())
-        .set("grpc_listen", format!("127.0.0.1:{port}"));
+        .set("grpc_listen", "127.0.0.1:0");
     let api = env.hearth("api", &["api"]);
-    api.wait_log("grpc listening", Duration::from_secs(60))
-        .await;
+    let port = api.grpc_port().await;
     // The first worker dies right after committing its first batch, before acknowledging it:
     // the next worker gets that batch again.
     let mut first = env.hearth(
@@ -355,12 +353,11 @@ async fn grpc_ingest_subscribe_and_walls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_connections_are_capped() {
     let mut env = Env::embedded("grpc_cap");
-    let port = free_port();
     env.set("admin_token", ADMIN)
         .set("http_max_connections", 1)
-        .set("grpc_listen", format!("127.0.0.1:{port}"));
+        .set("grpc_listen", "127.0.0.1:0");
     let up = env.up().await;
-    up.wait_log("grpc listening", Duration::from_secs(30)).await;
+    let port = up.grpc_port().await;
     let ask = |mut grpc: HearthClient<Channel>| async move {
         grpc.alerts(authed(proto::AlertsRequest::default(), ADMIN))
             .await

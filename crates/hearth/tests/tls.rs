@@ -144,7 +144,6 @@ async fn servers_over_tls_on_every_link() {
     let pg = tls_postgres(&env.scratch.0, &pki);
     let client = pki.client_query();
     let ca = pki.path("ca.pem");
-    let grpc_port = free_port();
     env.database_url = format!(
         "postgres://postgres@localhost:{}/hearth?sslmode=verify-full&sslrootcert={ca}",
         pg.port
@@ -159,12 +158,13 @@ async fn servers_over_tls_on_every_link() {
     )
     .set("api_tls_cert", pki.path("server.pem"))
     .set("api_tls_key", pki.path("server.key"))
-    .set("grpc_listen", format!("127.0.0.1:{grpc_port}"))
+    .set("grpc_listen", "127.0.0.1:0")
     .set("admin_token", ADMIN);
 
     let up = env.up().await;
     let addr = up.http_addr().await;
     let port = addr.rsplit_once(':').expect("port").1.to_string();
+    let grpc_port = up.grpc_port().await;
 
     // Devices publish over TLS with their certificate; without one the broker refuses them.
     let tls_args = [

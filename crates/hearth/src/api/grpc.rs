@@ -388,7 +388,7 @@ impl Hearth for Service {
                     _ = tx.closed() => break,
                 }
             }
-            hub.detach(id);
+            hub.remove(id);
         });
         Ok(Response::new(Box::pin(tokio_stream_of(rx))))
     }

@@ -101,9 +101,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 plain => plain.to_string(),
             })
         } else {
-            crate::mqtt::Endpoint::parse(&state.config.first_mqtt_url(), "readyz")
+            crate::mqtt::Endpoint::address(&state.config.first_mqtt_url())
                 .ok()
-                .map(|ep| format!("{}:{}", ep.host, ep.port))
+                .map(|(host, port)| format!("{host}:{port}"))
         };
         match address {
             Some(a) => tokio::net::TcpStream::connect(a).await.is_ok(),

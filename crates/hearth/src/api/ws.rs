@@ -102,8 +102,18 @@ pub(crate) const RESYNC: &str = r#"{"type":"resync","reason":"the alert pushes a
 
 /// Whether a live push should go out: not an alert push the replay already sent (by `seq`);
 /// `last_seq` follows what went out.
+///
+/// Alert pushes carry their `seq` first ([`crate::seam::with_seq`] and the servers' push
+/// script write it so): it is read off the front, without parsing the message (an events push
+/// can be tens of KiB, and every client's session sees every push of its houses).
 pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
-    match serde_json::from_str::<Head>(text).ok().and_then(|h| h.seq) {
+    let seq = text.strip_prefix(r#"{"seq":"#).and_then(|rest| {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest[..digits].parse::<u64>().ok()
+    });
+    match seq {
         Some(seq) if seq <= *last_seq => false,
         Some(seq) => {
             *last_seq = seq;
@@ -169,7 +179,8 @@ impl Hub {
         }
     }
 
-    fn remove(&self, id: u64) {
+    /// A client left.
+    pub(crate) fn remove(&self, id: u64) {
         if let Ok(mut clients) = self.clients.lock() {
             clients.remove(&id);
         }
@@ -274,11 +285,6 @@ impl Hub {
             missed,
             last_seq,
         }
-    }
-
-    /// A client left.
-    pub(crate) fn detach(&self, id: u64) {
-        self.remove(id);
     }
 
     /// Advertise one subscription at once (a new client should not wait for the next round).
@@ -510,5 +516,29 @@ async fn request(
             subs.retain(|s| s.house != house);
             serde_json::json!({"type": "unsubscribed", "house": house})
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fresh;
+
+    #[test]
+    fn seq_is_read_off_the_front() {
+        let mut last = 5;
+        assert!(!fresh(
+            &mut last,
+            r#"{"seq":5,"type":"alert","house_id":"h"}"#
+        ));
+        assert!(fresh(
+            &mut last,
+            r#"{"seq":6,"type":"alert","house_id":"h"}"#
+        ));
+        assert_eq!(last, 6);
+        assert!(fresh(
+            &mut last,
+            r#"{"type":"events","house_id":"h","events":[]}"#
+        ));
+        assert_eq!(last, 6);
     }
 }

@@ -390,12 +390,24 @@ impl Hearth {
 
     /// The address its HTTP server listens on (from its log; start it with port 0).
     pub async fn http_addr(&self) -> String {
-        self.wait_log("http listening", Duration::from_secs(60))
-            .await;
+        self.listening_addr("http listening").await
+    }
+
+    /// The port of its gRPC server (from its log; start it with `grpc_listen` port 0).
+    pub async fn grpc_port(&self) -> u16 {
+        let addr = self.listening_addr("grpc listening").await;
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("a port")
+    }
+
+    /// The `addr=` of the log line holding `needle`, once it is there.
+    async fn listening_addr(&self, needle: &str) -> String {
+        self.wait_log(needle, Duration::from_secs(60)).await;
         let text = self.log_text();
         let line = text
             .lines()
-            .find(|l| l.contains("http listening"))
+            .find(|l| l.contains(needle))
             .expect("listening line");
         line.split("addr=")
             .nth(1)
