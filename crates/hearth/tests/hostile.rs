@@ -428,7 +428,8 @@ async fn cardinality_is_capped_embedded() {
 // ---- 6. connections that never end (HTTP and WebSocket) ---------------------------------------
 
 /// 300 connections that send half a request are closed within the header timeout (the server
-/// goes on answering meanwhile); a WebSocket client sending a 64 KiB message is cut off.
+/// goes on answering meanwhile); a WebSocket client sending a 64 KiB message is cut off, and one
+/// sending messages faster than its allowance.
 async fn connections_end(backend: Backend, name: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = start(backend, name, &[("http_header_timeout_ms", "1000")]).await;
@@ -497,6 +498,54 @@ async fn connections_end(backend: Backend, name: &str) {
         ended.is_ok(),
         "the oversize WebSocket message ended the session"
     );
+
+    // A client sending subscriptions as fast as it can: its burst is answered, then it is
+    // disconnected (1008, "too many messages") and counted; the API goes on serving.
+    let mut flood = ws_connect(&t.addr, "house=h1", Some(ADMIN))
+        .await
+        .expect("ws");
+    assert_eq!(
+        ws_next(&mut flood, WAIT).await.expect("hello")["type"],
+        "hello"
+    );
+    const SENT: usize = 500;
+    for _ in 0..SENT {
+        let request = r#"{"type":"subscribe","house":"h1","events":false}"#;
+        let message = tokio_tungstenite::tungstenite::Message::Text(request.into());
+        if flood.send(message).await.is_err() {
+            break;
+        }
+    }
+    let (answered, close) = tokio::time::timeout(WAIT, async {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let mut answered = 0;
+        loop {
+            match flood.next().await {
+                Some(Ok(Message::Text(t))) if t.contains("subscribed") => answered += 1,
+                Some(Ok(Message::Close(frame))) => return (answered, frame),
+                None | Some(Err(_)) => return (answered, None),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the flooding client was disconnected");
+    let close = close.expect("a close frame");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1008, "too many messages")
+    );
+    // The burst (twice the subscriptions a socket may hold) is answered whatever the timing.
+    assert!((64..SENT).contains(&answered), "{answered} answered");
+    assert_eq!(
+        metric(
+            &t.metrics().await,
+            r#"hearth_ws_closed_total{reason="too_many_messages"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(t.get("/api/v1/houses", ADMIN).await.0, 200, "still serving");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

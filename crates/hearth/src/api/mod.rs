@@ -18,6 +18,7 @@ pub mod openapi;
 pub mod params;
 pub mod sensors;
 pub mod series;
+pub mod subscribe;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -6,8 +6,9 @@
 //! sent live is skipped when the replay already had it); when they are no longer kept it is
 //! told `{"type": "resync"}` and re-reads `/api/v1/alerts`. Events are pushed live only. On an
 //! open socket a client sends `{"type": "subscribe", "house": H, "events": …, "alerts": …}` or
-//! `{"type": "unsubscribe", "house": H}` (at most [`MAX_SUBSCRIPTIONS`], each checked against
-//! its token), answered `subscribed`, `unsubscribed` or `error`.
+//! `{"type": "unsubscribe", "house": H}`, answered `subscribed`, `unsubscribed` or `error`
+//! ([`super::subscribe`], which also bounds how many messages a client may send: past that it is
+//! disconnected, close code 1008, "too many messages").
 //!
 //! Workers publish alert transitions and the events of watched houses on the Redis channel
 //! `P:push`; every API process subscribes to it and fans messages out to its clients, so the API
@@ -32,7 +33,9 @@ use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
 use super::params::query_pairs;
+use super::subscribe::{Allowance, request};
 use crate::backoff::Backoff;
+use crate::metrics::METRICS;
 use crate::seam::FanOut;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -42,8 +45,6 @@ const SEND_WITHIN: Duration = Duration::from_secs(10);
 const MAX_INBOUND: usize = 4 * 1024;
 /// How long a watched house stays watched without being advertised again.
 const WATCH_TTL_MS: i64 = 15_000;
-/// Subscriptions one socket may hold.
-pub const MAX_SUBSCRIPTIONS: usize = 32;
 
 /// What a client listens to.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,26 +124,6 @@ pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
     }
 }
 
-/// What a client may send on an open socket.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-enum Request {
-    Subscribe {
-        house: Option<String>,
-        #[serde(default = "yes")]
-        events: bool,
-        #[serde(default = "yes")]
-        alerts: bool,
-    },
-    Unsubscribe {
-        house: Option<String>,
-    },
-}
-
-fn yes() -> bool {
-    true
-}
-
 impl Hub {
     pub fn new(fanout: Arc<dyn FanOut>, buffer: usize) -> Hub {
         Hub {
@@ -206,6 +187,7 @@ impl Hub {
             // Dropping the sender tells the client's task to close the connection.
             clients.remove(&id);
             info!(client = id, "websocket client too slow, disconnecting");
+            METRICS.ws_closed.with("too_slow").add(1);
         }
     }
 
@@ -288,7 +270,7 @@ impl Hub {
     }
 
     /// Advertise one subscription at once (a new client should not wait for the next round).
-    async fn advertise_now(&self, sub: &Subscription) {
+    pub(crate) async fn advertise_now(&self, sub: &Subscription) {
         if !sub.events {
             return;
         }
@@ -405,6 +387,7 @@ async fn serve(
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut last_pong = Instant::now();
+    let mut allowance = Allowance::default();
     'session: loop {
         for text in outbox.drain(..) {
             let send = sender.send(Message::Text(text.into()));
@@ -413,6 +396,7 @@ async fn serve(
                     client = id,
                     "websocket client too slow (send stalled), disconnecting"
                 );
+                METRICS.ws_closed.with("too_slow").add(1);
                 break 'session;
             }
         }
@@ -435,17 +419,29 @@ async fn serve(
             _ = ping.tick() => {
                 if last_pong.elapsed() > PONG_WITHIN {
                     info!(client = id, "websocket client too slow (no pong within 60 s), disconnecting");
+                    METRICS.ws_closed.with("no_pong").add(1);
                     break;
                 }
                 let sent = tokio::time::timeout(SEND_WITHIN, sender.send(Message::Ping(Vec::new().into()))).await;
                 if !matches!(sent, Ok(Ok(()))) {
                     info!(client = id, "websocket client too slow (ping not sent), disconnecting");
+                    METRICS.ws_closed.with("too_slow").add(1);
                     break;
                 }
             }
             incoming = receiver.next() => match incoming {
-                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) if !allowance.take() => {
+                    info!(client = id, "websocket client sent too many messages, disconnecting");
+                    METRICS.ws_closed.with("too_many_messages").add(1);
+                    let close = Message::Close(Some(CloseFrame {
+                        code: close_code::POLICY,
+                        reason: "too many messages".into(),
+                    }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sender.send(close)).await;
+                    break;
+                }
+                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                 Some(Ok(Message::Text(text))) => {
                     last_pong = Instant::now();
                     let answer = request(&hub, &who, &mut subs, &text).await;
@@ -458,65 +454,6 @@ async fn serve(
     }
     hub.remove(id);
     debug!(client = id, "websocket closed");
-}
-
-/// A client's `subscribe` or `unsubscribe`, applied to `subs`; the answer to send it.
-async fn request(
-    hub: &Hub,
-    who: &Principal,
-    subs: &mut Vec<Subscription>,
-    text: &str,
-) -> serde_json::Value {
-    let error = |message: String| serde_json::json!({"type": "error", "error": message});
-    let request = match serde_json::from_str::<Request>(text) {
-        Ok(r) => r,
-        Err(e) => return error(format!("not a subscribe or unsubscribe request: {e}")),
-    };
-    let house_of = |house: Option<String>| -> Result<Option<String>, String> {
-        match (house, who) {
-            (Some(h), _) => {
-                if !crate::event::is_valid_id(&h) {
-                    return Err("house must match [A-Za-z0-9_.-]{1,64}".into());
-                }
-                who.check(&h).map_err(|e| e.to_string())?;
-                Ok(Some(h))
-            }
-            (None, Principal::House(own)) => Ok(Some(own.clone())),
-            (None, Principal::Admin) => Ok(None),
-        }
-    };
-    match request {
-        Request::Subscribe {
-            house,
-            events,
-            alerts,
-        } => {
-            let house = match house_of(house) {
-                Ok(h) => h,
-                Err(e) => return error(e),
-            };
-            subs.retain(|s| s.house != house);
-            if subs.len() >= MAX_SUBSCRIPTIONS {
-                return error(format!("at most {MAX_SUBSCRIPTIONS} subscriptions"));
-            }
-            let sub = Subscription {
-                house: house.clone(),
-                events,
-                alerts,
-            };
-            hub.advertise_now(&sub).await;
-            subs.push(sub);
-            serde_json::json!({"type": "subscribed", "house": house, "events": events, "alerts": alerts})
-        }
-        Request::Unsubscribe { house } => {
-            let house = match house_of(house) {
-                Ok(h) => h,
-                Err(e) => return error(e),
-            };
-            subs.retain(|s| s.house != house);
-            serde_json::json!({"type": "unsubscribed", "house": house})
-        }
-    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,9 @@ pub struct Metrics {
     /// What the embedded broker refused, by reason (`bad_credentials`, `anonymous`,
     /// `forbidden`, `subscription`, `too_many_connections`).
     pub mqtt_refused: Family<Counter>,
+    /// WebSocket clients the API disconnected, by reason (`too_slow`, `no_pong`,
+    /// `too_many_messages`).
+    pub ws_closed: Family<Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -182,6 +185,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     alerts: Family::new("severity", Counter::default),
     circuit_open: Family::new("dependency", Gauge::default),
     mqtt_refused: Family::new("reason", Counter::default),
+    ws_closed: Family::new("reason", Counter::default),
 });
 
 pub fn metrics() -> &'static Metrics {
@@ -229,6 +233,7 @@ pub const NAMES: &[&str] = &[
     "hearth_alerts_total",
     "hearth_circuit_open",
     "hearth_mqtt_refused_total",
+    "hearth_ws_closed_total",
     "hearth_dead_letters_expired_total",
     "hearth_queue_depth",
     "hearth_queue_pending",

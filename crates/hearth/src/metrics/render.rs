@@ -128,6 +128,12 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "Connections, logins, publishes and subscriptions the embedded broker refused, by reason.",
         &m.mqtt_refused,
     );
+    family_counter(
+        &mut out,
+        "hearth_ws_closed_total",
+        "WebSocket clients the API disconnected, by reason.",
+        &m.ws_closed,
+    );
     header(
         &mut out,
         "hearth_circuit_open",

@@ -1,7 +1,7 @@
-//! The consumer's part in alerting: evaluate the rules on each stored batch and write the
-//! transitions (fenced like the batch), push them, and mark them pushed; push again what a
-//! lane's former owner left unpushed; for the holder of the critical lane, sweep for silent
-//! sensors; and, while the store is unreachable, warn of critical alerts before they are stored.
+//! The consumer's alerting outside a batch's own steps (which are [`super::batch`]'s: rules,
+//! their transitions, pushes): push again what a lane's former owner left unpushed; for the
+//! holder of the critical lane, sweep for silent sensors; and, while the store is unreachable,
+//! warn of critical alerts before they are stored.
 
 use std::time::{Duration, Instant};
 
@@ -10,11 +10,10 @@ use tracing::{info, warn};
 use super::Consumer;
 use crate::alerts::rules::Condition;
 use crate::alerts::{Alert, AlertState, Severity};
-use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::lane::Lane;
 use crate::metrics::METRICS;
-use crate::seam::{Delivery, Unavailable, WriteError};
+use crate::seam::{Delivery, Unavailable};
 
 /// How often the set of watched houses is read again: a new WebSocket subscription gets events
 /// within about this long.
@@ -81,107 +80,6 @@ impl Consumer {
                 }
             }
             Err(e) => warn!(consumer = %self.name, error = %e, "could not push provisional alerts"),
-        }
-    }
-
-    /// Evaluate the rules on stored `events` (of `lanes`) and write what changed. `None` on
-    /// shutdown or when a lane was lost meanwhile (the lane's next owner evaluates the batch
-    /// again).
-    pub(super) async fn evaluate_rules(
-        &mut self,
-        events: &[&Event],
-        lanes: &[Lane],
-    ) -> Option<Vec<Alert>> {
-        let mut backoff = Backoff::default();
-        loop {
-            let result: Result<Vec<Alert>, WriteError> = async {
-                let to_load = self.engine.to_load(events);
-                if !to_load.is_empty() {
-                    let states = self.parts.alerts.load_states(&to_load).await?;
-                    self.engine.load(&to_load, states);
-                }
-                let outcome = self.engine.evaluate(events);
-                let alerts = if outcome.is_empty() {
-                    Vec::new()
-                } else {
-                    let fences: Vec<crate::seam::Fence> = self
-                        .parts
-                        .ownership
-                        .held()
-                        .into_iter()
-                        .filter(|(l, _)| lanes.contains(l))
-                        .collect();
-                    let mut wanted: Vec<Lane> = lanes.to_vec();
-                    wanted.sort();
-                    wanted.dedup();
-                    if fences.len() != wanted.len() {
-                        return Err(WriteError::Fenced(Vec::new()));
-                    }
-                    self.parts.alerts.write_outcome(&fences, &outcome).await?
-                };
-                self.engine.commit(outcome, events);
-                Ok(alerts)
-            }
-            .await;
-            match result {
-                Ok(alerts) => {
-                    for a in &alerts {
-                        if a.state == AlertState::Active {
-                            METRICS.alerts.with(a.severity.as_str()).add(1);
-                        }
-                        info!(alert = a.id, rule = %a.rule, sensor = %a.sensor_id, state = a.state.as_str(), "alert");
-                    }
-                    return Some(alerts);
-                }
-                Err(WriteError::Fenced(lost)) => {
-                    warn!(consumer = %self.name, lanes = ?lost, "fenced out while writing alerts");
-                    self.parts.ownership.lost(&lost);
-                    self.engine.forget();
-                    return None;
-                }
-                Err(e) => {
-                    if let WriteError::Unavailable(u) = &e {
-                        crate::metrics::dependency_error(super::dependency(u));
-                    }
-                    warn!(consumer = %self.name, error = %e, "writing alerts failed, retrying");
-                    self.engine.forget();
-                    if !self.shutdown.clone().sleep(backoff.next_delay()).await {
-                        return None;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Push `alerts`, and the events of watched houses.
-    pub(super) async fn push(
-        &self,
-        alerts: &[Alert],
-        events: &[&Event],
-    ) -> Result<(), Unavailable> {
-        if !alerts.is_empty() {
-            self.fanout.push_alerts(alerts).await?;
-        }
-        let watched = &self.watched.1;
-        if watched.is_empty() || events.is_empty() {
-            return Ok(());
-        }
-        let all = watched.contains("*");
-        let messages = crate::alerts::event_messages(events, |h| all || watched.contains(h));
-        if messages.is_empty() {
-            return Ok(());
-        }
-        self.fanout.publish(&messages).await
-    }
-
-    /// Note that `alerts` were pushed (best effort: if this fails, the lane's next owner pushes
-    /// them again, and a client sees the same alert twice).
-    pub(super) async fn pushed(&mut self, alerts: &[Alert]) {
-        if alerts.is_empty() {
-            return;
-        }
-        if let Err(e) = self.parts.alerts.mark_pushed(alerts).await {
-            warn!(consumer = %self.name, error = %e, "could not mark alerts pushed");
         }
     }
 

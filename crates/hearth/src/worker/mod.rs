@@ -10,8 +10,10 @@
 //! processes. Taking a lane over starts with its pending entries, oldest first.
 //!
 //! For each batch ([`batch`]): store the events in one write that proves the lanes are held,
-//! evaluate the rules and write their transitions the same way ([`alerting`]), offer the events
-//! to the cache, push the alerts (and the events of watched houses), then acknowledge. A crash
+//! evaluate the rules and write their transitions the same way, offer the events to the cache,
+//! push the alerts (and the events of watched houses), then acknowledge. Between batches
+//! ([`alerting`]): re-push what a lane's former owner left unpushed, sweep for silent sensors;
+//! while the store is down, push critical alerts provisionally. A crash
 //! anywhere before the acknowledgement hands the batch out again, and the dedup keys make that
 //! harmless. A server error at any step is retried in place with backoff, the batch kept in
 //! hand; it is never a reason to dead-letter. An entry that fails for its own content is handed
