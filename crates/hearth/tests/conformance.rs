@@ -1517,12 +1517,21 @@ async fn retention_suite(b: Backend, raw: Raw) {
     let s = &b.seams.store;
     let now_us = hearth::event::now_us();
     let day_us = 86_400_000_000i64;
-    let ages = [40 * day_us, 10 * day_us, 3 * day_us, 3_600_000_000];
+    // The days' ages count back from the last noon (UTC), so that a reading and its copy an
+    // hour later fall in the same day's partition whatever the time the test runs at.
+    let hour_us = 3_600_000_000i64;
+    let noon_us = (now_us - 12 * hour_us) / day_us * day_us + 12 * hour_us;
+    let received = [
+        noon_us - 40 * day_us,
+        noon_us - 10 * day_us,
+        noon_us - 3 * day_us,
+        now_us - hour_us,
+    ];
     let mut batch = Vec::new();
     for kind in ["temperature", "power"] {
-        for (i, age) in ages.iter().enumerate() {
+        for (i, at) in received.iter().enumerate() {
             let mut e = event("house-r", "meter", kind, i as i64 + 1, 0);
-            e.received_us = now_us - age;
+            e.received_us = *at;
             e.ts_ms = e.received_us / 1000;
             batch.push(e);
         }
