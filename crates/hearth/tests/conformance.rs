@@ -1622,7 +1622,8 @@ async fn retention_suite(b: Backend, raw: Raw) {
                 sensor: "meter".into(),
                 kind: kind.into(),
                 step: Step::Day,
-                from: now_ms - 41 * 86_400_000,
+                // The oldest reading is 40 days before the last noon: its day starts up to 41.5 days ago.
+                from: now_ms - 42 * 86_400_000,
                 to: now_ms + 86_400_000,
             })
             .await
