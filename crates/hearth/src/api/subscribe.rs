@@ -8,7 +8,25 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use super::auth::Principal;
-use super::ws::{Hub, Subscription};
+
+/// What a client listens to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    /// `None`: every house (admin only).
+    pub house: Option<String>,
+    pub events: bool,
+    pub alerts: bool,
+}
+
+impl Subscription {
+    pub(crate) fn wants(&self, kind: &str, house: &str) -> bool {
+        let wanted = match kind {
+            "alert" => self.alerts,
+            _ => self.events,
+        };
+        wanted && self.house.as_deref().is_none_or(|h| h == house)
+    }
+}
 
 /// Subscriptions one socket may hold.
 pub const MAX_SUBSCRIPTIONS: usize = 32;
@@ -77,13 +95,13 @@ fn yes() -> bool {
 }
 
 /// A client's `subscribe` or `unsubscribe`, applied to `subs`; the answer to send it.
-pub(crate) async fn request(
-    hub: &Hub,
+/// The answer, and the subscription added (for the hub to advertise).
+pub(crate) fn request(
     who: &Principal,
     subs: &mut Vec<Subscription>,
     text: &str,
-) -> serde_json::Value {
-    let error = |message: String| serde_json::json!({"type": "error", "error": message});
+) -> (serde_json::Value, Option<Subscription>) {
+    let error = |message: String| (serde_json::json!({"type": "error", "error": message}), None);
     let request = match serde_json::from_str::<Request>(text) {
         Ok(r) => r,
         Err(e) => return error(format!("not a subscribe or unsubscribe request: {e}")),
@@ -120,9 +138,9 @@ pub(crate) async fn request(
                 events,
                 alerts,
             };
-            hub.advertise_now(&sub).await;
-            subs.push(sub);
-            serde_json::json!({"type": "subscribed", "house": house, "events": events, "alerts": alerts})
+            subs.push(sub.clone());
+            let answer = serde_json::json!({"type": "subscribed", "house": house, "events": events, "alerts": alerts});
+            (answer, Some(sub))
         }
         Request::Unsubscribe { house } => {
             let house = match house_of(house) {
@@ -130,7 +148,10 @@ pub(crate) async fn request(
                 Err(e) => return error(e),
             };
             subs.retain(|s| s.house != house);
-            serde_json::json!({"type": "unsubscribed", "house": house})
+            (
+                serde_json::json!({"type": "unsubscribed", "house": house}),
+                None,
+            )
         }
     }
 }

@@ -33,6 +33,7 @@ use super::AppState;
 use super::auth::Principal;
 use super::error::ApiError;
 use super::params::query_pairs;
+pub use super::subscribe::Subscription;
 use super::subscribe::{Allowance, request};
 use crate::backoff::Backoff;
 use crate::metrics::METRICS;
@@ -45,25 +46,6 @@ const SEND_WITHIN: Duration = Duration::from_secs(10);
 const MAX_INBOUND: usize = 4 * 1024;
 /// How long a watched house stays watched without being advertised again.
 const WATCH_TTL_MS: i64 = 15_000;
-
-/// What a client listens to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Subscription {
-    /// `None`: every house (admin only).
-    pub house: Option<String>,
-    pub events: bool,
-    pub alerts: bool,
-}
-
-impl Subscription {
-    fn wants(&self, kind: &str, house: &str) -> bool {
-        let wanted = match kind {
-            "alert" => self.alerts,
-            _ => self.events,
-        };
-        wanted && self.house.as_deref().is_none_or(|h| h == house)
-    }
-}
 
 struct Client {
     subs: Vec<Subscription>,
@@ -444,7 +426,10 @@ async fn serve(
                 Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                 Some(Ok(Message::Text(text))) => {
                     last_pong = Instant::now();
-                    let answer = request(&hub, &who, &mut subs, &text).await;
+                    let (answer, added) = request(&who, &mut subs, &text);
+                    if let Some(sub) = added {
+                        hub.advertise_now(&sub).await;
+                    }
                     hub.set(id, subs.clone());
                     outbox.push(answer.to_string());
                 }
