@@ -252,7 +252,7 @@ impl Hub {
     }
 
     /// Advertise one subscription at once (a new client should not wait for the next round).
-    pub(crate) async fn advertise_now(&self, sub: &Subscription) {
+    async fn advertise_now(&self, sub: &Subscription) {
         if !sub.events {
             return;
         }
@@ -390,11 +390,7 @@ async fn serve(
                     }
                 }
                 None => {
-                    let close = Message::Close(Some(CloseFrame {
-                        code: close_code::POLICY,
-                        reason: "too slow: messages were not read".into(),
-                    }));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sender.send(close)).await;
+                    close_for_policy(&mut sender, "too slow: messages were not read").await;
                     break;
                 }
             },
@@ -416,11 +412,7 @@ async fn serve(
                 Some(Ok(_)) if !allowance.take() => {
                     info!(client = id, "websocket client sent too many messages, disconnecting");
                     METRICS.ws_closed.with("too_many_messages").add(1);
-                    let close = Message::Close(Some(CloseFrame {
-                        code: close_code::POLICY,
-                        reason: "too many messages".into(),
-                    }));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sender.send(close)).await;
+                    close_for_policy(&mut sender, "too many messages").await;
                     break;
                 }
                 Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -439,6 +431,18 @@ async fn serve(
     }
     hub.remove(id);
     debug!(client = id, "websocket closed");
+}
+
+/// Close a client's socket for breaking a rule (1008), waiting at most a second for the frame.
+async fn close_for_policy<S>(sender: &mut S, reason: &'static str)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let close = Message::Close(Some(CloseFrame {
+        code: close_code::POLICY,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(1), sender.send(close)).await;
 }
 
 #[cfg(test)]
