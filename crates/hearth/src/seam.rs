@@ -316,6 +316,10 @@ pub trait EventStore: Send + Sync {
         &'a self,
         q: &'a crate::series::SeriesQuery,
     ) -> Fut<'a, Vec<crate::series::Point>>;
+    /// Add the readings stored since the last fold to the rollups; returns how many. Every
+    /// worker process calls it every second ([`crate::sweeps::rollups`]); a series counts the
+    /// readings not folded yet too.
+    fn fold_rollups(&self) -> Fut<'_, u64>;
     /// The house of a token, by its SHA-256 (none once expired or revoked).
     fn token_house<'a>(&'a self, hash: &'a [u8]) -> Fut<'a, Option<String>>;
     /// Keep a token (its hash) for `house`, under the public id `id`, until `expires_at` (epoch

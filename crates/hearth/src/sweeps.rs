@@ -1,6 +1,7 @@
 //! The sweeps every worker process (and `hearth up`) runs beside its consumers, on any backend:
 //! dead letters past their retention ([`crate::dead_letter`]), readings and cleared alerts past
-//! theirs ([`crate::keep`]).
+//! theirs ([`crate::keep`]), and the readings stored since the last second folded into the
+//! rollups ([`crate::series`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,19 @@ pub async fn retention(store: Arc<dyn EventStore>, mut shutdown: Shutdown) {
         }
         if !shutdown.sleep(RETENTION_SWEEP).await {
             return;
+        }
+    }
+}
+
+/// How often a worker process folds the readings stored into the rollups.
+pub const ROLLUP_FOLD: Duration = Duration::from_secs(1);
+
+/// Fold every [`ROLLUP_FOLD`], until shutdown (a fold that fails is tried again the next time:
+/// what it did not fold waits, counted by a series all the same).
+pub async fn rollups(store: Arc<dyn EventStore>, mut shutdown: Shutdown) {
+    while shutdown.sleep(ROLLUP_FOLD).await {
+        if let Err(e) = store.fold_rollups().await {
+            tracing::warn!(error = %e, "rollups: cannot fold now");
         }
     }
 }

@@ -387,6 +387,23 @@ async fn tokens_houses_and_parameters_are_checked_on_every_route() {
         let wide = format!("{path}&from=0&to=95617584000000");
         assert_eq!(http(&addr, "GET", &wide, Some(&t1), None).await.0, 400);
     }
+    // What the insert appended is folded into the rollups by the worker within seconds: s1's
+    // six readings counted in each step's rows, no delta left.
+    eventually("the rollups folded", WAIT, || async {
+        let row = pg
+            .query_one(
+                "SELECT (SELECT count(*) FROM rollup_deltas),
+                        ARRAY(SELECT sum(n)::int8 FROM rollups
+                              WHERE house_id = 'h1' AND sensor_id = 's1'
+                              GROUP BY step ORDER BY step)",
+                &[],
+            )
+            .await
+            .expect("rollups");
+        let (left, counted): (i64, Vec<i64>) = (row.get(0), row.get(1));
+        (left == 0 && counted == [6, 6, 6]).then_some(())
+    })
+    .await;
 
     let (status, doc) = http(&addr, "GET", "/openapi.json", None, None).await;
     assert_eq!(status, 200);
@@ -478,19 +495,22 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
     let mut reader = ws_connect(&addr, "house=h1&alerts=false", Some(ADMIN))
         .await
         .expect("reader");
-    // Workers push a house's events once they see it watched (they re-read the watched set
-    // every few seconds): probe until a reading comes through, then flood.
+    // Workers push a house's events once they see it watched (each consumer re-reads the
+    // watched set between batches, at most every 500 ms): probe until a reading of the meter
+    // (another kind, its lane) comes through, then wait a second more, so that a consumer the
+    // meter's lane moves to meanwhile (lanes are rebalanced as consumers start) has read it too;
+    // then flood.
     let hello = ws_next(&mut reader, WAIT).await.expect("hello");
     assert_eq!(hello["type"], "hello");
     let mut probe = 0u64;
     'probing: loop {
         probe += 1;
         assert!(probe <= 30, "no probe reading reached the reading client");
-        let p = serde_json::json!({"kind": "power", "value": 1, "seq": probe});
+        let p = serde_json::json!({"kind": "temperature", "value": 1, "seq": probe});
         publish_all(
             broker.port,
             &format!("probe-{}-{probe}", env.name),
-            vec![("hearth/h1/probe".to_string(), p.to_string().into_bytes())],
+            vec![("hearth/h1/meter".to_string(), p.to_string().into_bytes())],
         )
         .await;
         while let Some(m) = ws_next(&mut reader, Duration::from_secs(1)).await {
@@ -499,6 +519,7 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
             }
         }
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let counter = tokio::spawn(async move {
         let mut events = 0;
         let deadline = tokio::time::Instant::now() + 4 * WAIT;
@@ -507,7 +528,10 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
                 Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
                     let m: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
                     if let Some(batch) = m["events"].as_array() {
-                        events += batch.iter().filter(|e| e["sensor_id"] == "meter").count();
+                        events += batch
+                            .iter()
+                            .filter(|e| e["sensor_id"] == "meter" && e["kind"] == "power")
+                            .count();
                     }
                 }
                 Ok(Some(Ok(_))) => {}

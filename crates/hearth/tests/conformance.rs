@@ -641,7 +641,7 @@ async fn store_embedded() {
 // ---- the rollups -----------------------------------------------------------------------------
 
 /// Rollups equal the aggregates of the raw rows they summarise, whatever the batches, the
-/// redeliveries and the order of the readings' times: a property, sampled by proptest (cases
+/// redeliveries, the folds between them and the order of the readings' times: a property, sampled by proptest (cases
 /// accumulate in one store, against a model of every distinct reading written so far).
 /// A bucket as the model sums it: count, sum, min, max, (time, order) of the last, last value.
 type Bucket = (i64, f64, f64, f64, (i64, usize), f64);
@@ -661,6 +661,9 @@ async fn rollup_suite(b: Backend) {
         prop::collection::vec(reading, 1..60),
         prop::collection::vec(1..20usize, 1..6),
         any::<bool>(),
+        // Which batches are followed by a fold: a series counts the readings folded and those
+        // not folded yet alike.
+        prop::collection::vec(any::<bool>(), 1..6),
     );
     let mut runner = TestRunner::new(PtConfig {
         cases: 12,
@@ -670,7 +673,9 @@ async fn rollup_suite(b: Backend) {
     let mut model: std::collections::BTreeMap<(String, String, i64), (Event, usize)> =
         std::collections::BTreeMap::new();
     for round in 0..12i64 {
-        let (readings, cuts, redeliver) = case.new_tree(&mut runner).expect("case").current();
+        let (readings, cuts, redeliver, folds) =
+            case.new_tree(&mut runner).expect("case").current();
+        let mut fold = folds.iter().cycle();
         let events: Vec<Event> = readings
             .iter()
             .map(|(sensor, kind, seq, ts, milli)| {
@@ -697,6 +702,9 @@ async fn rollup_suite(b: Backend) {
             s.write(&[], &refs, true).await.expect("write");
             if redeliver {
                 s.write(&[], &refs, true).await.expect("write again");
+            }
+            if *fold.next().expect("fold") {
+                s.fold_rollups().await.expect("fold");
             }
             for e in batch {
                 let key = (e.sensor_id.clone(), e.kind.clone(), e.seq.expect("seq"));

@@ -244,8 +244,8 @@ impl Backend for Embedded {
             self.seams.store.clone(),
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(rollups::keep_up(
-            self.writer.clone(),
+        tasks.push(tokio::spawn(crate::sweeps::rollups(
+            self.seams.store.clone(),
             shutdown.clone(),
         )));
         if !self.rules.webhooks.is_empty() {

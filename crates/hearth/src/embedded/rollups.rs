@@ -1,15 +1,11 @@
 //! The rollups on SQLite ([`crate::series`]). The one writer stores events in id order, so the
 //! rows past `rollup_mark` are exactly those not summed yet: [`catch_up`] sums them and moves the
-//! mark in one transaction (exact, resumable, off the insert's path), every second and before a
-//! series is read.
-
-use std::time::Duration;
+//! mark in one transaction (exact, resumable, off the insert's path), every second
+//! ([`crate::sweeps::rollups`]) and before a series is read.
 
 use rusqlite::{Connection, params};
 
-use super::db::Sqlite;
 use crate::series::{Point, SeriesQuery, Stored, fold};
-use crate::shutdown::Shutdown;
 
 /// Rows summed per transaction.
 const CHUNK: i64 = 50_000;
@@ -57,15 +53,6 @@ pub fn catch_up(c: &mut Connection) -> rusqlite::Result<u64> {
         total += rows.len() as u64;
         if (rows.len() as i64) < CHUNK {
             return Ok(total);
-        }
-    }
-}
-
-/// [`catch_up`] every second until shutdown.
-pub async fn keep_up(writer: Sqlite, mut shutdown: Shutdown) {
-    while shutdown.sleep(Duration::from_secs(1)).await {
-        if let Err(e) = writer.call(catch_up).await {
-            tracing::warn!(error = %e, "rollups: cannot catch up now");
         }
     }
 }

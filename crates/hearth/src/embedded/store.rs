@@ -350,6 +350,10 @@ impl EventStore for SqliteStore {
         })
     }
 
+    fn fold_rollups(&self) -> Fut<'_, u64> {
+        Box::pin(async move { self.writer.call(super::rollups::catch_up).await })
+    }
+
     fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>> {
         let q = q.clone();
         Box::pin(async move {

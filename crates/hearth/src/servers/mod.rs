@@ -29,6 +29,7 @@ pub mod postgres;
 pub mod queue;
 pub mod reader;
 pub mod retention;
+mod rollups;
 pub mod schema;
 pub mod slots;
 pub mod status;
@@ -161,8 +162,8 @@ impl Backend for Servers {
         usize::from(self.config.workers)
     }
 
-    /// Dead-letter retention, readings' and alerts' retention, this process's circuit states shared for the pipeline view, and
-    /// the webhook notifier when a webhook is set.
+    /// Dead-letter retention, readings' and alerts' retention, the rollups' fold, this process's
+    /// circuit states shared for the pipeline view, and the webhook notifier when a webhook is set.
     fn background(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
             tokio::spawn(crate::sweeps::dead_letters(
@@ -171,6 +172,10 @@ impl Backend for Servers {
             )),
             tokio::spawn(circuits::share(self.queue.clone(), shutdown.clone())),
             tokio::spawn(crate::sweeps::retention(
+                self.seams.store.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(crate::sweeps::rollups(
                 self.seams.store.clone(),
                 shutdown.clone(),
             )),

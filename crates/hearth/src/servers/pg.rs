@@ -254,29 +254,14 @@ impl EventStore for PgStore {
     fn series<'a>(&'a self, q: &'a SeriesQuery) -> Fut<'a, Vec<Point>> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            let rows = client
-                .query(
-                    "SELECT (extract(epoch FROM bucket) * 1000)::int8, n, low, high, total / n, last
-                     FROM rollups
-                     WHERE house_id = $1 AND sensor_id = $2 AND kind = $3 AND step = $4
-                       AND bucket >= timestamptz 'epoch' + $5::int8 * interval '1 millisecond'
-                       AND bucket < timestamptz 'epoch' + $6::int8 * interval '1 millisecond'
-                     ORDER BY bucket",
-                    &[&q.house, &q.sensor, &q.kind, &q.step.name(), &q.from, &q.to],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(rows
-                .iter()
-                .map(|r| Point {
-                    bucket: r.get(0),
-                    count: r.get(1),
-                    min: r.get(2),
-                    max: r.get(3),
-                    avg: r.get(4),
-                    last: r.get(5),
-                })
-                .collect())
+            super::rollups::series(&client, q).await.map_err(pg)
+        })
+    }
+
+    fn fold_rollups(&self) -> Fut<'_, u64> {
+        Box::pin(async move {
+            let store = self.writer.get().await?;
+            super::rollups::fold(&store.client).await.map_err(pg)
         })
     }
 

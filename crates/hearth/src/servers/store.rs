@@ -46,7 +46,8 @@ RETURNING token";
 ///    insertion costs half as much again as a plain insert, and a probe before each insert a
 ///    sixth: both are paid only when needed. Entries delivered again (after a crash, a retry) go
 ///    straight to the safe variant;
-/// 3. record the sensors seen.
+/// 3. append what the inserted rows add to their minutes' rollups (folded later);
+/// 4. record the sensors seen.
 ///
 /// Returns whether the fences held, the rows inserted, and the lanes whose fence held.
 fn write_statement(safe: bool) -> String {
@@ -94,24 +95,18 @@ WITH held AS (
     {conflict}
     RETURNING house_id, sensor_id, kind, value, ts, id
 ), rolled AS (
-    INSERT INTO rollups AS r (house_id, sensor_id, kind, step, bucket, n, total, low, high,
-                              last_ts, last_id, last)
-    SELECT house_id, sensor_id, kind, st.step, date_trunc(st.step, ts, 'UTC'), count(*),
+    -- What the batch adds to each minute it touched: appended, folded into the rollups later
+    -- (crate::servers::rollups). An upsert per (sensor, kind, step) here cost more than the
+    -- rows' own insert.
+    INSERT INTO rollup_deltas (house_id, sensor_id, kind, minute, n, total, low, high,
+                               last_ts, last_id, last)
+    SELECT house_id, sensor_id, kind, date_trunc('minute', ts, 'UTC'), count(*),
            sum(value), min(value), max(value), max(ts),
            -- The latest row by (ts, id), without a sort: float8 holds both exactly.
            (max(ARRAY[extract(epoch FROM ts) * 1e6, id::float8, value]))[2]::int8,
            (max(ARRAY[extract(epoch FROM ts) * 1e6, id::float8, value]))[3]
-    FROM inserted CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
-    GROUP BY 1, 2, 3, 4, 5
-    ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (house_id, sensor_id, kind, step, bucket) DO UPDATE SET
-        n = r.n + EXCLUDED.n, total = r.total + EXCLUDED.total,
-        low = LEAST(r.low, EXCLUDED.low), high = GREATEST(r.high, EXCLUDED.high),
-        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_id) >= (r.last_ts, r.last_id)
-                    THEN EXCLUDED.last ELSE r.last END,
-        last_id = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_id) >= (r.last_ts, r.last_id)
-                       THEN EXCLUDED.last_id ELSE r.last_id END,
-        last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)
+    FROM inserted
+    GROUP BY 1, 2, 3, 4
     RETURNING 1
 ), seen AS (
     INSERT INTO sensors (house_id, sensor_id, kinds, first_seen, last_seen, interval_ms)
