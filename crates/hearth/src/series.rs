@@ -1,10 +1,12 @@
 //! Rollups: per (house, sensor, kind), the count, sum, min, max and last value of the readings
 //! of each minute, hour and day (UTC), read as a series by
-//! `GET /houses/{house}/sensors/{sensor}/series`. Each stored row counts once: PostgreSQL adds
-//! the rows a worker's insert actually inserted, in that statement; SQLite, whose one writer
-//! stores rows in id order, adds the rows past a mark, mark and rollups in one transaction, off
-//! the insert's path (every second, and before every series read). They do not depend on the raw
-//! rows once written: retention of raw rows leaves them.
+//! `GET /houses/{house}/sensors/{sensor}/series`. Each stored row counts once, folded in every
+//! second by every worker process ([`crate::sweeps::rollups`]): on PostgreSQL a worker's insert
+//! appends what the rows it actually inserted add to their minutes, in that statement, and the
+//! fold moves those deltas into the rollups (a series reads both); SQLite, whose one writer
+//! stores rows in id order, adds the rows past a mark, mark and rollups in one transaction (and
+//! before every series read). They do not depend on the raw rows once written: retention of raw
+//! rows leaves them.
 
 use serde::Serialize;
 use utoipa::ToSchema;

@@ -1,6 +1,7 @@
 //! The store seam on PostgreSQL: events, sensors, houses and tokens. A worker's consumer has a
 //! [`PgStore`] of its own (its writer connection, shared with its alerts and its fences, and
-//! its memory of the sensors it recorded); the API has one whose writer owns no lanes.
+//! its memory of the sensors it recorded); the process has one whose writer owns no lanes (the
+//! API's writes, and the rollups' fold every second: `servers/rollups.rs`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +85,8 @@ pub struct PgStore {
     memo: Mutex<SensorMemo>,
     /// A write slower than this counts against PostgreSQL's circuit breaker.
     slow: Duration,
+    /// When this process last vacuumed the rollups' deltas.
+    vacuumed: Mutex<Instant>,
 }
 
 impl PgStore {
@@ -97,6 +100,7 @@ impl PgStore {
             window_us: i64::from(config.dedup_window_hours) * 3_600_000_000,
             memo: Mutex::new(SensorMemo::new(config.sensor_touch_interval_ms)),
             slow: Duration::from_millis(config.store_slow_ms),
+            vacuumed: Mutex::new(Instant::now()),
         }
     }
 
@@ -258,10 +262,36 @@ impl EventStore for PgStore {
         })
     }
 
+    /// A chunk at a time, the writer's session released in between (the API's alert writes
+    /// share it); the deltas' table vacuumed every [`super::rollups::VACUUM_EVERY`].
     fn fold_rollups(&self) -> Fut<'_, u64> {
         Box::pin(async move {
-            let store = self.writer.get().await?;
-            super::rollups::fold(&store.client).await.map_err(pg)
+            let mut readings = 0;
+            loop {
+                let store = self.writer.get().await?;
+                let (n, more) = super::rollups::fold_chunk(&store.client)
+                    .await
+                    .map_err(pg)?;
+                readings += n;
+                if !more {
+                    break;
+                }
+            }
+            let due = {
+                let mut last = self.vacuumed.lock().unwrap_or_else(|p| p.into_inner());
+                let due = last.elapsed() >= super::rollups::VACUUM_EVERY;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            };
+            if due {
+                let store = self.writer.get().await?;
+                if let Err(e) = super::rollups::vacuum(&store.client).await {
+                    tracing::debug!(error = %describe(&e), "rollup deltas: vacuum skipped");
+                }
+            }
+            Ok(readings)
         })
     }
 

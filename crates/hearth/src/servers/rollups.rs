@@ -43,17 +43,24 @@ WITH taken AS (
 )
 SELECT count(*), coalesce(sum(n), 0)::int8 FROM taken";
 
-/// Fold the deltas there are into the rollups; returns the readings they counted.
-pub async fn fold(client: &Client) -> Result<u64, tokio_postgres::Error> {
-    let mut readings = 0u64;
-    loop {
-        let row = client.query_one(FOLD, &[&CHUNK]).await?;
-        let (rows, n): (i64, i64) = (row.get(0), row.get(1));
-        readings += n as u64;
-        if rows < CHUNK {
-            return Ok(readings);
-        }
-    }
+/// Fold one chunk of deltas into the rollups; returns the readings they counted and whether
+/// more may be waiting (the chunk was full).
+pub async fn fold_chunk(client: &Client) -> Result<(u64, bool), tokio_postgres::Error> {
+    let row = client.query_one(FOLD, &[&CHUNK]).await?;
+    let (rows, readings): (i64, i64) = (row.get(0), row.get(1));
+    Ok((readings as u64, rows == CHUNK))
+}
+
+/// How often a process vacuums `rollup_deltas`: emptied every second, it would otherwise hold
+/// up to a minute of dead rows between autovacuum's visits (`autovacuum_naptime`), which every
+/// fold and series read scans.
+pub const VACUUM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reclaim the folded deltas' space (skipped while another process vacuums the table).
+pub async fn vacuum(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute("VACUUM (SKIP_LOCKED) rollup_deltas")
+        .await
 }
 
 /// A series, oldest bucket first: the rollups plus the deltas not folded yet, in one snapshot.
