@@ -1,9 +1,9 @@
 //! The rollups on PostgreSQL ([`crate::series`]). A worker's insert statement appends what each
 //! batch adds to its readings' minutes to `rollup_deltas`, in the batch's transaction (a plain
-//! insert: several workers never wait on one another's rollup rows); [`fold`] moves the deltas
-//! into `rollups` (minute, hour, day), deleting what it adds in the same statement. Exact and
-//! resumable: a delta is either still in `rollup_deltas` or counted in `rollups`, never both, and
-//! a series reads the two at once (one snapshot). Every worker process folds every second
+//! insert: several workers never wait on one another's rollup rows); [`fold_chunk`] moves the
+//! deltas into `rollups` (minute, hour, day), deleting what it adds in the same statement. Exact
+//! and resumable: a delta is either still in `rollup_deltas` or counted in `rollups`, never both,
+//! and a series reads the two at once (one snapshot). Every worker process folds every second
 //! ([`crate::sweeps::rollups`]); concurrent folds take disjoint rows (`SKIP LOCKED`).
 
 use tokio_postgres::Client;
