@@ -495,11 +495,9 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
     let mut reader = ws_connect(&addr, "house=h1&alerts=false", Some(ADMIN))
         .await
         .expect("reader");
-    // Workers push a house's events once they see it watched (each consumer re-reads the
-    // watched set between batches, at most every 500 ms): probe until a reading of the meter
-    // (another kind, its lane) comes through, then wait a second more, so that a consumer the
-    // meter's lane moves to meanwhile (lanes are rebalanced as consumers start) has read it too;
-    // then flood.
+    // Probe until a reading of the meter (another kind, its lane) comes through, then flood.
+    // (A consumer reads the watched houses again before a batch's pushes whenever a watch was
+    // advertised since, so a consumer the meter's lane moves to meanwhile pushes it too.)
     let hello = ws_next(&mut reader, WAIT).await.expect("hello");
     assert_eq!(hello["type"], "hello");
     let mut probe = 0u64;
@@ -519,7 +517,6 @@ async fn a_websocket_client_that_never_reads_is_dropped_and_others_keep_receivin
             }
         }
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let counter = tokio::spawn(async move {
         let mut events = 0;
         let deadline = tokio::time::Instant::now() + 4 * WAIT;

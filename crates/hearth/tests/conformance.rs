@@ -1002,7 +1002,17 @@ async fn fanout_suite(b: Backend) {
         None,
         "never given out"
     );
+    // Every watch moves the count a consumer checks before its pushes.
+    let before = f.watch_changes().await.expect("changes");
     f.watch(&["h".to_string()], 1_000).await.expect("watch");
+    let after = f.watch_changes().await.expect("changes");
+    assert_ne!(before, after, "a watch moves watch_changes");
+    f.watch(&["h".to_string()], 1_000).await.expect("watch");
+    assert_ne!(
+        f.watch_changes().await.expect("changes"),
+        after,
+        "each watch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

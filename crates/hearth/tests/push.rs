@@ -1,7 +1,8 @@
 //! The WebSocket's resume and subscriptions, on both backends: a client dropped during a burst of
 //! alerts reconnects with `since=` the last `seq` it saw and gets every alert it missed, once,
 //! in order; a `since` that was never given out is answered `resync`; `subscribe` and
-//! `unsubscribe` on an open socket change what it is sent, within what its token may see.
+//! `unsubscribe` on an open socket change what it is sent, within what its token may see; a new
+//! subscription gets the first reading stored after it was answered.
 
 mod support;
 
@@ -182,6 +183,50 @@ async fn subscriptions(backend: Backend, name: &str) {
         answer["error"].as_str().is_some_and(|e| e.contains("h2")),
         "{answer}"
     );
+}
+
+/// A subscription is served from the first batch stored after it was answered: each round
+/// opens a socket on a house no one watched and at once publishes one reading to it, which
+/// must be pushed (consumers read the watched houses again when a watch was advertised, not
+/// only every few seconds).
+async fn pushed_from_the_first_reading(backend: Backend, name: &str) {
+    let (_rules, t) = start(backend, name, &[]).await;
+    let (addr, port) = (t.addr.clone(), t.mqtt_port);
+    for round in 0..5 {
+        let house = format!("fresh{round}");
+        let query = format!("house={house}&alerts=false");
+        let mut ws = ws_hello(&addr, &query, Some(ADMIN)).await;
+        publish_all(
+            port,
+            &format!("pub-{name}-{round}"),
+            vec![(
+                format!("hearth/{house}/hall"),
+                br#"{"kind":"temperature","value":21.5,"seq":1}"#.to_vec(),
+            )],
+        )
+        .await;
+        let mut pushed = false;
+        while let Some(m) = ws_next(&mut ws, Duration::from_secs(5)).await {
+            if m["type"] == "events" {
+                pushed = true;
+                break;
+            }
+        }
+        assert!(
+            pushed,
+            "round {round}: the reading to {house} was not pushed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscription_gets_the_first_reading_on_the_servers() {
+    pushed_from_the_first_reading(Backend::Servers, "push_first").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscription_gets_the_first_reading_embedded() {
+    pushed_from_the_first_reading(Backend::Embedded, "push_first_emb").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

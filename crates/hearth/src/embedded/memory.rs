@@ -110,6 +110,8 @@ pub struct ChannelFanOut {
     /// The last alert pushes, numbered from this start's clock in microseconds (so a number is
     /// greater than any a previous run gave), for clients that reconnect.
     kept: std::sync::Mutex<Kept>,
+    /// Moved by every [`FanOut::watch`].
+    watch_changes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -126,6 +128,7 @@ impl Default for ChannelFanOut {
                 last: u64::try_from(crate::event::now_us()).unwrap_or(0),
                 pushes: Default::default(),
             }),
+            watch_changes: Default::default(),
         }
     }
 }
@@ -204,6 +207,8 @@ impl FanOut for ChannelFanOut {
     }
 
     fn watch<'a>(&'a self, _houses: &'a [String], _ttl_ms: i64) -> Fut<'a, ()> {
+        self.watch_changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move { Ok(()) })
     }
 
@@ -217,5 +222,10 @@ impl FanOut for ChannelFanOut {
                 Default::default()
             })
         })
+    }
+
+    fn watch_changes(&self) -> Fut<'_, u64> {
+        let changes = self.watch_changes.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move { Ok(changes) })
     }
 }

@@ -129,6 +129,9 @@ impl FanOut for RedisFanOut {
             for h in houses {
                 pipe.cmd("ZADD").arg(&key).arg(now + ttl_ms).arg(h).ignore();
             }
+            pipe.cmd("INCR")
+                .arg(self.queue.keys.watch_changes())
+                .ignore();
             Ok(self.queue.exec(&pipe).await?)
         })
     }
@@ -145,6 +148,18 @@ impl FanOut for RedisFanOut {
                 .await
                 .map_err(QueueError::from)?;
             Ok(houses.into_iter().collect())
+        })
+    }
+
+    fn watch_changes(&self) -> Fut<'_, u64> {
+        Box::pin(async move {
+            let mut conn = self.queue.conn.clone();
+            let changes: Option<u64> = redis::cmd("GET")
+                .arg(self.queue.keys.watch_changes())
+                .query_async(&mut conn)
+                .await
+                .map_err(QueueError::from)?;
+            Ok(changes.unwrap_or(0))
         })
     }
 }

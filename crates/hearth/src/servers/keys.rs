@@ -161,6 +161,11 @@ impl Keys {
     pub fn watched(&self) -> String {
         self.global("watched")
     }
+
+    /// Counts the advertisements of watched houses (`INCR` with each).
+    pub fn watch_changes(&self) -> String {
+        self.global("watch_changes")
+    }
     /// Circuit states of every process (hash: `{dependency}|{process}` → `{0|1}:{epoch ms}`).
     pub fn circuits(&self) -> String {
         self.global("circuits")

@@ -15,9 +15,9 @@ use crate::lane::Lane;
 use crate::metrics::METRICS;
 use crate::seam::{Delivery, Unavailable};
 
-/// How often the set of watched houses is read again: a new WebSocket subscription gets events
-/// within about this long.
-const WATCHED_REFRESH: Duration = Duration::from_millis(500);
+/// How often the set of watched houses is read again even if no one advertised a new watch
+/// (watches expire).
+const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 
 impl Consumer {
     /// While the store is unreachable the critical lane still warns: the alerts that critical
@@ -83,13 +83,26 @@ impl Consumer {
         }
     }
 
-    /// Between batches: refresh the watched houses, push what lanes taken over left unpushed,
-    /// and (the critical lane's holder) sweep for silent sensors.
-    pub(super) async fn housekeeping(&mut self) -> Result<(), Unavailable> {
-        if self.watched.0.elapsed() >= WATCHED_REFRESH {
+    /// Before a batch's pushes: read the watched houses again if a watch was advertised since
+    /// they were read (so a subscription answered before this batch's events were stored gets
+    /// them), or every [`WATCHED_REFRESH`].
+    pub(super) async fn refresh_watched(&mut self) -> Result<(), Unavailable> {
+        let changes = self.fanout.watch_changes().await?;
+        if changes != self.watched.changes || self.watched.read.elapsed() >= WATCHED_REFRESH {
+            // Counted first: a watch advertised in between is read again at the next batch.
             let houses = self.fanout.watched().await?;
-            self.watched = (Instant::now(), houses);
+            self.watched = super::Watched {
+                read: Instant::now(),
+                changes,
+                houses,
+            };
         }
+        Ok(())
+    }
+
+    /// Between batches: push what lanes taken over left unpushed, and (the critical lane's
+    /// holder) sweep for silent sensors.
+    pub(super) async fn housekeeping(&mut self) -> Result<(), Unavailable> {
         // Both below need the store: while its circuit is open they wait, and reading goes on
         // (the critical lane still pushes its alerts, see `push_provisional`).
         if self.parts.store.is_paused() {

@@ -398,13 +398,18 @@ impl Consumer {
         }
     }
 
-    /// Push `alerts`, and the events of watched houses.
-    async fn push(&self, alerts: &[Alert], events: &[&Event]) -> Result<(), Unavailable> {
+    /// Push `alerts`, then the events of watched houses (read again first if a watch was
+    /// advertised since: the alerts do not wait for it).
+    async fn push(&mut self, alerts: &[Alert], events: &[&Event]) -> Result<(), Unavailable> {
         if !alerts.is_empty() {
             self.fanout.push_alerts(alerts).await?;
         }
-        let watched = &self.watched.1;
-        if watched.is_empty() || events.is_empty() {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.refresh_watched().await?;
+        let watched = &self.watched.houses;
+        if watched.is_empty() {
             return Ok(());
         }
         let all = watched.contains("*");

@@ -188,9 +188,17 @@ struct Consumer {
     repush: BTreeSet<Lane>,
     /// Critical entries whose alerts were pushed while the store was unreachable.
     provisional: HashSet<String>,
-    /// Houses with WebSocket clients watching their events (`*`: all), and when it was read.
-    watched: (Instant, HashSet<String>),
+    /// Houses with WebSocket clients watching their events.
+    watched: Watched,
     next_sweep: Instant,
+}
+
+/// The houses whose events are pushed (`*`: all), as a consumer last read them.
+struct Watched {
+    read: Instant,
+    /// [`crate::seam::FanOut::watch_changes`] when they were read.
+    changes: u64,
+    houses: HashSet<String>,
 }
 
 impl Consumer {
@@ -221,7 +229,11 @@ impl Consumer {
             next_rebalance: Instant::now(),
             repush: BTreeSet::new(),
             provisional: HashSet::new(),
-            watched: (long_ago, HashSet::new()),
+            watched: Watched {
+                read: long_ago,
+                changes: 0,
+                houses: HashSet::new(),
+            },
             next_sweep: Instant::now(),
         }
     }
