@@ -36,7 +36,7 @@ try {
   await page.waitForSelector('tr[data-key="living-temp/temperature"]');
   step("signed in, sensor listed");
   await page.waitForSelector("#live:not(.off)");
-  // Workers learn that a house is watched within half a second.
+  // The socket opens before the server has registered the subscription (its `hello` follows).
   await page.waitForTimeout(1000);
 
   publish("living-temp", { kind: "temperature", value: 23.75, seq: 2 });

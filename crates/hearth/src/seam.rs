@@ -421,9 +421,9 @@ pub trait FanOut: Send + Sync {
     fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()>;
     /// The houses someone watches now (`*`: all).
     fn watched(&self) -> Fut<'_, std::collections::HashSet<String>>;
-    /// A count that moves with every [`FanOut::watch`]: a consumer reads it before each push
-    /// and the houses again when it moved, so that a subscription is served from the first
-    /// batch pushed after it was answered.
+    /// A count that moves with every [`FanOut::watch`] of at least one house: a consumer reads
+    /// it before a batch's event pushes and the houses again when it moved, so that a
+    /// subscription is served from the first batch pushed after it was answered.
     fn watch_changes(&self) -> Fut<'_, u64>;
 }
 

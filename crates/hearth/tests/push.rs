@@ -206,7 +206,8 @@ async fn pushed_from_the_first_reading(backend: Backend, name: &str) {
         )
         .await;
         let mut pushed = false;
-        while let Some(m) = ws_next(&mut ws, Duration::from_secs(5)).await {
+        // A missed reading is never pushed later: a long wait does not weaken the test.
+        while let Some(m) = ws_next(&mut ws, Duration::from_secs(30)).await {
             if m["type"] == "events" {
                 pushed = true;
                 break;

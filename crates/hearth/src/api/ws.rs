@@ -60,7 +60,14 @@ pub struct Hub {
     clients: Mutex<HashMap<u64, Client>>,
     next: AtomicU64,
     running: AtomicBool,
+    /// Whether the relay holds its subscription to the fan-out (a client is answered once it
+    /// does: what is pushed from then on reaches it).
+    subscribed: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a client's answer waits for the relay's first subscription (the fan-out's server
+/// may be down: the client is then answered anyway, and gets what is pushed once it is back).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 struct Head {
@@ -114,6 +121,7 @@ impl Hub {
             clients: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             running: AtomicBool::new(false),
+            subscribed: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -121,11 +129,18 @@ impl Hub {
         self.clients.lock().map(|c| c.len()).unwrap_or(0)
     }
 
-    fn add(self: &Arc<Self>, subs: Vec<Subscription>, tx: mpsc::Sender<Arc<str>>) -> u64 {
+    /// With the first client: start the relay and the advertising. Then wait (at most
+    /// [`SUBSCRIBE_WAIT`]) until the relay is subscribed.
+    async fn start(self: &Arc<Self>) {
         if !self.running.swap(true, Ordering::SeqCst) {
             tokio::spawn(self.clone().relay());
             tokio::spawn(self.clone().advertise());
         }
+        let mut subscribed = self.subscribed.subscribe();
+        let _ = tokio::time::timeout(SUBSCRIBE_WAIT, subscribed.wait_for(|s| *s)).await;
+    }
+
+    fn add(&self, subs: Vec<Subscription>, tx: mpsc::Sender<Arc<str>>) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut clients) = self.clients.lock() {
             clients.insert(id, Client { subs, tx });
@@ -180,6 +195,7 @@ impl Hub {
             match self.fanout.subscribe().await {
                 Ok(mut messages) => {
                     backoff.reset();
+                    self.subscribed.send_replace(true);
                     while let Some(text) = messages.recv().await {
                         self.dispatch(&text);
                     }
@@ -219,6 +235,7 @@ impl Hub {
         subs: Vec<Subscription>,
         since: Option<u64>,
     ) -> Attached {
+        self.start().await;
         let (tx, rx) = mpsc::channel::<Arc<str>>(self.buffer);
         for sub in &subs {
             self.advertise_now(sub).await;

@@ -206,9 +206,11 @@ impl FanOut for ChannelFanOut {
         })
     }
 
-    fn watch<'a>(&'a self, _houses: &'a [String], _ttl_ms: i64) -> Fut<'a, ()> {
-        self.watch_changes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn watch<'a>(&'a self, houses: &'a [String], _ttl_ms: i64) -> Fut<'a, ()> {
+        if !houses.is_empty() {
+            self.watch_changes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         Box::pin(async move { Ok(()) })
     }
 

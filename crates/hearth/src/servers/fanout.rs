@@ -129,9 +129,11 @@ impl FanOut for RedisFanOut {
             for h in houses {
                 pipe.cmd("ZADD").arg(&key).arg(now + ttl_ms).arg(h).ignore();
             }
-            pipe.cmd("INCR")
-                .arg(self.queue.keys.watch_changes())
-                .ignore();
+            if !houses.is_empty() {
+                pipe.cmd("INCR")
+                    .arg(self.queue.keys.watch_changes())
+                    .ignore();
+            }
             Ok(self.queue.exec(&pipe).await?)
         })
     }

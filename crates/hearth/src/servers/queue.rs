@@ -22,6 +22,7 @@
 //! lane), `P:dead` (dead letters), `P:lease:{lane}` and `P:consumers:{pool}` (ownership),
 //! `P:stats` (the loss accounting), `P:meta` (the shard count and schema of the keys), `P:push`
 //! (the fan-out channel), `P:notify` (webhook jobs), `P:watched` (houses someone watches),
+//! `P:watch_changes` (a count of the watches advertised),
 //! `P:circuits` (circuit states shared by the processes), `P:tokens` (house tokens cached by hash), and the
 //! cache's `P:latest:{house}:{sensor}` and `P:house:{house}:sensors`.
 

@@ -147,16 +147,21 @@ impl Consumer {
     ) -> bool {
         let mut backoff = Backoff::default();
         let mut offered = false;
-        let mut pushed = false;
+        let mut alerted = alerts.is_empty();
+        let mut published = false;
         loop {
             let result = async {
                 if !offered {
                     self.cache.offer(events).await?;
                     offered = true;
                 }
-                if !pushed {
-                    self.push(alerts, events).await?;
-                    pushed = true;
+                if !alerted {
+                    self.fanout.push_alerts(alerts).await?;
+                    alerted = true;
+                }
+                if !published {
+                    self.publish_events(events).await?;
+                    published = true;
                 }
                 self.parts.reader.ack(done, written, letters).await
             }
@@ -398,12 +403,9 @@ impl Consumer {
         }
     }
 
-    /// Push `alerts`, then the events of watched houses (read again first if a watch was
-    /// advertised since: the alerts do not wait for it).
-    async fn push(&mut self, alerts: &[Alert], events: &[&Event]) -> Result<(), Unavailable> {
-        if !alerts.is_empty() {
-            self.fanout.push_alerts(alerts).await?;
-        }
+    /// Publish the events of watched houses (read again first if a watch was advertised since
+    /// they were read).
+    async fn publish_events(&mut self, events: &[&Event]) -> Result<(), Unavailable> {
         if events.is_empty() {
             return Ok(());
         }
