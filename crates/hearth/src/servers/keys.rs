@@ -166,6 +166,7 @@ impl Keys {
     pub fn watch_changes(&self) -> String {
         self.global("watch_changes")
     }
+
     /// Circuit states of every process (hash: `{dependency}|{process}` → `{0|1}:{epoch ms}`).
     pub fn circuits(&self) -> String {
         self.global("circuits")

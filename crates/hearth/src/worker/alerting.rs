@@ -3,7 +3,7 @@
 //! holder of the critical lane, sweep for silent sensors; and, while the store is unreachable,
 //! warn of critical alerts before they are stored.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -14,10 +14,6 @@ use crate::event::Event;
 use crate::lane::Lane;
 use crate::metrics::METRICS;
 use crate::seam::{Delivery, Unavailable};
-
-/// How often the set of watched houses is read again even if no one advertised a new watch
-/// (watches expire).
-const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 
 impl Consumer {
     /// While the store is unreachable the critical lane still warns: the alerts that critical
@@ -81,23 +77,6 @@ impl Consumer {
             }
             Err(e) => warn!(consumer = %self.name, error = %e, "could not push provisional alerts"),
         }
-    }
-
-    /// Before a batch's pushes: read the watched houses again if a watch was advertised since
-    /// they were read (so a subscription answered before this batch's events were stored gets
-    /// them), or every [`WATCHED_REFRESH`].
-    pub(super) async fn refresh_watched(&mut self) -> Result<(), Unavailable> {
-        let changes = self.fanout.watch_changes().await?;
-        if changes != self.watched.changes || self.watched.read.elapsed() >= WATCHED_REFRESH {
-            // Counted first: a watch advertised in between is read again at the next batch.
-            let houses = self.fanout.watched().await?;
-            self.watched = super::Watched {
-                read: Instant::now(),
-                changes,
-                houses,
-            };
-        }
-        Ok(())
     }
 
     /// Between batches: push what lanes taken over left unpushed, and (the critical lane's

@@ -3,7 +3,7 @@
 //! error; then the pushed alerts marked pushed.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -15,6 +15,10 @@ use crate::event::{Event, Reason, Rejection};
 use crate::lane::Lane;
 use crate::metrics::METRICS;
 use crate::seam::{Delivery, Unavailable, WriteError, Written};
+
+/// How often the set of watched houses is read again even if no one advertised a new watch
+/// (watches expire).
+const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 
 /// Why the store refused an event: (entry index, event index, detail).
 type Refused = Vec<(usize, usize, String)>;
@@ -401,6 +405,23 @@ impl Consumer {
                 }
             }
         }
+    }
+
+    /// Before a batch's pushes: read the watched houses again if a watch was advertised since
+    /// they were read (so a subscription answered before this batch's events were stored gets
+    /// them), or every [`WATCHED_REFRESH`].
+    pub(super) async fn refresh_watched(&mut self) -> Result<(), Unavailable> {
+        let changes = self.fanout.watch_changes().await?;
+        if changes != self.watched.changes || self.watched.read.elapsed() >= WATCHED_REFRESH {
+            // Counted first: a watch advertised in between is read again at the next batch.
+            let houses = self.fanout.watched().await?;
+            self.watched = super::Watched {
+                read: Instant::now(),
+                changes,
+                houses,
+            };
+        }
+        Ok(())
     }
 
     /// Publish the events of watched houses (read again first if a watch was advertised since
