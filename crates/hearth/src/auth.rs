@@ -3,6 +3,11 @@
 //! `hearth token create --house H` and stored as its SHA-256 only, which sees its house alone.
 //! A token's house is looked up in the store at most once a second per process, so a revoked or
 //! expired token stops working everywhere within a second.
+//!
+//! The API ([`Authenticator::admit`]) also bounds rates, per process: the requests of each house
+//! token (`api_requests_per_second` after a burst of `api_request_burst`), and the store lookups
+//! of tokens not in the cache (`api_token_lookups_per_second`), so that a flood of made-up tokens
+//! costs the store no more than that. The admin token is not limited.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,35 +46,171 @@ pub struct Authenticator {
     admin: String,
     store: Arc<dyn EventStore>,
     cache: TokenCache,
+    rates: Rates,
+}
+
+/// Why [`Authenticator::admit`] turned a request away before answering it.
+#[derive(Debug)]
+pub enum Refused {
+    Unavailable(Unavailable),
+    /// Past a rate: how long until one more is taken.
+    TooMany(Duration),
+}
+
+impl From<Unavailable> for Refused {
+    fn from(e: Unavailable) -> Self {
+        Refused::Unavailable(e)
+    }
 }
 
 impl Authenticator {
-    pub fn new(admin: String, store: Arc<dyn EventStore>) -> Authenticator {
+    /// `requests`: each house token's requests; `lookups`: the store lookups of tokens not in
+    /// the cache (both per process, for [`Authenticator::admit`]).
+    pub fn new(
+        admin: String,
+        store: Arc<dyn EventStore>,
+        requests: Rate,
+        lookups: Rate,
+    ) -> Authenticator {
         Authenticator {
             admin,
             store,
             cache: TokenCache::default(),
+            rates: Rates {
+                requests,
+                per_token: Mutex::new(HashMap::new()),
+                lookups: Mutex::new((lookups, Bucket::full(lookups, Instant::now()))),
+            },
         }
     }
 
     /// The principal of `token`, or none for a token that is unknown, expired or revoked.
     pub async fn principal(&self, token: &str) -> Result<Option<Principal>, Unavailable> {
+        match self.resolve(token, false).await {
+            Ok(p) => Ok(p.map(|(p, _)| p)),
+            Err(Refused::Unavailable(e)) => Err(e),
+            Err(Refused::TooMany(_)) => unreachable!("lookups are limited only for admit"),
+        }
+    }
+
+    /// [`Authenticator::principal`] of an API request, within the rates: a house token past its
+    /// own, or a token the cache does not hold past the lookups', is refused.
+    pub async fn admit(&self, token: &str) -> Result<Option<Principal>, Refused> {
+        let Some((principal, hash)) = self.resolve(token, true).await? else {
+            return Ok(None);
+        };
+        if let Some(hash) = hash {
+            self.rates.request(hash)?;
+        }
+        Ok(Some(principal))
+    }
+
+    /// The principal of `token` and, for a house token, its hash.
+    async fn resolve(
+        &self,
+        token: &str,
+        limited: bool,
+    ) -> Result<Option<(Principal, Option<Vec<u8>>)>, Refused> {
         if token.is_empty() || token.len() > MAX_TOKEN {
             return Ok(None);
         }
         if !self.admin.is_empty() && same(token.as_bytes(), self.admin.as_bytes()) {
-            return Ok(Some(Principal::Admin));
+            return Ok(Some((Principal::Admin, None)));
         }
         let hash = hash(token);
         let house = match self.cache.get(&hash) {
             Some(house) => house,
             None => {
+                if limited {
+                    self.rates.lookup()?;
+                }
                 let house = self.store.token_house(&hash).await?;
-                self.cache.put(hash, house.clone());
+                self.cache.put(hash.clone(), house.clone());
                 house
             }
         };
-        Ok(house.map(Principal::House))
+        Ok(house.map(|h| (Principal::House(h), Some(hash))))
+    }
+}
+
+/// A rate: `per_second` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A token bucket: full, it holds `burst`; it fills at `per_second`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    left: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: Rate, now: Instant) -> Bucket {
+        Bucket {
+            left: f64::from(rate.burst),
+            at: now,
+        }
+    }
+
+    /// Take one; else how long until one is there.
+    fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let per_second = f64::from(rate.per_second.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.left = (self.left + elapsed * per_second).min(f64::from(rate.burst.max(1)));
+        self.at = now;
+        if self.left >= 1.0 {
+            self.left -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.left) / per_second))
+        }
+    }
+
+    /// Whether it has filled up again since it was last taken from.
+    fn is_full(&self, rate: Rate, now: Instant) -> bool {
+        let refill = f64::from(rate.burst) / f64::from(rate.per_second.max(1));
+        now.saturating_duration_since(self.at).as_secs_f64() >= refill
+    }
+}
+
+/// The buckets: one per house token that made a request lately, one for the lookups.
+struct Rates {
+    requests: Rate,
+    per_token: Mutex<HashMap<Vec<u8>, Bucket>>,
+    lookups: Mutex<(Rate, Bucket)>,
+}
+
+/// Buckets kept before the full ones are let go (a full bucket is the same as none).
+const BUCKETS_KEPT: usize = 10_000;
+
+impl Rates {
+    fn request(&self, hash: Vec<u8>) -> Result<(), Refused> {
+        let now = Instant::now();
+        let mut buckets = self.per_token.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= BUCKETS_KEPT && !buckets.contains_key(&hash) {
+            let rate = self.requests;
+            buckets.retain(|_, b| !b.is_full(rate, now));
+        }
+        let taken = buckets
+            .entry(hash)
+            .or_insert_with(|| Bucket::full(self.requests, now))
+            .take(self.requests, now);
+        taken.map_err(|wait| {
+            crate::metrics::METRICS.api_refused.with("requests").add(1);
+            Refused::TooMany(wait)
+        })
+    }
+
+    fn lookup(&self) -> Result<(), Refused> {
+        let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        let (rate, bucket) = &mut *lookups;
+        bucket.take(*rate, Instant::now()).map_err(|wait| {
+            crate::metrics::METRICS.api_refused.with("lookups").add(1);
+            Refused::TooMany(wait)
+        })
     }
 }
 
@@ -211,6 +352,33 @@ mod tests {
         assert_eq!(ha.len(), 32);
         assert_eq!(token_id(&ha).len(), 12);
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_bucket_takes_its_burst_then_its_rate() {
+        let rate = Rate {
+            per_second: 2,
+            burst: 3,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(rate, t0);
+        for _ in 0..3 {
+            assert!(b.take(rate, t0).is_ok());
+        }
+        let wait = b.take(rate, t0).expect_err("past the burst");
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(!b.is_full(rate, t0 + Duration::from_millis(1400)));
+        // Half a second later one more; the second one after that, not yet.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(b.take(rate, t1).is_ok());
+        assert!(b.take(rate, t1).is_err());
+        // Long idle: the burst again, never more.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(b.is_full(rate, t2));
+        for _ in 0..3 {
+            assert!(b.take(rate, t2).is_ok());
+        }
+        assert!(b.take(rate, t2).is_err());
     }
 
     #[test]

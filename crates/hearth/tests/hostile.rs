@@ -560,6 +560,84 @@ async fn connections_end_embedded() {
     connections_end(Backend::Embedded, "hostile_conn_e").await;
 }
 
+// ---- 6b. rates ---------------------------------------------------------------------------------
+
+/// A house token past its rate gets 429 with `Retry-After`, and only it: another house's token
+/// and the admin token are still served. Made-up tokens past the lookups' rate get 429 too,
+/// without the store being asked. Both counted in `hearth_api_refused_total`.
+async fn rates_are_bounded(backend: Backend, name: &str) {
+    let t = start(
+        backend,
+        name,
+        &[
+            ("api_requests_per_second", "1"),
+            ("api_request_burst", "5"),
+            ("api_token_lookups_per_second", "3"),
+        ],
+    )
+    .await;
+    let (h1, h2) = (token_for(&t.env, "h1"), token_for(&t.env, "h2"));
+    let path = "/api/v1/houses/h1/sensors";
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..30 {
+        let (status, head, body) = http_with_head(&t.addr, "GET", path, Some(&h1), None).await;
+        if status == 429 && refused.is_none() {
+            let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            refused = Some((head.to_ascii_lowercase(), body));
+        }
+        statuses.push(status);
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        (5..30).contains(&served),
+        "a burst of 5 then 1 a second: {statuses:?}"
+    );
+    let (head, body) = refused.expect("a 429");
+    let wait: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Retry-After");
+    assert!(wait >= 1, "{head}");
+    assert_eq!(body["error"], "too_many_requests", "{body}");
+
+    // Another house's token and the admin token are served meanwhile.
+    assert_eq!(t.get("/api/v1/houses/h2/sensors", &h2).await.0, 200);
+    assert_eq!(t.get(path, ADMIN).await.0, 200);
+
+    // Made-up tokens: 401 while the lookups' allowance lasts, then 429, the store not asked.
+    let mut made_up = Vec::new();
+    for i in 0..20 {
+        made_up.push(t.get(path, &format!("hth_made_up_{i}")).await.0);
+    }
+    assert!(
+        made_up.iter().all(|s| *s == 401 || *s == 429),
+        "{made_up:?}"
+    );
+    assert!(made_up.contains(&429), "{made_up:?}");
+
+    let metrics = t.metrics().await;
+    for rate in ["requests", "lookups"] {
+        let series = format!("hearth_api_refused_total{{rate=\"{rate}\"}}");
+        assert!(metric(&metrics, &series) >= Some(1.0), "{series}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_are_bounded_on_the_servers() {
+    rates_are_bounded(Backend::Servers, "hostile_rates").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_are_bounded_embedded() {
+    rates_are_bounded(Backend::Embedded, "hostile_rates_e").await;
+}
+
 // ---- 3 and 6. the embedded broker -------------------------------------------------------------
 
 /// A raw MQTT client: CONNECT with optional credentials, then whatever the test sends.

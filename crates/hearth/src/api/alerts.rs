@@ -23,6 +23,7 @@ use crate::alerts::{Alert, AlertState};
         (status = 200, body = Vec<Alert>),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -80,6 +81,7 @@ pub(crate) async fn alerts_of(
         (status = 200, description = "Acknowledged (or already)", body = Alert),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
         (status = 409, description = "The alert is already cleared", body = super::error::ErrorBody),
     ),

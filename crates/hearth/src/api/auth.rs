@@ -1,5 +1,6 @@
 //! Bearer tokens on HTTP ([`crate::auth`] says who a token is). No token or an unknown one: 401.
-//! A house token asking for another house: 403; for a sensor its house does not have: 404.
+//! A house token asking for another house: 403; for a sensor its house does not have: 404; past
+//! its rate (or past the lookups' rate, for a token not looked up lately): 429.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -31,16 +32,17 @@ impl Principal {
     }
 }
 
-/// Resolve a presented token: 401 when there is none or it is unknown.
+/// Resolve a presented token: 401 when there is none or it is unknown, 429 past a rate
+/// ([`crate::auth::Authenticator::admit`]).
 pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, ApiError> {
     let token = token
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
-    state
-        .auth
-        .principal(token)
-        .await?
-        .ok_or(ApiError::Unauthorized)
+    match state.auth.admit(token).await {
+        Ok(principal) => principal.ok_or(ApiError::Unauthorized),
+        Err(crate::auth::Refused::Unavailable(e)) => Err(e.into()),
+        Err(crate::auth::Refused::TooMany(wait)) => Err(ApiError::TooMany(wait)),
+    }
 }
 
 /// The bearer token of a request: the `Authorization` header, or on the WebSocket alone

@@ -103,6 +103,7 @@ fn filter(
         (status = 200, body = Vec<Letter>),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -123,6 +124,7 @@ pub async fn list(
         (status = 200, body = Replayed),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -148,6 +150,7 @@ pub struct Purged {
         (status = 200, body = Purged),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]

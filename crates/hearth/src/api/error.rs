@@ -28,13 +28,24 @@ pub enum ApiError {
     /// A dependency is down or the queue is full: try again later.
     #[error("{0}")]
     Unavailable(String),
+    /// Past a rate (a house token's requests, or the lookups of unknown tokens): try again
+    /// after this.
+    #[error("too many requests: try again in {} s", retry_after(*.0))]
+    TooMany(std::time::Duration),
+}
+
+/// Whole seconds to wait, rounded up, at least one (`Retry-After` has no fractions).
+fn retry_after(wait: std::time::Duration) -> u64 {
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A short, stable code: bad_request, unauthorized, forbidden, not_found, conflict,
-    /// too_large, timeout, unavailable.
+    /// too_large, timeout, unavailable, too_many_requests.
     pub error: String,
     /// What went wrong, for people.
     pub detail: String,
@@ -51,6 +62,7 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
         }
     }
 }
@@ -58,6 +70,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
+        let wait = match &self {
+            ApiError::TooMany(wait) => Some(retry_after(*wait)),
+            _ => None,
+        };
         let body = Json(ErrorBody {
             error: code.into(),
             detail: self.to_string(),
@@ -73,6 +89,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        if let Some(wait) = wait {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(wait),
             );
         }
         response

@@ -84,6 +84,7 @@ const MAX_BODY: usize = 1024 * 1024;
         (status = 202, description = "Queued (and the refused ones dead-lettered, in one letter)", body = Accepted),
         (status = 400, description = "Not a reading or an array of readings", body = super::error::ErrorBody),
         (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, description = "A reading names a house this token is not for", body = super::error::ErrorBody),
         (status = 413, description = "More than 1 MiB, or more readings than `max_readings_per_message`", body = super::error::ErrorBody),
         (status = 503, description = "The queue is full or Redis is down: retry", body = super::error::ErrorBody),

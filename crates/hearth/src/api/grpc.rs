@@ -176,6 +176,7 @@ impl From<ApiError> for Status {
             ApiError::TooLarge(_) => Status::resource_exhausted(message),
             ApiError::Timeout(_) => Status::deadline_exceeded(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::TooMany(_) => Status::resource_exhausted(message),
         }
     }
 }

@@ -32,6 +32,7 @@ pub struct Pipeline {
     responses(
         (status = 200, body = Pipeline),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, description = "A house token", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]

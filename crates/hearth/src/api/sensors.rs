@@ -62,6 +62,7 @@ pub use crate::seam::{HistoryEvent, HouseView};
     responses(
         (status = 200, body = Vec<HouseView>),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn houses(
@@ -89,6 +90,7 @@ pub async fn houses(
         (status = 200, body = Vec<SensorView>),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -180,6 +182,7 @@ pub struct LatestValue {
         (status = 200, body = LatestView),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
     ),
@@ -233,6 +236,7 @@ pub struct History {
         (status = 200, body = History),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
     ),

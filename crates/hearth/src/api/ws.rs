@@ -291,6 +291,7 @@ impl Hub {
         (status = 101, description = "Switching to the WebSocket: JSON messages `{type: \"alert\", house_id, alert}` and `{type: \"events\", house_id, events}`"),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]

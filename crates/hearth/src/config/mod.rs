@@ -199,6 +199,15 @@ pub struct Config {
     /// HTTP: a request's headers must arrive within this (milliseconds), and a request (body
     /// included; WebSocket sessions aside) must be answered within ten times it.
     pub http_header_timeout_ms: u64,
+    /// API (HTTP, WebSocket, gRPC): requests a house token may make per second, in each API
+    /// process, after a burst of `api_request_burst`; past it, 429 with `Retry-After`. The admin
+    /// token is not limited.
+    pub api_requests_per_second: u32,
+    /// API: requests a house token may make at once before `api_requests_per_second` applies.
+    pub api_request_burst: u32,
+    /// API: store lookups per second, in each API process, of tokens it has not looked up in the
+    /// last second (a flood of made-up tokens costs the store no more); past it, 429.
+    pub api_token_lookups_per_second: u32,
     /// Folder of the embedded store (`hearth up` with neither `redis_url` nor `database_url`): one SQLite
     /// database holding the queue, events, sensors, alerts and dead letters.
     pub data_dir: String,
@@ -289,6 +298,9 @@ impl Default for Config {
             mqtt_max_queued_bytes: 16 * 1024 * 1024,
             http_max_connections: 1024,
             http_header_timeout_ms: 10_000,
+            api_requests_per_second: 100,
+            api_request_burst: 200,
+            api_token_lookups_per_second: 200,
             data_dir: "./hearth-data".into(),
             log: "info".into(),
             log_format: "text".into(),

@@ -103,6 +103,15 @@ impl Config {
             ("http_max_connections", self.http_max_connections as u64),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
             ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
+            (
+                "api_requests_per_second",
+                u64::from(self.api_requests_per_second),
+            ),
+            ("api_request_burst", u64::from(self.api_request_burst)),
+            (
+                "api_token_lookups_per_second",
+                u64::from(self.api_token_lookups_per_second),
+            ),
         ] {
             if value == 0 {
                 return bad(format!("{key} must be >= 1"));

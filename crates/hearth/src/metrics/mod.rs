@@ -163,6 +163,9 @@ pub struct Metrics {
     /// WebSocket clients the API disconnected, by reason (`too_slow`, `no_pong`,
     /// `too_many_messages`).
     pub ws_closed: Family<Counter>,
+    /// API requests refused past a rate, by which (`requests`: a house token's own; `lookups`:
+    /// the store lookups of tokens not in the cache).
+    pub api_refused: Family<Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -186,6 +189,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     circuit_open: Family::new("dependency", Gauge::default),
     mqtt_refused: Family::new("reason", Counter::default),
     ws_closed: Family::new("reason", Counter::default),
+    api_refused: Family::new("rate", Counter::default),
 });
 
 pub fn metrics() -> &'static Metrics {
@@ -234,6 +238,7 @@ pub const NAMES: &[&str] = &[
     "hearth_circuit_open",
     "hearth_mqtt_refused_total",
     "hearth_ws_closed_total",
+    "hearth_api_refused_total",
     "hearth_dead_letters_expired_total",
     "hearth_queue_depth",
     "hearth_queue_pending",

@@ -134,6 +134,12 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "WebSocket clients the API disconnected, by reason.",
         &m.ws_closed,
     );
+    family_counter(
+        &mut out,
+        "hearth_api_refused_total",
+        "API requests refused past a rate (429), by rate: a house token's requests, or the lookups of tokens not in the cache.",
+        &m.api_refused,
+    );
     header(
         &mut out,
         "hearth_circuit_open",

@@ -213,9 +213,19 @@ fn authenticator(
     } else {
         String::new()
     };
+    let requests = crate::auth::Rate {
+        per_second: config.api_requests_per_second,
+        burst: config.api_request_burst,
+    };
+    let lookups = crate::auth::Rate {
+        per_second: config.api_token_lookups_per_second,
+        burst: config.api_token_lookups_per_second,
+    };
     Ok(Arc::new(crate::auth::Authenticator::new(
         admin,
         seams.store.clone(),
+        requests,
+        lookups,
     )))
 }
 

@@ -646,6 +646,18 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = http_with_head(addr, method, path, token, body).await;
+    (status, body)
+}
+
+/// [`http`], with the response's head (status line and headers) too: (status, head, body).
+pub async fn http_with_head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let auth = token
@@ -667,7 +679,7 @@ pub async fn http(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     // Bodies of `Connection: close` responses from axum are not chunked unless streamed.
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// `hearth token create --house H`.
