@@ -4,10 +4,11 @@
 //! A token's house is looked up in the store at most once a second per process, so a revoked or
 //! expired token stops working everywhere within a second.
 //!
-//! The API ([`Authenticator::admit`]) also bounds rates, per process: the requests of each house
-//! token (`api_requests_per_second` after a burst of `api_request_burst`), and the store lookups
-//! of tokens not in the cache (`api_token_lookups_per_second`), so that a flood of made-up tokens
-//! costs the store no more than that. The admin token is not limited.
+//! Rates are bounded too, per process: the store lookups of tokens not in the cache
+//! (`token_lookups_per_second`, API requests and MQTT logins alike), so that a flood of made-up
+//! tokens costs the store no more than that, and the API requests of each house token
+//! (`api_requests_per_second` after a burst of `api_request_burst`, [`Authenticator::admit`]).
+//! The admin token is not limited.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -84,19 +85,16 @@ impl Authenticator {
         }
     }
 
-    /// The principal of `token`, or none for a token that is unknown, expired or revoked.
-    pub async fn principal(&self, token: &str) -> Result<Option<Principal>, Unavailable> {
-        match self.resolve(token, false).await {
-            Ok(p) => Ok(p.map(|(p, _)| p)),
-            Err(Refused::Unavailable(e)) => Err(e),
-            Err(Refused::TooMany(_)) => unreachable!("lookups are limited only for admit"),
-        }
+    /// The principal of `token`, or none for a token that is unknown, expired or revoked (a
+    /// login: the embedded broker's CONNECT). A token the cache does not hold is refused past the
+    /// lookups' rate.
+    pub async fn principal(&self, token: &str) -> Result<Option<Principal>, Refused> {
+        Ok(self.resolve(token).await?.map(|(p, _)| p))
     }
 
-    /// [`Authenticator::principal`] of an API request, within the rates: a house token past its
-    /// own, or a token the cache does not hold past the lookups', is refused.
+    /// [`Authenticator::principal`] of an API request, also within its token's rate.
     pub async fn admit(&self, token: &str) -> Result<Option<Principal>, Refused> {
-        let Some((principal, hash)) = self.resolve(token, true).await? else {
+        let Some((principal, hash)) = self.resolve(token).await? else {
             return Ok(None);
         };
         if let Some(hash) = hash {
@@ -106,11 +104,7 @@ impl Authenticator {
     }
 
     /// The principal of `token` and, for a house token, its hash.
-    async fn resolve(
-        &self,
-        token: &str,
-        limited: bool,
-    ) -> Result<Option<(Principal, Option<Vec<u8>>)>, Refused> {
+    async fn resolve(&self, token: &str) -> Result<Option<(Principal, Option<Vec<u8>>)>, Refused> {
         if token.is_empty() || token.len() > MAX_TOKEN {
             return Ok(None);
         }
@@ -121,9 +115,7 @@ impl Authenticator {
         let house = match self.cache.get(&hash) {
             Some(house) => house,
             None => {
-                if limited {
-                    self.rates.lookup()?;
-                }
+                self.rates.lookup()?;
                 let house = self.store.token_house(&hash).await?;
                 self.cache.put(hash.clone(), house.clone());
                 house

@@ -572,7 +572,7 @@ async fn rates_are_bounded(backend: Backend, name: &str) {
         &[
             ("api_requests_per_second", "1"),
             ("api_request_burst", "5"),
-            ("api_token_lookups_per_second", "3"),
+            ("token_lookups_per_second", "3"),
         ],
     )
     .await;
@@ -625,6 +625,27 @@ async fn rates_are_bounded(backend: Backend, name: &str) {
     for rate in ["requests", "lookups"] {
         let series = format!("hearth_api_refused_total{{rate=\"{rate}\"}}");
         assert!(metric(&metrics, &series) >= Some(1.0), "{series}");
+    }
+
+    // The embedded broker's logins share the lookups' rate: made-up passwords get "bad user
+    // name or password", then "server unavailable".
+    if backend == Backend::Embedded {
+        let mut codes = Vec::new();
+        for i in 0..20 {
+            let password = format!("hth_made_up_login_{i}");
+            codes.push(
+                Mqtt::connect(t.mqtt_port, "x", Some(("h1", &password)), 30)
+                    .await
+                    .1,
+            );
+        }
+        assert!(
+            codes.iter().all(|c| *c == BAD_CREDENTIALS || *c == 3),
+            "{codes:?}"
+        );
+        assert!(codes.contains(&3), "{codes:?}");
+        let series = r#"hearth_mqtt_refused_total{reason="too_many_logins"}"#;
+        assert!(metric(&t.metrics().await, series) >= Some(1.0), "{series}");
     }
 }
 

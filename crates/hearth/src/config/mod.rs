@@ -207,7 +207,7 @@ pub struct Config {
     pub api_request_burst: u32,
     /// API: store lookups per second, in each API process, of tokens it has not looked up in the
     /// last second (a flood of made-up tokens costs the store no more); past it, 429.
-    pub api_token_lookups_per_second: u32,
+    pub token_lookups_per_second: u32,
     /// Folder of the embedded store (`hearth up` with neither `redis_url` nor `database_url`): one SQLite
     /// database holding the queue, events, sensors, alerts and dead letters.
     pub data_dir: String,
@@ -300,7 +300,7 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             api_requests_per_second: 100,
             api_request_burst: 200,
-            api_token_lookups_per_second: 200,
+            token_lookups_per_second: 200,
             data_dir: "./hearth-data".into(),
             log: "info".into(),
             log_format: "text".into(),

@@ -109,8 +109,8 @@ impl Config {
             ),
             ("api_request_burst", u64::from(self.api_request_burst)),
             (
-                "api_token_lookups_per_second",
-                u64::from(self.api_token_lookups_per_second),
+                "token_lookups_per_second",
+                u64::from(self.token_lookups_per_second),
             ),
         ] {
             if value == 0 {

@@ -158,7 +158,7 @@ pub struct Metrics {
     /// 1 while the circuit to a dependency is open.
     pub circuit_open: Family<Gauge>,
     /// What the embedded broker refused, by reason (`bad_credentials`, `anonymous`,
-    /// `forbidden`, `subscription`, `too_many_connections`).
+    /// `forbidden`, `subscription`, `too_many_connections`, `too_many_logins`).
     pub mqtt_refused: Family<Counter>,
     /// WebSocket clients the API disconnected, by reason (`too_slow`, `no_pong`,
     /// `too_many_messages`).

@@ -218,8 +218,8 @@ fn authenticator(
         burst: config.api_request_burst,
     };
     let lookups = crate::auth::Rate {
-        per_second: config.api_token_lookups_per_second,
-        burst: config.api_token_lookups_per_second,
+        per_second: config.token_lookups_per_second,
+        burst: config.token_lookups_per_second,
     };
     Ok(Arc::new(crate::auth::Authenticator::new(
         admin,

@@ -22,7 +22,7 @@ use super::super::kept::Will;
 use super::super::topics::Message;
 use super::outbound::{Outbound, Settled};
 use super::{Broker, Client, backpressure};
-use crate::auth::Principal;
+use crate::auth::{Principal, Refused};
 use crate::codec;
 use crate::event::{Reason, Rejection};
 use crate::intake::Input;
@@ -92,8 +92,13 @@ async fn login(
                 Some(Client::Known(Principal::House(h)))
             }
             Ok(_) => None,
-            Err(e) => {
+            Err(Refused::Unavailable(e)) => {
                 warn!(error = %e, "cannot check MQTT credentials now");
+                return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
+            }
+            // Past the lookups' rate (`token_lookups_per_second`): a flood of made-up passwords.
+            Err(Refused::TooMany(_)) => {
+                METRICS.mqtt_refused.with("too_many_logins").add(1);
                 return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
             }
         },
