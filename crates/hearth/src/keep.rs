@@ -1,8 +1,10 @@
 //! How long readings and cleared alerts are kept: the retention policy both stores apply.
 //!
 //! Readings are kept `retention_days` (0: forever), or a kind's own days from
-//! `retention_by_kind` (`power=30,motion=7`). Rollups are never expired: they outlive the raw
-//! rows they summarise, so a year of a sensor stays chartable after its readings are gone.
+//! `retention_by_kind` (`power=30,motion=7`). Rollups outlive the raw rows they summarise, so a
+//! year of a sensor stays chartable after its readings are gone: hour and day rollups are never
+//! expired, minute ones after `rollup_minute_days` (0: never), by their minute. A reading that
+//! comes later than that for its minute is not folded into it (its hour and day count it).
 //!
 //! PostgreSQL keeps readings in partitions, by the days their class keeps (the days of their
 //! kind when stored) and then by when they were received, so expiring them is dropping whole
@@ -27,6 +29,8 @@ pub struct Keep {
     pub by_kind: BTreeMap<String, u32>,
     /// Days a cleared alert is kept after it cleared; 0 keeps forever.
     pub alert_days: u32,
+    /// Days a minute rollup is kept, by its minute; 0 keeps forever.
+    pub minute_rollup_days: u32,
 }
 
 impl Keep {
@@ -36,7 +40,32 @@ impl Keep {
             // Validated at start.
             by_kind: parse_by_kind(&config.retention_by_kind).unwrap_or_default(),
             alert_days: config.alert_retention_days,
+            minute_rollup_days: config.rollup_minute_days,
         }
+    }
+
+    /// The minute before which minute rollups are expired at `now_us` (epoch ms; `None`: never).
+    pub fn minute_rollup_cutoff_ms(&self, now_us: i64) -> Option<i64> {
+        match self.minute_rollup_days {
+            0 => None,
+            d => Some((now_us - i64::from(d) * DAY_US) / 1000),
+        }
+    }
+
+    /// `q` without the minutes expired at `now_us`: a series never shows a minute the next sweep
+    /// removes, nor one that late readings alone would make again.
+    pub fn unexpired(
+        &self,
+        q: &crate::series::SeriesQuery,
+        now_us: i64,
+    ) -> crate::series::SeriesQuery {
+        let mut q = q.clone();
+        if q.step == crate::series::Step::Minute
+            && let Some(cutoff) = self.minute_rollup_cutoff_ms(now_us)
+        {
+            q.from = q.from.max(cutoff);
+        }
+        q
     }
 
     /// The days readings of `kind` are kept (0: forever): their class.
@@ -127,6 +156,8 @@ pub struct Expired {
     pub readings: u64,
     /// Cleared alerts deleted.
     pub alerts: u64,
+    /// Minute rollups deleted.
+    pub rollups: u64,
 }
 
 /// `kind=days,kind=days` (whitespace allowed around each).
@@ -171,7 +202,30 @@ mod tests {
             days,
             by_kind: parse_by_kind(by_kind).unwrap(),
             alert_days: 0,
+            minute_rollup_days: 0,
         }
+    }
+
+    #[test]
+    fn minutes_expire_by_their_own_days_and_only_minutes() {
+        use crate::series::{SeriesQuery, Step};
+        let now_us = 100 * DAY_US;
+        let mut k = keep(0, "");
+        assert_eq!(k.minute_rollup_cutoff_ms(now_us), None);
+        k.minute_rollup_days = 5;
+        let cutoff = 95 * DAY_US / 1000;
+        assert_eq!(k.minute_rollup_cutoff_ms(now_us), Some(cutoff));
+        let q = |step| SeriesQuery {
+            house: "h".into(),
+            sensor: "s".into(),
+            kind: "temperature".into(),
+            step,
+            from: 0,
+            to: now_us / 1000,
+        };
+        assert_eq!(k.unexpired(&q(Step::Minute), now_us).from, cutoff);
+        assert_eq!(k.unexpired(&q(Step::Hour), now_us).from, 0);
+        assert_eq!(k.unexpired(&q(Step::Day), now_us).from, 0);
     }
 
     #[test]

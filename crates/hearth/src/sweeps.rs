@@ -37,9 +37,10 @@ pub async fn retention(store: Arc<dyn EventStore>, mut shutdown: Shutdown) {
                 m.expired.with("partitions").add(e.partitions.len() as u64);
                 m.expired.with("readings").add(e.readings);
                 m.expired.with("alerts").add(e.alerts);
+                m.expired.with("rollups").add(e.rollups);
                 if e != crate::keep::Expired::default() {
                     tracing::info!(partitions = ?e.partitions, readings = e.readings,
-                        alerts = e.alerts, "retention removed what expired");
+                        alerts = e.alerts, rollups = e.rollups, "retention removed what expired");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "retention sweep failed; tried again later"),

@@ -1671,6 +1671,46 @@ async fn retention_suite(b: Backend, raw: Raw) {
     assert_eq!(kept("power").await, 2);
     s.expire(now_us).await.expect("expire the late one");
     assert_eq!(kept("power").await, 1);
+
+    // Minute rollups are kept 5 days by their minute: a series of minutes shows none older (the
+    // 40- and 10-day-old readings, the late one of 20 days), hours and days count them all.
+    let series = |step: Step, kind: &'static str| async move {
+        s.series(&SeriesQuery {
+            house: "house-r".into(),
+            sensor: "meter".into(),
+            kind: kind.into(),
+            step,
+            from: now_ms - 42 * 86_400_000,
+            to: now_ms + 86_400_000,
+        })
+        .await
+        .expect("series")
+        .iter()
+        .map(|p| p.count)
+        .sum::<i64>()
+    };
+    s.fold_rollups().await.expect("fold");
+    // temperature: 3 days and 1 hour ago, and `fresh`; power: 3 days and 1 hour ago.
+    assert_eq!(series(Step::Minute, "temperature").await, 3);
+    assert_eq!(series(Step::Minute, "power").await, 2);
+    let days = (
+        series(Step::Day, "temperature").await,
+        series(Step::Day, "power").await,
+    );
+    assert_eq!(days, (5, 5));
+    // Four days on, the sweep deletes the minutes older than a day: the 3-day-old ones of both
+    // kinds and house-e's of 2 days; the series of minutes no longer show them, the days do.
+    let four_days_on = s.expire(now_us + 4 * day_us).await.expect("expire minutes");
+    assert_eq!(four_days_on.rollups, 3, "{four_days_on:?}");
+    assert_eq!(series(Step::Minute, "temperature").await, 2);
+    assert_eq!(series(Step::Minute, "power").await, 1);
+    assert_eq!(
+        (
+            series(Step::Day, "temperature").await,
+            series(Step::Day, "power").await
+        ),
+        days
+    );
 }
 
 fn keep_for_tests() -> hearth::Keep {
@@ -1678,6 +1718,7 @@ fn keep_for_tests() -> hearth::Keep {
         days: 7,
         by_kind: [("power".to_string(), 1)].into(),
         alert_days: 1,
+        minute_rollup_days: 5,
     }
 }
 
@@ -1687,6 +1728,7 @@ async fn retention_on_postgres() {
         c.retention_days = 7;
         c.retention_by_kind = "power=1".into();
         c.alert_retention_days = 1;
+        c.rollup_minute_days = 5;
     })
     .await;
     let raw = Raw::Pg(b._env.pg().await);

@@ -107,7 +107,7 @@ pub struct Config {
     /// Most dead letters kept: past it the oldest are removed, and counted; 0 for no limit.
     pub dead_letter_max_count: u64,
     /// Days readings are kept (by when they were received); 0 keeps them forever. Rollups are
-    /// kept whatever this says. PostgreSQL drops whole partitions (a reading may stay up to a
+    /// kept whatever this says (minute ones: `rollup_minute_days`). PostgreSQL drops whole partitions (a reading may stay up to a
     /// partition's width longer: 1 day up to 31, 7 up to 400, else 30); SQLite deletes rows.
     pub retention_days: u32,
     /// Kinds kept for days of their own, `kind=days` comma-separated (`power=30,motion=7`; 0:
@@ -115,6 +115,9 @@ pub struct Config {
     pub retention_by_kind: String,
     /// Days a cleared alert is kept after it cleared; 0 keeps them forever.
     pub alert_retention_days: u32,
+    /// Days minute rollups are kept, by their minute; 0 keeps them forever. Hour and day
+    /// rollups are always kept.
+    pub rollup_minute_days: u32,
     /// PostgreSQL: how far apart (hours of receipt) two copies of a reading with the same dedup
     /// key are still known as one. A broker's redelivery comes within the ingest's restart.
     pub dedup_window_hours: u32,
@@ -269,6 +272,7 @@ impl Default for Config {
             retention_days: 0,
             retention_by_kind: String::new(),
             alert_retention_days: 0,
+            rollup_minute_days: 0,
             dedup_window_hours: 6,
             sensor_touch_interval_ms: 10_000,
             rules_file: String::new(),

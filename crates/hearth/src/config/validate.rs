@@ -23,6 +23,7 @@ impl Config {
         for (key, days) in [
             ("retention_days", self.retention_days),
             ("alert_retention_days", self.alert_retention_days),
+            ("rollup_minute_days", self.rollup_minute_days),
         ] {
             if days > crate::keep::MAX_DAYS {
                 return bad(format!(

@@ -294,6 +294,11 @@ CREATE TABLE rollup_mark (id INTEGER NOT NULL);
 INSERT INTO rollup_mark SELECT coalesce(max(id), 0) FROM events;
 ";
 
+/// Minute rollups expire by their minute (`rollup_minute_days`): found without a scan.
+const SCHEMA_10: &str = r"
+CREATE INDEX rollups_minute_age ON rollups (bucket) WHERE step = 'minute';
+";
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_1),
     (2, SCHEMA_2),
@@ -304,6 +309,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, SCHEMA_7),
     (8, SCHEMA_8),
     (9, SCHEMA_9),
+    (10, SCHEMA_10),
 ];
 
 /// The schema versions, for tests that build a data folder of an earlier version.

@@ -28,7 +28,7 @@ pub fn expire_chunk(
         return Ok((0, None));
     };
     let newest_cutoff = now_us - i64::from(shortest) * crate::keep::DAY_US;
-    super::rollups::catch_up(c)?;
+    super::rollups::catch_up(c, keep.minute_rollup_cutoff_ms(now_us))?;
     let tx = c.transaction()?;
     let bound: i64 = tx.query_row(
         "SELECT min((SELECT id FROM rollup_mark), coalesce((SELECT max(id) FROM events), 0) - 1)",

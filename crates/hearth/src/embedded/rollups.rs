@@ -5,13 +5,15 @@
 
 use rusqlite::{Connection, params};
 
-use crate::series::{Point, SeriesQuery, Stored, fold};
+use crate::series::{Point, SeriesQuery, Step, Stored, fold};
 
 /// Rows summed per transaction.
 const CHUNK: i64 = 50_000;
 
-/// Sum the rows stored since the mark into their buckets; returns how many.
-pub fn catch_up(c: &mut Connection) -> rusqlite::Result<u64> {
+/// Sum the rows stored since the mark into their buckets (minute buckets before
+/// `minute_cutoff_ms` aside: expired, [`crate::keep::Keep::minute_rollup_cutoff_ms`]); returns
+/// how many.
+pub fn catch_up(c: &mut Connection, minute_cutoff_ms: Option<i64>) -> rusqlite::Result<u64> {
     let mut total = 0u64;
     loop {
         let tx = c.transaction()?;
@@ -47,7 +49,7 @@ pub fn catch_up(c: &mut Connection) -> rusqlite::Result<u64> {
                 id: *id,
             })
             .collect();
-        add(&tx, &stored)?;
+        add(&tx, &stored, minute_cutoff_ms)?;
         tx.execute("UPDATE rollup_mark SET id = ?1", [last])?;
         tx.commit()?;
         total += rows.len() as u64;
@@ -57,7 +59,11 @@ pub fn catch_up(c: &mut Connection) -> rusqlite::Result<u64> {
     }
 }
 
-fn add(c: &Connection, stored: &[Stored<'_>]) -> rusqlite::Result<()> {
+fn add(
+    c: &Connection,
+    stored: &[Stored<'_>],
+    minute_cutoff_ms: Option<i64>,
+) -> rusqlite::Result<()> {
     let mut upsert = c.prepare_cached(
         "INSERT INTO rollups (house_id, sensor_id, kind, step, bucket, n, total, low, high,
                               last_ts, last_id, last)
@@ -73,7 +79,10 @@ fn add(c: &Connection, stored: &[Stored<'_>]) -> rusqlite::Result<()> {
                             THEN excluded.last_id ELSE last_id END,
              last_ts = max(last_ts, excluded.last_ts)",
     )?;
-    for r in fold(stored) {
+    let expired = |r: &crate::series::Rollup| {
+        r.step == Step::Minute && minute_cutoff_ms.is_some_and(|cut| r.bucket < cut)
+    };
+    for r in fold(stored).into_iter().filter(|r| !expired(r)) {
         upsert.execute(params![
             r.house_id,
             r.sensor_id,
@@ -91,6 +100,19 @@ fn add(c: &Connection, stored: &[Stored<'_>]) -> rusqlite::Result<()> {
     }
     Ok(())
 }
+
+/// Delete up to `CHUNK` minute rollups before `cutoff_ms`; how many.
+pub fn expire_minutes(c: &Connection, cutoff_ms: i64) -> rusqlite::Result<u64> {
+    Ok(c.execute(
+        "DELETE FROM rollups WHERE (house_id, sensor_id, kind, step, bucket) IN (
+             SELECT house_id, sensor_id, kind, step, bucket FROM rollups
+             WHERE step = 'minute' AND bucket < ?1 LIMIT ?2)",
+        params![cutoff_ms, CHUNK],
+    )? as u64)
+}
+
+/// Minute rollups deleted per transaction.
+pub const EXPIRE_CHUNK: u64 = CHUNK as u64;
 
 /// A series, oldest bucket first.
 pub fn series(c: &Connection, q: &SeriesQuery) -> rusqlite::Result<Vec<Point>> {

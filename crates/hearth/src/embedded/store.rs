@@ -340,10 +340,10 @@ impl EventStore for SqliteStore {
     }
 
     fn series<'a>(&'a self, q: &'a SeriesQuery) -> Fut<'a, Vec<Point>> {
-        let q = q.clone();
+        let q = self.keep.unexpired(q, crate::event::now_us());
         Box::pin(async move {
             // What was stored since the last second counts too.
-            self.writer.call(super::rollups::catch_up).await?;
+            self.fold_rollups().await?;
             self.reader
                 .call(move |c| super::rollups::series(c, &q))
                 .await
@@ -351,7 +351,12 @@ impl EventStore for SqliteStore {
     }
 
     fn fold_rollups(&self) -> Fut<'_, u64> {
-        Box::pin(async move { self.writer.call(super::rollups::catch_up).await })
+        let cutoff = self.keep.minute_rollup_cutoff_ms(crate::event::now_us());
+        Box::pin(async move {
+            self.writer
+                .call(move |c| super::rollups::catch_up(c, cutoff))
+                .await
+        })
     }
 
     fn history<'a>(&'a self, q: &'a HistoryQuery) -> Fut<'a, Vec<HistoryEvent>> {
@@ -489,6 +494,18 @@ impl EventStore for SqliteStore {
                 .writer
                 .call(move |c| super::retention::expire_alerts(c, &keep, now_us))
                 .await?;
+            if let Some(cutoff) = self.keep.minute_rollup_cutoff_ms(now_us) {
+                loop {
+                    let n = self
+                        .writer
+                        .call(move |c| super::rollups::expire_minutes(c, cutoff))
+                        .await?;
+                    expired.rollups += n;
+                    if n < super::rollups::EXPIRE_CHUNK {
+                        break;
+                    }
+                }
+            }
             Ok(expired)
         })
     }

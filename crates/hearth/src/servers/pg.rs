@@ -258,7 +258,8 @@ impl EventStore for PgStore {
     fn series<'a>(&'a self, q: &'a SeriesQuery) -> Fut<'a, Vec<Point>> {
         Box::pin(async move {
             let client = self.db.client().await?;
-            super::rollups::series(&client, q).await.map_err(pg)
+            let q = self.keep.unexpired(q, crate::event::now_us());
+            super::rollups::series(&client, &q).await.map_err(pg)
         })
     }
 
@@ -267,9 +268,10 @@ impl EventStore for PgStore {
     fn fold_rollups(&self) -> Fut<'_, u64> {
         Box::pin(async move {
             let mut readings = 0;
+            let cutoff = self.keep.minute_rollup_cutoff_ms(crate::event::now_us());
             loop {
                 let store = self.writer.get().await?;
-                let (n, more) = super::rollups::fold_chunk(&store.client)
+                let (n, more) = super::rollups::fold_chunk(&store.client, cutoff)
                     .await
                     .map_err(pg)?;
                 readings += n;

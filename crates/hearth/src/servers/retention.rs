@@ -274,6 +274,11 @@ pub async fn sweep(client: &Client, keep: &Keep, now_us: i64) -> Result<Expired,
             }
         }
     }
+    if let Some(cutoff) = keep.minute_rollup_cutoff_ms(now_us) {
+        expired.rollups = super::rollups::expire_minutes(client, cutoff)
+            .await
+            .map_err(classify)?;
+    }
     if keep.alert_days > 0 {
         // A few thousand at a time: alerts are not a hot table, but a long delete holds back
         // vacuum for nothing.

@@ -29,6 +29,9 @@ WITH taken AS (
            (max(ARRAY[extract(epoch FROM last_ts) * 1e6, last_id::float8, last]))[2]::int8,
            (max(ARRAY[extract(epoch FROM last_ts) * 1e6, last_id::float8, last]))[3]
     FROM taken CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS st(step)
+    -- A minute past `rollup_minute_days` is expired: its late readings count in the hour and day.
+    WHERE $2::int8 IS NULL OR st.step <> 'minute'
+       OR minute >= timestamptz 'epoch' + $2::int8 * interval '1 millisecond'
     GROUP BY 1, 2, 3, 4, 5
     ORDER BY 1, 2, 3, 4, 5
     ON CONFLICT (house_id, sensor_id, kind, step, bucket) DO UPDATE SET
@@ -43,12 +46,40 @@ WITH taken AS (
 )
 SELECT count(*), coalesce(sum(n), 0)::int8 FROM taken";
 
-/// Fold one chunk of deltas into the rollups; returns the readings they counted and whether
-/// more may be waiting (the chunk was full).
-pub async fn fold_chunk(client: &Client) -> Result<(u64, bool), tokio_postgres::Error> {
-    let row = client.query_one(FOLD, &[&CHUNK]).await?;
+/// Fold one chunk of deltas into the rollups, minute buckets before `minute_cutoff_ms` aside
+/// ([`crate::keep::Keep::minute_rollup_cutoff_ms`]); returns the readings they counted and
+/// whether more may be waiting (the chunk was full).
+pub async fn fold_chunk(
+    client: &Client,
+    minute_cutoff_ms: Option<i64>,
+) -> Result<(u64, bool), tokio_postgres::Error> {
+    let row = client.query_one(FOLD, &[&CHUNK, &minute_cutoff_ms]).await?;
     let (rows, readings): (i64, i64) = (row.get(0), row.get(1));
     Ok((readings as u64, rows == CHUNK))
+}
+
+/// Minute rollups deleted per statement.
+const EXPIRE_CHUNK: u64 = 5_000;
+
+/// Delete the minute rollups before `cutoff_ms`, a chunk per statement; how many.
+pub async fn expire_minutes(client: &Client, cutoff_ms: i64) -> Result<u64, tokio_postgres::Error> {
+    let mut total = 0;
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM rollups WHERE ctid = ANY (ARRAY(
+                     SELECT ctid FROM rollups
+                     WHERE step = 'minute'
+                       AND bucket < timestamptz 'epoch' + $1::int8 * interval '1 millisecond'
+                     LIMIT $2))",
+                &[&cutoff_ms, &(EXPIRE_CHUNK as i64)],
+            )
+            .await?;
+        total += n;
+        if n < EXPIRE_CHUNK {
+            return Ok(total);
+        }
+    }
 }
 
 /// How often a process vacuums `rollup_deltas`: emptied every second, it would otherwise hold

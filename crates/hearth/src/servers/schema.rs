@@ -332,6 +332,15 @@ CREATE TABLE rollup_deltas (
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000);
 "#,
     ),
+    (
+        8,
+        "minute rollups expire",
+        r#"
+-- Minute rollups expire by their minute (`rollup_minute_days`): found without a scan. Built in
+-- the migration's transaction, in time proportional to the table (once).
+CREATE INDEX rollups_minute_age ON rollups (bucket) WHERE step = 'minute';
+"#,
+    ),
 ];
 
 /// Create the database if it is missing, then apply pending migrations.
