@@ -1,12 +1,12 @@
 //! Rollups: per (house, sensor, kind), the count, sum, min, max and last value of the readings
 //! of each minute, hour and day (UTC), read as a series by
 //! `GET /houses/{house}/sensors/{sensor}/series`. Each stored row counts once, folded in every
-//! second by every worker process ([`crate::sweeps::rollups`]): on PostgreSQL a worker's insert
-//! appends what the rows it actually inserted add to their minutes, in that statement, and the
-//! fold moves those deltas into the rollups (a series reads both); SQLite, whose one writer
+//! second ([`crate::sweeps::rollups`]): on PostgreSQL a worker's insert appends what the rows it
+//! actually inserted add to their minutes, in that statement, and the fold (by one worker
+//! process at a time) moves those deltas into the rollups (a series reads both); SQLite, whose one writer
 //! stores rows in id order, adds the rows past a mark, mark and rollups in one transaction (and
 //! before every series read). They do not depend on the raw rows once written: retention of raw
-//! rows leaves them.
+//! rows leaves them (minute rollups have their own days, [`crate::keep::Keep`]).
 
 use serde::Serialize;
 use utoipa::ToSchema;

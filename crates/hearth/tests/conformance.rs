@@ -784,6 +784,54 @@ async fn rollups_embedded() {
     rollup_suite(embedded("conf_rollups_e").await).await;
 }
 
+/// One process folds for all (a fold upserts every key its deltas name): while one holds the
+/// folder's lock, another's folds do nothing and leave the deltas; when the holder's sessions
+/// end, the other takes over. A series counts every reading throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_folds_the_rollups() {
+    use hearth::series::{SeriesQuery, Step};
+    let first = servers("conf_folder").await;
+    let second =
+        hearth::servers::Servers::open(Arc::new(servers_config(&first._env)), Default::default())
+            .expect("open");
+    let other = hearth::seam::Backend::seams(&second).store.clone();
+    let s = &first.seams.store;
+    let reading = |seq: i64| event("house-f", "s0", "temperature", seq, 1_700_000_000_000 + seq);
+    s.write(&[], &[&reading(1)], false).await.expect("write");
+    assert_eq!(
+        other.fold_rollups().await.expect("fold"),
+        1,
+        "the other takes the lock"
+    );
+    s.write(&[], &[&reading(2)], false).await.expect("write");
+    assert_eq!(s.fold_rollups().await.expect("fold"), 0, "not the holder");
+    let counted = || async {
+        s.series(&SeriesQuery {
+            house: "house-f".into(),
+            sensor: "s0".into(),
+            kind: "temperature".into(),
+            step: Step::Day,
+            from: 0,
+            to: 2_000_000_000_000,
+        })
+        .await
+        .expect("series")
+        .iter()
+        .map(|p| p.count)
+        .sum::<i64>()
+    };
+    assert_eq!(counted().await, 2, "a series counts the deltas left");
+    drop(other);
+    drop(second);
+    eventually(
+        "the first to take over",
+        Duration::from_secs(30),
+        || async { (s.fold_rollups().await.expect("fold") == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(counted().await, 2);
+}
+
 /// A year of one sensor at one reading a minute (525,600 rows), then the series a dashboard
 /// asks for, timed (printed, not asserted): `cargo test --release --test conformance --
 /// --ignored a_year --nocapture`.

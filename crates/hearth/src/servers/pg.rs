@@ -263,12 +263,19 @@ impl EventStore for PgStore {
         })
     }
 
-    /// A chunk at a time, the writer's session released in between (the API's alert writes
+    /// By the process whose writer holds the folder's lock only ([`super::rollups::is_folder`]);
+    /// a chunk at a time, the writer's session released in between (the API's alert writes
     /// share it); the deltas' table vacuumed every [`super::rollups::VACUUM_EVERY`].
     fn fold_rollups(&self) -> Fut<'_, u64> {
         Box::pin(async move {
             let mut readings = 0;
             let cutoff = self.keep.minute_rollup_cutoff_ms(crate::event::now_us());
+            {
+                let store = self.writer.get().await?;
+                if !super::rollups::is_folder(&store.client).await.map_err(pg)? {
+                    return Ok(0);
+                }
+            }
             loop {
                 let store = self.writer.get().await?;
                 let (n, more) = super::rollups::fold_chunk(&store.client, cutoff)

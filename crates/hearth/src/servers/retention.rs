@@ -20,7 +20,7 @@ use super::postgres::{StoreError, classify};
 use crate::keep::{DAY_US, Expired, Keep};
 
 /// The advisory lock partitions are changed under.
-const LOCK: i64 = 7_265_727_470;
+const LOCK: i64 = super::postgres::locks::PARTITIONS;
 
 /// The name of a class's partition starting at `start_us`.
 pub fn name(class: u32, start_us: i64) -> String {

@@ -372,9 +372,12 @@ pub async fn migrate(url: &str) -> Result<Vec<i32>, StoreError> {
         .transaction()
         .await
         .map_err(StoreError::Unavailable)?;
-    tx.execute("SELECT pg_advisory_xact_lock(7265727468)", &[])
-        .await
-        .map_err(StoreError::Unavailable)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&super::postgres::locks::MIGRATE],
+    )
+    .await
+    .map_err(StoreError::Unavailable)?;
     let current: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM schema_migrations",

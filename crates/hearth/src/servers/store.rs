@@ -192,9 +192,12 @@ impl Store {
         caps: &crate::caps::Caps,
     ) -> Result<Vec<(usize, crate::event::Rejection)>, StoreError> {
         let tx = self.client.transaction().await.map_err(classify)?;
-        tx.execute("SELECT pg_advisory_xact_lock(7265727469)", &[])
-            .await
-            .map_err(classify)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::postgres::locks::ADMIT],
+        )
+        .await
+        .map_err(classify)?;
         let mut known = known(&tx, unknown).await?;
         let refused = crate::caps::admit(events, &mut known, caps);
         // Reserve the admitted: each asked sensor with its kinds now known.
