@@ -4,9 +4,10 @@
 //! A token's house is looked up in the store at most once a second per process, so a revoked or
 //! expired token stops working everywhere within a second.
 //!
-//! Rates are bounded too, per process: the store lookups of tokens not in the cache
-//! (`token_lookups_per_second`, API requests and MQTT logins alike), so that a flood of made-up
-//! tokens costs the store no more than that, and the API requests of each house token
+//! Rates are bounded too, per process: the store lookups of tokens never seen or unknown
+//! (`token_lookups_per_second`, API requests and MQTT logins alike; a token seen as a house's is
+//! looked up again each second freely), so that a flood of made-up tokens costs the store no
+//! more than that and cannot crowd the real ones out, and the API requests of each house token
 //! (`api_requests_per_second` after a burst of `api_request_burst`, [`Authenticator::admit`]).
 //! The admin token is not limited.
 
@@ -54,8 +55,12 @@ pub struct Authenticator {
 #[derive(Debug)]
 pub enum Refused {
     Unavailable(Unavailable),
-    /// Past a rate: how long until one more is taken.
-    TooMany(Duration),
+    /// Past a rate (`requests`: the token's own; `lookups`: the store lookups'): how long until
+    /// one more is taken.
+    TooMany {
+        rate: &'static str,
+        wait: Duration,
+    },
 }
 
 impl From<Unavailable> for Refused {
@@ -86,8 +91,8 @@ impl Authenticator {
     }
 
     /// The principal of `token`, or none for a token that is unknown, expired or revoked (a
-    /// login: the embedded broker's CONNECT). A token the cache does not hold is refused past the
-    /// lookups' rate.
+    /// login: the embedded broker's CONNECT). A token never seen, or unknown when last looked up,
+    /// is refused past the lookups' rate.
     pub async fn principal(&self, token: &str) -> Result<Option<Principal>, Refused> {
         Ok(self.resolve(token).await?.map(|(p, _)| p))
     }
@@ -113,9 +118,14 @@ impl Authenticator {
         }
         let hash = hash(token);
         let house = match self.cache.get(&hash) {
-            Some(house) => house,
-            None => {
-                self.rates.lookup()?;
+            Some(Cached::Fresh(house)) => house,
+            cached => {
+                // A token that was a house's when last looked up is looked up again freely; only
+                // one never seen, or unknown then, spends the lookups' allowance, so that made-up
+                // tokens cannot crowd the real ones out.
+                if !matches!(cached, Some(Cached::Stale(Some(_)))) {
+                    self.rates.lookup()?;
+                }
                 let house = self.store.token_house(&hash).await?;
                 self.cache.put(hash.clone(), house.clone());
                 house
@@ -190,19 +200,21 @@ impl Rates {
             .entry(hash)
             .or_insert_with(|| Bucket::full(self.requests, now))
             .take(self.requests, now);
-        taken.map_err(|wait| {
-            crate::metrics::METRICS.api_refused.with("requests").add(1);
-            Refused::TooMany(wait)
+        taken.map_err(|wait| Refused::TooMany {
+            rate: "requests",
+            wait,
         })
     }
 
     fn lookup(&self) -> Result<(), Refused> {
         let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, bucket) = &mut *lookups;
-        bucket.take(*rate, Instant::now()).map_err(|wait| {
-            crate::metrics::METRICS.api_refused.with("lookups").add(1);
-            Refused::TooMany(wait)
-        })
+        bucket
+            .take(*rate, Instant::now())
+            .map_err(|wait| Refused::TooMany {
+                rate: "lookups",
+                wait,
+            })
     }
 }
 
@@ -302,31 +314,47 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// A token hash's house (none: unknown token) and when it was looked up.
 type Lookup = (Option<String>, Instant);
 
-/// House tokens already looked up (hash → house, or none), for a second: a revoked or expired
-/// token stops working in every process within that, and a burst of requests costs one lookup.
+/// House tokens already looked up (hash → house, or none), trusted for a second: a revoked or
+/// expired token stops working in every process within that, and a burst of requests costs one
+/// lookup. Older entries are kept to tell a token seen as a house's from one never seen
+/// ([`Authenticator::admit`]'s lookups' rate).
 #[derive(Default)]
 struct TokenCache {
     entries: Mutex<HashMap<Vec<u8>, Lookup>>,
 }
 
+/// A cache entry: looked up within [`TOKEN_TTL`], or before.
+enum Cached {
+    Fresh(Option<String>),
+    Stale(Option<String>),
+}
+
 const TOKEN_TTL: Duration = Duration::from_secs(1);
 
+/// Entries kept before the unknown tokens' are let go (the houses' are bounded by the tokens
+/// made; the unknown ones by nothing but this).
+const TOKENS_KEPT: usize = 10_000;
+
 impl TokenCache {
-    fn get(&self, hash: &[u8]) -> Option<Option<String>> {
-        let entries = self.entries.lock().ok()?;
+    fn get(&self, hash: &[u8]) -> Option<Cached> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .get(hash)
-            .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
-            .map(|(house, _)| house.clone())
+            .map(|(house, at)| match at.elapsed() < TOKEN_TTL {
+                true => Cached::Fresh(house.clone()),
+                false => Cached::Stale(house.clone()),
+            })
     }
 
     fn put(&self, hash: Vec<u8>, house: Option<String>) {
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() > 10_000 {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TOKENS_KEPT && !entries.contains_key(&hash) {
+            entries.retain(|_, (house, _)| house.is_some());
+            if entries.len() >= TOKENS_KEPT {
                 entries.clear();
             }
-            entries.insert(hash, (house, Instant::now()));
         }
+        entries.insert(hash, (house, Instant::now()));
     }
 }
 

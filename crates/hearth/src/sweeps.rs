@@ -56,7 +56,7 @@ pub const ROLLUP_FOLD: Duration = Duration::from_secs(1);
 
 /// Fold every [`ROLLUP_FOLD`], until shutdown (a fold that fails is tried again the next time:
 /// what it did not fold waits, counted by a series all the same). On PostgreSQL only the process
-/// holding the folder's lock folds; the others' calls return at once.
+/// holding the folder's lease folds; the others' calls return at once.
 pub async fn rollups(store: Arc<dyn EventStore>, mut shutdown: Shutdown) {
     while shutdown.sleep(ROLLUP_FOLD).await {
         if let Err(e) = store.fold_rollups().await {

@@ -785,8 +785,9 @@ async fn rollups_embedded() {
 }
 
 /// One process folds for all (a fold upserts every key its deltas name): while one holds the
-/// folder's lock, another's folds do nothing and leave the deltas; when the holder's sessions
-/// end, the other takes over. A series counts every reading throughout.
+/// folder's lease, another's folds do nothing and leave the deltas; once the holder stops
+/// folding (here: it is gone), the lease runs out and the other takes over. A series counts
+/// every reading throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_folds_the_rollups() {
     use hearth::series::{SeriesQuery, Step};

@@ -572,11 +572,13 @@ async fn rates_are_bounded(backend: Backend, name: &str) {
         &[
             ("api_requests_per_second", "1"),
             ("api_request_burst", "5"),
-            ("token_lookups_per_second", "3"),
+            ("token_lookups_per_second", "2"),
         ],
     )
     .await;
     let (h1, h2) = (token_for(&t.env, "h1"), token_for(&t.env, "h2"));
+    // h2 is seen once first (a lookup of the allowance's 2).
+    assert_eq!(t.get("/api/v1/houses/h2/sensors", &h2).await.0, 200);
     let path = "/api/v1/houses/h1/sensors";
     let mut statuses = Vec::new();
     let mut refused = None;
@@ -620,6 +622,15 @@ async fn rates_are_bounded(backend: Backend, name: &str) {
         "{made_up:?}"
     );
     assert!(made_up.contains(&429), "{made_up:?}");
+    // They cannot lock the real tokens out: once h2's lookup is a second old, with the allowance
+    // spent again by made-up tokens, h2 is looked up again all the same.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut again = Vec::new();
+    for i in 20..30 {
+        again.push(t.get(path, &format!("hth_made_up_{i}")).await.0);
+    }
+    assert_eq!(again.last(), Some(&429), "{again:?}");
+    assert_eq!(t.get("/api/v1/houses/h2/sensors", &h2).await.0, 200);
 
     let metrics = t.metrics().await;
     for rate in ["requests", "lookups"] {

@@ -41,7 +41,10 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     match state.auth.admit(token).await {
         Ok(principal) => principal.ok_or(ApiError::Unauthorized),
         Err(crate::auth::Refused::Unavailable(e)) => Err(e.into()),
-        Err(crate::auth::Refused::TooMany(wait)) => Err(ApiError::TooMany(wait)),
+        Err(crate::auth::Refused::TooMany { rate, wait }) => {
+            crate::metrics::METRICS.api_refused.with(rate).add(1);
+            Err(ApiError::TooMany(wait))
+        }
     }
 }
 

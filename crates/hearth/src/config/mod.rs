@@ -208,8 +208,9 @@ pub struct Config {
     pub api_requests_per_second: u32,
     /// API: requests a house token may make at once before `api_requests_per_second` applies.
     pub api_request_burst: u32,
-    /// API: store lookups per second, in each API process, of tokens it has not looked up in the
-    /// last second (a flood of made-up tokens costs the store no more); past it, 429.
+    /// Store lookups per second, in each process, of tokens it never saw or saw unknown (API
+    /// requests and the embedded broker's logins; a token seen as a house's is looked up again
+    /// freely): a flood of made-up tokens costs the store no more; past it, 429 (CONNACK 3).
     pub token_lookups_per_second: u32,
     /// Folder of the embedded store (`hearth up` with neither `redis_url` nor `database_url`): one SQLite
     /// database holding the queue, events, sensors, alerts and dead letters.

@@ -164,7 +164,7 @@ pub struct Metrics {
     /// `too_many_messages`).
     pub ws_closed: Family<Counter>,
     /// API requests refused past a rate, by which (`requests`: a house token's own; `lookups`:
-    /// the store lookups of tokens not in the cache).
+    /// the store lookups of tokens never seen or seen unknown).
     pub api_refused: Family<Counter>,
 }
 

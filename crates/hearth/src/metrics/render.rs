@@ -137,7 +137,7 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
     family_counter(
         &mut out,
         "hearth_api_refused_total",
-        "API requests refused past a rate (429), by rate: a house token's requests, or the lookups of tokens not in the cache.",
+        "API requests refused past a rate (429), by rate: a house token's requests, or the lookups of tokens never seen or seen unknown.",
         &m.api_refused,
     );
     header(

@@ -87,6 +87,8 @@ pub struct PgStore {
     slow: Duration,
     /// When this process last vacuumed the rollups' deltas.
     vacuumed: Mutex<Instant>,
+    /// Who this store is to the rollup folder's lease ([`super::rollups::is_folder`]).
+    folder: String,
 }
 
 impl PgStore {
@@ -101,6 +103,7 @@ impl PgStore {
             memo: Mutex::new(SensorMemo::new(config.sensor_touch_interval_ms)),
             slow: Duration::from_millis(config.store_slow_ms),
             vacuumed: Mutex::new(Instant::now()),
+            folder: uuid::Uuid::new_v4().to_string(),
         }
     }
 
@@ -263,7 +266,7 @@ impl EventStore for PgStore {
         })
     }
 
-    /// By the process whose writer holds the folder's lock only ([`super::rollups::is_folder`]);
+    /// By the holder of the folder's lease only ([`super::rollups::is_folder`]);
     /// a chunk at a time, the writer's session released in between (the API's alert writes
     /// share it); the deltas' table vacuumed every [`super::rollups::VACUUM_EVERY`].
     fn fold_rollups(&self) -> Fut<'_, u64> {
@@ -272,7 +275,10 @@ impl EventStore for PgStore {
             let cutoff = self.keep.minute_rollup_cutoff_ms(crate::event::now_us());
             {
                 let store = self.writer.get().await?;
-                if !super::rollups::is_folder(&store.client).await.map_err(pg)? {
+                if !super::rollups::is_folder(&store.client, &self.folder)
+                    .await
+                    .map_err(pg)?
+                {
                     return Ok(0);
                 }
             }

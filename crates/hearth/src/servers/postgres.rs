@@ -40,7 +40,7 @@ pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
 }
 
 /// hearth's advisory locks, every key in one place (a key used for two things makes one wait on
-/// the other: a session-level lock held for good would stall the other forever).
+/// the other).
 pub mod locks {
     /// Migrations are applied under it, one process at a time.
     pub const MIGRATE: i64 = 7_265_727_468;
@@ -48,8 +48,6 @@ pub mod locks {
     pub const ADMIT: i64 = 7_265_727_469;
     /// Partitions are made, attached and dropped under it.
     pub const PARTITIONS: i64 = 7_265_727_470;
-    /// Held (session-level) by the one process that folds the rollups.
-    pub const FOLDER: i64 = 7_265_727_471;
 }
 
 /// Connections request handlers (the API) share.

@@ -4,8 +4,8 @@
 //! deltas into `rollups` (minute, hour, day), deleting what it adds in the same statement. Exact
 //! and resumable: a delta is either still in `rollup_deltas` or counted in `rollups`, never both,
 //! and a series reads the two at once (one snapshot). One worker process at a time folds, every
-//! second ([`crate::sweeps::rollups`], [`is_folder`]); were two to fold at once (a session lost
-//! and its lock taken over), they take disjoint rows (`SKIP LOCKED`).
+//! second ([`crate::sweeps::rollups`], [`is_folder`]: a lease); were two to fold at once (a
+//! lease taken over during a long fold), they take disjoint rows (`SKIP LOCKED`).
 
 use tokio_postgres::Client;
 
@@ -47,28 +47,25 @@ WITH taken AS (
 )
 SELECT count(*), coalesce(sum(n), 0)::int8 FROM taken";
 
-/// Whether this session is the one that folds: it holds the folder's lock
-/// ([`super::postgres::locks::FOLDER`], session-level: held while the session lives), or takes it
-/// now. One
-/// process folds for all (a fold upserts every key its deltas name: N processes folding every
-/// second would upsert each sensor's rows N times); when its session ends, the lock goes with it
-/// and the next process to ask takes over.
-pub async fn is_folder(client: &Client) -> Result<bool, tokio_postgres::Error> {
+/// How long a folder's turn lasts unless it folds again: past it, the next process to try takes
+/// over (the folder died, drains, or its fold task stopped).
+pub const FOLDER_LEASE_MS: i64 = 5_000;
+
+/// Whether `me` (a process's store) is the one that folds: it holds the folder's lease
+/// (`rollup_folder`), renewed by this call, or takes it now that the lease ran out. One process
+/// folds for all: a fold upserts every key its deltas name, so N processes folding every second
+/// would upsert each sensor's rows N times.
+pub async fn is_folder(client: &Client, me: &str) -> Result<bool, tokio_postgres::Error> {
     let row = client
-        .query_one(
-            "SELECT CASE WHEN EXISTS (
-                        SELECT FROM pg_locks
-                        WHERE locktype = 'advisory' AND pid = pg_backend_pid()
-                          AND database = (SELECT oid FROM pg_database
-                                          WHERE datname = current_database())
-                          AND classid = ($1::int8 >> 32)::oid
-                          AND objid = ($1::int8 & 4294967295)::oid
-                          AND objsubid = 1 AND granted)
-                    THEN true ELSE pg_try_advisory_lock($1::int8) END",
-            &[&super::postgres::locks::FOLDER],
+        .query_opt(
+            "UPDATE rollup_folder
+             SET holder = $1, until = now() + $2::int8 * interval '1 millisecond'
+             WHERE holder = $1 OR until < now()
+             RETURNING true",
+            &[&me, &FOLDER_LEASE_MS],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(row.is_some())
 }
 
 /// Fold one chunk of deltas into the rollups, minute buckets before `minute_cutoff_ms` aside

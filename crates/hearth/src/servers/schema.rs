@@ -341,6 +341,20 @@ CREATE TABLE rollup_deltas (
 CREATE INDEX rollups_minute_age ON rollups (bucket) WHERE step = 'minute';
 "#,
     ),
+    (
+        9,
+        "one rollup folder",
+        r#"
+-- Who folds the rollups (crate::servers::rollups::is_folder): one process for all, its lease
+-- renewed by each fold; once it runs out, the next process to try takes over.
+CREATE TABLE rollup_folder (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    holder  text NOT NULL,
+    until   timestamptz NOT NULL
+);
+INSERT INTO rollup_folder (holder, until) VALUES ('', '-infinity');
+"#,
+    ),
 ];
 
 /// Create the database if it is missing, then apply pending migrations.

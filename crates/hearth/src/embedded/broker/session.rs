@@ -97,7 +97,7 @@ async fn login(
                 return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
             }
             // Past the lookups' rate (`token_lookups_per_second`): a flood of made-up passwords.
-            Err(Refused::TooMany(_)) => {
+            Err(Refused::TooMany { .. }) => {
                 METRICS.mqtt_refused.with("too_many_logins").add(1);
                 return not_let_in(writer, ConnectReturnCode::ServiceUnavailable).await;
             }
