@@ -85,7 +85,8 @@ impl Authenticator {
             rates: Rates {
                 requests,
                 per_token: Mutex::new(HashMap::new()),
-                lookups: Mutex::new((lookups, Bucket::full(lookups, Instant::now()))),
+                lookups,
+                lookup_bucket: Mutex::new(Bucket::full(lookups, Instant::now())),
             },
         }
     }
@@ -182,7 +183,8 @@ impl Bucket {
 struct Rates {
     requests: Rate,
     per_token: Mutex<HashMap<Vec<u8>, Bucket>>,
-    lookups: Mutex<(Rate, Bucket)>,
+    lookups: Rate,
+    lookup_bucket: Mutex<Bucket>,
 }
 
 /// Buckets kept before the full ones are let go (a full bucket is the same as none).
@@ -207,10 +209,9 @@ impl Rates {
     }
 
     fn lookup(&self) -> Result<(), Refused> {
-        let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
-        let (rate, bucket) = &mut *lookups;
+        let mut bucket = self.lookup_bucket.lock().unwrap_or_else(|p| p.into_inner());
         bucket
-            .take(*rate, Instant::now())
+            .take(self.lookups, Instant::now())
             .map_err(|wait| Refused::TooMany {
                 rate: "lookups",
                 wait,
@@ -399,6 +400,41 @@ mod tests {
             assert!(b.take(rate, t2).is_ok());
         }
         assert!(b.take(rate, t2).is_err());
+    }
+
+    #[test]
+    fn the_token_cache_lets_unknown_tokens_go_first() {
+        let cache = TokenCache::default();
+        cache.put(vec![0], Some("h1".into()));
+        for i in 1..TOKENS_KEPT as u32 {
+            cache.put(i.to_be_bytes().to_vec(), None);
+        }
+        // Full: one more lets every unknown token go, the house's stays.
+        cache.put(u32::MAX.to_be_bytes().to_vec(), None);
+        let entries = cache.entries.lock().unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries.contains_key(&vec![0]));
+    }
+
+    #[test]
+    fn full_request_buckets_are_let_go_past_the_bound() {
+        let rate = Rate {
+            per_second: 1_000_000,
+            burst: 1,
+        };
+        let rates = Rates {
+            requests: rate,
+            per_token: Mutex::new(HashMap::new()),
+            lookups: rate,
+            lookup_bucket: Mutex::new(Bucket::full(rate, Instant::now())),
+        };
+        for i in 0..BUCKETS_KEPT as u32 {
+            assert!(rates.request(i.to_be_bytes().to_vec()).is_ok());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        // Every bucket has filled again: the next new token finds room.
+        assert!(rates.request(u32::MAX.to_be_bytes().to_vec()).is_ok());
+        assert_eq!(rates.per_token.lock().unwrap().len(), 1);
     }
 
     #[test]

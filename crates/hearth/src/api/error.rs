@@ -70,7 +70,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
+        // Try again later: in a second (a dependency down, the queue full), or once the rate
+        // allows.
         let wait = match &self {
+            ApiError::Unavailable(_) => Some(1),
             ApiError::TooMany(wait) => Some(retry_after(*wait)),
             _ => None,
         };
@@ -83,12 +86,6 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
             );
         }
         if let Some(wait) = wait {

@@ -107,8 +107,9 @@ pub struct Config {
     /// Most dead letters kept: past it the oldest are removed, and counted; 0 for no limit.
     pub dead_letter_max_count: u64,
     /// Days readings are kept (by when they were received); 0 keeps them forever. Rollups are
-    /// kept whatever this says (minute ones: `rollup_minute_days`). PostgreSQL drops whole partitions (a reading may stay up to a
-    /// partition's width longer: 1 day up to 31, 7 up to 400, else 30); SQLite deletes rows.
+    /// kept whatever this says (minute ones: `rollup_minute_days`). PostgreSQL drops whole
+    /// partitions (a reading may stay up to a partition's width longer: 1 day up to 31, 7 up to
+    /// 400, else 30); SQLite deletes rows.
     pub retention_days: u32,
     /// Kinds kept for days of their own, `kind=days` comma-separated (`power=30,motion=7`; 0:
     /// forever); the others keep `retention_days`.

@@ -101,18 +101,17 @@ fn add(
     Ok(())
 }
 
-/// Delete up to `CHUNK` minute rollups before `cutoff_ms`; how many.
-pub fn expire_minutes(c: &Connection, cutoff_ms: i64) -> rusqlite::Result<u64> {
-    Ok(c.execute(
+/// Delete up to `CHUNK` minute rollups before `cutoff_ms`; returns how many and whether more
+/// may be left (the chunk was full).
+pub fn expire_minutes(c: &Connection, cutoff_ms: i64) -> rusqlite::Result<(u64, bool)> {
+    let n = c.execute(
         "DELETE FROM rollups WHERE (house_id, sensor_id, kind, step, bucket) IN (
              SELECT house_id, sensor_id, kind, step, bucket FROM rollups
              WHERE step = 'minute' AND bucket < ?1 LIMIT ?2)",
         params![cutoff_ms, CHUNK],
-    )? as u64)
+    )?;
+    Ok((n as u64, n as i64 == CHUNK))
 }
-
-/// Minute rollups deleted per transaction.
-pub const EXPIRE_CHUNK: u64 = CHUNK as u64;
 
 /// A series, oldest bucket first.
 pub fn series(c: &Connection, q: &SeriesQuery) -> rusqlite::Result<Vec<Point>> {

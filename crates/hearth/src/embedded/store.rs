@@ -496,12 +496,12 @@ impl EventStore for SqliteStore {
                 .await?;
             if let Some(cutoff) = self.keep.minute_rollup_cutoff_ms(now_us) {
                 loop {
-                    let n = self
+                    let (n, more) = self
                         .writer
                         .call(move |c| super::rollups::expire_minutes(c, cutoff))
                         .await?;
                     expired.rollups += n;
-                    if n < super::rollups::EXPIRE_CHUNK {
+                    if !more {
                         break;
                     }
                 }

@@ -410,7 +410,7 @@ impl Consumer {
     /// Before a batch's pushes: read the watched houses again if a watch was advertised since
     /// they were read (so a subscription answered before this batch's events were stored gets
     /// them), or every [`WATCHED_REFRESH`].
-    pub(super) async fn refresh_watched(&mut self) -> Result<(), Unavailable> {
+    async fn refresh_watched(&mut self) -> Result<(), Unavailable> {
         let changes = self.fanout.watch_changes().await?;
         if changes != self.watched.changes || self.watched.read.elapsed() >= WATCHED_REFRESH {
             // Counted first: a watch advertised in between is read again at the next batch.
