@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::rate::{Bucket, Buckets, Rate};
 use crate::seam::{EventStore, Unavailable};
 
 /// Who is asking.
@@ -83,8 +84,7 @@ impl Authenticator {
             store,
             cache: TokenCache::default(),
             rates: Rates {
-                requests,
-                per_token: Mutex::new(HashMap::new()),
+                per_token: Buckets::new(requests),
                 lookups,
                 lookup_bucket: Mutex::new(Bucket::full(lookups, Instant::now())),
             },
@@ -136,73 +136,16 @@ impl Authenticator {
     }
 }
 
-/// A rate: `per_second` on average, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub per_second: u32,
-    pub burst: u32,
-}
-
-/// A token bucket: full, it holds `burst`; it fills at `per_second`.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    left: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(rate: Rate, now: Instant) -> Bucket {
-        Bucket {
-            left: f64::from(rate.burst),
-            at: now,
-        }
-    }
-
-    /// Take one; else how long until one is there.
-    fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
-        let per_second = f64::from(rate.per_second.max(1));
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.left = (self.left + elapsed * per_second).min(f64::from(rate.burst.max(1)));
-        self.at = now;
-        if self.left >= 1.0 {
-            self.left -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.left) / per_second))
-        }
-    }
-
-    /// Whether it has filled up again since it was last taken from.
-    fn is_full(&self, rate: Rate, now: Instant) -> bool {
-        let refill = f64::from(rate.burst) / f64::from(rate.per_second.max(1));
-        now.saturating_duration_since(self.at).as_secs_f64() >= refill
-    }
-}
-
 /// The buckets: one per house token that made a request lately, one for the lookups.
 struct Rates {
-    requests: Rate,
-    per_token: Mutex<HashMap<Vec<u8>, Bucket>>,
+    per_token: Buckets<Vec<u8>>,
     lookups: Rate,
     lookup_bucket: Mutex<Bucket>,
 }
 
-/// Buckets kept before the full ones are let go (a full bucket is the same as none).
-const BUCKETS_KEPT: usize = 10_000;
-
 impl Rates {
     fn request(&self, hash: Vec<u8>) -> Result<(), Refused> {
-        let now = Instant::now();
-        let mut buckets = self.per_token.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= BUCKETS_KEPT && !buckets.contains_key(&hash) {
-            let rate = self.requests;
-            buckets.retain(|_, b| !b.is_full(rate, now));
-        }
-        let taken = buckets
-            .entry(hash)
-            .or_insert_with(|| Bucket::full(self.requests, now))
-            .take(self.requests, now);
-        taken.map_err(|wait| Refused::TooMany {
+        self.per_token.take(hash).map_err(|wait| Refused::TooMany {
             rate: "requests",
             wait,
         })
@@ -376,33 +319,6 @@ mod tests {
     }
 
     #[test]
-    fn a_bucket_takes_its_burst_then_its_rate() {
-        let rate = Rate {
-            per_second: 2,
-            burst: 3,
-        };
-        let t0 = Instant::now();
-        let mut b = Bucket::full(rate, t0);
-        for _ in 0..3 {
-            assert!(b.take(rate, t0).is_ok());
-        }
-        let wait = b.take(rate, t0).expect_err("past the burst");
-        assert_eq!(wait, Duration::from_millis(500));
-        assert!(!b.is_full(rate, t0 + Duration::from_millis(1400)));
-        // Half a second later one more; the second one after that, not yet.
-        let t1 = t0 + Duration::from_millis(500);
-        assert!(b.take(rate, t1).is_ok());
-        assert!(b.take(rate, t1).is_err());
-        // Long idle: the burst again, never more.
-        let t2 = t1 + Duration::from_secs(60);
-        assert!(b.is_full(rate, t2));
-        for _ in 0..3 {
-            assert!(b.take(rate, t2).is_ok());
-        }
-        assert!(b.take(rate, t2).is_err());
-    }
-
-    #[test]
     fn the_token_cache_lets_unknown_tokens_go_first() {
         let cache = TokenCache::default();
         cache.put(vec![0], Some("h1".into()));
@@ -414,27 +330,6 @@ mod tests {
         let entries = cache.entries.lock().unwrap();
         assert_eq!(entries.len(), 2);
         assert!(entries.contains_key(&vec![0]));
-    }
-
-    #[test]
-    fn full_request_buckets_are_let_go_past_the_bound() {
-        let rate = Rate {
-            per_second: 1_000_000,
-            burst: 1,
-        };
-        let rates = Rates {
-            requests: rate,
-            per_token: Mutex::new(HashMap::new()),
-            lookups: rate,
-            lookup_bucket: Mutex::new(Bucket::full(rate, Instant::now())),
-        };
-        for i in 0..BUCKETS_KEPT as u32 {
-            assert!(rates.request(i.to_be_bytes().to_vec()).is_ok());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-        // Every bucket has filled again: the next new token finds room.
-        assert!(rates.request(u32::MAX.to_be_bytes().to_vec()).is_ok());
-        assert_eq!(rates.per_token.lock().unwrap().len(), 1);
     }
 
     #[test]

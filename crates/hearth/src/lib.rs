@@ -72,6 +72,7 @@ mod intake;
 mod keep;
 mod kinds;
 mod lane;
+mod rate;
 mod sensors;
 mod sweeps;
 mod worker;

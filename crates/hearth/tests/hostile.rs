@@ -765,6 +765,30 @@ impl Mqtt {
         }
     }
 
+    /// How many PUBACKs came, up to `n`, before `wait` passed without one (other packets are
+    /// skipped; several may come in one read).
+    async fn acks(&mut self, n: usize, wait: Duration) -> usize {
+        use rumqttc::mqttbytes::v4::Packet;
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::new();
+        let mut acks = 0;
+        while acks < n {
+            match Packet::read(&mut buf, 1 << 20) {
+                Ok(Packet::PubAck(_)) => acks += 1,
+                Ok(_) => {}
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    let mut chunk = [0u8; 4096];
+                    match tokio::time::timeout(wait, self.stream.read(&mut chunk)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                        Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        acks
+    }
+
     /// Whether the server closed the connection within `wait`.
     async fn closed_within(&mut self, wait: Duration) -> bool {
         use tokio::io::AsyncReadExt;
@@ -861,6 +885,66 @@ async fn the_embedded_broker_checks_who_publishes_and_subscribes_where() {
     let (mut admin, code) = Mqtt::connect(port, "ops", Some(("admin", ADMIN)), 30).await;
     assert_eq!(code, ACCEPTED);
     assert_eq!(admin.subscribe(&["#"], 1).await, [true]);
+}
+
+/// A house's clients past `mqtt_publishes_per_second` are read more slowly, not refused: every
+/// publish is acknowledged and stored, the pauses are counted, and another house's clients are
+/// not held by the first one's debt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_bounds_each_houses_publishes() {
+    let t = start(
+        Backend::Embedded,
+        "hostile_mqtt_rate",
+        &[
+            ("mqtt_publishes_per_second", "20"),
+            ("mqtt_publish_burst", "20"),
+        ],
+    )
+    .await;
+    let (h1, h2) = (token_for(&t.env, "h1"), token_for(&t.env, "h2"));
+    let reading = |i: u16| format!(r#"{{"kind":"temperature","value":20.5,"seq":{i}}}"#);
+    let (mut a, code) = Mqtt::connect(t.mqtt_port, "h1-flood", Some(("h1", &h1)), 30).await;
+    assert_eq!(code, ACCEPTED);
+    // Four waves of 20, each sent once the one before is acknowledged: the first is the burst,
+    // the second is read at once and owes a second, the third and the fourth each wait for the
+    // debt before them to be paid (a read is handled before the pause it costs).
+    let began = std::time::Instant::now();
+    for wave in 0..4u16 {
+        for i in 1..=20 {
+            let seq = wave * 20 + i;
+            a.publish("hearth/h1/flood", reading(seq).as_bytes(), seq)
+                .await;
+        }
+        assert_eq!(a.acks(20, WAIT).await, 20, "wave {wave}");
+    }
+    let took = began.elapsed();
+    // A bound from below (the rate's own arithmetic), not a measure of speed.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "80 publishes in {took:?}"
+    );
+    let throttled =
+        || async { metric(&t.metrics().await, "hearth_mqtt_throttled_total").expect("exported") };
+    let paused = throttled().await;
+    assert!(paused >= 2.0, "{paused}");
+
+    // h1 owes a second again; h2's burst is its own.
+    let (mut b, code) = Mqtt::connect(t.mqtt_port, "h2-calm", Some(("h2", &h2)), 30).await;
+    assert_eq!(code, ACCEPTED);
+    for i in 1..=20 {
+        b.publish("hearth/h2/calm", reading(i).as_bytes(), i).await;
+    }
+    assert_eq!(b.acks(20, WAIT).await, 20);
+    assert_eq!(throttled().await, paused, "h2 paused for h1's debt");
+
+    // Nothing was refused: every reading is stored.
+    t.drained(100).await;
+    for (house, sensor, token, n) in [("h1", "flood", &h1, 80), ("h2", "calm", &h2, 20)] {
+        let path = format!("/api/v1/houses/{house}/sensors/{sensor}/events?limit=1000");
+        let (status, body) = t.get(&path, token).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["events"].as_array().map(Vec::len), Some(n), "{house}");
+    }
 }
 
 /// Keep-alive 0 and a half-sent packet: dropped after the packet timeout; subscription filters

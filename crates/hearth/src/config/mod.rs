@@ -182,6 +182,15 @@ pub struct Config {
     pub mqtt_packet_timeout_ms: u64,
     /// Embedded broker: most subscription filters per client.
     pub mqtt_max_subscriptions: usize,
+    /// Embedded broker: publishes per second of one house's clients (logged in with a house
+    /// token, all its connections together), after a burst of `mqtt_publish_burst`; past it,
+    /// the broker reads their sockets more slowly (nothing is refused or lost: the clients
+    /// wait for their acknowledgements). Anonymous (loopback) and admin clients are not limited.
+    pub mqtt_publishes_per_second: u32,
+    /// Embedded broker: publishes a house's clients may send at once before
+    /// `mqtt_publishes_per_second` applies (a bridge's start: every device's state and
+    /// discovery configs).
+    pub mqtt_publish_burst: u32,
     /// Embedded broker: bytes of messages a subscriber may have waiting; one that lets more
     /// pile up (it does not read) is disconnected.
     pub mqtt_subscriber_buffer_bytes: usize,
@@ -296,6 +305,8 @@ impl Default for Config {
             mqtt_max_keep_alive_secs: 300,
             mqtt_packet_timeout_ms: 30_000,
             mqtt_max_subscriptions: 128,
+            mqtt_publishes_per_second: 200,
+            mqtt_publish_burst: 2_000,
             mqtt_subscriber_buffer_bytes: 4 * 1024 * 1024,
             mqtt_max_retained: 10_000,
             mqtt_max_retained_bytes: 64 * 1024 * 1024,

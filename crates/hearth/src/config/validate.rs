@@ -110,6 +110,11 @@ impl Config {
             ),
             ("api_request_burst", u64::from(self.api_request_burst)),
             (
+                "mqtt_publishes_per_second",
+                u64::from(self.mqtt_publishes_per_second),
+            ),
+            ("mqtt_publish_burst", u64::from(self.mqtt_publish_burst)),
+            (
                 "token_lookups_per_second",
                 u64::from(self.token_lookups_per_second),
             ),

@@ -160,6 +160,9 @@ pub struct Metrics {
     /// What the embedded broker refused, by reason (`bad_credentials`, `anonymous`,
     /// `forbidden`, `subscription`, `too_many_connections`, `too_many_logins`).
     pub mqtt_refused: Family<Counter>,
+    /// Pauses the embedded broker made before reading a client whose house published past
+    /// `mqtt_publishes_per_second`.
+    pub mqtt_throttled: Counter,
     /// WebSocket clients the API disconnected, by reason (`too_slow`, `no_pong`,
     /// `too_many_messages`).
     pub ws_closed: Family<Counter>,
@@ -188,6 +191,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     alerts: Family::new("severity", Counter::default),
     circuit_open: Family::new("dependency", Gauge::default),
     mqtt_refused: Family::new("reason", Counter::default),
+    mqtt_throttled: Counter::default(),
     ws_closed: Family::new("reason", Counter::default),
     api_refused: Family::new("rate", Counter::default),
 });
@@ -237,6 +241,7 @@ pub const NAMES: &[&str] = &[
     "hearth_alerts_total",
     "hearth_circuit_open",
     "hearth_mqtt_refused_total",
+    "hearth_mqtt_throttled_total",
     "hearth_ws_closed_total",
     "hearth_api_refused_total",
     "hearth_dead_letters_expired_total",

@@ -128,6 +128,13 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         "Connections, logins, publishes and subscriptions the embedded broker refused, by reason.",
         &m.mqtt_refused,
     );
+    scalar(
+        &mut out,
+        "hearth_mqtt_throttled_total",
+        "counter",
+        "Pauses the embedded broker made before reading a client whose house published past its rate.",
+        m.mqtt_throttled.get() as f64,
+    );
     family_counter(
         &mut out,
         "hearth_ws_closed_total",

@@ -213,11 +213,11 @@ fn authenticator(
     } else {
         String::new()
     };
-    let requests = crate::auth::Rate {
+    let requests = crate::rate::Rate {
         per_second: config.api_requests_per_second,
         burst: config.api_request_burst,
     };
-    let lookups = crate::auth::Rate {
+    let lookups = crate::rate::Rate {
         per_second: config.token_lookups_per_second,
         burst: config.token_lookups_per_second,
     };

@@ -34,7 +34,12 @@
 //! waiting, in bytes (`mqtt_subscriber_buffer_bytes`), and persistent sessions: how many
 //! (`mqtt_max_sessions`) and what each may have queued (`mqtt_max_queued_messages`,
 //! `mqtt_max_queued_bytes`; past them a message is not queued for it, and counted as
-//! `hearth_mqtt_refused_total{reason="session_full"}`).
+//! `hearth_mqtt_refused_total{reason="session_full"}`), and each house's publishes, all its
+//! clients together (`mqtt_publishes_per_second` after `mqtt_publish_burst`): past that rate
+//! the broker pauses before reading such a client's next packets (counted in
+//! `hearth_mqtt_throttled_total`), so the client waits for its PUBACKs and TCP slows it down;
+//! nothing is refused. A read is handled before the pause its publishes cost, so the first
+//! message after a quiet spell (a smoke alarm's) is never held back by it.
 
 mod outbound;
 mod session;
@@ -55,6 +60,7 @@ use crate::codec::{self, Codecs, Limits};
 use crate::intake::{Gate, Intake};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError};
+use crate::rate::{Buckets, Rate};
 use crate::seam::Unavailable;
 use crate::shutdown::Shutdown;
 
@@ -146,6 +152,8 @@ pub struct Settings {
     pub max_keep_alive: Duration,
     pub packet_timeout: Duration,
     pub max_subscriptions: usize,
+    /// Each house's publishes, all its clients together.
+    pub publishes: Rate,
     pub subscriber_buffer_bytes: usize,
     /// Persistent sessions kept; messages and bytes waiting in each.
     pub max_sessions: usize,
@@ -162,6 +170,10 @@ impl Settings {
             max_keep_alive: Duration::from_secs(config.mqtt_max_keep_alive_secs),
             packet_timeout: Duration::from_millis(config.mqtt_packet_timeout_ms),
             max_subscriptions: config.mqtt_max_subscriptions,
+            publishes: Rate {
+                per_second: config.mqtt_publishes_per_second,
+                burst: config.mqtt_publish_burst,
+            },
             subscriber_buffer_bytes: config.mqtt_subscriber_buffer_bytes,
             max_sessions: config.mqtt_max_sessions,
             max_queued_messages: config.mqtt_max_queued_messages,
@@ -199,6 +211,8 @@ struct Broker {
     settings: Settings,
     routes: Routes,
     kept: Kept,
+    /// One bucket per house whose clients published lately (`mqtt_publishes_per_second`).
+    publishes: Buckets<String>,
 }
 
 impl Broker {
@@ -294,6 +308,7 @@ pub async fn serve(
     };
     routes.restore(left.sessions);
     let broker = Arc::new(Broker {
+        publishes: Buckets::new(settings.publishes),
         intake,
         auth,
         settings,

@@ -54,6 +54,26 @@ struct Session {
     awaiting_release: HashSet<u16>,
 }
 
+impl Session {
+    /// What the publishes among `packets` cost the client's house: how long to pause before
+    /// reading again (zero within its rate; anonymous and admin clients are not limited).
+    fn spend(&self, packets: &[Packet], broker: &Broker) -> Duration {
+        let Client::Known(Principal::House(house)) = &self.who else {
+            return Duration::ZERO;
+        };
+        let n = packets
+            .iter()
+            .filter(|p| matches!(p, Packet::Publish(_)))
+            .count();
+        match n {
+            0 => Duration::ZERO,
+            n => broker
+                .publishes
+                .spend(house.clone(), u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
 /// A client let in.
 struct Login {
     who: Client,
@@ -241,26 +261,29 @@ pub(super) async fn session(
             me.outbound.resume(waiting, &mut writer)?;
             flush(&mut writer).await?;
         }
+        // Past its house's publish rate, the client's next read waits until then.
+        let mut paused: Option<tokio::time::Instant> = None;
         loop {
             if !pending.is_empty() {
-                let done = handle(
-                    std::mem::take(&mut pending),
-                    &mut writer,
-                    &broker,
-                    &mut me,
-                    &shutdown,
-                )
-                .await?;
+                let packets = std::mem::take(&mut pending);
+                let owed = me.spend(&packets, &broker);
+                let done = handle(packets, &mut writer, &broker, &mut me, &shutdown).await?;
                 flush(&mut writer).await?;
                 if done {
                     return Ok(true);
                 }
+                if !owed.is_zero() {
+                    METRICS.mqtt_throttled.add(1);
+                    paused = Some(tokio::time::Instant::now() + owed);
+                }
             }
             backpressure(intake.gate()).await;
+            let until = paused.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout) => {
+                read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout), if paused.is_none() => {
                     pending = read?;
                 }
+                _ = tokio::time::sleep_until(until), if paused.is_some() => paused = None,
                 message = me.outbound.recv() => match message {
                     Some(first) => {
                         me.outbound.take(first, &mut writer)?;

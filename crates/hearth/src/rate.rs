@@ -1,0 +1,185 @@
+//! Rates: token buckets, alone or one per key (a house token's API requests, a house's MQTT
+//! publishes), in a bounded map.
+//!
+//! Two ways to spend: [`Buckets::take`] takes one or says how long until one is there (the API
+//! answers 429); [`Buckets::spend`] takes what was already done, going into debt, and says how
+//! long the spender should pause before its next read (the embedded broker, which slows a
+//! client down by not reading its socket instead of refusing what it sent).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A rate: `per_second` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A token bucket: full, it holds `burst`; it fills at `per_second`; spent past empty, it owes.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    left: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    pub fn full(rate: Rate, now: Instant) -> Bucket {
+        Bucket {
+            left: f64::from(rate.burst),
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now: Instant) -> f64 {
+        let per_second = f64::from(rate.per_second.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.left = (self.left + elapsed * per_second).min(f64::from(rate.burst.max(1)));
+        self.at = now;
+        per_second
+    }
+
+    /// Take one; else how long until one is there.
+    pub fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let per_second = self.refill(rate, now);
+        if self.left >= 1.0 {
+            self.left -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.left) / per_second))
+        }
+    }
+
+    /// Take `n`, owing what is not there: how long until the debt is paid (zero without one).
+    pub fn spend(&mut self, n: u32, rate: Rate, now: Instant) -> Duration {
+        let per_second = self.refill(rate, now);
+        self.left -= f64::from(n);
+        if self.left >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.left / per_second)
+        }
+    }
+
+    /// Whether it has filled up again since it was last taken from.
+    fn is_full(&self, rate: Rate, now: Instant) -> bool {
+        let refill = (f64::from(rate.burst) - self.left) / f64::from(rate.per_second.max(1));
+        now.saturating_duration_since(self.at).as_secs_f64() >= refill
+    }
+}
+
+/// Buckets kept before the full ones are let go (a full bucket is the same as none).
+pub const BUCKETS_KEPT: usize = 10_000;
+
+/// One bucket per key, at one rate. At most [`BUCKETS_KEPT`] are kept: past it, the full ones
+/// are let go, so that many keys seen once cost no memory for long.
+pub struct Buckets<K> {
+    rate: Rate,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Hash + Eq> Buckets<K> {
+    pub fn new(rate: Rate) -> Buckets<K> {
+        Buckets {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Run `f` on `key`'s bucket, made full if it is new.
+    fn with<T>(&self, key: K, f: impl FnOnce(&mut Bucket, Rate, Instant) -> T) -> T {
+        let (rate, now) = (self.rate, Instant::now());
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= BUCKETS_KEPT && !buckets.contains_key(&key) {
+            buckets.retain(|_, b| !b.is_full(rate, now));
+        }
+        let bucket = buckets
+            .entry(key)
+            .or_insert_with(|| Bucket::full(rate, now));
+        f(bucket, rate, now)
+    }
+
+    /// [`Bucket::take`] from `key`'s bucket.
+    pub fn take(&self, key: K) -> Result<(), Duration> {
+        self.with(key, |b, rate, now| b.take(rate, now))
+    }
+
+    /// [`Bucket::spend`] from `key`'s bucket.
+    pub fn spend(&self, key: K, n: u32) -> Duration {
+        self.with(key, |b, rate, now| b.spend(n, rate, now))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_takes_its_burst_then_its_rate() {
+        let rate = Rate {
+            per_second: 2,
+            burst: 3,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(rate, t0);
+        for _ in 0..3 {
+            assert!(b.take(rate, t0).is_ok());
+        }
+        let wait = b.take(rate, t0).expect_err("past the burst");
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(!b.is_full(rate, t0 + Duration::from_millis(1400)));
+        // Half a second later one more; the second one after that, not yet.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(b.take(rate, t1).is_ok());
+        assert!(b.take(rate, t1).is_err());
+        // Long idle: the burst again, never more.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(b.is_full(rate, t2));
+        for _ in 0..3 {
+            assert!(b.take(rate, t2).is_ok());
+        }
+        assert!(b.take(rate, t2).is_err());
+    }
+
+    #[test]
+    fn a_bucket_spent_past_empty_owes_and_repays() {
+        let rate = Rate {
+            per_second: 10,
+            burst: 5,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(rate, t0);
+        assert_eq!(b.spend(5, rate, t0), Duration::ZERO);
+        // 20 more at once: 2 s of debt, and nothing taken meanwhile.
+        assert_eq!(b.spend(20, rate, t0), Duration::from_secs(2));
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(b.take(rate, t1).is_err());
+        assert!(!b.is_full(rate, t1 + Duration::from_millis(1400)));
+        // Paid, then full again half a second later.
+        let t2 = t0 + Duration::from_millis(2500);
+        assert!(b.is_full(rate, t2));
+        assert_eq!(b.spend(5, rate, t2), Duration::ZERO);
+    }
+
+    #[test]
+    fn full_buckets_are_let_go_past_the_bound() {
+        let buckets = Buckets::new(Rate {
+            per_second: 1_000_000,
+            burst: 1,
+        });
+        for i in 0..BUCKETS_KEPT as u32 {
+            assert!(buckets.take(i).is_ok());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        // Every bucket has filled again: the next new key finds room.
+        assert!(buckets.take(u32::MAX).is_ok());
+        assert_eq!(buckets.len(), 1);
+    }
+}
