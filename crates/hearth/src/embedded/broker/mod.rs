@@ -216,6 +216,24 @@ struct Broker {
 }
 
 impl Broker {
+    /// What the publishes among `packets` cost `who`'s house: how long to pause before reading
+    /// its client again (zero within the rate; anonymous and admin clients are not limited).
+    fn owed(&self, who: &Client, packets: &[rumqttc::mqttbytes::v4::Packet]) -> Duration {
+        let Client::Known(Principal::House(house)) = who else {
+            return Duration::ZERO;
+        };
+        let n = packets
+            .iter()
+            .filter(|p| matches!(p, rumqttc::mqttbytes::v4::Packet::Publish(_)))
+            .count();
+        match n {
+            0 => Duration::ZERO,
+            n => self
+                .publishes
+                .spend(house.clone(), u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+
     /// A message published by the broker itself (a will, its own status): stored if hearth
     /// reads its topic, kept if retained, and forwarded to subscribers. False if a shutdown
     /// came first.

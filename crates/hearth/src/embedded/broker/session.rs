@@ -54,26 +54,6 @@ struct Session {
     awaiting_release: HashSet<u16>,
 }
 
-impl Session {
-    /// What the publishes among `packets` cost the client's house: how long to pause before
-    /// reading again (zero within its rate; anonymous and admin clients are not limited).
-    fn spend(&self, packets: &[Packet], broker: &Broker) -> Duration {
-        let Client::Known(Principal::House(house)) = &self.who else {
-            return Duration::ZERO;
-        };
-        let n = packets
-            .iter()
-            .filter(|p| matches!(p, Packet::Publish(_)))
-            .count();
-        match n {
-            0 => Duration::ZERO,
-            n => broker
-                .publishes
-                .spend(house.clone(), u32::try_from(n).unwrap_or(u32::MAX)),
-        }
-    }
-}
-
 /// A client let in.
 struct Login {
     who: Client,
@@ -266,7 +246,7 @@ pub(super) async fn session(
         loop {
             if !pending.is_empty() {
                 let packets = std::mem::take(&mut pending);
-                let owed = me.spend(&packets, &broker);
+                let owed = broker.owed(&me.who, &packets);
                 let done = handle(packets, &mut writer, &broker, &mut me, &shutdown).await?;
                 flush(&mut writer).await?;
                 if done {
