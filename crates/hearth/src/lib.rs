@@ -49,6 +49,7 @@ pub mod embedded;
 pub mod event;
 pub mod metrics;
 pub mod mqtt;
+pub mod pushes;
 pub mod roles;
 pub mod seam;
 pub mod series;

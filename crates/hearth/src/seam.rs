@@ -402,7 +402,9 @@ pub trait LatestCache: Send + Sync {
 /// Pushes to every API process's WebSocket clients (and, for alerts, to webhooks).
 ///
 /// Contract: every subscriber gets every message published after it subscribed, in publish
-/// order; a message is a JSON object with `type` and `house_id`.
+/// order, or a [`Pushed::Gap`] where it may have missed some (its subscription was lost and
+/// made again, or it fell behind); a message is a JSON object with `type` and `house_id`.
+/// [`crate::pushes::subscribe`] fills the gaps' alert pushes back in.
 pub trait FanOut: Send + Sync {
     /// Publish messages, in order.
     fn publish<'a>(&'a self, messages: &'a [String]) -> Fut<'a, ()>;
@@ -415,8 +417,11 @@ pub trait FanOut: Send + Sync {
     /// that reconnects; `None` when some of them are no longer kept (or `since` was never
     /// given out here): the client must re-read the alerts.
     fn alerts_since(&self, since: u64) -> Fut<'_, Option<Vec<String>>>;
-    /// A receiver of every message published from now on (it reconnects as needed).
-    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>>;
+    /// A receiver of every message published from now on (it reconnects as needed, and says
+    /// where it may have missed some).
+    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<Pushed>>;
+    /// The number of the last alert push (or a number no later one is below).
+    fn alerts_pushed(&self) -> Fut<'_, u64>;
     /// Tell the workers which houses' events someone watches (`*`: all), for `ttl_ms`.
     fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()>;
     /// The houses someone watches now (`*`: all).
@@ -425,6 +430,15 @@ pub trait FanOut: Send + Sync {
     /// it before a batch's event pushes and the houses again when it moved, so that a
     /// subscription is served from the first batch pushed after it was answered.
     fn watch_changes(&self) -> Fut<'_, u64>;
+}
+
+/// What a subscription to the fan-out brings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pushed {
+    Message(String),
+    /// Messages may have been missed here: the subscription was lost and made again, or the
+    /// subscriber fell behind.
+    Gap,
 }
 
 /// Alert pushes each backend keeps for clients that reconnect ([`FanOut::alerts_since`]).

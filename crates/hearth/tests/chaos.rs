@@ -10,13 +10,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hearth_bench::mosquitto::stop_child;
 use support::*;
 
 const READY: Duration = Duration::from_secs(60);
@@ -32,69 +29,6 @@ fn pick<T>(short: T, long: T) -> T {
 }
 
 // ---- private servers ---------------------------------------------------------------------------
-
-/// A `redis-server` of our own, AOF on, in the test's scratch directory.
-struct Redis {
-    port: u16,
-    dir: PathBuf,
-    fsync: &'static str,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start(dir: &Path, fsync: &'static str) -> Redis {
-        let dir = dir.join("redis");
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut r = Redis {
-            port: free_port(),
-            dir,
-            fsync,
-            child: None,
-        };
-        r.up();
-        r
-    }
-
-    fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "yes", "--appendfsync", self.fsync])
-            .args(["--save", "", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        wait_port(self.port);
-        // Loading the AOF: the port answers before the data is there.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "ping"])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
-        {
-            assert!(Instant::now() < deadline, "redis did not load");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn down(&mut self, signal: &str) {
-        if let Some(child) = self.child.take() {
-            stop_child(child, signal);
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.down("KILL");
-    }
-}
 
 /// A TCP proxy that delays every reply by a settable time: a slow server without netem.
 struct Proxy {

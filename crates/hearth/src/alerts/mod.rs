@@ -153,6 +153,11 @@ pub fn event_messages(
         .collect()
 }
 
+/// Sent to a reader of the pushes that may have missed alert pushes it cannot be given any
+/// more (a WebSocket client resuming from too old a `since`, a reader whose subscription had a
+/// gap the log no longer covers): re-read the alerts.
+pub const RESYNC: &str = r#"{"type":"resync","reason":"the alert pushes after since are no longer kept: re-read the alerts"}"#;
+
 /// A message to WebSocket clients, through the fan-out.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]

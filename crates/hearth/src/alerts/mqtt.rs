@@ -11,7 +11,7 @@
 
 use serde_json::json;
 
-use super::{Alert, AlertState, Push};
+use super::{Alert, AlertState, Push, RESYNC};
 
 /// The `unique_id` prefix of the entities hearth announces.
 pub const OWN_PREFIX: &str = "hearth_";
@@ -49,12 +49,19 @@ impl AlertFeed {
     }
 }
 
-/// The next pushed message of a feed (never, without one).
-pub async fn next(feed: &mut Option<AlertFeed>) -> Option<String> {
-    match feed.as_mut() {
-        Some(f) => f.pushes.recv().await,
-        None => std::future::pending().await,
-    }
+/// The retained messages the next push of a feed asks to publish (never, without a feed; none
+/// when it ended): an alert transition's, the recent alerts' after a gap its pushes could not
+/// make up for ([`RESYNC`]), nothing for other pushes.
+pub async fn next(feed: &mut Option<AlertFeed>) -> Option<Vec<(String, Vec<u8>)>> {
+    let Some(f) = feed.as_mut() else {
+        return std::future::pending().await;
+    };
+    let pushed = f.pushes.recv().await?;
+    Some(match alert_of(&pushed) {
+        Some(alert) => messages(&alert),
+        None if pushed == RESYNC => f.recent().await,
+        None => Vec::new(),
+    })
 }
 
 /// The alert of a pushed message, if it is an alert transition.

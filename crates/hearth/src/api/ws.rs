@@ -87,8 +87,7 @@ pub(crate) struct Attached {
     pub last_seq: u64,
 }
 
-/// Sent when the pushes a client missed are no longer kept.
-pub(crate) const RESYNC: &str = r#"{"type":"resync","reason":"the alert pushes after since are no longer kept: re-read the alerts"}"#;
+use crate::alerts::RESYNC;
 
 /// Whether a live push should go out: not an alert push the replay already sent (by `seq`);
 /// `last_seq` follows what went out.
@@ -97,13 +96,7 @@ pub(crate) const RESYNC: &str = r#"{"type":"resync","reason":"the alert pushes a
 /// script write it so): it is read off the front, without parsing the message (an events push
 /// can be tens of KiB, and every client's session sees every push of its houses).
 pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
-    let seq = text.strip_prefix(r#"{"seq":"#).and_then(|rest| {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        rest[..digits].parse::<u64>().ok()
-    });
-    match seq {
+    match crate::pushes::seq_of(text) {
         Some(seq) if seq <= *last_seq => false,
         Some(seq) => {
             *last_seq = seq;
@@ -166,8 +159,11 @@ impl Hub {
 
     /// Hand a pushed message to the clients it is for; drop the ones whose buffer is full.
     pub fn dispatch(&self, message: &str) {
-        let Ok(head) = serde_json::from_str::<Head>(message) else {
-            return;
+        // A resync goes to every client that follows alerts.
+        let head = match serde_json::from_str::<Head>(message) {
+            Ok(head) => Some(head),
+            Err(_) if message == RESYNC => None,
+            Err(_) => return,
         };
         let text: Arc<str> = Arc::from(message);
         let Ok(mut clients) = self.clients.lock() else {
@@ -175,7 +171,10 @@ impl Hub {
         };
         let mut slow = Vec::new();
         for (id, c) in clients.iter() {
-            let wants = c.subs.iter().any(|s| s.wants(&head.kind, &head.house_id));
+            let wants = c.subs.iter().any(|s| match &head {
+                Some(head) => s.wants(&head.kind, &head.house_id),
+                None => s.alerts,
+            });
             if wants && c.tx.try_send(text.clone()).is_err() {
                 slow.push(*id);
             }
@@ -188,17 +187,19 @@ impl Hub {
         }
     }
 
-    /// Subscribe to the fan-out and dispatch (the subscription reconnects by itself).
+    /// Subscribe to the fan-out and dispatch (the subscription reconnects by itself, and makes
+    /// up for the alert pushes it missed meanwhile: [`crate::pushes`]).
     async fn relay(self: Arc<Self>) {
         let mut backoff = Backoff::default();
         loop {
-            match self.fanout.subscribe().await {
+            match crate::pushes::subscribe(self.fanout.clone()).await {
                 Ok(mut messages) => {
                     backoff.reset();
                     self.subscribed.send_replace(true);
                     while let Some(text) = messages.recv().await {
                         self.dispatch(&text);
                     }
+                    self.subscribed.send_replace(false);
                 }
                 Err(e) => warn!(error = %e, "push subscription failed, retrying"),
             }
@@ -465,7 +466,30 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::fresh;
+    use super::*;
+
+    #[test]
+    fn a_resync_goes_to_every_client_that_follows_alerts() {
+        let hub = Hub::new(
+            Arc::new(crate::embedded::memory::ChannelFanOut::default()),
+            8,
+        );
+        let sub = |alerts| Subscription {
+            house: Some("h1".into()),
+            events: true,
+            alerts,
+        };
+        let (tx_alerts, mut alerts) = mpsc::channel(8);
+        let (tx_events, mut events) = mpsc::channel(8);
+        hub.add(vec![sub(true)], tx_alerts);
+        hub.add(vec![sub(false)], tx_events);
+        hub.dispatch(RESYNC);
+        assert_eq!(alerts.try_recv().as_deref().ok(), Some(RESYNC));
+        assert!(events.try_recv().is_err());
+        // Anything else without a house goes nowhere.
+        hub.dispatch(r#"{"type":"mystery"}"#);
+        assert!(alerts.try_recv().is_err());
+    }
 
     #[test]
     fn seq_is_read_off_the_front() {

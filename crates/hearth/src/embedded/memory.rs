@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::store::SqliteStore;
 use crate::alerts::Alert;
 use crate::event::{Event, Order, PerSensor};
-use crate::seam::{FanOut, Fut, LatestCache};
+use crate::seam::{FanOut, Fut, LatestCache, Pushed};
 
 /// kind → the newest reading (its JSON is made when read, not at every offer).
 type Kinds = HashMap<String, (Order, Event)>;
@@ -183,27 +183,32 @@ impl FanOut for ChannelFanOut {
         Box::pin(async move { Ok(found) })
     }
 
-    fn subscribe(&self) -> Fut<'_, mpsc::Receiver<String>> {
+    fn subscribe(&self) -> Fut<'_, mpsc::Receiver<Pushed>> {
         let mut rx = self.tx.subscribe();
         Box::pin(async move {
             let (tx, out) = mpsc::channel(BACKLOG);
             tokio::spawn(async move {
                 loop {
-                    match rx.recv().await {
-                        Ok(m) => {
-                            if tx.send(m).await.is_err() {
-                                return;
-                            }
-                        }
+                    let pushed = match rx.recv().await {
+                        Ok(m) => Pushed::Message(m),
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             tracing::warn!(missed = n, "push subscriber fell behind");
+                            Pushed::Gap
                         }
                         Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if tx.send(pushed).await.is_err() {
+                        return;
                     }
                 }
             });
             Ok(out)
         })
+    }
+
+    fn alerts_pushed(&self) -> Fut<'_, u64> {
+        let last = self.kept.lock().map(|k| k.last).unwrap_or(0);
+        Box::pin(async move { Ok(last) })
     }
 
     fn watch<'a>(&'a self, houses: &'a [String], _ttl_ms: i64) -> Fut<'a, ()> {

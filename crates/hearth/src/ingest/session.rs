@@ -193,16 +193,16 @@ pub async fn run(
                     // Alert transitions, to the home's automations (retained, QoS 1; one missed
                     // while the connection is down is made up by the next transition).
                     pushed = crate::alerts::mqtt::next(alerts), if alerts.is_some() => {
-                        match pushed.as_deref().and_then(crate::alerts::mqtt::alert_of) {
-                            Some(alert) => {
-                                for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
+                        match pushed {
+                            Some(messages) if !messages.is_empty() => {
+                                for (topic, payload) in messages {
                                     next_publish = next_publish.wrapping_add(1).max(1);
                                     writer.queue(&alert_publish(topic, payload, next_publish))?;
                                 }
                                 writer.flush().await?;
                             }
-                            None if pushed.is_none() => *alerts = None,
-                            None => {}
+                            Some(_) => {}
+                            None => *alerts = None,
                         }
                     }
                     // Entities discovered on topics no subscription brings yet.

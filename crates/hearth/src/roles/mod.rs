@@ -232,7 +232,7 @@ fn authenticator(
 /// The fan-out's pushes, whose alert transitions go back to the broker; none if the fan-out
 /// cannot be subscribed to now (alerts still reach WebSocket clients and webhooks).
 async fn alert_pushes(seams: &Seams) -> Option<crate::alerts::mqtt::AlertFeed> {
-    match seams.fanout.subscribe().await {
+    match crate::pushes::subscribe(seams.fanout.clone()).await {
         Ok(pushes) => Some(crate::alerts::mqtt::AlertFeed {
             pushes,
             store: seams.alerts.clone(),

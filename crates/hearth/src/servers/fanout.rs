@@ -10,7 +10,7 @@ use super::queue::{Queue, QueueError};
 use crate::alerts::Alert;
 use crate::alerts::rules::RuleSet;
 use crate::backoff::Backoff;
-use crate::seam::{FanOut, Fut};
+use crate::seam::{FanOut, Fut, Pushed};
 
 /// Pushes through Redis pub/sub (`P:push`) to every API process; webhook jobs on `P:notify`.
 pub struct RedisFanOut {
@@ -104,7 +104,19 @@ impl FanOut for RedisFanOut {
         })
     }
 
-    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<String>> {
+    fn alerts_pushed(&self) -> Fut<'_, u64> {
+        Box::pin(async move {
+            let mut conn = self.queue.conn.clone();
+            let last: Option<u64> = redis::cmd("GET")
+                .arg(self.queue.keys.push_seq())
+                .query_async(&mut conn)
+                .await
+                .map_err(QueueError::from)?;
+            Ok(last.unwrap_or(0))
+        })
+    }
+
+    fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<Pushed>> {
         Box::pin(async move {
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
             let channel = self.queue.keys.push();
@@ -198,16 +210,18 @@ async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSub, Queue
         .unwrap_or(QueueError::Reply("no redis node")))
 }
 
-/// Forward `P:push` to `tx` until the receiver is dropped, resubscribing after a failure.
+/// Forward `P:push` to `tx` until the receiver is dropped, resubscribing after a failure (what
+/// was published meanwhile is missed: a [`Pushed::Gap`] says where, once subscribed again).
 async fn relay(
     url: String,
     channel: String,
     first: redis::aio::PubSub,
-    tx: tokio::sync::mpsc::Sender<String>,
+    tx: tokio::sync::mpsc::Sender<Pushed>,
 ) {
     use futures_util::StreamExt;
     let mut backoff = Backoff::default();
     let mut current = Some(first);
+    let mut lost = false;
     loop {
         let pubsub = match current.take() {
             Some(p) => Ok(p),
@@ -216,20 +230,26 @@ async fn relay(
         match pubsub {
             Ok(mut pubsub) => {
                 backoff.reset();
+                if std::mem::take(&mut lost) && tx.send(Pushed::Gap).await.is_err() {
+                    return;
+                }
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
                     if let Ok(text) = msg.get_payload::<String>()
-                        && tx.send(text).await.is_err()
+                        && tx.send(Pushed::Message(text)).await.is_err()
                     {
                         return;
                     }
                 }
+                crate::metrics::dependency_error("redis");
+                warn!("push subscription lost, subscribing again");
             }
             Err(e) => {
                 crate::metrics::dependency_error("redis");
                 warn!(error = %e, "push subscription lost, reconnecting");
             }
         }
+        lost = true;
         if tx.is_closed() {
             return;
         }

@@ -96,6 +96,70 @@ pub fn wait_port(port: u16) {
     }
 }
 
+/// A `redis-server` of our own, AOF on, in the test's scratch directory: for the tests that
+/// break Redis (the shared one is never touched).
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    fsync: &'static str,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start(dir: &Path, fsync: &'static str) -> Redis {
+        let dir = dir.join("redis");
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = Redis {
+            port: free_port(),
+            dir,
+            fsync,
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    pub fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--appendonly", "yes", "--appendfsync", self.fsync])
+            .args(["--save", "", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        wait_port(self.port);
+        // Loading the AOF: the port answers before the data is there.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+        {
+            assert!(Instant::now() < deadline, "redis did not load");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn down(&mut self, signal: &str) {
+        if let Some(child) = self.child.take() {
+            hearth_bench::mosquitto::stop_child(child, signal);
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.down("KILL");
+    }
+}
+
 /// One test's isolated slice of the shared Redis and PostgreSQL.
 pub struct Env {
     pub name: String,

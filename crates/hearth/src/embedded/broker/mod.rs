@@ -360,11 +360,9 @@ pub async fn serve(
             pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
                 match pushed {
                     // Alert transitions, to the home's automations (retained).
-                    Some(p) => {
-                        if let Some(alert) = crate::alerts::mqtt::alert_of(&p) {
-                            for (topic, payload) in crate::alerts::mqtt::messages(&alert) {
-                                broker.publish(&topic, &Bytes::from(payload), true, &shutdown).await;
-                            }
+                    Some(messages) => {
+                        for (topic, payload) in messages {
+                            broker.publish(&topic, &Bytes::from(payload), true, &shutdown).await;
                         }
                     }
                     None => alerts = None,
