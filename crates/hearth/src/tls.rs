@@ -12,13 +12,16 @@
 //! not authenticated).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -201,7 +204,9 @@ pub fn client_config(files: &ClientFiles, verify: Verify) -> Result<Arc<ClientCo
     Ok(Arc::new(config))
 }
 
-/// A server configuration from a PEM certificate chain and its key, offering `alpn`.
+/// A server configuration from a PEM certificate chain and its key, offering `alpn`. The files
+/// are read again when they change ([`Reloading`]): a renewed certificate is served without a
+/// restart.
 pub fn server_config(
     cert: &Path,
     key_file: &Path,
@@ -211,13 +216,92 @@ pub fn server_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs(cert)?, key(key_file)?)
-        .map_err(|e| TlsError::File {
-            path: cert.to_path_buf(),
-            message: format!("certificate and key do not go together: {e}"),
-        })?;
+        .with_cert_resolver(Arc::new(Reloading::new(cert, key_file)?));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// How often a server's certificate files are looked at (their modification times), at most.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// A server's certificate and key, read again when either file's modification time changes
+/// (looked at, at most every [`RELOAD_CHECK`], by the next handshake). A pair that does not
+/// load (half written, a new certificate beside the old key) is logged once and the loaded one
+/// kept, until the files change again.
+#[derive(Debug)]
+struct Reloading {
+    cert: PathBuf,
+    key: PathBuf,
+    state: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    served: Arc<CertifiedKey>,
+    /// The files' modification times when last read (loaded or not).
+    seen: Stamps,
+    checked: Instant,
+}
+
+type Stamps = (Option<SystemTime>, Option<SystemTime>);
+
+impl Reloading {
+    fn new(cert: &Path, key: &Path) -> Result<Reloading, TlsError> {
+        let seen = Self::stamps(cert, key);
+        let served = Arc::new(Self::load(cert, key)?);
+        Ok(Reloading {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            state: Mutex::new(Loaded {
+                served,
+                seen,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    fn stamps(cert: &Path, key: &Path) -> Stamps {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (modified(cert), modified(key))
+    }
+
+    fn load(cert: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
+        CertifiedKey::from_der(certs(cert)?, key(key_file)?, &provider()).map_err(|e| {
+            TlsError::File {
+                path: cert.to_path_buf(),
+                message: format!("certificate and key do not go together: {e}"),
+            }
+        })
+    }
+
+    /// The pair to serve now, read again first if the files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.checked.elapsed() >= RELOAD_CHECK {
+            state.checked = Instant::now();
+            let now = Self::stamps(&self.cert, &self.key);
+            if now != state.seen {
+                state.seen = now;
+                match Self::load(&self.cert, &self.key) {
+                    Ok(pair) => {
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate read again");
+                        state.served = Arc::new(pair);
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "TLS certificate changed but does not load: the previous one is served"
+                    ),
+                }
+            }
+        }
+        state.served.clone()
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 /// The acceptor of a server configured by `cert` and `key` (both given, or neither: `None`).

@@ -402,3 +402,51 @@ async fn embedded_broker_tls_listener_refuses_plaintext() {
         &readings(21)[20..]
     ));
 }
+
+/// A renewed certificate is served without a restart: the API and the broker's TLS listener
+/// read their files again when they change (a client trusting only the new issuer gets through,
+/// one trusting only the old one no longer does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let mut env = Env::embedded("tls_renewed");
+    let pki = Pki::new(&env.scratch.0.join("pki"));
+    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    std::fs::copy(pki.path("server.pem"), &cert).expect("cert");
+    std::fs::copy(pki.path("server.key"), &key).expect("key");
+    let tls_port = free_port();
+    env.set("mqtt_tls_listen", format!("127.0.0.1:{tls_port}"))
+        .set("mqtt_tls_cert", &cert)
+        .set("mqtt_tls_key", &key)
+        .set("api_tls_cert", &cert)
+        .set("api_tls_key", &key)
+        .set("admin_token", ADMIN);
+    let up = env.up().await;
+    let port = up
+        .http_addr()
+        .await
+        .rsplit_once(':')
+        .expect("port")
+        .1
+        .to_string();
+    wait_port(tls_port);
+    let (old, new) = (pki.path("ca.pem"), pki.path("other-ca.pem"));
+    let api = format!("https://localhost:{port}/api/v1/houses");
+    let publish =
+        |ca: &str| mosquitto_pub(tls_port, &["--cafile", ca], "hearth/h1/door", &readings(1));
+    assert!(publish(&old) && curl(&api, &old, ADMIN).0);
+    assert!(!publish(&new) && !curl(&api, &new, ADMIN).0);
+
+    // Renewed in place: the new certificate first, then its key (a moment where they do not go
+    // together, which is served through with the old pair).
+    pki.reissued("renewed");
+    std::fs::copy(pki.path("renewed.pem"), &cert).expect("cert");
+    std::fs::copy(pki.path("renewed.key"), &key).expect("key");
+    eventually(
+        "the renewed certificate",
+        Duration::from_secs(30),
+        || async { (publish(&new) && curl(&api, &new, ADMIN).0).then_some(()) },
+    )
+    .await;
+    assert!(!publish(&old) && !curl(&api, &old, ADMIN).0);
+    assert!(up.log_text().contains("TLS certificate read again"));
+}

@@ -1218,7 +1218,17 @@ impl Pki {
         );
     }
 
+    /// A server certificate for `localhost` and 127.0.0.1 issued by the other CA (`{name}.pem`,
+    /// `{name}.key`): the renewal of `server`, as far as a client trusting only one CA can tell.
+    pub fn reissued(&self, name: &str) {
+        self.leaf_of("other-ca", name, "DNS:localhost,IP:127.0.0.1", "serverAuth");
+    }
+
     fn leaf(&self, name: &str, san: &str, usage: &str) {
+        self.leaf_of("ca", name, san, usage);
+    }
+
+    fn leaf_of(&self, ca: &str, name: &str, san: &str, usage: &str) {
         self.openssl(
             &[
                 &["req"][..],
@@ -1246,9 +1256,9 @@ impl Pki {
             "-in",
             &format!("{name}.csr"),
             "-CA",
-            "ca.pem",
+            &format!("{ca}.pem"),
             "-CAkey",
-            "ca.key",
+            &format!("{ca}.key"),
             "-CAcreateserial",
             "-out",
             &format!("{name}.pem"),
