@@ -1,5 +1,6 @@
-//! Rates: token buckets, alone or one per key (a house token's API requests, a house's MQTT
-//! publishes), in a bounded map.
+//! What one key (a house, a token) may take: a rate, as token buckets, alone or one per key (a
+//! house token's API requests, a house's MQTT publishes) in a bounded map; or places held at
+//! once ([`Places`]: a house's push clients, its MQTT connections).
 //!
 //! Two ways to spend: [`Buckets::take`] takes one or says how long until one is there (the API
 //! answers 429); [`Buckets::spend`] takes what was already done, going into debt, and says how
@@ -8,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A rate: `per_second` on average, up to `burst` at once.
@@ -117,9 +118,104 @@ impl<K: Hash + Eq> Buckets<K> {
     }
 }
 
+/// Places held at once: at most `total` in all, `per_key` for each key (none for the holders
+/// without a key). A [`Place`] is given back when dropped.
+pub struct Places<K: Hash + Eq + Clone> {
+    total: usize,
+    per_key: usize,
+    held: Arc<Mutex<Held<K>>>,
+}
+
+struct Held<K> {
+    total: usize,
+    by_key: HashMap<K, usize>,
+}
+
+/// Why no place was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Every place is taken.
+    All,
+    /// The key holds its share (how many).
+    Key(usize),
+}
+
+impl<K: Hash + Eq + Clone> Places<K> {
+    pub fn new(total: usize, per_key: usize) -> Places<K> {
+        Places {
+            total,
+            per_key,
+            held: Arc::new(Mutex::new(Held {
+                total: 0,
+                by_key: HashMap::new(),
+            })),
+        }
+    }
+
+    /// A place for `key` (`None`: counted in all only).
+    pub fn take(&self, key: Option<&K>) -> Result<Place<K>, Full> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.total >= self.total {
+            return Err(Full::All);
+        }
+        if let Some(k) = key {
+            let n = held.by_key.get(k).copied().unwrap_or(0);
+            if n >= self.per_key {
+                return Err(Full::Key(n));
+            }
+            held.by_key.insert(k.clone(), n + 1);
+        }
+        held.total += 1;
+        Ok(Place {
+            held: self.held.clone(),
+            key: key.cloned(),
+        })
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.held.lock().unwrap().by_key.len()
+    }
+}
+
+/// A place taken from [`Places`], held until dropped.
+pub struct Place<K: Hash + Eq> {
+    held: Arc<Mutex<Held<K>>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq> Drop for Place<K> {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.total = held.total.saturating_sub(1);
+        if let Some(k) = &self.key
+            && let Some(n) = held.by_key.get_mut(k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                held.by_key.remove(k);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_holds_its_share_of_the_places_and_gives_them_back() {
+        let places = Places::new(3, 1);
+        let (h1, h2) = ("h1".to_string(), "h2".to_string());
+        let first = places.take(Some(&h1)).expect("a place");
+        assert_eq!(places.take(Some(&h1)).err(), Some(Full::Key(1)));
+        let _h2 = places.take(Some(&h2)).expect("h2's own");
+        let _keyless = places.take(None).expect("counted in all only");
+        assert_eq!(places.take(None).err(), Some(Full::All));
+        drop(first);
+        assert_eq!(places.keys(), 1, "h1 let go");
+        assert!(places.take(Some(&h1)).is_ok(), "given back");
+    }
 
     #[test]
     fn a_bucket_takes_its_burst_then_its_rate() {

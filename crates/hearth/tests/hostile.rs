@@ -670,6 +670,38 @@ async fn rates_are_bounded_embedded() {
     rates_are_bounded(Backend::Embedded, "hostile_rates_e").await;
 }
 
+/// One house's tokens hold at most `push_clients_per_house` WebSocket clients of an API
+/// process: past it 429 `too_many_clients`, counted; another house and the admin are served; a
+/// place is given back when its client leaves.
+async fn push_clients_are_bounded_per_house(backend: Backend, name: &str) {
+    let t = start(backend, name, &[("push_clients_per_house", "2")]).await;
+    let (h1, h2) = (token_for(&t.env, "h1"), token_for(&t.env, "h2"));
+    let mut first = ws_hello(&t.addr, "", Some(&h1)).await;
+    let _second = ws_hello(&t.addr, "", Some(&h1)).await;
+    assert_eq!(ws_connect(&t.addr, "", Some(&h1)).await.err(), Some(429));
+    let _other = ws_hello(&t.addr, "", Some(&h2)).await;
+    let _admin = ws_hello(&t.addr, "", Some(ADMIN)).await;
+    let series = r#"hearth_api_refused_total{rate="clients"}"#;
+    assert!(metric(&t.metrics().await, series) >= Some(1.0), "{series}");
+    // One leaves: its place is h1's again.
+    first.close(None).await.expect("close");
+    drop(first);
+    eventually("h1's place given back", WAIT, || async {
+        ws_connect(&t.addr, "", Some(&h1)).await.ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_clients_are_bounded_per_house_on_the_servers() {
+    push_clients_are_bounded_per_house(Backend::Servers, "hostile_seats").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_clients_are_bounded_per_house_embedded() {
+    push_clients_are_bounded_per_house(Backend::Embedded, "hostile_seats_e").await;
+}
+
 // ---- 3 and 6. the embedded broker -------------------------------------------------------------
 
 /// A raw MQTT client: CONNECT with optional credentials, then whatever the test sends.
@@ -945,6 +977,34 @@ async fn the_embedded_broker_bounds_each_houses_publishes() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["events"].as_array().map(Vec::len), Some(n), "{house}");
     }
+}
+
+/// One house's clients hold at most `mqtt_connections_per_house` connections: past it CONNACK 3,
+/// counted; another house connects; a place is given back when its connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_bounds_each_houses_connections() {
+    let t = start(
+        Backend::Embedded,
+        "hostile_mqtt_places",
+        &[("mqtt_connections_per_house", "2")],
+    )
+    .await;
+    let (h1, h2) = (token_for(&t.env, "h1"), token_for(&t.env, "h2"));
+    let port = t.mqtt_port;
+    let (first, a) = Mqtt::connect(port, "h1-a", Some(("h1", &h1)), 30).await;
+    let (_second, b) = Mqtt::connect(port, "h1-b", Some(("h1", &h1)), 30).await;
+    let (_, c) = Mqtt::connect(port, "h1-c", Some(("h1", &h1)), 30).await;
+    assert_eq!((a, b, c), (ACCEPTED, ACCEPTED, 3));
+    let (_other, d) = Mqtt::connect(port, "h2-a", Some(("h2", &h2)), 30).await;
+    assert_eq!(d, ACCEPTED);
+    let series = r#"hearth_mqtt_refused_total{reason="house_connections"}"#;
+    assert!(metric(&t.metrics().await, series) >= Some(1.0), "{series}");
+    drop(first);
+    eventually("h1's place given back", WAIT, || async {
+        let (_, code) = Mqtt::connect(port, "h1-c", Some(("h1", &h1)), 30).await;
+        (code == ACCEPTED).then_some(())
+    })
+    .await;
 }
 
 /// Keep-alive 0 and a half-sent packet: dropped after the packet timeout; subscription filters

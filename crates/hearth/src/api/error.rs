@@ -32,6 +32,9 @@ pub enum ApiError {
     /// after this.
     #[error("too many requests: try again in {} s", retry_after(*.0))]
     TooMany(std::time::Duration),
+    /// Past a bound on what a house holds at once (its push clients): try again once one left.
+    #[error("{0}")]
+    Crowded(String),
 }
 
 /// Whole seconds to wait, rounded up, at least one (`Retry-After` has no fractions).
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            ApiError::Crowded(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_clients"),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! UNAUTHENTICATED, 403 → PERMISSION_DENIED, 404 → NOT_FOUND, 503 → UNAVAILABLE…). The health
 //! (`grpc.health.v1`) and reflection (`grpc.reflection.v1`) services are served beside it.
 //! Bounds: `http_max_connections` connections, 256 calls at once on each, a 64 KiB message, a
-//! call within the HTTP request time.
+//! call within the HTTP request time; `Subscribe` streams count among the house's push clients
+//! (`push_clients_per_house`, with its WebSocket clients; past it `RESOURCE_EXHAUSTED`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -176,7 +177,7 @@ impl From<ApiError> for Status {
             ApiError::TooLarge(_) => Status::resource_exhausted(message),
             ApiError::Timeout(_) => Status::deadline_exceeded(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
-            ApiError::TooMany(_) => Status::resource_exhausted(message),
+            ApiError::TooMany(_) | ApiError::Crowded(_) => Status::resource_exhausted(message),
         }
     }
 }
@@ -358,6 +359,7 @@ impl Hearth for Service {
         };
         let since = (r.since > 0).then_some(r.since);
         let hub = self.state.hub.clone();
+        let seat = hub.seat(&who)?;
         let attached = hub.attach(vec![sub], since).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::Push, Status>>(64);
         tokio::spawn(async move {
@@ -390,6 +392,7 @@ impl Hearth for Service {
                 }
             }
             hub.remove(id);
+            drop(seat);
         });
         Ok(Response::new(Box::pin(tokio_stream_of(rx))))
     }

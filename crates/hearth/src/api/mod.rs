@@ -64,7 +64,14 @@ impl AppState {
     ) -> Arc<AppState> {
         Arc::new(AppState {
             role,
-            hub: Arc::new(ws::Hub::new(seams.fanout.clone(), config.ws_client_buffer)),
+            hub: Arc::new(ws::Hub::new(
+                seams.fanout.clone(),
+                config.ws_client_buffer,
+                ws::SeatLimits {
+                    total: config.http_max_connections,
+                    per_house: config.push_clients_per_house,
+                },
+            )),
             intake: crate::intake::Intake::new(
                 seams.queue.clone(),
                 gate,

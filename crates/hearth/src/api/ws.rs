@@ -37,6 +37,7 @@ pub use super::subscribe::Subscription;
 use super::subscribe::{Allowance, request};
 use crate::backoff::Backoff;
 use crate::metrics::METRICS;
+use crate::rate::{Full, Place, Places};
 use crate::seam::FanOut;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -63,7 +64,21 @@ pub struct Hub {
     /// Whether the relay holds its subscription to the fan-out (a client is answered once it
     /// does: what is pushed from then on reaches it).
     subscribed: tokio::sync::watch::Sender<bool>,
+    /// The clients served or about to be, in all and per house token.
+    seats: Places<String>,
 }
+
+/// How many push clients (WebSocket connections, gRPC subscriptions) an API process serves at
+/// once: in all (`http_max_connections`), and per house token (`push_clients_per_house`; the
+/// admin token is not limited), so that one house cannot take every place.
+#[derive(Debug, Clone, Copy)]
+pub struct SeatLimits {
+    pub total: usize,
+    pub per_house: usize,
+}
+
+/// A client's place, taken before it is served ([`Hub::seat`]) and given back when dropped.
+pub(crate) type Seat = Place<String>;
 
 /// How long a client's answer waits for the relay's first subscription (the fan-out's server
 /// may be down: the client is then answered anyway, and gets what is pushed once it is back).
@@ -107,7 +122,25 @@ pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
 }
 
 impl Hub {
-    pub fn new(fanout: Arc<dyn FanOut>, buffer: usize) -> Hub {
+    /// A place for a client of `who`, within the limits; refused: 503 past the process's, 429
+    /// `too_many_clients` past the house's (counted in `hearth_api_refused_total{rate="clients"}`).
+    pub(crate) fn seat(&self, who: &Principal) -> Result<Seat, ApiError> {
+        let house = match who {
+            Principal::House(h) => Some(h),
+            Principal::Admin => None,
+        };
+        self.seats.take(house).map_err(|full| match full {
+            Full::All => ApiError::Unavailable("too many WebSocket clients; retry later".into()),
+            Full::Key(held) => {
+                METRICS.api_refused.with("clients").add(1);
+                ApiError::Crowded(format!(
+                    "this house has {held} push clients here, the most it may (push_clients_per_house)"
+                ))
+            }
+        })
+    }
+
+    pub fn new(fanout: Arc<dyn FanOut>, buffer: usize, limits: SeatLimits) -> Hub {
         Hub {
             fanout,
             buffer: buffer.max(1),
@@ -115,6 +148,7 @@ impl Hub {
             next: AtomicU64::new(1),
             running: AtomicBool::new(false),
             subscribed: tokio::sync::watch::channel(false).0,
+            seats: Places::new(limits.total, limits.per_house),
         }
     }
 
@@ -292,7 +326,7 @@ impl Hub {
         (status = 101, description = "Switching to the WebSocket: JSON messages `{type: \"alert\", house_id, alert}` and `{type: \"events\", house_id, events}`"),
         (status = 400, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody),
-        (status = 429, description = "Past the token's rate: retry after `Retry-After` seconds", body = super::error::ErrorBody),
+        (status = 429, description = "Past the token's rate (`too_many_requests`: retry after `Retry-After` seconds), or the house holds `push_clients_per_house` clients of this process already (`too_many_clients`: retry once one left)", body = super::error::ErrorBody),
         (status = 403, body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -348,22 +382,19 @@ pub async fn upgrade(
         ApiError::BadRequest("this route is a WebSocket: send an upgrade request".into())
     })?;
     // An upgraded connection leaves the HTTP server's connection count: the hub keeps its own.
-    if state.hub.clients() >= state.config.http_max_connections {
-        return Err(ApiError::Unavailable(
-            "too many WebSocket clients; retry later".into(),
-        ));
-    }
+    let seat = state.hub.seat(&who)?;
     let hub = state.hub.clone();
     // Clients have nothing to send but pongs and a close: a few KiB per message is plenty, and
     // all a client can make the server buffer.
     Ok(ws
         .max_message_size(MAX_INBOUND)
         .max_frame_size(MAX_INBOUND)
-        .on_upgrade(move |socket| serve(hub, socket, who, sub, since)))
+        .on_upgrade(move |socket| serve(hub, seat, socket, who, sub, since)))
 }
 
 async fn serve(
     hub: Arc<Hub>,
+    _seat: Seat,
     socket: WebSocket,
     who: Principal,
     sub: Subscription,
@@ -468,12 +499,22 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_resync_goes_to_every_client_that_follows_alerts() {
-        let hub = Hub::new(
+    /// A hub on the embedded fan-out, with 3 seats, 1 per house.
+    fn hub() -> Hub {
+        let limits = SeatLimits {
+            total: 3,
+            per_house: 1,
+        };
+        Hub::new(
             Arc::new(crate::embedded::memory::ChannelFanOut::default()),
             8,
-        );
+            limits,
+        )
+    }
+
+    #[test]
+    fn a_resync_goes_to_every_client_that_follows_alerts() {
+        let hub = hub();
         let sub = |alerts| Subscription {
             house: Some("h1".into()),
             events: true,
@@ -489,6 +530,22 @@ mod tests {
         // Anything else without a house goes nowhere.
         hub.dispatch(r#"{"type":"mystery"}"#);
         assert!(alerts.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_house_holds_its_share_of_the_seats_and_gives_them_back() {
+        let hub = hub();
+        let h1 = Principal::House("h1".into());
+        let first = hub.seat(&h1).expect("a seat");
+        assert!(matches!(hub.seat(&h1), Err(ApiError::Crowded(_))));
+        let _h2 = hub.seat(&Principal::House("h2".into())).expect("h2's own");
+        let _admin = hub.seat(&Principal::Admin).expect("admin: not per house");
+        assert!(matches!(
+            hub.seat(&Principal::Admin),
+            Err(ApiError::Unavailable(_))
+        ));
+        drop(first);
+        assert!(hub.seat(&h1).is_ok(), "given back");
     }
 
     #[test]

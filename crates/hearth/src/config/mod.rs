@@ -174,6 +174,9 @@ pub struct Config {
     pub mqtt_allow_anonymous: bool,
     /// Embedded broker: most client connections at once; more are refused.
     pub mqtt_max_connections: usize,
+    /// Embedded broker: most connections of one house's clients (logged in with a house token)
+    /// at once, so that one house cannot take every connection; more are refused (CONNACK 3).
+    pub mqtt_connections_per_house: usize,
     /// Embedded broker: the longest keep-alive honoured, in seconds; a client asking for more,
     /// or for none (0), is dropped after this long without a packet.
     pub mqtt_max_keep_alive_secs: u64,
@@ -218,6 +221,10 @@ pub struct Config {
     pub api_requests_per_second: u32,
     /// API: requests a house token may make at once before `api_requests_per_second` applies.
     pub api_request_burst: u32,
+    /// API: WebSocket clients and gRPC subscriptions one house's tokens may hold at once, in
+    /// each API process (of `http_max_connections` in all); past it, 429 `too_many_clients`.
+    /// The admin token is not limited.
+    pub push_clients_per_house: usize,
     /// Store lookups per second, in each process, of tokens it never saw or saw unknown (API
     /// requests and the embedded broker's logins; a token seen as a house's is looked up again
     /// freely): a flood of made-up tokens costs the store no more; past it, 429 (CONNACK 3).
@@ -302,6 +309,7 @@ impl Default for Config {
             mqtt_tls_key: String::new(),
             mqtt_allow_anonymous: true,
             mqtt_max_connections: 1024,
+            mqtt_connections_per_house: 256,
             mqtt_max_keep_alive_secs: 300,
             mqtt_packet_timeout_ms: 30_000,
             mqtt_max_subscriptions: 128,
@@ -317,6 +325,7 @@ impl Default for Config {
             http_header_timeout_ms: 10_000,
             api_requests_per_second: 100,
             api_request_burst: 200,
+            push_clients_per_house: 64,
             token_lookups_per_second: 200,
             data_dir: "./hearth-data".into(),
             log: "info".into(),

@@ -102,6 +102,11 @@ impl Config {
             ),
             ("mqtt_max_queued_bytes", self.mqtt_max_queued_bytes as u64),
             ("http_max_connections", self.http_max_connections as u64),
+            ("push_clients_per_house", self.push_clients_per_house as u64),
+            (
+                "mqtt_connections_per_house",
+                self.mqtt_connections_per_house as u64,
+            ),
             ("http_header_timeout_ms", self.http_header_timeout_ms),
             ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
             (

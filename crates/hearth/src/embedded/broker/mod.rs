@@ -27,7 +27,8 @@
 //! second CONNECT with a client id in use takes the session over and closes the first (MQTT
 //! 3.1.1 §3.1.4).
 //!
-//! Every way in is bounded: connections (`mqtt_max_connections`), the time to CONNECT and to
+//! Every way in is bounded: connections (`mqtt_max_connections`, and
+//! `mqtt_connections_per_house` of one house's clients), the time to CONNECT and to
 //! finish a packet begun (`mqtt_packet_timeout_ms`), silence (the client's keep-alive, at most
 //! `mqtt_max_keep_alive_secs`, and that when it asks for none), packet size, subscription filters
 //! per client (`mqtt_max_subscriptions`), what a subscriber that does not read may have
@@ -60,7 +61,7 @@ use crate::codec::{self, Codecs, Limits};
 use crate::intake::{Gate, Intake};
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError};
-use crate::rate::{Buckets, Rate};
+use crate::rate::{Buckets, Full, Place, Places, Rate};
 use crate::seam::Unavailable;
 use crate::shutdown::Shutdown;
 
@@ -149,6 +150,7 @@ pub struct Settings {
     pub limits: Limits,
     pub allow_anonymous: bool,
     pub max_connections: usize,
+    pub connections_per_house: usize,
     pub max_keep_alive: Duration,
     pub packet_timeout: Duration,
     pub max_subscriptions: usize,
@@ -167,6 +169,7 @@ impl Settings {
             limits: Limits::from_config(config),
             allow_anonymous: config.mqtt_allow_anonymous,
             max_connections: config.mqtt_max_connections,
+            connections_per_house: config.mqtt_connections_per_house,
             max_keep_alive: Duration::from_secs(config.mqtt_max_keep_alive_secs),
             packet_timeout: Duration::from_millis(config.mqtt_packet_timeout_ms),
             max_subscriptions: config.mqtt_max_subscriptions,
@@ -213,9 +216,19 @@ struct Broker {
     kept: Kept,
     /// One bucket per house whose clients published lately (`mqtt_publishes_per_second`).
     publishes: Buckets<String>,
+    /// The connections of each house's clients (`mqtt_connections_per_house`).
+    houses: Places<String>,
 }
 
 impl Broker {
+    /// A place among its house's connections for a client of a house (`None` for the others).
+    fn place(&self, who: &Client) -> Result<Option<Place<String>>, Full> {
+        match who {
+            Client::Known(Principal::House(h)) => self.houses.take(Some(h)).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// What the publishes among `packets` cost `who`'s house: how long to pause before reading
     /// its client again (zero within the rate; anonymous and admin clients are not limited).
     fn owed(&self, who: &Client, packets: &[rumqttc::mqttbytes::v4::Packet]) -> Duration {
@@ -327,6 +340,7 @@ pub async fn serve(
     routes.restore(left.sessions);
     let broker = Arc::new(Broker {
         publishes: Buckets::new(settings.publishes),
+        houses: Places::new(usize::MAX, settings.connections_per_house),
         intake,
         auth,
         settings,

@@ -28,6 +28,7 @@ use crate::event::{Reason, Rejection};
 use crate::intake::Input;
 use crate::metrics::METRICS;
 use crate::mqtt::{self, MqttError, Writer};
+use crate::rate::Place;
 use crate::shutdown::Shutdown;
 
 /// The longest client id taken, in bytes (MQTT 3.1.1 asks servers to take 23 at least;
@@ -67,6 +68,8 @@ struct Login {
     key: String,
     /// Packets read with the CONNECT.
     first: Vec<Packet>,
+    /// Its place among its house's connections, held until it ends.
+    _place: Option<Place<String>>,
 }
 
 /// Read a CONNECT and answer it: who the client is, its client id (one is assigned to a client
@@ -116,6 +119,11 @@ async fn login(
             Some(_) => refuse(ConnectReturnCode::BadUserNamePassword, "bad_credentials"),
             None => refuse(ConnectReturnCode::NotAuthorized, "anonymous"),
         };
+        return not_let_in(writer, code).await;
+    };
+    // One house's clients hold at most their share of the connections.
+    let Ok(place) = broker.place(&who) else {
+        let code = refuse(ConnectReturnCode::ServiceUnavailable, "house_connections");
         return not_let_in(writer, code).await;
     };
     // A client id is kept (a session's key, in the data folder): a long one is refused; one is
@@ -181,6 +189,7 @@ async fn login(
         will,
         key,
         first: packets.collect(),
+        _place: place,
     }))
 }
 
@@ -213,6 +222,7 @@ pub(super) async fn session(
         will,
         key,
         first,
+        _place,
     }) = login(&mut reader, &mut writer, &broker).await?
     else {
         return Ok(());
