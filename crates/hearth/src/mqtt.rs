@@ -197,6 +197,14 @@ impl Reader {
         }
     }
 
+    /// The caller paused reading: a partial packet's time starts again (the pause was not the
+    /// peer's).
+    pub fn resumed(&mut self) {
+        if self.partial_since.is_some() {
+            self.partial_since = Some(tokio::time::Instant::now());
+        }
+    }
+
     /// The whole packets in the buffer; notes when a partial one began.
     fn decode(&mut self) -> Result<Vec<Packet>, MqttError> {
         let mut out = Vec::new();

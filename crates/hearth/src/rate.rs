@@ -4,8 +4,8 @@
 //!
 //! Two ways to spend: [`Buckets::take`] takes one or says how long until one is there (the API
 //! answers 429); [`Buckets::spend`] takes what was already done, going into debt, and says how
-//! long the spender should pause before its next read (the embedded broker, which slows a
-//! client down by not reading its socket instead of refusing what it sent).
+//! long the spender should hold what comes next (the embedded broker, which slows a client down
+//! by holding its publishes instead of refusing them).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -53,10 +53,11 @@ impl Bucket {
         }
     }
 
-    /// Take `n`, owing what is not there: how long until the debt is paid (zero without one).
+    /// Take `n`, owing what is not there, at most one burst: how long until the debt is paid
+    /// (zero without one; at most `burst / per_second`).
     pub fn spend(&mut self, n: u32, rate: Rate, now: Instant) -> Duration {
         let per_second = self.refill(rate, now);
-        self.left -= f64::from(n);
+        self.left = (self.left - f64::from(n)).max(-f64::from(rate.burst.max(1)));
         if self.left >= 0.0 {
             Duration::ZERO
         } else {
@@ -74,8 +75,8 @@ impl Bucket {
 /// Buckets kept before the full ones are let go (a full bucket is the same as none).
 pub const BUCKETS_KEPT: usize = 10_000;
 
-/// One bucket per key, at one rate. At most [`BUCKETS_KEPT`] are kept: past it, the full ones
-/// are let go, so that many keys seen once cost no memory for long.
+/// One bucket per key, at one rate. Past [`BUCKETS_KEPT`] buckets, the full ones are let go
+/// when a new key comes, so that many keys seen once cost no memory for long.
 pub struct Buckets<K> {
     rate: Rate,
     buckets: Mutex<HashMap<K, Bucket>>,
@@ -253,13 +254,14 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bucket::full(rate, t0);
         assert_eq!(b.spend(5, rate, t0), Duration::ZERO);
-        // 20 more at once: 2 s of debt, and nothing taken meanwhile.
-        assert_eq!(b.spend(20, rate, t0), Duration::from_secs(2));
-        let t1 = t0 + Duration::from_secs(1);
-        assert!(b.take(rate, t1).is_err());
-        assert!(!b.is_full(rate, t1 + Duration::from_millis(1400)));
+        // 3 more at once: 0.3 s of debt, and nothing taken meanwhile.
+        assert_eq!(b.spend(3, rate, t0), Duration::from_millis(300));
+        assert!(b.take(rate, t0 + Duration::from_millis(200)).is_err());
+        // 20 more: the debt stops at one burst (0.5 s).
+        assert_eq!(b.spend(20, rate, t0), Duration::from_millis(500));
+        assert!(!b.is_full(rate, t0 + Duration::from_millis(900)));
         // Paid, then full again half a second later.
-        let t2 = t0 + Duration::from_millis(2500);
+        let t2 = t0 + Duration::from_secs(1);
         assert!(b.is_full(rate, t2));
         assert_eq!(b.spend(5, rate, t2), Duration::ZERO);
     }

@@ -420,7 +420,7 @@ pub trait FanOut: Send + Sync {
     /// A receiver of every message published from now on (it reconnects as needed, and says
     /// where it may have missed some).
     fn subscribe(&self) -> Fut<'_, tokio::sync::mpsc::Receiver<Pushed>>;
-    /// The number of the last alert push (or a number no later one is below).
+    /// The number of the last alert push (0: none kept).
     fn alerts_pushed(&self) -> Fut<'_, u64>;
     /// Tell the workers which houses' events someone watches (`*`: all), for `ttl_ms`.
     fn watch<'a>(&'a self, houses: &'a [String], ttl_ms: i64) -> Fut<'a, ()>;

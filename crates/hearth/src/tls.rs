@@ -224,10 +224,10 @@ pub fn server_config(
 /// How often a server's certificate files are looked at (their modification times), at most.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
-/// A server's certificate and key, read again when either file's modification time changes
-/// (looked at, at most every [`RELOAD_CHECK`], by the next handshake). A pair that does not
-/// load (half written, a new certificate beside the old key) is logged once and the loaded one
-/// kept, until the files change again.
+/// A server's certificate and key, read again when either file changes (its modification time
+/// or size, looked at by a handshake at most every [`RELOAD_CHECK`]). A pair that does not load
+/// (half written, a new certificate beside the old key) is logged once and the loaded one
+/// served; it is tried again at every check until it loads.
 #[derive(Debug)]
 struct Reloading {
     cert: PathBuf,
@@ -238,12 +238,15 @@ struct Reloading {
 #[derive(Debug)]
 struct Loaded {
     served: Arc<CertifiedKey>,
-    /// The files' modification times when last read (loaded or not).
+    /// The files as they were when the served pair was read.
     seen: Stamps,
+    /// The files as they were when they last failed to load (logged once).
+    failed: Option<Stamps>,
     checked: Instant,
 }
 
-type Stamps = (Option<SystemTime>, Option<SystemTime>);
+/// Each file's modification time and size.
+type Stamps = [Option<(SystemTime, u64)>; 2];
 
 impl Reloading {
     fn new(cert: &Path, key: &Path) -> Result<Reloading, TlsError> {
@@ -255,14 +258,18 @@ impl Reloading {
             state: Mutex::new(Loaded {
                 served,
                 seen,
+                failed: None,
                 checked: Instant::now(),
             }),
         })
     }
 
     fn stamps(cert: &Path, key: &Path) -> Stamps {
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        (modified(cert), modified(key))
+        let stamp = |p: &Path| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        };
+        [stamp(cert), stamp(key)]
     }
 
     fn load(cert: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
@@ -281,16 +288,22 @@ impl Reloading {
             state.checked = Instant::now();
             let now = Self::stamps(&self.cert, &self.key);
             if now != state.seen {
-                state.seen = now;
                 match Self::load(&self.cert, &self.key) {
                     Ok(pair) => {
                         tracing::info!(cert = %self.cert.display(), "TLS certificate read again");
                         state.served = Arc::new(pair);
+                        state.seen = now;
+                        state.failed = None;
                     }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "TLS certificate changed but does not load: the previous one is served"
-                    ),
+                    Err(e) => {
+                        if state.failed != Some(now) {
+                            tracing::warn!(
+                                error = %e,
+                                "TLS certificate changed but does not load: the previous one is served"
+                            );
+                        }
+                        state.failed = Some(now);
+                    }
                 }
             }
         }

@@ -49,19 +49,23 @@ impl AlertFeed {
     }
 }
 
-/// The retained messages the next push of a feed asks to publish (never, without a feed; none
-/// when it ended): an alert transition's, the recent alerts' after a gap its pushes could not
-/// make up for ([`RESYNC`]), nothing for other pushes.
-pub async fn next(feed: &mut Option<AlertFeed>) -> Option<Vec<(String, Vec<u8>)>> {
-    let Some(f) = feed.as_mut() else {
-        return std::future::pending().await;
-    };
-    let pushed = f.pushes.recv().await?;
-    Some(match alert_of(&pushed) {
-        Some(alert) => messages(&alert),
-        None if pushed == RESYNC => f.recent().await,
-        None => Vec::new(),
-    })
+/// The next pushed message of a feed (never, without one; none when it ended). Cancel-safe, for
+/// a `select!`: what it takes is returned.
+pub async fn next(feed: &mut Option<AlertFeed>) -> Option<String> {
+    match feed.as_mut() {
+        Some(f) => f.pushes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The retained messages a push asks to publish: an alert transition's; the recent alerts'
+/// after a gap its feed could not make up for ([`RESYNC`]); nothing for the other pushes.
+pub async fn to_publish(feed: Option<&AlertFeed>, pushed: &str) -> Vec<(String, Vec<u8>)> {
+    match (alert_of(pushed), feed) {
+        (Some(alert), _) => messages(&alert),
+        (None, Some(f)) if pushed == RESYNC => f.recent().await,
+        (None, _) => Vec::new(),
+    }
 }
 
 /// The alert of a pushed message, if it is an alert transition.

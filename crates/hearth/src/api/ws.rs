@@ -105,7 +105,8 @@ pub(crate) struct Attached {
 use crate::alerts::RESYNC;
 
 /// Whether a live push should go out: not an alert push the replay already sent (by `seq`);
-/// `last_seq` follows what went out.
+/// `last_seq` follows what went out. After a `resync` it starts over: what comes next was not
+/// replayed, and may be numbered anew (a Redis without persistence, restarted).
 ///
 /// Alert pushes carry their `seq` first ([`crate::seam::with_seq`] and the servers' push
 /// script write it so): it is read off the front, without parsing the message (an events push
@@ -117,7 +118,12 @@ pub(crate) fn fresh(last_seq: &mut u64, text: &str) -> bool {
             *last_seq = seq;
             true
         }
-        None => true,
+        None => {
+            if text == RESYNC {
+                *last_seq = 0;
+            }
+            true
+        }
     }
 }
 
@@ -292,7 +298,11 @@ impl Hub {
                         }
                     }
                 }
-                Ok(None) | Err(_) => missed.push(RESYNC.into()),
+                // Not replayed: the live pushes all go out (numbered anew, maybe lower).
+                Ok(None) | Err(_) => {
+                    missed.push(RESYNC.into());
+                    last_seq = 0;
+                }
             }
         }
         Attached {
@@ -565,5 +575,11 @@ mod tests {
             r#"{"type":"events","house_id":"h","events":[]}"#
         ));
         assert_eq!(last, 6);
+        // A resync starts over: pushes numbered anew go out.
+        assert!(fresh(&mut last, RESYNC));
+        assert!(fresh(
+            &mut last,
+            r#"{"seq":1,"type":"alert","house_id":"h"}"#
+        ));
     }
 }

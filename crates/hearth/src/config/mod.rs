@@ -187,8 +187,9 @@ pub struct Config {
     pub mqtt_max_subscriptions: usize,
     /// Embedded broker: publishes per second of one house's clients (logged in with a house
     /// token, all its connections together), after a burst of `mqtt_publish_burst`; past it,
-    /// the broker reads their sockets more slowly (nothing is refused or lost: the clients
-    /// wait for their acknowledgements). Anonymous (loopback) and admin clients are not limited.
+    /// the broker holds their publishes while the house owes, at most one burst's worth
+    /// (nothing is refused or lost: the clients wait for their acknowledgements). Anonymous
+    /// (loopback) and admin clients are not limited.
     pub mqtt_publishes_per_second: u32,
     /// Embedded broker: publishes a house's clients may send at once before
     /// `mqtt_publishes_per_second` applies (a bridge's start: every device's state and

@@ -193,16 +193,17 @@ pub async fn run(
                     // Alert transitions, to the home's automations (retained, QoS 1; one missed
                     // while the connection is down is made up by the next transition).
                     pushed = crate::alerts::mqtt::next(alerts), if alerts.is_some() => {
-                        match pushed {
-                            Some(messages) if !messages.is_empty() => {
-                                for (topic, payload) in messages {
-                                    next_publish = next_publish.wrapping_add(1).max(1);
-                                    writer.queue(&alert_publish(topic, payload, next_publish))?;
-                                }
-                                writer.flush().await?;
+                        let Some(pushed) = pushed else {
+                            *alerts = None;
+                            continue;
+                        };
+                        let messages = crate::alerts::mqtt::to_publish(alerts.as_ref(), &pushed).await;
+                        if !messages.is_empty() {
+                            for (topic, payload) in messages {
+                                next_publish = next_publish.wrapping_add(1).max(1);
+                                writer.queue(&alert_publish(topic, payload, next_publish))?;
                             }
-                            Some(_) => {}
-                            None => *alerts = None,
+                            writer.flush().await?;
                         }
                     }
                     // Entities discovered on topics no subscription brings yet.

@@ -160,7 +160,7 @@ pub struct Metrics {
     /// What the embedded broker refused, by reason (`bad_credentials`, `anonymous`,
     /// `forbidden`, `subscription`, `too_many_connections`, `too_many_logins`).
     pub mqtt_refused: Family<Counter>,
-    /// Pauses the embedded broker made before reading a client whose house published past
+    /// Pauses the embedded broker made in the publishes of a client whose house published past
     /// `mqtt_publishes_per_second`.
     pub mqtt_throttled: Counter,
     /// WebSocket clients the API disconnected, by reason (`too_slow`, `no_pong`,

@@ -132,7 +132,7 @@ pub fn render(role: &str, queue: Option<&crate::status::Status>) -> String {
         &mut out,
         "hearth_mqtt_throttled_total",
         "counter",
-        "Pauses the embedded broker made before reading a client whose house published past its rate.",
+        "Pauses the embedded broker made in the publishes of a client whose house published past its rate.",
         m.mqtt_throttled.get() as f64,
     );
     family_counter(

@@ -181,10 +181,20 @@ impl FanOut for RedisFanOut {
 /// Number an alert push (`INCR`), keep it (`XADD` with the number as its id, the log capped at
 /// about ARGV[2] entries) and publish it, with `"seq"` first in its JSON, all at once.
 /// KEYS: the counter, the log; ARGV: the channel, the message, the cap.
+///
+/// A number is one more than the last and never below the server's clock in microseconds, so
+/// that numbers keep growing when Redis lost the counter (restarted without persistence,
+/// flushed, an AOF's last second lost, a failover behind its replication): a reader that saw
+/// a number never takes a new push for one it already had. (Lua numbers are doubles: exact to
+/// 2^53, some 285 years of microseconds.)
 const PUSH_ALERT: &str = r#"
-local seq = redis.call('INCR', KEYS[1])
-local message = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', message)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local seq = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') + 1, now)
+local id = string.format('%.0f', seq)
+redis.call('SET', KEYS[1], id)
+local message = '{"seq":' .. id .. ',' .. string.sub(ARGV[2], 2)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'm', message)
 redis.call('PUBLISH', ARGV[1], message)
 return seq
 "#;

@@ -37,13 +37,15 @@
 //! `mqtt_max_queued_bytes`; past them a message is not queued for it, and counted as
 //! `hearth_mqtt_refused_total{reason="session_full"}`), and each house's publishes, all its
 //! clients together (`mqtt_publishes_per_second` after `mqtt_publish_burst`): past that rate
-//! the broker pauses before reading such a client's next packets (counted in
-//! `hearth_mqtt_throttled_total`), so the client waits for its PUBACKs and TCP slows it down;
-//! nothing is refused. A read is handled before the pause its publishes cost, so the first
-//! message after a quiet spell (a smoke alarm's) is never held back by it.
+//! the broker holds such a client's publishes for as long as its house owes, at most one
+//! burst's worth ([`throttle`]; counted in `hearth_mqtt_throttled_total`), so the client waits
+//! for its PUBACKs and TCP slows it down; nothing is refused. A read is handled before the pause
+//! its publishes cost, so the first message after a quiet spell (a smoke alarm's) is never held
+//! back by it.
 
 mod outbound;
 mod session;
+mod throttle;
 
 use super::topics::{Message, Routes};
 use std::sync::Arc;
@@ -374,8 +376,8 @@ pub async fn serve(
             pushed = crate::alerts::mqtt::next(&mut alerts), if alerts.is_some() => {
                 match pushed {
                     // Alert transitions, to the home's automations (retained).
-                    Some(messages) => {
-                        for (topic, payload) in messages {
+                    Some(p) => {
+                        for (topic, payload) in crate::alerts::mqtt::to_publish(alerts.as_ref(), &p).await {
                             broker.publish(&topic, &Bytes::from(payload), true, &shutdown).await;
                         }
                     }

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::super::kept::Will;
 use super::super::topics::Message;
 use super::outbound::{Outbound, Settled};
+use super::throttle::Throttle;
 use super::{Broker, Client, backpressure};
 use crate::auth::{Principal, Refused};
 use crate::codec;
@@ -251,11 +252,11 @@ pub(super) async fn session(
             me.outbound.resume(waiting, &mut writer)?;
             flush(&mut writer).await?;
         }
-        // Past its house's publish rate, the client's next read waits until then.
-        let mut paused: Option<tokio::time::Instant> = None;
+        // Past its house's publish rate, the client's publishes wait.
+        let mut throttle = Throttle::default();
         loop {
-            if !pending.is_empty() {
-                let packets = std::mem::take(&mut pending);
+            let packets = throttle.sort(std::mem::take(&mut pending));
+            if !packets.is_empty() {
                 let owed = broker.owed(&me.who, &packets);
                 let done = handle(packets, &mut writer, &broker, &mut me, &shutdown).await?;
                 flush(&mut writer).await?;
@@ -264,16 +265,19 @@ pub(super) async fn session(
                 }
                 if !owed.is_zero() {
                     METRICS.mqtt_throttled.add(1);
-                    paused = Some(tokio::time::Instant::now() + owed);
+                    throttle.pause(owed);
                 }
             }
             backpressure(intake.gate()).await;
-            let until = paused.unwrap_or_else(tokio::time::Instant::now);
+            let until = throttle.until();
             tokio::select! {
-                read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout), if paused.is_none() => {
+                read = reader.packets_within(keep_alive * 3 / 2, settings.packet_timeout), if throttle.may_read() => {
                     pending = read?;
                 }
-                _ = tokio::time::sleep_until(until), if paused.is_some() => paused = None,
+                _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {
+                    pending = throttle.resume();
+                    reader.resumed();
+                }
                 message = me.outbound.recv() => match message {
                     Some(first) => {
                         me.outbound.take(first, &mut writer)?;
