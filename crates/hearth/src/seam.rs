@@ -445,9 +445,12 @@ pub enum Pushed {
 pub const KEPT_ALERT_PUSHES: usize = 10_000;
 
 /// Whether the alert pushes after `since` are all still kept: `since` was given out (not past
-/// the `last` number), and nothing after it was trimmed (the `oldest` kept is at most the next).
-pub fn resumable(since: u64, last: u64, oldest: Option<u64>) -> bool {
-    since <= last && (since == last || oldest.is_some_and(|o| o <= since + 1))
+/// the `last` number), and nothing came after it, or its own push is still kept (a log is
+/// trimmed from its oldest end; numbers need not follow each other), or `from_origin`: it is
+/// the number the log started from (nothing pushed yet when it was given out) and the log was
+/// never trimmed.
+pub fn resumable(since: u64, last: u64, kept_since: bool, from_origin: bool) -> bool {
+    since <= last && (since == last || kept_since || from_origin)
 }
 
 /// `message` (a push's JSON object) with `"seq": seq` first.
@@ -533,4 +536,18 @@ pub fn latest_json(e: &Event) -> String {
         "house_id": e.house_id,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resumable;
+
+    #[test]
+    fn resumable_when_nothing_after_since_can_be_missing() {
+        assert!(resumable(5, 5, false, false), "nothing after it");
+        assert!(resumable(3, 9, true, false), "its own push still kept");
+        assert!(!resumable(3, 9, false, false), "trimmed past it, or lost");
+        assert!(resumable(0, 9, false, true), "from the origin, never trimmed");
+        assert!(!resumable(10, 9, true, true), "never given out");
+    }
 }

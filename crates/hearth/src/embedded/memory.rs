@@ -116,6 +116,8 @@ pub struct ChannelFanOut {
 
 #[derive(Default)]
 struct Kept {
+    /// The number this run started from (the first push is one more).
+    origin: u64,
     last: u64,
     pushes: std::collections::VecDeque<(u64, String)>,
 }
@@ -124,9 +126,13 @@ impl Default for ChannelFanOut {
     fn default() -> Self {
         ChannelFanOut {
             tx: broadcast::channel(BACKLOG).0,
-            kept: std::sync::Mutex::new(Kept {
-                last: u64::try_from(crate::event::now_us()).unwrap_or(0),
-                pushes: Default::default(),
+            kept: std::sync::Mutex::new({
+                let origin = u64::try_from(crate::event::now_us()).unwrap_or(0);
+                Kept {
+                    origin,
+                    last: origin,
+                    pushes: Default::default(),
+                }
             }),
             watch_changes: Default::default(),
         }
@@ -171,8 +177,13 @@ impl FanOut for ChannelFanOut {
 
     fn alerts_since(&self, since: u64) -> Fut<'_, Option<Vec<String>>> {
         let found = self.kept.lock().ok().and_then(|kept| {
-            let oldest = kept.pushes.front().map(|(seq, _)| *seq);
-            crate::seam::resumable(since, kept.last, oldest).then(|| {
+            let kept_since = kept
+                .pushes
+                .binary_search_by_key(&since, |(seq, _)| *seq)
+                .is_ok();
+            let from_origin =
+                since == kept.origin && kept.pushes.len() < crate::seam::KEPT_ALERT_PUSHES;
+            crate::seam::resumable(since, kept.last, kept_since, from_origin).then(|| {
                 kept.pushes
                     .iter()
                     .filter(|(seq, _)| *seq > since)

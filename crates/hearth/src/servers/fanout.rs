@@ -73,15 +73,15 @@ impl FanOut for RedisFanOut {
             let keys = &self.queue.keys;
             let mut conn = self.queue.conn.clone();
             type Entries = Vec<(String, Vec<(String, String)>)>;
-            let (last, first, after): (Option<u64>, Entries, Entries) = redis::pipe()
+            let (last, own, len, after): (Option<u64>, Entries, usize, Entries) = redis::pipe()
                 .cmd("GET")
                 .arg(keys.push_seq())
                 .cmd("XRANGE")
                 .arg(keys.push_log())
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1)
+                .arg(format!("{since}-0"))
+                .arg(format!("{since}-0"))
+                .cmd("XLEN")
+                .arg(keys.push_log())
                 .cmd("XRANGE")
                 .arg(keys.push_log())
                 .arg(format!("({since}-0"))
@@ -89,9 +89,10 @@ impl FanOut for RedisFanOut {
                 .query_async(&mut conn)
                 .await
                 .map_err(QueueError::from)?;
-            let seq_of = |id: &str| id.split('-').next().and_then(|s| s.parse::<u64>().ok());
-            let oldest = first.first().and_then(|(id, _)| seq_of(id));
-            if !crate::seam::resumable(since, last.unwrap_or(0), oldest) {
+            // The numbers start from 0; the log is trimmed to about its cap, never below it
+            // (`MAXLEN ~`).
+            let from_origin = since == 0 && len < crate::seam::KEPT_ALERT_PUSHES;
+            if !crate::seam::resumable(since, last.unwrap_or(0), !own.is_empty(), from_origin) {
                 return Ok(None);
             }
             Ok(Some(
