@@ -547,7 +547,10 @@ mod tests {
         assert!(resumable(5, 5, false, false), "nothing after it");
         assert!(resumable(3, 9, true, false), "its own push still kept");
         assert!(!resumable(3, 9, false, false), "trimmed past it, or lost");
-        assert!(resumable(0, 9, false, true), "from the origin, never trimmed");
+        assert!(
+            resumable(0, 9, false, true),
+            "from the origin, never trimmed"
+        );
         assert!(!resumable(10, 9, true, true), "never given out");
     }
 }
