@@ -65,6 +65,12 @@ impl Bucket {
         }
     }
 
+    /// How long until what it owes is paid (zero when it owes nothing).
+    pub fn owed(&mut self, rate: Rate, now: Instant) -> Duration {
+        let per_second = self.refill(rate, now);
+        Duration::from_secs_f64((-self.left).max(0.0) / per_second)
+    }
+
     /// Whether it has filled up again since it was last taken from.
     fn is_full(&self, rate: Rate, now: Instant) -> bool {
         let refill = (f64::from(rate.burst) - self.left) / f64::from(rate.per_second.max(1));
@@ -111,6 +117,11 @@ impl<K: Hash + Eq> Buckets<K> {
     /// [`Bucket::spend`] from `key`'s bucket.
     pub fn spend(&self, key: K, n: u32) -> Duration {
         self.with(key, |b, rate, now| b.spend(n, rate, now))
+    }
+
+    /// [`Bucket::owed`] by `key`'s bucket.
+    pub fn owed(&self, key: K) -> Duration {
+        self.with(key, |b, rate, now| b.owed(rate, now))
     }
 
     #[cfg(test)]
@@ -259,6 +270,10 @@ mod tests {
         assert!(b.take(rate, t0 + Duration::from_millis(200)).is_err());
         // 20 more: the debt stops at one burst (0.5 s).
         assert_eq!(b.spend(20, rate, t0), Duration::from_millis(500));
+        assert_eq!(
+            b.owed(rate, t0 + Duration::from_millis(100)),
+            Duration::from_millis(400)
+        );
         assert!(!b.is_full(rate, t0 + Duration::from_millis(900)));
         // Paid, then full again half a second later.
         let t2 = t0 + Duration::from_secs(1);

@@ -1000,8 +1000,34 @@ async fn the_embedded_broker_bounds_each_houses_publishes() {
     assert_eq!(b.acks(20, WAIT).await, 20);
     assert_eq!(throttled().await, paused, "h2 paused for h1's debt");
 
+    // h1 still owes: a new connection of its own gets no fresh allowance (a ping sent behind
+    // its reading is answered first), but a smoke alarm is never held (acknowledged before the
+    // ping behind it).
+    let ping = [0xC0, 0];
+    let (mut c, code) = Mqtt::connect(t.mqtt_port, "h1-late", Some(("h1", &h1)), 30).await;
+    assert_eq!(code, ACCEPTED);
+    c.publish("hearth/h1/late", reading(1).as_bytes(), 1).await;
+    c.send(&ping).await;
+    let replies = c.replies(1, WAIT).await;
+    assert_eq!(
+        replies,
+        ["PingResp", "PubAck"],
+        "a new connection of h1 held"
+    );
+    let (mut d, code) = Mqtt::connect(t.mqtt_port, "h1-smoke", Some(("h1", &h1)), 30).await;
+    assert_eq!(code, ACCEPTED);
+    d.publish("hearth/h1/smoke1", br#"{"kind":"smoke","value":true}"#, 1)
+        .await;
+    d.send(&ping).await;
+    let replies = d.replies(1, WAIT).await;
+    assert_eq!(
+        replies.first().map(String::as_str),
+        Some("PubAck"),
+        "{replies:?}"
+    );
+
     // Nothing was refused: every reading is stored.
-    t.drained(100).await;
+    t.drained(102).await;
     for (house, sensor, token, n) in [("h1", "flood", &h1, 80), ("h2", "calm", &h2, 20)] {
         let path = format!("/api/v1/houses/{house}/sensors/{sensor}/events?limit=1000");
         let (status, body) = t.get(&path, token).await;

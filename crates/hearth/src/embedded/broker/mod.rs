@@ -37,11 +37,10 @@
 //! `mqtt_max_queued_bytes`; past them a message is not queued for it, and counted as
 //! `hearth_mqtt_refused_total{reason="session_full"}`), and each house's publishes, all its
 //! clients together (`mqtt_publishes_per_second` after `mqtt_publish_burst`): past that rate
-//! the broker holds such a client's publishes for as long as its house owes, at most one
-//! burst's worth ([`throttle`]; counted in `hearth_mqtt_throttled_total`), so the client waits
-//! for its PUBACKs and TCP slows it down; nothing is refused. A read is handled before the pause
-//! its publishes cost, so the first message after a quiet spell (a smoke alarm's) is never held
-//! back by it.
+//! the broker holds the publishes of the house's clients for as long as it owes, at most one
+//! burst's worth ([`throttle`]; counted in `hearth_mqtt_throttled_total`), so they wait for
+//! their PUBACKs and TCP slows them down; nothing is refused. Critical readings (a smoke alarm)
+//! are never held.
 
 mod outbound;
 mod session;
@@ -223,6 +222,23 @@ struct Broker {
 }
 
 impl Broker {
+    /// How long `who`'s house still owes for its publishes (zero within its rate; anonymous
+    /// and admin clients owe nothing).
+    fn owes(&self, who: &Client) -> Duration {
+        match who {
+            Client::Known(Principal::House(house)) => self.publishes.owed(house.clone()),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Whether a publish carries a critical reading (a smoke alarm): never held by its house's
+    /// rate.
+    fn critical(&self, p: &rumqttc::mqttbytes::v4::Publish) -> bool {
+        let now = crate::event::now_us();
+        let decoded = self.intake.codecs().decode(&p.topic, &p.payload, now);
+        decoded.events.iter().any(crate::event::Event::is_critical)
+    }
+
     /// A place among its house's connections for a client of a house (`None` for the others).
     fn place(&self, who: &Client) -> Result<Option<Place<String>>, Full> {
         match who {

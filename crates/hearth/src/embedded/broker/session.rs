@@ -252,10 +252,14 @@ pub(super) async fn session(
             me.outbound.resume(waiting, &mut writer)?;
             flush(&mut writer).await?;
         }
-        // Past its house's publish rate, the client's publishes wait.
+        // While its house owes, the client's publishes wait (critical ones aside).
         let mut throttle = Throttle::default();
         loop {
-            let packets = throttle.sort(std::mem::take(&mut pending));
+            let owes = broker.owes(&me.who);
+            if throttle.until().is_none() && !owes.is_zero() {
+                throttle.pause(owes);
+            }
+            let packets = throttle.sort(std::mem::take(&mut pending), |p| broker.critical(p));
             if !packets.is_empty() {
                 let owed = broker.owed(&me.who, &packets);
                 let done = handle(packets, &mut writer, &broker, &mut me, &shutdown).await?;

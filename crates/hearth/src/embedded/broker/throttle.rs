@@ -1,13 +1,14 @@
 //! A client's packets while its house owes publishes (past `mqtt_publishes_per_second`): the
-//! acknowledgements of what it was sent and its pings are handled at once; its publishes, and
-//! whatever else it sent after the first of them, wait in order until the pause is over.
+//! acknowledgements of what it was sent, its pings and its critical readings (a smoke alarm)
+//! are handled at once; its other publishes, and whatever else it sent after the first of them,
+//! wait in order until the pause is over.
 //! Reading goes on while what waits is small, so that a client paused for another client of its
 //! house keeps its keep-alive and its deliveries; past [`HOLD_BYTES`] it stops, and TCP slows
 //! the client down.
 
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::v4::{Packet, Publish};
 use tokio::time::Instant;
 
 /// Bytes of packets held before reading stops.
@@ -21,8 +22,13 @@ pub(super) struct Throttle {
 }
 
 impl Throttle {
-    /// Of the packets just read, those to handle now (all of them, unless paused).
-    pub(super) fn sort(&mut self, packets: Vec<Packet>) -> Vec<Packet> {
+    /// Of the packets just read, those to handle now (all of them, unless paused; then the
+    /// acknowledgements, pings, and publishes `critical` says are).
+    pub(super) fn sort(
+        &mut self,
+        packets: Vec<Packet>,
+        critical: impl Fn(&Publish) -> bool,
+    ) -> Vec<Packet> {
         if self.until.is_none() {
             return packets;
         }
@@ -32,6 +38,7 @@ impl Throttle {
                 Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingReq => {
                     now.push(p)
                 }
+                Packet::Publish(ref publish) if critical(publish) => now.push(p),
                 p => {
                     self.bytes += match &p {
                         Packet::Publish(p) => p.topic.len() + p.payload.len(),
@@ -71,25 +78,38 @@ impl Throttle {
 mod tests {
     use super::*;
     use rumqttc::mqttbytes::QoS;
-    use rumqttc::mqttbytes::v4::{PubAck, Publish};
+    use rumqttc::mqttbytes::v4::PubAck;
 
     #[test]
     fn paused_publishes_wait_and_acks_and_pings_do_not() {
         let publish =
             || Packet::Publish(Publish::new("hearth/h1/s", QoS::AtLeastOnce, vec![0; 100]));
+        let smoke = Packet::Publish(Publish::new("hearth/h1/smoke", QoS::AtLeastOnce, vec![1]));
+        let critical = |p: &Publish| p.topic.ends_with("smoke");
         let mut t = Throttle::default();
-        assert_eq!(t.sort(vec![publish()]).len(), 1, "not paused: all at once");
+        assert_eq!(
+            t.sort(vec![publish()], critical).len(),
+            1,
+            "not paused: all at once"
+        );
         t.pause(Duration::from_secs(1));
-        let now = t.sort(vec![
-            publish(),
-            Packet::PubAck(PubAck::new(1)),
-            Packet::Disconnect,
-            Packet::PingReq,
-        ]);
-        assert_eq!(now, vec![Packet::PubAck(PubAck::new(1)), Packet::PingReq]);
+        let now = t.sort(
+            vec![
+                publish(),
+                Packet::PubAck(PubAck::new(1)),
+                Packet::Disconnect,
+                smoke.clone(),
+                Packet::PingReq,
+            ],
+            critical,
+        );
+        assert_eq!(
+            now,
+            vec![Packet::PubAck(PubAck::new(1)), smoke, Packet::PingReq]
+        );
         assert!(t.may_read());
         for _ in 0..700 {
-            t.sort(vec![publish()]);
+            t.sort(vec![publish()], critical);
         }
         assert!(!t.may_read(), "past 64 KiB held");
         let held = t.resume();
