@@ -103,8 +103,13 @@ impl Authenticator {
         let Some((principal, hash)) = self.resolve(token).await? else {
             return Ok(None);
         };
-        if let Some(hash) = hash {
-            self.rates.request(hash)?;
+        if let Some(hash) = hash
+            && let Err(refused) = self.rates.request(hash)
+        {
+            if let Principal::House(h) = &principal {
+                crate::rate::held_back(h, "api_requests_per_second");
+            }
+            return Err(refused);
         }
         Ok(Some(principal))
     }

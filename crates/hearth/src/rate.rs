@@ -211,6 +211,52 @@ impl<K: Hash + Eq> Drop for Place<K> {
     }
 }
 
+/// Says yes at most once per `every` for each key (at most [`BUCKETS_KEPT`] keys remembered;
+/// past it, all are forgotten): a log line that a flood would otherwise repeat.
+pub struct Sampler<K> {
+    every: Duration,
+    last: Mutex<HashMap<K, Instant>>,
+}
+
+impl<K: Hash + Eq> Sampler<K> {
+    pub fn new(every: Duration) -> Sampler<K> {
+        Sampler {
+            every,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `key`'s turn has come (and take it).
+    pub fn turn(&self, key: K) -> bool {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() >= BUCKETS_KEPT && !last.contains_key(&key) {
+            last.clear();
+        }
+        match last.get(&key) {
+            Some(at) if now.saturating_duration_since(*at) < self.every => false,
+            _ => {
+                last.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// Log that `house` went past one of its bounds (`bound`: the setting's name), at most once a
+/// minute per house and bound: the metrics count how often, this says who.
+pub fn held_back(house: &str, bound: &'static str) {
+    static SAMPLER: std::sync::LazyLock<Sampler<(String, &'static str)>> =
+        std::sync::LazyLock::new(|| Sampler::new(Duration::from_secs(60)));
+    if SAMPLER.turn((house.to_string(), bound)) {
+        tracing::warn!(
+            house,
+            bound,
+            "a house went past one of its bounds (said at most once a minute per house and bound)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +325,16 @@ mod tests {
         let t2 = t0 + Duration::from_secs(1);
         assert!(b.is_full(rate, t2));
         assert_eq!(b.spend(5, rate, t2), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_sampler_says_yes_once_per_interval_per_key() {
+        let sampler = Sampler::new(Duration::from_millis(50));
+        assert!(sampler.turn("h1"));
+        assert!(!sampler.turn("h1"));
+        assert!(sampler.turn("h2"), "each key its own turn");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(sampler.turn("h1"));
     }
 
     #[test]

@@ -683,6 +683,12 @@ async fn push_clients_are_bounded_per_house(backend: Backend, name: &str) {
     let _admin = ws_hello(&t.addr, "", Some(ADMIN)).await;
     let series = r#"hearth_api_refused_total{rate="clients"}"#;
     assert!(metric(&t.metrics().await, series) >= Some(1.0), "{series}");
+    let log = t.up.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("past one of its bounds") && l.contains("push_clients_per_house")),
+        "the log names the bound"
+    );
     // One leaves: its place is h1's again.
     first.close(None).await.expect("close");
     drop(first);
@@ -990,6 +996,14 @@ async fn the_embedded_broker_bounds_each_houses_publishes() {
         || async { metric(&t.metrics().await, "hearth_mqtt_throttled_total").expect("exported") };
     let paused = throttled().await;
     assert!(paused >= 2.0, "{paused}");
+    // The log says who, once (a minute) however often.
+    let said = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("a house went past one of its bounds"))
+            .filter(|l| l.contains("h1") && l.contains("mqtt_publishes_per_second"))
+            .count()
+    };
+    assert_eq!(said(t.up.log_text()), 1);
 
     // h1 owes a second again; h2's burst is its own.
     let (mut b, code) = Mqtt::connect(t.mqtt_port, "h2-calm", Some(("h2", &h2)), 30).await;

@@ -139,6 +139,9 @@ impl Hub {
             Full::All => ApiError::Unavailable("too many WebSocket clients; retry later".into()),
             Full::Key(held) => {
                 METRICS.api_refused.with("clients").add(1);
+                if let Some(h) = house {
+                    crate::rate::held_back(h, "push_clients_per_house");
+                }
                 ApiError::Crowded(format!(
                     "this house has {held} push clients here, the most it may (push_clients_per_house)"
                 ))

@@ -242,7 +242,11 @@ impl Broker {
     /// A place among its house's connections for a client of a house (`None` for the others).
     fn place(&self, who: &Client) -> Result<Option<Place<String>>, Full> {
         match who {
-            Client::Known(Principal::House(h)) => self.houses.take(Some(h)).map(Some),
+            Client::Known(Principal::House(h)) => {
+                self.houses.take(Some(h)).map(Some).inspect_err(|_| {
+                    crate::rate::held_back(h, "mqtt_connections_per_house");
+                })
+            }
             _ => Ok(None),
         }
     }
@@ -257,12 +261,16 @@ impl Broker {
             .iter()
             .filter(|p| matches!(p, rumqttc::mqttbytes::v4::Packet::Publish(_)))
             .count();
-        match n {
+        let owed = match n {
             0 => Duration::ZERO,
             n => self
                 .publishes
                 .spend(house.clone(), u32::try_from(n).unwrap_or(u32::MAX)),
+        };
+        if !owed.is_zero() {
+            crate::rate::held_back(house, "mqtt_publishes_per_second");
         }
+        owed
     }
 
     /// A message published by the broker itself (a will, its own status): stored if hearth
