@@ -34,23 +34,17 @@ pub async fn subscribe(fanout: Arc<dyn FanOut>) -> Result<mpsc::Receiver<String>
     let mut pushed = fanout.subscribe().await?;
     let (tx, rx) = mpsc::channel(BACKLOG);
     tokio::spawn(async move {
-        let mut next = Some(Pushed::Gap);
+        // The first catch-up reads back what came between the two calls above.
+        let mut incoming = Pushed::Gap;
         loop {
-            let messages = match next.take() {
-                Some(Pushed::Message(m)) => vec![m],
-                Some(Pushed::Gap) => match fanout.alerts_since(last).await {
+            let messages = match incoming {
+                Pushed::Message(m) => vec![m],
+                Pushed::Gap => match fanout.alerts_since(last).await {
                     Ok(Some(kept)) => kept,
                     Ok(None) | Err(_) => {
                         tracing::warn!(since = last, "alert pushes missed: readers resync");
                         vec![RESYNC.to_string()]
                     }
-                },
-                None => match pushed.recv().await {
-                    Some(p) => {
-                        next = Some(p);
-                        continue;
-                    }
-                    None => return,
                 },
             };
             for message in messages {
@@ -62,6 +56,10 @@ pub async fn subscribe(fanout: Arc<dyn FanOut>) -> Result<mpsc::Receiver<String>
                 if tx.send(message).await.is_err() {
                     return;
                 }
+            }
+            match pushed.recv().await {
+                Some(p) => incoming = p,
+                None => return,
             }
         }
     });

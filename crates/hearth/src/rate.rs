@@ -56,13 +56,9 @@ impl Bucket {
     /// Take `n`, owing what is not there, at most one burst: how long until the debt is paid
     /// (zero without one; at most `burst / per_second`).
     pub fn spend(&mut self, n: u32, rate: Rate, now: Instant) -> Duration {
-        let per_second = self.refill(rate, now);
+        self.refill(rate, now);
         self.left = (self.left - f64::from(n)).max(-f64::from(rate.burst.max(1)));
-        if self.left >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.left / per_second)
-        }
+        self.owed(rate, now)
     }
 
     /// How long until what it owes is paid (zero when it owes nothing).

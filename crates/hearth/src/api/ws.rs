@@ -161,10 +161,6 @@ impl Hub {
         }
     }
 
-    pub fn clients(&self) -> usize {
-        self.clients.lock().map(|c| c.len()).unwrap_or(0)
-    }
-
     /// With the first client: start the relay and the advertising. Then wait (at most
     /// [`SUBSCRIBE_WAIT`]) until the relay is subscribed.
     async fn start(self: &Arc<Self>) {

@@ -255,9 +255,11 @@ pub(super) async fn session(
         // While its house owes, the client's publishes wait (critical ones aside).
         let mut throttle = Throttle::default();
         loop {
-            let owes = broker.owes(&me.who);
-            if throttle.until().is_none() && !owes.is_zero() {
-                throttle.pause(owes);
+            if throttle.until().is_none() && pending.iter().any(|p| matches!(p, Packet::Publish(_))) {
+                let owes = broker.owes(&me.who);
+                if !owes.is_zero() {
+                    throttle.pause(owes);
+                }
             }
             let packets = throttle.sort(std::mem::take(&mut pending), |p| broker.critical(p));
             if !packets.is_empty() {
